@@ -1,0 +1,35 @@
+# The two commands of the README: `make demo` and `make test`. Each builds .venv itself.
+PYTHON ?= python3
+# A CPU wheel of this exact release is what the project's machines install; on a GPU host
+# override it (e.g. `make test TORCH_SPEC="torch==2.13.0"` from the CUDA index).
+TORCH_SPEC ?= torch==2.13.0
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+
+.PHONY: demo test test-all bench clean
+
+$(VENV)/.base: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q "$(TORCH_SPEC)"
+	$(PIP) install -q -e .
+	touch $@
+
+$(VENV)/.dev: $(VENV)/.base
+	$(PIP) install -q -e ".[dev]"
+	touch $@
+
+demo: $(VENV)/.base
+	$(PY) -m ccomm.bench --out .demo/codecs.md
+
+test: $(VENV)/.dev
+	$(PY) -m pytest -q -m "not slow"
+
+test-all: $(VENV)/.dev
+	$(PY) -m pytest -q
+
+bench: $(VENV)/.base
+	$(PY) -m ccomm.bench --out docs/benchmarks/codecs.md
+
+clean:
+	rm -rf $(VENV) .demo .pytest_cache .hypothesis

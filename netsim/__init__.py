@@ -1,0 +1,1 @@
+"""netsim: emulated slow, time-varying links (empty until its issue lands)."""
