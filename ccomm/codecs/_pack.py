@@ -1,0 +1,126 @@
+"""Byte-level packing shared by the codecs: bit codes, integer indices, float pieces.
+
+Everything here is device-agnostic tensor arithmetic (no numpy round trips), so the same
+code packs on CPU and GPU. Multi-byte values are stored little-endian, as every platform
+torch runs on is.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+__all__ = [
+    "pack_bits",
+    "unpack_bits",
+    "packed_nbytes",
+    "index_width",
+    "pack_uint",
+    "unpack_uint",
+    "to_bytes",
+    "from_bytes",
+    "concat_bytes",
+    "split_bytes",
+]
+
+
+def packed_nbytes(count: int, bits: int) -> int:
+    return (count * bits + 7) // 8
+
+
+def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack integer codes in [0, 2**bits) (any integer or bool dtype) into uint8.
+
+    Codes are laid out LSB-first; the result has `ceil(len * bits / 8)` bytes.
+    """
+    codes = codes.reshape(-1)
+    n = codes.numel()
+    if bits == 8:
+        return codes.to(torch.uint8)
+    if 8 % bits == 0:
+        per = 8 // bits
+        c = codes.to(torch.uint8)
+        pad = (-n) % per
+        if pad:
+            c = torch.cat([c, c.new_zeros(pad)])
+        c = c.view(-1, per)
+        out = c[:, 0].clone()
+        for j in range(1, per):
+            out |= c[:, j] << (bits * j)
+        return out
+    # Odd widths (3, 5, 6, 7): spread each code into its bits, then regroup by 8.
+    shifts = torch.arange(bits, device=codes.device, dtype=torch.int16)
+    bitplane = ((codes.to(torch.int16).unsqueeze(1) >> shifts) & 1).to(torch.uint8).reshape(-1)
+    return pack_bits(bitplane, 1)
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    """Inverse of `pack_bits`: `count` codes as uint8."""
+    if bits == 8:
+        return packed[:count]
+    if 8 % bits == 0:
+        per = 8 // bits
+        mask = (1 << bits) - 1
+        out = torch.empty(packed.numel(), per, dtype=torch.uint8, device=packed.device)
+        for j in range(per):
+            torch.bitwise_and(packed >> (bits * j), mask, out=out[:, j])
+        return out.reshape(-1)[:count]
+    flat = unpack_bits(packed, 1, count * bits).view(count, bits).to(torch.int16)
+    shifts = torch.arange(bits, device=packed.device, dtype=torch.int16)
+    return (flat << shifts).sum(1).to(torch.uint8)
+
+
+def index_width(n: int) -> int:
+    """Bytes per index for positions in [0, n): the narrowest that fits."""
+    return max(1, math.ceil(max(n - 1, 1).bit_length() / 8))
+
+
+def pack_uint(values: torch.Tensor, width: int) -> torch.Tensor:
+    """Non-negative integers as `width` little-endian bytes each."""
+    container = torch.int32 if width <= 4 else torch.int64
+    size = 4 if width <= 4 else 8
+    b = values.to(container).contiguous().view(torch.uint8).view(-1, size)
+    if width == size:
+        return b.reshape(-1)
+    return b[:, :width].reshape(-1)
+
+
+def unpack_uint(data: torch.Tensor, width: int, count: int) -> torch.Tensor:
+    """Inverse of `pack_uint`, as int64."""
+    container = torch.int32 if width <= 4 else torch.int64
+    size = 4 if width <= 4 else 8
+    b = data[: count * width].view(count, width)
+    if width != size:
+        b = torch.cat([b, b.new_zeros(count, size - width)], dim=1)
+    return b.contiguous().view(container).reshape(-1).to(torch.int64)
+
+
+def to_bytes(t: torch.Tensor) -> torch.Tensor:
+    """A tensor's raw bytes as a flat uint8 view (copying only if not contiguous)."""
+    return t.contiguous().reshape(-1).view(torch.uint8)
+
+
+def from_bytes(data: torch.Tensor, dtype: torch.dtype, count: int) -> torch.Tensor:
+    """`count` values of `dtype` from raw bytes; copies only when misaligned."""
+    size = torch.empty((), dtype=dtype).element_size()
+    chunk = data[: count * size]
+    if chunk.storage_offset() % size:
+        chunk = chunk.clone()
+    return chunk.view(dtype)
+
+
+def concat_bytes(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """One uint8 buffer from several pieces (float pieces first keeps their views aligned)."""
+    return torch.cat([to_bytes(p) for p in parts])
+
+
+def split_bytes(buffer: torch.Tensor, sizes: Sequence[int]) -> list[torch.Tensor]:
+    """Cut a buffer into consecutive byte pieces of the given sizes."""
+    if sum(sizes) != buffer.numel():
+        raise ValueError(f"buffer: expected {sum(sizes)} bytes, got {buffer.numel()}")
+    out, off = [], 0
+    for s in sizes:
+        out.append(buffer[off : off + s])
+        off += s
+    return out

@@ -1,0 +1,161 @@
+"""The `Codec` interface and the checks every codec shares."""
+from __future__ import annotations
+
+import abc
+import math
+from typing import Any, ClassVar, Mapping, Sequence
+
+import torch
+
+from ..payload import Payload, PayloadMeta
+
+__all__ = [
+    "Codec",
+    "FLOAT_DTYPES",
+    "check_ratio",
+    "check_int",
+    "check_bool",
+    "check_choice",
+    "as_matrix",
+]
+
+#: Input dtypes every codec accepts.
+FLOAT_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_ratio(codec: str, value: Any, field: str = "ratio") -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0.0 < float(value) <= 1.0):
+        raise ValueError(f"{codec}: {field}={value!r} is outside the allowed range (0, 1]")
+    return float(value)
+
+
+def check_int(codec: str, field: str, value: Any, lo: int, hi: int | None = None) -> int:
+    ok = isinstance(value, int) and not isinstance(value, bool) and value >= lo and (hi is None or value <= hi)
+    if not ok:
+        rng = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
+        raise ValueError(f"{codec}: {field}={value!r} must be an integer in {rng}")
+    return int(value)
+
+
+def check_bool(codec: str, field: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{codec}: {field}={value!r} must be true or false")
+    return value
+
+
+def check_choice(codec: str, field: str, value: Any, choices: Sequence[Any]) -> Any:
+    if value not in choices:
+        raise ValueError(f"{codec}: {field}={value!r} is not one of {', '.join(map(repr, choices))}")
+    return value
+
+
+def as_matrix(x: torch.Tensor) -> torch.Tensor:
+    """View `x` as (N, C): C is the last dimension, N everything before it (0-d/1-D: N = 1).
+
+    Activations arrive as (tokens, channels) or (B, S, H*D); the per-row / per-column
+    statistics of the activation codecs follow that convention.
+    """
+    if x.dim() <= 1:
+        return x.reshape(1, -1)
+    return x.reshape(-1, x.shape[-1])
+
+
+def matrix_shape(shape: torch.Size) -> tuple[int, int]:
+    numel = math.prod(shape)
+    if len(shape) <= 1:
+        return 1, numel
+    c = int(shape[-1])
+    return (numel // c if c else 0), c
+
+
+class Codec(abc.ABC):
+    """Encode a tensor into a `Payload` and back.
+
+    Subclasses implement `_encode(x)` on a tensor with at least one element and
+    `_decode(buffer, meta)` returning a tensor of `meta.numel` elements (any shape); the
+    base class handles empty tensors, dtype checks and restoring shape and dtype.
+    """
+
+    name: ClassVar[str] = "?"
+    #: True when decode(sum of payload buffers) == sum of decodes, so all-reduce is legal.
+    additive: ClassVar[bool] = False
+    #: True when the payload size depends only on the input shape and dtype.
+    fixed_size: ClassVar[bool] = True
+
+    # -- public API -------------------------------------------------------------------
+    def encode(self, x: torch.Tensor) -> Payload:
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"{self.name}: x must be a torch.Tensor, got {type(x).__name__}")
+        if x.dtype not in FLOAT_DTYPES:
+            raise ValueError(
+                f"{self.name}: dtype {x.dtype} is not supported; allowed: float32, float16, bfloat16"
+            )
+        if x.numel() == 0:
+            return Payload(torch.empty(0, dtype=self.empty_dtype(x.dtype), device=x.device), self.meta_for(x.shape, x.dtype))
+        buffer, extra = self._encode(x)
+        return Payload(buffer, PayloadMeta(x.shape, x.dtype, extra))
+
+    def decode(self, payload: Payload) -> torch.Tensor:
+        meta = payload.meta
+        if meta.numel == 0:
+            return torch.zeros(meta.shape, dtype=meta.dtype, device=payload.buffer.device)
+        out = self._decode(payload.buffer, meta)
+        return out.reshape(meta.shape).to(meta.dtype)
+
+    def meta_for(self, shape: Sequence[int], dtype: torch.dtype) -> PayloadMeta:
+        """The local context a receiver uses to decode a buffer for a tensor of this shape."""
+        return PayloadMeta(torch.Size(shape), dtype, self._extra_for_receiver())
+
+    def wrap(self, buffer: torch.Tensor, shape: Sequence[int], dtype: torch.dtype) -> Payload:
+        """A received `buffer` as a payload this rank can decode."""
+        return Payload(buffer, self.meta_for(shape, dtype))
+
+    def nbytes(self, shape: Sequence[int], dtype: torch.dtype = torch.float32) -> int:
+        """Exact payload size for fixed-size codecs; an upper bound otherwise."""
+        if math.prod(shape) == 0:
+            return 0
+        return self._nbytes(torch.Size(shape), dtype)
+
+    def bound_nbytes(self, numel: int, dtype: torch.dtype = torch.float32) -> int:
+        """Payload size bound for a 1-D tensor of `numel` elements."""
+        return self.nbytes((numel,), dtype)
+
+    def empty_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """Buffer dtype of this codec's payloads (numeric for additive codecs)."""
+        return dtype if self.additive else torch.uint8
+
+    @property
+    def spec(self) -> str:
+        params = self.params()
+        if not params:
+            return self.name
+        return self.name + ":" + ",".join(f"{k}={_fmt(v)}" for k, v in params.items())
+
+    def params(self) -> Mapping[str, Any]:
+        """Constructor parameters (for `spec` and logging)."""
+        return {}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.spec!r})"
+
+    # -- for subclasses ---------------------------------------------------------------
+    def _extra_for_receiver(self) -> Mapping[str, Any]:
+        return {}
+
+    @abc.abstractmethod
+    def _encode(self, x: torch.Tensor) -> tuple[torch.Tensor, Mapping[str, Any]]:
+        ...
+
+    @abc.abstractmethod
+    def _decode(self, buffer: torch.Tensor, meta: PayloadMeta) -> torch.Tensor:
+        ...
+
+    @abc.abstractmethod
+    def _nbytes(self, shape: torch.Size, dtype: torch.dtype) -> int:
+        ...
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    return str(v)

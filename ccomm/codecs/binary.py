@@ -1,0 +1,40 @@
+"""`binary`: CompactFusion's 1-bit activation codec.
+
+1. View the input as (N tokens, C channels) and compute the rank-1 scales u (per token)
+   and v (per channel) of `_activation`.
+2. Send one sign bit per entry (r >= 0 -> 1) after the N + C scales.
+3. Decode: sign * u_n * v_c.
+Payload: (N + C) * itemsize + ceil(N C / 8) bytes. Not additive (per-rank scales).
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+
+from ..payload import PayloadMeta
+from ..registry import register
+from ._activation import pack_scales, scales_nbytes, token_channel_scales, unpack_scales
+from ._pack import pack_bits, packed_nbytes, unpack_bits
+from .base import Codec, as_matrix, matrix_shape
+from .sign import signed_scale
+
+__all__ = ["Binary"]
+
+
+@register("binary")
+class Binary(Codec):
+    def _nbytes(self, shape: torch.Size, dtype: torch.dtype) -> int:
+        n, c = matrix_shape(shape)
+        return scales_nbytes(n, c, dtype) + packed_nbytes(n * c, 1)
+
+    def _encode(self, x: torch.Tensor) -> tuple[torch.Tensor, Mapping[str, Any]]:
+        a = as_matrix(x).float()
+        u, v = token_channel_scales(a, x.dtype)
+        return torch.cat([pack_scales(u, v, x.dtype), pack_bits(a >= 0, 1)]), {}
+
+    def _decode(self, buffer: torch.Tensor, meta: PayloadMeta) -> torch.Tensor:
+        n, c = matrix_shape(meta.shape)
+        u, v = unpack_scales(buffer, n, c, meta.dtype)
+        bits = unpack_bits(buffer[scales_nbytes(n, c, meta.dtype) :], 1, n * c).view(n, c)
+        return signed_scale(bits, torch.outer(u, v))
