@@ -16,3 +16,8 @@ __all__ = [
     "available_codecs",
     "register",
 ]
+
+from .feedback import ErrorFeedback
+from .residual import ConsistencyError, ResidualCodec
+
+__all__ += ["ErrorFeedback", "ResidualCodec", "ConsistencyError"]

@@ -1,0 +1,182 @@
+"""Codec benchmark: `python -m ccomm.bench [--sizes 1M,16M,64M] [--out FILE]`.
+
+For every codec and size it measures encode + decode time on one fp32 tensor, as a ratio
+to `clone()` of the same tensor timed in the same run (interleaved, median of repeats),
+plus the payload bytes, the compression ratio against fp32 and the relative error
+||decode(encode(x)) - x|| / ||x||. It prints a markdown table and writes it to `--out`.
+Ratios, not absolute times, are what transfers between machines.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from tqdm import tqdm
+
+from .registry import make_codec
+
+__all__ = ["DEFAULT_SPECS", "TARGETS", "Row", "run", "to_markdown", "main"]
+
+#: One representative spec per codec (activation codecs see the tensor as N x 1024).
+DEFAULT_SPECS: tuple[str, ...] = (
+    "identity",
+    "fp16",
+    "bf16",
+    "topk:ratio=0.01",
+    "approx_topk:ratio=0.01",
+    "randomk:ratio=0.01",
+    "quantize:bits=8",
+    "quantize:bits=4",
+    "quantize:bits=2",
+    "qsgd:levels=16",
+    "sign",
+    "binary",
+    "int2",
+    "lowrank:rank=8",
+    "lowrank_int4:rank=32",
+    "randomk:ratio=0.1|topk:ratio=0.1|quantize:bits=4",
+)
+
+#: Targets on encode + decode time as a multiple of clone(), by codec name (issue #2).
+TARGETS: dict[str, float] = {"quantize": 4.0, "sign": 4.0, "binary": 4.0, "int2": 4.0, "approx_topk": 8.0}
+
+CHANNELS = 1024
+
+
+@dataclass(frozen=True)
+class Row:
+    spec: str
+    numel: int
+    encode_s: float
+    decode_s: float
+    clone_s: float
+    nbytes: int
+    rel_error: float
+
+    @property
+    def ratio(self) -> float:
+        return (self.encode_s + self.decode_s) / self.clone_s
+
+    @property
+    def compression(self) -> float:
+        return self.numel * 4 / self.nbytes
+
+    @property
+    def target(self) -> float | None:
+        return TARGETS.get(self.spec.split(":")[0].split("|")[0]) if "|" not in self.spec else None
+
+
+def _time(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def parse_size(text: str) -> int:
+    text = text.strip().upper()
+    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+    try:
+        return int(text[:-1] if mult > 1 else text) * mult
+    except ValueError:
+        raise ValueError(f"sizes: {text!r} is not a size like 1M, 16M or 1048576") from None
+
+
+def run(specs: Sequence[str], sizes: Sequence[int], repeats: int = 3, seed: int = 0, progress: bool = True) -> list[Row]:
+    rows: list[Row] = []
+    bar = tqdm(total=len(specs) * len(sizes), disable=not progress, desc="codecs", file=sys.stderr)
+    for n in sizes:
+        if n % CHANNELS:
+            raise ValueError(f"sizes: {n} is not a multiple of {CHANNELS}")
+        x = torch.randn(n // CHANNELS, CHANNELS, generator=torch.Generator().manual_seed(seed))
+        for spec in specs:
+            bar.set_postfix_str(f"{spec} n={n}")
+            codec = make_codec(spec)
+            payload = codec.encode(x)  # warm-up, and the payload measured below
+            y = codec.decode(payload)
+            rel = float(torch.linalg.vector_norm(y - x) / torch.linalg.vector_norm(x))
+            enc, dec, clo = [], [], []
+            for _ in range(repeats):
+                # Interleaving clone with the codec exposes both to the same machine state.
+                clo.append(_time(lambda: x.clone()))
+                t0 = time.perf_counter()
+                p = codec.encode(x)
+                t1 = time.perf_counter()
+                codec.decode(p)
+                t2 = time.perf_counter()
+                enc.append(t1 - t0)
+                dec.append(t2 - t1)
+            rows.append(
+                Row(spec, n, statistics.median(enc), statistics.median(dec), statistics.median(clo), payload.nbytes, rel)
+            )
+            bar.update()
+        del x
+    bar.close()
+    return rows
+
+
+def _fmt_size(n: int) -> str:
+    return f"{n >> 20}M" if n % (1 << 20) == 0 else str(n)
+
+
+def to_markdown(rows: Sequence[Row], command: str, repeats: int) -> str:
+    lines = [
+        "# Codec benchmark",
+        "",
+        f"Command: `{command}`  ",
+        f"Date: {_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}; "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, {platform.machine()}  ",
+        f"Input: fp32 randn viewed as (n/{CHANNELS}, {CHANNELS}); times are medians of {repeats} runs; "
+        "`x clone` is (encode + decode) / clone() of the same tensor, measured interleaved in this run.",
+        "",
+        "| codec | n | encode ms | decode ms | clone ms | x clone | target | payload bytes | compression | rel. error |",
+        "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|",
+    ]
+    for r in rows:
+        tgt = "" if r.target is None else (f"<= {r.target:g}: " + ("met" if r.ratio <= r.target else "MISSED"))
+        lines.append(
+            f"| `{r.spec}` | {_fmt_size(r.numel)} | {r.encode_s * 1e3:.1f} | {r.decode_s * 1e3:.1f} | "
+            f"{r.clone_s * 1e3:.1f} | {r.ratio:.2f} | {tgt} | {r.nbytes:,} | {r.compression:.1f}x | {r.rel_error:.4f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m ccomm.bench", description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", default="1M,16M,64M", help="comma-separated element counts (default 1M,16M,64M)")
+    ap.add_argument("--codecs", default=None, help="';'-separated specs (default: one per codec and the Cocktail chain)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=Path("docs/benchmarks/codecs.md"))
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+    try:
+        sizes = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
+        specs = [s.strip() for s in args.codecs.split(";")] if args.codecs else list(DEFAULT_SPECS)
+        for s in specs:
+            make_codec(s)
+        if args.repeats < 1:
+            raise ValueError(f"repeats: {args.repeats} must be >= 1")
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    rows = run(specs, sizes, repeats=args.repeats, seed=args.seed, progress=not args.no_progress)
+    command = "python -m ccomm.bench " + " ".join(sys.argv[1:] if argv is None else argv)
+    md = to_markdown(rows, command.strip(), args.repeats)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(md)
+    print(md)
+    print(f"written to {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

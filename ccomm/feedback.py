@@ -1,0 +1,98 @@
+"""`ErrorFeedback`: keyed memory of what compression has not yet delivered.
+
+Per key (e.g. a parameter name), one step of error-feedback compression is:
+1. corrected = compensate(key, x)      -> x + e[key]   (x itself on first use)
+2. payload = codec.encode(corrected); decoded = codec.decode(payload)
+3. update(key, corrected, decoded)     -> e[key] = corrected - decoded
+Summed over steps, decoded messages plus the final residual equal the summed inputs, so
+no gradient mass is ever lost, only delayed.
+
+A key whose shape changes (DDP rebuilds its buckets after the first iteration) is reset
+with a warning instead of failing: the residual of a differently-shaped tensor means
+nothing for the new one.
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Any, Hashable, Iterator, Mapping
+
+import torch
+
+__all__ = ["ErrorFeedback"]
+
+logger = logging.getLogger(__name__)
+
+
+class ErrorFeedback:
+    """Residuals keyed by any hashable, picklable key.
+
+    `residual_dtype=None` stores each residual in the dtype of its tensor; pass
+    `torch.float32` to keep fp16/bf16 residuals from losing small components.
+    """
+
+    __slots__ = ("_res", "residual_dtype")
+
+    def __init__(self, *, residual_dtype: torch.dtype | None = None) -> None:
+        self._res: dict[Hashable, torch.Tensor] = {}
+        self.residual_dtype = residual_dtype
+
+    def compensate(self, key: Hashable, x: torch.Tensor) -> torch.Tensor:
+        """x + e[key] in x's dtype (a new tensor; x is never modified)."""
+        e = self._res.get(key)
+        if e is None:
+            return x
+        if e.shape != x.shape:
+            warnings.warn(
+                f"ErrorFeedback: key {key!r} changed shape {tuple(e.shape)} -> {tuple(x.shape)}; "
+                "its residual is reset",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            del self._res[key]
+            return x
+        if e.dtype == x.dtype:
+            return x + e
+        return (x.to(e.dtype) + e).to(x.dtype)
+
+    def update(self, key: Hashable, corrected: torch.Tensor, decoded: torch.Tensor) -> None:
+        """Remember what was not delivered: e[key] = corrected - decoded."""
+        if corrected.shape != decoded.shape:
+            raise ValueError(
+                f"decoded: shape {tuple(decoded.shape)} differs from corrected {tuple(corrected.shape)}"
+            )
+        dtype = self.residual_dtype or corrected.dtype
+        self._res[key] = corrected.to(dtype) - decoded.to(dtype)
+
+    def residual(self, key: Hashable) -> torch.Tensor | None:
+        return self._res.get(key)
+
+    def reset(self, key: Hashable | None = None) -> None:
+        """Forget one key's residual, or all of them."""
+        if key is None:
+            self._res.clear()
+        else:
+            self._res.pop(key, None)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._res
+
+    def __len__(self) -> int:
+        return len(self._res)
+
+    def keys(self) -> Iterator[Hashable]:
+        return iter(list(self._res))
+
+    def total_norm(self) -> float:
+        """L2 norm over all residuals (for logging; synchronizes on GPU)."""
+        if not self._res:
+            return 0.0
+        return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(e.float()) for e in self._res.values()])))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"residuals": {k: v.detach().clone() for k, v in self._res.items()}}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if "residuals" not in state:
+            raise ValueError("state: missing 'residuals'; expected the output of ErrorFeedback.state_dict()")
+        self._res = {k: v.detach().clone() for k, v in state["residuals"].items()}
