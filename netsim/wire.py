@@ -1,0 +1,368 @@
+"""The userspace delay wire daemon: ``python -m netsim.wire --state FILE`` (spec §6.3).
+
+Kernels without netem (this project's machines) get delay, jitter, loss, outages and wire-side
+shaping from this process.  It opens one TUN ``nsmt0`` per host namespace, reads every IPv4
+packet the hosts send, lets :class:`netsim.wire_core.WireCore` decide the due time and writes
+the packet into the destination's TUN then.  It also replays bandwidth traces as
+``tc class change`` lines fed to one persistent ``tc -n NS -batch -`` per namespace.
+
+Design choice: one thread and one epoll loop rather than a reader thread per TUN and a writer
+per destination.  Under the GIL extra threads only add hand-offs; a timerfd (ns resolution,
+unlike epoll's millisecond timeout) wakes the loop for the next due packet or trace step, and
+``bias`` (the median overshoot of that wake-up, measured at start) is subtracted.
+
+Protocol with the controller: after creating the TUNs the daemon prints ``TUNS`` and waits for
+a line on stdin (the controller configures addresses and htb meanwhile); then it fixes t0 =
+CLOCK_MONOTONIC, prints ``T0 <t0>`` and runs until SIGTERM/SIGINT.  The TUNs are not
+persistent, so they disappear with the process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import fcntl
+import heapq
+import json
+import logging
+import os
+import select
+import signal
+import statistics
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from netsim.commands import htb_change_line
+from netsim.wire_core import Channel, Delivery, Finish, WireCore, constant_finish
+
+__all__ = ["Timer", "open_tun", "main", "run", "trace_finish", "trace_steps"]
+
+log = logging.getLogger(__name__)
+
+_CLONE_NEWNET = 0x40000000
+_TUNSETIFF = 0x400454CA
+_IFF_TUN, _IFF_NO_PI = 0x0001, 0x1000
+_PR_SET_PDEATHSIG = 1
+_CLOCK_MONOTONIC = 1
+_TFD_TIMER_ABSTIME = 1
+_LATE_WARN_S = 1e-3
+_MAX_BIAS_S = 2e-3
+_BIAS_GAIN = 0.02
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _check(rc: int, what: str) -> None:
+    if rc != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def open_tun(ns: str, name: str = "nsmt0") -> int:
+    """Open TUN ``name`` inside namespace ``ns`` (via setns and back) and return its fd."""
+    own = os.open("/proc/self/ns/net", os.O_RDONLY)
+    target = os.open(f"/run/netns/{ns}", os.O_RDONLY)
+    try:
+        _check(_libc.setns(target, _CLONE_NEWNET), f"setns({ns})")
+        try:
+            fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK)
+            ifr = struct.pack("16sH22x", name.encode(), _IFF_TUN | _IFF_NO_PI)
+            fcntl.ioctl(fd, _TUNSETIFF, ifr)
+        finally:
+            _check(_libc.setns(own, _CLONE_NEWNET), "setns(back)")
+    finally:
+        os.close(own)
+        os.close(target)
+    return fd
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+class _Itimerspec(ctypes.Structure):
+    _fields_ = [("it_interval", _Timespec), ("it_value", _Timespec)]
+
+
+class Timer:
+    """A CLOCK_MONOTONIC timerfd armed at absolute times (Python 3.11 lacks os.timerfd_*)."""
+
+    def __init__(self) -> None:
+        self.fd = _libc.timerfd_create(_CLOCK_MONOTONIC, os.O_NONBLOCK | os.O_CLOEXEC)
+        if self.fd < 0:
+            _check(-1, "timerfd_create")
+
+    def arm(self, at: float) -> None:
+        at = max(at, 1e-9)  # zero would disarm
+        spec = _Itimerspec(_Timespec(0, 0), _Timespec(int(at), int((at % 1) * 1e9)))
+        _check(_libc.timerfd_settime(self.fd, _TFD_TIMER_ABSTIME, ctypes.byref(spec), None),
+               "timerfd_settime")
+
+    def clear(self) -> None:
+        try:
+            os.read(self.fd, 8)
+        except BlockingIOError:
+            pass
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def calibrate(timer: Timer, samples: int = 200, step_s: float = 1e-3) -> float:
+    """Median overshoot of ``samples`` timer wake-ups ``step_s`` ahead (subtracted later)."""
+    ep = select.epoll()
+    ep.register(timer.fd, select.EPOLLIN)
+    over = []
+    for _ in range(samples):
+        target = time.monotonic() + step_s
+        timer.arm(target)
+        ep.poll()
+        over.append(time.monotonic() - target)
+        timer.clear()
+    ep.close()
+    return max(0.0, statistics.median(over))
+
+
+def trace_finish(spec: dict[str, Any], factor: float, t0: float) -> Finish:
+    """Finish function of a trace-driven resource: line rate = trace rate * ``factor``."""
+    from netsim.trace import Trace
+
+    trace = Trace(spec["times"], spec["mbps"], loop=spec.get("loop", False),
+                  period_s=spec.get("period_s"))
+
+    def finish(start: float, bits: float) -> float:
+        rel = start - t0
+        return t0 + rel + trace.time_to_send(bits / factor, max(0.0, rel))
+
+    return finish
+
+
+def trace_steps(times: list[float], mbps: list[float], period_s: float | None) -> Iterator[
+        tuple[float, float]]:
+    """(t, mbps) of every step, repeating every ``period_s`` when the trace loops."""
+    base = 0.0
+    while True:
+        for t, r in zip(times, mbps):
+            yield base + t, r
+        if not period_s:
+            return
+        base += period_s
+
+
+def _resources(spec: dict[str, Any], t0: float) -> dict[str, Finish]:
+    out: dict[str, Finish] = {}
+    for name, r in spec.items():
+        if "rate_bps" in r:
+            out[name] = constant_finish(float(r["rate_bps"]))
+        else:
+            out[name] = trace_finish(r["trace"], float(r["factor"]), t0)
+    return out
+
+
+class _Replay:
+    """Feeds ``class change`` lines to a persistent ``tc -n NS -batch -`` at t0 + t_k."""
+
+    def __init__(self, spec: dict[str, Any], t0: float) -> None:
+        self.spec = spec
+        self.proc = subprocess.Popen(["tc", "-n", spec["ns"], "-batch", "-"],
+                                     stdin=subprocess.PIPE, text=True)
+        self.steps = trace_steps(spec["times"], spec["mbps"], spec.get("period_s"))
+        self.t0 = t0
+        self.next: tuple[float, float] | None = next(self.steps, None)
+        self.last_mbps: float | None = None
+
+    def due(self) -> float | None:
+        return None if self.next is None else self.t0 + self.next[0]
+
+    def fire(self) -> None:
+        assert self.next is not None and self.proc.stdin is not None
+        mbps = self.next[1]
+        if mbps != self.last_mbps:  # htb cannot take rate 0: outages force the wire shaper
+            line = htb_change_line(self.spec["dev"], mbps * 1e6 * self.spec["factor"],
+                                   self.spec["mtu"], self.spec["l2"])
+            self.proc.stdin.write(line + "\n")
+            self.proc.stdin.flush()
+            self.last_mbps = mbps
+        self.next = next(self.steps, None)
+
+    def close(self) -> None:
+        if self.proc.stdin:
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+class _Stopped(Exception):
+    """Raised by the signal handler to leave the event loop at once."""
+
+
+class _Loop:
+    def __init__(self, state: dict[str, Any]) -> None:
+        w = state["wire"]
+        self.hosts = state["hosts"]
+        self.tun = bool(w.get("tun"))
+        self.counters_path = w.get("counters")
+        self.fds: list[int] = []
+        self.stop = False
+        self.w = w
+        self.heap: list[tuple[float, int, Delivery, bytes]] = []
+        self.n = 0
+        self.late: list[float] = []
+        self.sent = 0
+        self.bias = 0.0
+
+    def open(self) -> None:
+        if self.tun:
+            self.fds = [open_tun(h["ns"], self.w.get("dev", "nsmt0")) for h in self.hosts]
+
+    def start(self, t0: float) -> None:
+        w = self.w
+        chans = {(c["src"], c["dst"]): Channel(c["latency_s"], c.get("jitter_s", 0.0),
+                                               c.get("loss", 0.0), tuple(c.get("resources", ())),
+                                               int(c.get("queue_bytes", 4 << 20)),
+                                               bool(c.get("reorder", False)))
+                 for c in w.get("channels", [])}
+        addrs = [bytes(int(x) for x in h["addr"].split(".")) for h in self.hosts]
+        self.core = WireCore(addrs, chans, _resources(w.get("resources", {}), t0),
+                             seed=int(w.get("seed", 0)))
+        self.replays = [_Replay(c, t0) for c in w.get("changes", [])]
+
+    def write_counters(self) -> None:
+        if not self.counters_path:
+            return
+        lat = sorted(self.late)
+        p = (lambda q: lat[min(len(lat) - 1, int(q * len(lat)))] if lat else 0.0)
+        data = {"sent": self.sent, "drops": self.core.drops, "late_p50_s": p(0.5),
+                "late_p99_s": p(0.99), "late_max_s": lat[-1] if lat else 0.0,
+                "bottleneck": p(0.99) > _LATE_WARN_S}
+        tmp = self.counters_path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(data, f)
+        os.replace(tmp, self.counters_path)
+
+    def run(self, timer: Timer, bias: float) -> None:
+        self.bias = bias
+        ep = select.epoll()
+        for i, fd in enumerate(self.fds):
+            ep.register(fd, select.EPOLLIN)
+        ep.register(timer.fd, select.EPOLLIN)
+        by_fd = {fd: i for i, fd in enumerate(self.fds)}
+        next_counters = time.monotonic() + 1.0
+        while not self.stop:
+            wake = [next_counters]
+            if self.heap:
+                wake.append(self.heap[0][0] - self.bias)
+            wake += [d for d in (r.due() for r in self.replays) if d is not None]
+            timer.arm(min(wake))
+            try:
+                events = ep.poll()
+            except InterruptedError:
+                continue
+            for fd, _ in events:
+                if fd == timer.fd:
+                    timer.clear()
+                    continue
+                self._drain(fd, by_fd[fd])
+            now = time.monotonic()
+            self._deliver(now + self.bias)
+            for r in self.replays:
+                while r.due() is not None and r.due() <= now + self.bias:  # type: ignore[operator]
+                    r.fire()
+            if now >= next_counters:
+                self.write_counters()
+                next_counters = now + 1.0
+        ep.close()
+
+    def _drain(self, fd: int, src: int) -> None:
+        while True:
+            try:
+                pkt = os.read(fd, 65536)
+            except BlockingIOError:
+                return
+            d = self.core.admit(src, pkt, time.monotonic())
+            if d is not None:
+                self.n += 1
+                heapq.heappush(self.heap, (d.due, self.n, d, pkt))
+
+    def _deliver(self, horizon: float) -> None:
+        while self.heap and self.heap[0][0] <= horizon:
+            due, _, d, pkt = heapq.heappop(self.heap)
+            try:
+                os.write(self.fds[d.dst], pkt)
+                self.sent += 1
+            except OSError as e:  # a host brought its TUN down: count, never crash the wire
+                self.core.drops.setdefault("write_error", 0)
+                self.core.drops["write_error"] += 1
+                log.debug("write to host %d failed: %s", d.dst, e)
+            self.core.delivered(d)
+            late = time.monotonic() - due
+            # Loop overhead varies with load, so the bias keeps tracking the mean lateness.
+            self.bias = min(_MAX_BIAS_S, max(0.0, self.bias + _BIAS_GAIN * late))
+            if len(self.late) < 200_000:
+                self.late.append(late)
+
+    def close(self) -> None:
+        for r in getattr(self, "replays", []):
+            r.close()
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = []
+
+
+def run(state: dict[str, Any], ready: Any = sys.stdout, go: Any = sys.stdin) -> None:
+    """Run the wire for ``state`` until SIGTERM/SIGINT (see the module docstring)."""
+    loop = _Loop(state)
+
+    def _stop(signum: int, frame: Any) -> None:
+        # Raising (not just flagging) breaks out of epoll.poll, which PEP 475 would resume.
+        loop.stop = True
+        raise _Stopped
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    timer = Timer()
+    try:
+        loop.open()
+        bias = calibrate(timer)
+        ready.write(f"TUNS {bias:.6f}\n")
+        ready.flush()
+        go.readline()
+        t0 = time.monotonic()
+        loop.start(t0)
+        ready.write(f"T0 {t0!r}\n")
+        ready.flush()
+        loop.run(timer, bias)
+    except _Stopped:
+        pass
+    finally:
+        if hasattr(loop, "core"):
+            loop.write_counters()
+        loop.close()
+        timer.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m netsim.wire", description=__doc__)
+    ap.add_argument("--state", required=True, help="netsim state file (/run/netsim/TAG.json)")
+    ap.add_argument("--pdeathsig", action="store_true",
+                    help="die with the parent (used when `up` runs in-process)")
+    args = ap.parse_args(argv)
+    if args.pdeathsig:
+        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() == 1:  # the parent died before prctl took effect
+            return 1
+    logging.basicConfig(level=logging.WARNING)
+    with open(args.state) as f:
+        state = json.load(f)
+    run(state)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
