@@ -1,0 +1,85 @@
+"""Rebinding ``torch.distributed`` functions so calls on the default group are emulated.
+
+Each patched function only swaps its ``group`` argument for the emulated group when it names
+the group being emulated (``None``/WORLD for the default group), then calls the original, so
+the originals' checks and rank translation still apply and emulation happens exactly once,
+inside :class:`~netsim._emulate_pg.EmulatedProcessGroup`. Both ``torch.distributed`` and
+``torch.distributed.distributed_c10d`` are patched: the latter's globals are what
+``P2POp`` checks ``op`` against and what ``send`` calls ``isend`` through.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import types
+from collections.abc import Callable
+from typing import Any
+
+import torch.distributed as dist
+import torch.distributed.distributed_c10d as c10d
+
+__all__ = ["PATCHED_NAMES", "Patch"]
+
+logger = logging.getLogger(__name__)
+
+PATCHED_NAMES: tuple[str, ...] = (
+    "all_reduce",
+    "all_gather",
+    "all_gather_into_tensor",
+    "all_gather_single",
+    "_all_gather_base",
+    "reduce_scatter",
+    "reduce_scatter_tensor",
+    "reduce_scatter_single",
+    "_reduce_scatter_base",
+    "broadcast",
+    "barrier",
+    "send",
+    "recv",
+    "isend",
+    "irecv",
+    "batch_isend_irecv",
+)
+_MODULES: tuple[types.ModuleType, ...] = (dist, c10d)
+
+
+class Patch:
+    """Installs patched functions into both modules and puts the originals back exactly."""
+
+    def __init__(self, originals: dict[str, Callable[..., Any]]) -> None:
+        self.originals = originals
+        self._saved: list[tuple[types.ModuleType, str, Any]] = []
+
+    def install(self, replacements: dict[str, Callable[..., Any]]) -> None:
+        for mod in _MODULES:
+            for name, fn in replacements.items():
+                if hasattr(mod, name):
+                    self._saved.append((mod, name, getattr(mod, name)))
+                    setattr(mod, name, fn)
+
+    def restore(self) -> None:
+        while self._saved:
+            mod, name, value = self._saved.pop()
+            setattr(mod, name, value)
+
+
+def originals() -> dict[str, Callable[..., Any]]:
+    """The current (unpatched) functions, as found in ``distributed_c10d``."""
+    return {name: getattr(c10d, name) for name in PATCHED_NAMES if hasattr(c10d, name)}
+
+
+def group_mapper(orig: Callable[..., Any], swap: Callable[[Any], Any]) -> Callable[..., Any]:
+    """``orig`` with its ``group`` argument passed through ``swap``."""
+    sig = inspect.signature(orig)
+
+    @functools.wraps(orig)
+    def patched(*args: Any, **kwargs: Any) -> Any:
+        bound = sig.bind(*args, **kwargs)
+        if "group" in bound.arguments:
+            bound.arguments["group"] = swap(bound.arguments["group"])
+        elif "group" in sig.parameters:
+            bound.arguments["group"] = swap(None)
+        return orig(*bound.args, **bound.kwargs)
+
+    return patched
