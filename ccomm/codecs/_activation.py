@@ -4,22 +4,44 @@ For an (N tokens, C channels) residual r:
     v_c = mean_n |r_nc|                     (per channel)
     u_n = mean_c |r_nc| / mean_n mean_c |r| (per token, normalized to mean 1)
 so u_n * v_c approximates |r_nc| with N + C numbers. Both vectors travel in the input
-dtype; the sender codes against the rounded values the receiver will see.
+dtype; the sender codes against the rounded values the receiver will see. Work is done
+in blocks of whole rows (a multiple of 8, so packed bits of a block start on a byte).
 """
 from __future__ import annotations
 
+from typing import Iterator
+
 import torch
 
-from ._pack import from_bytes, to_bytes
+from ._pack import BLOCK_ELEMS, blocks, from_bytes, pack_nonneg, to_bytes
 
-__all__ = ["token_channel_scales", "scales_nbytes", "pack_scales", "unpack_scales"]
+__all__ = ["row_blocks", "token_channel_scales", "scales_nbytes", "pack_scales", "unpack_scales"]
 
 
-def token_channel_scales(a: torch.Tensor, wire: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """(u, v) for a float32 (N, C) matrix, rounded to the wire dtype and back to fp32."""
-    mag = a.abs()
-    v = mag.mean(dim=0)
-    row = mag.mean(dim=1)
+def row_blocks(n: int, c: int) -> Iterator[tuple[int, int]]:
+    """Row ranges of about BLOCK_ELEMS entries, each starting on a multiple of 8 rows."""
+    return blocks(n, 8, max(8, BLOCK_ELEMS // max(c, 1)))
+
+
+def token_channel_scales(
+    a: torch.Tensor, wire: torch.dtype, signs: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(u, v) of an (N, C) matrix, rounded to the wire dtype and returned as fp32.
+
+    If `signs` (uint8, ceil(N C / 8) bytes) is given, the sign bits are packed into it in
+    the same pass over the data.
+    """
+    n, c = a.shape
+    colsum = torch.zeros(c, dtype=torch.float32, device=a.device)
+    row = torch.empty(n, dtype=torch.float32, device=a.device)
+    for r0, r1 in row_blocks(n, c):
+        blk = a[r0:r1].float()
+        mag = blk.abs()
+        colsum += mag.sum(dim=0)
+        torch.mean(mag, dim=1, out=row[r0:r1])
+        if signs is not None:
+            signs[r0 * c // 8 : (r1 * c + 7) // 8] = pack_nonneg(blk)
+    v = colsum / n
     # An all-zero residual would divide 0 by 0: clamp to the dtype's smallest normal.
     denom = row.mean().clamp_min(torch.finfo(wire).tiny)
     # Sync-free: a non-finite denominator (non-finite input) poisons every token scale, so

@@ -14,10 +14,10 @@ import torch
 
 from ..payload import PayloadMeta
 from ..registry import register
-from ._activation import pack_scales, scales_nbytes, token_channel_scales, unpack_scales
-from ._pack import pack_bits, packed_nbytes, unpack_bits
+from ._activation import pack_scales, row_blocks, scales_nbytes, token_channel_scales, unpack_scales
+from ._pack import packed_nbytes
 from .base import Codec, as_matrix, matrix_shape
-from .sign import signed_scale
+from .sign import apply_signs
 
 __all__ = ["Binary"]
 
@@ -29,12 +29,21 @@ class Binary(Codec):
         return scales_nbytes(n, c, dtype) + packed_nbytes(n * c, 1)
 
     def _encode(self, x: torch.Tensor) -> tuple[torch.Tensor, Mapping[str, Any]]:
-        a = as_matrix(x).float()
-        u, v = token_channel_scales(a, x.dtype)
-        return torch.cat([pack_scales(u, v, x.dtype), pack_bits(a >= 0, 1)]), {}
+        a = as_matrix(x)
+        signs = torch.empty(packed_nbytes(a.numel(), 1), dtype=torch.uint8, device=x.device)
+        u, v = token_channel_scales(a, x.dtype, signs)
+        return torch.cat([pack_scales(u, v, x.dtype), signs]), {}
 
     def _decode(self, buffer: torch.Tensor, meta: PayloadMeta) -> torch.Tensor:
         n, c = matrix_shape(meta.shape)
         u, v = unpack_scales(buffer, n, c, meta.dtype)
-        bits = unpack_bits(buffer[scales_nbytes(n, c, meta.dtype) :], 1, n * c).view(n, c)
-        return signed_scale(bits, torch.outer(u, v))
+        signs = buffer[scales_nbytes(n, c, meta.dtype) :]
+        out = torch.empty(n, c, dtype=meta.dtype, device=buffer.device)
+        direct = meta.dtype == torch.float32
+        for r0, r1 in row_blocks(n, c):
+            # fp32 math, then one rounding to the output dtype.
+            o = out[r0:r1] if direct else torch.empty(r1 - r0, c, device=buffer.device)
+            apply_signs(signs, r0 * c, o).mul_(v).mul_(u[r0:r1, None])
+            if not direct:
+                out[r0:r1] = o
+        return out

@@ -13,14 +13,13 @@ import torch
 
 from ..payload import PayloadMeta
 from ..registry import register
-from ._activation import pack_scales, scales_nbytes, token_channel_scales, unpack_scales
+from ._activation import pack_scales, row_blocks, scales_nbytes, token_channel_scales, unpack_scales
 from ._pack import pack_bits, packed_nbytes, unpack_bits
 from .base import Codec, as_matrix, matrix_shape
 
 __all__ = ["Int2"]
 
-#: Decoded multiple of s for each 2-bit code (bit 0: sign, bit 1: large).
-_LEVELS = (-0.5, 0.5, -2.0, 2.0)
+SMALL, LARGE = 0.5, 2.0
 
 
 @register("int2")
@@ -30,15 +29,30 @@ class Int2(Codec):
         return scales_nbytes(n, c, dtype) + packed_nbytes(n * c, 2)
 
     def _encode(self, x: torch.Tensor) -> tuple[torch.Tensor, Mapping[str, Any]]:
-        a = as_matrix(x).float()
+        a = as_matrix(x)
+        n, c = a.shape
         u, v = token_channel_scales(a, x.dtype)
-        large = a.abs() > torch.outer(u, v)
-        codes = (a >= 0).to(torch.uint8) | (large.to(torch.uint8) << 1)
-        return torch.cat([pack_scales(u, v, x.dtype), pack_bits(codes, 2)]), {}
+        codes = torch.empty(packed_nbytes(n * c, 2), dtype=torch.uint8, device=x.device)
+        for r0, r1 in row_blocks(n, c):
+            blk = a[r0:r1].float()
+            large = blk.abs() > torch.outer(u[r0:r1], v)
+            # A 2-bit code is (sign, large) in consecutive bits, LSB first: interleaving the
+            # two bit planes and packing them as single bits gives exactly that layout.
+            bits = torch.stack([blk >= 0, large], dim=-1)
+            codes[r0 * c // 4 : (r1 * c + 3) // 4] = pack_bits(bits, 1)
+        return torch.cat([pack_scales(u, v, x.dtype), codes]), {}
 
     def _decode(self, buffer: torch.Tensor, meta: PayloadMeta) -> torch.Tensor:
         n, c = matrix_shape(meta.shape)
         u, v = unpack_scales(buffer, n, c, meta.dtype)
-        codes = unpack_bits(buffer[scales_nbytes(n, c, meta.dtype) :], 2, n * c).view(n, c)
-        table = torch.tensor(_LEVELS, dtype=torch.float32, device=buffer.device)
-        return table[codes.int()] * torch.outer(u, v)
+        codes = buffer[scales_nbytes(n, c, meta.dtype) :]
+        out = torch.empty(n, c, dtype=meta.dtype, device=buffer.device)
+        direct = meta.dtype == torch.float32
+        for r0, r1 in row_blocks(n, c):
+            bits = unpack_bits(codes[r0 * c // 4 : (r1 * c + 3) // 4], 1, 2 * (r1 - r0) * c).view(r1 - r0, c, 2)
+            o = out[r0:r1] if direct else torch.empty(r1 - r0, c, device=buffer.device)
+            sign = torch.empty_like(o).copy_(bits[..., 0]).mul_(2).sub_(1)
+            o.copy_(bits[..., 1]).mul_(LARGE - SMALL).add_(SMALL).mul_(sign).mul_(v).mul_(u[r0:r1, None])
+            if not direct:
+                out[r0:r1] = o
+        return out

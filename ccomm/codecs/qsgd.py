@@ -16,7 +16,7 @@ import torch
 
 from ..payload import PayloadMeta
 from ..registry import register
-from ._pack import from_bytes, pack_bits, packed_nbytes, to_bytes, unpack_bits
+from ._pack import blocks, bucket_rows, from_bytes, pack_bits, packed_nbytes, to_bytes, unpack_bits
 from .base import Codec, check_int
 
 __all__ = ["QSGD"]
@@ -38,29 +38,37 @@ class QSGD(Codec):
         n = shape.numel()
         return 4 * -(-n // self.bucket) + packed_nbytes(n, self.bits)
 
-    def _buckets(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Full buckets as a matrix, and the short tail (possibly empty)."""
-        full = flat.numel() - flat.numel() % self.bucket
-        return flat[:full].view(-1, self.bucket), flat[full:]
-
     def _encode(self, x: torch.Tensor) -> tuple[torch.Tensor, Mapping[str, Any]]:
-        flat = x.reshape(-1).float()
-        main, tail = self._buckets(flat)
-        norms = [torch.linalg.vector_norm(main, dim=1)]
-        if tail.numel():
-            norms.append(torch.linalg.vector_norm(tail).reshape(1))
-        norm = torch.cat(norms)
-        per_elem = torch.repeat_interleave(norm, self.bucket)[: flat.numel()]
-        inv = torch.where(per_elem > 0, self.levels / per_elem, torch.zeros_like(per_elem))
-        u = torch.rand(flat.shape, generator=self._gen).to(flat.device)
-        lvl = (flat.abs() * inv + u).floor_().clamp_(max=self.levels)
-        codes = lvl.to(torch.uint8) * 2 + (flat < 0).to(torch.uint8)
-        return torch.cat([to_bytes(norm), pack_bits(codes, self.bits)]), {}
+        flat = x.reshape(-1)
+        n = flat.numel()
+        norms = torch.empty(-(-n // self.bucket), dtype=torch.float32, device=x.device)
+        packed = torch.empty(packed_nbytes(n, self.bits), dtype=torch.uint8, device=x.device)
+        for a, b in blocks(n, 8 * self.bucket):
+            i, codes = a // self.bucket, []
+            for rows in bucket_rows(flat[a:b].float(), self.bucket):
+                norm = torch.linalg.vector_norm(rows, dim=1)
+                norms[i : i + len(norm)] = norm
+                i += len(norm)
+                inv = torch.where(norm > 0, self.levels / norm, torch.zeros_like(norm))
+                u = torch.rand(rows.shape, generator=self._gen).to(rows.device)
+                lvl = rows.abs().mul_(inv[:, None]).add_(u).floor_().clamp_(max=self.levels)
+                codes.append((lvl.to(torch.uint8) * 2 + (rows < 0).to(torch.uint8)).reshape(-1))
+            block = codes[0] if len(codes) == 1 else torch.cat(codes)
+            packed[a * self.bits // 8 : packed_nbytes(b, self.bits)] = pack_bits(block, self.bits)
+        return torch.cat([to_bytes(norms), packed]), {}
 
     def _decode(self, buffer: torch.Tensor, meta: PayloadMeta) -> torch.Tensor:
         n = meta.numel
         nb = -(-n // self.bucket)
-        norm = from_bytes(buffer, torch.float32, nb)
-        codes = unpack_bits(buffer[4 * nb :], self.bits, n)
-        mag = (codes >> 1).float() * (torch.repeat_interleave(norm, self.bucket)[:n] / self.levels)
-        return torch.where((codes & 1).bool(), -mag, mag)
+        norms = from_bytes(buffer, torch.float32, nb)
+        packed = buffer[4 * nb :]
+        out = torch.empty(n, dtype=torch.float32, device=buffer.device)
+        for a, b in blocks(n, 8 * self.bucket):
+            codes = unpack_bits(packed[a * self.bits // 8 : packed_nbytes(b, self.bits)], self.bits, b - a)
+            o = out[a:b].copy_(codes >> 1)
+            o.mul_(torch.empty_like(o).copy_(codes & 1).mul_(-2).add_(1))  # sign bit 1 -> -1
+            i = a // self.bucket
+            for rows in bucket_rows(o, self.bucket):
+                rows.mul_(norms[i : i + rows.shape[0], None] / self.levels)
+                i += rows.shape[0]
+        return out

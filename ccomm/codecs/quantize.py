@@ -19,13 +19,11 @@ import torch
 
 from ..payload import PayloadMeta
 from ..registry import register
-from ._pack import from_bytes, pack_bits, packed_nbytes, to_bytes, unpack_bits
+from ._pack import blocks, bucket_rows, from_bytes, pack_bits, packed_nbytes, to_bytes, unpack_bits
 from .base import Codec, check_bool, check_choice, check_int
 
 __all__ = ["Quantize"]
 
-#: Buckets processed per block: bounds the fp32 temporaries (and keeps them in cache).
-BLOCK_ELEMS = 1 << 20
 _TINY = torch.finfo(torch.float32).tiny
 
 
@@ -40,7 +38,9 @@ class Quantize(Codec):
             raise ValueError("quantize: bits=1 is not supported with scheme=absmax; allowed: 2..8")
         self.seed = check_int("quantize", "seed", seed, 0)
         self._gen = torch.Generator().manual_seed(self.seed)
+        #: Largest code minus the zero offset: 2^bits - 1 (minmax) or 2^(bits-1) - 1 (absmax).
         self.levels = (1 << self.bits) - 1 if self.scheme == "minmax" else (1 << (self.bits - 1)) - 1
+        self._max_code = self.levels if self.scheme == "minmax" else 2 * self.levels
 
     def params(self) -> Mapping[str, Any]:
         p: dict[str, Any] = {"bits": self.bits, "stochastic": self.stochastic, "bucket": self.bucket, "scheme": self.scheme}
@@ -54,63 +54,74 @@ class Quantize(Codec):
 
     def _nbytes(self, shape: torch.Size, dtype: torch.dtype) -> int:
         n = shape.numel()
-        nb = -(-n // self.bucket)
-        return 4 * self._nscales * nb + packed_nbytes(n, self.bits)
+        return 4 * self._nscales * -(-n // self.bucket) + packed_nbytes(n, self.bits)
 
-    def _blocks(self, n: int) -> list[tuple[int, int]]:
-        """(start, stop) element ranges made of whole buckets, plus the short tail bucket."""
-        per = max(1, BLOCK_ELEMS // self.bucket) * self.bucket
-        full = n - n % self.bucket
-        spans = [(s, min(s + per, full)) for s in range(0, full, per)]
-        if full < n:
-            spans.append((full, n))
-        return spans
+    def _spans(self, n: int) -> list[tuple[int, int]]:
+        # Blocks of whole multiples of 8 buckets: each block's packed codes start on a byte.
+        return list(blocks(n, 8 * self.bucket))
+
+    def _code_rows(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Codes (uint8) and (lo, step) for a matrix with one bucket per row."""
+        lo, hi = rows.aminmax(dim=1)
+        if self.scheme == "minmax":
+            step = (hi - lo) / self.levels
+            origin = lo
+        else:
+            step = torch.maximum(hi, -lo) / self.levels
+            origin = -self.levels * step
+        # A zero (or subnormal) step means a constant bucket: every code is 0, decoding to lo.
+        inv = torch.where(step >= _TINY, 1.0 / step, torch.zeros_like(step))
+        q = rows.sub(origin[:, None]).mul_(inv[:, None])
+        if self.stochastic:
+            q.add_(torch.rand(q.shape, generator=self._gen).to(q.device)).clamp_(max=self._max_code)
+        else:
+            q.add_(0.5)  # float -> uint8 truncates, so +0.5 rounds to nearest for q >= 0
+        return q.to(torch.uint8), lo, step
 
     def _encode(self, x: torch.Tensor) -> tuple[torch.Tensor, Mapping[str, Any]]:
         flat = x.reshape(-1)
         n = flat.numel()
-        codes = torch.empty(n, dtype=torch.uint8, device=x.device)
-        scales = []
-        for a, b in self._blocks(n):
-            blk = flat[a:b].float().view(-1, min(self.bucket, b - a))
-            lo, hi = blk.aminmax(dim=1)
-            if self.scheme == "minmax":
-                step = (hi - lo) / self.levels
-                # Shifting the origin by half a step turns truncation into round-to-nearest.
-                origin = lo - (0.0 if self.stochastic else 0.5) * step
-            else:
-                step = torch.maximum(hi, -lo) / self.levels
-                origin = -(self.levels + (0.0 if self.stochastic else 0.5)) * step
-            # A zero (or subnormal) step means a constant bucket: every code is 0 and decodes to lo.
-            inv = torch.where(step >= _TINY, 1.0 / step, torch.zeros_like(step))
-            q = blk.sub(origin.unsqueeze(1)).mul_(inv.unsqueeze(1))
-            if self.stochastic:
-                noise = torch.rand(q.shape, generator=self._gen).to(q.device)
-                q.add_(noise).clamp_(max=2 * self.levels if self.scheme == "absmax" else self.levels)
-            codes[a:b].view_as(q).copy_(q)  # float -> uint8 truncates: floor for q >= 0
-            scales.append(torch.stack([lo, step]) if self.scheme == "minmax" else step.unsqueeze(0))
-        scale_t = torch.cat(scales, dim=1)  # (nscales, nbuckets)
-        return torch.cat([to_bytes(scale_t), pack_bits(codes, self.bits)]), {}
+        nb = -(-n // self.bucket)
+        scales = torch.empty(2, nb, dtype=torch.float32, device=x.device)
+        packed = torch.empty(packed_nbytes(n, self.bits), dtype=torch.uint8, device=x.device)
+        for a, b in self._spans(n):
+            i = a // self.bucket
+            codes = []
+            for rows in bucket_rows(flat[a:b].float(), self.bucket):
+                c, lo, step = self._code_rows(rows)
+                scales[0, i : i + len(lo)] = lo
+                scales[1, i : i + len(lo)] = step
+                codes.append(c.reshape(-1))
+                i += len(lo)
+            block = codes[0] if len(codes) == 1 else torch.cat(codes)
+            packed[a * self.bits // 8 : packed_nbytes(b, self.bits)] = pack_bits(block, self.bits)
+        head = scales if self.scheme == "minmax" else scales[1]
+        return torch.cat([to_bytes(head), packed]), {}
 
     def _decode(self, buffer: torch.Tensor, meta: PayloadMeta) -> torch.Tensor:
         n = meta.numel
         nb = -(-n // self.bucket)
-        ns = self._nscales
         expected = self._nbytes(meta.shape, meta.dtype)
         if buffer.numel() != expected:
             raise ValueError(f"quantize: payload has {buffer.numel()} bytes, expected {expected} for n={n}")
-        scale_t = from_bytes(buffer, torch.float32, ns * nb).view(ns, nb)
-        codes = unpack_bits(buffer[4 * ns * nb :], self.bits, n)
-        out = torch.empty(n, dtype=torch.float32, device=buffer.device)
-        for a, b in self._blocks(n):
-            width = min(self.bucket, b - a)
-            i0, i1 = a // self.bucket, -(-b // self.bucket)
-            c = codes[a:b].view(-1, width)
-            o = out[a:b].view(-1, width)
-            step = scale_t[-1, i0:i1].unsqueeze(1)
-            torch.mul(c, step, out=o)
-            if self.scheme == "minmax":
-                o.add_(scale_t[0, i0:i1].unsqueeze(1))
-            else:
-                o.sub_(self.levels * step)
+        ns = self._nscales
+        scales = from_bytes(buffer, torch.float32, ns * nb).view(ns, nb)
+        packed = buffer[4 * ns * nb :]
+        out = torch.empty(n, dtype=meta.dtype, device=buffer.device)
+        direct = meta.dtype == torch.float32
+        for a, b in self._spans(n):
+            codes = unpack_bits(packed[a * self.bits // 8 : packed_nbytes(b, self.bits)], self.bits, b - a)
+            o = out[a:b] if direct else torch.empty(b - a, device=buffer.device)
+            o.copy_(codes)
+            i = a // self.bucket
+            for rows in bucket_rows(o, self.bucket):
+                step = scales[-1, i : i + rows.shape[0], None]
+                rows.mul_(step)
+                if self.scheme == "minmax":
+                    rows.add_(scales[0, i : i + rows.shape[0], None])
+                else:
+                    rows.sub_(self.levels * step)
+                i += rows.shape[0]
+            if not direct:
+                out[a:b] = o
         return out
