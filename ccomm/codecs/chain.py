@@ -40,20 +40,17 @@ class Chain(Codec):
         self.sparsifiers: list[Sparsifier] = list(stages[:-1])  # type: ignore[arg-type]
         self.last = stages[-1]
         self.additive = all(not s.sends_indices for s in self.sparsifiers) and self.last.additive  # type: ignore[misc]
-        self.fixed_size = all(s.fixed_size for s in self.stages)  # type: ignore[misc]
+        self.fixed_size = self.last.fixed_size  # type: ignore[misc]
 
     @property
     def spec(self) -> str:
         return "|".join(s.spec for s in self.stages)
 
-    def _header_stages(self) -> list[int]:
-        return [i for i, s in enumerate(self.sparsifiers) if not s.fixed_size]
-
     def _extra_for_receiver(self) -> Mapping[str, Any]:
         return {"stages": [s.meta_for((1,), torch.float32).extra for s in self.stages]}
 
     def _sizes(self, n: int) -> list[int]:
-        """Input size of every stage for fixed-size chains."""
+        """Input size of every stage, then the last stage's input size."""
         sizes = [n]
         for s in self.sparsifiers:
             sizes.append(s.k_for(sizes[-1]))
@@ -61,16 +58,15 @@ class Chain(Codec):
 
     def _nbytes(self, shape: torch.Size, dtype: torch.dtype) -> int:
         sizes = self._sizes(shape.numel())
-        header = 4 * len(self._header_stages())
         idx = sum(s.index_nbytes(sizes[i], sizes[i + 1]) for i, s in enumerate(self.sparsifiers))
-        return header + idx + self.last.nbytes((sizes[-1],), dtype)
+        return idx + self.last.nbytes((sizes[-1],), dtype)
 
     def empty_dtype(self, dtype: torch.dtype) -> torch.dtype:
         return self.last.empty_dtype(dtype) if self.additive else torch.uint8
 
     def _encode(self, x: torch.Tensor) -> tuple[torch.Tensor, Mapping[str, Any]]:
         cur = x.reshape(-1)
-        sizes, index_parts, extras = [cur.numel()], [], []
+        index_parts, extras = [], []
         for s in self.sparsifiers:
             values, idx, extra = s.select(cur)
             if s.sends_indices:
@@ -78,36 +74,27 @@ class Chain(Codec):
                 index_parts.append(pack_uint(idx, index_width(cur.numel())))
             extras.append(extra)
             cur = values
-            sizes.append(cur.numel())
         last = self.last.encode(cur)
         extras.append(last.meta.extra)
         meta_extra = {"stages": extras}
         if self.additive:
             return last.buffer, meta_extra
-        header = [sizes[i + 1] for i in self._header_stages()]
-        parts = [torch.tensor(header, dtype=torch.int32, device=x.device).view(torch.uint8)] if header else []
-        parts += [to_bytes(last.buffer)] + index_parts
-        return torch.cat(parts), meta_extra
+        return torch.cat([to_bytes(last.buffer), *index_parts]), meta_extra
 
     def _decode(self, buffer: torch.Tensor, meta: PayloadMeta) -> torch.Tensor:
         extras = meta.extra["stages"]
-        hstages = self._header_stages()
-        sizes = [meta.numel]
+        sizes = self._sizes(meta.numel)
         if self.additive:
-            sizes = self._sizes(meta.numel)
             body, index_parts = buffer, [None] * len(self.sparsifiers)
         else:
-            header = from_bytes(buffer, torch.int32, len(hstages)).tolist() if hstages else []
-            given = dict(zip(hstages, header))
-            for i, s in enumerate(self.sparsifiers):
-                sizes.append(int(given[i]) if i in given else s.k_for(sizes[-1]))
             idx_sizes = [s.index_nbytes(sizes[i], sizes[i + 1]) for i, s in enumerate(self.sparsifiers)]
-            head = 4 * len(hstages)
-            body_size = buffer.numel() - head - sum(idx_sizes)
+            body_size = buffer.numel() - sum(idx_sizes)
             if body_size < 0:
-                raise ValueError(f"chain: payload of {buffer.numel()} bytes is too short for its header")
-            pieces = split_bytes(buffer, [head, body_size, *idx_sizes])
-            body, index_parts = pieces[1], pieces[2:]
+                raise ValueError(f"chain: a payload of {buffer.numel()} bytes is too short for n={meta.numel}")
+            body, *index_parts = split_bytes(buffer, [body_size, *idx_sizes])
+            wire = self.last.empty_dtype(meta.dtype)
+            if wire != torch.uint8:  # a numeric last stage (e.g. `|fp16`): reinterpret its bytes
+                body = from_bytes(body, wire, body_size // torch.empty((), dtype=wire).element_size())
         cur = self.last.decode(Payload(body, PayloadMeta(torch.Size([sizes[-1]]), meta.dtype, extras[-1])))
         for i in reversed(range(len(self.sparsifiers))):
             s, n, k = self.sparsifiers[i], sizes[i], sizes[i + 1]
