@@ -111,8 +111,10 @@ def index_width(n: int) -> int:
 
 def pack_uint(values: torch.Tensor, width: int) -> torch.Tensor:
     """Non-negative integers as `width` little-endian bytes each."""
-    container = torch.int32 if width <= 4 else torch.int64
-    size = 4 if width <= 4 else 8
+    # int32 holds widths up to 3 without a sign problem; width 4 needs int64 so that
+    # positions at or above 2**31 do not come back negative.
+    container = torch.int32 if width <= 3 else torch.int64
+    size = 4 if width <= 3 else 8
     b = values.to(container).contiguous().view(torch.uint8).view(-1, size)
     if width == size:
         return b.reshape(-1)
@@ -121,8 +123,8 @@ def pack_uint(values: torch.Tensor, width: int) -> torch.Tensor:
 
 def unpack_uint(data: torch.Tensor, width: int, count: int) -> torch.Tensor:
     """Inverse of `pack_uint`, as int64."""
-    container = torch.int32 if width <= 4 else torch.int64
-    size = 4 if width <= 4 else 8
+    container = torch.int32 if width <= 3 else torch.int64
+    size = 4 if width <= 3 else 8
     b = data[: count * width].view(count, width)
     if width != size:
         b = torch.cat([b, b.new_zeros(count, size - width)], dim=1)

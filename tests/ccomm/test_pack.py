@@ -74,9 +74,9 @@ def test_pack_bits_does_not_modify_input(bits: int) -> None:
 @st.composite
 def uints_and_width(draw: st.DrawFn) -> tuple[list[int], int]:
     width = draw(st.integers(1, 8))
-    # int64 is the container for widths 5..8, so 8-byte values stop at 2**63 - 1. Width 4
-    # stops at 2**31 - 1 here; the upper half of its range has its own (xfail) test below.
-    hi = {4: (1 << 31) - 1, 8: (1 << 63) - 1}.get(width, (1 << (8 * width)) - 1)
+    # int64 is the container for widths 4..8, so 8-byte values stop at 2**63 - 1. The upper
+    # half of width 4's range (positions >= 2**31) has its own test below.
+    hi = {8: (1 << 63) - 1}.get(width, (1 << (8 * width)) - 1)
     values = draw(st.lists(st.integers(0, hi), min_size=0, max_size=60))
     return values, width
 
@@ -95,14 +95,6 @@ def test_pack_uint_round_trip_and_layout(case: tuple[list[int], int]) -> None:
     assert out.tolist() == values
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "ccomm/codecs/_pack.py unpack_uint: width 4 uses an int32 container, so values in "
-        "[2**31, 2**32) (positions of tensors with more than 2**31 elements, for which "
-        "index_width gives 4) come back negative: 2**31 -> -2147483648, 2**32-1 -> -1"
-    ),
-)
 def test_pack_uint_width4_upper_half() -> None:
     values = [1 << 31, (1 << 32) - 1]
     packed = pack_uint(torch.tensor(values, dtype=torch.int64), 4)
