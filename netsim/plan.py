@@ -197,7 +197,10 @@ def plan_up(topo: Topo, caps: Caps, opts: UpOptions) -> Plan:
     def replay(ns: str, d: str, link: Link) -> None:
         if link.trace is not None and len(link.trace.times_s) > 1 or (
                 link.trace is not None and link.trace.loop):
-            tr = link.trace.resample(opts.min_step_s)
+            tr = link.trace
+            # Steps closer than min_step_s are averaged: tc cannot be re-rated every packet.
+            if any(b - a < opts.min_step_s for a, b in zip(tr.times_s, tr.times_s[1:])):
+                tr = tr.resample(opts.min_step_s)
             changes.append({"ns": ns, "dev": d, "mtu": mtu, "l2": 14 if mode == "veth" else 0,
                             "factor": factor(link), **_trace_json(tr)})
 

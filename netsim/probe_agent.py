@@ -1,0 +1,201 @@
+"""Measurement agents the probe runs inside host namespaces (``python -m netsim.probe_agent``).
+
+Roles (each prints one JSON line on stdout):
+
+* ``serve ADDR PORT``: accept connections; the first byte picks ``P`` (echo 32-byte
+  ping-pong messages) or ``B`` (receive a bulk transfer and report its receiver timing).
+* ``rtt ADDR PORT --samples K --warmup W``: TCP ping-pong with TCP_NODELAY; prints the RTTs.
+* ``send ADDR PORT --bytes N``: one TCP connection carrying N bytes; the receiver's timing
+  comes back on the same connection.
+
+All times are CLOCK_MONOTONIC, which every namespace of one machine shares, so a sender's
+start and a receiver's finish can be compared directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import struct
+import sys
+import threading
+import time
+
+__all__ = ["gloo_op", "main", "ping_pong", "send_bulk", "serve"]
+
+_MSG = 32
+_CHUNK = 1 << 16
+_IO_TIMEOUT_S = 120.0
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        part = sock.recv(n - len(buf))
+        if not part:
+            raise ConnectionError("peer closed the connection")
+        buf += part
+    return bytes(buf)
+
+
+def _handle(conn: socket.socket) -> None:
+    conn.settimeout(_IO_TIMEOUT_S)
+    with conn:
+        mode = _recv_exact(conn, 1)
+        if mode == b"P":
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            while True:
+                try:
+                    msg = _recv_exact(conn, _MSG)
+                except ConnectionError:
+                    return
+                conn.sendall(msg)
+        elif mode == b"B":
+            (total,) = struct.unpack("!Q", _recv_exact(conn, 8))
+            got, first_t, first_n = 0, 0.0, 0
+            buf = bytearray(_CHUNK)
+            while got < total:
+                k = conn.recv_into(buf, min(_CHUNK, total - got))
+                if k == 0:
+                    raise ConnectionError("sender closed early")
+                if got == 0:
+                    first_t, first_n = time.monotonic(), k
+                got += k
+            last_t = time.monotonic()
+            conn.sendall(struct.pack("!ddQ", first_t, last_t, first_n))
+
+
+def serve(addr: str, port: int, ready: threading.Event | None = None) -> None:
+    """Serve forever (the probe kills the process when done)."""
+    srv = socket.socket()
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind((addr, port))
+    srv.listen(16)
+    print(json.dumps({"ready": True}), flush=True)
+    while True:
+        conn, _ = srv.accept()
+        threading.Thread(target=_handle, args=(conn,), daemon=True).start()
+
+
+def _connect(addr: str, port: int, timeout: float = 20.0) -> socket.socket:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            s = socket.create_connection((addr, port), timeout=5.0)
+            s.settimeout(_IO_TIMEOUT_S)
+            return s
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def ping_pong(addr: str, port: int, samples: int, warmup: int) -> list[float]:
+    """RTTs in seconds of ``samples`` 32-byte round trips after ``warmup`` discarded ones."""
+    with _connect(addr, port) as s:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        s.sendall(b"P")
+        msg = b"\x5a" * _MSG
+        out = []
+        for k in range(warmup + samples):
+            t = time.monotonic()
+            s.sendall(msg)
+            _recv_exact(s, _MSG)
+            if k >= warmup:
+                out.append(time.monotonic() - t)
+    return out
+
+
+def send_bulk(addr: str, port: int, nbytes: int) -> dict[str, float]:
+    """Send ``nbytes`` on one connection; returns sender start and the receiver's timing."""
+    with _connect(addr, port) as s:
+        s.sendall(b"B" + struct.pack("!Q", nbytes))
+        block = b"\0" * _CHUNK
+        view = memoryview(block)
+        start = time.monotonic()
+        left = nbytes
+        while left:
+            k = s.send(view[: min(_CHUNK, left)])
+            left -= k
+        first_t, last_t, first_n = struct.unpack("!ddQ", _recv_exact(s, 24))
+    return {"start": start, "first": first_t, "last": last_t, "first_bytes": float(first_n),
+            "bytes": float(nbytes)}
+
+
+def gloo_op(op: str, nbytes: int, iters: int, lead_s: float = 0.3) -> list[float]:
+    """Time ``op`` on torch.distributed (gloo, env:// rendezvous) ``iters`` times.
+
+    Every iteration starts at one absolute CLOCK_MONOTONIC instant broadcast by rank 0 (the
+    namespaces share the clock), so barrier skew does not count; the time is the last rank's
+    finish minus that instant.
+    """
+    from datetime import timedelta
+
+    import torch
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", timeout=timedelta(seconds=_IO_TIMEOUT_S))
+    rank, n = dist.get_rank(), dist.get_world_size()
+    x = torch.ones(max(1, nbytes // 4), dtype=torch.float32)
+    outs = [torch.empty_like(x) for _ in range(n)]
+
+    def once() -> None:
+        if op == "send":
+            if rank == 0:
+                dist.send(x, 1)
+            elif rank == 1:
+                dist.recv(x, 0)
+        elif op == "allreduce":
+            dist.all_reduce(x)
+        elif op == "allgather":
+            dist.all_gather(outs, x)
+        else:
+            raise ValueError(f"op must be send, allreduce or allgather; got {op!r}")
+
+    once()  # connections are set up lazily by gloo: keep them out of the timing
+    times = []
+    for _ in range(iters):
+        dist.barrier()
+        at = torch.tensor([time.monotonic() + lead_s], dtype=torch.float64)
+        dist.broadcast(at, 0)
+        while time.monotonic() < at.item():
+            time.sleep(min(1e-3, max(0.0, at.item() - time.monotonic())))
+        once()
+        end = torch.tensor([time.monotonic()], dtype=torch.float64)
+        dist.all_reduce(end, op=dist.ReduceOp.MAX)
+        times.append(end.item() - at.item())
+    dist.barrier()
+    dist.destroy_process_group()
+    return times
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m netsim.probe_agent")
+    sub = ap.add_subparsers(dest="role", required=True)
+    for role in ("serve", "rtt", "send"):
+        p = sub.add_parser(role)
+        p.add_argument("addr")
+        p.add_argument("port", type=int)
+        p.add_argument("--samples", type=int, default=200)
+        p.add_argument("--warmup", type=int, default=20)
+        p.add_argument("--bytes", type=int, default=8 << 20)
+    g = sub.add_parser("gloo")
+    g.add_argument("op", choices=("send", "allreduce", "allgather"))
+    g.add_argument("--bytes", type=int, default=4 << 20)
+    g.add_argument("--iters", type=int, default=3)
+    a = ap.parse_args(argv)
+    if a.role == "gloo":
+        times = gloo_op(a.op, a.bytes, a.iters)
+        print(json.dumps({"times": times}), flush=True)
+    elif a.role == "serve":
+        serve(a.addr, a.port)
+    elif a.role == "rtt":
+        print(json.dumps({"rtt": ping_pong(a.addr, a.port, a.samples, a.warmup)}), flush=True)
+    else:
+        print(json.dumps(send_bulk(a.addr, a.port, a.bytes)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
