@@ -1,0 +1,282 @@
+"""Collective cost model: step schedules and their step-synchronous completion times.
+
+Every collective is a schedule: a list of steps, each a list of ``(src, dst, nbytes)`` messages.
+:func:`schedule` builds them; the ``*_time`` functions evaluate them step-synchronously:
+
+* step k starts when step k-1 has ended everywhere (time t);
+* every resource (uplink, downlink, or mesh pair) serializes the bytes the step puts on it,
+  from t, on its own rate trace (``time_to_send(bits, start_s=t)``: exact for traces);
+* a message ends one latency after the last of its resources has finished;
+* the step ends at its last message.
+
+On uniform links this gives the closed forms of the design table (B byte/s, L s, h the tree
+depth, k chunks), e.g. ring all-reduce ``2(n-1)(L + S/(nB))``. On heterogeneous links a step
+costs its slowest edge (an upper bound for schedules whose ranks could run ahead); the
+:class:`netsim.clock.Simulator` replays the same schedules message by message for exact times.
+
+``S`` is each rank's input: the tensor for all-reduce / reduce-scatter / all-to-all / ps, the
+own block for all-gather, the root's tensor for broadcast.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+
+from .link import Link
+from .topo import Resource, Topo
+
+__all__ = [
+    "ALGOS",
+    "Schedule",
+    "allgather_time",
+    "allreduce_time",
+    "alltoall_time",
+    "broadcast_time",
+    "collective_time",
+    "p2p_time",
+    "ps_time",
+    "reduce_scatter_time",
+    "schedule",
+    "schedule_time",
+    "tree_depth",
+]
+
+logger = logging.getLogger(__name__)
+
+Step = list[tuple[int, int, float]]
+Schedule = list[Step]
+
+#: Algorithms per op; the first is the default.
+ALGOS: dict[str, tuple[str, ...]] = {
+    "allreduce": ("ring", "tree"),
+    "reduce_scatter": ("ring",),
+    "allgather": ("ring", "direct"),
+    "broadcast": ("chain", "tree"),
+    "alltoall": ("direct",),
+    "ps": ("pushpull", "push", "pull"),
+}
+
+
+def tree_depth(n: int) -> int:
+    """Depth of the heap-ordered binary tree on n ranks (children of i: 2i+1, 2i+2): floor(log2 n)."""
+    return max(0, n.bit_length() - 1)
+
+
+# ---------------------------------------------------------------------------- schedules
+def _ring(n: int, nsteps: int, sizes: Sequence[float], block_of: int) -> Schedule:
+    # Step k: rank i sends to i+1 the block that started at rank i - k (all-gather), or a
+    # fixed-size chunk (reduce phases, where `sizes` are all equal).
+    return [[(i, (i + 1) % n, float(sizes[(i - k * block_of) % n])) for i in range(n)] for k in range(nsteps)]
+
+
+def _shifted(n: int, size_of: Sequence[float]) -> Schedule:
+    # One step; messages ordered by shift d (i -> i+d) so that served in list order no rank's
+    # uplink or downlink is asked for two messages at once until the previous round is done.
+    return [[(i, (i + d) % n, float(size_of[i])) for d in range(1, n) for i in range(n)]]
+
+
+def _tree_reduce(n: int, chunk: float, k: int) -> Schedule:
+    depth = tree_depth(n)
+    steps: Schedule = [[] for _ in range(depth + k - 1)]
+    for v in range(1, n):
+        dv = tree_depth(v + 1)  # depth of node v in the heap tree
+        for m in range(k):
+            steps[(depth - dv) + m].append((v, (v - 1) // 2, chunk))
+    return steps
+
+
+def _tree_bcast(n: int, chunk: float, k: int) -> Schedule:
+    depth = tree_depth(n)
+    steps: Schedule = [[] for _ in range(depth + k - 1)]
+    for v in range(1, n):
+        dv = tree_depth(v + 1)
+        for m in range(k):
+            steps[(dv - 1) + m].append(((v - 1) // 2, v, chunk))
+    return steps
+
+
+def _chain(n: int, chunk: float, k: int, root: int) -> Schedule:
+    steps: Schedule = [[] for _ in range(n - 2 + k)]
+    for h in range(n - 1):
+        for m in range(k):
+            steps[h + m].append(((root + h) % n, (root + h + 1) % n, chunk))
+    return steps
+
+
+def schedule(
+    op: str,
+    n: int,
+    nbytes: float,
+    algo: str | None = None,
+    *,
+    sizes: Sequence[float] | None = None,
+    chunks: int = 1,
+    root: int = 0,
+) -> Schedule:
+    """Per-step ``(src, dst, nbytes)`` lists of ``op`` on n ranks (see the module docstring).
+
+    ``sizes`` gives per-rank block sizes for all-gather (codecs whose payload sizes differ);
+    ``chunks`` pipelines tree and chain algorithms; ``root`` is the broadcast root / ps server.
+    """
+    if op not in ALGOS:
+        raise ValueError(f"op={op!r} must be one of {sorted(ALGOS)}")
+    algo = ALGOS[op][0] if algo is None else algo
+    if algo not in ALGOS[op]:
+        raise ValueError(f"algo={algo!r} must be one of {ALGOS[op]} for op={op!r}")
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"n={n!r} must be an integer >= 1")
+    if not (math.isfinite(nbytes) and nbytes >= 0):
+        raise ValueError(f"nbytes={nbytes!r} must be finite and >= 0")
+    if not isinstance(chunks, int) or chunks < 1:
+        raise ValueError(f"chunks={chunks!r} must be an integer >= 1")
+    if not (isinstance(root, int) and 0 <= root < n):
+        raise ValueError(f"root={root!r} must be a rank in [0, {n - 1}]")
+    if sizes is not None:
+        if op != "allgather":
+            raise ValueError(f"sizes= is only meaningful for allgather, not op={op!r}")
+        if len(sizes) != n or any(not (math.isfinite(s) and s >= 0) for s in sizes):
+            raise ValueError(f"sizes must hold n={n} finite values >= 0, got {list(sizes)}")
+    if n == 1:
+        return []
+    same = [float(nbytes)] * n
+    if op == "allreduce" and algo == "ring":
+        return _ring(n, 2 * (n - 1), [nbytes / n] * n, 0)
+    if op == "allreduce":
+        return _tree_reduce(n, nbytes / chunks, chunks) + _tree_bcast(n, nbytes / chunks, chunks)
+    if op == "reduce_scatter":
+        return _ring(n, n - 1, [nbytes / n] * n, 0)
+    if op == "allgather":
+        blocks = [float(s) for s in sizes] if sizes is not None else same
+        return _ring(n, n - 1, blocks, 1) if algo == "ring" else _shifted(n, blocks)
+    if op == "broadcast":
+        if algo == "chain":
+            return _chain(n, nbytes / chunks, chunks, root)
+        if root != 0:
+            raise ValueError("broadcast algo='tree' is rooted at rank 0 (root=0)")
+        return _tree_bcast(n, nbytes / chunks, chunks)
+    if op == "alltoall":
+        return _shifted(n, [nbytes / n] * n)
+    push = [[(i, root, float(nbytes)) for i in range(n) if i != root]]
+    pull = [[(root, i, float(nbytes)) for i in range(n) if i != root]]
+    return {"push": push, "pull": pull, "pushpull": push + pull}[algo]
+
+
+# ---------------------------------------------------------------------------- evaluation
+def _as_topo(net: Topo | Link, n: int | None, shared: bool) -> Topo:
+    if isinstance(net, Topo):
+        if n is not None and n != net.n:
+            raise ValueError(f"n={n} differs from the topology's n={net.n}")
+        return net
+    if isinstance(net, Link):
+        if n is None:
+            raise ValueError("n is required when a Link (not a Topo) is given")
+        return Topo(n, net, shared=shared)
+    raise ValueError(f"net={net!r} must be a netsim.Link or netsim.Topo")
+
+
+def schedule_time(topo: Topo, steps: Schedule, start_s: float = 0.0) -> float:
+    """Step-synchronous duration of ``steps`` on ``topo`` starting at ``start_s``."""
+    if not (math.isfinite(start_s) and start_s >= 0):
+        raise ValueError(f"start_s={start_s!r} must be finite and >= 0")
+    t = start_s
+    for step in steps:
+        if not step:
+            continue
+        load: dict[Resource, float] = defaultdict(float)
+        for s, d, b in step:
+            for r in topo.resources(s, d):
+                load[r] += b
+        done = {r: t + topo.resource_trace(r).time_to_send(8.0 * b, t) for r, b in load.items()}
+        end = t
+        for s, d, b in step:
+            link = topo.pair_link(s, d)
+            fin = max(done[r] for r in topo.resources(s, d))
+            if link.mathis_mbps is not None:  # a lossy pair's TCP cannot exceed Mathis' rate
+                fin = max(fin, t + topo.serialization_time(s, d, b, t))
+            end = max(end, fin + link.latency_s)
+        t = end
+    return t - start_s
+
+
+def collective_time(
+    op: str,
+    nbytes: float,
+    net: Topo | Link,
+    n: int | None = None,
+    algo: str | None = None,
+    start_s: float = 0.0,
+    *,
+    shared: bool = True,
+    sizes: Sequence[float] | None = None,
+    chunks: int = 1,
+    root: int = 0,
+) -> float:
+    topo = _as_topo(net, n, shared)
+    steps = schedule(op, topo.n, nbytes, algo, sizes=sizes, chunks=chunks, root=root)
+    return schedule_time(topo, steps, start_s)
+
+
+def p2p_time(nbytes: float, net: Topo | Link, src: int = 0, dst: int = 1, start_s: float = 0.0) -> float:
+    """One message alone: ``L + S/B`` (exact over traces)."""
+    if isinstance(net, Link):
+        return net.transfer_time(nbytes, start_s)
+    return _as_topo(net, None, True).transfer_time(src, dst, nbytes, start_s)
+
+
+def allreduce_time(
+    nbytes: float, net: Topo | Link, n: int | None = None, algo: str = "ring", start_s: float = 0.0,
+    *, shared: bool = True, chunks: int = 1,
+) -> float:
+    """ring ``2(n-1)(L + S/(nB))``; tree ``2(h+k-1)(L + c*S/(kB))``, c = 2 shared (n > 2), 1 mesh."""
+    return collective_time("allreduce", nbytes, net, n, algo, start_s, shared=shared, chunks=chunks)
+
+
+def reduce_scatter_time(
+    nbytes: float, net: Topo | Link, n: int | None = None, algo: str = "ring", start_s: float = 0.0,
+    *, shared: bool = True,
+) -> float:
+    """ring ``(n-1)(L + S/(nB))``."""
+    return collective_time("reduce_scatter", nbytes, net, n, algo, start_s, shared=shared)
+
+
+def allgather_time(
+    nbytes: float, net: Topo | Link, n: int | None = None, algo: str = "ring", start_s: float = 0.0,
+    *, shared: bool = True, sizes: Sequence[float] | None = None,
+) -> float:
+    """ring ``(n-1)(L + S/B)``; direct ``L + (n-1)S/B`` shared, ``L + S/B`` mesh.
+
+    ``sizes`` (per-rank block bytes) replaces ``nbytes`` for codecs whose payloads differ."""
+    return collective_time("allgather", nbytes, net, n, algo, start_s, shared=shared, sizes=sizes)
+
+
+def broadcast_time(
+    nbytes: float, net: Topo | Link, n: int | None = None, algo: str = "chain", start_s: float = 0.0,
+    *, shared: bool = True, chunks: int = 1, root: int = 0,
+) -> float:
+    """chain ``(n-2+k)(L + S/(kB))``."""
+    return collective_time("broadcast", nbytes, net, n, algo, start_s, shared=shared, chunks=chunks, root=root)
+
+
+def alltoall_time(
+    nbytes: float, net: Topo | Link, n: int | None = None, algo: str = "direct", start_s: float = 0.0,
+    *, shared: bool = True,
+) -> float:
+    """direct ``L + (n-1)S/(nB)`` shared, ``L + S/(nB)`` mesh."""
+    return collective_time("alltoall", nbytes, net, n, algo, start_s, shared=shared)
+
+
+def ps_time(
+    nbytes: float, net: Topo | Link, n: int | None = None, start_s: float = 0.0,
+    *, push: bool = True, pull: bool = True, server: int = 0, shared: bool = True,
+) -> float:
+    """Parameter server (one server, n-1 workers).
+
+    push: ``L + max(max_i S/B_i, (n-1)S/B_srv)`` shared, ``max_i(L_i + S/B_i)`` mesh; pull likewise.
+    """
+    if not (push or pull):
+        raise ValueError("ps_time needs push=True, pull=True or both")
+    algo = "pushpull" if push and pull else ("push" if push else "pull")
+    return collective_time("ps", nbytes, net, n, algo, start_s, shared=shared, root=server)
