@@ -26,6 +26,7 @@ from typing import Hashable, Sequence
 
 import torch
 
+from .codecs._pack import from_bytes
 from .codecs.base import Codec
 from .payload import Payload, PayloadMeta
 from .registry import make_codec
@@ -118,7 +119,10 @@ class ResidualCodec:
         st = self._state.setdefault(key, _KeyState())
         meta = payload.meta
         if self._raw(key):
-            st.base = payload.buffer.reshape(meta.shape).to(meta.dtype).clone()
+            buf = payload.buffer
+            if buf.dtype != meta.dtype:  # raw bytes from a byte-oriented transport
+                buf = from_bytes(buf.view(torch.uint8), meta.dtype, meta.numel)
+            st.base = buf.reshape(meta.shape).clone()
             out = st.base
         elif self.variant == "naive":
             out = self.codec.decode(payload)
