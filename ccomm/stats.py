@@ -1,0 +1,186 @@
+"""Byte accounting for the payload transport (`ccomm.comm`).
+
+What is counted
+---------------
+For every transport call, the bytes that THIS rank hands to torch.distributed as its own
+contribution to the operation:
+
+- ``payload_bytes``: the payload buffer this rank contributes (``payload.nbytes``): the
+  buffer it all-reduces, the buffer it contributes to an all-gather, the buffer it sends
+  in a ring ``send_recv``.
+- ``header_bytes``: size headers this rank contributes when payload sizes are exchanged
+  first (one int64 per all-gather or ``send_recv`` whose sizes are not known in advance).
+- ``padding_bytes``: zero bytes appended to this rank's buffer so that an all-gather of
+  payloads of different sizes can use one common size.
+
+``bytes`` is their sum. Bytes received are not counted (every byte received was counted
+on the rank that sent it). How many times a collective algorithm moves each contributed
+byte over the network (about 2(p-1)/p for a ring all-reduce, (p-1) for a ring all-gather,
+...) depends on the backend's algorithm and is the business of the cost model
+(``netsim``), not of this module: the numbers here are algorithm-independent.
+
+Records are grouped by ``key`` (a caller-chosen tag such as a bucket or layer name; the
+transport uses the op name when no key is given) and by op (``"allreduce"``,
+``"allgather"``, ``"send_recv"``). A process-wide default `CommStats` collects every
+call that does not pass its own; `snapshot()` and `reset()` act on it.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+
+__all__ = [
+    "OpStats",
+    "CommStats",
+    "Snapshot",
+    "default_stats",
+    "resolve",
+    "snapshot",
+    "reset",
+    "total",
+]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class OpStats:
+    """Counters of one (key, op) pair; all byte counts are this rank's contribution."""
+
+    calls: int = 0
+    payload_bytes: int = 0
+    header_bytes: int = 0
+    padding_bytes: int = 0
+
+    @property
+    def bytes(self) -> int:
+        """Every byte this rank handed to torch.distributed: payload + headers + padding."""
+        return self.payload_bytes + self.header_bytes + self.padding_bytes
+
+    def __add__(self, other: "OpStats") -> "OpStats":
+        return OpStats(
+            self.calls + other.calls,
+            self.payload_bytes + other.payload_bytes,
+            self.header_bytes + other.header_bytes,
+            self.padding_bytes + other.padding_bytes,
+        )
+
+    def __sub__(self, other: "OpStats") -> "OpStats":
+        return OpStats(
+            self.calls - other.calls,
+            self.payload_bytes - other.payload_bytes,
+            self.header_bytes - other.header_bytes,
+            self.padding_bytes - other.padding_bytes,
+        )
+
+
+#: ``{key: {op: OpStats}}``: an immutable copy of the counters at one moment.
+Snapshot = dict[str, dict[str, OpStats]]
+
+
+def _check_count(field: str, value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{field}={value!r} must be an integer >= 0")
+    return value
+
+
+class CommStats:
+    """Thread-safe counters of calls and bytes per key and per op.
+
+    Thread-safe because async transport handles and DDP communication hooks may record
+    from threads other than the training loop's.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._data: dict[str, dict[str, OpStats]] = {}
+
+    def record(
+        self,
+        op: str,
+        key: str | None = None,
+        *,
+        payload_bytes: int = 0,
+        header_bytes: int = 0,
+        padding_bytes: int = 0,
+        calls: int = 1,
+    ) -> None:
+        """Add one call (or `calls` calls) of `op` under `key` (default: `op`)."""
+        if not isinstance(op, str) or not op:
+            raise ValueError(f"op={op!r} must be a non-empty string")
+        if key is not None and not isinstance(key, str):
+            raise ValueError(f"key={key!r} must be a string or None")
+        delta = OpStats(
+            _check_count("calls", calls),
+            _check_count("payload_bytes", payload_bytes),
+            _check_count("header_bytes", header_bytes),
+            _check_count("padding_bytes", padding_bytes),
+        )
+        k = op if key is None else key
+        with self._lock:
+            per_op = self._data.setdefault(k, {})
+            per_op[op] = per_op.get(op, OpStats()) + delta
+
+    def snapshot(self) -> Snapshot:
+        """A copy of all counters, ``{key: {op: OpStats}}``; later calls do not change it."""
+        with self._lock:
+            return {k: dict(per_op) for k, per_op in self._data.items()}
+
+    def get(self, key: str, op: str | None = None) -> OpStats:
+        """Counters of `key` for one `op`, or summed over its ops; zeros if never recorded."""
+        with self._lock:
+            per_op = self._data.get(key, {})
+            if op is not None:
+                return per_op.get(op, OpStats())
+            return sum(per_op.values(), OpStats())
+
+    def total(self, op: str | None = None) -> OpStats:
+        """Counters summed over every key (and over every op unless `op` is given)."""
+        return total(self.snapshot(), op)
+
+    def reset(self) -> None:
+        """Forget every counter."""
+        with self._lock:
+            self._data.clear()
+
+    def __repr__(self) -> str:
+        t = self.total()
+        return f"CommStats(keys={len(self._data)}, calls={t.calls}, bytes={t.bytes})"
+
+
+_DEFAULT = CommStats()
+
+
+def default_stats() -> CommStats:
+    """The process-wide instance used when a transport call gets ``stats=None``."""
+    return _DEFAULT
+
+
+def resolve(stats: CommStats | None) -> CommStats:
+    """`stats`, or the process-wide default when it is None."""
+    if stats is None:
+        return _DEFAULT
+    if not isinstance(stats, CommStats):
+        raise ValueError(f"stats: expected a CommStats or None, got {type(stats).__name__}")
+    return stats
+
+
+def snapshot() -> Snapshot:
+    """Snapshot of the process-wide default counters."""
+    return _DEFAULT.snapshot()
+
+
+def reset() -> None:
+    """Clear the process-wide default counters."""
+    _DEFAULT.reset()
+
+
+def total(snap: Snapshot, op: str | None = None) -> OpStats:
+    """Sum a snapshot over keys (and over ops unless `op` is given)."""
+    out = OpStats()
+    for per_op in snap.values():
+        for name, st in per_op.items():
+            if op is None or name == op:
+                out = out + st
+    return out
