@@ -12,6 +12,7 @@ netsim namespaces.  Nothing outside those namespaces is touched.
 
 from __future__ import annotations
 
+import argparse
 import atexit
 import functools
 import json
@@ -25,7 +26,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from types import FrameType
@@ -33,11 +34,13 @@ from typing import Any
 
 from netsim.commands import NS_RE, Cmd, host_ns, ns_add
 from netsim.executor import CommandError, Executor, run_argv
+from netsim.link import Link
 from netsim.plan import Caps, FeatureError, HostPlan, Plan, UpOptions, plan_up
 from netsim.topo import Topo
+from netsim.trace import Trace
 
-__all__ = ["Net", "FeatureError", "STATE_DIR", "detect", "down", "list_namespaces",
-           "require_root", "up", "leftovers"]
+__all__ = ["Net", "FeatureError", "STATE_DIR", "add_cli", "attach", "detect", "down",
+           "leftovers", "list_namespaces", "require_root", "topo_from_json", "topo_to_json", "up"]
 
 log = logging.getLogger(__name__)
 
@@ -210,6 +213,54 @@ def down(tag: str | None = None, *, all_: bool = False) -> list[str]:
     return left
 
 
+def _link_json(link: Link) -> dict[str, Any]:
+    tr = link.trace
+    return {"bandwidth_mbps": link.bandwidth_mbps, "latency_ms": link.latency_ms,
+            "jitter_ms": link.jitter_ms, "loss": link.loss, "queue_packets": link.queue_packets,
+            "reorder": link.reorder, "mtu": link.mtu,
+            "trace": None if tr is None else {"times": list(tr.times_s), "mbps": list(tr.mbps),
+                                              "loop": tr.loop, "period_s": tr.period_s}}
+
+
+def _link_from_json(d: dict[str, Any]) -> Link:
+    t = d.pop("trace")
+    trace = None if t is None else Trace(t["times"], t["mbps"], loop=t["loop"],
+                                         period_s=t["period_s"])
+    return Link(d.pop("bandwidth_mbps"), d.pop("latency_ms"), d.pop("jitter_ms"), d.pop("loss"),
+                trace, **d)
+
+
+def topo_to_json(topo: Topo) -> dict[str, Any]:
+    """The state file's description of ``topo`` (so another process can probe the net)."""
+    return {"n": topo.n, "shared": topo.shared, "link": _link_json(topo.link),
+            "hosts": {str(i): _link_json(lk) for i, lk in topo.hosts.items()},
+            "pairs": {f"{i}-{j}": _link_json(lk) for (i, j), lk in topo.pairs.items()}}
+
+
+def topo_from_json(d: dict[str, Any]) -> Topo:
+    pairs = {}
+    for key, lk in d["pairs"].items():
+        i, j = key.split("-")
+        pairs[(int(i), int(j))] = _link_from_json(dict(lk))
+    return Topo(d["n"], _link_from_json(dict(d["link"])),
+                hosts={int(i): _link_from_json(dict(lk)) for i, lk in d["hosts"].items()},
+                pairs=pairs, shared=d["shared"])
+
+
+def attach(tag: str) -> Net:
+    """The :class:`Net` of a net brought up by another process (``netsim up``)."""
+    state = _read_state(tag)
+    if state is None or "t0" not in state:
+        raise FileNotFoundError(f"no running netsim net with tag {tag!r} in {STATE_DIR}")
+    topo = topo_from_json(state["topo"])
+    hosts = tuple(HostPlan(**h) for h in state["hosts"])
+    plan = Plan(tag, state["mode"], hosts, tuple(state["namespaces"]), (), (), state["wire"],
+                int(state.get("mtu", 1500)))
+    net = Net(topo, plan, float(state["t0"]), None, state)
+    net._owner = False
+    return net
+
+
 class Net:
     """A running emulated network: ``hosts``, ``env(rank)``, ``popen(rank, argv)``, ``down()``."""
 
@@ -221,6 +272,7 @@ class Net:
         self.dev = plan.hosts[0].dev
         self.procs: list[subprocess.Popen[Any]] = []
         self._closed = False
+        self._owner = True  # False for attach(): leaving the context does not tear it down
 
     def __repr__(self) -> str:
         return f"Net(tag={self.tag!r}, n={len(self.hosts)}, mode={self.plan.mode!r})"
@@ -277,7 +329,8 @@ class Net:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.down()
+        if self._owner:
+            self.down()
 
 
 def _cleanup_all() -> None:
@@ -333,7 +386,8 @@ def up(topo: Topo, *, tag: str = "net", delay: str = "auto", seed: int = 0,
         raise FileExistsError(f"netsim tag {tag!r} is in use; run `netsim down --tag {tag}`")
     state: dict[str, Any] = {"tag": tag, "mode": plan.mode, "namespaces": [], "pids": {},
                              "wire_pid": None, "hosts": [asdict(h) for h in plan.hosts],
-                             "created": time.time(), "wire": plan.wire}
+                             "created": time.time(), "wire": plan.wire, "mtu": plan.mtu,
+                             "topo": topo_to_json(topo)}
     if plan.wire is not None:
         state["wire"] = {**plan.wire, "counters": str(STATE_DIR / f"{tag}.wire.json")}
     if not persist:
@@ -377,5 +431,103 @@ def up(topo: Topo, *, tag: str = "net", delay: str = "auto", seed: int = 0,
     return net
 
 
-# Re-exported for the CLI's exit codes.
-CommandError = CommandError
+
+def _cli_errors(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Map the documented failures to the CLI's exit codes (no root/feature 3, tag in use 2)."""
+    from netsim.cli import EXIT_BAD_INPUT, EXIT_NO_ROOT
+
+    @functools.wraps(func)
+    def wrapped(args: argparse.Namespace) -> int:
+        try:
+            return func(args)
+        except (PermissionError, FeatureError) as e:
+            print(f"netsim: {e}", file=sys.stderr)
+            return EXIT_NO_ROOT
+        except FileExistsError as e:
+            print(f"netsim: {e}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+    return wrapped
+
+
+def bring_up(args: argparse.Namespace, topo: Topo, *, persist: bool) -> Net:
+    """``up`` for the backend named by ``args.backend`` (shared by ``up`` and ``probe``)."""
+    mtu = args.mtu if getattr(args, "mtu", 1500) != 1500 else None
+    if getattr(args, "backend", "netns") == "mininet":
+        from netsim import mininet
+
+        return mininet.up(topo, tag=args.tag, delay=args.delay, mtu=mtu)
+    return up(topo, tag=args.tag, delay=args.delay, mtu=mtu, persist=persist)
+
+
+@_cli_errors
+def _cmd_up(args: argparse.Namespace) -> int:
+    from netsim.cli import EXIT_CLEANUP, topo_from_args
+
+    topo = topo_from_args(args)
+    if args.dry_run:
+        caps = detect() if os.geteuid() == 0 else Caps()
+        plan = plan_up(topo, caps, UpOptions(tag=args.tag, delay=args.delay,
+                                             mtu=args.mtu if args.mtu != 1500 else None))
+        print(f"# mode {plan.mode}, mtu {plan.mtu}, kernel {caps}")
+        print("\n".join(plan.lines()))
+        return 0
+    net = bring_up(args, topo, persist=not args.run)
+    try:
+        for h in net.hosts:
+            env = " ".join(f"{k}={v}" for k, v in net.env(h.index).items())
+            print(f"h{h.index} {h.addr} dev {h.dev}: {' '.join(net.exec_prefix(h.index))}")
+            print(f"   env {env}")
+        if not args.run:
+            print(f"up; remove with: netsim down --tag {args.tag}")
+            return 0
+        procs = [net.popen(h.index, ["sh", "-c", args.run]) for h in net.hosts]
+        codes = [p.wait() for p in procs]
+        return max(codes) if any(codes) else 0
+    finally:
+        if args.run:
+            if net.down():
+                return EXIT_CLEANUP  # noqa: B012 - the cleanup verdict wins over the run's
+
+
+@_cli_errors
+def _cmd_down(args: argparse.Namespace) -> int:
+    from netsim.cli import EXIT_CLEANUP
+
+    if not args.tag and not args.all:
+        raise ValueError("down needs --tag T or --all")
+    if args.dry_run:
+        rx = NS_RE if args.all else re.compile(rf"^nsm-{re.escape(args.tag)}-(h\d+|sw)$")
+        for ns in list_namespaces():
+            if rx.match(ns):
+                print(f"ip netns del {ns}")
+        return 0
+    left = down(args.tag, all_=args.all)
+    if getattr(args, "all", False) or getattr(args, "backend", None) == "mininet":
+        try:
+            from netsim import mininet
+
+            left += mininet.down_root_links()
+        except ImportError:
+            pass
+    for item in left:
+        print(f"left: {item}", file=sys.stderr)
+    return EXIT_CLEANUP if left else 0
+
+
+def add_cli(subparsers: Any) -> None:
+    """``netsim up`` and ``netsim down`` (see ``netsim up --help``)."""
+    from netsim.cli import add_link_args
+
+    p = subparsers.add_parser("up", help="bring an emulated network up (root)")
+    add_link_args(p)
+    p.add_argument("--backend", choices=("netns", "mininet"), default="netns")
+    p.add_argument("--delay", choices=("auto", "netem", "wire"), default="auto")
+    p.add_argument("--tag", default="net", help="name [a-z0-9]{1,8} (default net)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
+    p.add_argument("--run", help="run this shell command on every host, then tear down")
+    p.set_defaults(func=_cmd_up)
+    d = subparsers.add_parser("down", help="remove an emulated network (root)")
+    d.add_argument("--tag")
+    d.add_argument("--all", action="store_true", help="every netsim namespace on the machine")
+    d.add_argument("--dry-run", action="store_true")
+    d.set_defaults(func=_cmd_down)

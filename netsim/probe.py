@@ -16,6 +16,7 @@ Tolerances are named constants, four times tighter than Mininet's ±20 % self-te
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import math
@@ -27,7 +28,7 @@ from typing import Any
 
 from netsim.netns import Net
 
-__all__ = ["BW_TOL", "GLOO_TOL", "P2P_TOL", "RTT_TOL_ABS_S", "RTT_TOL_REL", "GlooResult",
+__all__ = ["add_cli", "BW_TOL", "GLOO_TOL", "P2P_TOL", "RTT_TOL_ABS_S", "RTT_TOL_REL", "GlooResult",
            "PairResult", "ProbeReport", "probe", "probe_gloo"]
 
 log = logging.getLogger(__name__)
@@ -224,3 +225,54 @@ def probe_gloo(net: Net, nbytes: int = 4 << 20, iters: int = 3,
         out.append(GlooResult(op, n, nbytes, measured, model, tol))
         log.info("gloo %s: %.3f s vs %.3f s", op, measured, model)
     return out
+
+
+def _cmd_probe(args: argparse.Namespace) -> int:
+    from netsim import netns
+    from netsim.cli import EXIT_NO_ROOT, EXIT_TOLERANCE, topo_from_args
+
+    if args.backend == "emulate":
+        print("netsim probe: the emulate backend is probed by netsim.emulate's own harness "
+              "(tests/netsim/test_emulate.py); this command probes OS-level nets",
+              file=sys.stderr)
+        return 2
+    try:
+        if args.tag_attach:
+            net = netns.attach(args.tag_attach)
+        else:
+            args.tag = args.tag or "probe"
+            net = netns.bring_up(args, topo_from_args(args), persist=False)
+    except (PermissionError, netns.FeatureError) as e:
+        print(f"netsim: {e}", file=sys.stderr)
+        return EXIT_NO_ROOT
+    with net:
+        rep = probe(net, args.pairs, samples=args.samples, nbytes=args.bytes,
+                    duplex=not args.no_duplex, gloo=args.gloo)
+    print(rep.table())
+    if rep.wire:
+        print(f"wire: sent {rep.wire['sent']} drops {rep.wire['drops']} lateness p50 "
+              f"{rep.wire['late_p50_s'] * 1e3:.3f} ms p99 {rep.wire['late_p99_s'] * 1e3:.3f} ms"
+              + (" (the wire is the bottleneck)" if rep.wire["bottleneck"] else ""))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rep.to_json(), f, indent=1)
+    return 0 if rep.ok else EXIT_TOLERANCE
+
+
+def add_cli(subparsers: Any) -> None:
+    """``netsim probe``: an existing net (``--tag``) or a temporary one from LINK FLAGS."""
+    from netsim.cli import add_link_args, parse_size
+
+    p = subparsers.add_parser("probe", help="measure RTT and goodput against the configured link")
+    add_link_args(p)
+    p.add_argument("--tag", dest="tag_attach", help="probe the running net with this tag")
+    p.add_argument("--backend", choices=("netns", "mininet", "emulate"), default="netns")
+    p.add_argument("--delay", choices=("auto", "netem", "wire"), default="auto")
+    p.add_argument("--pairs", choices=("ring", "all"), default="ring")
+    p.add_argument("--samples", type=int, default=200, help="ping-pongs per pair (default 200)")
+    p.add_argument("--bytes", type=parse_size, default=None,
+                   help="bulk size (default max(8 MiB, 3 s of the rate))")
+    p.add_argument("--no-duplex", action="store_true", help="skip the full-duplex run")
+    p.add_argument("--gloo", action="store_true", help="also time gloo send/all-reduce/all-gather")
+    p.add_argument("--json", help="write the report here")
+    p.set_defaults(func=_cmd_probe, tag=None)

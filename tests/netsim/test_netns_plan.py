@@ -167,10 +167,11 @@ def test_trace_replayed_by_class_change() -> None:
     assert ch[0]["times"] == [0.0, 1.0] and ch[0]["mbps"] == [100.0, 10.0]
 
 
-def test_jumbo_mtu_above_300_mbps_in_wire_mode() -> None:
+def test_jumbo_mtu_above_300_mbps() -> None:
     assert plan_up(Topo(2, Link(1000, 5)), NO_NETEM, UpOptions(tag="g")).mtu == 65000
     assert plan_up(Topo(2, Link(100, 5)), NO_NETEM, UpOptions(tag="g")).mtu == 1500
-    assert plan_up(Topo(2, Link(1000, 0)), NO_NETEM, UpOptions(tag="g")).mtu == 1500
+    assert plan_up(Topo(2, Link(1000, 0)), NO_NETEM, UpOptions(tag="g")).mtu == 65000
+    assert plan_up(Topo(2, Link(1000, 0)), NO_NETEM, UpOptions(tag="g", mtu=9000)).mtu == 9000
 
 
 def test_netem_requested_but_absent() -> None:
