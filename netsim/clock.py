@@ -335,6 +335,35 @@ class Simulator:
             link_busy=tuple(self._busy),
         )
 
+    def collective_times(
+        self,
+        op: str,
+        nbytes: float,
+        algo: str | None = None,
+        enter_s: Sequence[float] | None = None,
+        *,
+        sizes: Sequence[float] | None = None,
+        chunks: int = 1,
+        root: int = 0,
+    ) -> tuple[float, ...]:
+        """When each rank finishes one collective that rank r enters at ``enter_s[r]`` (default 0).
+
+        A shortcut for virtual-time training loops that only need the exchange's cost."""
+        n = self.topo.n
+        enter = [0.0] * n if enter_s is None else [float(x) for x in enter_s]
+        if len(enter) != n or any(not (math.isfinite(x) and x >= 0) for x in enter):
+            raise ValueError(f"enter_s must hold n={n} finite times >= 0, got {enter_s!r}")
+        coll = Collective(op, nbytes, algo, tuple(sizes) if sizes is not None else None, chunks, root)
+        done = [0.0] * n
+
+        def program(r: int) -> Program:
+            if enter[r] > 0:
+                yield Compute(enter[r])
+            done[r] = yield coll
+
+        self.run(program)
+        return tuple(done)
+
     # -- plumbing ------------------------------------------------------------------------
     def _push(self, t: float, prio: tuple[int, ...], action: tuple[Any, ...]) -> None:
         heapq.heappush(self._heap, (t, prio, next(self._seq), action))

@@ -57,6 +57,7 @@ class Link:
     queue_packets: int | None = None
     reorder: bool = False
     mtu: int = 1500
+    _raw: Trace = field(init=False, repr=False, compare=False)
     _effective: Trace = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -88,6 +89,7 @@ class Link:
         if not isinstance(self.reorder, bool):
             raise ValueError(f"reorder={self.reorder!r} must be a bool")
         raw = self.trace if self.trace is not None else Trace.constant(float(self.bandwidth_mbps))  # type: ignore[arg-type]
+        object.__setattr__(self, "_raw", raw)
         cap = self.mathis_mbps
         object.__setattr__(self, "_effective", raw if cap is None or cap >= max(raw.mbps) else raw.clip(high=cap))
         if q is not None and q * self.mtu < self.bdp_bytes:
@@ -117,7 +119,7 @@ class Link:
     @property
     def rate_trace(self) -> Trace:
         """The configured rate (a constant trace when given ``bandwidth_mbps``), no loss cap."""
-        return self.trace if self.trace is not None else Trace.constant(float(self.bandwidth_mbps))  # type: ignore[arg-type]
+        return self._raw
 
     @property
     def effective_trace(self) -> Trace:

@@ -22,7 +22,7 @@ from netsim.clock import (
     Wait,
     WallClock,
 )
-from netsim.link import Link
+from netsim import cost
 from netsim.topo import Topo
 
 REPO = Path(__file__).resolve().parents[2]
@@ -121,6 +121,17 @@ def test_collective_after_compute_straggler() -> None:
     # The straggler (rank 2, 0.2 s late) delays everyone; all finish at least 4 steps after it.
     assert min(done.values()) >= 0.2 + 2 * (0.005 + 0.1)
     assert max(done.values()) >= 0.2 + 4 * (0.005 + 0.1) - 1e-9
+
+
+def test_collective_times_shortcut() -> None:
+    topo = Topo.uniform(4, 8.0, 5.0)
+    sim = Simulator(topo)
+    done = sim.collective_times("allreduce", 400_000, "ring")
+    assert done == pytest.approx([cost.allreduce_time(400_000, topo)] * 4)
+    late = sim.collective_times("allreduce", 400_000, "ring", enter_s=[0, 0, 0, 0.5])
+    assert min(late) >= 0.5 and max(late) > max(done)
+    with pytest.raises(ValueError, match="enter_s"):
+        sim.collective_times("allreduce", 1, enter_s=[0, 1])
 
 
 def test_errors() -> None:
