@@ -62,10 +62,13 @@ def _check(rc: int, what: str) -> None:
         raise OSError(err, f"{what}: {os.strerror(err)}")
 
 
-def open_tun(ns: str, name: str = "nsmt0") -> int:
-    """Open TUN ``name`` inside namespace ``ns`` (via setns and back) and return its fd."""
+def open_tun(ns: str, name: str = "nsmt0", nspath: str | None = None) -> int:
+    """Open TUN ``name`` inside namespace ``ns`` (via setns and back) and return its fd.
+
+    ``nspath`` overrides ``/run/netns/<ns>`` (Mininet hosts: ``/proc/<pid>/ns/net``).
+    """
     own = os.open("/proc/self/ns/net", os.O_RDONLY)
-    target = os.open(f"/run/netns/{ns}", os.O_RDONLY)
+    target = os.open(nspath or f"/run/netns/{ns}", os.O_RDONLY)
     try:
         _check(_libc.setns(target, _CLONE_NEWNET), f"setns({ns})")
         try:
@@ -168,7 +171,8 @@ class _Replay:
 
     def __init__(self, spec: dict[str, Any], t0: float) -> None:
         self.spec = spec
-        self.proc = subprocess.Popen(["tc", "-n", spec["ns"], "-batch", "-"],
+        argv = spec.get("argv") or ["tc", "-n", spec["ns"], "-batch", "-"]
+        self.proc = subprocess.Popen(argv,
                                      stdin=subprocess.PIPE, text=True)
         self.steps = trace_steps(spec["times"], spec["mbps"], spec.get("period_s"))
         self.t0 = t0
@@ -219,7 +223,8 @@ class _Loop:
 
     def open(self) -> None:
         if self.tun:
-            self.fds = [open_tun(h["ns"], self.w.get("dev", "nsmt0")) for h in self.hosts]
+            self.fds = [open_tun(h["ns"], self.w.get("dev", "nsmt0"), h.get("nspath"))
+                        for h in self.hosts]
 
     def start(self, t0: float) -> None:
         w = self.w
