@@ -31,6 +31,8 @@ _MS_EPS = 1e-6
 _REL_EPS = 1e-12
 # Trace.min unrolls looping traces to a common period at most this many times the longest one.
 _MAX_LCM_FACTOR = 1000
+# ... and to at most this many breakpoints in total.
+_MAX_MIN_POINTS = 2_000_000
 _LOOP_RE = re.compile(r"^loop\s+period_s\s*=\s*(\S+)$")
 
 
@@ -460,6 +462,12 @@ class Trace:
         if looping:
             period = _common_period([t.end_s for t in looping])
             reps = [round(period / t.end_s) for t in looping]
+            total = sum(r * len(t.times_s) for t, r in zip(looping, reps))
+            if total > _MAX_MIN_POINTS:
+                raise ValueError(
+                    f"Trace.min: the common period {period} s would unroll to {total} points "
+                    f"(limit {_MAX_MIN_POINTS}); resample() the traces to a coarser step first"
+                )
             unrolled = [_unroll(t, r) for t, r in zip(looping, reps)]
         else:
             period = None

@@ -188,9 +188,13 @@ def test_wire_factor_and_line_rate() -> None:
     link = Link(10, 25)
     assert link.wire_factor(l2=True) == pytest.approx(1514 / 1448)
     assert link.wire_factor(l2=False) == pytest.approx(1500 / 1448)
-    # The note in the spec: 2 MiB at 10 Mbit/s took 1.752 s measured vs 1.754 s modeled.
-    assert link.transfer_time(2 * 2**20) == pytest.approx(1.7027, abs=1e-3)  # model (goodput) view
-    assert link.line_rate_mbps() == pytest.approx(10 * 1514 / 1448)
+    # Shaping the line at B*factor gives goodput B; shaping it at B would stretch a payload's
+    # serialization by the factor (the spec's 2 MiB @ 10 Mbit/s note: 1.678 s vs 1.754 s).
+    payload = link.serialization_time(2 * 2**20)
+    assert payload == pytest.approx(8 * 2 * 2**20 / 10e6)
+    assert payload * link.wire_factor(l2=True) == pytest.approx(1.754, abs=1e-3)
+    assert link.line_rate_mbps() == pytest.approx(10 * link.wire_factor(l2=True))
+    assert link.line_rate_mbps(l2=False) == pytest.approx(10 * 1500 / 1448)
 
 
 def test_queue_default_and_warning(caplog: pytest.LogCaptureFixture) -> None:

@@ -238,6 +238,12 @@ def test_min_with_constant_and_unsupported_mix() -> None:
     assert Trace.min(loop, Trace.constant(20)).mbps == (10.0, 20.0)
     with pytest.raises(ValueError, match="cannot combine"):
         Trace.min(loop, Trace.steps([(0, 5), (3, 50)]))
+    with pytest.raises(ValueError, match="no common period"):
+        Trace.min(loop, Trace.steps([(0, 5), (1, 50)], loop=True, period_s=math.pi))
+    dense = Trace([k * 1e-3 for k in range(60_000)], [1 + k % 7 for k in range(60_000)], loop=True, period_s=60.0)
+    other = Trace([k * 1e-3 for k in range(45_300)], [1 + k % 5 for k in range(45_300)], loop=True, period_s=45.3)
+    with pytest.raises(ValueError, match="resample"):
+        Trace.min(dense, other)
 
 
 @SETTINGS
