@@ -34,6 +34,7 @@ __all__ = [
     "allgather_time",
     "allreduce_time",
     "alltoall_time",
+    "barrier_time",
     "broadcast_time",
     "collective_time",
     "p2p_time",
@@ -57,6 +58,7 @@ ALGOS: dict[str, tuple[str, ...]] = {
     "broadcast": ("chain", "tree"),
     "alltoall": ("direct",),
     "ps": ("pushpull", "push", "pull"),
+    "barrier": ("dissemination",),
 }
 
 
@@ -159,6 +161,9 @@ def schedule(
         return _tree_bcast(n, nbytes / chunks, chunks)
     if op == "alltoall":
         return _shifted(n, [nbytes / n] * n)
+    if op == "barrier":
+        # ceil(log2 n) rounds; in round k every rank notifies rank + 2^k (nbytes is ignored).
+        return [[(i, (i + (1 << k)) % n, 0.0) for i in range(n)] for k in range(math.ceil(math.log2(n)))]
     push = [[(i, root, float(nbytes)) for i in range(n) if i != root]]
     pull = [[(root, i, float(nbytes)) for i in range(n) if i != root]]
     return {"push": push, "pull": pull, "pushpull": push + pull}[algo]
@@ -266,6 +271,11 @@ def alltoall_time(
 ) -> float:
     """direct ``L + (n-1)S/(nB)`` shared, ``L + S/(nB)`` mesh."""
     return collective_time("alltoall", nbytes, net, n, algo, start_s, shared=shared)
+
+
+def barrier_time(net: Topo | Link, n: int | None = None, start_s: float = 0.0, *, shared: bool = True) -> float:
+    """dissemination ``ceil(log2 n) * L`` (empty messages)."""
+    return collective_time("barrier", 0.0, net, n, "dissemination", start_s, shared=shared)
 
 
 def ps_time(

@@ -49,6 +49,7 @@ def test_hand_table_uniform(n: int, shared: bool) -> None:
     ps_one_way = L + ((n - 1) * S / B if shared else S / B)
     assert cost.ps_time(S, LINK, push=True, pull=False, **kw) == pytest.approx(ps_one_way, rel=REL)
     assert cost.ps_time(S, LINK, **kw) == pytest.approx(2 * ps_one_way, rel=REL)
+    assert cost.barrier_time(LINK, **kw) == pytest.approx(math.ceil(math.log2(n)) * L, rel=REL)
 
 
 @pytest.mark.parametrize("n", [2, 3, 7, 15])
@@ -155,6 +156,7 @@ EXACT_OPS = [
     ("broadcast", "chain", 1),
     ("ps", "pushpull", 1),
     ("ps", "push", 1),
+    ("barrier", "dissemination", 1),
 ]
 
 
