@@ -39,6 +39,7 @@ __all__ = [
     "Handle",
     "Irecv",
     "Isend",
+    "Program",
     "Recv",
     "Send",
     "Simulator",

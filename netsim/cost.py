@@ -13,6 +13,15 @@ On uniform links this gives the closed forms of the design table (B byte/s, L s,
 depth, k chunks), e.g. ring all-reduce ``2(n-1)(L + S/(nB))``. On heterogeneous links a step
 costs its slowest edge (an upper bound for schedules whose ranks could run ahead); the
 :class:`netsim.clock.Simulator` replays the same schedules message by message for exact times.
+The two agree on uniform links for ring, direct, ps, barrier and unpipelined (k = 1) chain and
+full-tree schedules. With k > 1 the replay overlaps each chunk's latency with the next chunk's
+serialization, so it is faster than the step-synchronous form, which charges L every step.
+
+Tree algorithms use the heap-ordered binary tree (children of i are 2i+1, 2i+2), so h is
+``floor(log2 n)``, not the design table's ``ceil(log2 n)`` (the two differ when n is not a
+power of two; the floor is the depth this tree really has). In shared mode c = 2 counts the
+two children sharing their parent's link; on trees that are not full some steps have one
+child and cost less, so ``2(h+k-1)(L + 2S/(kB))`` is then an upper bound.
 
 ``S`` is each rank's input: the tensor for all-reduce / reduce-scatter / all-to-all / ps, the
 own block for all-gather, the root's tensor for broadcast.

@@ -82,7 +82,7 @@ def _validate(
             )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Trace:
     """Payload rate in Mbit/s, piecewise constant on ``[times_s[k], times_s[k+1])``."""
 
@@ -115,6 +115,14 @@ class Trace:
         for k, end in enumerate(ends):
             cum.append(cum[-1] + rates[k] * _MBIT * (end - times[k]))
         object.__setattr__(self, "_cum", tuple(cum))
+
+    def __repr__(self) -> str:
+        # Mahimahi-derived traces hold tens of thousands of points; keep logs readable.
+        loop = f", loop=True, period_s={self.period_s!r}" if self.loop else ""
+        if len(self.times_s) <= 6:
+            return f"Trace(times_s={self.times_s!r}, mbps={self.mbps!r}{loop})"
+        return (f"Trace(<{len(self.times_s)} points to t={self.times_s[-1]:g} s, "
+                f"{min(self.mbps):g}..{max(self.mbps):g} Mbit/s>{loop})")
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -302,7 +310,13 @@ class Trace:
 
     def mahimahi_lines(self, duration_s: float | None = None) -> list[int]:
         """Delivery timestamps (ms): one per 12,000 cumulative bits, so the integral stays
-        within one packet. Looping traces cover one period and end on it (Mahimahi's period)."""
+        within one packet (plus 1 ms of rounding).
+
+        Looping traces cover one period and must end on it, because Mahimahi takes the last
+        line as its period: when the last packet would come earlier (a trailing outage, or
+        leftover bits under one packet), it moves to the period end, so from its natural time
+        until the period ends the file may lag by a second packet. Bits under one packet per
+        period are dropped, which is negligible unless the trace is very slow."""
         if self.loop:
             assert self.period_s is not None
             end = self.period_s

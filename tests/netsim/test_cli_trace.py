@@ -92,7 +92,8 @@ def test_parse_size() -> None:
 
 
 def test_plugins_register_skip_missing_and_survive_broken(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                          capsys: pytest.CaptureFixture, caplog) -> None:
+                                                          capsys: pytest.CaptureFixture,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
     (tmp_path / "nsplug_good.py").write_text(
         "def add_cli(sub):\n"
         "    p = sub.add_parser('hello')\n"

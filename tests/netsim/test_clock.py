@@ -17,7 +17,9 @@ from netsim.clock import (
     Isend,
     Recv,
     Send,
+    Program,
     Simulator,
+    Timeline,
     VirtualClock,
     Wait,
     WallClock,
@@ -60,7 +62,7 @@ TOPO = Topo.uniform(3, 8.0, 5.0)  # 1 MB/s, 5 ms
 def test_blocking_send_recv_times() -> None:
     got = {}
 
-    def program(r: int):
+    def program(r: int) -> Program:
         if r == 0:
             got["send"] = yield Send(1, 1_000_000)
         elif r == 1:
@@ -76,7 +78,7 @@ def test_blocking_send_recv_times() -> None:
 def test_async_ops_overlap_compute_and_late_recv() -> None:
     got = {}
 
-    def program(r: int):
+    def program(r: int) -> Program:
         if r == 0:
             h = yield Isend(1, 500_000, tag="a")
             yield Compute(2.0)  # overlaps the 0.5 s send
@@ -96,7 +98,7 @@ def test_async_ops_overlap_compute_and_late_recv() -> None:
 def test_shared_downlink_and_tags() -> None:
     got = {}
 
-    def program(r: int):
+    def program(r: int) -> Program:
         if r in (1, 2):
             yield Send(0, 1_000_000, tag=r)
         else:
@@ -113,7 +115,7 @@ def test_shared_downlink_and_tags() -> None:
 def test_collective_after_compute_straggler() -> None:
     done = {}
 
-    def program(r: int):
+    def program(r: int) -> Program:
         yield Compute(0.1 * r)
         done[r] = yield Collective("allreduce", 300_000, "ring")
 
@@ -135,32 +137,32 @@ def test_collective_times_shortcut() -> None:
 
 
 def test_errors() -> None:
-    def deadlock(r: int):
+    def deadlock(r: int) -> Program:
         if r < 2:
             yield Recv(1 - r)
 
     with pytest.raises(RuntimeError, match="deadlock"):
         Simulator(TOPO).run(deadlock)
 
-    def mismatch(r: int):
+    def mismatch(r: int) -> Program:
         yield Collective("allreduce", 100 if r == 0 else 200)
 
     with pytest.raises(ValueError, match="collective #0"):
         Simulator(TOPO).run(mismatch)
 
-    def bad(r: int):
+    def bad(r: int) -> Program:
         yield "nope"
 
     with pytest.raises(TypeError, match="yielded"):
         Simulator(TOPO).run(bad)
 
-    def self_send(r: int):
+    def self_send(r: int) -> Program:
         yield Send(r, 10)
 
     with pytest.raises(ValueError, match="dst="):
         Simulator(TOPO).run(self_send)
 
-    def wrong_size(r: int):
+    def wrong_size(r: int) -> Program:
         if r == 0:
             yield Send(1, 10)
         elif r == 1:
@@ -199,7 +201,7 @@ def scenario(seed):
 '''
 
 
-def run_scenario(seed: int):
+def run_scenario(seed: int) -> Timeline:
     ns: dict = {}
     exec(SCENARIO, ns)  # noqa: S102 - the same text also runs in a fresh interpreter below
     return ns["scenario"](seed)

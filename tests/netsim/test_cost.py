@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from netsim import cost
-from netsim.clock import Collective, Simulator
+from netsim.clock import Collective, Program, Simulator
 from netsim.link import Link
 from netsim.topo import Topo
 from netsim.trace import Trace
@@ -129,7 +130,7 @@ def test_lossy_pair_is_capped_by_mathis() -> None:
         (lambda: cost.ps_time(1.0, LINK, n=3, push=False, pull=False), "push"),
     ],
 )
-def test_validation(call, words: str) -> None:
+def test_validation(call: Callable[[], object], words: str) -> None:
     with pytest.raises(ValueError, match=words):
         call()
 
@@ -161,7 +162,7 @@ EXACT_OPS = [
 
 
 def simulate(topo: Topo, op: str, algo: str, nbytes: float, chunks: int = 1) -> float:
-    def program(rank: int):
+    def program(rank: int) -> Program:
         yield Collective(op, nbytes, algo, chunks=chunks)
 
     return Simulator(topo).run(program).makespan
@@ -176,7 +177,9 @@ def simulate(topo: Topo, op: str, algo: str, nbytes: float, chunks: int = 1) -> 
     st.sampled_from([1.0, 10.0, 100.0, 1000.0]),
     st.sampled_from([0.0, 1.0, 30.0]),
 )
-def test_closed_form_equals_simulator_uniform(n, shared, op_algo, nbytes, mbps, lat) -> None:
+def test_closed_form_equals_simulator_uniform(
+    n: int, shared: bool, op_algo: tuple[str, str, int], nbytes: float, mbps: float, lat: float
+) -> None:
     op, algo, _ = op_algo
     topo = Topo.uniform(n, mbps, lat, shared=shared)
     want = cost.collective_time(op, nbytes, topo, algo=algo)

@@ -57,7 +57,9 @@ step_lists = st.lists(
     st.floats(min_value=1.0, max_value=3e6),  # bytes
     st.sampled_from([0.0, 5.0, 40.0]),
 )
-def test_transfer_time_matches_brute_force(steps, loop, start_cells, nbytes, latency_ms) -> None:
+def test_transfer_time_matches_brute_force(
+    steps: list[tuple[int, float]], loop: bool, start_cells: int, nbytes: float, latency_ms: float
+) -> None:
     times, rates, t = [], [], 0
     for width, rate in steps:
         times.append(t * GRID_S)
