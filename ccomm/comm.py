@@ -31,13 +31,16 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any, Callable, Generic, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Generic, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
 
 from .payload import Payload, PayloadMeta
 from .stats import CommStats, resolve
+
+if TYPE_CHECKING:
+    from .codecs.base import Codec
 
 __all__ = [
     "CommError",
@@ -129,13 +132,15 @@ class CommHandle(Generic[T]):
             except RuntimeError:
                 # gloo's point-to-point works have no futures: wait on a helper thread.
                 futs = None
+            fut: torch.futures.Future[T] = torch.futures.Future()
+            self._future = fut
             if futs is not None:
-                self._future = torch.futures.collect_all(futs).then(self._on_futures)
+                # add_done_callback + set_exception keeps the CommError type; an exception
+                # raised inside `then` would reach the waiter as a plain RuntimeError.
+                torch.futures.collect_all(futs).add_done_callback(lambda all_done: self._on_futures(all_done, fut))
             else:
-                fut: torch.futures.Future[T] = torch.futures.Future()
                 threading.Thread(target=self._complete, args=(fut,), name="ccomm-wait", daemon=True).start()
-                self._future = fut
-            return self._future
+            return fut
 
     # -- internals ---------------------------------------------------------------------
     def _succeed(self) -> None:
@@ -164,7 +169,9 @@ class CommHandle(Generic[T]):
             raise self._error
         return self._result  # type: ignore[return-value]
 
-    def _on_futures(self, all_done: "torch.futures.Future[list[torch.futures.Future[Any]]]") -> T:
+    def _on_futures(
+        self, all_done: "torch.futures.Future[list[torch.futures.Future[Any]]]", fut: "torch.futures.Future[T]"
+    ) -> None:
         try:
             for f in all_done.value():
                 f.value()  # raises the backend's error, if any
@@ -172,7 +179,10 @@ class CommHandle(Generic[T]):
             self._fail(exc)
         else:
             self._succeed()
-        return self._outcome()
+        if self._error is not None:
+            fut.set_exception(self._error)
+        else:
+            fut.set_result(self._result)  # type: ignore[arg-type]
 
     def _complete(self, fut: "torch.futures.Future[T]") -> None:
         try:
@@ -396,7 +406,7 @@ def send_recv(
 # -- decoding ----------------------------------------------------------------------------
 
 
-def decode_sum(codec: Any, payloads: Sequence[Payload]) -> torch.Tensor:
+def decode_sum(codec: "Codec", payloads: Sequence[Payload]) -> torch.Tensor:
     """Decode `payloads` and sum them in the given (rank) order.
 
     The fixed order makes the result bit-identical on every rank. Half-precision results

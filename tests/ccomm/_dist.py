@@ -85,6 +85,7 @@ class DistPool:
         self.world_size = world_size
         self.group_timeout_s = group_timeout_s
         self.broken = False
+        self._closed = False
         self._tmp = tempfile.mkdtemp(prefix="ccomm_dist_")
         ctx = mp.get_context("spawn")
         self._outbox = ctx.Queue()
@@ -129,8 +130,15 @@ class DistPool:
             self.close()
         return [None if r is None else pickle.loads(r) for r in results]
 
+    def alive(self) -> list[bool]:
+        """Whether each rank's process is still running."""
+        return [p.is_alive() for p in self._procs]
+
     def close(self) -> None:
-        """Stop every rank (politely if they are idle, by force otherwise)."""
+        """Stop every rank (politely if they are idle, by force otherwise); idempotent."""
+        if self._closed:
+            return
+        self._closed = True
         if not self.broken:
             self.broken = True
             for p, inbox in zip(self._procs, self._inboxes):

@@ -569,3 +569,106 @@ def test_decode_sum_matches_sum_of_decodes() -> None:
     ps = [codec.encode(x) for x in xs]
     ref = codec.decode(ps[0]) + codec.decode(ps[1]) + codec.decode(ps[2])
     assert torch.equal(decode_sum(codec, ps), ref)
+
+
+# -- the harness itself: failures on a rank surface in the parent, hangs are killed ------------
+
+
+def _r_fail_or_hang(rank: int, world: int) -> None:
+    if rank == 1:
+        raise KeyError("boom on rank 1")
+    time.sleep(600)  # rank 0 hangs: the pool must not wait for it past the grace period
+
+
+def _r_hang(rank: int, world: int) -> None:
+    time.sleep(600)
+
+
+#: Hard deadline of the hang test, and the margin for killing and reaping the children.
+HANG_DEADLINE_S, KILL_MARGIN_S = 2.0, 15.0
+
+
+@pytest.mark.multiprocess
+def test_harness_reraises_rank_errors_and_kills_hangs(pool: Callable[[int], DistPool]) -> None:
+    p = pool(2)
+    t0 = time.monotonic()
+    with pytest.raises(AssertionError, match=r"(?s)--- rank 1 ---.*KeyError: 'boom on rank 1'"):
+        p.run(_r_fail_or_hang, timeout=120.0)
+    # Reported after the grace period, long before rank 0's sleep or the run's timeout.
+    assert time.monotonic() - t0 < 60.0
+    assert p.broken and not any(p.alive())
+    with pytest.raises(RuntimeError, match="start a new pool"):
+        p.run(_r_hang)
+
+    p = pool(2)
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError, match=r"ranks \[0, 1\]"):
+        p.run(_r_hang, timeout=HANG_DEADLINE_S)
+    assert time.monotonic() - t0 < HANG_DEADLINE_S + KILL_MARGIN_S
+    assert p.broken and not any(p.alive())
+
+
+# -- CommHandle with stand-in work objects (no process group) ----------------------------------
+
+
+class _FakeWork:
+    """Stands in for a torch.distributed Work: completes or fails on demand."""
+
+    def __init__(self, error: str | None = None, has_future: bool = True) -> None:
+        self.error = error
+        self.has_future = has_future
+        self.waits = 0
+
+    def wait(self) -> bool:
+        self.waits += 1
+        if self.error is not None:
+            raise RuntimeError(self.error)
+        return True
+
+    def is_completed(self) -> bool:
+        return True
+
+    def get_future(self) -> "torch.futures.Future[Any]":
+        if not self.has_future:
+            raise RuntimeError("Work::getFuture not implemented.")
+        fut: torch.futures.Future[Any] = torch.futures.Future()
+        if self.error is not None:
+            fut.set_exception(RuntimeError(self.error))
+        else:
+            fut.set_result(None)
+        return fut
+
+
+@pytest.mark.parametrize(
+    "message, expected",
+    [
+        ("[gloo/unbound_buffer.cc:78] Timed out waiting 2000ms for recv operation to complete", CommTimeoutError),
+        ("Application timeout caused pair closure", CommTimeoutError),
+        ("Read error [127.0.0.1]:1234: Connection reset by peer", CommError),
+    ],
+)
+def test_handle_turns_backend_errors_into_comm_errors(message: str, expected: type) -> None:
+    finished = []
+    h: CommHandle[int] = CommHandle([_FakeWork(), _FakeWork(message)], lambda: finished.append(1) or 1, "op")
+    with pytest.raises(expected, match="op: ") as first:
+        h.wait()
+    assert type(first.value) is expected and isinstance(first.value.__cause__, RuntimeError)
+    with pytest.raises(expected) as again:
+        h.wait()
+    assert again.value is first.value and h.is_completed() and finished == []
+    if expected is CommTimeoutError:
+        assert isinstance(first.value, TimeoutError)
+
+
+@pytest.mark.parametrize("has_future", [True, False])
+def test_handle_future_result_and_error(has_future: bool) -> None:
+    ok: CommHandle[str] = CommHandle([_FakeWork(has_future=has_future)], lambda: "result", "op")
+    fut = ok.get_future()
+    assert fut is ok.get_future()  # one future per handle
+    assert fut.wait() == "result" and ok.wait() == "result"
+    bad: CommHandle[str] = CommHandle([_FakeWork("Timed out waiting", has_future=has_future)], lambda: "x", "op")
+    with pytest.raises(CommTimeoutError, match="op: Timed out") as info:
+        bad.get_future().wait()
+    with pytest.raises(CommTimeoutError) as again:
+        bad.wait()
+    assert again.value is info.value
