@@ -187,7 +187,7 @@ class CommHandle(Generic[T]):
     def _complete(self, fut: "torch.futures.Future[T]") -> None:
         try:
             fut.set_result(self.wait())
-        except CommError as exc:
+        except Exception as exc:  # whatever wait() raises must reach the future's waiter
             fut.set_exception(exc)
 
     def __repr__(self) -> str:
@@ -286,17 +286,13 @@ def allgather_payloads(
     n = buf.numel()
     header = torch.tensor([n], dtype=_HEADER_DTYPE, device=buf.device)
     headers = [torch.empty_like(header) for _ in range(world)]
+    # Counted when handed over, so a failed exchange still shows its header bytes.
+    st.record("allgather", key, header_bytes=_HEADER_BYTES)
     _issue(what + " [size exchange]", lambda: dist.all_gather(headers, header, group=group))
     sizes = [int(h.item()) for h in headers]
     longest = max(sizes)
     pad = longest - n
-    st.record(
-        "allgather",
-        key,
-        payload_bytes=payload.nbytes,
-        header_bytes=_HEADER_BYTES,
-        padding_bytes=pad * buf.element_size(),
-    )
+    st.record("allgather", key, payload_bytes=payload.nbytes, padding_bytes=pad * buf.element_size(), calls=0)
     logger.debug("%s sizes=%s", what, sizes)
     send = buf if pad == 0 else torch.cat([buf, buf.new_zeros(pad)])
     out = [buf.new_empty(longest) for _ in range(world)]
@@ -384,19 +380,20 @@ def send_recv(
         return _finish_sync(done, async_op)
 
     gdst, gsrc = _global_rank(group, dst), _global_rank(group, src)
-    header_bytes = 0
+    calls = 1
     if recv_nbytes is None:
         header = torch.tensor([payload.nbytes], dtype=_HEADER_DTYPE, device=buf.device)
         peer_header = torch.empty_like(header)
+        st.record("send_recv", key, header_bytes=_HEADER_BYTES)
+        calls = 0  # this call is already counted
         works = _issue(what + " [size exchange]", lambda: _exchange(header, peer_header, gdst, gsrc, group))
         CommHandle(works, lambda: None, what + " [size exchange]").wait()
         recv_nbytes = int(peer_header.item())
-        header_bytes = _HEADER_BYTES
         if recv_nbytes % esize:
             raise CommError(
                 f"{what}: rank {src} announced {recv_nbytes} bytes, not a multiple of {rdtype}'s {esize} bytes"
             )
-    st.record("send_recv", key, payload_bytes=payload.nbytes, header_bytes=header_bytes)
+    st.record("send_recv", key, payload_bytes=payload.nbytes, calls=calls)
     logger.debug("%s recv_nbytes=%d", what, recv_nbytes)
     recv = torch.empty(recv_nbytes // esize, dtype=rdtype, device=buf.device)
     works = _issue(what, lambda: _exchange(buf, recv, gdst, gsrc, group))
