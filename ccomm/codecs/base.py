@@ -17,6 +17,8 @@ __all__ = [
     "check_bool",
     "check_choice",
     "as_matrix",
+    "matrix_shape",
+    "saturate_",
 ]
 
 #: Input dtypes every codec accepts.
@@ -58,6 +60,18 @@ def as_matrix(x: torch.Tensor) -> torch.Tensor:
     if x.dim() <= 1:
         return x.reshape(1, -1)
     return x.reshape(-1, x.shape[-1])
+
+
+def saturate_(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Clamp a float32 result into `dtype`'s finite range before the cast (NaN stays NaN).
+
+    Codecs whose decoded magnitudes can exceed max|x| (rank-1 scales, +-2s levels, QSGD's
+    norm-sized levels) would otherwise turn finite fp16 inputs near 65504 into inf.
+    """
+    if dtype == torch.float32:
+        return t
+    info = torch.finfo(dtype)
+    return t.clamp_(info.min, info.max)
 
 
 def matrix_shape(shape: torch.Size) -> tuple[int, int]:

@@ -16,7 +16,7 @@ from ..payload import PayloadMeta
 from ..registry import register
 from ._activation import pack_scales, row_blocks, scales_nbytes, token_channel_scales, unpack_scales
 from ._pack import packed_nbytes
-from .base import Codec, as_matrix, matrix_shape
+from .base import Codec, as_matrix, matrix_shape, saturate_
 from .sign import apply_signs
 
 __all__ = ["Binary"]
@@ -45,5 +45,5 @@ class Binary(Codec):
             o = out[r0:r1] if direct else torch.empty(r1 - r0, c, device=buffer.device)
             apply_signs(signs, r0 * c, o).mul_(v).mul_(u[r0:r1, None])
             if not direct:
-                out[r0:r1] = o
+                out[r0:r1] = saturate_(o, meta.dtype)
         return out

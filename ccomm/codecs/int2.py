@@ -15,7 +15,7 @@ from ..payload import PayloadMeta
 from ..registry import register
 from ._activation import pack_scales, row_blocks, scales_nbytes, token_channel_scales, unpack_scales
 from ._pack import pack_bits, packed_nbytes, unpack_bits
-from .base import Codec, as_matrix, matrix_shape
+from .base import Codec, as_matrix, matrix_shape, saturate_
 
 __all__ = ["Int2"]
 
@@ -54,5 +54,5 @@ class Int2(Codec):
             sign = torch.empty_like(o).copy_(bits[..., 0]).mul_(2).sub_(1)
             o.copy_(bits[..., 1]).mul_(LARGE - SMALL).add_(SMALL).mul_(sign).mul_(v).mul_(u[r0:r1, None])
             if not direct:
-                out[r0:r1] = o
+                out[r0:r1] = saturate_(o, meta.dtype)
         return out

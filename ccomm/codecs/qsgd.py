@@ -17,7 +17,7 @@ import torch
 from ..payload import PayloadMeta
 from ..registry import register
 from ._pack import blocks, bucket_rows, from_bytes, pack_bits, packed_nbytes, to_bytes, unpack_bits
-from .base import Codec, check_int
+from .base import Codec, check_int, saturate_
 
 __all__ = ["QSGD"]
 
@@ -71,4 +71,4 @@ class QSGD(Codec):
             for rows in bucket_rows(o, self.bucket):
                 rows.mul_(norms[i : i + rows.shape[0], None] / self.levels)
                 i += rows.shape[0]
-        return out
+        return saturate_(out, meta.dtype)
