@@ -125,8 +125,10 @@ def _cmdline(pid: int) -> str | None:
 
 def _kill_all(pids: dict[int, str | None]) -> None:
     """TERM the PIDs whose cmdline still matches, KILL survivors after a grace period."""
+    # A recorded command line must still match (its tail: `ip netns exec NS argv` execs
+    # argv), so a PID the kernel has since reused for another program is never signalled.
     live = {p: c for p, c in pids.items() if _cmdline(p) is not None and
-            (c is None or _cmdline(p) == c)}
+            (c is None or (_cmdline(p) or "").endswith(c))}
     for pid in live:
         try:
             os.kill(pid, signal.SIGTERM)
@@ -299,7 +301,7 @@ class Net:
         proc = subprocess.Popen(self.exec_prefix(rank) + list(argv), env=full_env, **kwargs)
         self.procs.append(proc)
         # `ip netns exec` execs argv, so the recorded PID becomes argv's own process.
-        self._state.setdefault("pids", {})[str(proc.pid)] = None
+        self._state.setdefault("pids", {})[str(proc.pid)] = " ".join(argv)
         _write_state(self.tag, self._state)
         return proc
 

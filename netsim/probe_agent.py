@@ -5,8 +5,9 @@ Roles (each prints one JSON line on stdout):
 * ``serve ADDR PORT``: accept connections; the first byte picks ``P`` (echo 32-byte
   ping-pong messages) or ``B`` (receive a bulk transfer and report its receiver timing).
 * ``rtt ADDR PORT --samples K --warmup W``: TCP ping-pong with TCP_NODELAY; prints the RTTs.
-* ``send ADDR PORT --bytes N``: one TCP connection carrying N bytes; the receiver's timing
-  comes back on the same connection.
+* ``send ADDR PORT --bytes N [--omit K]``: one TCP connection carrying N bytes; the
+  receiver's timing (first byte, K-th byte, last byte) comes back on the same connection.
+* ``gloo OP --bytes N --iters K``: time a torch.distributed op (see :func:`gloo_op`).
 
 All times are CLOCK_MONOTONIC, which every namespace of one machine shares, so a sender's
 start and a receiver's finish can be compared directly.
@@ -52,8 +53,8 @@ def _handle(conn: socket.socket) -> None:
                     return
                 conn.sendall(msg)
         elif mode == b"B":
-            (total,) = struct.unpack("!Q", _recv_exact(conn, 8))
-            got, first_t, first_n = 0, 0.0, 0
+            total, omit = struct.unpack("!QQ", _recv_exact(conn, 16))
+            got, first_t, first_n, mark_t, mark_n = 0, 0.0, 0, 0.0, 0
             buf = bytearray(_CHUNK)
             while got < total:
                 k = conn.recv_into(buf, min(_CHUNK, total - got))
@@ -62,8 +63,10 @@ def _handle(conn: socket.socket) -> None:
                 if got == 0:
                     first_t, first_n = time.monotonic(), k
                 got += k
+                if mark_n == 0 and got >= omit:
+                    mark_t, mark_n = time.monotonic(), got
             last_t = time.monotonic()
-            conn.sendall(struct.pack("!ddQ", first_t, last_t, first_n))
+            conn.sendall(struct.pack("!ddQdQ", first_t, last_t, first_n, mark_t, mark_n))
 
 
 def serve(addr: str, port: int, ready: threading.Event | None = None) -> None:
@@ -107,10 +110,14 @@ def ping_pong(addr: str, port: int, samples: int, warmup: int) -> list[float]:
     return out
 
 
-def send_bulk(addr: str, port: int, nbytes: int) -> dict[str, float]:
-    """Send ``nbytes`` on one connection; returns sender start and the receiver's timing."""
+def send_bulk(addr: str, port: int, nbytes: int, omit: int = 0) -> dict[str, float]:
+    """Send ``nbytes`` on one connection; returns sender start and the receiver's timing.
+
+    The receiver also marks when ``omit`` bytes have arrived, so the steady state can be
+    timed without slow start and receive-window autotuning (like iperf's ``--omit``).
+    """
     with _connect(addr, port) as s:
-        s.sendall(b"B" + struct.pack("!Q", nbytes))
+        s.sendall(b"B" + struct.pack("!QQ", nbytes, omit))
         block = b"\0" * _CHUNK
         view = memoryview(block)
         start = time.monotonic()
@@ -118,9 +125,9 @@ def send_bulk(addr: str, port: int, nbytes: int) -> dict[str, float]:
         while left:
             k = s.send(view[: min(_CHUNK, left)])
             left -= k
-        first_t, last_t, first_n = struct.unpack("!ddQ", _recv_exact(s, 24))
+        first_t, last_t, first_n, mark_t, mark_n = struct.unpack("!ddQdQ", _recv_exact(s, 40))
     return {"start": start, "first": first_t, "last": last_t, "first_bytes": float(first_n),
-            "bytes": float(nbytes)}
+            "mark": mark_t, "mark_bytes": float(mark_n), "bytes": float(nbytes)}
 
 
 def gloo_op(op: str, nbytes: int, iters: int, lead_s: float = 0.3) -> list[float]:
@@ -180,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--samples", type=int, default=200)
         p.add_argument("--warmup", type=int, default=20)
         p.add_argument("--bytes", type=int, default=8 << 20)
+        p.add_argument("--omit", type=int, default=0)
     g = sub.add_parser("gloo")
     g.add_argument("op", choices=("send", "allreduce", "allgather"))
     g.add_argument("--bytes", type=int, default=4 << 20)
@@ -193,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     elif a.role == "rtt":
         print(json.dumps({"rtt": ping_pong(a.addr, a.port, a.samples, a.warmup)}), flush=True)
     else:
-        print(json.dumps(send_bulk(a.addr, a.port, a.bytes)), flush=True)
+        print(json.dumps(send_bulk(a.addr, a.port, a.bytes, a.omit)), flush=True)
     return 0
 
 
