@@ -79,6 +79,38 @@ def test_topk_on_non_contiguous_matrix_follows_logical_order() -> None:
     np.testing.assert_array_equal(d.reshape(-1), expected)
 
 
+# --- random-k -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    ("spec", "scale"),
+    [
+        ("randomk:ratio=0.1", 10.0),  # unbiased: kept values divided by their keep probability 1/10
+        ("randomk:ratio=0.1,sampling=uniform", 10.0),
+        ("randomk:ratio=0.1,unbiased=false", 1.0),
+    ],
+)
+def test_randomk_keeps_k_scaled_entries(spec: str, scale: float) -> None:
+    n, k = 1000, 100
+    ref = _distinct(n, seed=12) / n  # no zeros, so every kept entry shows
+    codec = make_codec(spec)
+    for _ in range(3):  # consecutive calls draw fresh positions
+        d = _np(codec.decode(codec.encode(torch.from_numpy(ref).float())))
+        kept = np.flatnonzero(d)
+        assert kept.size == k
+        np.testing.assert_allclose(d[kept], ref[kept] * scale, rtol=1e-6)
+        if "uniform" not in spec:
+            # Stratified: exactly one position in each stratum of n / k = 10 consecutive entries.
+            assert np.array_equal(np.bincount(kept // 10, minlength=k), np.ones(k, dtype=np.int64))
+
+
+def test_randomk_draws_new_positions_per_call() -> None:
+    codec = make_codec("randomk:ratio=0.1")
+    x = torch.from_numpy(_distinct(1000, seed=13)).float()
+    first = torch.nonzero(codec.decode(codec.encode(x)))
+    second = torch.nonzero(codec.decode(codec.encode(x)))
+    assert not torch.equal(first, second)
+
+
 # --- quantization ---------------------------------------------------------------------------
 
 #: Issue 2's acceptance threshold for 8-bit quantization of standard normal data.
