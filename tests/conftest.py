@@ -1,7 +1,8 @@
 """Hypothesis profile shared by the whole suite: deterministic and bounded.
 
 `derandomize=True` derives every example from the test itself, so a run is reproducible
-on any machine and never flakes; `max_examples` keeps the suite fast on 2 busy cores;
+on any machine and never flakes; `database=None` keeps it that way (no replay of examples
+saved by an earlier run on this machine); `max_examples` keeps the suite fast on 2 busy cores;
 no deadline, because timing on a shared machine is noise, not a property of the code.
 Set HYPOTHESIS_PROFILE=ccomm-thorough for a longer local search.
 """
@@ -14,6 +15,7 @@ from hypothesis import HealthCheck, settings
 settings.register_profile(
     "ccomm",
     derandomize=True,
+    database=None,
     max_examples=25,
     deadline=None,
     print_blob=True,
@@ -22,6 +24,7 @@ settings.register_profile(
 settings.register_profile(
     "ccomm-thorough",
     derandomize=True,
+    database=None,
     max_examples=500,
     deadline=None,
     print_blob=True,
