@@ -38,11 +38,13 @@ class EmulatedProcessGroup(dist.ProcessGroup):
         self._warned: set[str] = set()
 
     # ------------------------------------------------------------------ naming
+    # Not the inner backend's name: DDP would then look up a registered backend of that type
+    # on this wrapper, which has none.
     def getBackendName(self) -> str:  # noqa: N802 - the C++ name torch looks up
-        return self.inner.name()
+        return "emulated"
 
     def name(self) -> str:
-        return self.inner.name()
+        return "emulated"
 
     def __repr__(self) -> str:
         return f"EmulatedProcessGroup(rank={self.rank()}, size={self.size()}, inner={self.inner.name()})"

@@ -147,9 +147,13 @@ class Emulator:
         self._headers: list[dist.Work] = []
         timeout = timedelta(seconds=self.timeout_s)
         # Two gloo side groups: collective metadata (resolver thread) and p2p headers, so
-        # their messages never interleave.
-        self._side = dist.new_group(self._global_ranks, backend="gloo", timeout=timeout, use_local_synchronization=True)
-        self._side_p2p = dist.new_group(self._global_ranks, backend="gloo", timeout=timeout, use_local_synchronization=True)
+        # their messages never interleave. For the whole world, plain new_group: its names
+        # come from a counter. torch names locally synchronized groups by a hash of the ranks
+        # and the live group count, which repeats after any destroy_process_group, so they
+        # are used only when a subgroup is emulated (then only its members need to enter).
+        local = self.n != dist.get_world_size()
+        self._side = dist.new_group(self._global_ranks, backend="gloo", timeout=timeout, use_local_synchronization=local)
+        self._side_p2p = dist.new_group(self._global_ranks, backend="gloo", timeout=timeout, use_local_synchronization=local)
         self.clock = self._make_clock()
         self._wrapper = EmulatedProcessGroup(self.inner, self)
         ranks_map = dist.distributed_c10d._world.pg_group_ranks
@@ -319,7 +323,7 @@ class Emulator:
             gather = self._orig.get("all_gather_single", self._orig["all_gather_into_tensor"])
             gather(out, torch.tensor(row, dtype=torch.float64), group=self._side)
             rows = out.view(n, width).tolist()
-            steps = collective_schedule(kind, n, max(r[1] for r in rows), root=root)
+            steps = collective_schedule(kind, n, [r[1] for r in rows], root=root)
             with self._lock:
                 for q in range(n):
                     unpack_owned(self._res, q, rows[q][2:], keep_later=q == me)
@@ -421,6 +425,15 @@ class Emulator:
             size = p.tensor.numel() * p.tensor.element_size()
             out.append(self._send(size, p.group_peer, p.tag, w, t) if s else self._recv(size, p.group_peer, p.tag, w, t))
         return out
+
+
+# DDP's register_comm_hook compares the hook's annotations with the real types, and this
+# module's postponed (string) annotations would fail that check.
+Emulator.allreduce_hook.__annotations__ = {
+    "state": object,
+    "bucket": dist.GradBucket,
+    "return": torch.futures.Future[torch.Tensor],
+}
 
 
 def emulate(

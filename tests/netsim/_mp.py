@@ -21,7 +21,7 @@ import time
 import traceback
 from typing import Any, Callable
 
-__all__ = ["Ranks", "RankError"]
+__all__ = ["Ranks", "LazyRanks", "RankError"]
 
 #: Spawn + import torch + join the group, on two cores shared with other jobs.
 START_TIMEOUT_S = 120.0
@@ -134,3 +134,21 @@ class Ranks:
                 p.kill()
                 p.join(5.0)
         shutil.rmtree(self._dir, ignore_errors=True)
+
+
+class LazyRanks:
+    """Starts ``Ranks(n)`` on first use and again after a failure closed it, so one failing
+    test does not fail every later test that shares the group."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self._ranks: Ranks | None = None
+
+    def run(self, fn: Callable[..., Any], *args: Any, timeout_s: float = 60.0) -> list[Any]:
+        if self._ranks is None or self._ranks.broken:
+            self._ranks = Ranks(self.n)
+        return self._ranks.run(fn, *args, timeout_s=timeout_s)
+
+    def close(self) -> None:
+        if self._ranks is not None:
+            self._ranks.close()

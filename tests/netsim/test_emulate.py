@@ -1,0 +1,578 @@
+"""netsim.emulate: real gloo traffic completes when the link model says.
+
+Unit tests cover the replay, the owned-state exchange and the clocks. Multiprocess tests
+(marker ``multiprocess``) run 2 and 4 gloo ranks on loopback and check every operation,
+measured from call to wait-return, against the cost model within max(5 %, 2 ms). The links
+are slow enough (tens of Mbit/s, 5-20 ms) that loopback transport stays well under half the
+model, which emulation needs because it can only add delay. Timing checks take the median
+of 3 runs.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _mp import LazyRanks  # noqa: E402
+
+from netsim import cost  # noqa: E402
+from netsim._emulate_clock import EmuVirtualClock  # noqa: E402
+from netsim._emulate_patch import PATCHED_NAMES  # noqa: E402
+from netsim._emulate_sched import collective_schedule  # noqa: E402
+from netsim._emulate_state import owned_size, pack_owned, replay, unpack_owned  # noqa: E402
+from netsim.emulate import Emulator, emulate  # noqa: E402
+from netsim.link import Link  # noqa: E402
+from netsim.reserve import Reserver  # noqa: E402
+from netsim.topo import Topo  # noqa: E402
+
+#: The accuracy target of the design: |measured - model| <= max(REL_TOL * model, ABS_TOL_S).
+REL_TOL = 0.05
+ABS_TOL_S = 2e-3
+#: Timing checks use the median of this many runs.
+REPEATS = 3
+
+LINK = Link(40, 10)  # 40 Mbit/s, 10 ms one way
+NBYTES = 160_000  # 32 ms of serialization at 40 Mbit/s
+
+
+def _tol(model: float) -> float:
+    return max(REL_TOL * model, ABS_TOL_S)
+
+
+def _check(measured: dict[str, float], model: dict[str, float], rank: int) -> None:
+    bad = {k: (measured[k], model[k]) for k in model if abs(measured[k] - model[k]) > _tol(model[k])}
+    assert not bad, f"rank {rank}: measured vs model (s) out of tolerance: {bad}"
+
+
+# ============================================================================ unit tests
+def test_replay_ring_allreduce_matches_closed_form() -> None:
+    for n in (2, 4):
+        res = Reserver(Topo(n, LINK))
+        steps = collective_schedule("allreduce", n, [NBYTES] * n)
+        out = replay(res, steps, [0.0] * n)
+        expected = 2 * (n - 1) * (LINK.latency_s + NBYTES / n * 8 / 40e6)
+        assert out.done_s == pytest.approx([expected] * n, rel=1e-9)
+        assert out.done_s[0] == pytest.approx(cost.allreduce_time(NBYTES, LINK, n), rel=1e-9)
+        assert out.bytes_sent[0] == pytest.approx(2 * (n - 1) * NBYTES / n)
+
+
+def test_replay_straggler_delays_neighbours_and_is_deterministic() -> None:
+    n = 4
+    enter = [0.0, 0.0, 0.5, 0.0]
+    runs = []
+    for _ in range(2):
+        res = Reserver(Topo(n, Link(40, 10, jitter_ms=5)), seed=3)
+        runs.append(replay(res, collective_schedule("allgather", n, [NBYTES] * n), enter).done_s)
+    assert runs[0] == runs[1]
+    # Nobody can finish an all-gather before the straggler's block has crossed a link.
+    assert min(runs[0]) > 0.5 + LINK.serialization_time(NBYTES) + 0.005
+    res = Reserver(Topo(n, LINK))
+    alone = replay(res, collective_schedule("allgather", n, [NBYTES] * n), [0.0] * n).done_s
+    assert max(alone) < min(runs[0])
+
+
+def test_replay_shared_uplink_serializes_a_rooted_send() -> None:
+    # Broadcast chain from rank 0 on n=2: one message; two broadcasts back to back queue.
+    res = Reserver(Topo(2, LINK))
+    steps = collective_schedule("broadcast", 2, [NBYTES, NBYTES])
+    first = replay(res, steps, [0.0, 0.0]).done_s
+    second = replay(res, steps, [0.0, 0.0]).done_s
+    ser = LINK.serialization_time(NBYTES)
+    assert first == pytest.approx([ser, ser + LINK.latency_s])
+    assert second == pytest.approx([2 * ser, 2 * ser + LINK.latency_s])
+
+
+def test_barrier_schedule_is_dissemination() -> None:
+    assert collective_schedule("barrier", 1, [0.0]) == []
+    for n in (2, 3, 4, 5, 8):
+        steps = collective_schedule("barrier", n, [0.0] * n)
+        assert len(steps) == math.ceil(math.log2(n))
+        res = Reserver(Topo(n, LINK))
+        assert replay(res, steps, [0.0] * n).done_s == pytest.approx([len(steps) * LINK.latency_s] * n)
+    with pytest.raises(ValueError, match="op="):
+        collective_schedule("gather", 2, [0.0, 0.0])
+
+
+def test_owned_state_round_trip() -> None:
+    for shared in (True, False):
+        topo = Topo(3, LINK, shared=shared)
+        a, b = Reserver(topo), Reserver(topo)
+        replay(a, collective_schedule("allreduce", 3, [NBYTES] * 3), [0.0, 0.1, 0.2])
+        for r in range(3):
+            row = pack_owned(a, r)
+            assert len(row) == owned_size(a)
+            unpack_owned(b, r, row)
+        assert all(pack_owned(a, r) == pack_owned(b, r) for r in range(3))
+        with pytest.raises(ValueError, match="values must hold"):
+            unpack_owned(b, 0, [0.0])
+
+
+def test_virtual_clock_counts_compute_not_sleep() -> None:
+    clock = EmuVirtualClock()
+    time.sleep(0.01)
+    assert clock.now() >= 0.01  # wall time between calls is the caller's compute
+    clock.compute(1.0)
+    t = clock.now()
+    time.sleep(0.01)
+    assert clock.now() == t  # once compute() is used, only it and communication move the clock
+    start = time.monotonic()
+    clock.sleep_until(t + 100.0)
+    assert time.monotonic() - start < 1.0
+    assert clock.now() == t + 100.0
+    clock.advance_to(0.0)
+    assert clock.now() == t + 100.0
+    with pytest.raises(ValueError, match="seconds"):
+        clock.compute(-1.0)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"clock": "cpu"}, "clock"),
+        ({"seed": -1}, "seed"),
+        ({"seed": 1.5}, "seed"),
+        ({"patch": 1}, "patch"),
+        ({"timeout_s": 0}, "timeout_s"),
+    ],
+)
+def test_bad_arguments_name_the_field(kwargs: dict, field: str) -> None:
+    with pytest.raises(ValueError, match=field):
+        emulate(LINK, **kwargs)
+
+
+def test_link_or_topo_is_checked() -> None:
+    with pytest.raises(ValueError, match="link_or_topo"):
+        Emulator("40 Mbit/s")  # type: ignore[arg-type]
+
+
+# ============================================================================ rank jobs
+# Module-level functions: they run in the spawned ranks (pickled by reference).
+#: Ranks start a timed operation together at a wall time agreed this far ahead.
+ALIGN_AHEAD_S = 0.03
+
+
+class _Aligner:
+    """Starts the ranks' next call at one CLOCK_MONOTONIC instant (one host: a shared clock).
+
+    The agreement travels on a plain gloo group that emulation does not touch. No emulated
+    operation could do this: under the model a rank's completion depends on when its peers
+    sent to it, so ranks that entered an operation apart also leave it apart."""
+
+    def __init__(self) -> None:
+        self.group = dist.new_group(backend="gloo")
+
+    def __call__(self) -> None:
+        t = torch.tensor([time.monotonic() + ALIGN_AHEAD_S], dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+        target = float(t.item())
+        left = target - time.monotonic()
+        if left > 1e-3:
+            time.sleep(left - 1e-3)
+        while time.monotonic() < target:  # the last millisecond: spin, sleep is too coarse
+            pass
+
+    def close(self) -> None:
+        dist.destroy_process_group(self.group)
+
+
+def _median_time(fn, sync) -> float:  # type: ignore[no-untyped-def]
+    samples = []
+    for _ in range(REPEATS):
+        sync()
+        t0 = time.monotonic()
+        fn()
+        samples.append(time.monotonic() - t0)
+    return statistics.median(samples)
+
+
+def _job_ops(rank: int, n: int, link: Link, nbytes: int) -> tuple[dict[str, float], dict[str, float], dict]:
+    """Every op, sync and async, timed from call to wait-return; returns (measured, model, stats)."""
+    numel = nbytes // 4
+    x = torch.ones(numel)
+    meas: dict[str, float] = {}
+    model: dict[str, float] = {}
+    ser = link.serialization_time(nbytes)
+    last = (rank == n - 1)
+    align = _Aligner()
+    with emulate(link, seed=1) as emu:
+        sync = align
+        meas["all_reduce"] = _median_time(lambda: dist.all_reduce(x), sync)
+        model["all_reduce"] = cost.allreduce_time(nbytes, link, n)
+        meas["all_reduce_async"] = _median_time(lambda: dist.all_reduce(x, async_op=True).wait(), sync)
+        model["all_reduce_async"] = model["all_reduce"]
+        outs = [torch.empty(numel) for _ in range(n)]
+        meas["all_gather"] = _median_time(lambda: dist.all_gather(outs, x), sync)
+        model["all_gather"] = cost.allgather_time(nbytes, link, n)
+        big = torch.empty(numel * n)
+        meas["all_gather_into_tensor"] = _median_time(
+            lambda: dist.all_gather_into_tensor(big, x, async_op=True).wait(), sync)
+        model["all_gather_into_tensor"] = model["all_gather"]
+        inputs = [torch.ones(numel // n) for _ in range(n)]
+        out = torch.empty(numel // n)
+        meas["reduce_scatter"] = _median_time(lambda: dist.reduce_scatter(out, inputs), sync)
+        model["reduce_scatter"] = cost.reduce_scatter_time(nbytes, link, n)
+        meas["broadcast"] = _median_time(lambda: dist.broadcast(x, src=0), sync)
+        if rank == 0:
+            model["broadcast"] = ser
+        elif last:
+            model["broadcast"] = cost.broadcast_time(nbytes, link, n)
+        meas["barrier"] = _median_time(dist.barrier, sync)
+        model["barrier"] = math.ceil(math.log2(n)) * link.latency_s
+        if rank in (0, 1):  # p2p between ranks 0 and 1; the others idle
+            peer = 1 - rank
+
+            if rank == 0:
+                meas["send"] = _median_time(lambda: dist.send(x, peer), sync)
+                meas["isend"] = _median_time(lambda: dist.isend(x, peer).wait(), sync)
+                model["send"] = model["isend"] = ser
+            else:
+                meas["send"] = _median_time(lambda: dist.recv(x, peer), sync)
+                meas["isend"] = _median_time(lambda: dist.irecv(x, peer).wait(), sync)
+                model["send"] = model["isend"] = link.transfer_time(nbytes)
+        else:
+            for _ in range(2 * REPEATS):
+                sync()
+        # batch_isend_irecv: a ring exchange; each uplink and downlink carries one message.
+        recv_buf = torch.empty(numel)
+
+        def ring() -> None:
+            ops = [dist.P2POp(dist.isend, x, (rank + 1) % n), dist.P2POp(dist.irecv, recv_buf, (rank - 1) % n)]
+            for w in dist.batch_isend_irecv(ops):
+                w.wait()
+
+        meas["batch_isend_irecv"] = _median_time(ring, sync)
+        model["batch_isend_irecv"] = link.transfer_time(nbytes)
+        stats = emu.stats
+    align.close()
+    return meas, model, {"late_ops": stats.late_ops, "ops": stats.ops, "bytes_sent": stats.bytes_sent}
+
+
+def _job_handles(rank: int, n: int, link: Link, nbytes: int) -> dict[str, object]:
+    """is_completed / get_future / wait semantics on an async all-reduce."""
+    x = torch.ones(nbytes // 4)
+    model = cost.allreduce_time(nbytes, link, n)
+    out: dict[str, object] = {"model": model}
+    align = _Aligner()
+    with emulate(link) as emu:
+        align()
+        t0 = time.monotonic()
+        w = dist.all_reduce(x, async_op=True)
+        out["completed_at_issue"] = w.is_completed()
+        fut = w.get_future()
+        value = fut.wait()
+        out["future_s"] = time.monotonic() - t0
+        out["value_ok"] = bool(torch.equal(value[0], torch.full_like(x, float(n))))
+        out["completed_after_future"] = w.is_completed()
+        w.wait()
+        out["wait_after_s"] = time.monotonic() - t0
+        # Polling alone also reaches completion, no earlier than the model.
+        align()
+        t0 = time.monotonic()
+        w = dist.all_reduce(x, async_op=True)
+        while not w.is_completed():
+            time.sleep(0.001)
+        out["poll_s"] = time.monotonic() - t0
+        out["late_ops"] = emu.stats.late_ops
+    align.close()
+    return out
+
+
+def _job_shared_bandwidth(rank: int, n: int, link: Link, nbytes: int) -> dict[str, float]:
+    """Two concurrent messages 0 -> 1, then a p2p message concurrent with an all-reduce."""
+    a, b = torch.ones(nbytes // 4), torch.ones(nbytes // 4)
+    out: dict[str, float] = {}
+    align = _Aligner()
+    with emulate(link) as emu:
+        align()
+        t0 = time.monotonic()
+        if rank == 0:
+            w1, w2 = dist.isend(a, 1), dist.isend(b, 1)
+        else:
+            w1, w2 = dist.irecv(a, 0), dist.irecv(b, 0)
+        w1.wait()
+        out["first"] = time.monotonic() - t0
+        w2.wait()
+        out["second"] = time.monotonic() - t0
+        align()
+        # An all-reduce and a p2p message issued together share rank 0's uplink.
+        t0 = time.monotonic()
+        wa = dist.all_reduce(a, async_op=True)
+        wp = dist.isend(b, 1) if rank == 0 else dist.irecv(b, 0)
+        wa.wait()
+        wp.wait()
+        out["mixed"] = time.monotonic() - t0
+        out["late_ops"] = float(emu.stats.late_ops)
+    align.close()
+    return out
+
+
+def _job_patch_restore(rank: int, n: int, link: Link) -> dict[str, bool]:
+    import torch.distributed.distributed_c10d as c10d
+
+    mods = (dist, c10d)
+    before = {(m.__name__, k): getattr(m, k) for m in mods for k in PATCHED_NAMES if hasattr(m, k)}
+    ranks_before = dict(c10d._world.pg_group_ranks)
+    out: dict[str, bool] = {}
+    align = _Aligner()
+    with emulate(link) as emu:
+        out["patched_inside"] = all(getattr(m, k) is not before[(m.__name__, k)] for m in mods for k in PATCHED_NAMES if hasattr(m, k))
+        out["group_registered"] = emu.group in c10d._world.pg_group_ranks
+        x = torch.ones(4)
+        dist.all_reduce(x)
+    out["restored"] = all(getattr(m, k) is before[(m.__name__, k)] for m in mods for k in PATCHED_NAMES if hasattr(m, k))
+    out["group_ranks_restored"] = dict(c10d._world.pg_group_ranks) == ranks_before
+    # patch=False: nothing rebound, but emu.group still emulates.
+    with emulate(link, patch=False) as emu:
+        out["untouched"] = all(getattr(m, k) is before[(m.__name__, k)] for m in mods for k in PATCHED_NAMES if hasattr(m, k))
+        x = torch.ones(50_000)
+        align()
+        t0 = time.monotonic()
+        dist.all_reduce(x, group=emu.group)
+        out["group_call_s"] = time.monotonic() - t0  # type: ignore[assignment]
+        out["value_ok"] = bool(torch.equal(x, torch.full_like(x, float(n))))
+    # A failure inside the block still restores.
+    try:
+        with emulate(link):
+            raise KeyError("boom")
+    except KeyError:
+        pass
+    out["restored_after_error"] = all(getattr(m, k) is before[(m.__name__, k)] for m in mods for k in PATCHED_NAMES if hasattr(m, k))
+    try:
+        with emulate(Topo(n + 1, link)):
+            pass
+    except ValueError as exc:
+        out["topo_n_checked"] = "topo.n" in str(exc)
+    align.close()
+    return out
+
+
+def _job_virtual(rank: int, n: int, link: Link, nbytes: int, seed: int) -> dict[str, object]:
+    """clock='virtual': no sleeping; identical due times for identical inputs."""
+    x = torch.ones(nbytes // 4)
+    t_wall = time.monotonic()
+    times = []
+    with emulate(link, seed=seed, clock="virtual") as emu:
+        for k in range(3):
+            emu.compute(0.05 * (rank + 1))  # rank 1 computes longer: a straggler
+            dist.all_reduce(x)
+            times.append(emu.now())
+            if rank == 0:
+                dist.send(x, 1)
+            elif rank == 1:
+                dist.recv(x, 0)
+            times.append(emu.now())
+    return {"times": times, "wall_s": time.monotonic() - t_wall}
+
+
+def _job_ddp(rank: int, n: int, link: Link, mode: str) -> dict[str, object]:
+    """One DDP step through emu.group, emu.allreduce_hook or a Python hook via the patch."""
+    import torch.nn as nn
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(200, 200), nn.Linear(200, 10))
+    data = torch.randn(8, 200, generator=torch.Generator().manual_seed(rank))
+    nbytes = sum(p.numel() * 4 for p in model.parameters())
+    out: dict[str, object] = {"model": cost.allreduce_time(nbytes, link, n)}
+    ref = [p.detach().clone() for p in model.parameters()]
+    align = _Aligner()
+    with emulate(link) as emu:
+        if mode == "group":
+            ddp = DDP(model, process_group=emu.group, bucket_cap_mb=25)
+        else:
+            ddp = DDP(model, bucket_cap_mb=25)
+            if mode == "hook":
+                ddp.register_comm_hook(None, emu.allreduce_hook)
+            else:
+                # Unannotated on purpose: DDP rejects this module's string annotations.
+                def py_hook(state, bucket):  # type: ignore[no-untyped-def]
+                    t = bucket.buffer().div_(n)
+                    return dist.all_reduce(t, async_op=True).get_future().then(lambda f: f.value()[0])
+
+                ddp.register_comm_hook(None, py_hook)
+        loss = ddp(data).pow(2).sum()
+        align()
+        t0 = time.monotonic()
+        loss.backward()
+        out["backward_s"] = time.monotonic() - t0
+        out["late_ops"] = emu.stats.late_ops
+    grads = torch.cat([p.grad.flatten() for p in model.parameters()])
+    # The reference: the same mean gradient by a plain all-reduce, outside emulation.
+    ref_model = nn.Sequential(nn.Linear(200, 200), nn.Linear(200, 10))
+    with torch.no_grad():
+        for p, r in zip(ref_model.parameters(), ref):
+            p.copy_(r)
+    ref_model(data).pow(2).sum().backward()
+    ref_grads = torch.cat([p.grad.flatten() for p in ref_model.parameters()])
+    dist.all_reduce(ref_grads)
+    out["grads_ok"] = bool(torch.allclose(grads, ref_grads / n, rtol=1e-5, atol=1e-6))
+    align.close()
+    return out
+
+
+def _job_late(rank: int, n: int) -> dict[str, float]:
+    """A link faster than loopback: the real transport is late, and stats say so."""
+    fast = Link(100_000, 0)
+    x = torch.ones(4_000_000)  # 16 MB: ~1.3 ms modeled, far longer on loopback gloo
+    with emulate(fast) as emu:
+        dist.all_reduce(x)
+        return {"late_ops": emu.stats.late_ops, "max_late_s": emu.stats.max_late_s}
+
+
+def _job_fan_in(rank: int, n: int, link: Link, nbytes: int, shared: bool) -> dict[str, float]:
+    """Ranks 1..n-1 send to rank 0 at once: shared, they queue on rank 0's downlink."""
+    x = torch.ones(nbytes // 4)
+    samples = []
+    align = _Aligner()
+    with emulate(Topo(n, link, shared=shared)) as emu:
+        for _ in range(REPEATS):
+            align()
+            t0 = time.monotonic()
+            if rank == 0:
+                bufs = [torch.empty_like(x) for _ in range(1, n)]
+                works = [dist.irecv(b, src) for src, b in zip(range(1, n), bufs)]
+            else:
+                works = [dist.isend(x, 0)]
+            for w in works:
+                w.wait()
+            samples.append(time.monotonic() - t0)
+        late = emu.stats.late_ops
+    align.close()
+    return {"s": statistics.median(samples), "late_ops": float(late)}
+
+
+# ============================================================================ multiprocess
+@pytest.fixture(scope="module")
+def ranks2():  # type: ignore[no-untyped-def]
+    group = LazyRanks(2)
+    yield group
+    group.close()
+
+
+@pytest.fixture(scope="module")
+def ranks4():  # type: ignore[no-untyped-def]
+    group = LazyRanks(4)
+    yield group
+    group.close()
+
+
+@pytest.mark.multiprocess
+def test_n2_every_op_matches_model(ranks2: LazyRanks) -> None:
+    for rank, (meas, model, stats) in enumerate(ranks2.run(_job_ops, LINK, NBYTES, timeout_s=90)):
+        _check(meas, model, rank)
+        assert stats["late_ops"] == 0, f"rank {rank}: real transport slower than the model: {stats}"
+        assert stats["bytes_sent"] > 0
+
+
+@pytest.mark.multiprocess
+def test_n4_every_op_matches_model(ranks4: LazyRanks) -> None:
+    link = Link(80, 5)
+    for rank, (meas, model, stats) in enumerate(ranks4.run(_job_ops, link, 200_000, timeout_s=120)):
+        _check(meas, model, rank)
+        assert stats["late_ops"] == 0, f"rank {rank}: {stats}"
+
+
+@pytest.mark.multiprocess
+def test_n2_work_handles(ranks2: LazyRanks) -> None:
+    for rank, out in enumerate(ranks2.run(_job_handles, LINK, NBYTES)):
+        model = out["model"]
+        assert out["completed_at_issue"] is False
+        assert out["value_ok"]
+        assert out["completed_after_future"] is True
+        for key in ("future_s", "poll_s"):
+            assert abs(out[key] - model) <= _tol(model) + 1e-3, f"rank {rank} {key}: {out[key]} vs {model}"
+        assert out["wait_after_s"] >= out["future_s"]
+        assert out["late_ops"] == 0
+
+
+@pytest.mark.multiprocess
+def test_n2_concurrent_messages_share_bandwidth(ranks2: LazyRanks) -> None:
+    link, nbytes = LINK, NBYTES
+    ser = link.serialization_time(nbytes)
+    got = ranks2.run(_job_shared_bandwidth, link, nbytes)
+    s0, s1 = got
+    # Sender: the second message is serialized after the first.
+    assert abs(s0["first"] - ser) <= _tol(ser)
+    assert abs(s0["second"] - 2 * ser) <= _tol(2 * ser)
+    # Receiver: arrivals one latency later.
+    assert abs(s1["first"] - (ser + link.latency_s)) <= _tol(ser + link.latency_s)
+    assert abs(s1["second"] - (2 * ser + link.latency_s)) <= _tol(2 * ser + link.latency_s)
+    # An all-reduce (two ring steps of S/2) and then a p2p message of S, issued together.
+    # Reservations are first come first served and never backfill: the replay books both
+    # ring steps on rank 0's uplink (step 2 after step 1's arrival, ending at S/B + L), then
+    # the p2p message starts when that is free. Sender: done at 2S/B + L; receiver: + L.
+    want0, want1 = 2 * ser + link.latency_s, 2 * ser + 2 * link.latency_s
+    assert abs(s0["mixed"] - want0) <= _tol(want0), (s0, want0)
+    assert abs(s1["mixed"] - want1) <= _tol(want1), (s1, want1)
+    assert max(s0["late_ops"], s1["late_ops"]) == 0
+
+
+@pytest.mark.multiprocess
+def test_n4_fan_in_shared_vs_mesh(ranks4: LazyRanks) -> None:
+    link, nbytes = Link(80, 5), 100_000
+    ser = link.serialization_time(nbytes)
+    shared = ranks4.run(_job_fan_in, link, nbytes, True)
+    mesh = ranks4.run(_job_fan_in, link, nbytes, False)
+    # Shared: rank 0's downlink takes the three messages one after the other.
+    want = 3 * ser + link.latency_s
+    assert abs(shared[0]["s"] - want) <= _tol(want), (shared[0], want)
+    # Mesh: every pair is its own link, so all three arrive together.
+    want = ser + link.latency_s
+    assert abs(mesh[0]["s"] - want) <= _tol(want), (mesh[0], want)
+    assert all(r["late_ops"] == 0 for r in shared + mesh)
+
+
+@pytest.mark.multiprocess
+def test_n2_patch_restores_exactly(ranks2: LazyRanks) -> None:
+    for out in ranks2.run(_job_patch_restore, LINK):
+        assert out["patched_inside"] and out["group_registered"]
+        assert out["restored"] and out["group_ranks_restored"] and out["restored_after_error"]
+        assert out["untouched"] and out["value_ok"] and out["topo_n_checked"]
+        model = cost.allreduce_time(200_000, LINK, 2)
+        assert abs(out["group_call_s"] - model) <= _tol(model)
+
+
+@pytest.mark.multiprocess
+def test_n2_virtual_clock_is_deterministic_and_never_sleeps(ranks2: LazyRanks) -> None:
+    link = Link(2, 50, jitter_ms=20)  # 2 Mbit/s: each all-reduce is ~0.4 s of model time
+    nbytes = 100_000
+    a = ranks2.run(_job_virtual, link, nbytes, 7)
+    b = ranks2.run(_job_virtual, link, nbytes, 7)
+    c = ranks2.run(_job_virtual, link, nbytes, 8)
+    assert [r["times"] for r in a] == [r["times"] for r in b]
+    assert [r["times"] for r in a] != [r["times"] for r in c]  # the seed moves the jitter
+    final = a[0]["times"][-1]
+    assert all(r["wall_s"] < 0.5 * final for r in a), (a, final)
+    # The first all-reduce starts when the straggler (rank 1, 0.1 s of compute) enters; its
+    # jittered latencies lie in L +- J, so the ring's two steps bound it.
+    ser = link.serialization_time(nbytes / 2)
+    lo = 0.1 + 2 * (ser + link.latency_s - link.jitter_s)
+    hi = 0.1 + 2 * (ser + link.latency_s + link.jitter_s)
+    assert lo <= a[0]["times"][0] <= hi
+    assert a[0]["times"][0] == a[1]["times"][0]  # an all-reduce ends together on every rank
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("mode", ["group", "hook", "python_hook"])
+def test_n2_ddp(ranks2: LazyRanks, mode: str) -> None:
+    link = Link(20, 10)
+    for rank, out in enumerate(ranks2.run(_job_ddp, link, mode)):
+        assert out["grads_ok"], f"rank {rank}: DDP gradients differ from the mean all-reduce"
+        model = out["model"]
+        # Backward ends after the modeled all-reduce of the gradients (plus a little compute).
+        assert out["backward_s"] >= model - _tol(model), (rank, out)
+        assert out["backward_s"] <= model + _tol(model) + 0.05, (rank, out)
+        assert out["late_ops"] == 0
+
+
+@pytest.mark.multiprocess
+def test_n2_late_ops_are_counted(ranks2: LazyRanks) -> None:
+    for out in ranks2.run(_job_late):
+        assert out["late_ops"] >= 1 and out["max_late_s"] > 1e-3
