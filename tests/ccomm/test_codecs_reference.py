@@ -184,6 +184,49 @@ def test_quantize_absmax_keeps_zero_exact() -> None:
     assert np.all(np.abs(_np(d) - xn) <= step / 2 * (1 + 1e-4))
 
 
+# --- chains ---------------------------------------------------------------------------------
+
+def _check_sparse_quantized(d: np.ndarray, keep: np.ndarray, values: np.ndarray, bits: int) -> None:
+    """d holds `values` at positions `keep` (one quantization bucket), quantized to `bits`, zero elsewhere."""
+    rest = np.ones(d.size, dtype=bool)
+    rest[keep] = False
+    assert np.all(d[rest] == 0)
+    step = (values.max() - values.min()) / (2**bits - 1)
+    assert np.all(np.abs(d[keep] - values) <= step / 2 * (1 + 1e-4))
+
+
+def test_chain_approx_topk_then_2bit_quantize() -> None:
+    n = 5000
+    ref = _distinct(n, seed=14) / n
+    codec = make_codec("approx_topk:ratio=0.1|quantize:bits=2")
+    d = _np(codec.decode(codec.encode(torch.from_numpy(ref).float())))
+    keep = np.argsort(-np.abs(ref))[: math.ceil(0.1 * n)]  # 500 values: a single 512-bucket
+    _check_sparse_quantized(d, keep, ref[keep], bits=2)
+
+
+def test_chain_randomk_topk_4bit_quantize() -> None:
+    n = 50_000
+    ref = _distinct(n, seed=15) / n
+    x = torch.from_numpy(ref).float()
+    # Stage 1 on its own: a fresh random-k with the same seed draws the chain's positions.
+    stage1 = _np(make_codec("randomk:ratio=0.1").decode(make_codec("randomk:ratio=0.1").encode(x)))
+    pos1 = np.flatnonzero(stage1)
+    assert pos1.size == 5000
+    v1 = stage1[pos1]  # scaled by n/k = 10 (unbiased)
+    top = np.argsort(-np.abs(v1))[:500]  # stage 2: top 10% of what stage 1 kept; one bucket
+    codec = make_codec("randomk:ratio=0.1|topk:ratio=0.1|quantize:bits=4")
+    d = _np(codec.decode(codec.encode(x)))
+    _check_sparse_quantized(d, pos1[top], v1[top], bits=4)
+
+
+def test_chain_randomk_fp16_is_randomk_through_fp16() -> None:
+    x = torch.randn(3001, generator=torch.Generator().manual_seed(16))
+    r = _np(make_codec("randomk:ratio=0.5").decode(make_codec("randomk:ratio=0.5").encode(x)))
+    d = _np(make_codec("randomk:ratio=0.5|fp16").decode(make_codec("randomk:ratio=0.5|fp16").encode(x)))
+    np.testing.assert_array_equal(d != 0, r != 0)
+    assert np.all(np.abs(d - r) <= 2.0**-11 * np.abs(r))  # fp16: half an ulp, 10 stored bits
+
+
 # --- all-zero input -------------------------------------------------------------------------
 
 @pytest.mark.parametrize("spec", ALL_SPECS + ["randomk:ratio=0.5|fp16", "quantize:bits=4,scheme=absmax"])
