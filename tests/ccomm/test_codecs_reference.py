@@ -184,6 +184,33 @@ def test_quantize_absmax_keeps_zero_exact() -> None:
     assert np.all(np.abs(_np(d) - xn) <= step / 2 * (1 + 1e-4))
 
 
+# --- sign and QSGD ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("dtype", "rtol"), [(torch.float32, 1e-6), (torch.float16, 1.01 * 2.0**-11), (torch.bfloat16, 1.01 * 2.0**-9)])
+def test_sign_is_mean_magnitude_times_sign(dtype: torch.dtype, rtol: float) -> None:
+    x = (torch.randn(777, generator=torch.Generator().manual_seed(17)) * 4).to(dtype)
+    xn = _np(x)
+    expected = np.where(xn >= 0, 1.0, -1.0) * np.abs(xn).mean()  # EF-signSGD: scale ||x||_1 / n
+    d = _np(make_codec("sign").decode(make_codec("sign").encode(x)))
+    np.testing.assert_allclose(d, expected, rtol=rtol, atol=0)  # the scale travels in the input dtype
+
+
+@pytest.mark.parametrize("levels", [1, 4, 16])
+def test_qsgd_decodes_to_signed_norm_levels(levels: int) -> None:
+    bucket = 128
+    x = torch.randn(1000, generator=torch.Generator().manual_seed(18))
+    codec = make_codec(f"qsgd:levels={levels},bucket={bucket}")
+    d, xn = _np(codec.decode(codec.encode(x))), _np(x)
+    unit = np.concatenate([np.full(min(bucket, 1000 - a), np.linalg.norm(xn[a : a + bucket]) / levels) for a in range(0, 1000, bucket)])
+    lvl = np.abs(d) / unit
+    # |d| = l * norm / levels with an integer l in [0, levels] ...
+    assert np.all(np.abs(lvl - np.round(lvl)) < 1e-4)
+    assert np.all((np.round(lvl) >= 0) & (np.round(lvl) <= levels))
+    # ... one of the two levels around |x| (stochastic rounding), with x's sign.
+    assert np.all(np.abs(np.abs(d) - np.abs(xn)) <= unit * (1 + 1e-4))
+    assert np.all((d == 0) | (np.sign(d) == np.sign(xn)))
+
+
 # --- chains ---------------------------------------------------------------------------------
 
 def _check_sparse_quantized(d: np.ndarray, keep: np.ndarray, values: np.ndarray, bits: int) -> None:
