@@ -53,6 +53,7 @@ _LATE_WARN_S = 1e-3
 _MAX_BIAS_S = 1e-3
 _BIAS_STEP_S = 2e-6
 _RT_PRIORITY = 10
+_MAX_BATCH = 64
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -235,7 +236,7 @@ class _Loop:
                  for c in w.get("channels", [])}
         addrs = [bytes(int(x) for x in h["addr"].split(".")) for h in self.hosts]
         self.core = WireCore(addrs, chans, _resources(w.get("resources", {}), t0),
-                             seed=int(w.get("seed", 0)))
+                             seed=int(w.get("seed", 0)), burst_s=float(w.get("burst_s", 0.0)))
         self.replays = [_Replay(c, t0) for c in w.get("changes", [])]
 
     def write_counters(self) -> None:
@@ -285,10 +286,15 @@ class _Loop:
         ep.close()
 
     def _drain(self, fd: int, src: int) -> None:
-        while True:
+        # Bounded, so a flood on one TUN cannot starve deliveries (epoll reports it again).
+        for _ in range(_MAX_BATCH):
             try:
                 pkt = os.read(fd, 65536)
             except BlockingIOError:
+                return
+            except OSError as e:  # the device went away under us: count it, keep the wire up
+                self.core.drops["read_error"] = self.core.drops.get("read_error", 0) + 1
+                log.debug("read from host %d failed: %s", src, e)
                 return
             d = self.core.admit(src, pkt, time.monotonic())
             if d is not None:

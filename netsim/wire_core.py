@@ -8,8 +8,9 @@ Per packet ``i -> j`` (seq counted per ordered pair):
 
 * loss when ``uniform(seed, i, j, seq, 1) < loss`` (the same draw on every backend);
 * drop-tail when the bytes in flight on channel (i, j) would exceed its limit;
-* reservation rule over the channel's wire-shaped resources (token buckets of depth 0):
-  ``start = max(now, free[r])``, ``fin`` = when the slowest of them has carried the packet;
+* reservation rule over the channel's wire-shaped resources (token buckets of depth
+  ``burst_s``, 0 in the spec): ``start = max(now - burst_s, free[r])``,
+  ``fin = max(now, when the slowest of them has carried the packet)``;
 * ``arr = max(fin + L + J(2u - 1), last_arr[i, j])``: FIFO per direction unless ``reorder``.
 """
 
@@ -75,6 +76,7 @@ class WireCore:
     channels: Mapping[tuple[int, int], Channel]
     resources: Mapping[str, Finish] = field(default_factory=dict)
     seed: int = 0
+    burst_s: float = 0.0
     drops: dict[str, int] = field(default_factory=dict)
     _index: dict[bytes, int] = field(init=False, repr=False)
     _seq: dict[tuple[int, int], int] = field(init=False, repr=False)
@@ -83,6 +85,8 @@ class WireCore:
     _inflight: dict[tuple[int, int], int] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
+        if not (0 <= self.burst_s <= 0.1):
+            raise ValueError(f"burst_s must be in [0, 0.1], got {self.burst_s!r}")
         if any(len(a) != 4 for a in self.addrs):
             raise ValueError("addrs must be 4-byte IPv4 addresses")
         self._index = {bytes(a): i for i, a in enumerate(self.addrs)}
@@ -121,10 +125,14 @@ class WireCore:
             return None
         fin = now
         if ch.resources:
-            start = max([now] + [self._free[r] for r in ch.resources])
-            fin = max(self.resources[r](start, 8.0 * size) for r in ch.resources)
+            # A token bucket of depth burst_s: the resource's own timeline (free) may run up
+            # to burst_s behind the clock, so a packet the loop read late does not push every
+            # later packet back for good; the packet itself never leaves before it was read.
+            start = max([now - self.burst_s] + [self._free[r] for r in ch.resources])
+            vfin = max(self.resources[r](start, 8.0 * size) for r in ch.resources)
             for r in ch.resources:
-                self._free[r] = fin
+                self._free[r] = vfin
+            fin = max(now, vfin)
         delay = ch.latency_s
         if ch.jitter_s > 0:
             delay += ch.jitter_s * (2.0 * uniform(self.seed, src, dst, seq) - 1.0)

@@ -189,7 +189,8 @@ def test_trace_completion_matches_transfer_time(make_net) -> None:
 
 @pytest.mark.slow
 def test_outage_holds_packets(make_net) -> None:
-    tr = Trace([0, 1.5, 2.5], [20, 0, 20])
+    # A 0.3 s outage every 1.5 s (looping), so the transfer crosses one whenever it starts.
+    tr = Trace([0, 1.2], [20, 0], loop=True, period_s=1.5)
     net = make_net(Topo(2, Link(None, 10, trace=tr)), "lva")
     rep = _probe_median(net, samples=10, nbytes=6 << 20, duplex=False)
     assert rep.ok, rep.table()

@@ -127,3 +127,25 @@ def test_header_layout_assumption() -> None:
     # The wire reads the destination at bytes 16..20 of the IPv4 header.
     hdr = pkt(2)
     assert struct.unpack("!4s", hdr[16:20])[0] == ADDRS[2]
+
+
+def test_burst_catches_up_a_late_read_but_never_delivers_early() -> None:
+    ch = {(i, j): Channel(0.005, resources=(f"down{j}",)) for i in range(3) for j in range(3)
+          if i != j}
+    res = {f"down{j}": constant_finish(12e6) for j in range(3)}  # 1 ms per 1500 B packet
+
+    def dues(burst_s: float) -> list[float]:
+        w = WireCore(ADDRS, ch, res, burst_s=burst_s)
+        reads = [1.0 + k * 1e-3 + (0.5e-3 if k == 5 else 0.0) for k in range(10)]
+        return [w.admit(0, pkt(1), now=t).due for t in reads]  # type: ignore[union-attr]
+
+    nominal = [1.0 + (k + 1) * 1e-3 + 0.005 for k in range(10)]
+    assert dues(0.0) == pytest.approx(nominal[:5] + [x + 0.5e-3 for x in nominal[5:]])
+    burst = dues(2e-3)  # the first packet after idle spends banked time, like htb's burst
+    assert burst[:5] == pytest.approx([x - 1e-3 for x in nominal[:5]])
+    assert burst[5] == pytest.approx(1.0055 + 0.005)  # never before it was read
+    assert burst[6:] == pytest.approx([x - 1e-3 for x in nominal[6:]])  # no lasting shift
+    w = WireCore(ADDRS, ch, res, burst_s=2e-3)
+    assert w.admit(0, pkt(1), now=3.0).due >= 3.005  # type: ignore[union-attr]  # never early
+    with pytest.raises(ValueError, match="burst_s"):
+        WireCore(ADDRS, ch, res, burst_s=1.0)
