@@ -57,8 +57,8 @@ class EmuVirtualClock:
     """A per-rank virtual clock, thread-safe.
 
     Until :meth:`compute` is first called, the wall time elapsed between emulate calls is
-    added (the caller's real compute). After it, only ``compute`` and communication move the
-    clock, so runs are deterministic whatever the machine load.
+    added (the caller's real compute). From then on only ``compute`` and communication move
+    the clock, so runs are deterministic whatever the machine load.
     """
 
     virtual = True
@@ -81,10 +81,14 @@ class EmuVirtualClock:
             return self._t
 
     def compute(self, seconds: float) -> None:
+        """Declare the compute since the last emulate call to be ``seconds``.
+
+        The wall time of that interval is dropped, so a run whose compute is all declared
+        is deterministic from the emulate entry on."""
         if not seconds >= 0:
             raise ValueError(f"seconds must be >= 0, got {seconds}")
         with self._lock:
-            self._observe()
+            self._mark = time.monotonic()
             self._explicit = True
             self._t += seconds
 

@@ -30,17 +30,22 @@ logger = logging.getLogger(__name__)
 class EmuOp:
     """One emulated operation: what it is, when it was issued and, once known, its due time."""
 
-    def __init__(self, kind: str, nbytes: float, issued_s: float, lazy: Callable[[float | None], float] | None = None) -> None:
+    def __init__(self, kind: str, nbytes: float, issued_s: float) -> None:
         self.kind = kind
         self.nbytes = nbytes
         self.issued_s = issued_s
         self.due_s: float | None = None
         self.error: BaseException | None = None
         self._event = threading.Event()
-        self._lazy = lazy
+        self._lazy: Callable[[float | None], float] | None = None
         self._lazy_lock = threading.Lock()
-        # Set by the receive path: is the information needed for the lazy resolution here?
         self.lazy_ready: Callable[[], bool] | None = None
+
+    def set_lazy(self, resolve: Callable[[float | None], float], ready: Callable[[], bool]) -> None:
+        """Resolve on demand (receives): ``resolve(timeout_s)`` gives the due time, ``ready()``
+        says whether it can do so without blocking."""
+        self._lazy = resolve
+        self.lazy_ready = ready
 
     def set_due(self, due_s: float) -> None:
         self.due_s = due_s
@@ -56,7 +61,8 @@ class EmuOp:
 
     def try_resolve(self) -> bool:
         """Resolve without blocking if possible; True when the due time is known."""
-        if not self._event.is_set() and self._lazy is not None and self.lazy_ready is not None and self.lazy_ready():
+        ready = self.lazy_ready
+        if not self._event.is_set() and ready is not None and ready():
             self.resolve(None)
         return self._event.is_set()
 
@@ -69,6 +75,9 @@ class EmuOp:
                         self.set_due(self._lazy(timeout_s))
                     except BaseException as exc:  # noqa: BLE001 - handed to every waiter
                         self.fail(exc)
+                    # The closures reference the work that references this op: break the
+                    # cycle so the garbage collector has less to do mid-run.
+                    self._lazy = self.lazy_ready = None
         if not self._event.wait(timeout_s):
             raise TimeoutError(f"emulated {self.kind}: no due time after {timeout_s} s (is a peer gone?)")
         if self.error is not None:
@@ -96,17 +105,27 @@ class EmulatedWork(dist.Work):
         self._emu = emu
         self._value = value  # what the future yields when the real work has no future
         self._done = False
+        self._inner_lock = threading.Lock()
+        self._inner_waited = inner is None
+
+    def wait_inner(self, timeout_s: float) -> None:
+        """Wait for the real work once: gloo's point-to-point work hangs if waited twice."""
+        with self._inner_lock:
+            if self._inner_waited:
+                return
+            assert self.inner is not None
+            pending = not self.inner.is_completed()
+            self.inner.wait(timedelta(seconds=timeout_s))
+            self._inner_waited = True
+            if pending:
+                self._emu._note_real_done(self.op, self._emu.clock.now())
 
     def wait(self, timeout: Any = None) -> bool:
         secs = _timeout_s(timeout)
         if secs is None:
             secs = self._emu.timeout_s
         due = self.op.resolve(secs)
-        if self.inner is not None:
-            pending = not self.inner.is_completed()
-            self.inner.wait(timedelta(seconds=secs))
-            if pending:
-                self._emu._note_real_done(self.op, self._emu.clock.now())
+        self.wait_inner(secs)
         self._emu.clock.sleep_until(due)
         self._emu.clock.settle()
         self._done = True
@@ -175,16 +194,14 @@ class Timer:
         try:
             due = work.op.resolve(emu.timeout_s)
             value = work._value
-            if work.inner is not None:
-                try:
-                    inner_fut = work.inner.get_future()
-                except RuntimeError:  # some backends have no future for p2p work
-                    inner_fut = None
-                if inner_fut is not None:
-                    value = inner_fut.wait()
-                else:
-                    work.inner.wait(timedelta(seconds=emu.timeout_s))
+            inner_fut = None
+            if work.inner is not None and work.op.kind not in ("send", "recv"):
+                inner_fut = work.inner.get_future()
+            if inner_fut is not None:
+                value = inner_fut.wait()
                 emu._note_real_done(work.op, emu.clock.now())
+            else:
+                work.wait_inner(emu.timeout_s)
         except BaseException as exc:  # noqa: BLE001 - delivered through the future
             self._push(0.0, fut, None, exc)
             return

@@ -359,17 +359,19 @@ class Emulator:
         me = self.rank
         header = torch.zeros(_HEADER, dtype=torch.float64)
         hwork: dist.Work | None = None if src is None else self._side_p2p.recv([header], src, tag)
+        op = EmuOp("recv", nbytes, t_issue)
+        work = EmulatedWork(inner, op, self)
 
         def resolve(timeout_s: float | None) -> float:
             nonlocal hwork
-            wait = timedelta(seconds=timeout_s if timeout_s is not None else self.timeout_s)
+            secs = timeout_s if timeout_s is not None else self.timeout_s
             peer = src
             if hwork is None:
                 # recv from any source: the header's sender is known only once the data is in.
-                inner.wait(wait)
+                work.wait_inner(secs)
                 peer = inner._source_rank()
                 hwork = self._side_p2p.recv([header], peer, tag)
-            hwork.wait(wait)
+            hwork.wait(timedelta(seconds=secs))
             assert peer is not None
             seq, start, fin, size = header.tolist()
             with self._lock:
@@ -380,9 +382,11 @@ class Emulator:
             self._record(op, 0.0, size)
             return op.due_s
 
-        op = EmuOp("recv", nbytes, t_issue, lazy=resolve)
-        op.lazy_ready = (lambda: hwork is not None and hwork.is_completed()) if src is not None else inner.is_completed
-        return EmulatedWork(inner, op, self)
+        def ready() -> bool:
+            return hwork.is_completed() if hwork is not None else inner.is_completed()
+
+        op.set_lazy(resolve, ready)
+        return work
 
     # ================================================================== patching
     def _swap_group(self, group: Any) -> Any:

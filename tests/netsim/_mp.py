@@ -12,6 +12,7 @@ failure the group is closed and ``broken`` tells the fixture to start a fresh on
 from __future__ import annotations
 
 import datetime
+import gc
 import multiprocessing as mp
 import os
 import queue
@@ -46,6 +47,10 @@ def _serve(rank: int, n: int, init_file: str, timeout_s: float, inbox: Any, outb
     except BaseException:
         outbox.put(("err", rank, traceback.format_exc()))
         return
+    # torch's import leaves a large heap: without this, an occasional full collection stalls
+    # a rank for tens of milliseconds in the middle of a timed operation.
+    gc.collect()
+    gc.freeze()
     outbox.put(("ready", rank, None))
     while True:
         job = inbox.get()
