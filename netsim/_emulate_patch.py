@@ -19,7 +19,7 @@ from typing import Any
 import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
 
-__all__ = ["PATCHED_NAMES", "Patch"]
+__all__ = ["PATCHED_NAMES", "FUNCTIONAL_NAMES", "Patch", "originals", "group_mapper", "warn_once"]
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +43,24 @@ PATCHED_NAMES: tuple[str, ...] = (
 )
 _MODULES: tuple[types.ModuleType, ...] = (dist, c10d)
 
+#: Functional collectives (``torch.distributed._functional_collectives``): not emulated, since
+#: they are traced ops without Work handles; while emulation is on they warn once and run.
+FUNCTIONAL_NAMES: tuple[str, ...] = (
+    "all_reduce",
+    "all_reduce_coalesced",
+    "all_gather_tensor",
+    "all_gather_tensor_autograd",
+    "all_gather_into_tensor_coalesced",
+    "reduce_scatter_tensor",
+    "reduce_scatter_tensor_autograd",
+    "reduce_scatter_tensor_coalesced",
+    "broadcast",
+    "all_to_all_single",
+    "all_to_all_single_autograd",
+    "permute_tensor",
+)
+_warned_functional = False
+
 
 class Patch:
     """Installs patched functions into both modules and puts the originals back exactly."""
@@ -57,6 +75,15 @@ class Patch:
                 if hasattr(mod, name):
                     self._saved.append((mod, name, getattr(mod, name)))
                     setattr(mod, name, fn)
+        try:
+            import torch.distributed._functional_collectives as funcol  # noqa: PLC0415
+        except ImportError:  # pragma: no cover - every supported torch has it
+            return
+        for name in FUNCTIONAL_NAMES:
+            if hasattr(funcol, name):
+                orig = getattr(funcol, name)
+                self._saved.append((funcol, name, orig))
+                setattr(funcol, name, warn_once(orig))
 
     def restore(self) -> None:
         while self._saved:
@@ -83,3 +110,20 @@ def group_mapper(orig: Callable[..., Any], swap: Callable[[Any], Any]) -> Callab
         return orig(*bound.args, **bound.kwargs)
 
     return patched
+
+
+def warn_once(orig: Callable[..., Any]) -> Callable[..., Any]:
+    """``orig`` unchanged, but the first call in this process logs that it is not emulated."""
+
+    @functools.wraps(orig)
+    def passthrough(*args: Any, **kwargs: Any) -> Any:
+        global _warned_functional
+        if not _warned_functional:
+            _warned_functional = True
+            logger.warning(
+                "netsim.emulate does not cover functional collectives (%s): they run at the real "
+                "transport's speed", orig.__name__,
+            )
+        return orig(*args, **kwargs)
+
+    return passthrough

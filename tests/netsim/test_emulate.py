@@ -24,7 +24,7 @@ from _mp import LazyRanks  # noqa: E402
 
 from netsim import cost  # noqa: E402
 from netsim._emulate_clock import EmuVirtualClock  # noqa: E402
-from netsim._emulate_patch import PATCHED_NAMES  # noqa: E402
+from netsim._emulate_patch import FUNCTIONAL_NAMES, PATCHED_NAMES  # noqa: E402
 from netsim._emulate_sched import collective_schedule  # noqa: E402
 from netsim._emulate_state import owned_size, pack_owned, replay, unpack_owned  # noqa: E402
 from netsim.emulate import Emulator, emulate  # noqa: E402
@@ -35,6 +35,8 @@ from netsim.topo import Topo  # noqa: E402
 #: The accuracy target of the design: |measured - model| <= max(REL_TOL * model, ABS_TOL_S).
 REL_TOL = 0.05
 ABS_TOL_S = 2e-3
+#: Ping-pong clock offsets (ranks on different hosts) must agree to within this on one host.
+CLOCK_SYNC_TOL_S = 1e-3
 #: Timing checks use the median of this many runs.
 REPEATS = 3
 
@@ -314,9 +316,13 @@ def _job_shared_bandwidth(rank: int, n: int, link: Link, nbytes: int) -> dict[st
 
 
 def _job_patch_restore(rank: int, n: int, link: Link) -> dict[str, bool]:
+    import torch.distributed._functional_collectives as funcol
     import torch.distributed.distributed_c10d as c10d
 
+    import netsim._emulate_patch as patch_mod
+
     mods = (dist, c10d)
+    fbefore = {k: getattr(funcol, k) for k in FUNCTIONAL_NAMES if hasattr(funcol, k)}
     align = _Aligner()
     before = {(m.__name__, k): getattr(m, k) for m in mods for k in PATCHED_NAMES if hasattr(m, k)}
     ranks_before = dict(c10d._world.pg_group_ranks)
@@ -326,6 +332,12 @@ def _job_patch_restore(rank: int, n: int, link: Link) -> dict[str, bool]:
         out["group_registered"] = emu.group in c10d._world.pg_group_ranks
         x = torch.ones(4)
         dist.all_reduce(x)
+        # Functional collectives run unemulated and say so once.
+        out["functional_wrapped"] = all(getattr(funcol, k) is not f for k, f in fbefore.items())
+        y = funcol.all_reduce(torch.ones(4), "sum", dist.group.WORLD)
+        out["functional_value_ok"] = bool(torch.equal(funcol.wait_tensor(y), torch.full((4,), float(n))))
+        out["functional_warned"] = patch_mod._warned_functional
+    out["functional_restored"] = all(getattr(funcol, k) is f for k, f in fbefore.items())
     out["restored"] = all(getattr(m, k) is before[(m.__name__, k)] for m in mods for k in PATCHED_NAMES if hasattr(m, k))
     out["group_ranks_restored"] = dict(c10d._world.pg_group_ranks) == ranks_before
     # patch=False: nothing rebound, but emu.group still emulates.
@@ -415,6 +427,29 @@ def _job_ddp(rank: int, n: int, link: Link, mode: str) -> dict[str, object]:
     out["grads_ok"] = bool(torch.allclose(grads, ref_grads / n, rtol=1e-5, atol=1e-6))
     align.close()
     return out
+
+
+def _job_clock_offset(rank: int, n: int, link: Link) -> dict[str, float]:
+    """Pretend the ranks boot differently, forcing the ping-pong offset estimate (one host,
+    so the true offset is 0), and check that timing still holds."""
+    import netsim.emulate as emulate_mod
+
+    real = emulate_mod._boot_id
+    emulate_mod._boot_id = lambda: f"fake-boot-{rank}"
+    try:
+        align = _Aligner()
+        with emulate(link) as emu:
+            t0s = [0.0] * n
+            dist.all_gather_object(t0s, emu.clock.t0, group=align.group)
+            x = torch.ones(NBYTES // 4)
+            align()
+            t = time.monotonic()
+            dist.all_reduce(x)
+            elapsed = time.monotonic() - t
+        align.close()
+    finally:
+        emulate_mod._boot_id = real
+    return {"t0_spread_s": max(t0s) - min(t0s), "all_reduce_s": elapsed}
 
 
 def _job_late(rank: int, n: int) -> dict[str, float]:
@@ -575,3 +610,12 @@ def test_n2_ddp(ranks2: LazyRanks, mode: str) -> None:
 def test_n2_late_ops_are_counted(ranks2: LazyRanks) -> None:
     for out in ranks2.run(_job_late):
         assert out["late_ops"] >= 1 and out["max_late_s"] > 1e-3
+
+
+@pytest.mark.multiprocess
+def test_n2_clock_offsets_across_hosts(ranks2: LazyRanks) -> None:
+    model = cost.allreduce_time(NBYTES, LINK, 2)
+    for out in ranks2.run(_job_clock_offset, LINK):
+        # One host: the estimated offset is within a loopback round trip of zero.
+        assert out["t0_spread_s"] < CLOCK_SYNC_TOL_S, out
+        assert abs(out["all_reduce_s"] - model) <= _tol(model), out
