@@ -17,6 +17,7 @@ import logging
 import math
 from typing import Any, Mapping
 
+import numpy as np
 import torch
 
 from ..registry import register
@@ -31,6 +32,15 @@ logger = logging.getLogger(__name__)
 EXACT_BELOW = 1 << 15
 #: Expected number of sample points above the threshold; sets the estimate's accuracy.
 SAMPLE_HITS = 512
+
+
+def _at_or_above(flat: torch.Tensor, thr: torch.Tensor) -> torch.Tensor:
+    """Positions with |x| >= thr, NaN included ("not below" rather than "at or above")."""
+    if flat.device.type == "cpu" and flat.dtype in (torch.float32, torch.float16):
+        # numpy's abs/compare/flatnonzero run about twice as fast as torch's here.
+        a = flat.detach().numpy()
+        return torch.from_numpy(np.flatnonzero(~(np.abs(a) < a.dtype.type(thr.item()))))
+    return torch.nonzero(~(flat.abs() < thr)).squeeze(1)
 
 
 @register("approx_topk")
@@ -57,7 +67,7 @@ class ApproxTopK(Sparsifier):
         sample = flat[pos].abs().float()
         hits = min(s, math.ceil(2 * k * s / n))
         thr = torch.kthvalue(sample, s - hits + 1).values.to(flat.dtype)
-        cand = torch.nonzero(~(flat.abs() < thr)).squeeze(1)
+        cand = _at_or_above(flat, thr)
         if cand.numel() >= k:
             sub = torch.topk(flat[cand].abs(), k, sorted=False).indices
             idx = cand[sub]
