@@ -33,7 +33,7 @@ from types import FrameType
 from typing import Any
 
 from netsim.commands import NS_RE, Cmd, host_ns, ns_add
-from netsim.executor import CommandError, Executor, run_argv
+from netsim.executor import Executor, run_argv
 from netsim.link import Link
 from netsim.plan import Caps, FeatureError, HostPlan, Plan, UpOptions, plan_up
 from netsim.topo import Topo
@@ -474,21 +474,21 @@ def _cmd_up(args: argparse.Namespace) -> int:
         print("\n".join(plan.lines()))
         return 0
     net = bring_up(args, topo, persist=not args.run)
+    for h in net.hosts:
+        env = " ".join(f"{k}={v}" for k, v in net.env(h.index).items())
+        print(f"h{h.index} {h.addr} dev {h.dev}: {' '.join(net.exec_prefix(h.index))}")
+        print(f"   env {env}")
+    if not args.run:
+        print(f"up; remove with: netsim down --tag {args.tag}")
+        return 0
     try:
-        for h in net.hosts:
-            env = " ".join(f"{k}={v}" for k, v in net.env(h.index).items())
-            print(f"h{h.index} {h.addr} dev {h.dev}: {' '.join(net.exec_prefix(h.index))}")
-            print(f"   env {env}")
-        if not args.run:
-            print(f"up; remove with: netsim down --tag {args.tag}")
-            return 0
         procs = [net.popen(h.index, ["sh", "-c", args.run]) for h in net.hosts]
         codes = [p.wait() for p in procs]
-        return max(codes) if any(codes) else 0
     finally:
-        if args.run:
-            if net.down():
-                return EXIT_CLEANUP  # noqa: B012 - the cleanup verdict wins over the run's
+        left = net.down()
+    if left:
+        return EXIT_CLEANUP
+    return max(codes) if any(codes) else 0
 
 
 @_cli_errors
