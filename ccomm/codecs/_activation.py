@@ -14,13 +14,29 @@ from typing import Iterator
 import torch
 
 from ._pack import BLOCK_ELEMS, blocks, from_bytes, pack_nonneg, to_bytes
+from .base import saturate_
 
-__all__ = ["row_blocks", "token_channel_scales", "scales_nbytes", "pack_scales", "unpack_scales"]
+__all__ = ["row_blocks", "fp32_row_blocks", "token_channel_scales", "scales_nbytes", "pack_scales", "unpack_scales"]
 
 
 def row_blocks(n: int, c: int) -> Iterator[tuple[int, int]]:
     """Row ranges of about BLOCK_ELEMS entries, each starting on a multiple of 8 rows."""
     return blocks(n, 8, max(8, BLOCK_ELEMS // max(c, 1)))
+
+
+def fp32_row_blocks(out: torch.Tensor) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """Yield (r0, r1, o): an fp32 block for rows r0:r1 of the (N, C) output `out`.
+
+    For an fp32 `out`, o is a view into it; otherwise o is a scratch block that is
+    saturated and cast into `out` when the loop moves on (math in fp32, one rounding).
+    """
+    n, c = out.shape
+    direct = out.dtype == torch.float32
+    for r0, r1 in row_blocks(n, c):
+        o = out[r0:r1] if direct else torch.empty(r1 - r0, c, device=out.device)
+        yield r0, r1, o
+        if not direct:
+            out[r0:r1] = saturate_(o, out.dtype)
 
 
 def token_channel_scales(

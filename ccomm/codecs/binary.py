@@ -14,9 +14,9 @@ import torch
 
 from ..payload import PayloadMeta
 from ..registry import register
-from ._activation import pack_scales, row_blocks, scales_nbytes, token_channel_scales, unpack_scales
+from ._activation import fp32_row_blocks, pack_scales, scales_nbytes, token_channel_scales, unpack_scales
 from ._pack import packed_nbytes
-from .base import Codec, as_matrix, matrix_shape, saturate_
+from .base import Codec, as_matrix, matrix_shape
 from .sign import apply_signs
 
 __all__ = ["Binary"]
@@ -39,11 +39,6 @@ class Binary(Codec):
         u, v = unpack_scales(buffer, n, c, meta.dtype)
         signs = buffer[scales_nbytes(n, c, meta.dtype) :]
         out = torch.empty(n, c, dtype=meta.dtype, device=buffer.device)
-        direct = meta.dtype == torch.float32
-        for r0, r1 in row_blocks(n, c):
-            # fp32 math, then one rounding to the output dtype.
-            o = out[r0:r1] if direct else torch.empty(r1 - r0, c, device=buffer.device)
+        for r0, r1, o in fp32_row_blocks(out):
             apply_signs(signs, r0 * c, o).mul_(v).mul_(u[r0:r1, None])
-            if not direct:
-                out[r0:r1] = saturate_(o, meta.dtype)
         return out

@@ -13,9 +13,9 @@ import torch
 
 from ..payload import PayloadMeta
 from ..registry import register
-from ._activation import pack_scales, row_blocks, scales_nbytes, token_channel_scales, unpack_scales
+from ._activation import fp32_row_blocks, pack_scales, row_blocks, scales_nbytes, token_channel_scales, unpack_scales
 from ._pack import pack_bits, packed_nbytes, unpack_bits
-from .base import Codec, as_matrix, matrix_shape, saturate_
+from .base import Codec, as_matrix, matrix_shape
 
 __all__ = ["Int2"]
 
@@ -47,12 +47,8 @@ class Int2(Codec):
         u, v = unpack_scales(buffer, n, c, meta.dtype)
         codes = buffer[scales_nbytes(n, c, meta.dtype) :]
         out = torch.empty(n, c, dtype=meta.dtype, device=buffer.device)
-        direct = meta.dtype == torch.float32
-        for r0, r1 in row_blocks(n, c):
+        for r0, r1, o in fp32_row_blocks(out):
             bits = unpack_bits(codes[r0 * c // 4 : (r1 * c + 3) // 4], 1, 2 * (r1 - r0) * c).view(r1 - r0, c, 2)
-            o = out[r0:r1] if direct else torch.empty(r1 - r0, c, device=buffer.device)
             sign = torch.empty_like(o).copy_(bits[..., 0]).mul_(2).sub_(1)
             o.copy_(bits[..., 1]).mul_(LARGE - SMALL).add_(SMALL).mul_(sign).mul_(v).mul_(u[r0:r1, None])
-            if not direct:
-                out[r0:r1] = saturate_(o, meta.dtype)
         return out

@@ -17,20 +17,10 @@ from hypothesis import strategies as st
 
 from ccomm import available_codecs, make_codec
 
-DEFAULT_ARGS = {
-    "topk": "ratio=0.3",
-    "approx_topk": "ratio=0.3",
-    "randomk": "ratio=0.3",
-    "quantize": "bits=4",
-    "lowrank": "rank=2",
-    "lowrank_int4": "rank=2",
-}
-CHAINS = [
-    "randomk:ratio=0.1|topk:ratio=0.1|quantize:bits=4",
-    "approx_topk:ratio=0.1|quantize:bits=2",
-]
-ALL_SPECS = [f"{n}:{DEFAULT_ARGS[n]}" if n in DEFAULT_ARGS else n for n in available_codecs()] + CHAINS
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+try:  # tests/ccomm as a package or as a rootdir-inserted directory
+    from ._specs import ALL_SPECS, CHAINS, DEFAULT_ARGS, DTYPES
+except ImportError:
+    from _specs import ALL_SPECS, CHAINS, DEFAULT_ARGS, DTYPES
 
 
 def _np(t: torch.Tensor) -> np.ndarray:

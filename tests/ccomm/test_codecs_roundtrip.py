@@ -18,21 +18,10 @@ from hypothesis.extra.numpy import arrays
 from ccomm import Payload, available_codecs, make_codec
 from ccomm.codecs import Codec
 
-#: Parameters that make small test tensors interesting (e.g. more than one kept entry).
-DEFAULT_ARGS = {
-    "topk": "ratio=0.3",
-    "approx_topk": "ratio=0.3",
-    "randomk": "ratio=0.3",
-    "quantize": "bits=4",
-    "lowrank": "rank=2",
-    "lowrank_int4": "rank=2",
-}
-CHAINS = [
-    "randomk:ratio=0.1|topk:ratio=0.1|quantize:bits=4",
-    "approx_topk:ratio=0.1|quantize:bits=2",
-]
-ALL_SPECS = [f"{n}:{DEFAULT_ARGS[n]}" if n in DEFAULT_ARGS else n for n in available_codecs()] + CHAINS
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+try:  # tests/ccomm as a package or as a rootdir-inserted directory
+    from ._specs import ALL_SPECS, CHAINS, DEFAULT_ARGS, DTYPES
+except ImportError:
+    from _specs import ALL_SPECS, CHAINS, DEFAULT_ARGS, DTYPES
 #: The issue allows this much framing on top of each codec's size formula.
 HEADER_BYTES = 64
 #: Test values stay where every codec's arithmetic is representable in fp16 (see
