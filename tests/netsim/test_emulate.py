@@ -135,6 +135,76 @@ def test_virtual_clock_counts_compute_not_sleep() -> None:
         clock.compute(-1.0)
 
 
+class _FakeInner:
+    """A finished real Work whose future holds ``value`` or raises ``error``."""
+
+    def __init__(self, value: object = None, error: BaseException | None = None) -> None:
+        self.fut: torch.futures.Future = torch.futures.Future()
+        if error is not None:
+            self.fut.set_exception(error)
+        else:
+            self.fut.set_result(value)
+        self.error = error
+
+    def is_completed(self) -> bool:
+        return True
+
+    def wait(self, timeout: object = None) -> bool:
+        if self.error is not None:
+            raise self.error
+        return True
+
+    def get_future(self) -> torch.futures.Future:
+        return self.fut
+
+
+class _FakeEmu:
+    """The parts of an Emulator that work handles use, on a wall clock starting now."""
+
+    def __init__(self) -> None:
+        from netsim._emulate_clock import EmuWallClock
+
+        self.clock = EmuWallClock(time.monotonic())
+        self.timeout_s = 5.0
+        self.late: list[float] = []
+
+    def _note_real_done(self, op: object, t: float) -> None:
+        self.late.append(t)
+
+
+def test_work_completes_at_due_and_propagates_errors() -> None:
+    from netsim._emulate_work import EmulatedWork, EmuOp, Timer
+
+    emu = _FakeEmu()
+    timer = Timer(emu)  # type: ignore[arg-type]
+    emu.timer = timer  # type: ignore[attr-defined]
+    try:
+        op = EmuOp("allreduce", 8, 0.0)
+        work = EmulatedWork(_FakeInner([torch.ones(2)]), op, emu)  # type: ignore[arg-type]
+        fut = work.get_future()
+        assert not work.is_completed()  # the due time is not even known yet
+        due = emu.clock.now() + 0.05
+        op.set_due(due)
+        assert fut.wait()[0].tolist() == [1.0, 1.0]
+        assert emu.clock.now() >= due - 1e-4  # not before the modeled time
+        assert work.is_completed()
+        # A failed real op fails the future and wait().
+        op2 = EmuOp("allreduce", 8, 0.0)
+        op2.set_due(0.0)
+        bad = EmulatedWork(_FakeInner(error=RuntimeError("peer gone")), op2, emu)  # type: ignore[arg-type]
+        with pytest.raises(RuntimeError, match="peer gone"):
+            bad.get_future().wait()
+        with pytest.raises(RuntimeError, match="peer gone"):
+            bad.wait()
+        # A failed resolution (e.g. the side group timed out) reaches the waiter too.
+        op3 = EmuOp("send", 8, 0.0)
+        op3.fail(TimeoutError("side group"))
+        with pytest.raises(RuntimeError, match="side group"):
+            EmulatedWork(_FakeInner(), op3, emu).wait()  # type: ignore[arg-type]
+    finally:
+        timer.close(5.0)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "field"),
     [
@@ -279,6 +349,16 @@ def _job_handles(rank: int, n: int, link: Link, nbytes: int) -> dict[str, object
         while not w.is_completed():
             time.sleep(0.001)
         out["poll_s"] = time.monotonic() - t0
+        # recv without a source: the sender is known only once the data is in.
+        y = torch.zeros(nbytes // 4)
+        align()
+        t0 = time.monotonic()
+        if rank == 0:
+            dist.send(torch.ones_like(y), 1)
+        elif rank == 1:
+            out["anysource_src"] = dist.recv(y)
+            out["anysource_s"] = time.monotonic() - t0
+            out["anysource_ok"] = bool(torch.equal(y, torch.ones_like(y)))
         out["late_ops"] = emu.stats.late_ops
     align.close()
     return out
@@ -520,6 +600,10 @@ def test_n2_work_handles(ranks2: LazyRanks) -> None:
         for key in ("future_s", "poll_s"):
             assert abs(out[key] - model) <= _tol(model) + 1e-3, f"rank {rank} {key}: {out[key]} vs {model}"
         assert out["wait_after_s"] >= out["future_s"]
+        if rank == 1:
+            want = LINK.transfer_time(NBYTES)
+            assert out["anysource_src"] == 0 and out["anysource_ok"]
+            assert abs(out["anysource_s"] - want) <= _tol(want), (out["anysource_s"], want)
         assert out["late_ops"] == 0
 
 
