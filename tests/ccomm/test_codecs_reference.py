@@ -15,12 +15,12 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ccomm import available_codecs, make_codec
+from ccomm import make_codec
 
 try:  # tests/ccomm as a package or as a rootdir-inserted directory
-    from ._specs import ALL_SPECS, CHAINS, DEFAULT_ARGS, DTYPES
+    from ._specs import ALL_SPECS, DTYPES
 except ImportError:
-    from _specs import ALL_SPECS, CHAINS, DEFAULT_ARGS, DTYPES
+    from _specs import ALL_SPECS, DTYPES
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
