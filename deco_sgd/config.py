@@ -1,0 +1,285 @@
+"""`DecoConfig`: every DeCo-SGD setting, validated on construction (design §7 "Config validation").
+
+Validation runs in `__post_init__` in this order:
+
+1. types and ranges of every scalar field; sequences are normalised to tuples so that the
+   frozen config is hashable and its `hash()` does not depend on list-vs-tuple;
+2. the codec spec is built once with `ccomm.make_codec` (errors surface as ``codec: ...``);
+   single codecs get the `ratio` field, chains keep their own ratios in the spec;
+3. cross-field rules: staleness ≤ tau_max ≤ 64, decide_every a multiple of measure_every,
+   adaptive mode only with a one-ratio family, ``exchange="allreduce"`` only with an
+   additive codec, Φ ``reported`` only with max(ratio_grid) ≤ 0.5.
+
+Defaults follow the spec; the surrogate constants a = b = c = κ = 1 and eps_rel = 0.05
+are provisional until `fit_surrogate` calibrates them (§3.4). Fields the spec does not
+name explicitly (EMA α for gradient statistics, latency window, sigma coordinates, κ,
+LUT rebuild threshold, bandwidth transfer fraction) are [ours].
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from ccomm import make_codec
+from ccomm.codecs import Chain, Codec
+
+from .phi import PHI_FUNCTIONS, REPORTED_MAX_RATIO
+
+__all__ = [
+    "DecoConfig",
+    "ADAPTIVE_CODECS",
+    "DEFAULT_RATIO_GRID",
+    "TAU_LIMIT",
+    "CONFIG_SCHEMA",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Codec families the controller can drive with a single ratio (design §7).
+ADAPTIVE_CODECS = ("topk", "randomk")
+DEFAULT_RATIO_GRID = (1.0, 0.5, 0.2, 0.1, 0.05, 0.02, 0.01, 0.005, 0.002, 0.001)
+#: Hard upper bound on tau_max (design §7).
+TAU_LIMIT = 64
+#: Bumped when the meaning of a field changes, so old checkpoint hashes stop matching.
+CONFIG_SCHEMA = 1
+
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "mode": ("static", "adaptive"),
+    "nonfinite": ("skip", "raise"),
+    "value_dtype": ("fp32", "fp16", "bf16"),
+    "exchange": ("auto", "allgather", "allreduce"),
+    "decision_mode": ("replicated", "rank0"),
+    "checkpoint_queue": ("snapshot", "drain"),
+    "flush": ("apply", "discard"),
+}
+
+
+def _int(name: str, v: Any, lo: int, hi: int | None = None) -> int:
+    # bool is an int subclass; a True in a step count is a typo, not a 1.
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo or (hi is not None and v > hi):
+        rng = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
+        raise ValueError(f"{name}: must be an integer {rng}, got {v!r}")
+    return v
+
+
+def _float(name: str, v: Any, lo: float, hi: float, lo_open: bool, hi_open: bool) -> float:
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
+    if ok:
+        x = float(v)
+        ok = (x > lo if lo_open else x >= lo) and (x < hi if hi_open else x <= hi)
+    if not ok:
+        lb = "(" if lo_open else "["
+        rb = ")" if hi_open else "]"
+        hs = "inf" if math.isinf(hi) else f"{hi:g}"
+        raise ValueError(f"{name}: must be a finite number in {lb}{lo:g}, {hs}{rb}, got {v!r}")
+    return float(v)
+
+
+@dataclass(frozen=True)
+class DecoConfig:
+    """Frozen, self-validating DeCo-SGD configuration (see module docstring)."""
+
+    # -- method ---------------------------------------------------------------------------
+    mode: str = "adaptive"
+    codec: str = "topk"
+    ratio: float = 1.0  # initial (adaptive) or fixed (static) fraction kept δ
+    staleness: int = 0  # initial (adaptive) or fixed (static) τ
+    value_dtype: str = "fp32"
+    exchange: str = "auto"
+    seed: int = 0
+    bucket_mb: float = 25.0
+    lr_tau_scaling: bool = False
+    # -- controller (§3.5, §3.6) --------------------------------------------------------
+    ratio_grid: tuple[float, ...] = DEFAULT_RATIO_GRID
+    tau_max: int = 16
+    warmup_steps: int = 20
+    measure_every: int = 10
+    decide_every: int = 100
+    change_threshold: float = 0.2
+    hysteresis: float = 0.05
+    min_dwell_steps: int = 50
+    decision_mode: str = "replicated"
+    lut_rebuild_threshold: float = 0.1  # [ours] rebuild N when r moves more than this
+    # -- surrogate (§3.4) -----------------------------------------------------------------
+    phi: str = "exp2"
+    phi_base: float = 2.0
+    kappa: float = 1.0  # [ours] multiplier on Φ, fitted by fit_surrogate
+    a: float = 1.0
+    b: float = 1.0
+    c: float = 1.0
+    eps_rel: float = 0.05
+    # -- estimators (§4) ------------------------------------------------------------------
+    ema_comp: float = 0.1
+    ema_bandwidth: float = 0.3
+    ema_grad: float = 0.1  # [ours] α for the G² and σ² EMAs
+    bw_min_transfer_frac: float = 0.25
+    latency_window: int = 50
+    sigma_coords: int = 4096
+    # -- faults, shutdown, checkpoints (§5-§7) -------------------------------------------
+    nonfinite: str = "skip"
+    max_consecutive_skips: int = 10
+    timeout_s: float = 120.0
+    checkpoint_queue: str = "snapshot"
+    flush: str = "apply"
+    flush_residual: bool = False
+    _codec_family: str = field(default="", init=False, repr=False, compare=False)
+    _codec_additive: bool = field(default=False, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
+        for name, choices in _CHOICES.items():
+            v = getattr(self, name)
+            if v not in choices:
+                raise ValueError(f"{name}: must be one of {list(choices)}, got {v!r}")
+        for name in ("lr_tau_scaling", "flush_residual"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}: must be a bool (true/false), got {getattr(self, name)!r}")
+        set_("ratio", _float("ratio", self.ratio, 0.0, 1.0, True, False))
+        set_("tau_max", _int("tau_max", self.tau_max, 0, TAU_LIMIT))
+        set_("staleness", _int("staleness", self.staleness, 0, self.tau_max))
+        set_("seed", _int("seed", self.seed, 0))
+        set_("bucket_mb", _float("bucket_mb", self.bucket_mb, 0.0, math.inf, True, True))
+        self._check_grid(set_)
+        for name in ("warmup_steps", "min_dwell_steps"):
+            set_(name, _int(name, getattr(self, name), 0))
+        for name in ("measure_every", "decide_every", "max_consecutive_skips", "latency_window", "sigma_coords"):
+            set_(name, _int(name, getattr(self, name), 1))
+        if self.decide_every % self.measure_every:
+            raise ValueError(
+                f"decide_every: must be a multiple of measure_every={self.measure_every}, got {self.decide_every}"
+            )
+        set_("change_threshold", _float("change_threshold", self.change_threshold, 0.0, 1.0, True, True))
+        set_("lut_rebuild_threshold", _float("lut_rebuild_threshold", self.lut_rebuild_threshold, 0.0, 1.0, True, True))
+        set_("hysteresis", _float("hysteresis", self.hysteresis, 0.0, 0.5, False, True))
+        set_("bw_min_transfer_frac", _float("bw_min_transfer_frac", self.bw_min_transfer_frac, 0.0, 1.0, False, True))
+        for name in ("ema_comp", "ema_bandwidth", "ema_grad"):
+            set_(name, _float(name, getattr(self, name), 0.0, 1.0, True, False))
+        for name in ("eps_rel", "timeout_s"):
+            set_(name, _float(name, getattr(self, name), 0.0, math.inf, True, True))
+        for name in ("a", "b", "c", "kappa"):
+            set_(name, _float(name, getattr(self, name), 0.0, math.inf, False, True))
+        if self.a == self.b == self.c == 0.0:
+            raise ValueError("a, b, c: must be >= 0 and not all zero, got a = b = c = 0")
+        set_("phi_base", _float("phi_base", self.phi_base, 1.0, math.inf, True, True))
+        if self.phi not in PHI_FUNCTIONS:
+            raise ValueError(f"phi: must be one of {sorted(PHI_FUNCTIONS)}, got {self.phi!r}")
+        if self.phi == "reported" and max(self.ratio_grid) > REPORTED_MAX_RATIO:
+            raise ValueError(
+                f"phi: 'reported' needs every ratio_grid value <= {REPORTED_MAX_RATIO} (it is NaN or "
+                f"divergent as the ratio nears 1), but max(ratio_grid) = {max(self.ratio_grid)}"
+            )
+        self._check_codec(set_)
+
+    def _check_grid(self, set_: Any) -> None:
+        grid = self.ratio_grid
+        if isinstance(grid, (str, bytes)) or not hasattr(grid, "__iter__"):
+            raise ValueError(f"ratio_grid: must be a sequence of numbers in (0, 1], got {grid!r}")
+        vals = tuple(_float("ratio_grid", v, 0.0, 1.0, True, False) for v in grid)
+        if not vals:
+            raise ValueError("ratio_grid: must hold at least one value in (0, 1], got an empty sequence")
+        if len(set(vals)) != len(vals):
+            raise ValueError(f"ratio_grid: values must be distinct, got {list(vals)}")
+        set_("ratio_grid", vals)
+
+    def _check_codec(self, set_: Any) -> None:
+        if not isinstance(self.codec, str) or not self.codec.strip():
+            raise ValueError(f"codec: expected a codec spec such as 'topk', got {self.codec!r}")
+        chain = "|" in self.codec
+        if chain and self.ratio != 1.0:
+            raise ValueError(f"ratio: a chain codec keeps its ratios in the spec; leave ratio at 1.0, got {self.ratio}")
+        if "ratio=" in self.codec.replace(" ", "") and not chain:
+            raise ValueError(f"codec: give the ratio in the `ratio` field, not in the spec {self.codec!r}")
+        try:
+            codec = make_codec(self.codec)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"codec: {self.codec!r} does not parse with make_codec: {e}") from e
+        family = "chain" if isinstance(codec, Chain) else codec.name
+        if not chain and hasattr(codec, "ratio"):
+            codec = self.make_codec(self.ratio)  # checks that the codec accepts this ratio
+        elif not chain and self.ratio != 1.0:
+            raise ValueError(f"ratio: codec {family!r} takes no ratio; leave ratio at 1.0, got {self.ratio}")
+        if self.mode == "adaptive" and family not in ADAPTIVE_CODECS:
+            raise ValueError(
+                f"codec: mode='adaptive' needs a one-ratio family {list(ADAPTIVE_CODECS)} (chains are "
+                f"static-only), got {self.codec!r}"
+            )
+        if self.exchange == "allreduce" and not codec.additive:
+            raise ValueError(
+                f"exchange: 'allreduce' needs an additive codec, and {self.codec!r} is not; use 'allgather' or 'auto'"
+            )
+        set_("_codec_family", family)
+        set_("_codec_additive", bool(codec.additive))
+
+    # -- derived ------------------------------------------------------------------------------
+    @property
+    def codec_family(self) -> str:
+        """Registered name of the single codec, or ``"chain"``."""
+        return self._codec_family
+
+    @property
+    def exchange_pattern(self) -> str:
+        """Resolved exchange: ``"allreduce"`` for additive codecs under ``auto``, else ``"allgather"``."""
+        if self.exchange != "auto":
+            return self.exchange
+        return "allreduce" if self._codec_additive else "allgather"
+
+    @property
+    def value_bytes(self) -> int:
+        """b_v of the time model (§3.2): 4 for fp32, 2 for fp16/bf16."""
+        return 4 if self.value_dtype == "fp32" else 2
+
+    def make_codec(self, ratio: float | None = None) -> Codec:
+        """The codec at fraction kept `ratio` (default: the `ratio` field); chains ignore it."""
+        if "|" in self.codec:
+            return make_codec(self.codec)
+        codec = make_codec(self.codec)
+        if not hasattr(codec, "ratio"):
+            return codec
+        return make_codec(self.codec, ratio=self.ratio if ratio is None else ratio)
+
+    def validate_for_hook(self) -> None:
+        """The DDP hook needs ≥ 1 warm-up step: DDP rebuilds its buckets after iteration 1 (§2.3)."""
+        if self.warmup_steps < 1:
+            raise ValueError(f"warmup_steps: must be >= 1 with deco_hook (DDP rebuilds buckets), got {self.warmup_steps}")
+
+    # -- serialisation ------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict of the init fields (tuples become lists)."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            if f.init:
+                v = getattr(self, f.name)
+                out[f.name] = list(v) if isinstance(v, tuple) else v
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "DecoConfig":
+        """Build from a mapping; unknown keys raise `ValueError` listing the allowed ones."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"config: expected a mapping, got {type(data).__name__}")
+        allowed = [f.name for f in dataclasses.fields(cls) if f.init]
+        unknown = sorted(set(data) - set(allowed))
+        if unknown:
+            raise ValueError(f"config: unknown field(s) {unknown}; allowed: {allowed}")
+        kw = dict(data)
+        if "ratio_grid" in kw and isinstance(kw["ratio_grid"], list):
+            kw["ratio_grid"] = tuple(kw["ratio_grid"])
+        return cls(**kw)
+
+    def replace(self, **changes: Any) -> "DecoConfig":
+        """A validated copy with `changes` applied."""
+        return dataclasses.replace(self, **changes)
+
+    def hash(self) -> str:
+        """SHA-256 hex of the canonical JSON of `to_dict()` plus the schema number.
+
+        Stable across processes and Python versions (unlike the built-in `hash`), so a
+        checkpoint can check that it is resumed under the same config (§6).
+        """
+        blob = json.dumps({"schema": CONFIG_SCHEMA, **self.to_dict()}, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()
