@@ -19,9 +19,12 @@ from typing import Any
 import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
 
-__all__ = ["PATCHED_NAMES", "FUNCTIONAL_NAMES", "Patch", "originals", "group_mapper", "warn_once"]
+__all__ = ["PATCH_MARK", "PATCHED_NAMES", "FUNCTIONAL_NAMES", "Patch", "originals", "group_mapper", "warn_once"]
 
 logger = logging.getLogger(__name__)
+
+#: Attribute set on every patched function (nested emulators are refused).
+PATCH_MARK = "_netsim_emulate_patched"
 
 PATCHED_NAMES: tuple[str, ...] = (
     "all_reduce",

@@ -17,6 +17,7 @@ delay, so it is accurate while the real transport takes less than the modeled ti
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import queue
@@ -32,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 from ._emulate_clock import EmuVirtualClock, EmuWallClock
-from ._emulate_patch import Patch, group_mapper, originals
+from ._emulate_patch import PATCH_MARK, Patch, group_mapper, originals
 from ._emulate_pg import EmulatedProcessGroup
 from ._emulate_sched import collective_schedule
 from ._emulate_state import owned_size, pack_owned, replay, unpack_owned
@@ -122,6 +123,8 @@ class Emulator:
             raise RuntimeError("netsim.emulate needs torch.distributed initialized (init_process_group) first")
         if self._active:
             raise RuntimeError("this Emulator is already active")
+        if getattr(dist.all_reduce, PATCH_MARK, False):
+            raise RuntimeError("netsim.emulate is already patching torch.distributed; emulators do not nest")
         default = dist.distributed_c10d._get_default_group()
         self.inner: dist.ProcessGroup = default if self._group_arg is None else self._group_arg
         self._is_default = self.inner is default
@@ -154,7 +157,12 @@ class Emulator:
         local = self.n != dist.get_world_size()
         self._side = dist.new_group(self._global_ranks, backend="gloo", timeout=timeout, use_local_synchronization=local)
         self._side_p2p = dist.new_group(self._global_ranks, backend="gloo", timeout=timeout, use_local_synchronization=local)
-        self.clock = self._make_clock()
+        try:
+            self.clock = self._make_clock()
+        except BaseException:
+            for g in (self._side_p2p, self._side):
+                dist.destroy_process_group(g)
+            raise
         self._wrapper = EmulatedProcessGroup(self.inner, self)
         ranks_map = dist.distributed_c10d._world.pg_group_ranks
         ranks_map[self._wrapper] = {g: i for i, g in enumerate(self._global_ranks)}
@@ -396,8 +404,16 @@ class Emulator:
 
     def _replacements(self) -> dict[str, Callable[..., Any]]:
         out = {name: group_mapper(fn, self._swap_group) for name, fn in self._orig.items() if name != "batch_isend_irecv"}
-        out["batch_isend_irecv"] = self._batch_isend_irecv
+        batch = self._batch_isend_irecv
+
+        @functools.wraps(self._orig["batch_isend_irecv"])
+        def batch_isend_irecv(p2p_op_list: list[dist.P2POp]) -> list[dist.Work]:
+            return batch(p2p_op_list)
+
+        out["batch_isend_irecv"] = batch_isend_irecv
         self._patched_isend = out["isend"]
+        for fn in out.values():
+            setattr(fn, PATCH_MARK, True)
         return out
 
     def _batch_isend_irecv(self, p2p_op_list: list[dist.P2POp]) -> list[dist.Work]:

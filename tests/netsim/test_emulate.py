@@ -415,6 +415,11 @@ def _job_patch_restore(rank: int, n: int, link: Link) -> dict[str, bool]:
         y = funcol.all_reduce(torch.ones(4), "sum", dist.group.WORLD)
         out["functional_value_ok"] = bool(torch.equal(funcol.wait_tensor(y), torch.full((4,), float(n))))
         out["functional_warned"] = patch_mod._warned_functional
+        try:
+            with emulate(link):
+                out["nested_refused"] = False
+        except RuntimeError as exc:
+            out["nested_refused"] = "do not nest" in str(exc)
     out["functional_restored"] = all(getattr(funcol, k) is f for k, f in fbefore.items())
     out["restored"] = all(getattr(m, k) is before[(m.__name__, k)] for m in mods for k in PATCHED_NAMES if hasattr(m, k))
     out["group_ranks_restored"] = dict(c10d._world.pg_group_ranks) == ranks_before
