@@ -1,14 +1,12 @@
 """Which message schedule ``netsim.emulate`` replays for each collective.
 
-All-reduce, all-gather, reduce-scatter and broadcast use ``netsim.cost.schedule`` with its
-default algorithm, so emulate and the cost model time the same steps. ``cost`` has no barrier;
-emulate models it as the dissemination barrier: ceil(log2 n) rounds of empty messages to
-rank + 2^k, i.e. ceil(log2 n) one-way latencies on an idle network.
+Every collective uses ``netsim.cost.schedule`` with its default algorithm (ring all-reduce,
+all-gather and reduce-scatter, chain broadcast, dissemination barrier), so emulate and the cost
+model time the same steps.
 """
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Sequence
 
 from .cost import Schedule, schedule
@@ -21,11 +19,6 @@ logger = logging.getLogger(__name__)
 OPS: tuple[str, ...] = ("allreduce", "allgather", "reduce_scatter", "broadcast", "barrier")
 
 
-def _dissemination(n: int) -> Schedule:
-    rounds = math.ceil(math.log2(n)) if n > 1 else 0
-    return [[(r, (r + (1 << k)) % n, 0.0) for r in range(n)] for k in range(rounds)]
-
-
 def collective_schedule(op: str, n: int, sizes: Sequence[float], *, root: int = 0) -> Schedule:
     """Steps of ``op`` on ``n`` ranks; ``sizes[r]`` is rank r's input in bytes (cost-model S).
 
@@ -36,8 +29,7 @@ def collective_schedule(op: str, n: int, sizes: Sequence[float], *, root: int = 
         raise ValueError(f"op={op!r} must be one of {list(OPS)}")
     if len(sizes) != n:
         raise ValueError(f"sizes must hold n={n} values, got {len(sizes)}")
-    if op == "barrier":
-        return _dissemination(n)
+    nbytes = max(sizes, default=0.0)
     if op == "allgather":
-        return schedule(op, n, max(sizes, default=0.0), sizes=list(sizes))
-    return schedule(op, n, max(sizes, default=0.0), root=root)
+        return schedule(op, n, nbytes, sizes=list(sizes))
+    return schedule(op, n, nbytes, root=root)

@@ -92,6 +92,22 @@ def test_replay_shared_uplink_serializes_a_rooted_send() -> None:
     assert second == pytest.approx([2 * ser, 2 * ser + LINK.latency_s])
 
 
+@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize("op", ["allreduce", "allgather", "reduce_scatter", "broadcast", "barrier"])
+def test_replay_agrees_with_simulator(op: str, shared: bool) -> None:
+    # Two implementations of the same rule: emulate's replay on a fresh state and the
+    # netsim.clock Simulator, on a heterogeneous topology with staggered entries and jitter.
+    from netsim.clock import Simulator
+
+    n = 4
+    topo = Topo(n, Link(40, 10, jitter_ms=3), hosts={2: Link(10, 10)}, pairs={(1, 2): Link(40, 25)}, shared=shared)
+    enter = [0.0, 0.013, 0.002, 0.031]
+    sizes = [NBYTES] * n
+    ours = replay(Reserver(topo, seed=5), collective_schedule(op, n, sizes), enter).done_s
+    theirs = Simulator(topo, seed=5).collective_times(op, NBYTES, enter_s=enter)
+    assert ours == pytest.approx(theirs, rel=1e-12, abs=1e-12)
+
+
 def test_barrier_schedule_is_dissemination() -> None:
     assert collective_schedule("barrier", 1, [0.0]) == []
     for n in (2, 3, 4, 5, 8):
@@ -101,6 +117,8 @@ def test_barrier_schedule_is_dissemination() -> None:
         assert replay(res, steps, [0.0] * n).done_s == pytest.approx([len(steps) * LINK.latency_s] * n)
     with pytest.raises(ValueError, match="op="):
         collective_schedule("gather", 2, [0.0, 0.0])
+    with pytest.raises(ValueError, match="sizes"):
+        collective_schedule("barrier", 2, [0.0])
 
 
 def test_owned_state_round_trip() -> None:
