@@ -1,0 +1,223 @@
+"""Estimators of the controller's inputs (design §4) [ours]: pure classes fed with numbers.
+
+They see only what a rank observes (step times, timestamps of completed exchanges, gradient
+norms), never the link configuration or a trace, so the controller is never an oracle. A
+non-positive or non-finite sample is "unknown": it is counted in `rejected` and changes
+nothing. The cross-rank reduction (MAX, MIN, SUM) is the caller's; see each class.
+
+* `Ema`: exponential moving average, seeded with its first accepted sample (no bias to 0).
+* `ComputeTimeEstimator` (MAX across ranks): EMA of step wall time minus time blocked on
+  exchanges.
+* `BandwidthEstimator` (MIN across ranks), per completed data exchange:
+  1. start = max(t_launch + L̂, t_done_prev): the transfer cannot begin before its latency
+     has passed, nor before the link finished the previous message (queueing correction);
+  2. transfer = t_done − start, duration = t_done − t_launch;
+  3. keep the sample only if transfer ≥ `min_transfer_frac`·duration (latency-dominated
+     exchanges say nothing about bandwidth); sample = bytes/transfer, EMA (α 0.3).
+* `LatencyEstimator` (MAX across ranks): per pattern, the minimum over the last `window`
+  durations of a 1-element collective; the min-filter rejects queueing.
+* `GradStatsEstimator`: G² = EMA of ‖g^i‖² (SUM/n across ranks) and
+  σ² = n/(n−1)·(mean_i‖g^i‖² − ‖ḡ‖²), clamped ≥ 0, EMA; ‖ḡ‖² exact or sampled on S shared
+  coordinates as (d/S)·‖ḡ_S‖² (`sampled_sq_norm`, `shared_coords`).
+"""
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "Ema",
+    "ComputeTimeEstimator",
+    "BandwidthEstimator",
+    "LatencyEstimator",
+    "GradStatsEstimator",
+    "shared_coords",
+    "sampled_sq_norm",
+]
+
+
+def _good(x: float) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def _alpha(alpha: float) -> float:
+    if not (isinstance(alpha, (int, float)) and 0.0 < alpha <= 1.0):
+        raise ValueError(f"alpha: must be in (0, 1], got {alpha!r}")
+    return float(alpha)
+
+
+class Ema:
+    """EMA over accepted (finite, positive, unless `allow_zero`) samples."""
+
+    def __init__(self, alpha: float, allow_zero: bool = False) -> None:
+        self.alpha = _alpha(alpha)
+        self.allow_zero = allow_zero
+        self.value: float | None = None
+        self.count = 0
+        self.rejected = 0
+
+    def update(self, x: float) -> bool:
+        ok = isinstance(x, (int, float)) and math.isfinite(x) and (x > 0 or (self.allow_zero and x == 0))
+        if not ok:
+            self.rejected += 1
+            return False
+        x = float(x)
+        self.value = x if self.value is None else self.value + self.alpha * (x - self.value)
+        self.count += 1
+        return True
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"value": self.value, "count": self.count, "rejected": self.rejected}
+
+    def load_state_dict(self, sd: Mapping[str, Any]) -> None:
+        self.value, self.count, self.rejected = sd["value"], int(sd["count"]), int(sd["rejected"])
+
+
+class ComputeTimeEstimator:
+    """T_comp: EMA (α 0.1) of step wall time minus time blocked waiting on exchanges."""
+
+    def __init__(self, alpha: float = 0.1) -> None:
+        self.ema = Ema(alpha)
+
+    def update(self, step_wall_s: float, blocked_s: float = 0.0) -> bool:
+        if not (isinstance(blocked_s, (int, float)) and math.isfinite(blocked_s) and blocked_s >= 0):
+            self.ema.rejected += 1
+            return False
+        return self.ema.update(step_wall_s - blocked_s)
+
+    @property
+    def value(self) -> float | None:
+        return self.ema.value
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.ema.state_dict()
+
+    def load_state_dict(self, sd: Mapping[str, Any]) -> None:
+        self.ema.load_state_dict(sd)
+
+
+class BandwidthEstimator:
+    """B: bytes/s from completed exchanges with the queueing correction and transfer filter."""
+
+    def __init__(self, alpha: float = 0.3, min_transfer_frac: float = 0.25) -> None:
+        if not (0.0 <= min_transfer_frac < 1.0):
+            raise ValueError(f"min_transfer_frac: must be in [0, 1), got {min_transfer_frac!r}")
+        self.ema = Ema(alpha)
+        self.min_transfer_frac = float(min_transfer_frac)
+        self.last_done: float | None = None
+        self.filtered = 0  # samples dropped because latency dominated them
+
+    def update(self, nbytes: float, t_launch: float, t_done: float, latency: float | None = None) -> bool:
+        """Feed one completed exchange (completion order); True when it gave a sample."""
+        times_ok = all(isinstance(t, (int, float)) and math.isfinite(t) for t in (t_launch, t_done))
+        if not times_ok or t_done <= t_launch or (self.last_done is not None and t_done < self.last_done):
+            self.ema.rejected += 1
+            return False
+        lat = latency if latency is not None and math.isfinite(latency) and latency >= 0 else 0.0
+        prev = self.last_done
+        self.last_done = t_done  # the link is free from here, whatever this sample is worth
+        if not _good(nbytes):
+            self.ema.rejected += 1
+            return False
+        start = t_launch + lat if prev is None else max(t_launch + lat, prev)
+        transfer = t_done - start
+        if transfer <= 0 or transfer < self.min_transfer_frac * (t_done - t_launch):
+            self.filtered += 1
+            return False
+        return self.ema.update(nbytes / transfer)
+
+    @property
+    def value(self) -> float | None:
+        return self.ema.value
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"ema": self.ema.state_dict(), "last_done": self.last_done, "filtered": self.filtered}
+
+    def load_state_dict(self, sd: Mapping[str, Any]) -> None:
+        self.ema.load_state_dict(sd["ema"])
+        self.last_done, self.filtered = sd["last_done"], int(sd["filtered"])
+
+
+class LatencyEstimator:
+    """L_eff per pattern: min over the last `window` durations of a 1-element collective."""
+
+    def __init__(self, window: int = 50) -> None:
+        if not isinstance(window, int) or window < 1:
+            raise ValueError(f"window: must be an integer >= 1, got {window!r}")
+        self.window = window
+        self.samples: dict[str, deque[float]] = {}
+        self.rejected = 0
+
+    def update(self, pattern: str, duration_s: float) -> bool:
+        if not _good(duration_s):
+            self.rejected += 1
+            return False
+        self.samples.setdefault(pattern, deque(maxlen=self.window)).append(float(duration_s))
+        return True
+
+    def value(self, pattern: str) -> float | None:
+        q = self.samples.get(pattern)
+        return min(q) if q else None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"window": self.window, "samples": {k: list(v) for k, v in self.samples.items()}, "rejected": self.rejected}
+
+    def load_state_dict(self, sd: Mapping[str, Any]) -> None:
+        if sd["window"] != self.window:
+            raise ValueError(f"state_dict: window {sd['window']} differs from {self.window}")
+        self.samples = {k: deque(v, maxlen=self.window) for k, v in sd["samples"].items()}
+        self.rejected = int(sd["rejected"])
+
+
+def shared_coords(d: int, s: int, seed: int, step: int) -> np.ndarray:
+    """The S coordinates (sorted, without replacement) every rank samples at `step`."""
+    if d < 1 or s < 1:
+        raise ValueError(f"d, s: must be >= 1, got d={d}, s={s}")
+    rng = np.random.default_rng([seed, step])
+    return np.sort(rng.choice(d, size=min(s, d), replace=False))
+
+
+def sampled_sq_norm(sum_on_coords: np.ndarray, n: int, d: int) -> float:
+    """‖ḡ‖² ≈ (d/S)·‖ḡ_S‖² from the SUM over ranks of the gradients on S shared coordinates."""
+    v = np.asarray(sum_on_coords, dtype=np.float64) / n
+    return float(d / v.size * (v @ v))
+
+
+class GradStatsEstimator:
+    """G² (EMA of ‖g^i‖²) and σ² (between-worker variance, EMA) for n workers; r = σ²/G²."""
+
+    def __init__(self, n_workers: int, alpha: float = 0.1) -> None:
+        if not isinstance(n_workers, int) or n_workers < 1:
+            raise ValueError(f"n_workers: must be an integer >= 1, got {n_workers!r}")
+        self.n = n_workers
+        self.g2 = Ema(alpha)
+        self.sigma2 = Ema(alpha, allow_zero=True)  # identical gradients give a true 0
+
+    def update(self, mean_sq_norm: float, mean_grad_sq_norm: float | None = None) -> None:
+        """mean_i‖g^i‖² (SUM/n across ranks) and ‖ḡ‖² (exact or sampled); None skips σ²."""
+        if not self.g2.update(mean_sq_norm) or mean_grad_sq_norm is None or self.n == 1:
+            return  # σ² needs n ≥ 2 and a valid mean norm
+        if not (math.isfinite(mean_grad_sq_norm) and mean_grad_sq_norm >= 0):
+            self.sigma2.rejected += 1
+            return
+        self.sigma2.update(max(0.0, self.n / (self.n - 1) * (mean_sq_norm - mean_grad_sq_norm)))
+
+    @property
+    def r(self) -> float | None:
+        """σ²/G², None until both are known."""
+        if self.g2.value is None or self.sigma2.value is None:
+            return None
+        return self.sigma2.value / self.g2.value
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"n": self.n, "g2": self.g2.state_dict(), "sigma2": self.sigma2.state_dict()}
+
+    def load_state_dict(self, sd: Mapping[str, Any]) -> None:
+        if sd["n"] != self.n:
+            raise ValueError(f"state_dict: saved for {sd['n']} workers, this estimator has {self.n}")
+        self.g2.load_state_dict(sd["g2"])
+        self.sigma2.load_state_dict(sd["sigma2"])
