@@ -1,0 +1,139 @@
+"""DecoConfig: defaults from the spec, one ValueError per bad field naming it, round trips and hash."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from deco_sgd.config import DEFAULT_RATIO_GRID, DecoConfig
+
+
+def test_defaults_follow_the_spec() -> None:
+    c = DecoConfig()
+    assert (c.mode, c.codec, c.phi, c.phi_base) == ("adaptive", "topk", "exp2", 2.0)
+    assert c.ratio_grid == DEFAULT_RATIO_GRID and c.tau_max == 16
+    assert (c.warmup_steps, c.measure_every, c.decide_every, c.min_dwell_steps) == (20, 10, 100, 50)
+    assert (c.change_threshold, c.hysteresis, c.eps_rel) == (0.2, 0.05, 0.05)
+    assert (c.ema_comp, c.ema_bandwidth) == (0.1, 0.3)
+    assert (c.nonfinite, c.max_consecutive_skips, c.decision_mode) == ("skip", 10, "replicated")
+    assert (c.checkpoint_queue, c.flush, c.flush_residual, c.lr_tau_scaling) == ("snapshot", "apply", False, False)
+    # top-k is not additive: it travels by all-gather; random-k with a shared seed is.
+    assert c.exchange_pattern == "allgather"
+    assert DecoConfig(codec="randomk").exchange_pattern == "allreduce"
+    assert c.value_bytes == 4 and DecoConfig(value_dtype="bf16").value_bytes == 2
+
+
+BAD = [
+    ("ratio", {"ratio": 0.0}, "(0, 1]"),
+    ("ratio", {"ratio": 1.5}, "(0, 1]"),
+    ("ratio", {"ratio": float("nan")}, "(0, 1]"),
+    ("ratio_grid", {"ratio_grid": (0.5, 0.0)}, "(0, 1]"),
+    ("ratio_grid", {"ratio_grid": (0.1, 0.1)}, "distinct"),
+    ("ratio_grid", {"ratio_grid": ()}, "at least one"),
+    ("staleness", {"staleness": -1}, "[0, 16]"),
+    ("staleness", {"staleness": 5, "tau_max": 4}, "[0, 4]"),
+    ("tau_max", {"tau_max": 65}, "[0, 64]"),
+    ("warmup_steps", {"warmup_steps": -1}, ">= 0"),
+    ("measure_every", {"measure_every": 0}, ">= 1"),
+    ("decide_every", {"decide_every": 25}, "multiple of measure_every=10"),
+    ("change_threshold", {"change_threshold": 1.0}, "(0, 1)"),
+    ("change_threshold", {"change_threshold": 0.0}, "(0, 1)"),
+    ("hysteresis", {"hysteresis": 0.5}, "[0, 0.5)"),
+    ("hysteresis", {"hysteresis": -0.01}, "[0, 0.5)"),
+    ("ema_comp", {"ema_comp": 0.0}, "(0, 1]"),
+    ("ema_bandwidth", {"ema_bandwidth": 1.1}, "(0, 1]"),
+    ("ema_grad", {"ema_grad": -0.1}, "(0, 1]"),
+    ("eps_rel", {"eps_rel": 0.0}, "(0, inf)"),
+    ("timeout_s", {"timeout_s": -3}, "(0, inf)"),
+    ("a", {"a": -1.0}, "[0, inf)"),
+    ("a, b, c", {"a": 0.0, "b": 0.0, "c": 0.0}, "not all zero"),
+    ("phi_base", {"phi_base": 1.0}, "(1, inf)"),
+    ("phi", {"phi": "cubic"}, "exp2"),
+    ("phi", {"phi": "reported"}, "<= 0.5"),
+    ("nonfinite", {"nonfinite": "ignore"}, "['skip', 'raise']"),
+    ("value_dtype", {"value_dtype": "fp64"}, "['fp32', 'fp16', 'bf16']"),
+    ("exchange", {"exchange": "ring"}, "['auto', 'allgather', 'allreduce']"),
+    ("exchange", {"exchange": "allreduce"}, "additive"),  # top-k is not additive
+    ("mode", {"mode": "dynamic"}, "['static', 'adaptive']"),
+    ("codec", {"codec": "nosuchcodec"}, "make_codec"),
+    ("codec", {"codec": "topk:ratio=0.1"}, "`ratio` field"),
+    ("codec", {"codec": "quantize:bits=4"}, "one-ratio family"),
+    ("codec", {"codec": "randomk:ratio=0.1|topk:ratio=0.1|quantize:bits=4"}, "static-only"),
+    ("ratio", {"codec": "quantize:bits=4", "mode": "static", "ratio": 0.5}, "takes no ratio"),
+    ("decision_mode", {"decision_mode": "rank1"}, "['replicated', 'rank0']"),
+    ("checkpoint_queue", {"checkpoint_queue": "keep"}, "['snapshot', 'drain']"),
+    ("flush", {"flush": "drop"}, "['apply', 'discard']"),
+    ("flush_residual", {"flush_residual": 1}, "bool"),
+    ("max_consecutive_skips", {"max_consecutive_skips": 0}, ">= 1"),
+    ("bucket_mb", {"bucket_mb": 0}, "(0, inf)"),
+    ("seed", {"seed": -1}, ">= 0"),
+    ("min_dwell_steps", {"min_dwell_steps": True}, "integer"),
+]
+
+
+@pytest.mark.parametrize("field,kwargs,allowed", BAD, ids=[f"{f}-{i}" for i, (f, _, _) in enumerate(BAD)])
+def test_bad_values_name_the_field_and_the_allowed_range(field: str, kwargs: dict, allowed: str) -> None:
+    with pytest.raises(ValueError) as ei:
+        DecoConfig(**kwargs)
+    msg = str(ei.value)
+    assert msg.startswith(field + ":"), msg
+    assert allowed in msg, msg
+
+
+def test_accepted_edge_values() -> None:
+    DecoConfig(ratio=1.0, staleness=64, tau_max=64, hysteresis=0.0, warmup_steps=0, a=0.0, b=0.0)
+    DecoConfig(phi="reported", ratio_grid=(0.5, 0.1, 0.01))
+    chain = DecoConfig(mode="static", codec="randomk:ratio=0.1|topk:ratio=0.1|quantize:bits=4")
+    assert chain.codec_family == "chain" and chain.exchange_pattern == "allgather"
+    DecoConfig(codec="randomk", exchange="allreduce", ratio=0.01)
+    DecoConfig(mode="static", codec="identity", exchange="allreduce")
+
+
+def test_grid_is_normalised_to_a_tuple_of_floats() -> None:
+    c = DecoConfig(ratio_grid=[1, 0.5])  # type: ignore[arg-type]
+    assert c.ratio_grid == (1.0, 0.5) and all(isinstance(v, float) for v in c.ratio_grid)
+    hash(c)  # frozen and hashable
+
+
+def test_hook_needs_one_warmup_step() -> None:
+    DecoConfig(warmup_steps=0)  # fine for the optimizer wrapper
+    with pytest.raises(ValueError, match="^warmup_steps:"):
+        DecoConfig(warmup_steps=0).validate_for_hook()
+    DecoConfig(warmup_steps=1).validate_for_hook()
+
+
+def test_make_codec_applies_the_ratio() -> None:
+    c = DecoConfig(ratio=0.1)
+    assert c.make_codec().ratio == pytest.approx(0.1)  # type: ignore[attr-defined]
+    assert c.make_codec(0.002).ratio == pytest.approx(0.002)  # type: ignore[attr-defined]
+
+
+def test_dict_round_trip_and_json() -> None:
+    c = DecoConfig(ratio=0.01, staleness=3, ratio_grid=(0.5, 0.01), codec="randomk", seed=7)
+    d = c.to_dict()
+    assert isinstance(d["ratio_grid"], list)
+    back = DecoConfig.from_dict(json.loads(json.dumps(d)))
+    assert back == c and back.hash() == c.hash()
+
+
+def test_from_dict_rejects_unknown_fields() -> None:
+    with pytest.raises(ValueError, match=r"unknown field\(s\) \['tau'\]"):
+        DecoConfig.from_dict({"tau": 3})
+
+
+def test_hash_is_stable_and_sensitive() -> None:
+    c = DecoConfig()
+    assert c.hash() == DecoConfig().hash() and len(c.hash()) == 64
+    assert c.hash() != c.replace(seed=1).hash()
+    assert c.hash() != c.replace(ratio_grid=c.ratio_grid[:-1]).hash()
+    # Same value in another process (Python's own hash() is salted per process).
+    code = "from deco_sgd.config import DecoConfig; print(DecoConfig().hash())"
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert other.stdout.strip() == c.hash()
+
+
+def test_replace_revalidates() -> None:
+    with pytest.raises(ValueError, match="^tau_max:"):
+        DecoConfig().replace(tau_max=100)
