@@ -99,18 +99,28 @@ def originals() -> dict[str, Callable[..., Any]]:
     return {name: getattr(c10d, name) for name in PATCHED_NAMES if hasattr(c10d, name)}
 
 
-def group_mapper(orig: Callable[..., Any], swap: Callable[[Any], Any]) -> Callable[..., Any]:
-    """``orig`` with its ``group`` argument passed through ``swap``."""
+def group_mapper(
+    orig: Callable[..., Any], swap: Callable[[Any], Any], on_call: Callable[[], Callable[[], None]] | None = None
+) -> Callable[..., Any]:
+    """``orig`` with its ``group`` argument passed through ``swap``.
+
+    ``on_call()`` runs first and returns what to run on the way out; emulate uses it to take
+    an operation's start time at the user's call, before torch's own argument handling."""
     sig = inspect.signature(orig)
 
     @functools.wraps(orig)
     def patched(*args: Any, **kwargs: Any) -> Any:
-        bound = sig.bind(*args, **kwargs)
-        if "group" in bound.arguments:
-            bound.arguments["group"] = swap(bound.arguments["group"])
-        elif "group" in sig.parameters:
-            bound.arguments["group"] = swap(None)
-        return orig(*bound.args, **bound.kwargs)
+        done = on_call() if on_call is not None else None
+        try:
+            bound = sig.bind(*args, **kwargs)
+            if "group" in bound.arguments:
+                bound.arguments["group"] = swap(bound.arguments["group"])
+            elif "group" in sig.parameters:
+                bound.arguments["group"] = swap(None)
+            return orig(*bound.args, **bound.kwargs)
+        finally:
+            if done is not None:
+                done()
 
     return patched
 

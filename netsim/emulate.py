@@ -67,6 +67,10 @@ class EmulateStats:
     uplink_busy_s: float  # serialization time of this rank's outgoing messages
 
 
+def _noop() -> None:
+    """Nothing to undo."""
+
+
 def _boot_id() -> str:
     # CLOCK_MONOTONIC is shared by every process of one boot (network namespaces included).
     try:
@@ -148,6 +152,7 @@ class Emulator:
         self._received = 0.0
         self._intervals: list[tuple[float, float]] = []
         self._headers: list[dist.Work] = []
+        self._call = threading.local()
         timeout = timedelta(seconds=self.timeout_s)
         # Two gloo side groups: collective metadata (resolver thread) and p2p headers, so
         # their messages never interleave. For the whole world, plain new_group: its names
@@ -282,8 +287,21 @@ class Emulator:
             raise RuntimeError("netsim.emulate is not active (use it as a context manager)")
 
     def _enter(self) -> float:
+        """An operation's start: when the outermost patched call began, else now."""
         self._check_active()
-        return max(0.0, self.clock.now())
+        t = getattr(self._call, "t", None)
+        return max(0.0, self.clock.now() if t is None else t)
+
+    def _on_call(self) -> Callable[[], None]:
+        # Only the outermost patched call stamps the time: dist.send calls dist.isend inside.
+        if getattr(self._call, "t", None) is not None:
+            return _noop
+        self._call.t = self.clock.now()
+
+        def clear() -> None:
+            self._call.t = None
+
+        return clear
 
     def _record(self, op: EmuOp, sent: float, received: float) -> None:
         with self._stats_lock:
@@ -403,12 +421,20 @@ class Emulator:
         return self._wrapper if group is self.inner else group
 
     def _replacements(self) -> dict[str, Callable[..., Any]]:
-        out = {name: group_mapper(fn, self._swap_group) for name, fn in self._orig.items() if name != "batch_isend_irecv"}
+        out = {
+            name: group_mapper(fn, self._swap_group, self._on_call)
+            for name, fn in self._orig.items()
+            if name != "batch_isend_irecv"
+        }
         batch = self._batch_isend_irecv
 
         @functools.wraps(self._orig["batch_isend_irecv"])
         def batch_isend_irecv(p2p_op_list: list[dist.P2POp]) -> list[dist.Work]:
-            return batch(p2p_op_list)
+            done = self._on_call()
+            try:
+                return batch(p2p_op_list)
+            finally:
+                done()
 
         out["batch_isend_irecv"] = batch_isend_irecv
         self._patched_isend = out["isend"]
