@@ -53,6 +53,17 @@ def _tol(model: float) -> float:
     return max(REL_TOL * model, ABS_TOL_S)
 
 
+def _report(title: str, results: list[tuple[dict[str, float], dict[str, float], dict]]) -> None:
+    """Print measured vs model per rank and op (shown with ``pytest -s``)."""
+    print(f"\n{title}")
+    for rank, (meas, model, stats) in enumerate(results):
+        for k, m in model.items():
+            err = meas[k] - m
+            print(f"  rank {rank} {k:24s} model {m * 1e3:7.2f} ms  measured {meas[k] * 1e3:7.2f} ms  "
+                  f"error {err * 1e3:+6.2f} ms ({100 * err / m:+5.1f} %)")
+        print(f"  rank {rank} {stats}")
+
+
 def _check(measured: dict[str, float], model: dict[str, float], rank: int, stats: object = None) -> None:
     bad = {k: (measured[k], model[k]) for k in model if abs(measured[k] - model[k]) > _tol(model[k])}
     # stats.late_ops > 0 means the real transport (or a descheduled rank) overran the model.
@@ -651,7 +662,9 @@ def ranks4():  # type: ignore[no-untyped-def]
 
 @pytest.mark.multiprocess
 def test_n2_every_op_matches_model(ranks2: LazyRanks) -> None:
-    for rank, (meas, model, stats) in enumerate(ranks2.run(_job_ops, LINK, NBYTES, True, timeout_s=90)):
+    results = ranks2.run(_job_ops, LINK, NBYTES, True, timeout_s=90)
+    _report(f"n=2, {LINK}, {NBYTES} B, median of {REPEATS}", results)
+    for rank, (meas, model, stats) in enumerate(results):
         _check(meas, model, rank, stats)
         assert stats["bytes_sent"] > 0
 
@@ -659,7 +672,9 @@ def test_n2_every_op_matches_model(ranks2: LazyRanks) -> None:
 @pytest.mark.multiprocess
 def test_n4_every_op_matches_model(ranks4: LazyRanks) -> None:
     link = Link(40, 10)
-    for rank, (meas, model, stats) in enumerate(ranks4.run(_job_ops, link, 100_000, False, timeout_s=120)):
+    results = ranks4.run(_job_ops, link, 100_000, False, timeout_s=120)
+    _report(f"n=4, {link}, 100000 B, median of {REPEATS}", results)
+    for rank, (meas, model, stats) in enumerate(results):
         _check(meas, model, rank, stats)
 
 
