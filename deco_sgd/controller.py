@@ -27,7 +27,9 @@ minimum of W, so ties go to the larger δ, then the smaller τ.
 3. hold when T̂_comp is unknown; fall back to (min δ, τ_max) with a warning when B̂ is
    unknown or 0 or no candidate is finite (§3.5);
 4. otherwise rescore the current point and switch only if W_best < (1 − hysteresis)·W_current
-   and `min_dwell_steps` have passed since the last switch.
+   and `min_dwell_steps` have passed since the last switch;
+5. the measurements of an evaluated decision become the reference of the change trigger,
+   except after a dwell hold: the trigger stays armed until the switch can happen.
 """
 from __future__ import annotations
 
@@ -227,20 +229,24 @@ class Controller:
         best = None if not m.bandwidth else self.search(m)
         if best is None and m.bandwidth and m.latency_allreduce is None and m.latency_allgather is None:
             return out(trigger, "unknown_latency", cur_d, cur_t)
-        self._remember(m, step)
         if best is None:
             d, t = min(self.grid), self.cfg.tau_max
             logger.warning("step %d: no finite candidate (bandwidth=%s); falling back to ratio=%g staleness=%d",
                            step, m.bandwidth, d, t)
+            self._remember(m, step)
             if (d, t) != (cur_d, cur_t):
                 self._last_switch = step
             return out(trigger, "fallback", d, t)
         # The LUT's N where the current point is on the grid, so both sides use the same r.
         w_cur = self.score(m, cur_d, cur_t, self._lut.get((cur_d, cur_t))).w
         if not best.w < (1 - self.cfg.hysteresis) * w_cur:
+            self._remember(m, step)
             return out(trigger, "hysteresis", cur_d, cur_t, best.w, w_cur)
         if self._last_switch is not None and step - self._last_switch < self.cfg.min_dwell_steps:
+            # Not remembered: the trigger stays armed, so the switch happens as soon as the
+            # dwell time is over instead of waiting for the next period.
             return out(trigger, "dwell", cur_d, cur_t, best.w, w_cur)
+        self._remember(m, step)
         self._last_switch = step
         logger.info("step %d (%s): switch to ratio=%g staleness=%d, W %.4g -> %.4g",
                     step, trigger, best.ratio, best.staleness, w_cur, best.w)
