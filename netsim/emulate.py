@@ -14,6 +14,19 @@ a gloo side group; collectives all-gather entry times and link state on it and e
 replays the same schedule. Nothing needs root or touches the environment. Emulation only adds
 delay, so it is accurate while the real transport takes less than the modeled time
 (``emu.stats.late_ops`` counts the operations where it did not).
+
+Limits, by design or not yet done:
+
+* A receiver reserves its shared downlink when it learns of a message (on wait, poll or
+  future), so with several senders into one rank the service order follows that, not the
+  senders' issue order; totals still match the rule.
+* ``recv(src=None)`` learns the sender after the data is in, then fetches the header; mixing
+  it with receives from a named source on the same pair and tag may pair headers wrongly.
+* ``batch_isend_irecv`` sends one header per message (not one batch); on NCCL the real ops are
+  still coalesced. NCCL itself is untested here (no GPU).
+* Functional collectives, reduce, gather, scatter and all-to-all run unemulated and warn once.
+* Emulating a subgroup uses torch's locally synchronized groups, whose names repeat after a
+  ``destroy_process_group``; emulate the whole world where possible.
 """
 from __future__ import annotations
 

@@ -447,8 +447,9 @@ def _job_shared_bandwidth(rank: int, n: int, link: Link, nbytes: int) -> dict[st
 
     with emulate(link) as emu:
         out = _merge([once() for _ in range(REPEATS)])
-        out["late_ops"] = float(emu.stats.late_ops)
+        stats = emu.stats
     align.close()
+    out.update(sent=stats.bytes_sent, received=stats.bytes_received, uplink_busy=stats.uplink_busy_s, ops=stats.ops)
     return out
 
 
@@ -714,6 +715,13 @@ def test_n2_concurrent_messages_share_bandwidth(ranks2: LazyRanks) -> None:
     want0, want1 = 2 * ser + link.latency_s, 2 * ser + 2 * link.latency_s
     assert abs(s0["mixed"] - want0) <= _tol(want0), (s0, want0)
     assert abs(s1["mixed"] - want1) <= _tol(want1), (s1, want1)
+    # emu.stats: per run rank 0 sends two messages, its ring half of the all-reduce (two
+    # chunks of S/2) and one more message: 4S bytes and 4 S/B of uplink time; rank 1 sends S.
+    runs = REPEATS
+    assert s0["sent"] == pytest.approx(runs * 4 * nbytes) and s1["received"] == pytest.approx(runs * 4 * nbytes)
+    assert s1["sent"] == pytest.approx(runs * nbytes) and s0["received"] == pytest.approx(runs * nbytes)
+    assert s0["uplink_busy"] == pytest.approx(runs * 4 * ser)
+    assert s0["ops"] == s1["ops"] == runs * 4
 
 
 @pytest.mark.multiprocess
