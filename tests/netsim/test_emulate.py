@@ -615,6 +615,29 @@ def _job_trace(rank: int, n: int, link: Link, nbytes: int, at_s: float) -> list[
     return runs
 
 
+def _job_subgroup(rank: int, n: int, link: Link) -> dict[str, object]:
+    """Emulate only the subgroup {0, 1}: its calls are shaped, the default group's are not."""
+    sub = dist.new_group([0, 1], backend="gloo")
+    align = _Aligner()
+    out: dict[str, object] = {}
+    x = torch.ones(NBYTES // 4)
+    if rank in (0, 1):
+        with emulate(link, group=sub) as emu:
+            out["sub_s"] = _median_time(lambda: dist.all_reduce(x, group=sub), align)
+            out["group_rank"] = emu.rank
+    else:
+        for _ in range(REPEATS):
+            align()
+    # The default group stays unemulated (it was never patched for it).
+    align()
+    t0 = time.monotonic()
+    dist.all_reduce(torch.ones(4))
+    out["world_s"] = time.monotonic() - t0
+    align.close()
+    dist.destroy_process_group(sub)
+    return out
+
+
 def _job_late(rank: int, n: int) -> dict[str, float]:
     """A link faster than loopback: the real transport is late, and stats say so."""
     fast = Link(100_000, 0)
@@ -811,3 +834,13 @@ def test_n2_trace_outage_pauses_transfer(ranks2: LazyRanks) -> None:
     span = link.transfer_time(nbytes, 0.25)  # the modeled duration the tolerance applies to
     assert abs(statistics.median(fin_err)) <= _tol(span), fin_err
     assert abs(statistics.median(arr_err)) <= _tol(span), arr_err
+
+
+@pytest.mark.multiprocess
+def test_n4_subgroup(ranks4: LazyRanks) -> None:
+    model = cost.allreduce_time(NBYTES, LINK, 2)
+    out = ranks4.run(_job_subgroup, LINK)
+    for rank in (0, 1):
+        assert out[rank]["group_rank"] == rank
+        assert abs(out[rank]["sub_s"] - model) <= _tol(model), (rank, out[rank], model)
+    assert all(r["world_s"] < 0.5 * model for r in out), out
