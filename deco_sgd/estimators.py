@@ -11,9 +11,12 @@ nothing. The cross-rank reduction (MAX, MIN, SUM) is the caller's; see each clas
 * `BandwidthEstimator` (MIN across ranks), per completed data exchange:
   1. start = max(t_launch + L̂, t_done_prev): the transfer cannot begin before its latency
      has passed, nor before the link finished the previous message (queueing correction);
-  2. transfer = t_done − start, duration = t_done − t_launch;
+  2. transfer = t_done − start; duration = t_done − max(t_launch, t_done_prev), the time
+     the exchange was in charge of the link (queueing behind the previous one excluded);
   3. keep the sample only if transfer ≥ `min_transfer_frac`·duration (latency-dominated
      exchanges say nothing about bandwidth); sample = bytes/transfer, EMA (α 0.3).
+     [ours] Excluding the queueing wait from the duration keeps the samples of a backlog,
+     which are the most precise ones (transfer is then the gap between two completions).
 * `LatencyEstimator` (MAX across ranks): per pattern, the minimum over the last `window`
   durations of a 1-element collective; the min-filter rejects queueing.
 * `GradStatsEstimator`: G² = EMA of ‖g^i‖² (SUM/n across ranks) and
@@ -125,7 +128,8 @@ class BandwidthEstimator:
             return False
         start = t_launch + lat if prev is None else max(t_launch + lat, prev)
         transfer = t_done - start
-        if transfer <= 0 or transfer < self.min_transfer_frac * (t_done - t_launch):
+        duration = t_done - (t_launch if prev is None else max(t_launch, prev))
+        if transfer <= 0 or transfer < self.min_transfer_frac * duration:
             self.filtered += 1
             return False
         return self.ema.update(nbytes / transfer)
