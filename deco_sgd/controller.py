@@ -24,8 +24,10 @@ minimum of W, so ties go to the larger δ, then the smaller τ.
 2. trigger: the first call after warm-up, every `decide_every` steps since the last
    decision, or when B̂ or any L̂ moved more than `change_threshold` from the values of the
    last decision (unknown values never trigger);
-3. hold when T̂_comp is unknown; fall back to (min δ, τ_max) with a warning when B̂ is
-   unknown or 0 or no candidate is finite (§3.5);
+3. hold when T̂_comp is unknown, or when no candidate is finite because a latency is
+   unknown; fall back to (min δ, τ_max) with a warning when B̂ is unknown or 0 or no
+   candidate is finite otherwise (§3.5), at once (nothing can be scored, so neither
+   hysteresis nor dwell applies);
 4. otherwise rescore the current point and switch only if W_best < (1 − hysteresis)·W_current
    and `min_dwell_steps` have passed since the last switch;
 5. the measurements of an evaluated decision become the reference of the change trigger,
@@ -227,8 +229,10 @@ class Controller:
         if m.t_comp is None:
             return out(trigger, "unknown_compute", cur_d, cur_t)
         best = None if not m.bandwidth else self.search(m)
-        if best is None and m.bandwidth and m.latency_allreduce is None and m.latency_allgather is None:
-            return out(trigger, "unknown_latency", cur_d, cur_t)
+        if best is None and m.bandwidth:
+            needed = {pattern_for(self.exchange, d) for d in self.grid}
+            if any(m.latency(p) is None for p in needed):
+                return out(trigger, "unknown_latency", cur_d, cur_t)  # not an outage: wait
         if best is None:
             d, t = min(self.grid), self.cfg.tau_max
             logger.warning("step %d: no finite candidate (bandwidth=%s); falling back to ratio=%g staleness=%d",

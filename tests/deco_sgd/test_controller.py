@@ -257,6 +257,16 @@ def test_no_finite_candidate_falls_back(caplog: pytest.LogCaptureFixture) -> Non
         caplog.clear()
 
 
+def test_unknown_latency_holds_instead_of_falling_back() -> None:
+    ctl = Controller(DecoConfig(warmup_steps=0, ratio_grid=(0.1, 0.01)), 8, NUMELS)
+    m = Measurements(0.1, 1e7, 0.3, None, 1.0)  # top-k below ratio 1 needs the all-gather latency
+    assert ctl.search(m) is None
+    dec = ctl.decide(m, (1.0, 0), step=0)
+    assert (dec.outcome, dec.changed) == ("unknown_latency", False)
+    dec = ctl.decide(Measurements(0.1, 1e7, 0.3, 0.15, 1.0), (1.0, 0), step=10)
+    assert dec.trigger == "initial" and dec.outcome in ("switch", "hysteresis")
+
+
 # -- §3.6 policy ---------------------------------------------------------------------------
 def test_warmup_static_and_unknown_compute_hold() -> None:
     cfg = DecoConfig(**CHEAP).replace(warmup_steps=20)  # type: ignore[arg-type]
