@@ -35,6 +35,7 @@ _MIN_BUF = 16 << 20
 _JUMBO_ABOVE_MBPS = 300.0
 _JUMBO_MTU = 65000
 _MIN_WIRE_QUEUE = 4 << 20
+_MIN_SHAPED_QUEUE_PKTS = 100
 #: Depth of the wire's token buckets.  The loop reads packets up to a few ms late under load
 #: (wire p99 lateness); with depth 0 each late read delays every later packet of a backlog
 #: for good (measured: 4-rank gloo all-gather 10 % slow).  5 ms of line rate is what a
@@ -264,8 +265,14 @@ def plan_up(topo: Topo, caps: Caps, opts: UpOptions) -> Plan:
                         resources[f"down{j}"] = _rate_json(topo.host_link(j),
                                                            factor(topo.host_link(j)))
                 rate = max(topo.host_link(i).peak_mbps, pl.peak_mbps) * 1e6
-                queue = max(_MIN_WIRE_QUEUE, math.ceil(2 * rate * pl.rtt_s / 8),
-                            pl.queue_limit * mtu if pl.queue_packets else 0)
+                two_bdp = math.ceil(2 * rate * pl.rtt_s / 8)
+                # Where the wire shapes (mesh pairs, n > 2 downlinks) nothing upstream pushes
+                # back on TCP (the TUN frees each packet at once, so TCP small queues never
+                # engage): a 4 MiB FIFO became seconds of queue and starved the reverse flow's
+                # ACKs (measured: duplex 8.1 of 10 Mbit/s).  There the queue is 2 BDP (at least
+                # 100 packets); through outages the wire must hold packets, so 4 MiB stays.
+                floor = _MIN_WIRE_QUEUE if outages or not res else _MIN_SHAPED_QUEUE_PKTS * mtu
+                queue = max(floor, two_bdp, pl.queue_limit * mtu if pl.queue_packets else 0)
                 channels.append({"src": i, "dst": j, "latency_s": pl.latency_s,
                                  "jitter_s": pl.jitter_s, "loss": pl.loss, "resources": res,
                                  "queue_bytes": queue, "reorder": pl.reorder})

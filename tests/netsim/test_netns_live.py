@@ -165,6 +165,17 @@ def test_probe_four_hosts_shared_downlinks(make_net) -> None:
 
 
 @pytest.mark.slow
+def test_probe_mesh_pairs_with_their_own_latency(make_net) -> None:
+    slow_pair = Link(10, 25)
+    topo = Topo(3, Link(10, 5), pairs={(0, 1): slow_pair, (1, 0): slow_pair}, shared=False)
+    net = make_net(topo, "lvm")
+    assert net.plan.wire is not None and net.plan.wire["channels"][0]["resources"] == ["pair0-1"]
+    rep = _probe_median(net, samples=40, nbytes=4 << 20)
+    assert rep.ok, rep.table()
+    assert rep.pairs[0].rtt_config_s == pytest.approx(0.050)  # 0 -> 1 and back: 25 ms each
+
+
+@pytest.mark.slow
 def test_probe_bridge_without_delay(make_net) -> None:
     net = make_net(Topo(3, Link(50, 0)), "lv7")
     assert net.plan.mode == "veth"

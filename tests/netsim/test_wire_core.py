@@ -149,3 +149,19 @@ def test_burst_catches_up_a_late_read_but_never_delivers_early() -> None:
     assert w.admit(0, pkt(1), now=3.0).due >= 3.005  # type: ignore[union-attr]  # never early
     with pytest.raises(ValueError, match="burst_s"):
         WireCore(ADDRS, ch, res, burst_s=1.0)
+
+
+def test_acks_skip_the_shaper_backlog_but_use_capacity() -> None:
+    ch = {(i, j): Channel(0.005, resources=(f"pair{i}{j}",)) for i in range(3) for j in range(3)
+          if i != j}
+    res = {f"pair{i}{j}": constant_finish(12e6) for i in range(3) for j in range(3)}
+    w = WireCore(ADDRS, ch, res)
+    data = [w.admit(0, pkt(1), now=1.0) for _ in range(10)]  # 10 ms of backlog
+    ack = w.admit(0, pkt(1, size=52), now=1.0)
+    after = w.admit(0, pkt(1), now=1.0)
+    assert data[-1].due == pytest.approx(1.015)  # type: ignore[union-attr]
+    assert ack.due == pytest.approx(1.005)  # type: ignore[union-attr]  # not behind the data
+    # The ACK's 52 bytes still took 52*8/12e6 s of the pair's capacity.
+    assert after.due == pytest.approx(1.016 + 52 * 8 / 12e6)  # type: ignore[union-attr]
+    plain = core(latency_s=0.005)  # no shaper: ACKs stay in FIFO order like everything else
+    assert plain.admit(0, pkt(1, size=52), now=1.0).due == pytest.approx(1.005)  # type: ignore[union-attr]
