@@ -245,7 +245,9 @@ class DecoConfig:
     def validate_for_hook(self) -> None:
         """The DDP hook needs ≥ 1 warm-up step: DDP rebuilds its buckets after iteration 1 (§2.3)."""
         if self.warmup_steps < 1:
-            raise ValueError(f"warmup_steps: must be >= 1 with deco_hook (DDP rebuilds buckets), got {self.warmup_steps}")
+            raise ValueError(
+                f"warmup_steps: must be >= 1 with deco_hook (DDP rebuilds buckets), got {self.warmup_steps}"
+            )
 
     # -- serialisation ------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

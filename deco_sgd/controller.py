@@ -35,6 +35,7 @@ minimum of W, so ties go to the larger δ, then the smaller τ.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -45,12 +46,23 @@ from .config import DecoConfig
 from .surrogate import FitResult, SurrogateParams, fit_surrogate, iterations
 from .timemodel import MessageSize, message_size, pattern_for, t_iter, tau_min
 
-__all__ = ["Measurements", "Score", "Decision", "Controller", "fit_surrogate", "FitResult"]
+__all__ = [
+    "Measurements",
+    "Score",
+    "Decision",
+    "Controller",
+    "fit_surrogate",
+    "FitResult",
+    "TIE_RTOL",
+    "TIMEOUT_FACTOR",
+]
 
 logger = logging.getLogger(__name__)
 
 #: W values within this relative distance are ties (float noise must not break tie rules).
 TIE_RTOL = 1e-12
+#: timeout_s should be at least this many times the slowest modelled exchange (§7).
+TIMEOUT_FACTOR = 10
 
 # Measured latency key per exchange pattern.
 _LAT_KEY = {"allreduce_dense": "allreduce", "allreduce_sparse": "allreduce", "allgather": "allgather"}
@@ -125,6 +137,12 @@ class Decision:
     def reason(self) -> str:
         return f"{self.trigger}:{self.outcome}"
 
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-able log entry (no NaN: unknown values are None)."""
+        out = dataclasses.asdict(self)
+        out["reason"] = self.reason
+        return out
+
 
 class Controller:
     """Deterministic (δ, τ) controller for n workers and parameter tensors of sizes `numels`."""
@@ -165,7 +183,8 @@ class Controller:
         return self._lut
 
     def _build_lut(self, r: float) -> None:
-        self._lut = {(d, t): iterations(self.params, d, t, r, self.n) for d in self.grid for t in range(self.cfg.tau_max + 1)}
+        taus = range(self.cfg.tau_max + 1)
+        self._lut = {(d, t): iterations(self.params, d, t, r, self.n) for d in self.grid for t in taus}
         self._lut_r = r
         bad = sorted(k for k, v in self._lut.items() if not math.isfinite(v))
         if bad:
@@ -183,6 +202,26 @@ class Controller:
         ti = t_iter(m.t_comp, t_tx, lat, tau)
         w = n_iter * ti if math.isfinite(n_iter) else math.inf
         return Score(delta, tau, w, ti, n_iter, tau_min(m.t_comp, t_tx, lat))
+
+    def comm_time(self, m: Measurements, delta: float) -> float:
+        """Modelled T_comm(δ) = L_eff + V/B̂ of one exchange (inf when B̂ or L̂ is unknown or B̂ = 0)."""
+        size = self.size(delta)
+        lat = m.latency(pattern_for(self.exchange, delta))
+        if lat is None or m.bandwidth is None or (m.bandwidth == 0 and size.nbytes > 0):
+            return math.inf
+        return lat + (size.nbytes / m.bandwidth if size.nbytes > 0 else 0.0)
+
+    def timeout_ok(self, m: Measurements) -> bool:
+        """False (and a warning) when timeout_s < 10× the slowest modelled exchange over the grid (§7).
+
+        Unknown inputs give no verdict (True): the model cannot say anything yet.
+        """
+        worst = max(self.comm_time(m, d) for d in self.grid)
+        if not math.isfinite(worst) or self.cfg.timeout_s >= TIMEOUT_FACTOR * worst:
+            return True
+        logger.warning("timeout_s=%g is below %d x the slowest modelled exchange (%.3g s); a slow but "
+                       "healthy exchange may be reported as a dead peer", self.cfg.timeout_s, TIMEOUT_FACTOR, worst)
+        return False
 
     def search(self, m: Measurements) -> Score | None:
         """argmin of W over the candidates of §3.3/§3.5, or None when none is finite."""
@@ -215,9 +254,11 @@ class Controller:
         """One decision at `step` given the (δ, τ) in force; see the module docstring."""
         cur_d, cur_t = float(current[0]), int(current[1])
 
-        def out(trigger: str, outcome: str, d: float, t: int, w: float | None = None, wc: float | None = None) -> Decision:
+        def out(trigger: str, outcome: str, d: float, t: int, w: float | None = None,
+                wc: float | None = None) -> Decision:
             lat = m.latency(pattern_for(self.exchange, d))
-            return Decision(step, d, t, (d, t) != (cur_d, cur_t), trigger, outcome, m.bandwidth, lat, m.t_comp, m.r, w, wc)
+            changed = (d, t) != (cur_d, cur_t)
+            return Decision(step, d, t, changed, trigger, outcome, m.bandwidth, lat, m.t_comp, m.r, w, wc)
 
         if step < self.cfg.warmup_steps:
             return out("warmup", "hold", cur_d, cur_t)

@@ -168,7 +168,8 @@ class LatencyEstimator:
         return min(q) if q else None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"window": self.window, "samples": {k: list(v) for k, v in self.samples.items()}, "rejected": self.rejected}
+        samples = {k: list(v) for k, v in self.samples.items()}
+        return {"window": self.window, "samples": samples, "rejected": self.rejected}
 
     def load_state_dict(self, sd: Mapping[str, Any]) -> None:
         if sd["window"] != self.window:

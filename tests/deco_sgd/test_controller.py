@@ -29,7 +29,9 @@ D = sum(NUMELS)
 MBIT = 1e6 / 8  # bytes/s per Mbit/s
 
 
-def meas(t_comp: float = 0.1, mbps: float | None = 100.0, rtt_ms: float = 50.0, n: int = 8, r: float | None = 1.0) -> Measurements:
+def meas(
+    t_comp: float = 0.1, mbps: float | None = 100.0, rtt_ms: float = 50.0, n: int = 8, r: float | None = 1.0
+) -> Measurements:
     """Measurements of a ring with one-way latency rtt/2: L_eff = hops·ℓ as a tiny collective would show."""
     ell = rtt_ms / 2e3
     return Measurements(t_comp, None if mbps is None else mbps * MBIT, 2 * (n - 1) * ell, (n - 1) * ell, r)
@@ -152,7 +154,7 @@ def test_surrogate_by_hand() -> None:
 def _synthetic(p: SurrogateParams, scale: float, noise: float, r: float, n: int) -> list[tuple[float, int, float]]:
     rng = np.random.default_rng(1234)
     return [
-        (d, t, scale * iterations(p, d, t, r, n) * math.exp(rng.normal(0.0, noise)) if noise else scale * iterations(p, d, t, r, n))
+        (d, t, scale * iterations(p, d, t, r, n) * (math.exp(rng.normal(0.0, noise)) if noise else 1.0))
         for d in (1.0, 0.1, 0.01, 0.001)
         for t in (0, 1, 2, 4, 8)
     ]
@@ -191,7 +193,8 @@ def _brute_force(ctl: Controller, m: Measurements, cfg: DecoConfig) -> tuple[flo
         lat = m.latency_allgather if pat == "allgather" else m.latency_allreduce
         t_tx = size.nbytes / m.bandwidth  # type: ignore[operator]
         for t in range(min(tau_min(m.t_comp, t_tx, lat), cfg.tau_max) + 1):  # type: ignore[arg-type]
-            rows.append((iterations(p, d, t, r, ctl.n) * t_iter(m.t_comp, t_tx, lat, t), -d, t))  # type: ignore[arg-type]
+            w = iterations(p, d, t, r, ctl.n) * t_iter(m.t_comp, t_tx, lat, t)  # type: ignore[arg-type]
+            rows.append((w, -d, t))
     w, negd, t = min(rows)
     return -negd, t, w
 
@@ -207,6 +210,59 @@ def test_search_matches_brute_force(mbps: float, rtt_ms: float, b: float) -> Non
     d, t, w = _brute_force(ctl, m, cfg)
     assert (best.ratio, best.staleness) == (d, t)
     assert best.w == pytest.approx(w, rel=1e-12)
+
+
+@given(
+    t_comp=st.floats(0.005, 1.0),
+    mbps=st.floats(1.0, 10_000.0),
+    rtt_ms=st.floats(0.0, 400.0),
+    r=st.floats(0.0, 100.0),
+    b=st.floats(0.001, 2.0),
+    kappa=st.floats(0.001, 2.0),
+    phi=st.sampled_from(["exp2", "poly"]),
+    codec=st.sampled_from(["topk", "randomk"]),
+)
+def test_search_matches_brute_force_everywhere(
+    t_comp: float, mbps: float, rtt_ms: float, r: float, b: float, kappa: float, phi: str, codec: str
+) -> None:
+    cfg = DecoConfig(b=b, kappa=kappa, phi=phi, codec=codec)
+    ctl = Controller(cfg, 8, NUMELS)
+    m = meas(t_comp=t_comp, mbps=mbps, rtt_ms=rtt_ms, r=r)
+    best = ctl.search(m)
+    assert best is not None
+    d, t, w = _brute_force(ctl, m, cfg)
+    assert best.w == pytest.approx(w, rel=1e-9)  # same optimum value; the point may differ only by a float tie
+    if best.w != pytest.approx(w, rel=1e-15):
+        assert (best.ratio, best.staleness) == (d, t)
+
+
+def test_pattern_for_full_ratio_is_dense() -> None:
+    assert pattern_for("allgather", 1.0) == "allreduce_dense"
+    assert pattern_for("allreduce", 1.0) == "allreduce_dense"
+    assert pattern_for("allgather", 0.5) == "allgather"
+    assert pattern_for("allreduce", 0.5) == "allreduce_sparse"
+
+
+def test_timeout_check_against_the_slowest_exchange(caplog: pytest.LogCaptureFixture) -> None:
+    m = meas(mbps=100, rtt_ms=150)
+    ctl = Controller(DecoConfig(timeout_s=10.0), 8, NUMELS)
+    # Dense at ratio 1: 14 hops of 75 ms + 2·7/8·D·4 B at 12.5 MB/s ≈ 2.1 s. Top-k at 0.5 is
+    # slower: an all-gather moves 7·k·(4 + 4) B ≈ 52 MB, 4.2 s + 7 hops ≈ 4.7 s.
+    assert ctl.comm_time(m, 1.0) == pytest.approx(14 * 0.075 + 2 * 7 / 8 * D * 4 / 12.5e6)
+    worst = max(ctl.comm_time(m, d) for d in ctl.grid)
+    assert worst == pytest.approx(7 * 0.075 + 7 * kept_elements(NUMELS, 0.5) * 8 / 12.5e6)
+    with caplog.at_level(logging.WARNING, logger="deco_sgd.controller"):
+        assert not ctl.timeout_ok(m)
+    assert "timeout_s=10" in caplog.text
+    assert Controller(DecoConfig(timeout_s=50.0), 8, NUMELS).timeout_ok(m)  # ≥ 10 × 4.7 s
+    assert ctl.timeout_ok(meas(mbps=None))  # unknown bandwidth: no verdict
+
+
+def test_decision_log_entry_is_json() -> None:
+    ctl = Controller(DecoConfig(**CHEAP), 8, NUMELS)  # type: ignore[arg-type]
+    entry = ctl.decide(meas(mbps=5), (1.0, 0), step=0).as_dict()
+    back = json.loads(json.dumps(entry, allow_nan=False))
+    assert back["reason"] == "initial:switch" and back["ratio"] < 1.0 and back["bandwidth"] == 5 * MBIT
 
 
 # A surrogate where staleness and compression are cheap (noisy gradients: a large r) so that

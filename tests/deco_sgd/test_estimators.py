@@ -119,7 +119,8 @@ def test_ema_rejects_bad_alpha() -> None:
 
 
 def test_grad_stats_recover_sigma_and_g2() -> None:
-    # g_i = μ + s·ξ_i: E mean_i‖g_i‖² = ‖μ‖² + d s², and σ² = n/(n−1)·(mean‖g_i‖² − ‖ḡ‖²) is unbiased for d s².
+    # g_i = μ + s·ξ_i: E mean_i‖g_i‖² = ‖μ‖² + d s², and
+    # σ² = n/(n−1)·(mean‖g_i‖² − ‖ḡ‖²) is unbiased for d s².
     rng = np.random.default_rng(42)
     n, d, s = 4, 500, 0.1
     mu = rng.normal(size=d)
