@@ -34,9 +34,7 @@ import functools
 import logging
 import math
 import queue
-import socket
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -45,11 +43,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ._emulate_clock import EmuVirtualClock, EmuWallClock
+from ._emulate_clock import EmuVirtualClock
 from ._emulate_patch import PATCH_MARK, Patch, group_mapper, originals
 from ._emulate_pg import EmulatedProcessGroup
 from ._emulate_sched import collective_schedule
 from ._emulate_state import owned_size, pack_owned, replay, unpack_owned
+from ._emulate_sync import agree_clock
 from ._emulate_work import EmulatedWork, EmuOp, Timer
 from .link import Link
 from .reserve import Reserver
@@ -61,8 +60,6 @@ logger = logging.getLogger(__name__)
 
 #: An operation whose real transport finished this much after its modeled due time is late.
 LATE_SLACK_S = 1e-3
-#: Ping-pongs per rank when the ranks' monotonic clocks differ (ranks on several hosts).
-_SYNC_ROUNDS = 8
 _CLOCKS = ("wall", "virtual")
 _HEADER = 4  # seq, start, fin, nbytes
 
@@ -82,15 +79,6 @@ class EmulateStats:
 
 def _noop() -> None:
     """Nothing to undo."""
-
-
-def _boot_id() -> str:
-    # CLOCK_MONOTONIC is shared by every process of one boot (network namespaces included).
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as fh:
-            return fh.read().strip()
-    except OSError:
-        return "unknown"
 
 
 def _union_length(intervals: list[tuple[float, float]]) -> float:
@@ -176,7 +164,7 @@ class Emulator:
         self._side = dist.new_group(self._global_ranks, backend="gloo", timeout=timeout, use_local_synchronization=local)
         self._side_p2p = dist.new_group(self._global_ranks, backend="gloo", timeout=timeout, use_local_synchronization=local)
         try:
-            self.clock = self._make_clock()
+            self.clock = agree_clock(self._side, self.rank, self.n, self._global_ranks[0], self.clock_kind, self._orig)
         except BaseException:
             for g in (self._side_p2p, self._side):
                 dist.destroy_process_group(g)
@@ -221,42 +209,6 @@ class Emulator:
             dist.distributed_c10d._world.pg_group_ranks.pop(self._wrapper, None)
             for g in (self._side_p2p, self._side):
                 dist.destroy_process_group(g)
-
-    def _make_clock(self) -> EmuWallClock | EmuVirtualClock:
-        """Agree on t0: one host shares CLOCK_MONOTONIC, otherwise estimate offsets by ping-pong."""
-        ident = f"{socket.gethostname()}/{_boot_id()}"
-        idents: list[Any] = [None] * self.n
-        dist.all_gather_object(idents, ident, group=self._side)
-        self._orig["barrier"](group=self._side)
-        if self.clock_kind == "virtual":
-            return EmuVirtualClock()
-        root = self._global_ranks[0]
-        t = torch.tensor([time.monotonic()], dtype=torch.float64)
-        self._orig["broadcast"](t, src=root, group=self._side)
-        t0 = float(t.item())
-        if len(set(idents)) > 1:
-            t0 -= self._clock_offset()
-        return EmuWallClock(t0)
-
-    def _clock_offset(self) -> float:
-        """This rank's monotonic minus rank 0's, from the min-RTT of a few ping-pongs."""
-        send, recv = self._orig["send"], self._orig["recv"]
-        buf = torch.zeros(1, dtype=torch.float64)
-        best_rtt, offset = math.inf, 0.0
-        for r in range(1, self.n):
-            for _ in range(_SYNC_ROUNDS):
-                if self.rank == 0:
-                    recv(buf, group=self._side, group_src=r)
-                    buf.fill_(time.monotonic())
-                    send(buf, group=self._side, group_dst=r)
-                elif self.rank == r:
-                    a = time.monotonic()
-                    send(buf, group=self._side, group_dst=0)
-                    recv(buf, group=self._side, group_src=0)
-                    c = time.monotonic()
-                    if c - a < best_rtt:
-                        best_rtt, offset = c - a, (a + c) / 2 - float(buf.item())
-        return offset
 
     # ================================================================== public API
     @property
