@@ -28,7 +28,8 @@ minimum of W, so ties go to the larger δ, then the smaller τ.
    unknown; fall back to (min δ, τ_max) with a warning when B̂ is unknown or 0 or no
    candidate is finite otherwise (§3.5), at once (nothing can be scored, so neither
    hysteresis nor dwell applies);
-4. otherwise rescore the current point and switch only if W_best < (1 − hysteresis)·W_current
+4. otherwise keep the current point if it is the best ("optimal"), else rescore it and
+   switch only if W_best < (1 − hysteresis)·W_current
    and `min_dwell_steps` have passed since the last switch;
 5. the measurements of an evaluated decision become the reference of the change trigger,
    except after a dwell hold: the trigger stays armed until the switch can happen.
@@ -125,7 +126,7 @@ class Decision:
     staleness: int
     changed: bool
     trigger: str  # warmup | static | none | initial | period | bandwidth_change | latency_change
-    outcome: str  # hold | switch | hysteresis | dwell | unknown_compute | unknown_latency | fallback
+    outcome: str  # hold | optimal | switch | hysteresis | dwell | unknown_compute | unknown_latency | fallback
     bandwidth: float | None
     latency: float | None
     t_comp: float | None
@@ -284,6 +285,9 @@ class Controller:
             return out(trigger, "fallback", d, t)
         # The LUT's N where the current point is on the grid, so both sides use the same r.
         w_cur = self.score(m, cur_d, cur_t, self._lut.get((cur_d, cur_t))).w
+        if (best.ratio, best.staleness) == (cur_d, cur_t):
+            self._remember(m, step)
+            return out(trigger, "optimal", cur_d, cur_t, best.w, w_cur)
         if not best.w < (1 - self.cfg.hysteresis) * w_cur:
             self._remember(m, step)
             return out(trigger, "hysteresis", cur_d, cur_t, best.w, w_cur)

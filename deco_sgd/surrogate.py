@@ -117,17 +117,23 @@ def _residuals(x: np.ndarray, y: np.ndarray, tau: np.ndarray, phi: np.ndarray, b
     return res, jac
 
 
-def _lm(x0: np.ndarray, *args: object) -> tuple[np.ndarray, float]:
+def _lm(x0: np.ndarray, y: np.ndarray, tau: np.ndarray, phi: np.ndarray, base_const: np.ndarray,
+        e: float) -> tuple[np.ndarray, float]:
     x = x0.copy()
-    res, jac = _residuals(x, *args)  # type: ignore[arg-type]
+    res, jac = _residuals(x, y, tau, phi, base_const, e)
     cost_ = float(res @ res)
     lam = 1e-3
     for _ in range(_LM_ITERS):
         jtj = jac.T @ jac
         g = jac.T @ res
-        step = np.linalg.solve(jtj + lam * np.diag(np.diag(jtj) + 1e-12), -g)
+        try:
+            # Marquardt's scaling; the 1e-12 keeps a flat direction (e.g. κ with Φ ≈ 0) solvable.
+            step = np.linalg.solve(jtj + lam * np.diag(np.diag(jtj) + 1e-12), -g)
+        except np.linalg.LinAlgError:
+            lam *= 4
+            continue
         xn = np.clip(x + step, -50.0, 50.0)  # keep exp() finite
-        rn, jn = _residuals(xn, *args)  # type: ignore[arg-type]
+        rn, jn = _residuals(xn, y, tau, phi, base_const, e)
         cn = float(rn @ rn)
         if math.isfinite(cn) and cn < cost_:
             done = cost_ - cn < _LM_TOL * max(1.0, cost_)

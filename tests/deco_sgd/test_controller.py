@@ -320,7 +320,7 @@ def test_unknown_latency_holds_instead_of_falling_back() -> None:
     dec = ctl.decide(m, (1.0, 0), step=0)
     assert (dec.outcome, dec.changed) == ("unknown_latency", False)
     dec = ctl.decide(Measurements(0.1, 1e7, 0.3, 0.15, 1.0), (1.0, 0), step=10)
-    assert dec.trigger == "initial" and dec.outcome in ("switch", "hysteresis")
+    assert dec.trigger == "initial" and dec.outcome in ("switch", "hysteresis", "optimal")
 
 
 # -- §3.6 policy ---------------------------------------------------------------------------
@@ -363,6 +363,15 @@ def test_hysteresis_holds_a_near_optimal_point() -> None:
     assert (dec.outcome, dec.changed, (dec.ratio, dec.staleness)) == ("hysteresis", False, near[0])
     no_band = Controller(cfg.replace(hysteresis=0.0), 8, NUMELS).decide(m, near[0], step=0)
     assert (no_band.outcome, no_band.ratio, no_band.staleness) == ("switch", best.ratio, best.staleness)
+
+
+def test_optimal_current_point_is_kept() -> None:
+    ctl = Controller(DecoConfig(**CHEAP), 8, NUMELS)  # type: ignore[arg-type]
+    m = meas(mbps=20, rtt_ms=100, r=10.0)
+    best = ctl.search(m)
+    assert best is not None
+    dec = ctl.decide(m, (best.ratio, best.staleness), step=0)
+    assert (dec.outcome, dec.changed, dec.w) == ("optimal", False, best.w)
 
 
 def test_min_dwell_delays_a_second_switch() -> None:
