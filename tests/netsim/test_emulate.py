@@ -638,6 +638,21 @@ def _job_subgroup(rank: int, n: int, link: Link) -> dict[str, object]:
     return out
 
 
+def _job_ccomm(rank: int, n: int, link: Link) -> dict[str, float]:
+    """ccomm's transport calls torch.distributed through the module, so the patch shapes it."""
+    from ccomm import make_codec
+    from ccomm.comm import allreduce_payload
+
+    codec = make_codec("fp16")
+    x = torch.ones(NBYTES // 4)  # float32: the fp16 payload is half of it
+    align = _Aligner()
+    with emulate(link):
+        payload = codec.encode(x)
+        elapsed = _median_time(lambda: allreduce_payload(payload), align)
+    align.close()
+    return {"s": elapsed, "nbytes": float(payload.nbytes)}
+
+
 def _job_late(rank: int, n: int) -> dict[str, float]:
     """A link faster than loopback: the real transport is late, and stats say so."""
     fast = Link(100_000, 0)
@@ -846,3 +861,11 @@ def test_n4_subgroup(ranks4: LazyRanks) -> None:
         assert out[rank]["group_rank"] == rank
         assert abs(out[rank]["sub_s"] - model) <= _tol(model), (rank, out[rank], model)
     assert all(r["world_s"] < 0.5 * model for r in out), out
+
+
+@pytest.mark.multiprocess
+def test_n2_ccomm_transport_is_shaped(ranks2: LazyRanks) -> None:
+    for out in ranks2.run(_job_ccomm, LINK):
+        assert out["nbytes"] == NBYTES // 2
+        model = cost.allreduce_time(out["nbytes"], LINK, 2)
+        assert abs(out["s"] - model) <= _tol(model), (out, model)
