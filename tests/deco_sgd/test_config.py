@@ -134,6 +134,29 @@ def test_hash_is_stable_and_sensitive() -> None:
     assert other.stdout.strip() == c.hash()
 
 
+def test_numbers_are_normalised_before_hashing() -> None:
+    # YAML gives `ratio: 1` as an int; it must be the same config as 1.0.
+    assert DecoConfig(ratio=1).hash() == DecoConfig(ratio=1.0).hash()  # type: ignore[arg-type]
+    assert isinstance(DecoConfig(eps_rel=1).eps_rel, float)  # type: ignore[arg-type]
+
+
+def test_registered_phi_is_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
+    import deco_sgd.config as config_mod
+    import deco_sgd.phi as phi_mod
+
+    # A private copy of the registry, so the registration does not leak into other tests.
+    registry = dict(phi_mod.PHI_FUNCTIONS)
+    monkeypatch.setattr(phi_mod, "PHI_FUNCTIONS", registry)
+    monkeypatch.setattr(config_mod, "PHI_FUNCTIONS", registry)
+    register_phi = phi_mod.register_phi
+    with pytest.raises(ValueError, match="^phi:"):
+        DecoConfig(phi="linear")
+    register_phi("linear", lambda d, t, base: (1 - d) / d * (t + 1))
+    assert DecoConfig(phi="linear").phi == "linear"
+    with pytest.raises(ValueError, match="already registered"):
+        register_phi("exp2", lambda d, t, base: 0.0)
+
+
 def test_replace_revalidates() -> None:
     with pytest.raises(ValueError, match="^tau_max:"):
         DecoConfig().replace(tau_max=100)
