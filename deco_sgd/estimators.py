@@ -25,6 +25,7 @@ nothing. The cross-rank reduction (MAX, MIN, SUM) is the caller's; see each clas
 """
 from __future__ import annotations
 
+import logging
 import math
 from collections import deque
 from collections.abc import Mapping
@@ -41,6 +42,8 @@ __all__ = [
     "shared_coords",
     "sampled_sq_norm",
 ]
+
+logger = logging.getLogger(__name__)
 
 
 def _good(x: float) -> bool:
@@ -67,6 +70,7 @@ class Ema:
         ok = isinstance(x, (int, float)) and math.isfinite(x) and (x > 0 or (self.allow_zero and x == 0))
         if not ok:
             self.rejected += 1
+            logger.debug("unknown sample %r ignored (%d so far)", x, self.rejected)
             return False
         x = float(x)
         self.value = x if self.value is None else self.value + self.alpha * (x - self.value)
@@ -131,6 +135,8 @@ class BandwidthEstimator:
         duration = t_done - (t_launch if prev is None else max(t_launch, prev))
         if transfer <= 0 or transfer < self.min_transfer_frac * duration:
             self.filtered += 1
+            logger.debug("latency-dominated exchange (%.3g of %.3g s transfer) not used for bandwidth",
+                         transfer, duration)
             return False
         return self.ema.update(nbytes / transfer)
 
