@@ -520,7 +520,12 @@ def _job_virtual(rank: int, n: int, link: Link, nbytes: int, seed: int) -> dict[
             elif rank == 1:
                 dist.recv(x, 0)
             times.append(emu.now())
-    return {"times": times, "wall_s": time.monotonic() - t_wall}
+        # A future moves the virtual clock to the due time when it completes.
+        before = emu.now()
+        dist.all_reduce(x, async_op=True).get_future().wait()
+        times.append(emu.now())
+        future_advanced = times[-1] > before
+    return {"times": times, "wall_s": time.monotonic() - t_wall, "future_advanced": future_advanced}
 
 
 def _job_ddp(rank: int, n: int, link: Link, mode: str) -> dict[str, object]:
@@ -793,6 +798,7 @@ def test_n2_virtual_clock_is_deterministic_and_never_sleeps(ranks2: LazyRanks) -
     b = ranks2.run(_job_virtual, link, nbytes, 7)
     c = ranks2.run(_job_virtual, link, nbytes, 8)
     assert [r["times"] for r in a] == [r["times"] for r in b]
+    assert all(r["future_advanced"] for r in a)
     assert [r["times"] for r in a] != [r["times"] for r in c]  # the seed moves the jitter
     final = a[0]["times"][-1]
     assert all(r["wall_s"] < 0.5 * final for r in a), (a, final)
