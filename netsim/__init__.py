@@ -16,6 +16,9 @@ from .clock import (
     Wait,
     WallClock,
 )
+# `netsim.emulate(...)` is the function: binding it here, after its submodule is imported,
+# keeps the attribute pointing at the function (this import costs torch's import time).
+from .emulate import EmulateStats, Emulator, emulate
 from .link import Link, uniform
 from .reserve import Reservation, Reserver
 from .topo import Topo
@@ -24,6 +27,8 @@ from .trace import Trace
 __all__ = [
     "Collective",
     "Compute",
+    "EmulateStats",
+    "Emulator",
     "Handle",
     "Irecv",
     "Isend",
@@ -41,5 +46,6 @@ __all__ = [
     "Wait",
     "WallClock",
     "cost",
+    "emulate",
     "uniform",
 ]
