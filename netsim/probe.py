@@ -267,9 +267,12 @@ def _cmd_probe(args: argparse.Namespace) -> int:
                     duplex=not args.no_duplex, gloo=args.gloo)
     print(rep.table())
     if rep.wire:
-        print(f"wire: sent {rep.wire['sent']} drops {rep.wire['drops']} lateness p50 "
-              f"{rep.wire['late_p50_s'] * 1e3:.3f} ms p99 {rep.wire['late_p99_s'] * 1e3:.3f} ms"
-              + (" (the wire is the bottleneck)" if rep.wire["bottleneck"] else ""))
+        w = rep.wire
+        print(f"wire: sent {w['sent']} drops {w['drops']}; lateness of the last "
+              f"{8192} packets p50 {w['late_p50_s'] * 1e3:.3f} ms p99 "
+              f"{w['late_p99_s'] * 1e3:.3f} ms; whole run max {w['late_max_s'] * 1e3:.1f} ms, "
+              f"{w.get('late_over_1ms_fraction', 0.0):.2%} of packets over 1 ms late"
+              + (" (the wire is the bottleneck)" if w["bottleneck"] else ""))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rep.to_json(), f, indent=1)
