@@ -1,0 +1,251 @@
+"""One data exchange of a group of named gradients (design §2.2, §7).
+
+A *unit* is what one collective carries: the per-parameter payloads of one DDP bucket
+(hook mode) or of one `bucket_mb` chunk (wrapper mode). Selection, error feedback and the
+decoded aggregate are all per parameter, so nothing depends on how parameters are grouped.
+
+Wire format (one buffer per unit, one collective per unit):
+
+- dense (δ = 1, and every warm-up step): the concatenated, already-compensated gradients
+  divided by n, then n trailer elements holding a one-hot of this rank's validity; one
+  all-reduce. Dividing before summing is what PyTorch's `allreduce_hook` does, so the
+  result matches it.
+- additive codec (random-k with a shared seed): concatenated value buffers plus the same
+  one-hot trailer; one all-reduce; every rank decodes the sum with its own metadata.
+- otherwise (top-k, chains): concatenated payload bytes plus one validity byte; one
+  all-gather of equal sizes; each rank decodes the n payloads in rank order.
+
+A rank whose gradients are not all finite sends zeros with validity 0 and leaves its
+residual untouched (§7): the flags arrive with the data, so all ranks see the same flags.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.distributed as dist
+
+from ccomm import Codec, ErrorFeedback, Payload
+from ccomm.comm import CommError, CommHandle, allgather_payloads, allreduce_payload, decode_sum
+
+from .errors import DecoCommError
+
+__all__ = ["Unit", "StepEntry", "launch_unit", "completed_unit"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class Unit:
+    """One in-flight (or completed) collective for a group of parameters."""
+
+    names: tuple[str, ...]
+    shapes: tuple[torch.Size, ...]
+    ratio: float
+    codec_spec: str
+    #: What this rank's residual gave up for this unit, per parameter (None: rank invalid).
+    own: dict[str, torch.Tensor] | None
+    handle: CommHandle[Any] | None
+    finish: Callable[[Any], None] | None
+    launch_t: float
+    done_t: float | None = None
+    #: Mean aggregate per parameter, once decoded.
+    result: dict[str, torch.Tensor] | None = None
+    #: Per-rank validity flags of this unit.
+    valid: tuple[bool, ...] | None = None
+    agg_finite: bool = True
+    nbytes: int = 0
+    collective: str = "allreduce"
+    _future: "torch.futures.Future[Unit] | None" = field(default=None, repr=False)
+
+    @property
+    def ok(self) -> bool:
+        return self.valid is not None and all(self.valid) and self.agg_finite
+
+    def wait(self, *, step: int, tau: int) -> "Unit":
+        """Block until decoded; a transport failure becomes `DecoCommError`."""
+        if self.result is None:
+            assert self.handle is not None and self.finish is not None
+            try:
+                raw = self.handle.wait()
+            except CommError as exc:
+                raise DecoCommError(str(exc), step=step, key=self.key, staleness=tau,
+                                    collective=self.collective) from exc
+            self._complete(raw)
+        return self
+
+    def future(self, *, step: int, tau: int) -> "torch.futures.Future[Unit]":
+        """A future of this unit, decoded (never blocks the caller)."""
+        if self._future is None:
+            if self.result is not None or self.handle is None:
+                fut: torch.futures.Future[Unit] = torch.futures.Future()
+                fut.set_result(self)
+                self._future = fut
+            else:
+                def done(f: "torch.futures.Future[Any]") -> "Unit":
+                    try:
+                        raw = f.value()
+                    except CommError as exc:
+                        raise DecoCommError(str(exc), step=step, key=self.key, staleness=tau,
+                                            collective=self.collective) from exc
+                    if self.result is None:
+                        self._complete(raw)
+                    return self
+
+                self._future = self.handle.get_future().then(done)
+        return self._future
+
+    @property
+    def key(self) -> str:
+        return self.names[0] if len(self.names) == 1 else f"{self.names[0]}..{self.names[-1]}"
+
+
+    def _complete(self, raw: Any) -> None:
+        assert self.finish is not None
+        self.finish(raw)
+        self.done_t = time.monotonic()
+        self.handle = None  # release the backend's buffers
+
+
+@dataclass(eq=False)
+class StepEntry:
+    """Everything launched at step `seq`: one unit per bucket/chunk."""
+
+    seq: int
+    ratio: float
+    units: list[Unit] = field(default_factory=list)
+
+    def names(self) -> set[str]:
+        return {n for u in self.units for n in u.names}
+
+
+def _one_hot(rank: int, world: int, dtype: torch.dtype, valid: bool) -> torch.Tensor:
+    t = torch.zeros(world, dtype=dtype)
+    if valid:
+        t[rank] = 1
+    return t
+
+
+def launch_unit(
+    names: Sequence[str],
+    grads: Sequence[torch.Tensor],
+    ef: ErrorFeedback,
+    codec: Codec | None,
+    *,
+    group: dist.ProcessGroup,
+    rank: int,
+    world: int,
+    ratio: float,
+    key: str,
+) -> Unit:
+    """Compensate, encode and launch one unit asynchronously (see module docstring)."""
+    if len(names) != len(grads) or not names:
+        raise ValueError(f"names/grads: need equally many (>= 1), got {len(names)} and {len(grads)}")
+    dtype = grads[0].dtype
+    if any(g.dtype != dtype for g in grads):
+        raise ValueError(f"grads: one exchange unit needs one dtype, got {sorted({str(g.dtype) for g in grads})}")
+    # Checked before compensation: a NaN must never enter the residual (§7).
+    valid = bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+    shapes = tuple(g.shape for g in grads)
+    own: dict[str, torch.Tensor] | None = {} if valid else None
+    t0 = time.monotonic()
+
+    if codec is None:
+        parts = []
+        for name, g in zip(names, grads):
+            if valid:
+                p = ef.compensate(name, g)
+                ef.reset(name)  # a dense message delivers everything: the residual is empty
+                assert own is not None
+                own[name] = p.detach().clone()
+                parts.append(p.reshape(-1) / world)
+            else:
+                parts.append(torch.zeros(g.numel(), dtype=dtype))
+        buf = torch.cat(parts + [_one_hot(rank, world, dtype, valid)])
+        payload = Payload(buf, _dense_meta(buf))
+        sizes = [g.numel() for g in grads]
+
+        def finish(res: Payload) -> None:
+            flat = res.buffer
+            unit.valid = tuple(bool(v > 0.5) for v in flat[-world:])
+            unit.result = {n: c.view(s) for n, c, s in zip(names, flat[:-world].split(sizes), shapes)}
+            unit.agg_finite = bool(torch.isfinite(flat[:-world]).all())
+
+        handle = allreduce_payload(payload, group, async_op=True, key=key)
+        spec, coll = "dense", "allreduce"
+    else:
+        payloads = []
+        for name, g in zip(names, grads):
+            if valid:
+                p = ef.compensate(name, g)
+                pl = codec.encode(p)
+                dec = codec.decode(pl)
+                ef.update(name, p, dec)
+                assert own is not None
+                own[name] = dec
+            else:
+                pl = codec.encode(torch.zeros_like(g))  # same size, and keeps seeded codecs in step
+            payloads.append(pl)
+        spec = codec.spec
+        if codec.additive:
+            vdtype = payloads[0].buffer.dtype
+            buf = torch.cat([pl.buffer.to(vdtype) for pl in payloads] + [_one_hot(rank, world, vdtype, valid)])
+            sizes = [pl.buffer.numel() for pl in payloads]
+
+            def finish(res: Payload) -> None:
+                flat = res.buffer
+                unit.valid = tuple(bool(v > 0.5) for v in flat[-world:])
+                out = {}
+                for n, pl, chunk in zip(names, payloads, flat[:-world].split(sizes)):
+                    out[n] = codec.decode(pl.with_buffer(chunk.contiguous())) / world
+                _set_result(unit, out)
+
+            handle = allreduce_payload(Payload(buf, _dense_meta(buf)), group, async_op=True, key=key)
+            coll = "allreduce"
+        else:
+            raw = [pl.buffer.contiguous().view(torch.uint8) for pl in payloads]
+            flag = torch.tensor([1 if valid else 0], dtype=torch.uint8)
+            buf = torch.cat(raw + [flag])
+            nbytes = [r.numel() for r in raw]
+            expect = sum(codec.nbytes(s, dtype) for s in shapes) + 1
+
+            def finish(res: list[Payload]) -> None:
+                bufs = [r.buffer for r in res]
+                for i, b in enumerate(bufs):
+                    if b.numel() != expect:  # sizes are fixed by (δ, shapes): a mismatch is a desync
+                        raise ValueError(f"unit {key}: rank {i} sent {b.numel()} bytes, expected {expect}")
+                unit.valid = tuple(bool(b[-1] == 1) for b in bufs)
+                chunks = [b[:-1].split(nbytes) for b in bufs]
+                out = {}
+                for j, (n, pl) in enumerate(zip(names, payloads)):
+                    per_rank = [pl.with_buffer(c[j].view(pl.buffer.dtype)) for c in chunks]
+                    out[n] = decode_sum(codec, per_rank) / world
+                _set_result(unit, out)
+
+            handle = allgather_payloads(Payload(buf, _dense_meta(buf)), group, same_size=True, async_op=True, key=key)
+            coll = "allgather"
+    unit = Unit(tuple(names), shapes, ratio, spec, own, handle, finish, t0,
+                nbytes=buf.numel() * buf.element_size(), collective=coll)
+    return unit
+
+
+def _set_result(unit: Unit, out: dict[str, torch.Tensor]) -> None:
+    unit.result = out
+    unit.agg_finite = all(bool(torch.isfinite(t).all()) for t in out.values())
+
+
+def _dense_meta(buf: torch.Tensor) -> Any:
+    from ccomm import PayloadMeta
+
+    return PayloadMeta(buf.shape, buf.dtype)
+
+
+def completed_unit(names: Sequence[str], result: dict[str, torch.Tensor], own: dict[str, torch.Tensor] | None,
+                   valid: Sequence[bool], agg_finite: bool, ratio: float, codec_spec: str) -> Unit:
+    """A unit restored from a checkpoint: already decoded, nothing in flight."""
+    shapes = tuple(result[n].shape for n in names)
+    return Unit(tuple(names), shapes, ratio, codec_spec, own, None, None, time.monotonic(), time.monotonic(),
+                result=result, valid=tuple(valid), agg_finite=agg_finite)

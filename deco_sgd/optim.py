@@ -1,0 +1,134 @@
+"""`DecoOptimizer(optimizer, state)`: DeCo-SGD around any torch optimizer (design §2.4, §2.3).
+
+Wrapper mode (no DDP, no hook registered): `step()` reads every `p.grad`, launches the
+step's exchanges in chunks of `bucket_mb`, and applies every due aggregate as its own
+inner `step()` (oldest first; none during pipeline fill). The inner optimizer only ever
+sees averaged gradients, so momentum and weight decay keep replicas bit-identical.
+
+Hook mode (`deco_hook` registered on DDP): the hook already wrote the aggregate into
+`p.grad`; `step()` settles the applied entries and skips the inner `step()` on fill or
+skipped steps, so the optimizer never sees a fake zero gradient.
+
+`close()` (or leaving a `with` block) flushes the FIFO (§5) and applies what was in flight.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+import torch
+
+from .exchange import StepEntry
+from .state import DecoState
+
+__all__ = ["DecoOptimizer"]
+
+logger = logging.getLogger(__name__)
+
+_MB = 1 << 20
+
+
+class DecoOptimizer:
+    """Delegates to `optimizer`; see the module docstring for when it steps."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, state: DecoState) -> None:
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise ValueError(f"optimizer: expected a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if not isinstance(state, DecoState):
+            raise ValueError(f"state: expected a DecoState, got {type(state).__name__}")
+        self.optimizer = optimizer
+        self.state = state
+        self.closed = False
+        self._chunks = self._plan_chunks()
+
+    def _plan_chunks(self) -> list[list[str]]:
+        # Fixed at construction (parameter order), so every rank launches the same units.
+        limit = self.state.config.bucket_mb * _MB
+        chunks: list[list[str]] = []
+        size, dtype = 0.0, None
+        for name in self.state.names:
+            p = self.state.params[name]
+            nbytes = p.numel() * p.element_size()
+            if not chunks or size + nbytes > limit or p.dtype != dtype:
+                chunks.append([])
+                size, dtype = 0.0, p.dtype
+            chunks[-1].append(name)
+            size += nbytes
+        return chunks
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.optimizer.param_groups
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """One DeCo-SGD step; returns the closure's loss (if any)."""
+        if self.closed:
+            raise RuntimeError("DecoOptimizer: step() after close()")
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        st = self.state
+        if st.hook_mode:
+            if st.resolve_hook_step():
+                self.optimizer.step()
+            return loss
+        st.begin_step()
+        for i, chunk in enumerate(self._chunks):
+            grads = [self._grad(n) for n in chunk]
+            st.launch(chunk, grads, key=f"chunk{i}")
+        due = st.end_step()
+        applied = st.resolve(due)
+        for entry in applied:
+            self._apply(entry)
+        st.ready = bool(applied)
+        st.fifo.check()
+        return loss
+
+    def _grad(self, name: str) -> torch.Tensor:
+        p = self.state.params[name]
+        # An unused parameter contributes zeros so that every rank launches the same units.
+        return torch.zeros_like(p) if p.grad is None else p.grad.detach()
+
+    def _apply(self, entry: StepEntry) -> None:
+        for name, p in self.state.params.items():
+            agg = DecoState.aggregate(entry, name)
+            if p.grad is None:
+                p.grad = agg.to(p.dtype).clone()
+            else:
+                p.grad.copy_(agg)
+        self.optimizer.step()
+
+    def drain(self) -> int:
+        """Wait for and apply every in-flight exchange now (collective); returns how many were applied."""
+        entries = self.state.flush()
+        for entry in entries:
+            self._apply(entry)
+        self.state.fifo.check()
+        return len(entries)
+
+    def close(self) -> None:
+        """Flush (§5): apply (or discard, per `config.flush`) what is in flight. Idempotent."""
+        if self.closed:
+            return
+        self.drain()
+        self.closed = True
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(sd)
+
+    def __enter__(self) -> "DecoOptimizer":
+        return self
+
+    def __exit__(self, exc_type: Any, *exc: object) -> None:
+        if exc_type is None:
+            self.close()
+        elif len(self.state.fifo):
+            # After an error a flush could block on a dead peer: report what is lost instead.
+            logger.warning("DecoOptimizer left on error with steps %s in flight", self.state.fifo.seqs)
