@@ -1,0 +1,186 @@
+"""§7 faults: non-finite gradients never reach the residual; a dead peer raises, never hangs."""
+from __future__ import annotations
+
+import time
+from typing import Any, Iterator
+
+import pytest
+import torch
+
+try:
+    from ._pool import DistPool
+    from . import _train as T
+except ImportError:
+    from _pool import DistPool
+    import _train as T
+
+pytestmark = pytest.mark.multiprocess
+
+STEPS = 8
+BAD_STEP = 3
+BAD_RANK = 1
+#: Group timeout of the dead-peer test, and the slack the spec allows on top of it.
+DEAD_TIMEOUT_S = 3.0
+DEAD_SLACK_S = 5.0
+
+
+@pytest.fixture(scope="module")
+def pool() -> Iterator[DistPool]:
+    with DistPool(2, group_timeout_s=30.0) as p:
+        yield p
+
+
+def _cfg(**kw: Any) -> Any:
+    from deco_sgd import DecoConfig
+
+    return DecoConfig(**{"mode": "static", "codec": "topk", "warmup_steps": 0, "timeout_s": 30.0, **kw})
+
+
+def _poison(model: torch.nn.Module, rank: int, s: int) -> None:
+    if rank == BAD_RANK and s == BAD_STEP:
+        next(model.parameters()).grad[0, 0] = float("nan")
+
+
+def _wrapper_skip(rank: int, world: int, ratio: float, tau: int) -> dict[str, Any]:
+    from deco_sgd.optim import DecoOptimizer
+    from deco_sgd.state import DecoState
+
+    model = T.make_model()
+    state = DecoState(_cfg(ratio=ratio, staleness=tau), model)
+    opt = DecoOptimizer(torch.optim.SGD(model.parameters(), lr=T.LR, momentum=T.MOMENTUM), state)
+    out: dict[str, Any] = {"ready": [], "res_finite": True}
+    for s in range(STEPS):
+        opt.zero_grad()
+        T.loss_fn(model, rank, s).backward()
+        _poison(model, rank, s)
+        if s == BAD_STEP:
+            out["grad_bad_step"] = {n: p.grad.clone() for n, p in model.named_parameters()}
+            out["res_before"] = {n: state.ef.residual(n) for n in state.names}
+        opt.step()
+        out["ready"].append(state.ready)
+        if s == BAD_STEP + tau:
+            out["res_after"] = {n: state.ef.residual(n) for n in state.names}
+        out["res_finite"] &= all(torch.isfinite(state.ef.residual(n)).all() for n in state.names
+                                 if state.ef.residual(n) is not None)
+    out["params"] = T.params(model)
+    out["replicas_equal"] = T.replicas_equal(model)
+    out["counters"] = (state.fifo.launched, state.fifo.applied, state.fifo.skipped, len(state.fifo))
+    state.close()
+    return out
+
+
+@pytest.mark.parametrize("ratio,tau", [(1.0, 0), (0.25, 2)])
+def test_skip_keeps_residual_clean_and_replicas_equal(pool: DistPool, ratio: float, tau: int) -> None:
+    out = pool.run(_wrapper_skip, ratio, tau)
+    for r, o in enumerate(out):
+        assert o["res_finite"]
+        assert o["replicas_equal"]
+        assert all(torch.isfinite(p).all() for p in o["params"].values())
+        assert o["counters"] == (STEPS, STEPS - tau - 1, 1, tau)
+        expect_ready = [s >= tau and s != BAD_STEP + tau for s in range(STEPS)]
+        assert o["ready"] == expect_ready
+    if ratio == 1.0:
+        # Dense τ = 0: the valid rank gets its whole step-3 gradient back as residual; the bad
+        # rank never compensated, so it has none.
+        good = out[1 - BAD_RANK]
+        for n, g in good["grad_bad_step"].items():
+            assert torch.equal(good["res_after"][n], g)
+        assert all(v is None for v in out[BAD_RANK]["res_after"].values())
+
+
+def _wrapper_raise(rank: int, world: int) -> str:
+    from deco_sgd.errors import NonFiniteGradientError
+    from deco_sgd.optim import DecoOptimizer
+    from deco_sgd.state import DecoState
+
+    model = T.make_model()
+    state = DecoState(_cfg(ratio=0.25, staleness=1, nonfinite="raise"), model)
+    opt = DecoOptimizer(torch.optim.SGD(model.parameters(), lr=T.LR), state)
+    try:
+        for s in range(STEPS):
+            opt.zero_grad()
+            T.loss_fn(model, rank, s).backward()
+            _poison(model, rank, s)
+            opt.step()
+    except NonFiniteGradientError as e:
+        assert e.step == BAD_STEP and e.ranks == (BAD_RANK,)
+        assert state.step == BAD_STEP + 2  # raised when step 3's aggregate came due (τ = 1)
+        return str(e)
+    return "no error"
+
+
+def test_raise_names_step_and_rank(pool: DistPool) -> None:
+    for msg in pool.run(_wrapper_raise):
+        assert f"step {BAD_STEP}" in msg and f"[{BAD_RANK}]" in msg
+
+
+
+
+def test_hook_skip_does_not_step(pool: DistPool) -> None:
+    # DDP exchanges during backward, so the NaN is put into the loss, not into p.grad.
+    out = pool.run(_hook_skip_in_loss)
+    for ready, equal, changed in out:
+        # warm-up step 0, fill step 1 (τ 0 -> 1), step 3's aggregate is due at step 4
+        assert ready == [True, False, True, True, False, True, True, True]
+        assert changed == ready
+        assert equal
+
+
+def _hook_skip_in_loss(rank: int, world: int) -> tuple[list[bool], bool, list[bool]]:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from deco_sgd.hook import attach_ddp
+
+    ddp = DDP(T.make_model(), bucket_cap_mb=0.0005)
+    opt = attach_ddp(ddp, torch.optim.SGD(ddp.parameters(), lr=T.LR, momentum=T.MOMENTUM),
+                     _cfg(ratio=0.25, staleness=1, warmup_steps=1))
+    ready, changed = [], []
+    for s in range(STEPS):
+        before = T.params(ddp)
+        opt.zero_grad()
+        loss = T.loss_fn(ddp, rank, s)
+        if rank == BAD_RANK and s == BAD_STEP:
+            loss = loss * float("nan")
+        loss.backward()
+        opt.step()
+        ready.append(opt.state.ready)
+        after = T.params(ddp)
+        changed.append(any(not torch.equal(before[n], after[n]) for n in before))
+        assert all(torch.isfinite(r).all() for r in (opt.state.ef.residual(n) for n in opt.state.names)
+                   if r is not None)
+    return ready, T.replicas_equal(ddp), changed
+
+
+# -- a dead peer ------------------------------------------------------------------------
+
+
+def _die_midrun(rank: int, world: int) -> tuple[str, str, float]:
+    import os
+
+    from deco_sgd.optim import DecoOptimizer
+    from deco_sgd.state import DecoState
+
+    model = T.make_model()
+    state = DecoState(_cfg(ratio=0.25, staleness=1, timeout_s=DEAD_TIMEOUT_S), model)
+    opt = DecoOptimizer(torch.optim.SGD(model.parameters(), lr=T.LR), state)
+    t0 = time.monotonic()
+    try:
+        for s in range(STEPS):
+            if rank == 1 and s == BAD_STEP:
+                os._exit(3)
+            t0 = time.monotonic()
+            opt.zero_grad()
+            T.loss_fn(model, rank, s).backward()
+            opt.step()
+    except Exception as e:  # the test checks the type by name: the pool pickles the result
+        return type(e).__name__, str(e), time.monotonic() - t0
+    return "none", "", time.monotonic() - t0
+
+
+def test_dead_peer_raises_within_timeout() -> None:
+    with DistPool(2, group_timeout_s=DEAD_TIMEOUT_S) as pool:
+        out = pool.run(_die_midrun, may_exit=[1], timeout=DEAD_TIMEOUT_S + 60)
+    name, msg, elapsed = out[0]
+    assert name == "DecoCommError", (name, msg)
+    assert f"step={BAD_STEP}" in msg or f"step={BAD_STEP - 1}" in msg, msg
+    assert elapsed < DEAD_TIMEOUT_S + DEAD_SLACK_S, elapsed
