@@ -44,7 +44,7 @@ def deco_hook(state: DecoState, bucket: dist.GradBucket) -> torch.futures.Future
                              "state from the same model DDP wraps")
         names.append(name)
     grads = bucket.gradients()
-    unit = state.launch(names, grads, key=f"bucket{bucket.index()}")
+    state.launch(names, grads, key=f"bucket{bucket.index()}")
     due = state.due_entries()
     tau = state.current_staleness
     out_like = bucket.buffer()
@@ -55,7 +55,7 @@ def deco_hook(state: DecoState, bucket: dist.GradBucket) -> torch.futures.Future
         fut: torch.futures.Future[torch.Tensor] = torch.futures.Future()
         fut.set_result(torch.zeros_like(out_like))
         return fut
-    units = _units_for(due, names, unit)
+    units = _units_for(due, names)
     futs = [u.future(step=state.step, tau=tau) for u in units]
     sizes = [g.numel() for g in grads]
 
@@ -76,16 +76,10 @@ def deco_hook(state: DecoState, bucket: dist.GradBucket) -> torch.futures.Future
     return torch.futures.collect_all(futs).then(combine)
 
 
-def _units_for(due: list[StepEntry], names: list[str], current: Unit) -> list[Unit]:
+def _units_for(due: list[StepEntry], names: list[str]) -> list[Unit]:
+    """Units of the due entries that hold any of `names` (by name: bucket layouts may differ)."""
     wanted = set(names)
-    units: list[Unit] = []
-    for e in due:
-        for u in e.units:
-            if wanted & set(u.names) and not any(u is x for x in units):
-                units.append(u)
-    if not any(u is current for u in units) and due and due[-1].units and due[-1].units[-1] is current:
-        units.append(current)
-    return units
+    return [u for e in due for u in e.units if wanted & set(u.names)]
 
 
 def attach_ddp(ddp: DistributedDataParallel, optimizer: torch.optim.Optimizer, config: DecoConfig) -> "DecoOptimizer":
