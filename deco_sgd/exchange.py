@@ -51,7 +51,10 @@ class Unit:
     handle: CommHandle[Any] | None
     finish: Callable[[Any], None] | None
     launch_t: float
+    #: When the backend finished the transfer (stamped by a future callback, for §4's
+    #: bandwidth estimator); `decoded_t` is when this rank decoded it.
     done_t: float | None = None
+    decoded_t: float | None = None
     #: Mean aggregate per parameter, once decoded.
     result: dict[str, torch.Tensor] | None = None
     #: Per-rank validity flags of this unit.
@@ -106,7 +109,9 @@ class Unit:
     def _complete(self, raw: Any) -> None:
         assert self.finish is not None
         self.finish(raw)
-        self.done_t = time.monotonic()
+        self.decoded_t = time.monotonic()
+        if self.done_t is None:
+            self.done_t = self.decoded_t
         self.handle = None  # release the backend's buffers
 
 
@@ -229,7 +234,14 @@ def launch_unit(
             coll = "allgather"
     unit = Unit(tuple(names), shapes, ratio, spec, own, handle, finish, t0,
                 nbytes=buf.numel() * buf.element_size(), collective=coll)
+    handle.get_future().add_done_callback(lambda _f: _stamp(unit))
     return unit
+
+
+def _stamp(unit: Unit) -> None:
+    # Runs on the backend's thread at completion; only records the time.
+    if unit.done_t is None:
+        unit.done_t = time.monotonic()
 
 
 def _set_result(unit: Unit, out: dict[str, torch.Tensor]) -> None:
@@ -247,5 +259,6 @@ def completed_unit(names: Sequence[str], result: dict[str, torch.Tensor], own: d
                    valid: Sequence[bool], agg_finite: bool, ratio: float, codec_spec: str) -> Unit:
     """A unit restored from a checkpoint: already decoded, nothing in flight."""
     shapes = tuple(result[n].shape for n in names)
-    return Unit(tuple(names), shapes, ratio, codec_spec, own, None, None, time.monotonic(), time.monotonic(),
+    now = time.monotonic()
+    return Unit(tuple(names), shapes, ratio, codec_spec, own, None, None, now, now, now,
                 result=result, valid=tuple(valid), agg_finite=agg_finite)

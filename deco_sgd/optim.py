@@ -39,6 +39,8 @@ class DecoOptimizer:
         self.optimizer = optimizer
         self.state = state
         self.closed = False
+        #: Entries applied by the last `step()` (wrapper mode), oldest first.
+        self.last_applied: list[StepEntry] = []
         self._chunks = self._plan_chunks()
 
     def _plan_chunks(self) -> list[list[str]]:
@@ -74,17 +76,19 @@ class DecoOptimizer:
         st = self.state
         if st.hook_mode:
             if st.resolve_hook_step():
-                self.optimizer.step()
+                self._inner_step(st.current_staleness)
             return loss
         st.begin_step()
+        tau = st.current_staleness
         for i, chunk in enumerate(self._chunks):
             grads = [self._grad(n) for n in chunk]
             st.launch(chunk, grads, key=f"chunk{i}")
         due = st.end_step()
         applied = st.resolve(due)
         for entry in applied:
-            self._apply(entry)
+            self._apply(entry, tau)
         st.ready = bool(applied)
+        self.last_applied = applied
         st.fifo.check()
         return loss
 
@@ -93,28 +97,63 @@ class DecoOptimizer:
         # An unused parameter contributes zeros so that every rank launches the same units.
         return torch.zeros_like(p) if p.grad is None else p.grad.detach()
 
-    def _apply(self, entry: StepEntry) -> None:
+    def _apply(self, entry: StepEntry, tau: int) -> None:
+        self._write_grads(lambda name: DecoState.aggregate(entry, name))
+        self._inner_step(tau)
+
+    def _write_grads(self, agg_of: Callable[[str], torch.Tensor]) -> None:
         for name, p in self.state.params.items():
-            agg = DecoState.aggregate(entry, name)
+            agg = agg_of(name)
             if p.grad is None:
                 p.grad = agg.to(p.dtype).clone()
             else:
                 p.grad.copy_(agg)
-        self.optimizer.step()
+
+    def _inner_step(self, tau: int) -> None:
+        """The wrapped optimizer's step; with `lr_tau_scaling`, at γ/(τ+1) (§5)."""
+        if not self.state.config.lr_tau_scaling or tau == 0:
+            self.optimizer.step()
+            return
+        saved = [g["lr"] for g in self.optimizer.param_groups]
+        try:
+            for g in self.optimizer.param_groups:
+                g["lr"] = g["lr"] / (tau + 1)
+            self.optimizer.step()
+        finally:
+            for g, lr in zip(self.optimizer.param_groups, saved):
+                g["lr"] = lr
 
     def drain(self) -> int:
         """Wait for and apply every in-flight exchange now (collective); returns how many were applied."""
+        tau = self.state.staleness
         entries = self.state.flush()
         for entry in entries:
-            self._apply(entry)
+            self._apply(entry, tau)
         self.state.fifo.check()
         return len(entries)
+
+    def flush_residual(self) -> None:
+        """All-reduce the mean of every rank's residual and apply it once (collective, §5)."""
+        st = self.state
+        names = st.names
+        res = [st.ef.residual(n) for n in names]
+        flat = torch.cat([(torch.zeros_like(st.params[n]) if r is None else r.to(st.params[n].dtype)).reshape(-1)
+                          for n, r in zip(names, res)])
+        # One synchronous collective on the data group: this runs once, at shutdown.
+        flat.div_(st.world_size)
+        torch.distributed.all_reduce(flat, group=st.group)
+        parts = dict(zip(names, flat.split([st.params[n].numel() for n in names])))
+        self._write_grads(lambda n: parts[n].view_as(st.params[n]))
+        self._inner_step(0)
+        st.ef.reset()
 
     def close(self) -> None:
         """Flush (§5): apply (or discard, per `config.flush`) what is in flight. Idempotent."""
         if self.closed:
             return
         self.drain()
+        if self.state.config.flush_residual:
+            self.flush_residual()
         self.closed = True
 
     def state_dict(self) -> dict[str, Any]:

@@ -189,8 +189,8 @@ class DecoState:
 
     @property
     def current_staleness(self) -> int:
-        """τ in force for the open (or next) step."""
-        return self._cur_eff[1] if self._cur is not None else self.effective()[1]
+        """τ of the open step, or of the last closed one (0 before the first step)."""
+        return self._cur_eff[1]
 
     def resolve(self, entries: Sequence[StepEntry], *, all_or_nothing: bool = False) -> list[StepEntry]:
         """Wait for popped entries, check validity (§7), settle them; return those to apply.
