@@ -1,0 +1,137 @@
+"""Runtime behaviour beyond §1.4: additive random-k, lr scaling, shutdown flush (§5)."""
+from __future__ import annotations
+
+import math
+from typing import Any, Iterator
+
+import pytest
+import torch
+
+try:
+    from ._pool import DistPool
+    from . import _train as T
+except ImportError:
+    from _pool import DistPool
+    import _train as T
+
+pytestmark = pytest.mark.multiprocess
+
+STEPS = 8
+ATOL = 1e-6
+
+
+@pytest.fixture(scope="module")
+def pool() -> Iterator[DistPool]:
+    with DistPool(2, group_timeout_s=30.0) as p:
+        yield p
+
+
+def _cfg(**kw: Any) -> Any:
+    from deco_sgd import DecoConfig
+
+    return DecoConfig(**{"mode": "static", "codec": "topk", "warmup_steps": 0, "timeout_s": 30.0, **kw})
+
+
+def _aggregate_is_mean_of_messages(rank: int, world: int, codec: str, ratio: float) -> list[float]:
+    """Per applied step: max |aggregate - mean of every rank's own decoded message|."""
+    import torch.distributed as dist
+
+    from deco_sgd.optim import DecoOptimizer
+    from deco_sgd.state import DecoState
+
+    model = T.make_model()
+    st = DecoState(_cfg(codec=codec, ratio=ratio, staleness=1), model)
+    opt = DecoOptimizer(torch.optim.SGD(model.parameters(), lr=T.LR), st)
+    errs = []
+    for s in range(STEPS):
+        opt.zero_grad()
+        T.loss_fn(model, rank, s).backward()
+        opt.step()
+        for e in opt.last_applied:
+            for n in st.names:
+                own = next(u.own[n] for u in e.units if n in u.names)
+                msgs = [torch.empty_like(own) for _ in range(world)]
+                dist.all_gather(msgs, own.contiguous())
+                mean = sum(msgs[1:], msgs[0].clone()) / world
+                errs.append(float((DecoState.aggregate(e, n) - mean).abs().max()))
+                assert int((own != 0).sum()) <= math.ceil(ratio * own.numel())  # really compressed
+    assert T.replicas_equal(model)
+    st.close()
+    return errs
+
+
+@pytest.mark.parametrize("codec", ["topk", "randomk"])
+def test_aggregate_is_mean_of_sent_messages(pool: DistPool, codec: str) -> None:
+    for errs in pool.run(_aggregate_is_mean_of_messages, codec, 0.25):
+        assert len(errs) == (STEPS - 1) * 4  # τ = 1: STEPS - 1 applied steps, 4 parameters
+        assert max(errs) <= ATOL
+
+
+def _wrapper(rank: int, world: int, cfg: Any, momentum: float) -> dict:
+    from deco_sgd.optim import DecoOptimizer
+    from deco_sgd.state import DecoState
+
+    model = T.make_model()
+    opt = DecoOptimizer(torch.optim.SGD(model.parameters(), lr=T.LR, momentum=momentum), DecoState(cfg, model))
+    for s in range(STEPS):
+        opt.zero_grad()
+        T.loss_fn(model, rank, s).backward()
+        opt.step()
+    opt.state.close()
+    return T.params(model)
+
+
+def _reference(rank: int, world: int, tau: int, lr: float) -> dict:
+    return T.reference_run(STEPS, lambda s: tau, lambda s: 1.0, rank, world, lr=lr)
+
+
+def test_lr_tau_scaling_divides_lr_by_tau_plus_one(pool: DistPool) -> None:
+    out = pool.run(_wrapper, _cfg(ratio=1.0, staleness=2, lr_tau_scaling=True), T.MOMENTUM)
+    ref = pool.run(_reference, 2, T.LR / 3)
+    unscaled = pool.run(_reference, 2, T.LR)
+    for r in range(2):
+        for n in ref[r]:
+            torch.testing.assert_close(out[r][n], ref[r][n], atol=ATOL, rtol=0)
+        assert any(not torch.allclose(out[r][n], unscaled[r][n]) for n in ref[r])
+
+
+def _conservation(rank: int, world: int, flush: str, flush_residual: bool) -> tuple[float, float]:
+    """Plain SGD: θ0 − θ_end versus lr · (mean over ranks of Σ_s g_s − mean residual left)."""
+    import torch.distributed as dist
+
+    from deco_sgd.optim import DecoOptimizer
+    from deco_sgd.state import DecoState
+
+    model = T.make_model()
+    theta0 = T.params(model)
+    st = DecoState(_cfg(ratio=0.25, staleness=2, flush=flush, flush_residual=flush_residual), model)
+    opt = DecoOptimizer(torch.optim.SGD(model.parameters(), lr=T.LR), st)
+    gsum = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    for s in range(STEPS):
+        opt.zero_grad()
+        T.loss_fn(model, rank, s).backward()
+        for n, p in model.named_parameters():
+            gsum[n] += p.grad
+        opt.step()
+    inflight = len(st.fifo)
+    opt.close()
+    assert len(st.fifo) == 0 and inflight == 2
+    st.fifo.check()
+    worst, moved = 0.0, 0.0
+    for n, p in model.named_parameters():
+        left = st.ef.residual(n)
+        expect = gsum[n] - (0 if left is None else left)
+        dist.all_reduce(expect)
+        delta = (theta0[n] - p.detach()) / T.LR
+        worst = max(worst, float((delta - expect / world).abs().max()))
+        moved = max(moved, float(delta.abs().max()))
+    st.close()
+    return worst, moved
+
+
+@pytest.mark.parametrize("flush,flush_residual", [("apply", False), ("apply", True), ("discard", False)])
+def test_flush_conserves_gradient_mass(pool: DistPool, flush: str, flush_residual: bool) -> None:
+    # Every gradient ends up applied, in a residual, or (discard) back in its sender's residual.
+    for worst, moved in pool.run(_conservation, flush, flush_residual):
+        assert moved > 0.01
+        assert worst <= 1e-5
