@@ -184,3 +184,84 @@ def test_dead_peer_raises_within_timeout() -> None:
     assert name == "DecoCommError", (name, msg)
     assert f"step={BAD_STEP}" in msg or f"step={BAD_STEP - 1}" in msg, msg
     assert elapsed < DEAD_TIMEOUT_S + DEAD_SLACK_S, elapsed
+
+
+def _mismatched_layout(rank: int, world: int) -> str:
+    from deco_sgd.state import DecoState
+
+    model = T.make_model()
+    if rank == 1:
+        model = torch.nn.Sequential(torch.nn.Linear(T.IN, T.HID + 1), torch.nn.Tanh(), torch.nn.Linear(T.HID + 1, T.OUT))
+    try:
+        DecoState(_cfg(ratio=0.25), model)
+    except ValueError as e:
+        return str(e)
+    return "accepted"
+
+
+def test_mismatched_parameters_name_rank_and_parameter(pool: DistPool) -> None:
+    msgs = pool.run(_mismatched_layout)
+    assert "rank 1" in msgs[0] and "0.weight" in msgs[0], msgs[0]
+    assert "rank 0" in msgs[1] and "0.weight" in msgs[1], msgs[1]
+
+
+def _always_nan(rank: int, world: int, max_skips: int) -> tuple[str, int, bool]:
+    from deco_sgd.errors import NonFiniteGradientError
+    from deco_sgd.optim import DecoOptimizer
+    from deco_sgd.state import DecoState
+
+    model = T.make_model()
+    state = DecoState(_cfg(ratio=0.25, max_consecutive_skips=max_skips), model)
+    opt = DecoOptimizer(torch.optim.SGD(model.parameters(), lr=T.LR), state)
+    before = T.params(model)
+    try:
+        for s in range(3 * max_skips):
+            opt.zero_grad()
+            T.loss_fn(model, rank, s).backward()
+            if rank == BAD_RANK:
+                next(model.parameters()).grad.fill_(float("inf"))
+            opt.step()
+    except NonFiniteGradientError as e:
+        unchanged = all(torch.equal(before[n], p) for n, p in T.params(model).items())
+        return str(e), state.fifo.skipped, unchanged
+    return "no error", state.fifo.skipped, False
+
+
+def test_too_many_consecutive_skips_raise(pool: DistPool) -> None:
+    for msg, skipped, unchanged in pool.run(_always_nan, 3):
+        assert "max_consecutive_skips=3" in msg
+        assert skipped == 4 and unchanged
+
+
+def _hook_die_midrun(rank: int, world: int) -> tuple[str, str, float]:
+    import os
+
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from deco_sgd.hook import attach_ddp
+
+    ddp = DDP(T.make_model(), bucket_cap_mb=0.0005)
+    opt = attach_ddp(ddp, torch.optim.SGD(ddp.parameters(), lr=T.LR),
+                     _cfg(ratio=0.25, staleness=1, warmup_steps=1, timeout_s=DEAD_TIMEOUT_S))
+    t0 = time.monotonic()
+    try:
+        for s in range(STEPS):
+            if rank == 1 and s == BAD_STEP:
+                os._exit(3)
+            t0 = time.monotonic()
+            opt.zero_grad()
+            T.loss_fn(ddp, rank, s).backward()
+            opt.step()
+    except Exception as e:
+        return type(e).__name__, str(e), time.monotonic() - t0
+    return "none", "", time.monotonic() - t0
+
+
+def test_hook_dead_peer_raises_within_timeout() -> None:
+    with DistPool(2, group_timeout_s=DEAD_TIMEOUT_S) as pool:
+        out = pool.run(_hook_die_midrun, may_exit=[1], timeout=DEAD_TIMEOUT_S + 60)
+    name, msg, elapsed = out[0]
+    # DDP re-raises the hook future's error from backward as a RuntimeError; the message
+    # still carries the DeCo context.
+    assert "DecoCommError" in name + msg, (name, msg)
+    assert elapsed < DEAD_TIMEOUT_S + DEAD_SLACK_S, elapsed
