@@ -145,8 +145,14 @@ def launch_unit(
     world: int,
     ratio: float,
     key: str,
+    value_dtype: torch.dtype | None = None,
 ) -> Unit:
-    """Compensate, encode and launch one unit asynchronously (see module docstring)."""
+    """Compensate, encode and launch one unit asynchronously (see module docstring).
+
+    `value_dtype` (fp16/bf16) is the dtype of the values on the wire; residuals and the
+    returned aggregate stay in the gradients' dtype, so the rounding error of the cast is
+    kept by error feedback like any other compression error.
+    """
     if len(names) != len(grads) or not names:
         raise ValueError(f"names/grads: need equally many (>= 1), got {len(names)} and {len(grads)}")
     dtype = grads[0].dtype
@@ -156,6 +162,7 @@ def launch_unit(
     valid = bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
     shapes = tuple(g.shape for g in grads)
     own: dict[str, torch.Tensor] | None = {} if valid else None
+    wire = value_dtype or dtype
     t0 = time.monotonic()
 
     if codec is None:
@@ -163,20 +170,25 @@ def launch_unit(
         for name, g in zip(names, grads):
             if valid:
                 p = ef.compensate(name, g)
-                ef.reset(name)  # a dense message delivers everything: the residual is empty
+                m = p.to(wire)
                 assert own is not None
-                own[name] = p.detach().clone()
-                parts.append(p.reshape(-1) / world)
+                if wire == dtype:
+                    ef.reset(name)  # a dense message delivers everything: the residual is empty
+                    own[name] = p.detach().clone()
+                else:
+                    own[name] = m.to(dtype)
+                    ef.update(name, p, own[name])
+                parts.append(m.reshape(-1) / world)
             else:
-                parts.append(torch.zeros(g.numel(), dtype=dtype))
-        buf = torch.cat(parts + [_one_hot(rank, world, dtype, valid)])
+                parts.append(torch.zeros(g.numel(), dtype=wire))
+        buf = torch.cat(parts + [_one_hot(rank, world, wire, valid)])
         payload = Payload(buf, _dense_meta(buf))
         sizes = [g.numel() for g in grads]
 
         def finish(res: Payload) -> None:
             flat = res.buffer
             unit.valid = tuple(bool(v > 0.5) for v in flat[-world:])
-            unit.result = {n: c.view(s) for n, c, s in zip(names, flat[:-world].split(sizes), shapes)}
+            unit.result = {n: c.view(s).to(dtype) for n, c, s in zip(names, flat[:-world].split(sizes), shapes)}
             unit.agg_finite = bool(torch.isfinite(flat[:-world]).all())
 
         handle = allreduce_payload(payload, group, async_op=True, key=key)
@@ -186,13 +198,13 @@ def launch_unit(
         for name, g in zip(names, grads):
             if valid:
                 p = ef.compensate(name, g)
-                pl = codec.encode(p)
-                dec = codec.decode(pl)
+                pl = codec.encode(p.to(wire))
+                dec = codec.decode(pl).to(dtype)
                 ef.update(name, p, dec)
                 assert own is not None
                 own[name] = dec
             else:
-                pl = codec.encode(torch.zeros_like(g))  # same size, and keeps seeded codecs in step
+                pl = codec.encode(torch.zeros_like(g, dtype=wire))  # same size, and keeps seeded codecs in step
             payloads.append(pl)
         spec = codec.spec
         if codec.additive:
@@ -205,7 +217,7 @@ def launch_unit(
                 unit.valid = tuple(bool(v > 0.5) for v in flat[-world:])
                 out = {}
                 for n, pl, chunk in zip(names, payloads, flat[:-world].split(sizes)):
-                    out[n] = codec.decode(pl.with_buffer(chunk.contiguous())) / world
+                    out[n] = codec.decode(pl.with_buffer(chunk.contiguous())).to(dtype) / world
                 _set_result(unit, out)
 
             handle = allreduce_payload(Payload(buf, _dense_meta(buf)), group, async_op=True, key=key)
@@ -215,7 +227,7 @@ def launch_unit(
             flag = torch.tensor([1 if valid else 0], dtype=torch.uint8)
             buf = torch.cat(raw + [flag])
             nbytes = [r.numel() for r in raw]
-            expect = sum(codec.nbytes(s, dtype) for s in shapes) + 1
+            expect = sum(codec.nbytes(s, wire) for s in shapes) + 1
 
             def finish(res: list[Payload]) -> None:
                 bufs = [r.buffer for r in res]
@@ -227,7 +239,7 @@ def launch_unit(
                 out = {}
                 for j, (n, pl) in enumerate(zip(names, payloads)):
                     per_rank = [pl.with_buffer(c[j].view(pl.buffer.dtype)) for c in chunks]
-                    out[n] = decode_sum(codec, per_rank) / world
+                    out[n] = decode_sum(codec, per_rank).to(dtype) / world
                 _set_result(unit, out)
 
             handle = allgather_payloads(Payload(buf, _dense_meta(buf)), group, same_size=True, async_op=True, key=key)

@@ -38,6 +38,8 @@ __all__ = ["DecoState", "STATE_VERSION"]
 logger = logging.getLogger(__name__)
 
 STATE_VERSION = 1
+#: Wire dtype per `value_dtype`; None keeps the gradients' own dtype.
+_WIRE_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class DecoState:
@@ -159,7 +161,8 @@ class DecoState:
         if self._cur is None:
             raise RuntimeError("launch: no step is open (call begin_step first)")
         unit = launch_unit(names, grads, self.ef, self.codec_for(self._cur_eff[0]), group=self.group,
-                           rank=self.rank, world=self.world_size, ratio=self._cur_eff[0], key=f"{self.step}:{key}")
+                           rank=self.rank, world=self.world_size, ratio=self._cur_eff[0], key=f"{self.step}:{key}",
+                           value_dtype=_WIRE_DTYPES[self.config.value_dtype])
         self._cur.units.append(unit)
         return unit
 

@@ -135,3 +135,46 @@ def test_flush_conserves_gradient_mass(pool: DistPool, flush: str, flush_residua
     for worst, moved in pool.run(_conservation, flush, flush_residual):
         assert moved > 0.01
         assert worst <= 1e-5
+
+
+def _half_wire(rank: int, world: int, value_dtype: str, ratio: float) -> tuple[list[float], list[int], bool]:
+    """Half-precision wire: aggregate = mean of messages; bytes per unit shrink accordingly."""
+    import torch.distributed as dist
+
+    from deco_sgd.optim import DecoOptimizer
+    from deco_sgd.state import DecoState
+
+    model = T.make_model()
+    st = DecoState(_cfg(ratio=ratio, staleness=0, value_dtype=value_dtype), model)
+    opt = DecoOptimizer(torch.optim.SGD(model.parameters(), lr=T.LR), st)
+    errs, nbytes = [], []
+    for s in range(STEPS):
+        opt.zero_grad()
+        T.loss_fn(model, rank, s).backward()
+        opt.step()
+        for e in opt.last_applied:
+            nbytes.append(sum(u.nbytes for u in e.units))
+            for n in st.names:
+                own = next(u.own[n] for u in e.units if n in u.names)
+                assert own.dtype == torch.float32
+                msgs = [torch.empty_like(own) for _ in range(world)]
+                dist.all_gather(msgs, own.contiguous())
+                mean = sum(msgs[1:], msgs[0].clone()) / world
+                errs.append(float((DecoState.aggregate(e, n) - mean).abs().max()))
+    finite = all(torch.isfinite(st.ef.residual(n)).all() for n in st.names if st.ef.residual(n) is not None)
+    st.close()
+    return errs, nbytes, finite and T.replicas_equal(model)
+
+
+#: fp16 carries ~3 decimal digits; gradients here are O(1).
+HALF_ATOL = 2e-3
+
+
+@pytest.mark.parametrize("ratio", [1.0, 0.25])
+def test_half_precision_wire(pool: DistPool, ratio: float) -> None:
+    full = pool.run(_half_wire, "fp32", ratio)
+    half = pool.run(_half_wire, "fp16", ratio)
+    for r in range(2):
+        errs, nbytes, ok = half[r]
+        assert ok and max(errs) <= HALF_ATOL
+        assert all(h < f for h, f in zip(nbytes, full[r][1]))
