@@ -59,13 +59,25 @@ def _steps(model: torch.nn.Module, opt: Any, rank: int, start: int, stop: int) -
 
 def _resume(rank: int, world: int, hook: bool, cfg_kw: dict) -> tuple[bool, list[str], int]:
     cfg = _cfg(**cfg_kw)
+    drain = cfg.checkpoint_queue == "drain"
     model, opt = _build(hook, cfg)
-    _steps(model, opt, rank, 0, SAVE_AT + MORE)
+    _steps(model, opt, rank, 0, SAVE_AT)
+    if drain:
+        opt.drain()
+    _steps(model, opt, rank, SAVE_AT, SAVE_AT + MORE)
     straight = T.params(model)
 
     model, opt = _build(hook, cfg)
     _steps(model, opt, rank, 0, SAVE_AT)
     inflight = len(opt.state.fifo)
+    if drain:
+        try:
+            opt.state.state_dict()
+        except ValueError:
+            pass
+        else:
+            raise AssertionError("drain mode saved a non-empty FIFO")
+        opt.drain()
     blob = io.BytesIO()
     torch.save({"model": T.params(model), "opt": opt.state_dict(), "deco": opt.state.state_dict()}, blob)
     torch.randn(100)  # the resumed run must not depend on RNG use after the save
@@ -93,6 +105,12 @@ def test_resume_is_bitwise(pool: DistPool, hook: bool) -> None:
     out = pool.run(_resume, hook, kw)
     for ok, diff, inflight in out:
         assert inflight == 2  # the snapshot really held in-flight exchanges
+        assert diff == []
+
+
+def test_resume_after_drain_is_bitwise(pool: DistPool) -> None:
+    for ok, diff, inflight in pool.run(_resume, False, {"checkpoint_queue": "drain"}):
+        assert inflight == 2
         assert diff == []
 
 
