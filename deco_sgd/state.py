@@ -48,7 +48,7 @@ class DecoState:
     __slots__ = (
         "config", "rank", "world_size", "group", "control_group", "_own_groups",
         "names", "params", "_name_of", "ef", "ratio", "staleness", "_codecs", "fifo", "step",
-        "ready", "pending", "decisions", "consecutive_skips", "hook_mode", "_cur", "_cur_due",
+        "_ready", "pending", "decisions", "consecutive_skips", "hook_mode", "_cur", "_cur_due",
         "_cur_eff", "_popped", "_popped_resolved", "extra",
     )
 
@@ -89,7 +89,7 @@ class DecoState:
         self._codecs: dict[float, Codec | None] = {}
         self.fifo: InFlightFifo[StepEntry] = InFlightFifo()
         self.step = 0
-        self.ready = False
+        self._ready = False
         self.pending: tuple[float, int, int, str] | None = None
         self.decisions: list[dict[str, Any]] = []
         self.consecutive_skips = 0
@@ -154,7 +154,7 @@ class DecoState:
         self._cur_eff = self.effective()
         self._cur = StepEntry(self.step, self._cur_eff[0])
         self._cur_due = self.fifo.due_count(self._cur_eff[1], pending=1)
-        self.ready = False
+        self._ready = False
 
     def launch(self, names: Sequence[str], grads: Sequence[torch.Tensor], key: str) -> Unit:
         """Compensate, encode and launch one unit of the open step."""
@@ -237,8 +237,23 @@ class DecoState:
             popped, self._popped = self._popped, []
             self._popped_resolved = True
             applied = self.resolve(popped, all_or_nothing=True)
-            self.ready = bool(applied)
-        return self.ready
+            self._ready = bool(applied)
+        return self._ready
+
+    @property
+    def ready(self) -> bool:
+        """Whether the last step applied an aggregate (False on fill and skipped steps).
+
+        In hook mode reading it settles the entries the last backward consumed, so it can
+        be checked right after `backward()`.
+        """
+        if not self._popped_resolved:
+            return self.resolve_hook_step()
+        return self._ready
+
+    @ready.setter
+    def ready(self, value: bool) -> None:
+        self._ready = bool(value)
 
     def _restore_own(self, entry: StepEntry) -> None:
         for u in entry.units:
@@ -386,5 +401,5 @@ class DecoState:
         np.random.set_state(rng["numpy"])
         random.setstate(rng["python"])
         self.extra = dict(sd["extra"])
-        self._cur, self._popped, self._popped_resolved, self.ready = None, [], True, False
+        self._cur, self._popped, self._popped_resolved, self._ready = None, [], True, False
         self._check_replicated()

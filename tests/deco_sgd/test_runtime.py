@@ -178,3 +178,31 @@ def test_half_precision_wire(pool: DistPool, ratio: float) -> None:
         errs, nbytes, ok = half[r]
         assert ok and max(errs) <= HALF_ATOL
         assert all(h < f for h, f in zip(nbytes, full[r][1]))
+
+
+def _hook_ready_after_backward(rank: int, world: int) -> tuple[list[bool], tuple[int, int, int]]:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from deco_sgd.hook import deco_hook
+    from deco_sgd.state import DecoState
+
+    ddp = DDP(T.make_model(), bucket_cap_mb=0.0005)
+    state = DecoState(_cfg(ratio=0.25, staleness=2, warmup_steps=1), ddp.module)
+    ddp.register_comm_hook(state, deco_hook)
+    opt = torch.optim.SGD(ddp.parameters(), lr=T.LR)
+    ready = []
+    for s in range(STEPS):
+        opt.zero_grad()
+        T.loss_fn(ddp, rank, s).backward()
+        ready.append(state.ready)  # read right after backward, without DecoOptimizer
+        if ready[-1]:
+            opt.step()
+        state.fifo.check()
+    f = state.fifo
+    return ready, (f.launched, f.applied, len(f))
+
+
+def test_hook_ready_is_known_after_backward(pool: DistPool) -> None:
+    for ready, counters in pool.run(_hook_ready_after_backward):
+        assert ready == [True, False, False] + [True] * (STEPS - 3)
+        assert counters == (STEPS, STEPS - 2, 2)
