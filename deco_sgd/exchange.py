@@ -21,6 +21,7 @@ residual untouched (§7): the flags arrive with the data, so all ranks see the s
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -62,6 +63,8 @@ class Unit:
     agg_finite: bool = True
     nbytes: int = 0
     collective: str = "allreduce"
+    #: This rank's Σ‖g‖² over the unit before compensation (for §4's G² and σ²; NaN if invalid).
+    sq_norm: float = 0.0
     _future: "torch.futures.Future[Unit] | None" = field(default=None, repr=False)
 
     @property
@@ -244,8 +247,9 @@ def launch_unit(
 
             handle = allgather_payloads(Payload(buf, _dense_meta(buf)), group, same_size=True, async_op=True, key=key)
             coll = "allgather"
+    sq = float(sum(float(g.detach().float().pow(2).sum()) for g in grads)) if valid else math.nan
     unit = Unit(tuple(names), shapes, ratio, spec, own, handle, finish, t0,
-                nbytes=buf.numel() * buf.element_size(), collective=coll)
+                nbytes=buf.numel() * buf.element_size(), collective=coll, sq_norm=sq)
     handle.get_future().add_done_callback(lambda _f: _stamp(unit))
     return unit
 
