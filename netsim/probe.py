@@ -249,10 +249,19 @@ def _cmd_probe(args: argparse.Namespace) -> int:
     from netsim.cli import EXIT_NO_ROOT, EXIT_TOLERANCE, topo_from_args
 
     if args.backend == "emulate":
-        print("netsim probe: the emulate backend is probed by netsim.emulate's own harness "
-              "(tests/netsim/test_emulate.py); this command probes OS-level nets",
-              file=sys.stderr)
-        return 2
+        from netsim.probe_emulate import probe_emulate
+
+        try:
+            topo = topo_from_args(args)
+        except ValueError as e:
+            print(f"netsim: {e}", file=sys.stderr)
+            return 2
+        rep = probe_emulate(topo, nbytes=args.bytes or (1 << 20), samples=min(args.samples, 50))
+        print(rep.table())
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(rep.to_json(), f, indent=1)
+        return 0 if rep.ok else EXIT_TOLERANCE
     try:
         if args.tag_attach:
             net = netns.attach(args.tag_attach)
