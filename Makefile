@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 
-.PHONY: demo test test-all bench clean
+.PHONY: demo test test-all bench mininet clean
 
 $(VENV)/.base: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,10 @@ test-all: $(VENV)/.dev
 
 bench: $(VENV)/.base
 	$(PY) -m ccomm.bench --out docs/benchmarks/codecs.md
+
+# Root on Debian/Ubuntu: Mininet for the tests marked `mininet` (skipped when it is absent).
+mininet:
+	@command -v mn >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mininet bridge-utils; }
 
 clean:
 	rm -rf $(VENV) .demo .pytest_cache .hypothesis
