@@ -14,6 +14,7 @@ skipped steps, so the optimizer never sees a fake zero gradient.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any, Callable
 
 import torch
@@ -42,6 +43,10 @@ class DecoOptimizer:
         #: Entries applied by the last `step()` (wrapper mode), oldest first.
         self.last_applied: list[StepEntry] = []
         self._chunks = self._plan_chunks()
+        if state.config.mode == "adaptive" and state.driver is None:
+            from .adaptive import AdaptiveDriver  # imported late: adaptive imports the controller stack
+
+            state.driver = AdaptiveDriver(state)
 
     def _plan_chunks(self) -> list[list[str]]:
         # Fixed at construction (parameter order), so every rank launches the same units.
@@ -75,8 +80,14 @@ class DecoOptimizer:
                 loss = closure()
         st = self.state
         if st.hook_mode:
-            if st.resolve_hook_step():
+            popped = list(st._popped)
+            t0 = time.monotonic()
+            ready = st.resolve_hook_step()
+            blocked = time.monotonic() - t0
+            if ready:
                 self._inner_step(st.current_staleness)
+            if st.driver is not None:
+                st.driver.on_step_end(popped if ready else [], blocked)
             return loss
         st.begin_step()
         tau = st.current_staleness
@@ -84,12 +95,16 @@ class DecoOptimizer:
             grads = [self._grad(n) for n in chunk]
             st.launch(chunk, grads, key=f"chunk{i}")
         due = st.end_step()
+        t0 = time.monotonic()
         applied = st.resolve(due)
+        blocked = time.monotonic() - t0
         for entry in applied:
             self._apply(entry, tau)
         st.ready = bool(applied)
         self.last_applied = applied
         st.fifo.check()
+        if st.driver is not None:
+            st.driver.on_step_end(applied, blocked)
         return loss
 
     def _grad(self, name: str) -> torch.Tensor:
@@ -154,6 +169,8 @@ class DecoOptimizer:
         self.drain()
         if self.state.config.flush_residual:
             self.flush_residual()
+        if self.state.driver is not None:
+            self.state.driver.finish()
         self.closed = True
 
     def state_dict(self) -> dict[str, Any]:

@@ -49,7 +49,7 @@ class DecoState:
         "config", "rank", "world_size", "group", "control_group", "_own_groups",
         "names", "params", "_name_of", "ef", "ratio", "staleness", "_codecs", "fifo", "step",
         "_ready", "pending", "decisions", "consecutive_skips", "hook_mode", "_cur", "_cur_due",
-        "_cur_eff", "_popped", "_popped_resolved", "extra",
+        "_cur_eff", "_popped", "_popped_resolved", "extra", "driver",
     )
 
     def __init__(
@@ -101,6 +101,9 @@ class DecoState:
         self._popped_resolved = True
         #: Controller/estimator state a later layer stores in checkpoints (picklable values).
         self.extra: dict[str, Any] = {}
+        #: The adaptive loop (`deco_sgd.adaptive.AdaptiveDriver`), set by DecoOptimizer in
+        #: adaptive mode; None means (δ, τ) change only through `schedule()`.
+        self.driver: Any = None
         self._check_layout()
 
     # -- configuration in force -----------------------------------------------------------
@@ -365,6 +368,7 @@ class DecoState:
             "codec_counters": counters,
             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
             "extra": dict(self.extra),
+            "driver": None if self.driver is None else self.driver.state_dict(),
         }
 
     def load_state_dict(self, sd: Mapping[str, Any]) -> None:
@@ -401,5 +405,9 @@ class DecoState:
         np.random.set_state(rng["numpy"])
         random.setstate(rng["python"])
         self.extra = dict(sd["extra"])
+        if (sd.get("driver") is None) != (self.driver is None):
+            raise ValueError("state: saved with and loaded without the adaptive driver (or the reverse)")
+        if self.driver is not None:
+            self.driver.load_state_dict(sd["driver"])
         self._cur, self._popped, self._popped_resolved, self._ready = None, [], True, False
         self._check_replicated()

@@ -106,7 +106,8 @@ def pool() -> Iterator[DistPool]:
 def _cfg(**kw: object) -> object:
     from deco_sgd import DecoConfig
 
-    return DecoConfig(**{"mode": "adaptive", "codec": "topk", "warmup_steps": 0, "timeout_s": 30.0, **kw})
+    # static: only the test's own schedule() changes (δ, τ), no controller.
+    return DecoConfig(**{"mode": "static", "codec": "topk", "warmup_steps": 0, "timeout_s": 30.0, **kw})
 
 
 def _wrapper_with_schedule(rank: int, world: int) -> tuple[dict, tuple[int, int, int, int], list[bool]]:
