@@ -29,7 +29,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.distributed as dist
 
-from ccomm import Codec, ErrorFeedback, Payload
+from ccomm import Codec, ErrorFeedback, Payload, PayloadMeta
 from ccomm.comm import CommError, CommHandle, allgather_payloads, allreduce_payload, decode_sum
 
 from .errors import DecoCommError
@@ -265,9 +265,8 @@ def _set_result(unit: Unit, out: dict[str, torch.Tensor]) -> None:
     unit.agg_finite = all(bool(torch.isfinite(t).all()) for t in out.values())
 
 
-def _dense_meta(buf: torch.Tensor) -> Any:
-    from ccomm import PayloadMeta
-
+def _dense_meta(buf: torch.Tensor) -> PayloadMeta:
+    # The transport buffer is never decoded as a whole; its meta only describes it.
     return PayloadMeta(buf.shape, buf.dtype)
 
 

@@ -130,3 +130,27 @@ def _desync(rank: int, world: int) -> str:
 def test_desync_is_detected(pool: DistPool) -> None:
     for msg in pool.run(_desync):
         assert "different (ratio, staleness)" in msg
+
+
+def _adaptive_checkpoint(rank: int, world: int) -> tuple[dict, dict, int, int]:
+    model, opt = _build(False, _cfg())
+    for s in range(12):
+        opt.zero_grad()
+        T.loss_fn(model, rank, s).backward()
+        opt.step()
+    sd = opt.state.state_dict()
+    model2, opt2 = _build(False, _cfg())
+    opt2.state.load_state_dict(sd)
+    a, b = opt.state.driver, opt2.state.driver
+    for s in range(12, 16):  # the resumed run keeps going (and keeps its control exchange in step)
+        opt2.zero_grad()
+        T.loss_fn(model2, rank, s).backward()
+        opt2.step()
+    opt2.close()
+    return a.controller.state_dict(), sd["driver"]["controller"], len(sd["driver"]["log"]), len(b.log)
+
+
+def test_adaptive_state_round_trips(pool: DistPool) -> None:
+    for saved_ctrl, in_ckpt, n_saved, n_after in pool.run(_adaptive_checkpoint):
+        assert saved_ctrl == in_ckpt and saved_ctrl["last_step"] is not None
+        assert n_saved >= 1 and n_after >= 1
