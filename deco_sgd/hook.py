@@ -34,11 +34,12 @@ def deco_hook(state: DecoState, bucket: dist.GradBucket) -> torch.futures.Future
     if not state.hook_mode:
         state.config.validate_for_hook()
         state.hook_mode = True
-    if state._cur is None:
+    if not state.step_open:
         state.begin_step()
+    step = state.step
     names = []
     for p in bucket.parameters():
-        name = state._name_of.get(id(p))
+        name = state.name_of(p)
         if name is None:
             raise ValueError("deco_hook: the bucket holds a parameter the DecoState does not know; build the "
                              "state from the same model DDP wraps")
@@ -49,14 +50,13 @@ def deco_hook(state: DecoState, bucket: dist.GradBucket) -> torch.futures.Future
     tau = state.current_staleness
     out_like = bucket.buffer()
     if bucket.is_last():
-        state._popped = state.end_step()
-        state._popped_resolved = False
+        state.end_hook_step()
     if not due:
         fut: torch.futures.Future[torch.Tensor] = torch.futures.Future()
         fut.set_result(torch.zeros_like(out_like))
         return fut
     units = _units_for(due, names)
-    futs = [u.future(step=state.step, tau=tau) for u in units]
+    futs = [u.future(step=step, tau=tau) for u in units]
     sizes = [g.numel() for g in grads]
 
     def combine(_: Any) -> torch.Tensor:

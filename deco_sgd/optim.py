@@ -80,7 +80,7 @@ class DecoOptimizer:
                 loss = closure()
         st = self.state
         if st.hook_mode:
-            popped = list(st._popped)
+            popped = st.unsettled
             t0 = time.monotonic()
             ready = st.resolve_hook_step()
             blocked = time.monotonic() - t0

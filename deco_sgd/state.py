@@ -234,6 +234,26 @@ class DecoState:
             self.consecutive_skips = 0
         return out
 
+    # -- hook-mode helpers ----------------------------------------------------------------
+    @property
+    def step_open(self) -> bool:
+        return self._cur is not None
+
+    def name_of(self, param: torch.Tensor) -> str | None:
+        """Name of a managed parameter (None if this state does not manage it)."""
+        return self._name_of.get(id(param))
+
+    def end_hook_step(self) -> None:
+        """Close the step at DDP's last bucket; the due entries are settled lazily, after
+        backward, by `resolve_hook_step` (their futures cannot be waited on inside it)."""
+        self._popped = self.end_step()
+        self._popped_resolved = False
+
+    @property
+    def unsettled(self) -> list[StepEntry]:
+        """Hook mode: entries the last backward consumed that are not settled yet."""
+        return [] if self._popped_resolved else list(self._popped)
+
     def resolve_hook_step(self) -> bool:
         """Hook mode: settle the entries the last backward applied; True if opt.step() should run."""
         if not self._popped_resolved:
