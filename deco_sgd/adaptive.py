@@ -50,17 +50,17 @@ _UNKNOWN = -math.inf  # loses every MAX, so one rank's unknown never hides anoth
 class _Probe:
     """A launched 1-element collective with its completion time."""
 
-    __slots__ = ("works", "launch_t", "done_t")
+    __slots__ = ("fut", "launch_t", "done_t")
 
-    def __init__(self, works: list[Any], launch_t: float) -> None:
-        self.works, self.launch_t, self.done_t = works, launch_t, None
+    def __init__(self, work: Any, launch_t: float) -> None:
+        self.fut, self.launch_t, self.done_t = work.get_future(), launch_t, None
+        self.fut.add_done_callback(self.stamp)
 
     def stamp(self, _f: Any) -> None:
         self.done_t = time.monotonic()
 
     def wait(self) -> None:
-        for w in self.works:
-            w.wait()
+        self.fut.wait()
 
 
 class AdaptiveDriver:
@@ -121,19 +121,15 @@ class AdaptiveDriver:
         g2 = self._g2_local if math.isfinite(self._g2_local) else 0.0
         sm = torch.tensor([g2, self._gbar2 or 0.0, 1.0 if self._gbar2 is not None else 0.0,
                            1.0 if math.isfinite(self._g2_local) else 0.0], dtype=torch.float64)
-        works = [dist.all_reduce(mx, op=dist.ReduceOp.MAX, group=grp, async_op=True),
-                 dist.all_reduce(sm, op=dist.ReduceOp.SUM, group=grp, async_op=True)]
-        probes = []
-        one = torch.zeros(1)
+        # Only futures are kept: a Work object still alive when the user destroys the
+        # process group aborts the process at exit.
+        works = [dist.all_reduce(mx, op=dist.ReduceOp.MAX, group=grp, async_op=True).get_future(),
+                 dist.all_reduce(sm, op=dist.ReduceOp.SUM, group=grp, async_op=True).get_future()]
         t0 = time.monotonic()
-        w = dist.all_reduce(one, group=grp, async_op=True)
-        probes.append(_Probe([w], t0))
+        probes = [_Probe(dist.all_reduce(torch.zeros(1), group=grp, async_op=True), t0)]
         outs = [torch.empty(1) for _ in range(self.state.world_size)]
         t1 = time.monotonic()
-        w2 = dist.all_gather(outs, torch.zeros(1), group=grp, async_op=True)
-        probes.append(_Probe([w2], t1))
-        for p, wk in zip(probes, (w, w2)):
-            wk.get_future().add_done_callback(p.stamp)
+        probes.append(_Probe(dist.all_gather(outs, torch.zeros(1), group=grp, async_op=True), t1))
         self._inflight = (step, works, mx, sm, probes)
 
     def _complete(self, step: int) -> None:

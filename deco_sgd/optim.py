@@ -163,7 +163,8 @@ class DecoOptimizer:
         st.ef.reset()
 
     def close(self) -> None:
-        """Flush (§5): apply (or discard, per `config.flush`) what is in flight. Idempotent."""
+        """Flush (§5): apply (or discard, per `config.flush`) what is in flight, then release
+        the state's process groups (collective). Idempotent."""
         if self.closed:
             return
         self.drain()
@@ -171,6 +172,7 @@ class DecoOptimizer:
             self.flush_residual()
         if self.state.driver is not None:
             self.state.driver.finish()
+        self.state.close(barrier=True)
         self.closed = True
 
     def state_dict(self) -> dict[str, Any]:

@@ -316,10 +316,18 @@ class DecoState:
             return []
         return self.resolve(entries)
 
-    def close(self) -> None:
-        """Release the process groups this state created (not collective-safe mid-step)."""
+    def close(self, *, barrier: bool = False) -> None:
+        """Release the process groups this state created.
+
+        `barrier=True` (collective; what `DecoOptimizer.close()` uses) first lets every
+        rank reach this point, so no rank tears its connections down while a peer is
+        still finishing an exchange on them.
+        """
         if len(self.fifo):
             logger.warning("DecoState closed with %d exchanges in flight: steps %s", len(self.fifo), self.fifo.seqs)
+        if barrier and self._own_groups:
+            for g in self._own_groups:
+                dist.barrier(group=g)
         for g in self._own_groups:
             try:
                 dist.destroy_process_group(g)
