@@ -1,11 +1,18 @@
 """DeCo-SGD: adaptive compression ratio and staleness for data-parallel SGD (design: deco_sgd.md).
 
-So far this package holds the pure-logic foundation: the validated config, the Φ registry,
-the time model, the convergence surrogate and its fit, the controller and the estimators.
-The DDP hook, the optimizer wrapper and the benchmark build on them.
+This package holds the validated config, the Φ registry, the time model, the convergence
+surrogate and its fit, the controller and the estimators (pure logic), and the runtime:
+`DecoState` with its in-flight FIFO, the DDP hook `deco_hook`, the optimizer wrapper
+`DecoOptimizer` and the adaptive driver that re-chooses (ratio, staleness) while training.
+The time-to-accuracy benchmark is not built yet.
 """
 from .config import ADAPTIVE_CODECS, DEFAULT_RATIO_GRID, TAU_LIMIT, DecoConfig
+from .adaptive import AdaptiveDriver
 from .controller import Controller, Decision, Measurements, Score
+from .errors import DecoCommError, DecoDesyncError, NonFiniteGradientError
+from .hook import attach_ddp, deco_hook
+from .optim import DecoOptimizer
+from .state import DecoState
 from .estimators import (
     BandwidthEstimator,
     ComputeTimeEstimator,
@@ -21,6 +28,14 @@ from .timemodel import MessageSize, kept_elements, message_size, pattern_for, po
 
 __all__ = [
     "DecoConfig",
+    "DecoState",
+    "DecoOptimizer",
+    "deco_hook",
+    "attach_ddp",
+    "AdaptiveDriver",
+    "DecoCommError",
+    "DecoDesyncError",
+    "NonFiniteGradientError",
     "ADAPTIVE_CODECS",
     "DEFAULT_RATIO_GRID",
     "TAU_LIMIT",
