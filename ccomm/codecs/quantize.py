@@ -19,7 +19,7 @@ import torch
 
 from ..payload import PayloadMeta
 from ..registry import register
-from ._pack import blocks, bucket_rows, from_bytes, pack_bits, packed_nbytes, to_bytes, unpack_bits
+from ._pack import BLOCK_ELEMS, blocks, bucket_rows, from_bytes, pack_bits, packed_nbytes, to_bytes, unpack_bits
 from .base import Codec, check_bool, check_choice, check_int
 
 __all__ = ["Quantize"]
@@ -58,7 +58,9 @@ class Quantize(Codec):
 
     def _spans(self, n: int) -> list[tuple[int, int]]:
         # Blocks of whole multiples of 8 buckets: each block's packed codes start on a byte.
-        return list(blocks(n, 8 * self.bucket))
+        # Four times the default block: quantize runs ~10 ops per block, and on the project
+        # machine 2^20-element blocks (still cache-resident) cut its time by ~20 % at 16M-64M.
+        return list(blocks(n, 8 * self.bucket, 4 * BLOCK_ELEMS))
 
     def _code_rows(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Codes (uint8) and (lo, step) for a matrix with one bucket per row."""
