@@ -143,7 +143,7 @@ def to_markdown(rows: Sequence[Row], command: str, repeats: int) -> str:
     for r in rows:
         tgt = "" if r.target is None else (f"<= {r.target:g}: " + ("met" if r.ratio <= r.target else "MISSED"))
         lines.append(
-            f"| `{r.spec}` | {_fmt_size(r.numel)} | {r.encode_s * 1e3:.1f} | {r.decode_s * 1e3:.1f} | "
+            f"| `{r.spec.replace('|', chr(92) + '|')}` | {_fmt_size(r.numel)} | {r.encode_s * 1e3:.1f} | {r.decode_s * 1e3:.1f} | "
             f"{r.clone_s * 1e3:.1f} | {r.ratio:.2f} | {tgt} | {r.nbytes:,} | {r.compression:.1f}x | {r.rel_error:.4f} |"
         )
     lines += ["", *_target_notes(rows)]
