@@ -137,14 +137,7 @@ class AdaptiveDriver:
             return
         launched_at, works, mx, sm, probes = self._inflight
         self._inflight = None
-        try:
-            for w in works:
-                w.wait()
-            for p in probes:
-                p.wait()
-        except RuntimeError as exc:
-            raise DecoCommError(str(exc), step=step, key="control", staleness=self.state.staleness,
-                                collective="allreduce") from exc
+        self._wait(works, probes, step)
         for pat, p in zip(("allreduce", "allgather"), probes):
             if p.done_t is not None:
                 self.lat.update(pat, p.done_t - p.launch_t)
@@ -176,14 +169,18 @@ class AdaptiveDriver:
         if self._inflight is not None:
             _, works, _, _, probes = self._inflight
             self._inflight = None
-            try:
-                for w in works:
-                    w.wait()
-                for p in probes:
-                    p.wait()
-            except RuntimeError as exc:
-                raise DecoCommError(str(exc), step=self.state.step, key="control",
-                                    staleness=self.state.staleness, collective="allreduce") from exc
+            self._wait(works, probes, self.state.step)
+
+    def _wait(self, works: list[Any], probes: list[Any], step: int) -> None:
+        """Wait for a control exchange; a failed peer becomes a DecoCommError naming the step."""
+        try:
+            for w in works:
+                w.wait()
+            for p in probes:
+                p.wait()
+        except RuntimeError as exc:
+            raise DecoCommError(str(exc), step=step, key="control", staleness=self.state.staleness,
+                                collective="allreduce") from exc
 
     # -- checkpoint ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
