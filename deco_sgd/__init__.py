@@ -4,7 +4,8 @@ This package holds the validated config, the Φ registry, the time model, the co
 surrogate and its fit, the controller and the estimators (pure logic), and the runtime:
 `DecoState` with its in-flight FIFO, the DDP hook `deco_hook`, the optimizer wrapper
 `DecoOptimizer` and the adaptive driver that re-chooses (ratio, staleness) while training.
-The time-to-accuracy benchmark is not built yet.
+`deco_sgd.bench` holds the benchmark's real-data tasks (mnist, bytelm); the
+time-to-accuracy runner itself is not built yet.
 """
 from .config import ADAPTIVE_CODECS, DEFAULT_RATIO_GRID, TAU_LIMIT, DecoConfig
 from .adaptive import AdaptiveDriver
