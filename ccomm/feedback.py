@@ -83,12 +83,6 @@ class ErrorFeedback:
     def keys(self) -> Iterator[Hashable]:
         return iter(list(self._res))
 
-    def total_norm(self) -> float:
-        """L2 norm over all residuals (for logging; synchronizes on GPU)."""
-        if not self._res:
-            return 0.0
-        return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(e.float()) for e in self._res.values()])))
-
     def state_dict(self) -> dict[str, Any]:
         return {"residuals": {k: v.detach().clone() for k, v in self._res.items()}}
 

@@ -24,7 +24,6 @@ __all__ = [
     "unpack_uint",
     "to_bytes",
     "from_bytes",
-    "concat_bytes",
     "split_bytes",
     "bucket_rows",
 ]
@@ -143,11 +142,6 @@ def from_bytes(data: torch.Tensor, dtype: torch.dtype, count: int) -> torch.Tens
     if chunk.storage_offset() % size:
         chunk = chunk.clone()
     return chunk.view(dtype)
-
-
-def concat_bytes(parts: Sequence[torch.Tensor]) -> torch.Tensor:
-    """One uint8 buffer from several pieces (float pieces first keeps their views aligned)."""
-    return torch.cat([to_bytes(p) for p in parts])
 
 
 def split_bytes(buffer: torch.Tensor, sizes: Sequence[int]) -> list[torch.Tensor]:

@@ -45,8 +45,6 @@ def _at_or_above(flat: torch.Tensor, thr: torch.Tensor) -> torch.Tensor:
 
 @register("approx_topk")
 class ApproxTopK(Sparsifier):
-    fixed_size = True  # k is always met: exact fallback when the estimate falls short
-
     def __init__(self, ratio: float = 0.01, seed: int = 0) -> None:
         super().__init__(check_ratio("approx_topk", ratio))
         self.seed = check_int("approx_topk", "seed", seed, 0)

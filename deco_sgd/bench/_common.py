@@ -1,4 +1,5 @@
-"""Helpers shared by the benchmark tasks: range checks and seeded model construction."""
+"""Helpers shared by the benchmark tasks: float range checks (integers use ccomm's
+`check_int`) and seeded model construction."""
 from __future__ import annotations
 
 import contextlib
@@ -7,18 +8,11 @@ from typing import Callable, Iterator, TypeVar
 
 import torch
 
-__all__ = ["check_int", "check_float", "seeded", "build_seeded"]
+__all__ = ["check_float", "seeded", "build_seeded"]
 
 logger = logging.getLogger(__name__)
 
 M = TypeVar("M")
-
-
-def check_int(name: str, value: object, lo: int, hi: int | None = None) -> None:
-    """Raise `ValueError` naming `name` unless `value` is an int in [lo, hi]."""
-    if not isinstance(value, int) or isinstance(value, bool) or value < lo or (hi is not None and value > hi):
-        rng = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
-        raise ValueError(f"{name}: must be an integer {rng}, got {value!r}")
 
 
 def check_float(name: str, value: object, lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False) -> None:

@@ -15,7 +15,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ccomm.codecs._pack import (
-    concat_bytes,
     from_bytes,
     index_width,
     pack_bits,
@@ -128,7 +127,7 @@ def test_index_width_is_the_narrowest(n: int, width: int) -> None:
 def test_float_bytes_round_trip_even_when_misaligned(dtype: torch.dtype) -> None:
     vals = (torch.arange(9) * 1.25 - 3).to(dtype)
     # One leading byte makes the float piece start at an odd offset.
-    buf = concat_bytes([torch.tensor([7], dtype=torch.uint8), vals])
+    buf = torch.cat([torch.tensor([7], dtype=torch.uint8), to_bytes(vals)])
     head, body = split_bytes(buf, [1, buf.numel() - 1])
     assert head.tolist() == [7]
     assert torch.equal(from_bytes(body, dtype, 9), vals)
