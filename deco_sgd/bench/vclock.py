@@ -1,0 +1,178 @@
+"""Virtual time of a benchmark run: one shared link timeline and the step-start rule (design §9.3).
+
+Two small objects, both pure bookkeeping (no torch, no processes), so the real-time mode can
+use them to predict what a real run should take:
+
+`LinkTimeline(link, world)` charges data exchanges on the scenario's `netsim.Link` (its
+trace included) in launch order:
+
+1. the pattern's cost comes from `netsim.cost.schedule(op, world, nbytes, "ring")`:
+   V = bytes one rank receives over the whole schedule, hops = number of schedule steps,
+   L_eff = hops · one-way latency (ring all-reduce: V = 2(n−1)/n·S, 2(n−1) hops; ring
+   all-gather of S-byte blocks: V = (n−1)·S, n−1 hops);
+2. tx_start = max(launch, link_free): one message at a time on the link;
+3. done = tx_start + L_eff + serialisation of V bytes under the trace from tx_start
+   (`Trace.time_to_send`, exact over piecewise-constant rates and outages);
+4. link_free = done − L_eff: the next message may serialise while this one's latency runs.
+
+`probe(launch, pattern)` prices a tiny control collective the same way but without taking
+the link (control traffic runs on its own group and is never queued behind data).
+
+`StepClock(t_comp)` implements the step-start rule: step s computes during
+[start_s, start_s + T_comp] and launches its exchange at start_s + T_comp; the next step
+starts at max(start_s + T_comp, done of every entry step s applied). Entries that are still
+in flight (staleness τ > 0) do not hold the next step back, which is the whole point of τ.
+
+Example (hand-checkable numbers in tests/deco_sgd/test_bench_vclock.py)::
+
+    tl = LinkTimeline(Link(8.0, 50.0), world=2)   # 8 Mbit/s = 1 MB/s, 50 ms one way
+    clock = StepClock(0.1)
+    done = tl.exchange(clock.launch_s, 1_000_000, "allreduce")   # V = 1 MB, 2 hops
+    clock.end_step([done])                          # 0.1 + 1.0 + 0.1 = 1.2 s
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+from netsim import Link, cost
+
+__all__ = ["PATTERNS", "PatternCost", "pattern_cost", "LinkTimeline", "StepClock", "Transfer"]
+
+logger = logging.getLogger(__name__)
+
+#: Exchange patterns the timeline understands (netsim.cost op names).
+PATTERNS = ("allreduce", "allgather")
+
+
+@dataclass(frozen=True)
+class PatternCost:
+    """Bytes one rank receives (V) and how many one-way latencies one exchange costs."""
+
+    nbytes: float
+    hops: int
+
+
+@functools.lru_cache(maxsize=4096)
+def pattern_cost(pattern: str, world: int, nbytes: float) -> PatternCost:
+    """V and hops of one ring exchange of `pattern` (see the module docstring, step 1).
+
+    `nbytes` is each rank's input: the tensor for all-reduce, the own block for all-gather.
+    """
+    if pattern not in PATTERNS:
+        raise ValueError(f"pattern: must be one of {list(PATTERNS)}, got {pattern!r}")
+    if not isinstance(world, int) or world < 1:
+        raise ValueError(f"world: must be an integer >= 1, got {world!r}")
+    if not (math.isfinite(nbytes) and nbytes >= 0):
+        raise ValueError(f"nbytes: must be finite and >= 0, got {nbytes!r}")
+    steps = cost.schedule(pattern, world, float(nbytes), "ring")
+    received = sum(b for step in steps for (_src, dst, b) in step if dst == 0)
+    return PatternCost(float(received), len(steps))
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """One charged exchange (for logs and plots)."""
+
+    launch_s: float
+    tx_start_s: float
+    done_s: float
+    nbytes: float  # each rank's input
+    received: float  # V
+    pattern: str
+
+
+class LinkTimeline:
+    """Charges exchanges on one link in launch order; see the module docstring."""
+
+    def __init__(self, link: Link, world: int, *, keep_log: bool = False) -> None:
+        if not isinstance(link, Link):
+            raise ValueError(f"link: must be a netsim.Link, got {type(link).__name__}")
+        if not isinstance(world, int) or isinstance(world, bool) or world < 1:
+            raise ValueError(f"world: must be an integer >= 1, got {world!r}")
+        self.link = link
+        self.world = world
+        self.link_free = 0.0
+        self.bytes_received = 0.0
+        self.keep_log = keep_log
+        self.log: list[Transfer] = []
+
+    def latency(self, pattern: str) -> float:
+        """L_eff of `pattern`: hops · one-way latency."""
+        return pattern_cost(pattern, self.world, 0.0).hops * self.link.latency_s
+
+    def _serialise(self, received: float, start_s: float) -> float:
+        d = self.link.serialization_time(received, start_s)
+        if not math.isfinite(d):
+            raise ValueError(f"trace: a transfer started at t={start_s:.3f} s never completes (zero bandwidth "
+                             "to the end of a non-repeating trace)")
+        return d
+
+    def exchange(self, launch_s: float, nbytes: float, pattern: str) -> float:
+        """Charge one exchange launched at `launch_s`; returns its completion time."""
+        if not (math.isfinite(launch_s) and launch_s >= 0):
+            raise ValueError(f"launch_s: must be finite and >= 0, got {launch_s!r}")
+        pc = pattern_cost(pattern, self.world, float(nbytes))
+        l_eff = pc.hops * self.link.latency_s
+        tx_start = max(launch_s, self.link_free)
+        done = tx_start + l_eff + self._serialise(pc.nbytes, tx_start)
+        self.link_free = done - l_eff
+        self.bytes_received += pc.nbytes
+        if self.keep_log:
+            self.log.append(Transfer(launch_s, tx_start, done, float(nbytes), pc.nbytes, pattern))
+        return done
+
+    def probe(self, launch_s: float, pattern: str, nbytes: float = 4.0) -> float:
+        """Completion time of a tiny control collective launched at `launch_s` (link not taken)."""
+        pc = pattern_cost(pattern, self.world, float(nbytes))
+        return launch_s + pc.hops * self.link.latency_s + self._serialise(pc.nbytes, launch_s)
+
+    def true_bandwidth(self, t: float) -> float:
+        """The link's rate at time t in bytes/s (for plots only; estimators never see it)."""
+        return self.link.rate_bps(t) / 8.0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"link_free": self.link_free, "bytes_received": self.bytes_received}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        self.link_free = float(sd["link_free"])
+        self.bytes_received = float(sd["bytes_received"])
+
+
+class StepClock:
+    """The step-start rule of §9.3 with a fixed compute time per step."""
+
+    def __init__(self, t_comp: float, start_s: float = 0.0) -> None:
+        if not (isinstance(t_comp, (int, float)) and math.isfinite(t_comp) and t_comp > 0):
+            raise ValueError(f"t_comp: must be a finite number > 0, got {t_comp!r}")
+        if not (math.isfinite(start_s) and start_s >= 0):
+            raise ValueError(f"start_s: must be finite and >= 0, got {start_s!r}")
+        self.t_comp = float(t_comp)
+        self.start = float(start_s)
+        self.steps = 0
+        #: Total time steps waited on exchanges (start delayed past start + T_comp).
+        self.blocked = 0.0
+
+    @property
+    def launch_s(self) -> float:
+        """When the open step's exchange is launched: the end of its compute."""
+        return self.start + self.t_comp
+
+    def end_step(self, applied_done: Iterable[float] = ()) -> float:
+        """Close the open step; returns (and moves to) the next step's start time."""
+        ready = self.launch_s
+        nxt = max([ready, *applied_done])
+        self.blocked += nxt - ready
+        self.start = nxt
+        self.steps += 1
+        return nxt
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"t_comp": self.t_comp, "start": self.start, "steps": self.steps, "blocked": self.blocked}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        self.t_comp, self.start = float(sd["t_comp"]), float(sd["start"])
+        self.steps, self.blocked = int(sd["steps"]), float(sd["blocked"])

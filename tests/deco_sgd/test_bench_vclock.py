@@ -1,0 +1,68 @@
+"""The virtual clock's rules (design §9.3) on hand-computed numbers."""
+from __future__ import annotations
+
+import pytest
+
+from deco_sgd.bench.vclock import LinkTimeline, StepClock, pattern_cost
+from netsim import Link, Trace
+
+
+def test_pattern_cost_ring_sizes() -> None:
+    # Ring all-reduce of S bytes: V = 2(n-1)/n·S, 2(n-1) hops; all-gather of S-byte blocks: (n-1)·S, n-1 hops.
+    ar = pattern_cost("allreduce", 4, 1000.0)
+    assert ar.nbytes == pytest.approx(1500.0) and ar.hops == 6
+    ag = pattern_cost("allgather", 4, 1000.0)
+    assert ag.nbytes == pytest.approx(3000.0) and ag.hops == 3
+    assert pattern_cost("allreduce", 1, 1000.0).nbytes == 0.0
+    with pytest.raises(ValueError, match="pattern"):
+        pattern_cost("ps", 4, 1.0)
+
+
+def test_docstring_example() -> None:
+    tl = LinkTimeline(Link(8.0, 50.0), world=2)  # 1 MB/s, 50 ms one way
+    clock = StepClock(0.1)
+    done = tl.exchange(clock.launch_s, 1_000_000, "allreduce")
+    assert done == pytest.approx(1.2)  # 0.1 launch + 0.1 (2 hops) + 1.0 s serialisation
+    assert clock.end_step([done]) == pytest.approx(1.2)
+    assert clock.blocked == pytest.approx(1.1)
+    assert tl.link_free == pytest.approx(1.1)  # done - L_eff
+
+
+def test_queueing_behind_previous_message() -> None:
+    tl = LinkTimeline(Link(8.0, 50.0), world=2)
+    d1 = tl.exchange(0.0, 1_000_000, "allreduce")  # tx 0..1.0, done 1.1
+    d2 = tl.exchange(0.5, 500_000, "allreduce")  # waits for link_free = 1.0, tx 0.5 s, done 1.6
+    assert (d1, d2) == (pytest.approx(1.1), pytest.approx(1.6))
+    # A launch after the link is free starts at once.
+    assert tl.exchange(3.0, 0, "allreduce") == pytest.approx(3.1)
+
+
+def test_trace_serialisation_and_outage() -> None:
+    # 8 Mbit/s for 1 s, outage for 1 s, then 16 Mbit/s: 1.5 MB from t=0 -> 1 MB by t=1, 0.5 MB at 2 MB/s.
+    link = Link(None, 10.0, trace=Trace.steps([(0, 8.0), (1, 0.0), (2, 16.0)]))
+    tl = LinkTimeline(link, world=2)
+    done = tl.exchange(0.0, 1_500_000, "allreduce")
+    assert done == pytest.approx(0.02 + 2.25)
+    assert tl.probe(0.0, "allgather") == pytest.approx(0.01 + 4 * 8 / 8e6)
+    assert tl.link_free == pytest.approx(2.25)  # the probe did not take the link
+
+
+def test_step_rule_with_staleness() -> None:
+    # τ = 1: step s applies entry s-1, so a slow exchange only holds the step after next.
+    tl = LinkTimeline(Link(8.0, 50.0), world=2)
+    clock = StepClock(0.1)
+    done0 = tl.exchange(clock.launch_s, 200_000, "allreduce")  # 0.1 + 0.2 + 0.1 = 0.4
+    assert clock.end_step([]) == pytest.approx(0.1)  # fill step: nothing applied
+    done1 = tl.exchange(clock.launch_s, 200_000, "allreduce")  # queued: tx 0.3..0.5, done 0.6
+    assert done1 == pytest.approx(0.6)
+    assert clock.end_step([done0]) == pytest.approx(0.4)
+    assert clock.end_step([done1]) == pytest.approx(0.6)
+
+
+def test_validation_names_fields() -> None:
+    with pytest.raises(ValueError, match="t_comp"):
+        StepClock(0.0)
+    with pytest.raises(ValueError, match="world"):
+        LinkTimeline(Link(8.0, 1.0), world=0)
+    with pytest.raises(ValueError, match="launch_s"):
+        LinkTimeline(Link(8.0, 1.0), world=2).exchange(-1.0, 1, "allreduce")
