@@ -1,0 +1,321 @@
+"""Real-time mode: n gloo processes over `netsim.emulate`, and the check of the virtual clock (§9.4).
+
+One real-time run (`run_real(spec)`):
+
+1. spawns `spec.n` gloo ranks (`_procs.run_ranks`); each builds the task, its model and an
+   SGD optimizer, creates a data group and enters `netsim.emulate(link, group)`, so every
+   DeCo-SGD exchange on that group completes no earlier than the link model says;
+2. runs the real `DecoOptimizer` (wrapper mode) at a fixed (ratio, staleness, codec), or
+   with a decision list replayed through `DecoState.schedule` (so DeCo-SGD's controller
+   feedback is removed and only the clock is compared), or adaptively (`mode: adaptive`,
+   control exchanges on the emulated group too, so the controller measures the link);
+3. pads each step's forward/backward to `compute_time_s` with a calibrated sleep and
+   records per step: start, launch and end wall times, real compute time, the (δ, τ) in
+   force, the bytes and collective of every unit launched and the steps whose aggregates
+   were applied;
+4. flushes (untimed), evaluates the task metric and returns every rank's record.
+
+`predict_virtual(result)` replays the recorded schedule (same sizes, same applied entries,
+compute = max(compute_time_s, measured)) through the virtual clock, and `validate(result)`
+gives the relative error of virtual against real elapsed time at every checkpoint step;
+`REL_TOL` is the spec's 15 % bound.
+
+CLI: ``python -m deco_sgd.bench.realtime --config CFG.yaml --out DIR`` runs every method of
+the config in real time and writes ``DIR/realtime.json`` (see `main`).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from ._procs import run_ranks
+from ._rtclock import StepPlan, UnitPlan, virtual_step_ends
+
+__all__ = ["REL_TOL", "RealRunSpec", "RealResult", "run_real", "run_rank", "predict_virtual", "validate", "main"]
+
+logger = logging.getLogger(__name__)
+
+#: Virtual and real elapsed time must agree within this fraction at every checkpoint (§9.4).
+REL_TOL = 0.15
+_DECO_FORBIDDEN = ("mode",)
+
+
+def _pos(name: str, v: Any, *, integer: bool = False, zero_ok: bool = False) -> None:
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
+    ok = ok and (v >= 0 if zero_ok else v > 0) and (not integer or isinstance(v, int))
+    if not ok:
+        kind = "an integer" if integer else "a finite number"
+        raise ValueError(f"{name}: must be {kind} {'>= 0' if zero_ok else '> 0'}, got {v!r}")
+
+
+@dataclass(frozen=True)
+class RealRunSpec:
+    """One method run in real time (validated on construction)."""
+
+    name: str
+    #: DecoConfig fields (codec, ratio, staleness, ...); `mode` is set from `adaptive`.
+    deco: Mapping[str, Any] = field(default_factory=dict)
+    adaptive: bool = False
+    #: (step, ratio, staleness) decisions replayed in static mode, each from its step on.
+    decisions: tuple[tuple[int, float, int], ...] = ()
+    task: str = "mnist"
+    task_config: Mapping[str, Any] = field(default_factory=dict)
+    n: int = 4
+    steps: int = 30
+    compute_time_s: float = 0.15
+    bandwidth_mbps: float | None = 20.0
+    latency_ms: float = 25.0
+    #: A netsim trace file (CSV or Mahimahi) instead of a constant bandwidth.
+    trace: str | None = None
+    lr: float = 0.05
+    momentum: float = 0.9
+    seed: int = 0
+    checkpoint_every: int = 10
+    timeout_s: float = 300.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"name: must be a non-empty string, got {self.name!r}")
+        bad = [k for k in _DECO_FORBIDDEN if k in self.deco]
+        if bad:
+            raise ValueError(f"deco: set the mode with `adaptive: true|false`, not deco.{bad[0]}")
+        object.__setattr__(self, "deco", dict(self.deco))
+        object.__setattr__(self, "task_config", dict(self.task_config))
+        decs = []
+        for d in self.decisions:
+            if len(d) != 3:
+                raise ValueError(f"decisions: each entry must be [step, ratio, staleness], got {d!r}")
+            decs.append((int(d[0]), float(d[1]), int(d[2])))
+        if [d[0] for d in decs] != sorted({d[0] for d in decs}):
+            raise ValueError(f"decisions: steps must be distinct and increasing, got {[d[0] for d in decs]}")
+        if decs and self.adaptive:
+            raise ValueError("decisions: a replayed decision list needs adaptive: false")
+        object.__setattr__(self, "decisions", tuple(decs))
+        for k in ("n", "steps", "checkpoint_every"):
+            _pos(k, getattr(self, k), integer=True)
+        _pos("seed", self.seed, integer=True, zero_ok=True)
+        for k in ("compute_time_s", "lr", "timeout_s"):
+            _pos(k, getattr(self, k))
+        _pos("momentum", self.momentum, zero_ok=True)
+        _pos("latency_ms", self.latency_ms, zero_ok=True)
+        if (self.trace is None) == (self.bandwidth_mbps is None):
+            raise ValueError("bandwidth_mbps, trace: give exactly one (a constant rate or a trace file)")
+        if self.bandwidth_mbps is not None:
+            _pos("bandwidth_mbps", self.bandwidth_mbps)
+        self.deco_config()  # fails now, in the parent, rather than in n children
+        self.link()
+
+    def deco_config(self) -> Any:
+        from deco_sgd.config import DecoConfig
+
+        kw = {"warmup_steps": 0, "timeout_s": 60.0, **self.deco, "mode": "adaptive" if self.adaptive else "static"}
+        return DecoConfig.from_dict(kw)
+
+    def link(self) -> Any:
+        from netsim import Link, Trace
+
+        if self.trace is not None:
+            return Link(None, self.latency_ms, trace=Trace.load(self.trace))
+        return Link(self.bandwidth_mbps, self.latency_ms)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["decisions"] = [list(x) for x in self.decisions]
+        return d
+
+
+@dataclass
+class RealResult:
+    """What `run_real` returns: the spec and every rank's record (times in seconds)."""
+
+    spec: RealRunSpec
+    ranks: list[dict[str, Any]]
+
+    @property
+    def real_ends(self) -> list[float]:
+        """Real elapsed time at the end of each step: the slowest rank's, from the common start."""
+        return [max(r["steps"][s]["end"] for r in self.ranks) for s in range(self.spec.steps)]
+
+    @property
+    def final_metric(self) -> float:
+        return float(self.ranks[0]["final_metric"])
+
+
+# ---------------------------------------------------------------------------- one rank
+def run_rank(rank: int, world: int, spec: RealRunSpec) -> dict[str, Any]:
+    """One rank of a real-time run (gloo already initialised); see the module docstring."""
+    import torch
+    import torch.distributed as dist
+
+    from deco_sgd.optim import DecoOptimizer
+    from deco_sgd.state import DecoState
+    from netsim import emulate
+    from netsim.clock import WallClock
+
+    from .tasks import make_task
+
+    if world != spec.n:
+        raise ValueError(f"n: the spec asks for {spec.n} ranks, running on {world}")
+    task = make_task(spec.task, **spec.task_config)
+    model = task.model(spec.seed)
+    inner = torch.optim.SGD(model.parameters(), lr=spec.lr, momentum=spec.momentum)
+    cfg = spec.deco_config()
+    data_group = dist.new_group(backend="gloo")
+    clock = WallClock()
+    clock.bias_s  # calibrate before the timed region
+    replay = {s: (r, t) for s, r, t in spec.decisions}
+    steps: list[dict[str, Any]] = []
+    losses: list[float] = []
+    with emulate(spec.link(), group=data_group, seed=spec.seed, timeout_s=cfg.timeout_s) as emu:
+        # Adaptive runs send their control exchanges over the emulated link too, so the
+        # latency probes and the bandwidth estimator see the link, not loopback.
+        ctrl = emu.group if spec.adaptive else None
+        state = DecoState(cfg, model, group=emu.group, control_group=ctrl)
+        opt = DecoOptimizer(inner, state)
+        batches = task.batches(rank, world, spec.seed)
+        dist.barrier()  # unshaped default group: every rank starts the clock together
+        t0 = time.monotonic()
+        emu_t0 = emu.now()
+        for s in range(spec.steps):
+            if s in replay:
+                state.schedule(replay[s][0], replay[s][1], s, reason="replay")
+            start = time.monotonic()
+            loss = task.loss(model, next(batches))
+            opt.zero_grad()
+            loss.backward()
+            compute = time.monotonic() - start
+            clock.sleep_until(start + spec.compute_time_s)  # pad to the modeled compute time
+            launch = time.monotonic()
+            opt.step()
+            end = time.monotonic()
+            mine = [e for e in [*state.fifo, *opt.last_applied] if e.seq == s]
+            units = [{"nbytes": u.nbytes, "collective": u.collective} for e in mine for u in e.units]
+            ratio, tau = mine[0].ratio, state.current_staleness  # the (δ, τ) this step ran with
+            steps.append({"step": s, "start": start - t0, "launch": launch - t0, "end": end - t0,
+                          "compute_s": compute, "ratio": ratio, "staleness": tau, "units": units,
+                          "applied": [e.seq for e in opt.last_applied]})
+            losses.append(float(loss.detach()))
+        opt.close()  # flush and release the control group: collective, untimed
+        stats = dataclasses.asdict(emu.stats)
+    dist.destroy_process_group(data_group)
+    return {"rank": rank, "t0_emu": emu_t0, "steps": steps, "losses": losses, "emulate": stats,
+            "decisions": [{k: d[k] for k in ("step", "ratio", "staleness", "reason")} for d in state.decisions],
+            "final_metric": task.evaluate(model) if rank == 0 else None}
+
+
+def run_real(spec: RealRunSpec) -> RealResult:
+    """Run `spec` on `spec.n` fresh local gloo ranks (blocking; see the module docstring)."""
+    ranks = run_ranks(run_rank, spec.n, spec, timeout_s=spec.timeout_s)
+    return RealResult(spec, ranks)
+
+
+# ---------------------------------------------------------------------------- the clock check
+def step_plans(result: RealResult) -> list[StepPlan]:
+    """The recorded schedule, as the virtual clock consumes it (identical on every rank,
+    except compute time, where the slowest rank counts)."""
+    spec = result.spec
+    plans = []
+    for s in range(spec.steps):
+        rows = [r["steps"][s] for r in result.ranks]
+        row = rows[0]
+        for other in rows[1:]:
+            if other["units"] != row["units"] or other["applied"] != row["applied"]:
+                raise ValueError(f"step {s}: ranks recorded different schedules")
+        comp = max([spec.compute_time_s] + [x["compute_s"] for x in rows])
+        units = tuple(UnitPlan(u["collective"], u["nbytes"]) for u in row["units"])
+        plans.append(StepPlan(s, comp, units, tuple(row["applied"])))
+    return plans
+
+
+def predict_virtual(result: RealResult) -> list[float]:
+    """Virtual elapsed time at the end of each step of `result`'s schedule."""
+    spec = result.spec
+    t0 = sum(r["t0_emu"] for r in result.ranks) / len(result.ranks)  # trace time of the real start
+    return virtual_step_ends(step_plans(result), spec.link(), spec.n, start_s=t0)
+
+
+def checkpoints(spec: RealRunSpec) -> list[int]:
+    """Steps (1-based counts of finished steps) where the clocks are compared."""
+    pts = list(range(spec.checkpoint_every, spec.steps + 1, spec.checkpoint_every))
+    return pts if pts and pts[-1] == spec.steps else pts + [spec.steps]
+
+
+def validate(result: RealResult, rel_tol: float = REL_TOL) -> dict[str, Any]:
+    """Virtual vs real elapsed time at every checkpoint, with the relative error and a flag."""
+    real, virt = result.real_ends, predict_virtual(result)
+    rows = []
+    for k in checkpoints(result.spec):
+        r, v = real[k - 1], virt[k - 1]
+        rows.append({"step": k, "real_s": r, "virtual_s": v, "rel_err": abs(v - r) / r})
+    worst = max(x["rel_err"] for x in rows)
+    late = [r["emulate"]["late_ops"] for r in result.ranks]
+    return {"method": result.spec.name, "checkpoints": rows, "max_rel_err": worst, "rel_tol": rel_tol,
+            "breach": worst > rel_tol, "emulate_late_ops": late, "final_metric": result.final_metric,
+            "max_compute_s": max(x["compute_s"] for r in result.ranks for x in r["steps"])}
+
+
+# ---------------------------------------------------------------------------- CLI
+def specs_from_config(cfg: Mapping[str, Any]) -> list[RealRunSpec]:
+    """One spec per entry of `methods`; the other top-level keys are shared defaults.
+
+    A method entry holds DecoConfig fields plus, optionally, `adaptive` and `decisions`.
+    """
+    if not isinstance(cfg, Mapping) or not isinstance(cfg.get("methods"), Mapping) or not cfg["methods"]:
+        raise ValueError("config: needs a non-empty `methods` mapping (name -> DecoConfig fields)")
+    shared = {k: v for k, v in cfg.items() if k != "methods"}
+    known = {f.name for f in dataclasses.fields(RealRunSpec)} - {"name", "deco", "adaptive", "decisions"}
+    unknown = sorted(set(shared) - known)
+    if unknown:
+        raise ValueError(f"config: unknown key(s) {unknown}; allowed: {sorted(known) + ['methods']}")
+    out = []
+    for name, m in cfg["methods"].items():
+        m = dict(m or {})
+        adaptive = bool(m.pop("adaptive", False))
+        decisions = tuple(tuple(d) for d in m.pop("decisions", ()))
+        out.append(RealRunSpec(name=str(name), deco=m, adaptive=adaptive, decisions=decisions, **shared))
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run every method of a YAML config in real time; write DIR/realtime.json; print a table."""
+    ap = argparse.ArgumentParser(prog="python -m deco_sgd.bench.realtime", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", required=True, help="YAML: shared RealRunSpec fields plus `methods:`")
+    ap.add_argument("--out", required=True, help="output directory")
+    ap.add_argument("--only", action="append", default=[], help="run only these methods (repeatable)")
+    args = ap.parse_args(argv)
+    import yaml
+
+    with open(args.config) as f:
+        specs = specs_from_config(yaml.safe_load(f))
+    if args.only:
+        specs = [s for s in specs if s.name in args.only]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report: dict[str, Any] = {"schema": 1, "mode": "real", "rel_tol": REL_TOL, "methods": {}}
+    for spec in specs:
+        print(f"[realtime] {spec.name}: {spec.n} ranks, {spec.steps} steps ...", flush=True)
+        res = run_real(spec)
+        val = validate(res)
+        report["methods"][spec.name] = {"spec": spec.to_dict(), "validation": val,
+                                        "decisions": res.ranks[0]["decisions"], "losses": res.ranks[0]["losses"]}
+        for row in val["checkpoints"]:
+            print(f"  step {row['step']:4d}  real {row['real_s']:7.3f} s  virtual {row['virtual_s']:7.3f} s  "
+                  f"err {100 * row['rel_err']:5.1f} %", flush=True)
+        (out / "realtime.json").write_text(json.dumps(report, indent=1))
+    worst = max((m["validation"]["max_rel_err"] for m in report["methods"].values()), default=0.0)
+    print(f"[realtime] worst checkpoint error {100 * worst:.1f} % (tolerance {100 * REL_TOL:.0f} %); "
+          f"wrote {out / 'realtime.json'}")
+    return 1 if worst > REL_TOL else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
