@@ -1,0 +1,518 @@
+"""CompactFusion's compressed ring inside an xDiT (`xfuser`) pipeline.
+
+`patch(pipe, config)` replaces xfuser's ring-attention call by CompactFusion's ring
+(`compactfusion.attention.ring_attention`, spec section 3.1): each ring rank encodes its own
+K/V once per layer and step against the mirrored base, the payloads travel P-1 hops
+unchanged, every rank attends to its exact own K/V and to the reconstructions of the
+others. Everything else in the xfuser pipeline (sequence split, gather, CFG, scheduler,
+VAE) stays xfuser's. `cpu_env_patch()` makes xfuser importable, and its ring mode usable,
+on a host without an accelerator, where xfuser has no ring of its own.
+
+What we found in xfuser 0.7.0 (site-packages, with diffusers 0.42.1, transformers 5.24.0,
+yunchang 0.6.4, triton 3.9.0, torch 2.13.0 CPU):
+
+1. Import on CPU. `import xfuser` fails in `xfuser.envs.get_device_version()`
+   (`NotImplementedError: No Accelerators ... available`), evaluated while the package
+   initializes (`config.py` reads `envs.CUDA_VERSION`). `get_torch_distributed_backend()`
+   raises the same way later, in `init_distributed_environment()`. Both are module-level
+   functions looked up at call time, so `cpu_env_patch()` creates the `xfuser` package
+   object without running its `__init__`, imports `xfuser.envs`, swaps the two functions
+   (-> None and -> "gloo") and only then runs the package `__init__` (about 4 s).
+   `triton` must be installed (xfuser imports it unconditionally); no GPU is needed.
+2. diffusers 0.42.1 works: xfuser 0.7.0's PixArt pipeline ran end to end with it, no
+   older diffusers was needed (see the tests).
+3. Ring groups. `PACKAGES_CHECKER.packages_info["has_long_ctx_attn"]` is False without
+   CUDA; then `initialize_model_parallel` builds no ring/Ulysses groups and the sequence
+   group reports ring degree 1 whatever was configured. `cpu_env_patch()` sets the flag
+   (before package init, because `parallel_state`, `group_coordinator` and the attention
+   processors copy it at import) so yunchang's `set_seq_parallel_pg` builds the ring group
+   on gloo; `get_sp_group().ring_group` is then the group we run on.
+4. Backend check. `RuntimeState` (built when the xFuser pipeline wrapper is constructed,
+   i.e. before `patch()` can run) raises "Selected attention backend does not support ring
+   parallelism." for SDPA / SDPA_MATH when `ring_degree > 1`, because xfuser's own ring
+   needs the backend's log-sum-exp. On CPU SDPA is the only runnable backend (the flash
+   and efficient kernels have no CPU implementation). Our ring computes its own LSE and
+   never calls xfuser's attention function, so `cpu_env_patch()` lets exactly that
+   refusal pass for SDPA and SDPA_MATH (logged); any other refusal still raises. Without
+   `patch()` the ring then fails (usp's `PROCESS_GROUP` is None on CPU), as before.
+5. Seams. `model_executor/layers/usp.py::USP` calls the module-level
+   `ring_attn(attention_function, query, key, value, dropout_p, is_causal,
+   joint_attn_kwargs, attention_kwargs)` for ring-only and hybrid USP, with q/k/v in
+   (B, H, S, D) and joint K/V in `joint_attn_kwargs` ("front"/"rear"; the joint query is
+   already part of `query`). `xFuserLongContextAttention` (core/long_ctx_attention/hybrid)
+   keeps an instance attribute `ring_attn_fn(q, k, v, ..., group, ..., joint_tensor_key,
+   joint_tensor_value, joint_strategy, ...)` in (B, S, H, D), used by Sana linear
+   attention and Step-Video. PixArt wraps only `transformer_blocks.*.attn1` with
+   `xFuserAttnProcessor2_0` (which calls `USP`); cross-attention `attn2` stays local.
+6. Tiny pipeline in memory. `PixArtAlphaPipeline(tokenizer=None, text_encoder=None,
+   vae=None, transformer=PixArtTransformer2DModel(<tiny config>), scheduler=...)` runs with
+   `prompt_embeds`/`negative_prompt_embeds` (and `negative_prompt=None`),
+   `use_resolution_binning=False` and `output_type="latent"`; xfuser wraps it as
+   `xFuserPixArtAlphaPipeline(pipe, engine_config)` with `xFuserArgs(model=...,
+   ring_degree=P).create_config()`. With one process xfuser runs the unmodified diffusers
+   pipeline (`use_naive_forward`), so that output is "xfuser's single-process output".
+   In parallel runs only the last data-parallel group returns the image (rank P-1 here;
+   the others get None).
+
+Algorithm of `patch(pipe, config, seam="auto")`:
+1. Refuse what the compressed ring cannot serve: `config.mode != "ring"`, PipeFusion degree
+   > 1 (its KV cache manager), ring degree 1, an uninitialized xfuser runtime.
+2. Pick the seam (`auto`: `usp` if `usp.ring_attn` exists, else `long_ctx`) and check the
+   replaced function's parameters with `inspect.signature`; a mismatch raises
+   `XfuserVersionError` naming the installed xfuser version.
+3. Compare a fingerprint (config, seam, xfuser version, ring size) over the ring group.
+4. Build a `CompactState` on the ring group; install a pre-hook and a post-hook on the
+   pipeline's transformer (step and branch via `CompactState.begin_forward`, per-forward
+   layer counter, new-request detection from the timestep, constant layer count,
+   `check_every`), then swap the seam for our function.
+5. Each ring call gets layer = position in the forward, and runs `ring_attention` on the
+   ring group; joint K/V (either strategy) join the local front block (attention is
+   order-invariant over keys, so "rear" gives the same result up to rounding).
+6. `handle.remove()` restores every attribute it replaced, removes the hooks and closes
+   the state; idempotent.
+
+Not covered: Ulysses on CPU (usp's module-level `PROCESS_GROUP` stays None; in hybrid USP
+only the ring part is ours anyway), PipeFusion, attention masks, dropout, causal attention.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import importlib.util
+import inspect
+import logging
+import sys
+from typing import Any, Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from ..config import CompactConfig
+
+__all__ = [
+    "cpu_env_patch",
+    "patch",
+    "XfuserHandle",
+    "XfuserVersionError",
+    "SEAMS",
+    "USP_RING_PARAMS",
+    "LONG_CTX_RING_PARAMS",
+    "xfuser_version",
+]
+
+logger = logging.getLogger(__name__)
+
+SEAMS = ("auto", "usp", "long_ctx")
+#: Parameters of xfuser 0.7.0's `model_executor.layers.usp.ring_attn`.
+USP_RING_PARAMS = (
+    "attention_function", "query", "key", "value", "dropout_p", "is_causal",
+    "joint_attn_kwargs", "attention_kwargs",
+)
+#: Parameters of xfuser 0.7.0's `xdit_ring_flash_attn_func` (`xFuserLongContextAttention.ring_attn_fn`).
+LONG_CTX_RING_PARAMS = (
+    "q", "k", "v", "dropout_p", "softmax_scale", "causal", "window_size", "alibi_slopes",
+    "deterministic", "return_attn_probs", "group", "attn_type", "attn_processor", "attn_layer",
+    "joint_tensor_key", "joint_tensor_value", "joint_strategy", "q_descale", "k_descale", "v_descale",
+)
+_CPU_MARK = "_compactfusion_cpu_env"
+_RING_REFUSAL = "does not support ring parallelism"
+_SEAM_MARK = "_compactfusion_handle"
+
+
+class XfuserVersionError(RuntimeError):
+    """The installed xfuser's ring seam does not have the signature this adapter was written for."""
+
+
+def xfuser_version() -> str:
+    """Installed xfuser version ("unknown" if its metadata is missing)."""
+    try:
+        return importlib.metadata.version("xfuser")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+# -- 1. import and run xfuser without an accelerator ---------------------------------------
+def _has_accelerator() -> bool:
+    return bool(torch.cuda.is_available())
+
+
+def cpu_env_patch() -> bool:
+    """Make xfuser importable and its ring mode constructible on a host without an accelerator.
+
+    Steps (see the module docstring, findings 1, 3 and 4):
+    1. With CUDA available, do nothing and return False (xfuser works as shipped).
+    2. If already applied, return True. If xfuser was imported without it (possible only
+       where its own checks passed), raise RuntimeError rather than half-patch it.
+    3. Create the `xfuser` package object without running `__init__`, import `xfuser.envs`,
+       make `get_device_version` return None and `get_torch_distributed_backend` "gloo",
+       and force `has_long_ctx_attn` so ring/Ulysses groups are built.
+    4. Run the package `__init__`; on failure remove every half-imported `xfuser*` module.
+    5. Let `RuntimeState`'s "backend does not support ring parallelism" refusal pass for
+       SDPA / SDPA_MATH (the compressed ring brings its own LSE); other refusals still raise.
+    Process-wide and irreversible for the imported modules, so call it once, before any
+    `import xfuser`, in every process that builds an xfuser pipeline.
+    """
+    if _has_accelerator():
+        logger.info("cpu_env_patch: an accelerator is available, xfuser is left unpatched")
+        return False
+    loaded = sys.modules.get("xfuser")
+    if loaded is not None:
+        if getattr(loaded, _CPU_MARK, False):
+            return True
+        raise RuntimeError("cpu_env_patch(): xfuser was already imported; call cpu_env_patch() before importing xfuser")
+    spec = importlib.util.find_spec("xfuser")
+    if spec is None or spec.loader is None:
+        raise ModuleNotFoundError("xfuser is not installed (pip install 'ccomm[xdit]' for xfuser 0.7.0 and triton)", name="xfuser")
+    pkg = importlib.util.module_from_spec(spec)
+    sys.modules["xfuser"] = pkg
+    try:
+        envs = importlib.import_module("xfuser.envs")
+        envs.get_device_version = lambda: None
+        envs.get_torch_distributed_backend = lambda: "gloo"
+        envs.PACKAGES_CHECKER.packages_info["has_long_ctx_attn"] = True
+        spec.loader.exec_module(pkg)
+        _relax_ring_backend_check()
+    except BaseException:
+        for name in [n for n in sys.modules if n == "xfuser" or n.startswith("xfuser.")]:
+            del sys.modules[name]
+        raise
+    setattr(pkg, _CPU_MARK, True)
+    logger.info("cpu_env_patch: xfuser %s imported for CPU (gloo, long-context groups on)", xfuser_version())
+    return True
+
+
+def _relax_ring_backend_check() -> None:
+    from xfuser.core.distributed import attention_backend as ab
+    from xfuser.core.distributed.runtime_state import RuntimeState
+
+    original = RuntimeState._check_if_backend_compatible_with_current_configuration
+    if getattr(original, _CPU_MARK, False):
+        return
+    allowed = (ab.AttentionBackendType.SDPA, ab.AttentionBackendType.SDPA_MATH)
+
+    def check(self: Any, attention_backend: Any) -> None:
+        try:
+            original(self, attention_backend)
+        except RuntimeError as exc:
+            # Only the ring-capability refusal of the CPU backends is waived: the compressed
+            # ring never calls xfuser's attention function (finding 4).
+            if attention_backend not in allowed or _RING_REFUSAL not in str(exc):
+                raise
+            logger.info("cpu_env_patch: %s with ring_degree > 1 accepted; run compactfusion.adapters.xfuser.patch() "
+                        "before the first call (xfuser has no CPU ring)", attention_backend.name)
+
+    setattr(check, _CPU_MARK, True)
+    RuntimeState._check_if_backend_compatible_with_current_configuration = check
+
+
+# -- 2. the handle ----------------------------------------------------------------------------
+def _param_names(fn: Callable[..., Any]) -> tuple[str, ...]:
+    return tuple(inspect.signature(fn).parameters)
+
+
+def _check_signature(fn: Callable[..., Any], expected: tuple[str, ...], where: str) -> None:
+    got = _param_names(fn)
+    if got != expected:
+        raise XfuserVersionError(
+            f"xfuser {xfuser_version()}: {where} has parameters {got}, this adapter was written for "
+            f"xfuser 0.7.0's {expected}; pin xfuser==0.7.0 (the xdit extra) or update the adapter"
+        )
+
+
+def _scalar(t: Any) -> Optional[float]:
+    if t is None:
+        return None
+    if isinstance(t, torch.Tensor):
+        return float(t.reshape(-1)[0]) if t.numel() else None
+    return float(t)
+
+
+def _refuse_attention_kwargs(attention_kwargs: Optional[dict]) -> None:
+    used = sorted(k for k, v in (attention_kwargs or {}).items() if v is not None)
+    if used:
+        raise NotImplementedError(f"compressed ring: attention_kwargs {used} (masks, varlen, fp8) are not supported")
+
+
+class XfuserHandle:
+    """A patched xfuser pipeline (interface of `compactfusion.Handle`).
+
+    `reset()`, `remove()` (idempotent, exact restore), `step`, `state_nbytes()`, `errors`,
+    `stats`, `config`, `group`, `seam`, `layers_per_forward`.
+    """
+
+    def __init__(self, transformer: torch.nn.Module, config: CompactConfig, group: Any, seam: str,
+                 ring_attention: Callable[..., torch.Tensor], state: Any) -> None:
+        self.config = config
+        self.group = group
+        self.seam = seam
+        self._transformer = transformer
+        self._ring_attention = ring_attention
+        self._state = state
+        self._restore: list[Callable[[], None]] = []
+        self._hooks: list[Any] = []
+        self._layer = 0
+        self._in_forward = False
+        self._prev_t: Optional[float] = None
+        self.layers_per_forward: Optional[int] = None
+        self._removed = False
+
+    # -- public ---------------------------------------------------------------------------
+    @property
+    def step(self) -> int:
+        """Completed denoising steps since the last reset (forward calls // calls_per_step)."""
+        return self._state.completed_steps
+
+    @property
+    def errors(self) -> list[dict[str, Any]]:
+        return self._state.errors
+
+    @property
+    def stats(self) -> Any:
+        return self._state.stats
+
+    @property
+    def state(self) -> Any:
+        return self._state
+
+    def state_nbytes(self) -> int:
+        return self._state.nbytes()
+
+    def reset(self) -> None:
+        """Start a new request: drop bases, counters and per-request stats."""
+        self._check_open()
+        self._state.reset()
+        self._prev_t = None
+        self._layer = 0
+        self._in_forward = False
+
+    def remove(self) -> None:
+        """Restore every replaced attribute, remove the hooks, close the state; idempotent."""
+        if self._removed:
+            return
+        self._removed = True
+        for undo in reversed(self._restore):
+            undo()
+        self._restore.clear()
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        self._state.close()
+
+    # -- installation ----------------------------------------------------------------------
+    def _install_hooks(self) -> None:
+        self._hooks.append(self._transformer.register_forward_pre_hook(self._pre_forward, with_kwargs=True))
+        self._hooks.append(self._transformer.register_forward_hook(self._post_forward))
+
+    def _set_attr(self, obj: Any, name: str, value: Any, *, instance_dict: bool = False) -> None:
+        """Replace `obj.name`, remembering how to restore it exactly."""
+        had = name in vars(obj) if instance_dict else hasattr(obj, name)
+        old = vars(obj).get(name) if instance_dict else getattr(obj, name, None)
+
+        def undo() -> None:
+            if had:
+                setattr(obj, name, old)
+            else:
+                delattr(obj, name)
+
+        setattr(obj, name, value)
+        self._restore.append(undo)
+
+    # -- hooks -------------------------------------------------------------------------------
+    def _pre_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        self._check_open()
+        if torch.is_grad_enabled():
+            raise RuntimeError("compactfusion xfuser adapter: inference only; call the pipeline under torch.no_grad()")
+        st, cfg = self._state, self.config
+        if cfg.new_request == "timestep" and st.calls % cfg.calls_per_step == 0:
+            t = _scalar(kwargs.get("timestep", args[2] if len(args) > 2 else None))
+            if t is not None:
+                # Schedulers count down: a timestep not below the previous one starts a request.
+                if self._prev_t is not None and not t < self._prev_t:
+                    logger.info("timestep %s after %s: new request, resetting CompactFusion state", t, self._prev_t)
+                    st.reset()
+                self._prev_t = t
+        st.begin_forward()
+        self._layer = 0
+        self._in_forward = True
+
+    def _post_forward(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
+        self._in_forward = False
+        n = self._layer
+        if self.layers_per_forward is None:
+            self.layers_per_forward = n
+            if self.config.layers is not None and any(x >= n for x in self.config.layers):
+                raise ValueError(f"layers={self.config.layers}: the model makes {n} ring calls per forward (allowed 0..{n - 1})")
+        elif n != self.layers_per_forward:
+            raise RuntimeError(f"ring calls per forward changed from {self.layers_per_forward} to {n}; "
+                               "layer indices would no longer match between steps")
+        st, every = self._state, self.config.check_every
+        if every > 0 and st.branch == self.config.calls_per_step - 1 and st.step % every == 0:
+            st.check_consistency()
+
+    # -- the ring call -----------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._removed:
+            raise RuntimeError("compactfusion xfuser handle was removed")
+
+    def _ring(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, joint_k: Optional[torch.Tensor],
+              joint_v: Optional[torch.Tensor], scale: Optional[float]) -> torch.Tensor:
+        """Run the compressed ring on (B, S, H, D) tensors; returns (B, S_q, H, D)."""
+        self._check_open()
+        if not self._in_forward:
+            raise RuntimeError("compressed ring called outside the patched transformer's forward "
+                               "(layer and step are counted per transformer call)")
+        layer = self._layer
+        self._layer += 1
+        return self._ring_attention(q, k, v, state=self._state, layer=layer, branch=self._state.branch,
+                                    group=self.group, joint_k=joint_k, joint_v=joint_v, scale=scale)
+
+    def _usp_ring_attn(self) -> Callable[..., torch.Tensor]:
+        handle = self
+
+        def ring_attn(attention_function, query, key, value, dropout_p=0.0, is_causal=False,
+                      joint_attn_kwargs=None, attention_kwargs=None):
+            """CompactFusion's compressed ring in place of xfuser's `usp.ring_attn` (B, H, S, D)."""
+            if dropout_p or is_causal:
+                raise NotImplementedError("compressed ring: dropout and causal attention are not supported")
+            _refuse_attention_kwargs(attention_kwargs)
+            jk = jv = None
+            if joint_attn_kwargs is not None:
+                strategy = joint_attn_kwargs.get("joint_strategy")
+                if strategy not in ("front", "rear"):
+                    raise ValueError(f"joint_strategy={strategy!r}: allowed values are front, rear")
+                jk = joint_attn_kwargs["joint_key"].transpose(1, 2)
+                jv = joint_attn_kwargs["joint_value"].transpose(1, 2)
+            out = handle._ring(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), jk, jv, None)
+            return out.transpose(1, 2)
+
+        setattr(ring_attn, _SEAM_MARK, self)
+        return ring_attn
+
+    def _long_ctx_ring_fn(self) -> Callable[..., torch.Tensor]:
+        handle = self
+
+        def ring_attn_fn(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                         alibi_slopes=None, deterministic=False, return_attn_probs=False, group=None,
+                         attn_type=None, attn_processor=None, attn_layer=None, joint_tensor_key=None,
+                         joint_tensor_value=None, joint_strategy="none", q_descale=None, k_descale=None,
+                         v_descale=None):
+            """CompactFusion's compressed ring in place of `xFuserLongContextAttention.ring_attn_fn` (B, S, H, D)."""
+            if dropout_p or causal or tuple(window_size) != (-1, -1) or alibi_slopes is not None:
+                raise NotImplementedError("compressed ring: dropout, causal, windowed and ALiBi attention are not supported")
+            if return_attn_probs or attn_processor is not None or any(d is not None for d in (q_descale, k_descale, v_descale)):
+                raise NotImplementedError("compressed ring: attention probabilities, custom processors and fp8 descales are not supported")
+            if group is not None and group != handle.group:
+                raise ValueError("ring_attn_fn called on a group other than xfuser's ring group the handle was built for")
+            jk = jv = None
+            if joint_tensor_key is not None:
+                if joint_strategy not in ("front", "rear"):
+                    raise ValueError(f"joint_strategy={joint_strategy!r}: allowed values are front, rear")
+                jk, jv = joint_tensor_key, joint_tensor_value
+            return handle._ring(q, k, v, jk, jv, softmax_scale)
+
+        setattr(ring_attn_fn, _SEAM_MARK, self)
+        return ring_attn_fn
+
+
+# -- 3. patch() ----------------------------------------------------------------------------------
+def _pipeline_transformer(pipe: Any) -> torch.nn.Module:
+    tr = getattr(pipe, "transformer", None)
+    if isinstance(tr, torch.nn.Module):
+        return tr
+    if getattr(pipe, "unet", None) is not None:
+        raise ValueError("UNet pipelines have no ring attention in xfuser; nothing to patch")
+    if isinstance(pipe, torch.nn.Module):
+        return pipe
+    raise ValueError(f"{type(pipe).__name__}: expected an xFuser pipeline (or its transformer)")
+
+
+def _long_ctx_instances(transformer: torch.nn.Module) -> list[Any]:
+    """Every xFuserLongContextAttention reachable from the transformer's modules or their processors."""
+    from xfuser.core.long_ctx_attention import xFuserLongContextAttention
+
+    found: dict[int, Any] = {}
+    for m in transformer.modules():
+        candidates = [m, getattr(m, "processor", None)]
+        proc = getattr(m, "processor", None)
+        if proc is not None and not isinstance(proc, torch.nn.Module):
+            candidates += list(vars(proc).values())
+        for c in candidates:
+            if isinstance(c, xFuserLongContextAttention):
+                found[id(c)] = c
+    return list(found.values())
+
+
+def _default_core() -> tuple[Callable[..., torch.Tensor], type]:
+    from ..attention import ring_attention
+    from ..state import CompactState
+
+    return ring_attention, CompactState
+
+
+def patch(pipe: Any, config: CompactConfig, *, seam: str = "auto") -> XfuserHandle:
+    """Run CompactFusion's compressed ring inside an xFuser pipeline (see module docstring).
+
+    `pipe`: an xFuser pipeline wrapper (e.g. `xFuserPixArtAlphaPipeline`), built, so that
+    xfuser's runtime and groups exist, on every rank with identical arguments. Returns an
+    `XfuserHandle`; call `handle.remove()` to restore xfuser's own ring.
+    """
+    if not isinstance(config, CompactConfig):
+        raise TypeError(f"config must be a CompactConfig, got {type(config).__name__}")
+    if seam not in SEAMS:
+        raise ValueError(f"seam={seam!r}: allowed values are {', '.join(SEAMS)}")
+    if config.mode != "ring":
+        raise ValueError(f"mode={config.mode!r}: the xfuser adapter replaces xfuser's ring attention; only mode='ring' is supported")
+    from xfuser.core.distributed import parallel_state as ps
+    from xfuser.model_executor.layers import usp
+
+    if not ps.model_parallel_is_initialized():
+        raise ValueError("xfuser's parallel groups are not initialized: build the xFuser pipeline first")
+    if ps.get_pipeline_parallel_world_size() > 1:
+        raise ValueError("PipeFusion degree > 1 is not supported (its KV cache manager reuses stale K/V; "
+                         "CompactFusion's mirrored bases would diverge)")
+    sp = ps.get_sp_group()
+    group = getattr(sp, "ring_group", None)
+    if group is None or sp.ring_world_size < 2:
+        hint = " (on CPU call cpu_env_patch() before importing xfuser)" if not _has_accelerator() else ""
+        raise ValueError(f"xfuser ring degree is {sp.ring_world_size}: nothing to compress{hint}")
+    transformer = _pipeline_transformer(pipe)
+    if seam == "auto":
+        seam = "usp" if hasattr(usp, "ring_attn") else "long_ctx"
+    targets: list[Any] = []
+    if seam == "usp":
+        if not hasattr(usp, "ring_attn"):
+            raise XfuserVersionError(f"xfuser {xfuser_version()}: model_executor.layers.usp has no ring_attn; try seam='long_ctx'")
+        if getattr(usp.ring_attn, _SEAM_MARK, None) is not None:
+            raise ValueError("usp.ring_attn is already patched by another handle (it is process-wide); remove() that one first")
+        _check_signature(usp.ring_attn, USP_RING_PARAMS, "usp.ring_attn")
+        stray = _long_ctx_instances(transformer)
+        if stray:
+            logger.warning("seam='usp': %d xFuserLongContextAttention modules keep xfuser's own ring; use seam='long_ctx'", len(stray))
+    else:
+        targets = _long_ctx_instances(transformer)
+        if not targets:
+            raise ValueError("seam='long_ctx': the pipeline's transformer has no xFuserLongContextAttention")
+        for t in targets:
+            if getattr(t.ring_attn_fn, _SEAM_MARK, None) is not None:
+                raise ValueError("seam='long_ctx': ring_attn_fn already patched; remove() the other handle first")
+            _check_signature(t.ring_attn_fn, LONG_CTX_RING_PARAMS, f"{type(t).__name__}.ring_attn_fn")
+
+    # Every ring rank must run the same configuration, or payload sizes would disagree.
+    mine = (config.fingerprint(), seam, xfuser_version(), dist.get_world_size(group))
+    theirs: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(theirs, mine, group=group)
+    if any(t != mine for t in theirs):
+        raise ValueError(f"compactfusion xfuser adapter: ranks disagree on (config, seam, xfuser version, ring size): {theirs}")
+
+    ring_attention, state_cls = _default_core()
+    handle = XfuserHandle(transformer, config, group, seam, ring_attention, state_cls(config, group))
+    handle._install_hooks()
+    if seam == "usp":
+        handle._set_attr(usp, "ring_attn", handle._usp_ring_attn())
+    else:
+        fn = handle._long_ctx_ring_fn()
+        for t in targets:
+            handle._set_attr(t, "ring_attn_fn", fn, instance_dict=True)
+    logger.info("xfuser %s: compressed ring on seam %s, codec %s, ring size %d", xfuser_version(), seam,
+                config.codec, dist.get_world_size(group))
+    return handle
