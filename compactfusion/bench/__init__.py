@@ -1,0 +1,32 @@
+"""The CompactFusion benchmark (``compactfusion bench CONFIG.yaml --out DIR [--quick]``).
+
+Modules: :mod:`.config` (YAML), :mod:`.methods` (what is compared), :mod:`.backend` (model,
+parallelize, sample), :mod:`.pool` (gloo ranks), :mod:`.worker` (per-rank jobs),
+:mod:`.search` (bandwidth search), :mod:`.runner` (the protocol), :mod:`.summary`
+(results mapping), :mod:`.project` (FLUX projection), :mod:`.plots` and :mod:`.report`.
+"""
+from .config import BenchConfig, LinkConfig, config_from_dict, load_config
+from .methods import METHODS, Method
+from .runner import RunData, run_benchmark
+from .search import SearchResult, secant_bandwidth
+
+__all__ = [
+    "BenchConfig", "LinkConfig", "load_config", "config_from_dict", "METHODS", "Method",
+    "RunData", "run_benchmark", "SearchResult", "secant_bandwidth", "bench",
+]
+
+
+def bench(config: BenchConfig, out: "str | object", *, quick: bool = False, progress: bool = True,
+          command: str = "") -> dict:
+    """Run the benchmark described by ``config`` and write its outputs to ``out``; returns the results."""
+    from pathlib import Path
+
+    from .report import write_outputs
+    from .summary import summarize
+
+    cfg = config.quick_version() if quick else config
+    data = run_benchmark(cfg, progress=progress)
+    res = summarize(data, command=command, quick=quick)
+    top = data.per_ranks[max(data.per_ranks)]
+    write_outputs(data, res, Path(str(out)), top.images)
+    return res

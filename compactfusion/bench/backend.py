@@ -1,0 +1,153 @@
+"""What the benchmark runs: a model, a way to parallelize it, and a sampler.
+
+:class:`TinyDiTBackend` is the real one (the committed MNIST DiT of spec §6, parallelized by
+:func:`compactfusion.parallelize`, sampled by ``compactfusion.models.sample.sample``).
+:class:`ToyBackend` is a stand-in with the same interface whose "model" is a few lines of
+arithmetic but whose exchange is real: every step each rank sends a residual-compressed
+tensor through :mod:`ccomm.comm` (tag ``kv_gather``), so bytes, emulated link delays, image
+differences and the error rows are all produced by the transport. The bench's own tests run
+on it in seconds; it says nothing about CompactFusion's quality.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Protocol
+
+import torch
+
+from .methods import Method
+
+__all__ = ["Backend", "TinyDiTBackend", "ToyBackend", "make_backend", "BACKENDS"]
+
+logger = logging.getLogger(__name__)
+
+
+class Backend(Protocol):
+    """The three operations a benchmark run needs on every rank."""
+
+    def load(self) -> torch.nn.Module: ...
+
+    def parallelize(self, model: torch.nn.Module, method: Method, *, wire_dtype: str, warmup_steps: int,
+                    variant: str = "ef", record_errors: bool = False, seed: int = 0) -> Any: ...
+
+    def sample(self, model: torch.nn.Module, labels: torch.Tensor, *, steps: int, guidance: float, seed: int) -> torch.Tensor: ...
+
+
+class TinyDiTBackend:
+    """The committed tiny MNIST DiT through :func:`compactfusion.parallelize`."""
+
+    def load(self) -> torch.nn.Module:
+        from compactfusion.models.tiny_dit import load_tiny_dit
+
+        return load_tiny_dit(dtype=torch.float32).eval()
+
+    def parallelize(self, model: torch.nn.Module, method: Method, *, wire_dtype: str, warmup_steps: int,
+                    variant: str = "ef", record_errors: bool = False, seed: int = 0) -> Any:
+        from compactfusion import CompactConfig, parallelize
+
+        assert method.mode is not None
+        cfg = CompactConfig(mode=method.mode, codec=method.codec, warmup_steps=warmup_steps, variant=variant,
+                            wire_dtype=wire_dtype, record_errors=record_errors, seed=seed)
+        return parallelize(model, cfg)
+
+    def sample(self, model: torch.nn.Module, labels: torch.Tensor, *, steps: int, guidance: float, seed: int) -> torch.Tensor:
+        from compactfusion.models.sample import sample
+
+        with torch.inference_mode():
+            return sample(model, labels, steps=steps, guidance=guidance, seed=seed)
+
+
+# ---------------------------------------------------------------------------------- toy
+class _ToyHandle:
+    """Residual-compressed all-gather of a (rows, 128) tensor per step, mirroring the real handle's API."""
+
+    def __init__(self, method: Method, wire_dtype: str, warmup_steps: int, variant: str, record_errors: bool) -> None:
+        import torch.distributed as dist
+
+        from ccomm import ResidualCodec
+
+        self.method = method
+        self.group = None
+        self.rank, self.size = dist.get_rank(), dist.get_world_size()
+        self.dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[wire_dtype]
+        self._make = lambda: ResidualCodec(method.codec, warmup_steps, variant=variant) if method.compressed else None
+        self.rc = self._make()
+        self.record_errors = record_errors
+        self.errors: list[dict[str, Any]] = []
+        self.step = 0
+
+    def reset(self) -> None:
+        self.rc = self._make()
+        self.errors = []
+        self.step = 0
+
+    def remove(self) -> None:
+        self.rc = None
+
+    def state_nbytes(self) -> int:
+        if self.rc is None:
+            return 0
+        return sum(int(b.numel() * b.element_size()) for k in self.rc.keys() if (b := self.rc.base(k)) is not None)
+
+    def exchange(self, x: torch.Tensor) -> torch.Tensor:
+        from ccomm.comm import allgather_payloads
+        from ccomm.payload import Payload, PayloadMeta
+
+        own = x.to(self.dtype)
+        if self.rc is None:
+            p = Payload(own.reshape(-1).clone(), PayloadMeta(own.shape, own.dtype, {}))
+            got = allgather_payloads(p, same_size=True, key="kv_gather")
+            parts = [q.buffer.view(own.shape) for q in got]
+        else:
+            p = self.rc.encode(("toy", self.rank), own)
+            got = allgather_payloads(p, key="kv_gather")
+            parts = [self.rc.decode(("toy", r), q) if r != self.rank else self.rc.base(("toy", r)) for r, q in enumerate(got)]
+            parts = [own if t is None else t for t in parts]
+            if self.record_errors:
+                err = float((own.float() - parts[self.rank].float()).norm())
+                self.errors.append({"step": self.step, "layer": 0, "key": "toy", "comp_err": err, "deviation": err})
+        self.step += 1
+        return torch.stack([t.float() for t in parts]).mean(0)
+
+
+class _ToyModel(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(1234)
+        self.register_buffer("mix", torch.randn(128, 128, generator=gen) / 128**0.5)
+        self.handle: _ToyHandle | None = None
+
+
+class ToyBackend:
+    """A stand-in model with a real compressed exchange (see the module docstring)."""
+
+    def load(self) -> torch.nn.Module:
+        return _ToyModel()
+
+    def parallelize(self, model: torch.nn.Module, method: Method, *, wire_dtype: str, warmup_steps: int,
+                    variant: str = "ef", record_errors: bool = False, seed: int = 0) -> Any:
+        assert isinstance(model, _ToyModel) and model.handle is None
+        model.handle = _ToyHandle(method, wire_dtype, warmup_steps, variant, record_errors)
+        return model.handle
+
+    def sample(self, model: torch.nn.Module, labels: torch.Tensor, *, steps: int, guidance: float, seed: int) -> torch.Tensor:
+        assert isinstance(model, _ToyModel)
+        gen = torch.Generator().manual_seed(seed)
+        x = torch.randn(labels.numel() * 8, 128, generator=gen)
+        x += labels.repeat_interleave(8).float()[:, None] * 0.1
+        for _ in range(steps):
+            y = torch.tanh(x @ model.mix)
+            if model.handle is not None:
+                y = model.handle.exchange(y)  # every rank sees the same average of the reconstructions
+            x = 0.8 * x + 0.2 * y
+        return torch.tanh(x).reshape(labels.numel(), 1, 32, 32)
+
+
+#: Backend names accepted by the config's ``backend`` field.
+BACKENDS: dict[str, type] = {"tiny_dit": TinyDiTBackend, "toy": ToyBackend}
+
+
+def make_backend(name: str) -> Backend:
+    if name not in BACKENDS:
+        raise ValueError(f"backend: {name!r} not allowed; allowed values are {sorted(BACKENDS)}")
+    return BACKENDS[name]()

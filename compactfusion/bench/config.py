@@ -1,0 +1,217 @@
+"""YAML configuration of the CompactFusion benchmark (``compactfusion bench CONFIG.yaml``).
+
+A config file is a mapping with the fields of :class:`BenchConfig`; ``link`` is a nested
+mapping (:class:`LinkConfig`) and ``quick`` a mapping of overrides applied by ``--quick``.
+Unknown keys are rejected so that a typo never silently falls back to a default::
+
+    name: ethernet
+    steps: 28
+    labels: [0, 1, 2, 3]
+    link: {bandwidth_mbps: auto, target_ratio: 4.87}
+    quick: {steps: 8, labels: [3, 7], repeats: 1}
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .backend import BACKENDS
+from .methods import METHODS, Method
+
+__all__ = ["LinkConfig", "BenchConfig", "load_config", "config_from_dict"]
+
+logger = logging.getLogger(__name__)
+
+_WIRE_DTYPES = ("fp32", "fp16", "bf16")
+
+
+def _is_num(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(float(x))
+
+
+def _check_int(name: str, value: object, lo: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < lo:
+        raise ValueError(f"{name}: must be an integer >= {lo}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class LinkConfig:
+    """The emulated per-rank link of the timed run.
+
+    ``bandwidth_mbps``: ``"auto"`` searches the bandwidth at which uncompressed ring is
+    ``target_ratio`` times slower than the single process (spec §8.6), a number fixes it
+    (Mbit/s per rank), ``None`` runs unshaped (plain gloo, no emulation).
+    ``sweep`` multiplies the chosen bandwidth for the latency-vs-bandwidth curve (the
+    paper's 500/1000/1500/2000 MB/s are 1, 2, 3, 4 times its Ethernet point).
+    """
+
+    bandwidth_mbps: float | str | None = "auto"
+    latency_ms: float = 0.0
+    target_ratio: float = 4.87
+    tolerance: float = 0.10
+    secant_steps: int = 3
+    sweep: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        b = self.bandwidth_mbps
+        if not (b is None or b == "auto" or (_is_num(b) and float(b) > 0)):
+            raise ValueError(f"link.bandwidth_mbps: must be 'auto', null (unshaped) or a number > 0, got {b!r}")
+        if not (_is_num(self.latency_ms) and self.latency_ms >= 0):
+            raise ValueError(f"link.latency_ms: must be a number >= 0, got {self.latency_ms!r}")
+        if not (_is_num(self.target_ratio) and self.target_ratio > 1):
+            raise ValueError(f"link.target_ratio: must be a number > 1, got {self.target_ratio!r}")
+        if not (_is_num(self.tolerance) and 0 < self.tolerance < 1):
+            raise ValueError(f"link.tolerance: must be a number in (0, 1), got {self.tolerance!r}")
+        _check_int("link.secant_steps", self.secant_steps, 0)
+        object.__setattr__(self, "sweep", tuple(self.sweep))
+        if any(not (_is_num(m) and m > 0) for m in self.sweep):
+            raise ValueError(f"link.sweep: must be numbers > 0 (multiples of the chosen bandwidth), got {self.sweep!r}")
+        if self.sweep and b is None:
+            raise ValueError("link.sweep: needs a shaped link (bandwidth_mbps 'auto' or a number), not null")
+
+    @property
+    def shaped(self) -> bool:
+        return self.bandwidth_mbps is not None
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """Everything one benchmark run does; see the module docstring for the file format.
+
+    ``ranks``: group sizes run; the largest is reported under ``methods`` (bytes, quality),
+    every other P under ``ranks<P>``. ``timing_ranks``: the P whose run follows the latency
+    protocol (bandwidth search, interleaved repeats); other sizes are timed ``repeats_other``
+    times only. ``labels``: one image per label, sampled as one batch (CFG doubles it).
+    """
+
+    name: str = "bench"
+    backend: str = "tiny_dit"
+    steps: int = 28
+    guidance: float = 2.0
+    seed: int = 0
+    labels: tuple[int, ...] = (0, 1, 2, 3)
+    ranks: tuple[int, ...] = (2, 4)
+    timing_ranks: int = 2
+    methods: tuple[str, ...] = tuple(METHODS)
+    wire_dtype: str = "fp16"
+    warmup_steps: int = 1
+    repeats: int = 5
+    warmup_loops: int = 1
+    repeats_other: int = 1
+    sweep_repeats: int = 2
+    threads: int = 1
+    ablation_codec: str = "int2"
+    ablation_variants: tuple[str, ...] = ("naive", "no_ef", "ef")
+    link: LinkConfig = field(default_factory=LinkConfig)
+    timeout_s: float = 600.0
+    quick: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"name: must be a non-empty string, got {self.name!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend: {self.backend!r} not allowed; allowed values are {sorted(BACKENDS)}")
+        _check_int("steps", self.steps, 1)
+        if not (_is_num(self.guidance) and self.guidance >= 0):
+            raise ValueError(f"guidance: must be a number >= 0, got {self.guidance!r}")
+        _check_int("seed", self.seed, 0)
+        object.__setattr__(self, "labels", tuple(self.labels))
+        if not self.labels or any(not isinstance(c, int) or isinstance(c, bool) or not 0 <= c <= 9 for c in self.labels):
+            raise ValueError(f"labels: must be a non-empty list of digits 0..9, got {self.labels!r}")
+        object.__setattr__(self, "ranks", tuple(sorted(set(self.ranks))))
+        if not self.ranks or any(not isinstance(p, int) or isinstance(p, bool) or p < 2 for p in self.ranks):
+            raise ValueError(f"ranks: must be a non-empty list of integers >= 2, got {self.ranks!r}")
+        if self.timing_ranks not in self.ranks:
+            raise ValueError(f"timing_ranks: must be one of ranks={list(self.ranks)}, got {self.timing_ranks!r}")
+        object.__setattr__(self, "methods", tuple(self.methods))
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown or not self.methods:
+            raise ValueError(f"methods: {unknown or 'empty'} not allowed; allowed values are {list(METHODS)}")
+        if len(set(self.methods)) != len(self.methods):
+            raise ValueError(f"methods: duplicates in {list(self.methods)}")
+        for needed in ("single", "ring"):
+            if needed not in self.methods:
+                raise ValueError(f"methods: must include {needed!r} (the references), got {list(self.methods)}")
+        for name in self.methods:
+            ref = METHODS[name].reference
+            if ref is not None and ref not in self.methods:
+                raise ValueError(f"methods: {name!r} is compared with {ref!r}, which must be run too")
+        if self.wire_dtype not in _WIRE_DTYPES:
+            raise ValueError(f"wire_dtype: must be one of {_WIRE_DTYPES}, got {self.wire_dtype!r}")
+        _check_int("warmup_steps", self.warmup_steps, 1)
+        _check_int("repeats", self.repeats, 1)
+        _check_int("warmup_loops", self.warmup_loops, 0)
+        _check_int("repeats_other", self.repeats_other, 1)
+        _check_int("sweep_repeats", self.sweep_repeats, 1)
+        _check_int("threads", self.threads, 1)
+        if not isinstance(self.ablation_codec, str) or not self.ablation_codec:
+            raise ValueError(f"ablation_codec: must be a codec spec string, got {self.ablation_codec!r}")
+        object.__setattr__(self, "ablation_variants", tuple(self.ablation_variants))
+        bad = [v for v in self.ablation_variants if v not in ("naive", "no_ef", "ef")]
+        if bad:
+            raise ValueError(f"ablation_variants: {bad} not allowed; allowed values are ['naive', 'no_ef', 'ef']")
+        if isinstance(self.link, dict):
+            object.__setattr__(self, "link", _build(LinkConfig, self.link, "link."))
+        if not isinstance(self.link, LinkConfig):
+            raise ValueError(f"link: must be a mapping, got {self.link!r}")
+        if not (_is_num(self.timeout_s) and self.timeout_s > 0):
+            raise ValueError(f"timeout_s: must be a number > 0, got {self.timeout_s!r}")
+        if not isinstance(self.quick, dict):
+            raise ValueError(f"quick: must be a mapping of overrides, got {self.quick!r}")
+        names = {f.name for f in dataclasses.fields(self)} - {"quick"}
+        if set(self.quick) - names:
+            raise ValueError(f"quick: unknown keys {sorted(set(self.quick) - names)}; allowed are {sorted(names)}")
+
+    @property
+    def method_specs(self) -> list[Method]:
+        return [METHODS[m] for m in self.methods]
+
+    def quick_version(self) -> BenchConfig:
+        """This config with its ``quick`` overrides applied (and validated)."""
+        d = self.to_dict()
+        over = dict(self.quick)
+        if "link" in over:
+            d["link"] = {**d["link"], **over.pop("link")}
+        d.update(over)
+        d["quick"] = {}
+        return config_from_dict(d)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        for k, v in list(d.items()):
+            if isinstance(v, tuple):
+                d[k] = list(v)
+        d["link"]["sweep"] = list(self.link.sweep)
+        return d
+
+
+def _build(cls: type, d: dict[str, Any], prefix: str = "") -> Any:
+    names = {f.name for f in dataclasses.fields(cls)}
+    extra = sorted(set(d) - names)
+    if extra:
+        raise ValueError(f"{prefix}{extra[0]}: unknown key; allowed keys are {sorted(names)}")
+    return cls(**d)
+
+
+def config_from_dict(d: dict[str, Any]) -> BenchConfig:
+    """Validate a parsed mapping into a :class:`BenchConfig` (``ValueError`` naming the field)."""
+    if not isinstance(d, dict):
+        raise ValueError(f"config: must be a mapping, got {type(d).__name__}")
+    d = dict(d)
+    if isinstance(d.get("link"), dict):
+        d["link"] = _build(LinkConfig, d["link"], "link.")
+    return _build(BenchConfig, d)
+
+
+def load_config(path: str | Path) -> BenchConfig:
+    """Read and validate a YAML benchmark config."""
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"config: no such file {str(p)!r}")
+    return config_from_dict(yaml.safe_load(p.read_text()) or {})

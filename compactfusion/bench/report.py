@@ -1,0 +1,192 @@
+"""Write a run's outputs: ``results.json``, ``report.md``, the PNGs and the ablation CSV."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+from .plots import ablation_csv, ablation_plot, image_grid, latency_plot
+from .runner import RunData
+
+__all__ = ["write_outputs", "to_markdown", "host_info"]
+
+logger = logging.getLogger(__name__)
+
+_ABLATION_STEPS = (0, 1, 2, 5, 10, 20, 26, 27)
+
+
+def host_info() -> dict[str, Any]:
+    import torch
+
+    try:
+        load = os.getloadavg()
+    except OSError:
+        load = None
+    return {"python": platform.python_version(), "torch": torch.__version__, "machine": platform.machine(),
+            "cpus": os.cpu_count(), "loadavg_at_end": load}
+
+
+def _f(x: Any, fmt: str = ".3g") -> str:
+    if x is None:
+        return "–"
+    if isinstance(x, float) and not math.isfinite(x):
+        return "∞"
+    return format(x, fmt)
+
+
+def _kib(x: Any) -> str:
+    return "–" if x is None else f"{x / 1024:.1f}"
+
+
+def _method_table(block: dict[str, Any], steps: int) -> list[str]:
+    link = block.get("main_link_mbps")
+    lines = [f"Main link: {'unshaped (plain gloo)' if link is None else f'{link:.4g} Mbit/s per rank, no added latency'}.",
+             "",
+             "| method | latency s (median) | IQR | speed-up vs single | unshaped s | wire KiB/rank | KV KiB | ratio (request) | ratio (compressed steps) | PSNR dB | SSIM | PSNR vs single | base memory KiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, r in block["methods"].items():
+        lines.append(
+            f"| {name} | {_f(r['latency_s'], '.4f')} | {_f(r['latency_iqr_s'], '.4f')} | {_f(r['speedup_vs_single'], '.2f')} "
+            f"| {_f(r['latency_unshaped_s'], '.4f')} | {_kib(r['wire_bytes'])} | {_kib(r['kv_bytes'])} "
+            f"| {_f(r.get('compression_ratio'), '.2f')} | {_f(r.get('compression_ratio_steps'), '.2f')} "
+            f"| {_f(r['psnr_db'], '.2f')} | {_f(r['ssim'], '.4f')} | {_f(r.get('psnr_vs_single_db'), '.2f')} "
+            f"| {_kib(r['state_nbytes'])} |")
+    return lines
+
+
+def _curve_table(curves: list[dict[str, Any]]) -> list[str]:
+    if not curves:
+        return []
+    methods = list(curves[0]["latency_s"])
+    for c in curves:
+        methods += [m for m in c["latency_s"] if m not in methods]
+    head = ["link (Mbit/s per rank)"] + methods
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for c in curves:
+        mb = "unshaped" if c["mbps_per_rank"] is None else f"{c['mbps_per_rank']:.4g}"
+        lines.append("| " + " | ".join([mb] + [_f(c["latency_s"].get(m), ".4f") for m in methods]) + " |")
+    return lines
+
+
+def _projection_table(proj: dict[str, Any]) -> list[str]:
+    rows = proj["rows"]
+    bws = sorted({r["mbps_per_rank"] for r in rows})
+    lines = ["| method | basis | " + " | ".join(f"{b:g} MB/s: ours / paper" for b in bws) + " |",
+             "|---|---|" + "---|" * len(bws)]
+    seen: dict[tuple[str, str], dict[float, float]] = {}
+    for r in rows:
+        seen.setdefault((r["method"], r["basis"]), {})[r["mbps_per_rank"]] = r["time_s"]
+    for (method, basis), times in seen.items():
+        paper = proj["paper"].get(method, {})
+        name = f"{method} ({proj['paper_names'][method]})" if method in proj["paper_names"] else method
+        cells = [f"{times[b]:.2f} / {_f(paper.get(str(b)), '.2f')}" for b in bws]
+        lines.append(f"| {name} | {basis} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _ablation_table(abl: dict[str, Any]) -> list[str]:
+    variants = list(abl["variants"])
+    lines = ["| step | " + " | ".join(f"{v}: comp. error / deviation" for v in variants) + " |",
+             "|---|" + "---|" * len(variants)]
+    steps = sorted({r["step"] for e in abl["variants"].values() for r in e["steps"]})
+    last = steps[-1] if steps else 0
+    for st in steps:
+        if st not in _ABLATION_STEPS and st != last:
+            continue
+        cells = []
+        for v in variants:
+            row = next((r for r in abl["variants"][v]["steps"] if r["step"] == st), None)
+            cells.append("–" if row is None else f"{row['comp_err']:.4g} / {row['deviation']:.4g}")
+        lines.append(f"| {st} | " + " | ".join(cells) + " |")
+    lines += ["", "Final images vs ring (uncompressed): " + ", ".join(
+        f"{v} PSNR {_f(e.get('psnr_db'), '.2f')} dB, SSIM {_f(e.get('ssim'), '.4f')}" for v, e in abl["variants"].items()) + "."]
+    return lines
+
+
+def _targets_table(targets: list[dict[str, Any]]) -> list[str]:
+    lines = ["| target | where | measured | required | met |", "|---|---|---|---|---|"]
+    for t in targets:
+        met = "n/a" if t["met"] is None else ("yes" if t["met"] else "**no**")
+        lines.append(f"| {t['target']} | {t['where']} | {_f(t['value'], '.3f')} | {t['op']} {t['threshold']:g} | {met} |")
+    return lines
+
+
+def to_markdown(res: dict[str, Any], notes: list[str]) -> str:
+    cfg = res["config"]
+    lines = [f"# CompactFusion benchmark: {cfg['name']}", "",
+             f"Command: `{res['command']}`{' (quick)' if res['quick'] else ''}. Wall time {res['elapsed_s']:.0f} s. "
+             f"Host: {res['host']['cpus']} CPUs, torch {res['host']['torch']}, load average at the end "
+             f"{res['host']['loadavg_at_end']}.",
+             "",
+             f"Setup: backend `{cfg['backend']}`, {res['steps']} DDIM steps, guidance {cfg['guidance']}, seed {cfg['seed']}, "
+             f"one request = {res['images_per_request']} images (labels {cfg['labels']}) in one batch, wire dtype "
+             f"{cfg['wire_dtype']}, warm-up steps {cfg['warmup_steps']}, {cfg['threads']} thread(s) per rank; the single "
+             f"process is one rank of the same pool with the same thread count. Latencies are medians over "
+             f"{cfg['repeats']} interleaved rounds (methods round-robin) after {cfg['warmup_loops']} discarded round(s); "
+             "each sample is the slowest rank's time from a common start instant.", ""]
+    lines += [f"- {n}" for n in notes] + [""]
+    blocks = [(res["ranks"], res)] + [(res[k]["ranks"], res[k]) for k in sorted(res) if k.startswith("ranks") and k != "ranks"
+                                       and res[k]["ranks"] != res["ranks"]]
+    for p, block in blocks:
+        lines += [f"## P = {p} ranks" + (" (`methods`)" if block is res else f" (`ranks{p}`)"), ""]
+        lines += _method_table(block, res["steps"]) + [""]
+        if block.get("search"):
+            s = block["search"]
+            hist = ", ".join(f"{b * 8 / 1e6:.4g} Mbit/s → {t:.3f} s" for b, t in s["history"])
+            lines += [f"Bandwidth search (target ring = {cfg['link']['target_ratio']} × single = {s['target_s']:.3f} s): "
+                      f"{hist}; chosen {s['mbps_per_rank']:.4g} Mbit/s per rank ({s['time_s']:.3f} s, "
+                      f"{100 * s['ratio_error']:+.1f} % from target, converged: {s['converged']}).", ""]
+        if len(block.get("curves", [])) > 1:
+            lines += ["Latency (s, median) per link:", ""] + _curve_table(block["curves"]) + [""]
+    if res.get("ablation"):
+        lines += [f"## Error accumulation (codec {res['ablation']['codec']}, P = {res['ablation']['ranks']})", "",
+                  "Frobenius norms averaged over layers and keys (`ablation.csv` has every step; `ablation.png`). "
+                  "naive: C(x) without a base; no_ef: residual against the sender's true previous value; "
+                  "ef: residual against the mirrored base (CompactFusion).", ""]
+        lines += _ablation_table(res["ablation"]) + [""]
+    lines += ["## Projection to the paper's setting (FLUX.1-dev 1024², 28 steps, 4 ranks)", "",
+              "netsim cost model (`compactfusion/bench/project.py`): paper's single-GPU time split over 4 ranks plus "
+              "ring/all-gather transfer time at the per-rank bandwidth; `formula` uses the codec's exact bytes at the "
+              "FLUX shape (1024 × 3072 per rank), `measured` our measured compressed-step ratio (tiny shape, larger "
+              "scale overhead). Paper: repo data of §8.4. Seconds per image.", ""]
+    lines += _projection_table(res["projection"]) + [""]
+    lines += ["## Targets (issue #5)", ""] + _targets_table(res["targets"]) + [""]
+    lines += ["## Figures", "", "![images](images.png)", "", "![latency vs bandwidth](latency_vs_bandwidth.png)", ""]
+    if res.get("ablation"):
+        lines += ["![ablation](ablation.png)", ""]
+    return "\n".join(lines)
+
+
+def _notes(res: dict[str, Any]) -> list[str]:
+    notes = ["Absolute seconds are this machine's; only ratios within the run are meaningful."]
+    load = res["host"]["loadavg_at_end"]
+    cpus = res["host"]["cpus"] or 1
+    if load and load[0] > 0.5 * cpus:
+        notes.append(f"The machine was busy (1-min load {load[0]:.2f} on {cpus} CPUs): latency ratios are noisy.")
+    if res["ranks"] > (res["host"]["cpus"] or 1):
+        notes.append(f"P = {res['ranks']} runs {res['ranks']} one-thread ranks on {cpus} CPUs (oversubscribed): its "
+                     "latencies are not comparable; it is reported for bytes and quality.")
+    return notes
+
+
+def write_outputs(data: RunData, res: dict[str, Any], out: Path, images: dict[str, Any]) -> dict[str, Path]:
+    """Write results.json, report.md, images.png, latency_vs_bandwidth.png and the ablation files."""
+    out.mkdir(parents=True, exist_ok=True)
+    res["host"] = host_info()
+    notes = _notes(res)
+    res["notes"] = notes
+    paths = {"results": out / "results.json", "report": out / "report.md"}
+    paths["images"] = image_grid(images, out / "images.png", f"P={res['ranks']}, seed {res['config']['seed']}")
+    timing = res.get(f"ranks{data.config.timing_ranks}", res)
+    paths["latency"] = latency_plot(timing.get("curves", []), out / "latency_vs_bandwidth.png",
+                                    f"P={data.config.timing_ranks}: median seconds per request")
+    if res.get("ablation"):
+        paths["ablation_png"] = ablation_plot(res["ablation"], out / "ablation.png")
+        paths["ablation_csv"] = ablation_csv(res["ablation"], out / "ablation.csv")
+    paths["results"].write_text(json.dumps(res, indent=1, default=float) + "\n")
+    paths["report"].write_text(to_markdown(res, notes) + "\n")
+    return paths
