@@ -1,7 +1,8 @@
 """What the benchmark runs: a model, a way to parallelize it, and a sampler.
 
 :class:`TinyDiTBackend` is the real one (the committed MNIST DiT of spec §6, parallelized by
-:func:`compactfusion.parallelize`, sampled by ``compactfusion.models.sample.sample``).
+:func:`compactfusion.parallelize`, sampled by ``compactfusion.models.sample.sample``);
+:class:`RandomTinyDiTBackend` is the same with seeded random weights (no checkpoint needed).
 :class:`ToyBackend` is a stand-in with the same interface whose "model" is a few lines of
 arithmetic but whose exchange is real: every step each rank sends a residual-compressed
 tensor through :mod:`ccomm.comm` (tag ``kv_gather``), so bytes, emulated link delays, image
@@ -17,7 +18,7 @@ import torch
 
 from .methods import Method
 
-__all__ = ["Backend", "TinyDiTBackend", "ToyBackend", "make_backend", "BACKENDS"]
+__all__ = ["Backend", "TinyDiTBackend", "RandomTinyDiTBackend", "ToyBackend", "make_backend", "BACKENDS"]
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +41,18 @@ class TinyDiTBackend:
         from compactfusion.models.tiny_dit import load_tiny_dit
 
         return load_tiny_dit(dtype=torch.float32).eval()
+
+
+class RandomTinyDiTBackend(TinyDiTBackend):
+    """The tiny DiT architecture with seeded random weights: same code path and bytes, meaningless images."""
+
+    def load(self) -> torch.nn.Module:
+        from compactfusion.models.tiny_dit import build_tiny_dit
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = build_tiny_dit()
+        return model.float().eval()
 
     def parallelize(self, model: torch.nn.Module, method: Method, *, wire_dtype: str, warmup_steps: int,
                     variant: str = "ef", record_errors: bool = False, seed: int = 0) -> Any:
@@ -144,7 +157,7 @@ class ToyBackend:
 
 
 #: Backend names accepted by the config's ``backend`` field.
-BACKENDS: dict[str, type] = {"tiny_dit": TinyDiTBackend, "toy": ToyBackend}
+BACKENDS: dict[str, type] = {"tiny_dit": TinyDiTBackend, "tiny_dit_random": RandomTinyDiTBackend, "toy": ToyBackend}
 
 
 def make_backend(name: str) -> Backend:

@@ -167,6 +167,14 @@ def _notes(res: dict[str, Any]) -> list[str]:
     cpus = res["host"]["cpus"] or 1
     if load and load[0] > 0.5 * cpus:
         notes.append(f"The machine was busy (1-min load {load[0]:.2f} on {cpus} CPUs): latency ratios are noisy.")
+    blocks = [res] + [res[k] for k in res if k.startswith("ranks") and isinstance(res[k], dict)]
+    for block in blocks:
+        for label, per_rank in (block.get("emulation") or {}).items():
+            ops, late = sum(r["ops"] for r in per_rank), sum(r["late_ops"] for r in per_rank)
+            if late:
+                notes.append(f"P = {block['ranks']}, link {label}: {late} of {ops} emulated operations finished after "
+                             f"their modeled time (max {1e3 * max(r['max_late_s'] for r in per_rank):.1f} ms late): "
+                             "the real transport on this busy host was slower than the link model there.")
     if res["ranks"] > (res["host"]["cpus"] or 1):
         notes.append(f"P = {res['ranks']} runs {res['ranks']} one-thread ranks on {cpus} CPUs (oversubscribed): its "
                      "latencies are not comparable; it is reported for bytes and quality.")

@@ -51,6 +51,7 @@ class Samples:
     errors: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # ablation variant -> rows
     search: SearchResult | None = None
     main_link: str = UNSHAPED
+    emulation: dict[str, list[dict[str, float]]] = field(default_factory=dict)  # link label -> per-rank counters
 
 
 @dataclass
@@ -64,6 +65,7 @@ class _Runner:
     def __init__(self, cfg: BenchConfig, tick: Callable[[str], None]) -> None:
         self.cfg = cfg
         self.tick = tick
+        self._current: str | None = None  # label of the active emulated link
 
     def sample(self, pool: RankPool, key: RunKey, keep: bool) -> list[SampleResult]:
         c = self.cfg
@@ -86,7 +88,11 @@ class _Runner:
     def set_link(self, pool: RankPool, s: Samples, mbps: float | None) -> str:
         label = UNSHAPED if mbps is None else f"{mbps:.6g}Mbps"
         link = None if mbps is None else (mbps, float(self.cfg.link.latency_ms))
-        pool.run(job_link, link, timeout=self.cfg.timeout_s)
+        left = pool.run(job_link, link, timeout=self.cfg.timeout_s)
+        if self._current is not None and left[0] is not None:
+            prev = s.emulation.setdefault(self._current, [])
+            s.emulation[self._current] = [_add_counts(a, b) for a, b in zip(prev, left)] if prev else left
+        self._current = None if mbps is None else label
         s.links[label] = mbps
         return label
 
@@ -168,6 +174,11 @@ class _Runner:
             if p == max(c.ranks):
                 total += len(c.ablation_variants)
         return total
+
+
+def _add_counts(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
+    return {"ops": a["ops"] + b["ops"], "late_ops": a["late_ops"] + b["late_ops"],
+            "max_late_s": max(a["max_late_s"], b["max_late_s"])}
 
 
 def _ablation_method(cfg: BenchConfig) -> str:

@@ -35,13 +35,19 @@ KV_TAGS = ("kv_ring", "kv_gather")
 
 
 def quality(a: Any, b: Any) -> tuple[float, float]:
-    """(PSNR dB, SSIM) of image batches ``a`` against ``b`` with :mod:`compactfusion.metrics`."""
+    """(PSNR dB, SSIM) of image batches ``a`` against ``b`` (in [-1, 1]) with :mod:`compactfusion.metrics`.
+
+    Both are per-image values averaged over the batch; a PSNR of +inf (identical image) is left
+    out of the mean unless every image is identical.
+    """
     import torch
 
     from compactfusion.metrics import psnr, ssim
 
     ta, tb = torch.as_tensor(np.asarray(a)), torch.as_tensor(np.asarray(b))
-    return float(psnr(ta, tb)), float(ssim(ta, tb))
+    p = psnr(ta, tb).double()
+    fin = p[torch.isfinite(p)]
+    return (float(fin.mean()) if fin.numel() else math.inf), float(ssim(ta, tb).double().mean())
 
 
 def _fin(x: float) -> float | None:
@@ -187,6 +193,7 @@ def summarize(data: RunData, *, command: str, quick: bool) -> dict[str, Any]:
                            "ranks": top_p, "images_per_request": len(cfg.labels), "steps": cfg.steps}
     for p, s in sorted(data.per_ranks.items()):
         block = {"ranks": p, "methods": _methods(s, cfg.steps, cfg.warmup_steps), "curves": _curves(s),
+                 "emulation": s.emulation,
                  "search": _search(s), "main_link": s.main_link, "main_link_mbps": s.links.get(s.main_link)}
         if p == top_p:
             res.update({k: v for k, v in block.items() if k != "ranks"})

@@ -1,0 +1,79 @@
+"""compactfusion.bench.config: example files load, quick overrides apply, bad values name their field."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from compactfusion.bench.config import BenchConfig, LinkConfig, config_from_dict, load_config
+from compactfusion.bench.methods import METHODS
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "compactfusion"
+
+
+@pytest.mark.parametrize("name", ["ethernet.yaml", "fast_link.yaml"])
+def test_examples_load_and_quick(name: str) -> None:
+    cfg = load_config(EXAMPLES / name)
+    assert set(cfg.methods) == set(METHODS)
+    assert cfg.wire_dtype == "fp16" and cfg.timing_ranks == 2 and max(cfg.ranks) == 4
+    q = cfg.quick_version()
+    assert q.ranks == (2,) and q.steps == 8 and len(q.labels) == 2 and q.quick == {}
+    assert q.link.sweep == () and q.link.bandwidth_mbps == cfg.link.bandwidth_mbps
+
+
+def test_ethernet_is_shaped_and_fast_link_is_not() -> None:
+    eth, fast = load_config(EXAMPLES / "ethernet.yaml"), load_config(EXAMPLES / "fast_link.yaml")
+    assert eth.link.bandwidth_mbps == "auto" and eth.link.target_ratio == pytest.approx(136.52 / 28.06, abs=0.01)
+    assert eth.link.sweep == (2, 3, 4)
+    assert fast.link.bandwidth_mbps is None and not fast.link.shaped
+
+
+@pytest.mark.parametrize(
+    "patch, field",
+    [
+        ({"steps": 0}, "steps"),
+        ({"labels": [10]}, "labels"),
+        ({"labels": []}, "labels"),
+        ({"ranks": [1]}, "ranks"),
+        ({"timing_ranks": 3}, "timing_ranks"),
+        ({"methods": ["ring", "bogus"]}, "methods"),
+        ({"methods": ["ring"]}, "methods"),  # single missing
+        ({"methods": ["single", "ring", "patch+int2"]}, "methods"),  # its reference, patch, missing
+        ({"wire_dtype": "fp8"}, "wire_dtype"),
+        ({"warmup_steps": 0}, "warmup_steps"),
+        ({"repeats": 0}, "repeats"),
+        ({"backend": "nope"}, "backend"),
+        ({"ablation_variants": ["ef", "second_order"]}, "ablation_variants"),
+        ({"link": {"bandwidth_mbps": -1}}, "link.bandwidth_mbps"),
+        ({"link": {"target_ratio": 1.0}}, "link.target_ratio"),
+        ({"link": {"tolerance": 0}}, "link.tolerance"),
+        ({"link": {"sweep": [0]}}, "link.sweep"),
+        ({"link": {"bandwidth_mbps": None, "sweep": [2]}}, "link.sweep"),
+        ({"link": {"colour": 1}}, "link.colour"),
+        ({"colour": 1}, "colour"),
+        ({"quick": {"colour": 1}}, "quick"),
+    ],
+)
+def test_bad_values_name_the_field(patch: dict, field: str) -> None:
+    with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+        config_from_dict(patch)
+
+
+def test_quick_override_is_validated_and_merges_link() -> None:
+    cfg = config_from_dict({"link": {"bandwidth_mbps": 40, "sweep": [2]}, "quick": {"steps": 0}})
+    with pytest.raises(ValueError, match="steps"):
+        cfg.quick_version()
+    cfg = config_from_dict({"link": {"bandwidth_mbps": 40, "sweep": [2]}, "quick": {"link": {"sweep": []}}})
+    q = cfg.quick_version()
+    assert q.link == LinkConfig(bandwidth_mbps=40, sweep=())
+
+
+def test_defaults_and_roundtrip() -> None:
+    cfg = BenchConfig()
+    assert cfg.link.bandwidth_mbps == "auto" and cfg.ablation_codec == "int2"
+    assert config_from_dict(cfg.to_dict()) == cfg
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="no such file"):
+        load_config(tmp_path / "absent.yaml")
