@@ -34,8 +34,15 @@ yunchang 0.6.4, triton 3.9.0, torch 2.13.0 CPU):
    and efficient kernels have no CPU implementation). Our ring computes its own LSE and
    never calls xfuser's attention function, so `cpu_env_patch()` lets exactly that
    refusal pass for SDPA and SDPA_MATH (logged); any other refusal still raises. Without
-   `patch()` the ring then fails (usp's `PROCESS_GROUP` is None on CPU), as before.
-5. Seams. `model_executor/layers/usp.py::USP` calls the module-level
+   `patch()` xfuser's own ring then fails on CPU (torch's templated ring attention needs
+   the LSE that SDPA does not return: "AttributeError: 'NoneType' object has no attribute
+   'dtype'", measured), so `patch()` is what makes ring mode usable there.
+5. Ulysses groups. `usp.py` binds `PROCESS_GROUP` to yunchang's group singleton only when
+   CUDA/NPU is present (None otherwise), so the Ulysses all-to-all fails on CPU.
+   `cpu_env_patch()` binds it to the same singleton (filled in later by
+   `set_seq_parallel_pg`); gloo then runs the all-to-all, and hybrid USP (Ulysses 2 x
+   ring 2 on 4 gloo ranks) matches single-process output (slow test).
+6. Seams. `model_executor/layers/usp.py::USP` calls the module-level
    `ring_attn(attention_function, query, key, value, dropout_p, is_causal,
    joint_attn_kwargs, attention_kwargs)` for ring-only and hybrid USP, with q/k/v in
    (B, H, S, D) and joint K/V in `joint_attn_kwargs` ("front"/"rear"; the joint query is
@@ -44,7 +51,7 @@ yunchang 0.6.4, triton 3.9.0, torch 2.13.0 CPU):
    joint_tensor_value, joint_strategy, ...)` in (B, S, H, D), used by Sana linear
    attention and Step-Video. PixArt wraps only `transformer_blocks.*.attn1` with
    `xFuserAttnProcessor2_0` (which calls `USP`); cross-attention `attn2` stays local.
-6. Tiny pipeline in memory. `PixArtAlphaPipeline(tokenizer=None, text_encoder=None,
+7. Tiny pipeline in memory. `PixArtAlphaPipeline(tokenizer=None, text_encoder=None,
    vae=None, transformer=PixArtTransformer2DModel(<tiny config>), scheduler=...)` runs with
    `prompt_embeds`/`negative_prompt_embeds` (and `negative_prompt=None`),
    `use_resolution_binning=False` and `output_type="latent"`; xfuser wraps it as
@@ -71,8 +78,10 @@ Algorithm of `patch(pipe, config, seam="auto")`:
 6. `handle.remove()` restores every attribute it replaced, removes the hooks and closes
    the state; idempotent.
 
-Not covered: Ulysses on CPU (usp's module-level `PROCESS_GROUP` stays None; in hybrid USP
-only the ring part is ours anyway), PipeFusion, attention masks, dropout, causal attention.
+In hybrid USP only the ring part is compressed (Ulysses' all-to-all stays xfuser's), as in
+the CompactFusion repository. Not covered: PipeFusion, attention masks, dropout, causal
+attention; the long_ctx seam is tested on CPU only with a stand-in for xfuser's ring
+function (its module does not import without CUDA).
 """
 from __future__ import annotations
 
@@ -139,7 +148,7 @@ def _has_accelerator() -> bool:
 def cpu_env_patch() -> bool:
     """Make xfuser importable and its ring mode constructible on a host without an accelerator.
 
-    Steps (see the module docstring, findings 1, 3 and 4):
+    Steps (see the module docstring, findings 1, 3, 4 and 5):
     1. With CUDA available, do nothing and return False (xfuser works as shipped).
     2. If already applied, return True. If xfuser was imported without it (possible only
        where its own checks passed), raise RuntimeError rather than half-patch it.
@@ -149,6 +158,8 @@ def cpu_env_patch() -> bool:
     4. Run the package `__init__`; on failure remove every half-imported `xfuser*` module.
     5. Let `RuntimeState`'s "backend does not support ring parallelism" refusal pass for
        SDPA / SDPA_MATH (the compressed ring brings its own LSE); other refusals still raise.
+    6. Bind `usp.PROCESS_GROUP` (None without CUDA) to yunchang's group singleton, so the
+       Ulysses all-to-all finds its group.
     Process-wide and irreversible for the imported modules, so call it once, before any
     `import xfuser`, in every process that builds an xfuser pipeline.
     """
@@ -172,6 +183,7 @@ def cpu_env_patch() -> bool:
         envs.PACKAGES_CHECKER.packages_info["has_long_ctx_attn"] = True
         spec.loader.exec_module(pkg)
         _relax_ring_backend_check()
+        _bind_ulysses_groups()
     except BaseException:
         for name in [n for n in sys.modules if n == "xfuser" or n.startswith("xfuser.")]:
             del sys.modules[name]
@@ -179,6 +191,14 @@ def cpu_env_patch() -> bool:
     setattr(pkg, _CPU_MARK, True)
     logger.info("cpu_env_patch: xfuser %s imported for CPU (gloo, long-context groups on)", xfuser_version())
     return True
+
+
+def _bind_ulysses_groups() -> None:
+    from yunchang.globals import PROCESS_GROUP
+    from xfuser.model_executor.layers import usp
+
+    if usp.PROCESS_GROUP is None:
+        usp.PROCESS_GROUP = PROCESS_GROUP
 
 
 def _relax_ring_backend_check() -> None:

@@ -167,7 +167,8 @@ def _notes(res: dict[str, Any]) -> list[str]:
     cpus = res["host"]["cpus"] or 1
     if load and load[0] > 0.5 * cpus:
         notes.append(f"The machine was busy (1-min load {load[0]:.2f} on {cpus} CPUs): latency ratios are noisy.")
-    blocks = [res] + [res[k] for k in res if k.startswith("ranks") and isinstance(res[k], dict)]
+    blocks = [res] + [res[k] for k in res if k.startswith("ranks") and isinstance(res[k], dict)
+                      and res[k]["ranks"] != res["ranks"]]
     for block in blocks:
         for label, per_rank in (block.get("emulation") or {}).items():
             ops, late = sum(r["ops"] for r in per_rank), sum(r["late_ops"] for r in per_rank)

@@ -1,0 +1,329 @@
+"""`parallelize(transformer, config, group=None) -> Handle`: CompactFusion on a diffusers model.
+
+Algorithm (spec section 4):
+1. Look up `type(transformer).__name__` in `MODEL_SPECS` (DiT, PixArt, Flux); other classes
+   and fused QKV projections raise ValueError; a model already parallelized raises too.
+2. All-gather a fingerprint (config, class, layer count, heads, head_dim, P, ccomm version)
+   so every rank fails with ValueError on a mismatch instead of hanging later.
+3. Save the attention processors; set a full mapping (diffusers' `set_attn_processor` walk): our
+   processors on the self-attention names (layer index = registration order), the
+   originals elsewhere.
+4. Hooks: a transformer pre-hook (step/branch counting, new-request detection from the
+   timestep, shape-change and S % P checks, autograd refusal, the `max_state_mb` check);
+   *split* slices the token embedder's output to this rank's chunk; *rope* (Flux) keeps
+   the text rows of the rotary tables and this rank's image rows; *gather* all-gathers the
+   final projection's output along the token dimension in rank order, uncompressed
+   (`token_gather`); a transformer post-hook runs `check_every`.
+5. `Handle.remove()` restores the processors, removes the hooks, drains and drops state.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import inspect
+import logging
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ccomm.comm import allgather_payloads
+from ccomm.payload import Payload, PayloadMeta
+from ccomm.stats import CommStats
+
+from .config import CompactConfig
+from .errors import CompactStateError
+from .processors import CompactAttnProcessor, CompactFluxAttnProcessor
+from .state import CompactState
+
+__all__ = ["ModelSpec", "MODEL_SPECS", "Handle", "parallelize"]
+
+logger = logging.getLogger(__name__)
+
+_MARK = "_compactfusion_handle"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Where CompactFusion hooks into one diffusers transformer class."""
+
+    attn_pattern: str  # regex over `attn_processors` names: the self-attention layers
+    split: str  # module whose output (B, S, C) is sliced to the local chunk
+    gather: str  # module whose output (B, S_loc, X) is all-gathered along dim 1
+    text: str  # "none" | "cross" (local cross-attention) | "joint" (replicated, front block)
+    tokens: str  # how to count image tokens from the input: "patch" (B,C,H,W) or "seq" (B,S,C)
+    rope: str | None = None  # Flux: rotary embedder whose image rows are sliced
+
+
+MODEL_SPECS: dict[str, ModelSpec] = {
+    "DiTTransformer2DModel": ModelSpec(r"transformer_blocks\.\d+\.attn1\.processor", "pos_embed", "proj_out_2", "none", "patch"),
+    "PixArtTransformer2DModel": ModelSpec(r"transformer_blocks\.\d+\.attn1\.processor", "pos_embed", "proj_out", "cross", "patch"),
+    "FluxTransformer2DModel": ModelSpec(
+        r"(single_)?transformer_blocks\.\d+\.attn\.processor", "x_embedder", "proj_out", "joint", "seq", rope="pos_embed"
+    ),
+}
+
+
+def attn_processors(model: torch.nn.Module) -> dict[str, Any]:
+    """`{"<module path>.processor": processor}` in registration order (diffusers' AttentionMixin
+    walk, reimplemented because DiTTransformer2DModel lacks the mixin)."""
+    return {f"{name}.processor": mod.get_processor() for name, mod in model.named_modules()
+            if name and hasattr(mod, "get_processor")}
+
+
+def set_attn_processors(model: torch.nn.Module, mapping: dict[str, Any]) -> None:
+    """Set every attention module's processor from a full mapping (as `set_attn_processor(dict)`)."""
+    names = attn_processors(model)
+    if set(names) != set(mapping):
+        raise ValueError(f"mapping: expected exactly the processors {sorted(names)}")
+    for name, mod in model.named_modules():
+        if name and hasattr(mod, "set_processor"):
+            mod.set_processor(mapping[f"{name}.processor"])
+
+
+def _ccomm_version() -> str:
+    try:
+        return importlib.metadata.version("ccomm")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+class Handle:
+    """A parallelized model: `reset()` between requests, `remove()` to restore it exactly.
+
+    Attributes: `config`, `group`, `state` (the CompactState), `step` (completed denoising
+    steps since the last reset = forward_calls // calls_per_step), `errors` (rows recorded
+    with record_errors=True), `stats` (ccomm CommStats of this handle: per request unless a
+    `stats=` object was passed to `parallelize`).
+    """
+
+    def __init__(self, transformer: torch.nn.Module, config: CompactConfig, group: Any, spec: ModelSpec,
+                 names: list[str], heads: int, head_dim: int, stats: CommStats | None) -> None:
+        self.config = config
+        self.group = group
+        self.spec = spec
+        self.heads, self.head_dim = heads, head_dim
+        self._model = transformer
+        self._names = names
+        self.state = CompactState(config, group, stats=stats, num_layers=len(names))
+        self._saved: dict[str, Any] = {}
+        self._hooks: list[Any] = []
+        self._removed = False
+        self._last_t: float | None = None
+        self._input_sig: tuple | None = None
+        self._text_len = 0
+        self._sig = inspect.signature(transformer.forward)
+
+    # -- public ---------------------------------------------------------------------------
+    @property
+    def step(self) -> int:
+        self._alive()
+        return self.state.completed_steps
+
+    @property
+    def errors(self) -> list[dict[str, Any]]:
+        return self.state.errors
+
+    @property
+    def stats(self) -> CommStats:
+        return self.state.stats
+
+    @property
+    def world_size(self) -> int:
+        return self.state.world
+
+    @property
+    def rank(self) -> int:
+        return self.state.rank
+
+    def reset(self) -> None:
+        """Drain in-flight work; drop bases, counters and per-request stats (between requests)."""
+        self._alive()
+        self.state.reset()
+        self._last_t = None
+        self._input_sig = None
+
+    def state_nbytes(self) -> int:
+        """Bytes currently held by bases and stale K/V on this rank."""
+        self._alive()
+        return self.state.nbytes()
+
+    def remove(self) -> None:
+        """Restore the original processors, remove hooks, drop state. Idempotent."""
+        if self._removed:
+            return
+        self._removed = True
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        try:
+            self.state.close()
+        finally:
+            set_attn_processors(self._model, self._saved)
+            if getattr(self._model, _MARK, None) is self:
+                delattr(self._model, _MARK)
+
+    def __repr__(self) -> str:
+        return (f"Handle({type(self._model).__name__}, mode={self.config.mode!r}, codec={self.config.codec!r}, "
+                f"P={self.state.world}, removed={self._removed})")
+
+    # -- internals --------------------------------------------------------------------------
+    def _alive(self) -> None:
+        if self._removed:
+            raise RuntimeError("compactfusion: this handle was removed; parallelize the model again")
+
+    def _install(self) -> None:
+        m = self._model
+        self._saved = attn_processors(m)
+        mapping: dict[str, Any] = dict(self._saved)
+        for layer, name in enumerate(self._names):
+            if self.spec.text == "joint":
+                mapping[name] = CompactFluxAttnProcessor(self.state, layer, self.config.mode, lambda: self._text_len)
+            else:
+                mapping[name] = CompactAttnProcessor(self.state, layer, self.config.mode)
+        set_attn_processors(m, mapping)
+        try:
+            self._hooks.append(m.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
+            self._hooks.append(m.register_forward_hook(self._post_hook))
+            if self.state.world > 1:
+                self._hooks.append(m.get_submodule(self.spec.split).register_forward_hook(self._split_hook))
+                self._hooks.append(m.get_submodule(self.spec.gather).register_forward_hook(self._gather_hook))
+                if self.spec.rope:
+                    self._hooks.append(m.get_submodule(self.spec.rope).register_forward_hook(self._rope_hook))
+        except BaseException:
+            self.remove()
+            raise
+        setattr(m, _MARK, self)
+
+    def _tokens(self, hidden: torch.Tensor) -> tuple[int, str]:
+        if self.spec.tokens == "patch":
+            p = int(self._model.config.patch_size)
+            return (hidden.shape[-2] // p) * (hidden.shape[-1] // p), f"patch size {p}, input {tuple(hidden.shape[-2:])}"
+        return int(hidden.shape[1]), "packed tokens"
+
+    def _pre_hook(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        self._alive()
+        if torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters()):
+            raise RuntimeError("compactfusion is inference only: call the model under torch.no_grad() or "
+                               "torch.inference_mode(), or set requires_grad_(False)")
+        bound = self._sig.bind_partial(*args, **kwargs).arguments
+        hidden = bound.get("hidden_states")
+        if not isinstance(hidden, torch.Tensor):
+            raise ValueError("hidden_states: compactfusion needs the input tensor")
+        st, cfg = self.state, self.config
+        n_tokens, how = self._tokens(hidden)
+        if n_tokens % st.world:
+            raise ValueError(f"S={n_tokens} image tokens ({how}) is not divisible by P={st.world} ranks")
+        if self.spec.text == "joint":
+            enc = bound.get("encoder_hidden_states")
+            self._text_len = 0 if enc is None else int(enc.shape[1])
+        branch0 = st.calls % cfg.calls_per_step == 0
+        t = bound.get("timestep")
+        if cfg.new_request == "timestep" and branch0 and t is not None:
+            tv = float(t.reshape(-1)[0]) if isinstance(t, torch.Tensor) else float(t)
+            if self._last_t is not None and st.calls > 0 and not tv < self._last_t:
+                logger.info("compactfusion: timestep %g after %g: new request, resetting state", tv, self._last_t)
+                self.reset()
+            self._last_t = tv
+        sig = (tuple(hidden.shape), hidden.dtype, hidden.device.type, self._text_len)
+        if self._input_sig is not None and sig != self._input_sig and st.calls > 0:
+            if cfg.on_shape_change == "error":
+                raise CompactStateError(f"input changed from {self._input_sig[:3]} to {sig[:3]} at step {st.step}; "
+                                        "call handle.reset() between requests")
+            logger.info("compactfusion: input shape changed, resetting state (on_shape_change='reset')")
+            last_t = self._last_t
+            self.reset()
+            self._last_t = last_t
+        self._input_sig = sig
+        if st.calls == 0 and cfg.max_state_mb is not None:
+            self._check_memory(hidden.shape[0], n_tokens)
+        st.begin_forward()
+
+    def projected_state_nbytes(self, batch: int, tokens: int) -> int:
+        """M = 2 * L_c * B_eff * S * C * b_wire (spec section 9) for one request of this shape."""
+        cfg = self.config
+        if not cfg.compressed and cfg.mode != "distrifusion":
+            return 0
+        n_layers = len(self._names) if cfg.layers is None else len([x for x in cfg.layers if x < len(self._names)])
+        wire = cfg.wire(self._model.dtype)
+        b = torch.empty((), dtype=wire).element_size()
+        return 2 * n_layers * batch * cfg.calls_per_step * tokens * self.heads * self.head_dim * b
+
+    def _check_memory(self, batch: int, tokens: int) -> None:
+        need = self.projected_state_nbytes(batch, tokens)
+        allowed = float(self.config.max_state_mb) * 2**20  # type: ignore[arg-type]
+        if need > allowed:
+            raise ValueError(
+                f"max_state_mb={self.config.max_state_mb}: the bases need {need / 2**20:.2f} MB per rank "
+                f"(> {allowed / 2**20:.2f} MB allowed); remedies: wire_dtype='fp16', fewer compressed layers "
+                "(layers=...), a smaller batch, or a larger max_state_mb"
+            )
+
+    def _post_hook(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
+        st, cfg = self.state, self.config
+        if cfg.check_every <= 0 or st.branch != cfg.calls_per_step - 1 or (st.step + 1) % cfg.check_every:
+            return
+        st.check_consistency()
+        if st.rc is not None and cfg.policy is None:
+            for key in st.rc.keys():
+                if key.source == st.rank and st.rc.step(key) != st.step + 1:
+                    raise CompactStateError(f"{key}: {st.rc.step(key)} uses but handle step {st.step + 1}")
+
+    def _split_hook(self, module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        n = output.shape[1] // self.state.world
+        r = self.state.rank
+        return output[:, r * n:(r + 1) * n]
+
+    def _rope_hook(self, module: torch.nn.Module, args: tuple, output: Any) -> Any:
+        nt, world, r = self._text_len, self.state.world, self.state.rank
+
+        def cut(t: torch.Tensor) -> torch.Tensor:
+            n = (t.shape[0] - nt) // world
+            return torch.cat([t[:nt], t[nt + r * n: nt + (r + 1) * n]])
+
+        return tuple(cut(t) for t in output) if isinstance(output, (tuple, list)) else cut(output)
+
+    def _gather_hook(self, module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        flat = output.contiguous().reshape(-1)
+        got = allgather_payloads(Payload(flat, PayloadMeta(flat.shape, flat.dtype)), self.group, same_size=True,
+                                 key="token_gather", stats=self.state.stats)
+        return torch.cat([p.buffer.view(output.shape) for p in got], dim=1)  # type: ignore[union-attr]
+
+
+def parallelize(transformer: torch.nn.Module, config: CompactConfig, group: Any = None, *,
+                stats: CommStats | None = None) -> Handle:
+    """Parallelize `transformer` over `group` (default: WORLD) with CompactFusion; see module docstring."""
+    if not isinstance(config, CompactConfig):
+        raise ValueError(f"config: expected a CompactConfig, got {type(config).__name__}")
+    cls = type(transformer).__name__
+    spec = MODEL_SPECS.get(cls)
+    if spec is None:
+        raise ValueError(f"transformer: {cls} is not supported; supported classes: {', '.join(MODEL_SPECS)}")
+    if getattr(transformer, _MARK, None) is not None:
+        raise ValueError("transformer: already parallelized; call handle.remove() first")
+    if not dist.is_initialized():
+        raise ValueError("group: torch.distributed is not initialized (call init_process_group first)")
+    pat = re.compile(spec.attn_pattern)
+    names = [n for n in attn_processors(transformer) if pat.fullmatch(n)]
+    if not names:
+        raise ValueError(f"transformer: no self-attention layers matching {spec.attn_pattern!r}")
+    mods = [transformer.get_submodule(n.rsplit(".", 1)[0]) for n in names]
+    if any(getattr(a, "fused_projections", False) for a in mods):
+        raise ValueError("transformer: fused QKV projections are not supported; call unfuse_qkv_projections()")
+    heads = int(mods[0].heads)
+    head_dim = int(getattr(mods[0], "head_dim", 0) or mods[0].inner_dim // heads)
+    if config.layers is not None and max(config.layers, default=-1) >= len(names):
+        raise ValueError(f"layers={config.layers}: indices must be in [0, {len(names)})")
+    world = dist.get_world_size(group)
+    fp = (config.fingerprint(), cls, len(names), heads, head_dim, world, _ccomm_version())
+    every: list[Any] = [None] * world
+    dist.all_gather_object(every, fp, group=group)
+    bad = [r for r, other in enumerate(every) if other != fp]
+    if bad:
+        raise ValueError(f"ranks {bad} differ from this rank in config/model/world size: {every[bad[0]]} vs {fp}")
+    handle = Handle(transformer, config, group, spec, names, heads, head_dim, stats)
+    handle._install()
+    logger.info("compactfusion: %s on %d ranks, %d layers, mode=%s codec=%s", cls, world, len(names), config.mode,
+                config.codec)
+    return handle
