@@ -1,6 +1,9 @@
-"""Real-data tasks for the DeCo-SGD time-to-accuracy benchmark (design §9.1): `mnist`, `bytelm`."""
+"""The DeCo-SGD time-to-accuracy benchmark (design §9): tasks (`mnist`, `bytelm`), the virtual
+clock (`vclock`), the scenario config, the method table, the runner and the report."""
 from .bytelm import ByteLMConfig, ByteLMTask
 from .mnist import MnistConfig, MnistTask
 from .tasks import TASKS, Batch, Task, make_task
+from .vclock import LinkTimeline, StepClock, pattern_cost, replay
 
-__all__ = ["Task", "Batch", "TASKS", "make_task", "MnistConfig", "MnistTask", "ByteLMConfig", "ByteLMTask"]
+__all__ = ["Task", "Batch", "TASKS", "make_task", "MnistConfig", "MnistTask", "ByteLMConfig", "ByteLMTask",
+           "LinkTimeline", "StepClock", "pattern_cost", "replay"]

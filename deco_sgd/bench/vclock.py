@@ -29,6 +29,11 @@ Example (hand-checkable numbers in tests/deco_sgd/test_bench_vclock.py)::
     clock = StepClock(0.1)
     done = tl.exchange(clock.launch_s, 1_000_000, "allreduce")   # V = 1 MB, 2 hops
     clock.end_step([done])                          # 0.1 + 1.0 + 0.1 = 1.2 s
+
+`replay(steps, link, world, t_comp)` re-times a recorded run: each step lists its exchange
+chains (a chain's exchanges depend on each other; chains of one step are launched together
+at the end of its compute) and the steps whose exchanges it applied. Runs whose payloads do
+not depend on the network (every static method) can so be timed on any scenario.
 """
 from __future__ import annotations
 
@@ -36,11 +41,11 @@ import functools
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping, Sequence
 
 from netsim import Link, cost
 
-__all__ = ["PATTERNS", "PatternCost", "pattern_cost", "LinkTimeline", "StepClock", "Transfer"]
+__all__ = ["PATTERNS", "PatternCost", "pattern_cost", "LinkTimeline", "StepClock", "Transfer", "replay"]
 
 logger = logging.getLogger(__name__)
 
@@ -176,3 +181,29 @@ class StepClock:
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         self.t_comp, self.start = float(sd["t_comp"]), float(sd["start"])
         self.steps, self.blocked = int(sd["steps"]), float(sd["blocked"])
+
+
+def replay(steps: Sequence[Mapping[str, Any]], link: Link, world: int, t_comp: float) -> list[float]:
+    """Step start times of a recorded run on `link`: element s is when step s+1 may start.
+
+    Each record is ``{"x": [[[nbytes, pattern], ...], ...], "a": [applied step indices]}``
+    (steps counted from 0); the rules are those of `LinkTimeline` and `StepClock`.
+    """
+    tl = LinkTimeline(link, world)
+    clock = StepClock(t_comp)
+    done: list[float] = []
+    starts: list[float] = []
+    for s, rec in enumerate(steps):
+        launch = clock.launch_s
+        end = launch
+        for chain in rec["x"]:
+            d = launch
+            for nbytes, pattern in chain:
+                d = tl.exchange(d, float(nbytes), str(pattern))
+            end = max(end, d)
+        done.append(end)
+        applied = [int(a) for a in rec["a"]]
+        if any(a > s or a < 0 for a in applied):
+            raise ValueError(f"steps[{s}].a: applied steps must be in [0, {s}], got {applied}")
+        starts.append(clock.end_step([done[a] for a in applied]))
+    return starts

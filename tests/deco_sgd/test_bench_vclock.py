@@ -66,3 +66,17 @@ def test_validation_names_fields() -> None:
         LinkTimeline(Link(8.0, 1.0), world=0)
     with pytest.raises(ValueError, match="launch_s"):
         LinkTimeline(Link(8.0, 1.0), world=2).exchange(-1.0, 1, "allreduce")
+
+
+def test_replay_matches_online_rules() -> None:
+    from deco_sgd.bench.vclock import replay
+
+    link = Link(8.0, 50.0)
+    # Same run as test_step_rule_with_staleness, plus a dependent 2-exchange chain in step 2.
+    steps = [{"x": [[[200_000, "allreduce"]]], "a": []}, {"x": [[[200_000, "allreduce"]]], "a": [0]},
+             {"x": [[[100_000, "allreduce"], [100_000, "allreduce"]]], "a": [1, 2]}]
+    starts = replay(steps, link, 2, 0.1)
+    # step 2 launches at 0.5; link free at 0.5: first 0.5+0.1+0.1 = 0.7, second 0.7+0.1+0.1 = 0.9.
+    assert starts == [pytest.approx(0.1), pytest.approx(0.4), pytest.approx(0.9)]
+    with pytest.raises(ValueError, match=r"steps\[0\].a"):
+        replay([{"x": [], "a": [1]}], link, 2, 0.1)

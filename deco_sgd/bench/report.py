@@ -1,0 +1,404 @@
+"""results.json, report.md and the plots of `deco-sgd bench` (design §9.5, §9.6).
+
+`build_results(cfg, records)`:
+
+1. target (§9.5): D-SGD's best metric per seed, averaged over seeds, times `target.factor`
+   (0.98) for accuracy, times (2 − factor) (1.02) for losses; `target.value` overrides;
+2. per run: the first evaluation at or past the target gives time and steps to target;
+3. per method: `time_to_target_s` is the median over seeds (unreached = +inf) and null when
+   fewer than half of the seeds reach it; `final_metric` is the mean at the common step
+   budget, with its difference to D-SGD's (mean and range over paired seeds);
+4. `best_static` is the grid member with the least time to target (oracle in hindsight),
+   ties broken by final metric; the scenario targets of the issue are checked as ratios of
+   times measured in the same results.
+
+Wall-clock data (per-run wall time, whether a run was reused) lives under "timing" and the
+creation time under "generated_at"; everything else is a deterministic function of the
+config, so reruns give identical JSON apart from those two keys.
+"""
+from __future__ import annotations
+
+import csv
+import datetime
+import json
+import logging
+import math
+import platform
+import statistics
+from pathlib import Path
+from typing import Any, Sequence
+
+from .config import BenchConfig
+from .methods import grid_name
+
+__all__ = ["build_results", "write_outputs", "render_report", "SCENARIO_TARGETS", "first_reach"]
+
+logger = logging.getLogger(__name__)
+
+#: Issue #4's targets per scenario name: (what, method, baseline, required speed-up or None).
+SCENARIO_TARGETS: dict[str, list[tuple[str, str, float]]] = {
+    "high_latency": [("deco", "dsgd", 5.0)],
+    "varying_bandwidth": [("deco", "cocktail", 1.37), ("deco", "best_static", 1.0)],
+}
+#: Final-metric parity with D-SGD: 0.5 accuracy points, or 0.02 bits per byte.
+PARITY = {True: 0.005, False: 0.02}
+
+
+def first_reach(curve: Sequence[dict[str, Any]], target: float, higher: bool) -> dict[str, Any] | None:
+    for c in curve:
+        m = c["metric"]
+        if m is not None and (m >= target if higher else m <= target):
+            return c
+    return None
+
+
+def _median_or_none(xs: Sequence[float]) -> float | None:
+    if not xs:
+        return None
+    med = statistics.median(xs)
+    return None if math.isinf(med) else float(med)
+
+
+def _speedup(base: float | None, x: float | None) -> float | None:
+    if base is None or x is None or x <= 0:
+        return None
+    return base / x
+
+
+def build_results(cfg: BenchConfig, records: Sequence[dict[str, Any]], *, wall_s: float = 0.0) -> dict[str, Any]:
+    """The results.json dict (see the module docstring)."""
+    import torch
+
+    from .tasks import TASKS
+
+    task_cls = TASKS[cfg.task["name"]][1]
+    higher = bool(getattr(task_cls, "higher_is_better", True))
+    metric_name = "test_accuracy" if higher else "bits_per_byte"
+    by_method: dict[str, list[dict[str, Any]]] = {}
+    for r in records:
+        by_method.setdefault(r["name"], []).append(r)
+    dsgd = by_method.get("dsgd", [])
+    if not dsgd:
+        raise ValueError("records: D-SGD runs are required (they set the target)")
+    bests = [(max if higher else min)(c["metric"] for c in r["curve"]) for r in dsgd]
+    mean_best = sum(bests) / len(bests)
+    if cfg.target.value is not None:
+        target, rule = float(cfg.target.value), "target.value from the config"
+    elif higher:
+        target = cfg.target.factor * mean_best
+        rule = f"{cfg.target.factor:g} x D-SGD's best test accuracy, averaged over seeds {sorted(r['seed'] for r in dsgd)}"
+    else:
+        target = (2 - cfg.target.factor) * mean_best
+        rule = f"{2 - cfg.target.factor:g} x D-SGD's best bits per byte, averaged over seeds"
+    dsgd_final = {r["seed"]: r["final_metric"] for r in dsgd}
+    methods: dict[str, Any] = {}
+    timing: dict[str, Any] = {"bench_wall_s": wall_s, "runs": {}}
+    for name, runs in by_method.items():
+        runs = sorted(runs, key=lambda r: r["seed"])
+        per_seed, times = [], []
+        for r in runs:
+            hit = first_reach(r["curve"], target, higher)
+            best = (max if higher else min)(c["metric"] for c in r["curve"])
+            per_seed.append({"seed": r["seed"], "time_to_target_s": None if hit is None else hit["t_s"],
+                             "steps_to_target": None if hit is None else hit["step"],
+                             "final_metric": r["final_metric"], "best_metric": best,
+                             "virtual_time_s": r["virtual_time_s"], "steps": r["steps"],
+                             "mean_step_s": r["virtual_time_s"] / max(1, r["steps"]),
+                             "bytes_received_per_worker": r["bytes_received_per_worker"],
+                             "params": r["params"], "r_est": r.get("r_est")})
+            times.append(math.inf if hit is None else hit["t_s"])
+            timing["runs"][f"{name}__s{r['seed']}"] = {"wall_s": r.get("wall_s"), "reused": r.get("reused")}
+        finals = [r["final_metric"] for r in runs]
+        diffs = [r["final_metric"] - dsgd_final[r["seed"]] for r in runs if r["seed"] in dsgd_final]
+        first = runs[0]
+        methods[name] = {
+            "kind": first["kind"],
+            "time_to_target_s": _median_or_none(times) if 2 * sum(math.isfinite(t) for t in times) >= len(times)
+            else None,
+            "final_metric": sum(finals) / len(finals),
+            "final_metric_range": [min(finals), max(finals)],
+            "final_vs_dsgd": None if not diffs else {"mean": sum(diffs) / len(diffs), "min": min(diffs),
+                                                     "max": max(diffs)},
+            "seeds": [r["seed"] for r in runs],
+            "per_seed": per_seed,
+            "params": first["params"],
+            "curve": first["curve"],
+            "decisions": first.get("decisions", []),
+        }
+    base = methods["dsgd"]["time_to_target_s"]
+    for m in methods.values():
+        m["speedup_vs_dsgd"] = _speedup(base, m["time_to_target_s"])
+    grid = [grid_name(r, t) for r, t in cfg.methods.grid if grid_name(r, t) in methods]
+    best_static = None
+    if grid:
+        def order(n: str) -> tuple[float, float]:
+            t = methods[n]["time_to_target_s"]
+            f = methods[n]["final_metric"]
+            return (math.inf if t is None else t, -f if higher else f)
+
+        best_static = min(grid, key=order)
+        methods["best_static"] = {**methods[best_static], "member": best_static}
+    env = {"torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform()}
+    env.update(_task_env(cfg))
+    results: dict[str, Any] = {
+        "schema": 1,
+        "task": cfg.task["name"],
+        "scenario": cfg.scenario,
+        "mode": "virtual",
+        "quick": cfg.quick,
+        "env": env,
+        "config": cfg.to_dict(),
+        "target": {"metric": metric_name, "value": target, "rule": rule, "dsgd_best_per_seed": bests,
+                   "higher_is_better": higher},
+        "methods": methods,
+        "best_static": None if best_static is None else {"name": best_static, **methods[best_static]["params"]},
+        "targets": _check_targets(cfg.scenario, methods, higher),
+        "validation": {"time_accounting": "every run re-timed by vclock.replay from its step log; runs trained "
+                                          "in this invocation matched their online virtual times"},
+        "timing": timing,
+        "generated_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    return results
+
+
+def _task_env(cfg: BenchConfig) -> dict[str, Any]:
+    from .tasks import make_task
+
+    try:
+        env = make_task(cfg.task["name"], **cfg.task_kwargs).env()
+    except Exception as e:  # noqa: BLE001 - the environment record must not sink the report
+        return {"task_env_error": str(e)}
+    env.setdefault("corpus_sha256", None)
+    return env
+
+
+def _check_targets(scenario: str, methods: dict[str, Any], higher: bool) -> list[dict[str, Any]]:
+    out = []
+    for m, b, need in SCENARIO_TARGETS.get(scenario, []):
+        if m not in methods or b not in methods:
+            continue
+        tm, tb = methods[m]["time_to_target_s"], methods[b]["time_to_target_s"]
+        ratio = _speedup(tb, tm)
+        out.append({"what": f"{m} time to target vs {b}", "required_speedup": need, "speedup": ratio,
+                    "met": ratio is not None and ratio >= need - 1e-12})
+    if "deco" in methods and methods["deco"]["final_vs_dsgd"] is not None:
+        d = methods["deco"]["final_vs_dsgd"]["mean"]
+        tol = PARITY[higher]
+        ok = d >= -tol if higher else d <= tol
+        out.append({"what": "deco final metric vs dsgd (mean over seeds)", "difference": d, "tolerance": tol,
+                    "met": ok})
+    return out
+
+
+# ------------------------------------------------------------------------- outputs
+def _fmt(x: Any, nd: int = 1) -> str:
+    if x is None:
+        return "never" if nd >= 0 else "-"
+    if isinstance(x, float):
+        return f"{x:.{abs(nd)}f}"
+    return str(x)
+
+
+def render_report(res: dict[str, Any], plots: bool, command: str | None = None) -> str:
+    """report.md text: target rule, the table, the scenario targets, DeCo's decisions."""
+    t = res["target"]
+    higher = t["higher_is_better"]
+    scale, unit = (100.0, "%") if higher else (1.0, " bits/B")
+    lines = [f"# DeCo-SGD benchmark: {res['scenario']} ({res['task']}, {res['mode']} time"
+             f"{', quick' if res['quick'] else ''})", ""]
+    if command:
+        lines += ["Command:", "", f"    {command}", ""]
+    cfg = res["config"]
+    net = cfg["network"]
+    bw = f"{net['bandwidth_mbps']:g} Mbit/s" if net["trace"] is None else f"trace {net['trace']}"
+    tr = cfg["train"]
+    lines += [f"Workers: {cfg['workers']}; network: RTT {net['rtt_ms']:g} ms, {bw}; compute "
+              f"{tr['compute_time_s'] * 1e3:g} ms per step (virtual); {tr['steps']} steps; seeds {tr['seeds']} "
+              f"(static grid: {tr['grid_seeds'] or tr['seeds']}); SGD lr {tr['lr']:g}, momentum {tr['momentum']:g}.",
+              "",
+              f"Target: {t['metric']} {'>=' if higher else '<='} {t['value'] * scale:.2f}{unit} "
+              f"({t['rule']}; D-SGD best per seed: {', '.join(f'{b * scale:.2f}' for b in t['dsgd_best_per_seed'])}). "
+              "Time to target is the virtual time of the first evaluation at or past it, median over seeds "
+              "(never = fewer than half of the seeds reach it).", ""]
+    lines += ["| method | ratio | staleness | time to target (s) | speed-up vs dsgd | final metric | "
+              "final - dsgd | virtual s / step | MB recv / worker |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    meth = res["methods"]
+
+    def row(name: str) -> str:
+        m = meth[name]
+        p = m["params"]
+        label = name if name != "best_static" else f"best_static ({m['member']})"
+        ratio = "-" if p.get("ratio") is None else f"{p['ratio']:g}"
+        if m["kind"] == "deco":
+            ratio, stal = "adaptive", "adaptive"
+        elif m["kind"] == "cocktail":
+            ratio, stal = "chain", str(p.get("staleness"))
+        elif m["kind"] == "powersgd":
+            ratio, stal = f"rank {p['powersgd_rank']}", "0"
+        else:
+            stal = str(p.get("staleness"))
+        f = m["final_metric"] * scale
+        fr = [x * scale for x in m["final_metric_range"]]
+        fin = f"{f:.2f}" + (f" [{fr[0]:.2f}, {fr[1]:.2f}]" if len(m["seeds"]) > 1 else "")
+        dv = m["final_vs_dsgd"]
+        dtxt = "-" if dv is None else f"{dv['mean'] * scale:+.2f}"
+        step_s = statistics.mean(ps["mean_step_s"] for ps in m["per_seed"])
+        mb = statistics.mean(ps["bytes_received_per_worker"] for ps in m["per_seed"]) / 1e6
+        ttt = _fmt(m["time_to_target_s"], 1)
+        sp = "-" if m["speedup_vs_dsgd"] is None else f"{m['speedup_vs_dsgd']:.2f}x"
+        return f"| {label} | {ratio} | {stal} | {ttt} | {sp} | {fin} | {dtxt} | {step_s:.3f} | {mb:.1f} |"
+
+    main = [n for n in ("dsgd", "deco", "best_static", "static_apriori", "cocktail", "dga") if n in meth]
+    main += sorted(n for n in meth if meth[n]["kind"] == "powersgd")
+    lines += [row(n) for n in main]
+    grid = [n for n in meth if meth[n]["kind"] == "static" and n != "best_static"]
+    if grid:
+        lines += ["", f"Static EF top-k grid (seeds {meth[grid[0]]['seeds']}):", "",
+                  "| member | time to target (s) | speed-up vs dsgd | steps to target (per seed) | final metric | "
+                  "virtual s / step |", "|---|---|---|---|---|---|"]
+        for n in grid:
+            m = meth[n]
+            steps = ", ".join(_fmt(ps["steps_to_target"]) for ps in m["per_seed"])
+            sp = "-" if m["speedup_vs_dsgd"] is None else f"{m['speedup_vs_dsgd']:.2f}x"
+            lines.append(f"| {n} | {_fmt(m['time_to_target_s'])} | {sp} | {steps} | "
+                         f"{m['final_metric'] * scale:.2f} | "
+                         f"{statistics.mean(ps['mean_step_s'] for ps in m['per_seed']):.3f} |")
+    if res["targets"]:
+        lines += ["", "## Targets (issue #4), measured in this run", ""]
+        for tg in res["targets"]:
+            if "speedup" in tg:
+                got = "n/a (a method never reached the target)" if tg["speedup"] is None else f"{tg['speedup']:.2f}x"
+                miss = ""
+                if not tg["met"] and tg["speedup"] is not None:
+                    miss = f" - missed by {tg['required_speedup'] - tg['speedup']:.2f}x " \
+                           f"({100 * (1 - tg['speedup'] / tg['required_speedup']):.0f}% short)"
+                lines.append(f"- {tg['what']}: required >= {tg['required_speedup']:g}x, measured {got}: "
+                             f"{'MET' if tg['met'] else 'MISSED'}{miss}")
+            else:
+                lines.append(f"- {tg['what']}: {tg['difference'] * scale:+.2f}{unit} (tolerance "
+                             f"{tg['tolerance'] * scale:g}{unit}): {'MET' if tg['met'] else 'MISSED'}")
+    if "deco" in meth:
+        dec = [d for d in meth["deco"]["decisions"] if d["changed"] or d["reason"].endswith("fallback")]
+        lines += ["", f"## DeCo-SGD decisions (seed {meth['deco']['seeds'][0]}: switches only)", ""]
+        if not dec:
+            lines.append("No switch: DeCo-SGD stayed at its initial point (ratio 1, staleness 0).")
+        else:
+            lines += ["| t (s) | step | ratio | staleness | B est (Mbit/s) | B true (Mbit/s) | L est (ms) | reason |",
+                      "|---|---|---|---|---|---|---|---|"]
+            for d in dec[:40]:
+                be = "-" if d["bandwidth_mbps_est"] is None else f"{d['bandwidth_mbps_est']:.1f}"
+                le = "-" if d["latency_ms_est"] is None else f"{d['latency_ms_est']:.0f}"
+                lines.append(f"| {d['t_s']:.1f} | {d['step']} | {d['ratio']:g} | {d['staleness']} | {be} | "
+                             f"{d['bandwidth_mbps_true']:.1f} | {le} | {d['reason']} |")
+        if "static_apriori" in meth:
+            p = meth["static_apriori"]["params"]
+            lines += ["", f"static_apriori froze DeCo-SGD's first decision: ratio {p['ratio']:g}, "
+                          f"staleness {p['staleness']}."]
+    env = res["env"]
+    lines += ["", "## Environment", "", f"torch {env['torch']}, Python {env['python']}, {env['platform']}. "
+              "Virtual time: real gradients, real DeCo-SGD / PowerSGD code paths on gloo; compute time per step "
+              "is the configured constant and every exchange is charged on the scenario's link with its real "
+              "payload bytes (design §9.3)."]
+    if plots:
+        lines += ["", "![metric vs time](metric_vs_time.png)", "", "![decisions](decisions.png)", "",
+                  "![bandwidth](bandwidth.png)"]
+    else:
+        lines += ["", "matplotlib is not installed: curves are in metric_vs_time.csv, decisions.csv instead of PNGs."]
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(res: dict[str, Any], out: Path, command: str | None = None) -> None:
+    """results.json, report.md and the PNGs (CSVs without matplotlib) in `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(res, indent=1, sort_keys=True) + "\n")
+    try:
+        plots = _plots(res, out)
+    except ImportError:
+        plots = False
+        _csvs(res, out)
+    (out / "report.md").write_text(render_report(res, plots, command))
+
+
+def _csvs(res: dict[str, Any], out: Path) -> None:
+    with open(out / "metric_vs_time.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["method", "t_s", "step", "metric"])
+        for name, m in res["methods"].items():
+            for c in m["curve"]:
+                w.writerow([name, c["t_s"], c["step"], c["metric"]])
+    with open(out / "decisions.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["t_s", "step", "ratio", "staleness", "bandwidth_mbps_est", "bandwidth_mbps_true", "reason"])
+        for d in res["methods"].get("deco", {}).get("decisions", []):
+            w.writerow([d["t_s"], d["step"], d["ratio"], d["staleness"], d["bandwidth_mbps_est"],
+                        d["bandwidth_mbps_true"], d["reason"]])
+
+
+def _plots(res: dict[str, Any], out: Path) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    meth = res["methods"]
+    t = res["target"]
+    scale = 100.0 if t["higher_is_better"] else 1.0
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    for name, m in meth.items():
+        if name == "best_static":
+            continue
+        xs = [c["t_s"] for c in m["curve"]]
+        ys = [c["metric"] * scale for c in m["curve"]]
+        if m["kind"] == "static" and name != meth.get("best_static", {}).get("member"):
+            ax.plot(xs, ys, color="0.8", lw=0.8, zorder=1)
+        else:
+            lab = name + (" (best static)" if name == meth.get("best_static", {}).get("member") else "")
+            ax.plot(xs, ys, lw=2.2 if name == "deco" else 1.4, label=lab, zorder=3 if name == "deco" else 2)
+    ax.axhline(t["value"] * scale, color="k", ls="--", lw=1, label="target")
+    ax.set_xscale("symlog", linthresh=10.0)
+    ax.set_xlabel("virtual wall time (s)")
+    ax.set_ylabel("test accuracy (%)" if t["higher_is_better"] else "bits per byte")
+    ax.set_title(f"{res['scenario']}: metric vs time (seed {meth['dsgd']['seeds'][0]}; grey: static grid)")
+    lo = min(c["metric"] for m in meth.values() for c in m["curve"]) * scale
+    if t["higher_is_better"]:
+        ax.set_ylim(max(lo, t["value"] * scale - 30), None)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "metric_vs_time.png", dpi=110)
+    plt.close(fig)
+
+    dec = meth.get("deco", {}).get("decisions", [])
+    fig, (a1, a2) = plt.subplots(2, 1, figsize=(9, 5.5), sharex=True)
+    if dec:
+        end = meth["deco"]["curve"][-1]["t_s"]
+        xs = [d["t_s"] for d in dec] + [end]
+        a1.step(xs, [d["ratio"] for d in dec] + [dec[-1]["ratio"]], where="post")
+        a2.step(xs, [d["staleness"] for d in dec] + [dec[-1]["staleness"]], where="post", color="C1")
+    a1.set_yscale("log")
+    a1.set_ylabel("ratio δ (log)")
+    a2.set_ylabel("staleness τ")
+    a2.set_xlabel("virtual wall time (s)")
+    a1.set_title(f"{res['scenario']}: DeCo-SGD decisions (evaluated every measure period)")
+    for a in (a1, a2):
+        a.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "decisions.png", dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(9, 4))
+    if dec:
+        ax.step([d["t_s"] for d in dec], [d["bandwidth_mbps_true"] for d in dec], where="post", label="true (link)")
+        est = [(d["t_s"], d["bandwidth_mbps_est"]) for d in dec if d["bandwidth_mbps_est"] is not None]
+        if est:
+            ax.plot([e[0] for e in est], [e[1] for e in est], "o-", ms=3, label="DeCo-SGD estimate (min over ranks)")
+    ax.set_xlabel("virtual wall time (s)")
+    ax.set_ylabel("bandwidth (Mbit/s)")
+    ax.set_title(f"{res['scenario']}: bandwidth seen by DeCo-SGD")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "bandwidth.png", dpi=110)
+    plt.close(fig)
+    return True

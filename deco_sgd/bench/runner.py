@@ -1,0 +1,206 @@
+"""`run_bench`: every method of a scenario on n gloo workers, in virtual time (design §9.3).
+
+1. `build_plan` lists the (method, seed) runs. Each run has a fingerprint: a hash of what
+   its training trajectory depends on (task, workers, training settings, the `deco`
+   section, the method and seed, and the network for the methods whose behaviour depends on
+   it: deco, static_apriori, dga). A run whose record is already in the cache directory is
+   not trained again; static methods so train once and serve every scenario.
+2. The remaining runs go to n spawned processes (1 torch thread each), which join one gloo
+   group and execute them in plan order (`methods.run_method`); rank 0 writes one JSON
+   record per run and drives the progress bar. A rank that fails writes its traceback; the
+   parent then kills the other ranks (by pid) and raises.
+3. Every record is re-timed on this scenario's link with `vclock.replay` from its step log.
+   For runs trained here, the replayed times must equal the ones measured online (a
+   self-check of the accounting); cached runs get this scenario's times.
+4. `report.build_results` applies the target rule and writes results.json, report.md, plots.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import multiprocessing as mp
+import os
+import socket
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+from .config import BenchConfig
+from .methods import RunSpec, build_plan, first_decision
+from .vclock import replay
+
+__all__ = ["run_bench", "fingerprint", "NETWORK_DEPENDENT", "BenchFailed", "retime"]
+
+logger = logging.getLogger(__name__)
+
+#: Methods whose trajectory depends on the network (their runs cannot be shared across scenarios).
+NETWORK_DEPENDENT = ("deco", "static_apriori", "dga")
+#: DecoConfig fields only the adaptive controller reads: static runs do not depend on them,
+#: so calibrating the surrogate does not invalidate cached static runs.
+CONTROLLER_FIELDS = frozenset({
+    "a", "b", "c", "kappa", "eps_rel", "phi", "phi_base", "ratio_grid", "measure_every", "decide_every",
+    "change_threshold", "hysteresis", "min_dwell_steps", "decision_mode", "lut_rebuild_threshold", "ema_comp",
+    "ema_bandwidth", "ema_grad", "bw_min_transfer_frac", "latency_window", "sigma_coords",
+})
+_POLL_S = 0.5
+
+
+class BenchFailed(RuntimeError):
+    """A rank failed or the run timed out; the message carries the rank's traceback."""
+
+
+def fingerprint(cfg: BenchConfig, spec: RunSpec) -> str:
+    """Hash of everything the run's trajectory depends on (see the module docstring)."""
+    t = cfg.train
+    deco = dict(cfg.deco)
+    if spec.kind not in NETWORK_DEPENDENT:
+        deco = {k: v for k, v in deco.items() if k not in CONTROLLER_FIELDS}
+    key: dict[str, Any] = {
+        "v": 1, "task": cfg.task, "workers": cfg.workers, "deco": deco,
+        "train": [t.steps, t.lr, t.momentum, t.eval_every, t.compute_time_s],
+        "spec": [spec.name, spec.kind, spec.seed, spec.deco, spec.rank],
+    }
+    if spec.kind in NETWORK_DEPENDENT:
+        key["network"] = [cfg.network.rtt_ms, cfg.network.bandwidth_mbps, cfg.network.trace]
+        if spec.kind == "static_apriori":
+            key["deco_run"] = fingerprint(cfg, RunSpec("deco", "deco", spec.seed))
+    blob = json.dumps(key, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _record_path(cache: Path, cfg: BenchConfig, spec: RunSpec) -> Path:
+    return cache / f"{spec.key}__{fingerprint(cfg, spec)}.json"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _worker(rank: int, world: int, port: int, cfg: BenchConfig, todo: list[RunSpec], paths: list[str],
+            apriori: dict[int, tuple[float, int]], err_dir: str, progress: bool) -> None:
+    """Entry point of one spawned rank (module level: pickled by reference)."""
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    from .methods import RankContext, run_method
+    from .tasks import make_task
+
+    try:
+        torch.set_num_threads(1)
+        logging.basicConfig(level=logging.WARNING)
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=cfg.train.timeout_s))
+        task = make_task(cfg.task["name"], **cfg.task_kwargs)
+        bar = None
+        if rank == 0 and progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(todo) * cfg.train.steps, unit="step", desc=cfg.scenario, dynamic_ncols=True)
+        ctx = RankContext(rank, world, cfg, task, progress=(bar.update if bar is not None else (lambda k: None)),
+                          apriori=dict(apriori))
+        for spec, path in zip(todo, paths):
+            if bar is not None:
+                bar.set_description(f"{cfg.scenario} {spec.key}")
+            rec = run_method(ctx, spec)
+            if spec.kind == "deco":
+                ctx.apriori[spec.seed] = first_decision(rec["decisions"])
+            if rank == 0:
+                rec["fingerprint"] = fingerprint(cfg, spec)
+                tmp = Path(path).with_suffix(".tmp")
+                tmp.write_text(json.dumps(rec))
+                os.replace(tmp, path)
+        if bar is not None:
+            bar.close()
+        dist.barrier()
+        dist.destroy_process_group()
+    except BaseException:
+        Path(err_dir, f"rank{rank}.txt").write_text(traceback.format_exc())
+        os._exit(1)
+
+
+def _spawn(cfg: BenchConfig, todo: list[RunSpec], paths: list[Path], apriori: dict[int, tuple[float, int]],
+           err_dir: Path, progress: bool) -> None:
+    err_dir.mkdir(parents=True, exist_ok=True)
+    for f in err_dir.glob("rank*.txt"):
+        f.unlink()
+    ctx = mp.get_context("spawn")
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(r, cfg.workers, port, cfg, todo, [str(p) for p in paths], apriori,
+                                               str(err_dir), progress), daemon=False)
+             for r in range(cfg.workers)]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + cfg.train.timeout_s
+    try:
+        while True:
+            codes = [p.exitcode for p in procs]
+            if all(c == 0 for c in codes):
+                return
+            bad = [r for r, c in enumerate(codes) if c not in (None, 0)]
+            if bad or time.monotonic() > deadline:
+                errs = sorted(err_dir.glob("rank*.txt"))
+                detail = "\n".join(f"--- {f.stem}\n{f.read_text()}" for f in errs[:2])
+                why = f"rank(s) {bad} exited with {[codes[r] for r in bad]}" if bad else \
+                    f"timeout after train.timeout_s={cfg.train.timeout_s:g} s"
+                raise BenchFailed(f"{why}\n{detail}")
+            time.sleep(_POLL_S)
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()  # only our own children, by handle
+        for p in procs:
+            p.join(timeout=10)
+
+
+def retime(rec: dict[str, Any], cfg: BenchConfig) -> dict[str, Any]:
+    """`rec` with its curve times recomputed on `cfg`'s link from its step log."""
+    starts = replay(rec["steps_log"], cfg.network.link(), cfg.workers, cfg.train.compute_time_s)
+    out = dict(rec)
+    out["curve"] = [{**c, "t_s": 0.0 if c["step"] == 0 else starts[c["step"] - 1]} for c in rec["curve"]]
+    out["virtual_time_s"] = starts[-1] if starts else 0.0
+    return out
+
+
+def run_bench(cfg: BenchConfig, out_dir: str | Path, *, cache_dir: str | Path | None = None, progress: bool = True,
+              echo: Callable[[str], None] = lambda s: None, command: str | None = None) -> dict[str, Any]:
+    """Run (or reuse) every run of `cfg` and write DIR/results.json, report.md and plots."""
+    from . import report
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cache = Path(cache_dir) if cache_dir is not None else out / "runs"
+    cache.mkdir(parents=True, exist_ok=True)
+    plan = build_plan(cfg)
+    paths = [_record_path(cache, cfg, s) for s in plan]
+    todo = [(s, p) for s, p in zip(plan, paths) if not p.exists()]
+    apriori: dict[int, tuple[float, int]] = {}
+    for s, p in zip(plan, paths):
+        if s.kind == "deco" and p.exists():
+            apriori[s.seed] = first_decision(json.loads(p.read_text())["decisions"])
+    echo(f"{cfg.scenario}: {len(plan)} runs, {len(plan) - len(todo)} reused from {cache}, {len(todo)} to train "
+         f"on {cfg.workers} workers")
+    t0 = time.perf_counter()
+    if todo:
+        _spawn(cfg, [s for s, _ in todo], [p for _, p in todo], apriori, out / "errors", progress)
+    wall = time.perf_counter() - t0
+    trained = {str(p) for _, p in todo}
+    records = []
+    for s, p in zip(plan, paths):
+        rec = json.loads(p.read_text())
+        timed = retime(rec, cfg)
+        if str(p) in trained:
+            for a, b in zip(rec["curve"], timed["curve"]):
+                if not math.isclose(a["t_s"], b["t_s"], rel_tol=1e-9, abs_tol=1e-9):
+                    raise BenchFailed(f"{s.key}: replayed time {b['t_s']} != online {a['t_s']} at step {a['step']}")
+        timed["reused"] = str(p) not in trained
+        records.append(timed)
+    results = report.build_results(cfg, records, wall_s=wall)
+    report.write_outputs(results, out, command)
+    return results
