@@ -84,15 +84,18 @@ def ablation_plot(ablation: dict[str, Any], path: Path) -> Path:
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
     for variant, entry in ablation["variants"].items():
-        steps = [r["step"] for r in entry["steps"]]
-        axes[0].plot(steps, [r["comp_err"] for r in entry["steps"]], marker=".", label=variant)
-        axes[1].plot(steps, [r["deviation"] for r in entry["steps"]], marker=".", label=variant)
+        for ax, field in zip(axes, ("comp_err", "deviation")):
+            # Raw warm-up steps have zero error: left out, since the axis is logarithmic.
+            pts = [(r["step"], r[field]) for r in entry["steps"] if r[field] > 0]
+            if pts:
+                xs, ys = zip(*pts)
+                ax.plot(xs, ys, marker=".", label=variant)
     for ax, name in zip(axes, ("compression error ‖r − D(C(r))‖", "receiver deviation ‖x − x̂‖")):
         ax.set_xlabel("denoising step")
         ax.set_ylabel(name + " (mean over layers)", fontsize=8)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
-        if any(r["comp_err"] > 0 for e in ablation["variants"].values() for r in e["steps"]):
+        if ax.lines:
             ax.set_yscale("log")
     fig.suptitle(f"error ablation, codec {ablation['codec']}, P={ablation['ranks']}", fontsize=9)
     fig.tight_layout()
