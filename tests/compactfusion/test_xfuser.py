@@ -73,7 +73,7 @@ def _generate(pipe: Any) -> torch.Tensor | None:
     return None if out is None else out.images
 
 
-def _xfuser_pipeline(world: int) -> Any:
+def _xfuser_pipeline(world: int, ulysses: int = 1) -> Any:
     import torch.distributed as dist
     from xfuser import xFuserArgs, xFuserPixArtAlphaPipeline
     from xfuser.core.distributed import init_distributed_environment
@@ -81,7 +81,7 @@ def _xfuser_pipeline(world: int) -> Any:
     cpu_env_patch()
     # The harness already joined the gloo group; this only builds xfuser's world group (once).
     init_distributed_environment(rank=dist.get_rank(), world_size=world, backend="gloo")
-    engine_config, _ = xFuserArgs(model="in-memory", ring_degree=world, ulysses_degree=1).create_config()
+    engine_config, _ = xFuserArgs(model="in-memory", ring_degree=world // ulysses, ulysses_degree=ulysses).create_config()
     return xFuserPixArtAlphaPipeline(_tiny_pipeline(), engine_config)
 
 
@@ -92,9 +92,9 @@ def _reference() -> torch.Tensor:
     return out
 
 
-def _run_codec(rank: int, world: int, codec: str, check_every: int) -> dict[str, Any]:
+def _run_codec(rank: int, world: int, codec: str, check_every: int, ulysses: int = 1) -> dict[str, Any]:
     ref = _reference()
-    xpipe = _xfuser_pipeline(world)
+    xpipe = _xfuser_pipeline(world, ulysses)
     handle = patch(xpipe, CompactConfig(codec=codec, check_every=check_every))
     try:
         out = _generate(xpipe)
@@ -241,10 +241,13 @@ def _run_long_ctx(rank: int, world: int) -> dict[str, Any]:
 
 
 # -- tests ---------------------------------------------------------------------------------------
-def _ring_bytes(codec: str) -> int:
-    """Analytic kv_ring bytes per rank for one request: STEPS x LAYERS x (K, V) x (P-1) hops."""
-    n = 2 * (SAMPLE // 2) ** 2 // 2  # batched CFG (2) x 8 local tokens
-    c = HEADS * HEAD_DIM
+def _ring_bytes(codec: str, ulysses: int = 1) -> int:
+    """Analytic kv_ring bytes per rank for one request: STEPS x LAYERS x (K, V) x (P-1) hops.
+
+    Ring of 2: after Ulysses' all-to-all a rank holds half the tokens and 1/ulysses of the heads.
+    """
+    n = 2 * (SAMPLE // 2) ** 2 // 2  # batched CFG (2) x 8 tokens per ring rank
+    c = HEADS * HEAD_DIM // ulysses
     raw = n * c * 4  # fp32
     if codec == "none":
         return STEPS * LAYERS * 2 * raw
@@ -345,3 +348,20 @@ def test_long_ctx_seam_with_joint_tokens_matches_full_attention(pool: DistPool) 
         assert r["restored"], r
         assert r["diff"] <= 1e-5, r
         assert r["bytes"] == 2 * 2 * 6 * HEADS * HEAD_DIM * 4  # K and V, one hop, fp32
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_hybrid_usp_ulysses2_ring2_on_4_ranks() -> None:
+    """Ulysses 2 x ring 2: only the ring part is ours; `none` still matches, int2 stays mirrored."""
+    with DistPool(4, group_timeout_s=60.0) as pool4:
+        for codec, check_every in (("none", 0), ("int2", 1)):
+            res = pool4.run(_run_codec, codec, check_every, 2, timeout=300.0)
+            for r in res:
+                assert (r["seam"], r["step"], r["layers"]) == ("usp", STEPS, LAYERS)
+                assert r["bytes"] == _ring_bytes(codec, ulysses=2)
+            assert [r["diff"] is None for r in res] == [True, True, True, False]
+            if codec == "none":
+                assert res[3]["diff"] <= 1e-4, res
+            else:  # measured 0.021
+                assert 0.0 < res[3]["diff"] < 0.1, res
