@@ -37,9 +37,10 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from ._procs import run_ranks
-from ._rtclock import StepPlan, UnitPlan, virtual_step_ends
+from .vclock import LinkTimeline, StepClock
 
-__all__ = ["REL_TOL", "RealRunSpec", "RealResult", "run_real", "run_rank", "predict_virtual", "validate", "main"]
+__all__ = ["REL_TOL", "RealRunSpec", "RealResult", "StepPlan", "UnitPlan", "run_real", "run_rank", "step_plans",
+           "virtual_step_ends", "predict_virtual", "validate", "specs_from_config", "main"]
 
 logger = logging.getLogger(__name__)
 
@@ -218,6 +219,44 @@ def run_real(spec: RealRunSpec) -> RealResult:
 
 
 # ---------------------------------------------------------------------------- the clock check
+@dataclass(frozen=True)
+class UnitPlan:
+    """One recorded exchange: `allreduce` (nbytes = buffer) or `allgather` (nbytes = own block)."""
+
+    collective: str
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """One recorded step: its compute time, its exchanges and the steps whose aggregates it applied."""
+
+    step: int
+    compute_s: float
+    units: tuple[UnitPlan, ...]
+    applied: tuple[int, ...]
+
+
+def virtual_step_ends(plans: Sequence[StepPlan], link: Any, n: int, start_s: float = 0.0) -> list[float]:
+    """Virtual elapsed time (from `start_s`, the trace time of the first step) at each step's end.
+
+    The benchmark's own clock (`vclock.LinkTimeline` charges the exchanges, `vclock.StepClock`
+    applies the step-start rule), with each step's compute time taken from its plan.
+    """
+    timeline = LinkTimeline(link, n)
+    clock = StepClock(max(p.compute_s for p in plans) if plans else 1.0, start_s=start_s)
+    done: dict[int, float] = {}
+    ends = []
+    for p in plans:
+        clock.t_comp = p.compute_s  # a real step slower than compute_time_s is replayed as measured
+        launch = clock.launch_s
+        for u in p.units:  # one unit per bucket/chunk, all launched at the end of compute
+            d = timeline.exchange(launch, u.nbytes, u.collective)
+            done[p.step] = max(done.get(p.step, d), d)
+        ends.append(clock.end_step([done[a] for a in p.applied]) - start_s)
+    return ends
+
+
 def step_plans(result: RealResult) -> list[StepPlan]:
     """The recorded schedule, as the virtual clock consumes it (identical on every rank,
     except compute time, where the slowest rank counts)."""

