@@ -8,16 +8,39 @@ Rank functions (module level, so `DistPool` can pickle them) take `(rank, world,
 """
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 from typing import Any
 
 import torch
 
+
+def _import_real_package() -> None:
+    """Import the `compactfusion` package, not this test directory.
+
+    pytest puts `tests/` on sys.path (tests/conftest.py); in a spawned rank process,
+    `import compactfusion` would then resolve to the namespace package `tests/compactfusion`
+    before the editable-install finder is asked. Import the real one first, once.
+    """
+    mod = sys.modules.get("compactfusion")
+    if mod is not None and getattr(mod, "__file__", None):
+        return
+    sys.modules.pop("compactfusion", None)
+    tests_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    saved = list(sys.path)
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.getcwd()) != tests_dir]
+    try:
+        importlib.import_module("compactfusion")
+    finally:
+        sys.path[:] = saved
+
+
+_import_real_package()
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "ccomm"))
 from _dist import DistPool, RankError, run_distributed  # noqa: E402,F401
 
-__all__ = ["tiny_model", "model_inputs", "randomize_", "DistPool", "RankError", "run_distributed", "denoise"]
+__all__ = ["tiny_model", "model_inputs", "randomize_", "forward", "denoise", "DistPool", "RankError", "run_distributed"]
 
 KINDS = ("dit", "pixart", "flux")
 
@@ -52,7 +75,9 @@ def tiny_model(kind: str = "dit", dtype: torch.dtype = torch.float32, seed: int 
     else:
         raise ValueError(kind)
     randomize_(m, seed)
-    return m.to(dtype).eval().requires_grad_(False)
+    if dtype != torch.float32:
+        m = m.to(dtype)
+    return m.eval().requires_grad_(False)
 
 
 def model_inputs(kind: str, batch: int = 2, seed: int = 1, t: float = 500.0, dtype: torch.dtype = torch.float32,

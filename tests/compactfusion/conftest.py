@@ -1,0 +1,27 @@
+"""Fixtures of the CompactFusion tests: `cf_pool(n)`, a live n-rank gloo pool per module."""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable, Iterator
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _harness import DistPool  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def cf_pool() -> Iterator[Callable[[int], DistPool]]:
+    """`cf_pool(n)`: an n-rank pool shared by the module, restarted after a failure."""
+    pools: dict[int, DistPool] = {}
+
+    def get(n: int) -> DistPool:
+        p = pools.get(n)
+        if p is None or p.broken:
+            p = pools[n] = DistPool(n, group_timeout_s=60.0)
+        return p
+
+    yield get
+    for p in pools.values():
+        p.close()
