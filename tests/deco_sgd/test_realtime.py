@@ -60,11 +60,15 @@ def test_spec_validation_names_the_field() -> None:
 def test_specs_from_config() -> None:
     cfg = {"steps": 12, "n": 2, "methods": {"dsgd": {"ratio": 1.0},
                                             "deco": {"codec": "topk", "decisions": [[3, 0.01, 1]]}}}
-    a, b = specs_from_config(cfg)
+    (a, _), (b, _) = specs_from_config(cfg)
     assert (a.name, a.steps, a.n, a.deco) == ("dsgd", 12, 2, {"ratio": 1.0})
     assert b.decisions == ((3, 0.01, 1),) and not b.adaptive
     with pytest.raises(ValueError, match="unknown key"):
         specs_from_config({"stepz": 3, "methods": {"a": {}}})
+    (_, none), (rep, src) = specs_from_config({"methods": {"ad": {"adaptive": True}, "re": {"replay": "ad"}}})
+    assert none is None and src == "ad" and not rep.adaptive
+    with pytest.raises(ValueError, match="replay"):
+        specs_from_config({"methods": {"re": {"replay": "ad"}, "ad": {"adaptive": True}}})
 
 
 def test_checkpoints_end_at_the_last_step() -> None:
@@ -94,7 +98,7 @@ def _fake_result(real_ends: list[float]) -> RealResult:
                        latency_ms=50.0, checkpoint_every=1)
     ranks = []
     for r in range(2):
-        steps = [{"step": s, "end": e, "compute_s": 0.001, "units": [{"collective": "allreduce", "nbytes": 1_000_000}],
+        steps = [{"step": s, "end": e, "compute_s": 0.001, "host_s": 0.0, "units": [{"collective": "allreduce", "nbytes": 1_000_000}],
                   "applied": [s]} for s, e in enumerate(real_ends)]
         ranks.append({"rank": r, "t0_emu": 0.0, "steps": steps, "emulate": {"late_ops": 0},
                       "final_metric": 0.5 if r == 0 else None})
@@ -107,6 +111,16 @@ def test_validate_flags_a_breach() -> None:
     assert not ok["breach"]
     bad = validate(_fake_result([1.25, 3.0]))
     assert bad["breach"] and math.isclose(bad["max_rel_err"], 0.6 / 3.0)
+
+
+def test_host_work_counts_as_compute() -> None:
+    res = _fake_result([1.25, 2.45])
+    for r in res.ranks:
+        r["steps"][0]["host_s"] = 0.05
+    val = validate(res)
+    # Step 0 computes 0.1 + 0.05 s before launching: every later time moves by 0.05 s.
+    assert [x["virtual_s"] for x in val["checkpoints"]] == pytest.approx([1.25, 2.45])
+    assert [x["virtual_fixed_s"] for x in val["checkpoints"]] == pytest.approx([1.2, 2.4])
 
 
 # ---------------------------------------------------------------------------- real runs
@@ -128,9 +142,9 @@ def _run(pool: DistPool, spec: RealRunSpec) -> dict:
     ranks = pool.run(run_rank, spec, timeout=spec.timeout_s)
     result = RealResult(spec, ranks)
     val = validate(result)
-    print(f"\n{spec.name} n={spec.n}: (step, real s, virtual s, rel err)",
-          [(x["step"], round(x["real_s"], 3), round(x["virtual_s"], 3), round(x["rel_err"], 4))
-           for x in val["checkpoints"]], "late ops", val["emulate_late_ops"])
+    print(f"\n{spec.name} n={spec.n}: (step, real s, virtual s, rel err, fixed-compute rel err)",
+          [(x["step"], round(x["real_s"], 3), round(x["virtual_s"], 3), round(x["rel_err"], 4),
+            round(x["rel_err_fixed"], 4)) for x in val["checkpoints"]], "late ops", val["emulate_late_ops"])
     return val
 
 
