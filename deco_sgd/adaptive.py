@@ -95,9 +95,15 @@ class AdaptiveDriver:
                 if u.done_t is None:
                     continue
                 pat = "allreduce" if u.collective == "allreduce" else "allgather"
+                lat = self.lat.value(pat)
+                if lat is None:
+                    # Without L̂ the whole duration would count as transfer: a biased-low
+                    # sample that later (latency-corrected) samples often cannot replace,
+                    # because the transfer filter then rejects them.
+                    continue
                 # Bytes each worker receives (§3.2): ring all-reduce 2(n−1)/n·V, all-gather (n−1)·V.
                 recv = u.nbytes * (2 * (n - 1) / n if pat == "allreduce" else n - 1)
-                self.bw.update(recv, u.launch_t, u.done_t, self.lat.value(pat))
+                self.bw.update(recv, u.launch_t, u.done_t, lat)
             self._g2_local = sum(u.sq_norm for u in e.units)
             if all(u.codec_spec == "dense" for u in e.units) and all(u.result for u in e.units):
                 self._gbar2 = sum(float(t.double().pow(2).sum()) for u in e.units for t in u.result.values())  # type: ignore[union-attr]
