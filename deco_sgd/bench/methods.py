@@ -190,8 +190,11 @@ class VirtualAdaptiveDriver(AdaptiveDriver):
                 if vt is None:
                     continue
                 pat = "allreduce" if u.collective == "allreduce" else "allgather"
+                lat = self.lat.value(pat)
+                if lat is None:
+                    continue  # as in AdaptiveDriver: no bandwidth sample before L̂ is known
                 recv = u.nbytes * (2 * (n - 1) / n if pat == "allreduce" else n - 1)
-                self.bw.update(recv, vt[0], vt[1], self.lat.value(pat))
+                self.bw.update(recv, vt[0], vt[1], lat)
             self._g2_local = sum(u.sq_norm for u in e.units)
             if all(u.codec_spec == "dense" for u in e.units) and all(u.result for u in e.units):
                 self._gbar2 = sum(float(t.double().pow(2).sum()) for u in e.units for t in u.result.values())  # type: ignore[union-attr]

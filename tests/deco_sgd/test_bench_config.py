@@ -1,0 +1,98 @@
+"""Scenario config validation, --quick, the method plan and run fingerprints (no processes)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from deco_sgd.bench.config import QUICK_GRID, config_from_dict, load_config
+from deco_sgd.bench.methods import build_plan, first_decision
+from deco_sgd.bench.runner import fingerprint
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "deco_sgd"
+BASE = {"scenario": "s", "network": {"rtt_ms": 100, "bandwidth_mbps": 50}}
+
+
+def _cfg(**over: object) -> dict:
+    d = {k: (dict(v) if isinstance(v, dict) else v) for k, v in BASE.items()}
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(d.get(k), dict):
+            d[k] = {**d[k], **v}
+        else:
+            d[k] = v
+    return d
+
+
+@pytest.mark.parametrize("over, field", [
+    ({"train": {"steps": 0}}, "train.steps"),
+    ({"train": {"lr": -1}}, "train.lr"),
+    ({"train": {"compute_time_s": 0}}, "train.compute_time_s"),
+    ({"train": {"seeds": [0, 0]}}, "train.seeds"),
+    ({"train": {"seeds": [0], "grid_seeds": [1]}}, "train.grid_seeds"),
+    ({"train": {"stepz": 3}}, "train: unknown field"),
+    ({"network": {"rtt_ms": -5}}, "network.rtt_ms"),
+    ({"network": {"bandwidth_mbps": 0}}, "network.bandwidth_mbps"),
+    ({"network": {"bandwidth_mbps": None, "trace": {"kind": "zigzag"}}}, "network.trace.kind"),
+    ({"network": {"bandwidth_mbps": None, "trace": {"kind": "random_walk", "low_mbps": -1}}}, "network.trace"),
+    ({"workers": 0}, "workers"),
+    ({"task": {"name": "cifar"}}, "task.name"),
+    ({"task": {"name": "mnist", "batch_size": 0}}, "batch_size"),
+    ({"methods": {"grid_ratios": [0.0]}}, "methods.grid_ratios"),
+    ({"methods": {"grid_taus": [-1]}}, "methods.grid_taus"),
+    ({"methods": {"grid_pairs": [[0.1, 1], [0.1, 1]]}}, "methods.grid_pairs"),
+    ({"methods": {"skip": ["dsgd"]}}, "methods.skip"),
+    ({"methods": {"skip": ["deco"]}}, "methods.skip"),
+    ({"methods": {"cocktail_codec": "nonsense"}}, "methods.cocktail_codec"),
+    ({"deco": {"warmup_steps": -1}}, "deco.warmup_steps"),
+    ({"deco": {"ratio": 0.1}}, "deco.ratio"),
+    ({"target": {"factor": 1.5}}, "target.factor"),
+    ({"extra": 1}, "config: unknown section"),
+])
+def test_validation_names_the_field(over: dict, field: str) -> None:
+    with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+        config_from_dict(_cfg(**over))
+
+
+def test_examples_load_and_quick_reduces() -> None:
+    for name in ("high_latency", "varying_bandwidth"):
+        cfg = load_config(EXAMPLES / f"{name}.yaml")
+        assert cfg.scenario == name and cfg.workers == 8 and cfg.task["name"] == "mnist"
+        assert len(cfg.methods.grid) >= 12
+        q = load_config(EXAMPLES / f"{name}.yaml", quick=True)
+        assert (q.workers, q.train.seeds, q.train.steps, q.methods.grid, q.methods.powersgd_ranks, q.quick) == \
+            (4, (0,), 300, QUICK_GRID, (1,), True)
+        assert q.network == cfg.network  # --quick never changes the scenario's network
+    vb = load_config(EXAMPLES / "varying_bandwidth.yaml").network.link()
+    rates = vb.rate_trace.mbps
+    assert min(rates) >= 5 and max(rates) <= 50 and vb.rate_trace.times_s[1] == 5.0
+    assert load_config(EXAMPLES / "high_latency.yaml").network.link().rtt_s == pytest.approx(0.150)
+
+
+def test_plan_and_fingerprints() -> None:
+    cfg = load_config(EXAMPLES / "high_latency.yaml")
+    plan = build_plan(cfg)
+    names = [s.name for s in plan]
+    assert names[0] == "dsgd" and names.index("deco") < names.index("static_apriori")
+    assert {"cocktail", "dga", "powersgd_r1", "powersgd_r4", "static_d0.001_t8"} <= set(names)
+    assert sum(s.kind == "static" for s in plan) == 15 * len(cfg.train.static_seeds)
+    other = load_config(EXAMPLES / "varying_bandwidth.yaml")
+    by = {s.key: s for s in plan}
+    # Static runs do not depend on the network (shared across scenarios); deco and dga do.
+    assert fingerprint(cfg, by["dsgd__s0"]) == fingerprint(other, by["dsgd__s0"])
+    assert fingerprint(cfg, by["static_d0.01_t2__s0"]) == fingerprint(other, by["static_d0.01_t2__s0"])
+    assert fingerprint(cfg, by["deco__s0"]) != fingerprint(other, by["deco__s0"])
+    assert fingerprint(cfg, by["dga__s0"]) != fingerprint(other, by["dga__s0"])
+    # Calibrating the surrogate invalidates deco runs only.
+    import dataclasses
+
+    cal = dataclasses.replace(cfg, deco={**cfg.deco, "b": 0.5, "kappa": 0.1})
+    assert fingerprint(cal, by["static_d0.01_t2__s0"]) == fingerprint(cfg, by["static_d0.01_t2__s0"])
+    assert fingerprint(cal, by["deco__s0"]) != fingerprint(cfg, by["deco__s0"])
+
+
+def test_first_decision_skips_holds() -> None:
+    log = [{"reason": "initial:unknown_latency", "ratio": 1.0, "staleness": 0},
+           {"reason": "initial:switch", "ratio": 0.01, "staleness": 4},
+           {"reason": "period:switch", "ratio": 0.1, "staleness": 1}]
+    assert first_decision(log) == (0.01, 4)
+    assert first_decision(log[:1]) == (1.0, 0)

@@ -1,0 +1,75 @@
+"""End-to-end `deco-sgd bench` on a tiny scenario: schema, progress, determinism, and the real --quick."""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import pytest
+
+from deco_sgd.bench.config import config_from_dict, load_config
+from deco_sgd.bench.runner import run_bench
+
+pytestmark = pytest.mark.multiprocess
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "deco_sgd"
+
+TINY = {
+    "scenario": "high_latency",
+    "workers": 2,
+    "task": {"name": "mnist", "hidden": [32]},
+    "network": {"rtt_ms": 150, "bandwidth_mbps": 20},
+    "train": {"steps": 16, "eval_every": 4, "lr": 0.1, "seeds": [0], "compute_time_s": 0.05, "timeout_s": 300},
+    "methods": {"grid_pairs": [[0.1, 1]], "powersgd_ranks": [1], "skip": ["cocktail", "dga", "static_apriori"]},
+    "deco": {"warmup_steps": 2, "measure_every": 2, "decide_every": 4, "min_dwell_steps": 2},
+}
+
+
+def _strip(res: dict) -> dict:
+    return {k: v for k, v in res.items() if k not in ("timing", "generated_at")}
+
+
+def test_tiny_bench_schema_progress_and_determinism(tmp_path: Path) -> None:
+    cfg = config_from_dict(TINY)
+    a = run_bench(cfg, tmp_path / "a", progress=False)
+    assert a["schema"] == 1 and a["mode"] == "virtual" and a["task"] == "mnist"
+    assert set(a["target"]) >= {"metric", "value", "rule"}
+    assert {"dsgd", "deco", "static_d0.1_t1", "best_static", "powersgd_r1"} <= set(a["methods"])
+    for name, m in a["methods"].items():
+        assert set(m) >= {"time_to_target_s", "final_metric", "speedup_vs_dsgd", "per_seed", "params", "curve",
+                          "decisions"}, name
+        curve = m["curve"]
+        assert [c["step"] for c in curve] == [0, 4, 8, 12, 16]
+        assert all(b["t_s"] > a_["t_s"] for a_, b in zip(curve, curve[1:])), name  # virtual time moves
+        assert m["final_metric"] > curve[0]["metric"] + 0.05, f"{name} made no progress"
+    assert a["methods"]["dsgd"]["time_to_target_s"] is not None  # D-SGD reaches its own target
+    assert a["methods"]["deco"]["decisions"], "the adaptive run logged no decision"
+    assert set(a["methods"]["deco"]["decisions"][0]) >= {"t_s", "step", "ratio", "staleness", "bandwidth_mbps_est",
+                                                         "latency_ms_est", "bandwidth_mbps_true", "reason"}
+    for f in ("results.json", "report.md", "metric_vs_time.png", "decisions.png", "bandwidth.png"):
+        assert (tmp_path / "a" / f).stat().st_size > 0, f
+    assert "| dsgd |" in (tmp_path / "a" / "report.md").read_text()
+    # A second, independent run (no shared cache) gives identical results apart from timing.
+    b = run_bench(cfg, tmp_path / "b", progress=False)
+    assert json.dumps(_strip(a), sort_keys=True) == json.dumps(_strip(b), sort_keys=True)
+    # Reusing the cache re-times the stored runs and gives the same results again.
+    c = run_bench(cfg, tmp_path / "c", cache_dir=tmp_path / "a" / "runs", progress=False)
+    assert all(r["reused"] for r in c["timing"]["runs"].values())
+    assert json.dumps(_strip(a), sort_keys=True) == json.dumps(_strip(c), sort_keys=True)
+
+
+@pytest.mark.slow
+def test_real_quick_run(tmp_path: Path) -> None:
+    """The `make demo` command: --quick on varying_bandwidth; the spec asks for < 5 minutes."""
+    cfg = load_config(EXAMPLES / "varying_bandwidth.yaml", quick=True)
+    t0 = time.monotonic()
+    res = run_bench(cfg, tmp_path, progress=False)
+    elapsed = time.monotonic() - t0
+    assert res["quick"] and res["config"]["workers"] == 4
+    expected = {"dsgd", "deco", "static_apriori", "cocktail", "dga", "powersgd_r1", "best_static",
+                "static_d0.01_t0", "static_d0.01_t2", "static_d0.001_t4"}
+    assert expected <= set(res["methods"])
+    for name, m in res["methods"].items():
+        assert math.isfinite(m["final_metric"]) and m["final_metric"] > m["curve"][0]["metric"], name
+    print(f"quick run took {elapsed:.0f} s")
