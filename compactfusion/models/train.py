@@ -233,7 +233,8 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, progress: bool = True,
         "gate": gate,
         "command": "python -m compactfusion.models.train " + " ".join(sys.argv[1:]),
         "env": {"torch": torch.__version__, "diffusers": diffusers.__version__, "python": platform.python_version(),
-                "threads": cfg.threads, "cpu_count": os.cpu_count()},
+                "threads": cfg.threads, "cpu_count": os.cpu_count(),
+                "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY")},
     }
     if extra_meta:
         meta.update(extra_meta)
