@@ -20,27 +20,25 @@ compute = max(compute_time_s, measured)) through the virtual clock, and `validat
 gives the relative error of virtual against real elapsed time at every checkpoint step;
 `REL_TOL` is the spec's 15 % bound.
 
-CLI: ``python -m deco_sgd.bench.realtime --config CFG.yaml --out DIR`` runs every method of
-the config in real time and writes ``DIR/realtime.json`` (see `main`).
+CLI (`realtime_cli`): ``python -m deco_sgd.bench.realtime --config CFG.yaml --out DIR`` runs
+every method of a config in real time, or ``--bench SCENARIO.yaml [--results results.json]``
+the clock-validation methods of a `deco-sgd bench` scenario, and writes ``DIR/realtime.json``.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import logging
 import math
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from ._procs import run_ranks
 from .vclock import LinkTimeline, StepClock
 
 __all__ = ["REL_TOL", "RealRunSpec", "RealResult", "StepPlan", "UnitPlan", "run_real", "run_rank", "step_plans",
-           "virtual_step_ends", "predict_virtual", "validate", "specs_from_config", "main"]
+           "virtual_step_ends", "predict_virtual", "checkpoints", "validate"]
 
 logger = logging.getLogger(__name__)
 
@@ -342,76 +340,7 @@ def validate(result: RealResult, rel_tol: float = REL_TOL) -> dict[str, Any]:
             / sum(len(r["steps"]) for r in result.ranks)}
 
 
-# ---------------------------------------------------------------------------- CLI
-def specs_from_config(cfg: Mapping[str, Any]) -> list[tuple[RealRunSpec, str | None]]:
-    """One (spec, replayed method) pair per entry of `methods`; other top-level keys are shared.
-
-    A method entry holds DecoConfig fields plus, optionally, `adaptive: true`, a literal
-    `decisions: [[step, ratio, staleness], ...]`, or `replay: NAME`, which replays the
-    decision log that the adaptive method NAME (listed earlier) produced in this run.
-    """
-    if not isinstance(cfg, Mapping) or not isinstance(cfg.get("methods"), Mapping) or not cfg["methods"]:
-        raise ValueError("config: needs a non-empty `methods` mapping (name -> DecoConfig fields)")
-    shared = {k: v for k, v in cfg.items() if k != "methods"}
-    known = {f.name for f in dataclasses.fields(RealRunSpec)} - {"name", "deco", "adaptive", "decisions"}
-    unknown = sorted(set(shared) - known)
-    if unknown:
-        raise ValueError(f"config: unknown key(s) {unknown}; allowed: {sorted(known) + ['methods']}")
-    out: list[tuple[RealRunSpec, str | None]] = []
-    for name, m in cfg["methods"].items():
-        m = dict(m or {})
-        adaptive = bool(m.pop("adaptive", False))
-        decisions = tuple(tuple(d) for d in m.pop("decisions", ()))
-        replay = m.pop("replay", None)
-        if replay is not None:
-            earlier = {s.name: s for s, _ in out}
-            if replay not in earlier or not earlier[replay].adaptive:
-                raise ValueError(f"methods.{name}.replay: must name an adaptive method listed before it, got {replay!r}")
-            if decisions:
-                raise ValueError(f"methods.{name}: give `decisions` or `replay`, not both")
-        out.append((RealRunSpec(name=str(name), deco=m, adaptive=adaptive, decisions=decisions, **shared), replay))
-    return out
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run every method of a YAML config in real time; write DIR/realtime.json; print a table."""
-    ap = argparse.ArgumentParser(prog="python -m deco_sgd.bench.realtime", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", required=True, help="YAML: shared RealRunSpec fields plus `methods:`")
-    ap.add_argument("--out", required=True, help="output directory")
-    ap.add_argument("--only", action="append", default=[], help="run only these methods (repeatable)")
-    args = ap.parse_args(argv)
-    import yaml
-
-    with open(args.config) as f:
-        specs = specs_from_config(yaml.safe_load(f))
-    if args.only:
-        keep = set(args.only) | {r for s, r in specs if s.name in args.only and r is not None}
-        specs = [(s, r) for s, r in specs if s.name in keep]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    report: dict[str, Any] = {"schema": 1, "mode": "real", "rel_tol": REL_TOL, "methods": {}}
-    logs: dict[str, list[dict[str, Any]]] = {}
-    for spec, replay in specs:
-        if replay is not None:
-            spec = dataclasses.replace(spec, decisions=tuple(
-                (d["step"], d["ratio"], d["staleness"]) for d in logs[replay]))
-        print(f"[realtime] {spec.name}: {spec.n} ranks, {spec.steps} steps ...", flush=True)
-        res = run_real(spec)
-        val = validate(res)
-        logs[spec.name] = res.ranks[0]["decisions"]
-        report["methods"][spec.name] = {"spec": spec.to_dict(), "validation": val,
-                                        "decisions": res.ranks[0]["decisions"], "losses": res.ranks[0]["losses"]}
-        for row in val["checkpoints"]:
-            print(f"  step {row['step']:4d}  real {row['real_s']:7.3f} s  virtual {row['virtual_s']:7.3f} s  "
-                  f"err {100 * row['rel_err']:5.1f} %   (fixed compute: {row['virtual_fixed_s']:7.3f} s, "
-                  f"err {100 * row['rel_err_fixed']:5.1f} %)", flush=True)
-        (out / "realtime.json").write_text(json.dumps(report, indent=1))
-    worst = max((m["validation"]["max_rel_err"] for m in report["methods"].values()), default=0.0)
-    print(f"[realtime] worst checkpoint error {100 * worst:.1f} % (tolerance {100 * REL_TOL:.0f} %); "
-          f"wrote {out / 'realtime.json'}")
-    return 1 if worst > REL_TOL else 0
-
-
 if __name__ == "__main__":
+    from .realtime_cli import main
+
     sys.exit(main())

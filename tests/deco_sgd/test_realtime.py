@@ -19,10 +19,10 @@ from deco_sgd.bench.realtime import (
     UnitPlan,
     checkpoints,
     run_rank,
-    specs_from_config,
     validate,
     virtual_step_ends,
 )
+from deco_sgd.bench.realtime_cli import replayed_decisions, specs_from_bench, specs_from_config
 from netsim import Link
 
 try:
@@ -69,6 +69,29 @@ def test_specs_from_config() -> None:
     assert none is None and src == "ad" and not rep.adaptive
     with pytest.raises(ValueError, match="replay"):
         specs_from_config({"methods": {"re": {"replay": "ad"}, "ad": {"adaptive": True}}})
+
+
+def test_specs_from_bench_scenario() -> None:
+    from deco_sgd.bench.config import config_from_dict
+
+    cfg = config_from_dict({"scenario": "s", "workers": 8, "task": {"name": "mnist", "hidden": [32]},
+                            "network": {"rtt_ms": 100, "bandwidth_mbps": 50},
+                            "train": {"steps": 300, "lr": 0.1, "compute_time_s": 0.1},
+                            "methods": {"grid_ratios": [0.01], "grid_taus": [2]}, "deco": {"warmup_steps": 5}})
+    results = {"methods": {"deco": {"decisions": [
+        {"step": 5, "ratio": 1.0, "staleness": 0, "changed": False},
+        {"step": 10, "ratio": 0.01, "staleness": 1, "changed": True},
+        {"step": 200, "ratio": 0.001, "staleness": 2, "changed": True}]}}}
+    decs = replayed_decisions(results, 100)
+    assert decs == ((10, 0.01, 1),)
+    specs = specs_from_bench(cfg, workers=4, decisions=decs)
+    assert [s.name for s in specs] == ["dsgd", "static_d0.01_t2", "cocktail", "deco_replayed"]
+    s = specs[1]
+    assert (s.n, s.steps, s.latency_ms, s.bandwidth_mbps, s.lr, s.compute_time_s) == (4, 100, 50.0, 50.0, 0.1, 0.1)
+    assert s.deco["warmup_steps"] == 5 and s.deco["ratio"] == 0.01 and s.task_config == {"hidden": [32]}
+    assert specs[3].decisions == decs
+    with pytest.raises(ValueError, match="decisions"):
+        replayed_decisions({"methods": {}}, 10)
 
 
 def test_checkpoints_end_at_the_last_step() -> None:
