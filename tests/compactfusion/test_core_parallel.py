@@ -450,3 +450,73 @@ def test_features(cf_pool: Callable[[int], DistPool]) -> None:
     assert diff <= 1e-5 and step == 1 and branches == [0, 1]
     assert r["policy_keys"] == [1]
     assert r["distrifusion_int2"]
+
+
+def _r_groups(rank: int, world: int) -> dict:
+    """Handles on sub-groups: pairs {0,1}, {2,3} (group ranks != global ranks) and singletons (P = 1)."""
+    import torch.distributed as dist
+
+    import compactfusion as cf
+
+    pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    singles = [dist.new_group([r]) for r in range(world)]
+    model = tiny_model("dit")
+    ref = denoise(model, "dit", 3)
+    res = {}
+    for name, group in (("pair", pairs[rank // 2]), ("single", singles[rank])):
+        for mode, codec in (("ring", "none"), ("patch", "identity"), ("ring", "int2"), ("patch", "int2")):
+            kw = {"check_every": 1} if codec == "int2" else {}
+            h = cf.parallelize(model, cf.CompactConfig(mode=mode, codec=codec, **kw), group=group)
+            out = denoise(model, "dit", 3)
+            res[(name, mode, codec)] = ((out - ref).abs().max().item(), h.world_size, h.rank)
+            h.remove()
+    h = cf.parallelize(model, cf.CompactConfig(mode="patch", codec="identity", patch_exact_local=True), group=pairs[rank // 2])
+    res["exact_local"] = (denoise(model, "dit", 3) - ref).abs().max().item()
+    h.remove()
+    return res
+
+
+def test_subgroups_and_single_rank(cf_pool: Callable[[int], DistPool]) -> None:
+    res = cf_pool(4).run(_r_groups, timeout=600)
+    for rank, r in enumerate(res):
+        assert r["exact_local"] <= 1e-4
+        for (name, mode, codec), (diff, size, grank) in ((k, v) for k, v in r.items() if k != "exact_local"):
+            assert size == (2 if name == "pair" else 1) and grank == (rank % 2 if name == "pair" else 0)
+            if codec != "int2" or name == "single":  # P = 1 exchanges nothing: exact
+                assert diff <= 1e-4, (rank, name, mode, codec, diff)
+            else:
+                assert 0 < diff < 1.0, (rank, name, mode, codec, diff)  # lossy but sane
+
+
+def _r_sample28(rank: int, world: int, mode: str) -> dict:
+    """The 28-step DDIM sampler of compactfusion.models on the tiny DiT (committed weights if present)."""
+    import importlib
+
+    import compactfusion as cf
+
+    S = importlib.import_module("compactfusion.models.sample")
+    T = importlib.import_module("compactfusion.models.tiny_dit")
+
+    try:
+        model = T.load_tiny_dit()
+    except (FileNotFoundError, OSError):
+        from _harness import randomize_
+
+        model = randomize_(T.build_tiny_dit(), 0, 0.05).eval()
+    model.requires_grad_(False)
+    labels = torch.tensor([3, 7])
+    ref = S.sample(model, labels, steps=28, seed=0)
+    out = {}
+    for codec in ("none", "int2"):
+        h = cf.parallelize(model, cf.CompactConfig(mode=mode, codec=codec))
+        out[codec] = (S.sample(model, labels, steps=28, seed=0) - ref).abs().max().item()
+        h.remove()
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["ring", "patch"])
+def test_28_step_sample_parity(cf_pool: Callable[[int], DistPool], mode: str) -> None:
+    for r in cf_pool(2).run(_r_sample28, mode, timeout=900):
+        assert r["none"] <= 1e-4, r
+        assert r["int2"] > r["none"], r  # the codec is really in the loop
