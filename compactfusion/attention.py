@@ -27,7 +27,7 @@ The caller counts forward calls with `state.begin_forward()`; `state.step` is th
 """
 from __future__ import annotations
 
-import math
+import os
 from typing import Any
 
 import torch
@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from ccomm.comm import allgather_payloads, send_recv
 from ccomm.payload import Payload, PayloadMeta
 
+from .errors import CompactStateError
 from .state import CompactState, KVKey
 
 __all__ = [
@@ -77,6 +78,10 @@ def full_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=0.0,
                                          is_causal=False, scale=scale)
     return out.transpose(1, 2)
+
+
+def _debug_sizes() -> bool:
+    return os.environ.get("CCOMM_DEBUG_SIZES", "") == "1"
 
 
 def _front(joint: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
@@ -149,8 +154,10 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, state: 
             nsrc = (src - 1) % world
             nk = state.recv_nbytes(KVKey(layer, nsrc, "k", branch), shape, wire, comp)
             nv = state.recv_nbytes(KVKey(layer, nsrc, "v", branch), shape, wire, comp)
-            handle = send_recv(_payload(cur), (rank + 1) % world, (rank - 1) % world, g, recv_nbytes=nk + nv,
-                               recv_dtype=torch.uint8, async_op=True, key="kv_ring", stats=state.stats)
+            # CCOMM_DEBUG_SIZES=1: let the transport exchange sizes and compare them below.
+            handle = send_recv(_payload(cur), (rank + 1) % world, (rank - 1) % world, g,
+                               recv_nbytes=None if _debug_sizes() else nk + nv, recv_dtype=torch.uint8,
+                               async_op=True, key="kv_ring", stats=state.stats)
         if s == 0:  # exact own K/V, with the replicated text in front
             ks, vs = _front(joint_k, k), _front(joint_v, v)
         else:
@@ -160,6 +167,9 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, state: 
         out, lse = merge(out, lse, bo, bl)
         if handle is not None:
             cur, src, nk_cur = handle.wait().buffer, nsrc, nk
+            if cur.numel() != nk + nv:
+                raise CompactStateError(f"layer {layer} step {state.step}: rank {(rank - 1) % world} sent "
+                                        f"{cur.numel()} bytes, mirrored state expects {nk + nv}")
     state.raise_nonfinite(layer)
     assert out is not None
     return out.to(q.dtype)

@@ -117,17 +117,23 @@ def _digests(h: Any) -> dict:
     return {repr(k): hashlib.sha1(rc.base(k).contiguous().view(torch.uint8).numpy().tobytes()).hexdigest() for k in rc.keys()}
 
 
-def _r_bases(rank: int, world: int, codecs: list[str], variants: list[str], mode: str) -> dict:
+def _r_bases(rank: int, world: int, codecs: list[str], variants: list[str], mode: str, kind: str = "dit",
+             debug_sizes: bool = False) -> dict:
+    import os
+
     import compactfusion as cf
 
-    model = tiny_model("dit")
+    if debug_sizes:
+        os.environ["CCOMM_DEBUG_SIZES"] = "1"
+    model = tiny_model(kind)
     res = {}
     for codec in codecs:
         for variant in variants:
             h = cf.parallelize(model, cf.CompactConfig(mode=mode, codec=codec, variant=variant, check_every=1))
-            out = denoise(model, "dit", 6)
+            out = denoise(model, kind, 6)
             res[(codec, variant)] = (_digests(h), h.step, bool(torch.isfinite(out).all()))
             h.remove()
+    os.environ.pop("CCOMM_DEBUG_SIZES", None)
     return res
 
 
@@ -389,6 +395,12 @@ def test_bases_bit_identical_over_a_generation(cf_pool: Callable[[int], DistPool
         if key[1] != "naive":
             assert len(d0) == 2 * 2 * 2, key  # layers x sources x {k, v}
         assert d0 == res[1][key][0], key
+
+
+def test_flux_int2_bases_with_size_handshake(cf_pool: Callable[[int], DistPool]) -> None:
+    res = cf_pool(2).run(_r_bases, ["int2"], ["ef"], "ring", "flux", True, timeout=600)
+    d0, step, finite = res[0][("int2", "ef")]
+    assert step == 6 and finite and len(d0) == 2 * 2 * 2 and d0 == res[1][("int2", "ef")][0]
 
 
 def test_base_mismatch_is_detected(cf_pool: Callable[[int], DistPool]) -> None:
