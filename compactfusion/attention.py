@@ -27,6 +27,7 @@ The caller counts forward calls with `state.begin_forward()`; `state.step` is th
 """
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -48,6 +49,8 @@ __all__ = [
     "parallel_attention",
     "full_attention",
 ]
+
+logger = logging.getLogger(__name__)
 
 
 def block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,6 +15,11 @@ Algorithm (spec section 4):
    final projection's output along the token dimension in rank order, uncompressed
    (`token_gather`); a transformer post-hook runs `check_every`.
 5. `Handle.remove()` restores the processors, removes the hooks, drains and drops state.
+
+Limits: inference only (a forward that records autograd raises RuntimeError); every rank
+calls the model with identical arguments; inputs whose token count is not divisible by P
+raise ValueError; Flux ControlNet residuals and IP-adapters are not supported (they act on
+the full token sequence); the parallel model returns the full, gathered output on every rank.
 """
 from __future__ import annotations
 
