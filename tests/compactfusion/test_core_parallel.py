@@ -75,22 +75,29 @@ def _r_spy(rank: int, world: int, codecs: list[str]) -> dict:
     model = tiny_model("dit")
     blocks: list[tuple[torch.Tensor, torch.Tensor]] = []
     sent: dict = {}
-    orig_block, orig_send = A.block_attention, CompactState.send
+    events: list[str] = []
+    orig_block, orig_send, orig_sr = A.block_attention, CompactState.send, A.send_recv
 
     def spy_block(q, k, v, scale):  # type: ignore[no-untyped-def]
         blocks.append((k.clone(), v.clone()))
+        events.append("block")
         return orig_block(q, k, v, scale)
+
+    def spy_sr(*args, **kwargs):  # type: ignore[no-untyped-def]
+        events.append("post")
+        return orig_sr(*args, **kwargs)
 
     def spy_send(self, key, x, compressed):  # type: ignore[no-untyped-def]
         sent.setdefault((key.layer, key.kind), []).append(x.clone())
         return orig_send(self, key, x, compressed)
 
-    A.block_attention, CompactState.send = spy_block, spy_send
+    A.block_attention, CompactState.send, A.send_recv = spy_block, spy_send, spy_sr
     res = {}
     try:
         for codec in codecs:
             blocks.clear()
             sent.clear()
+            events.clear()
             h = cf.parallelize(model, cf.CompactConfig(codec=codec))
             denoise(model, "dit", 3)
             h.remove()
@@ -104,9 +111,11 @@ def _r_spy(rank: int, world: int, codecs: list[str]) -> dict:
                 # later blocks are peers' reconstructions (lossy codecs: not the local K)
                 if codec in ("int2", "binary") and step > 0:
                     ok.append(not torch.equal(blocks[i + 1][0].reshape(ek.shape), ek))
+            # every hop is posted before the block it overlaps with is computed
+            ok.append(events == (["post", "block"] * (world - 1) + ["block"]) * (3 * n_layers))
             res[codec] = (len(blocks), ok)
     finally:
-        A.block_attention, CompactState.send = orig_block, orig_send
+        A.block_attention, CompactState.send, A.send_recv = orig_block, orig_send, orig_sr
     return res
 
 
