@@ -47,6 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _median_steps(m: dict) -> float | None:
+    """Median steps to target over seeds (unreached = inf); None when the median is inf."""
+    steps = [float("inf") if ps["steps_to_target"] is None else float(ps["steps_to_target"]) for ps in m["per_seed"]]
+    med = statistics.median(steps)
+    return None if med == float("inf") else med
+
+
 def calibrate(results: dict, r: float | None = None) -> dict:
     """Fit b and κ to (δ, τ, median steps to target) of the grid members that reached the target."""
     from .config import DecoConfig
@@ -57,13 +64,12 @@ def calibrate(results: dict, r: float | None = None) -> dict:
     for name, m in meth.items():
         if m["kind"] != "static" or name == "best_static":
             continue
-        steps = [ps["steps_to_target"] for ps in m["per_seed"]]
-        if any(s is None for s in steps):
-            continue
-        samples.append((float(m["params"]["ratio"]), int(m["params"]["staleness"]), float(statistics.median(steps))))
-    dsgd_steps = [ps["steps_to_target"] for ps in meth["dsgd"]["per_seed"] if ps["steps_to_target"] is not None]
-    if dsgd_steps:
-        samples.append((1.0, 0, float(statistics.median(dsgd_steps))))
+        med = _median_steps(m)
+        if med is not None:  # members that never reached the target (censored) are left out
+            samples.append((float(m["params"]["ratio"]), int(m["params"]["staleness"]), med))
+    med = _median_steps(meth["dsgd"])
+    if med is not None:
+        samples.append((1.0, 0, med))
     if r is None:
         ests = [ps["r_est"] for ps in meth.get("deco", {}).get("per_seed", []) if ps.get("r_est") is not None]
         if not ests:

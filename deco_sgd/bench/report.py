@@ -348,21 +348,22 @@ def _plots(res: dict[str, Any], out: Path) -> bool:
     for name, m in meth.items():
         if name == "best_static":
             continue
-        xs = [c["t_s"] for c in m["curve"]]
-        ys = [c["metric"] * scale for c in m["curve"]]
+        pts = [c for c in m["curve"] if c["t_s"] > 0]  # log time axis: the t = 0 point is off-scale
+        xs = [c["t_s"] for c in pts]
+        ys = [c["metric"] * scale for c in pts]
         if m["kind"] == "static" and name != meth.get("best_static", {}).get("member"):
             ax.plot(xs, ys, color="0.8", lw=0.8, zorder=1)
         else:
             lab = name + (" (best static)" if name == meth.get("best_static", {}).get("member") else "")
             ax.plot(xs, ys, lw=2.2 if name == "deco" else 1.4, label=lab, zorder=3 if name == "deco" else 2)
     ax.axhline(t["value"] * scale, color="k", ls="--", lw=1, label="target")
-    ax.set_xscale("symlog", linthresh=10.0)
+    ax.set_xscale("log")
     ax.set_xlabel("virtual wall time (s)")
     ax.set_ylabel("test accuracy (%)" if t["higher_is_better"] else "bits per byte")
     ax.set_title(f"{res['scenario']}: metric vs time (seed {meth['dsgd']['seeds'][0]}; grey: static grid)")
     lo = min(c["metric"] for m in meth.values() for c in m["curve"]) * scale
     if t["higher_is_better"]:
-        ax.set_ylim(max(lo, t["value"] * scale - 30), None)
+        ax.set_ylim(max(lo, t["value"] * scale - 40), None)
     ax.legend(fontsize=8, loc="lower right")
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -388,14 +389,21 @@ def _plots(res: dict[str, Any], out: Path) -> bool:
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(9, 4))
-    if dec:
-        ax.step([d["t_s"] for d in dec], [d["bandwidth_mbps_true"] for d in dec], where="post", label="true (link)")
-        est = [(d["t_s"], d["bandwidth_mbps_est"]) for d in dec if d["bandwidth_mbps_est"] is not None]
-        if est:
-            ax.plot([e[0] for e in est], [e[1] for e in est], "o-", ms=3, label="DeCo-SGD estimate (min over ranks)")
+    end = max((m["curve"][-1]["t_s"] for n, m in meth.items() if m["kind"] == "deco"), default=0.0)
+    from .config import NetworkConfig
+
+    link = NetworkConfig(**res["config"]["network"]).link()
+    tr = link.rate_trace
+    xs = [x for x in tr.times_s if x <= end] or [0.0]
+    ax.step(xs + [max(end, xs[-1])], [tr.rate_mbps(x) for x in xs] + [tr.rate_mbps(max(end, xs[-1]))],
+            where="post", label="true (link)")
+    est = [(d["t_s"], d["bandwidth_mbps_est"]) for d in dec if d["bandwidth_mbps_est"] is not None]
+    if est:
+        ax.plot([e[0] for e in est], [e[1] for e in est], "o-", ms=3, label="DeCo-SGD estimate (min over ranks)")
     ax.set_xlabel("virtual wall time (s)")
     ax.set_ylabel("bandwidth (Mbit/s)")
-    ax.set_title(f"{res['scenario']}: bandwidth seen by DeCo-SGD")
+    ax.set_title(f"{res['scenario']}: true bandwidth and DeCo-SGD's estimate (seed {meth['dsgd']['seeds'][0]})")
+    ax.set_ylim(0, None)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
