@@ -11,12 +11,12 @@ One real-time run (`run_real(spec)`):
    control exchanges on the emulated group too, so the controller measures the link);
 3. pads each step's forward/backward to `compute_time_s` with a calibrated sleep and
    records per step: start, launch and end wall times, real compute time, the (δ, τ) in
-   force, the bytes and collective of every unit launched and the steps whose aggregates
-   were applied;
+   force, the bytes and collective of every unit launched and the steps whose exchanges it
+   waited for (applied, or skipped as non-finite);
 4. flushes (untimed), evaluates the task metric and returns every rank's record.
 
-`predict_virtual(result)` replays the recorded schedule (same sizes, same applied entries,
-compute = max(compute_time_s, measured)) through the virtual clock, and `validate(result)`
+`predict_virtual(result)` replays the recorded schedule (same sizes, same waited entries,
+per-rank compute = max(compute_time_s, measured) + host work) through the virtual clock, and `validate(result)`
 gives the relative error of virtual against real elapsed time at every checkpoint step;
 `REL_TOL` is the spec's 15 % bound.
 
@@ -175,13 +175,36 @@ class _StepTimer:
             self.inner.load_state_dict(sd)
 
 
+def _recording_state(*args: Any, **kwargs: Any) -> Any:
+    """A `DecoState` that also records, per step, the units it launched and the entries it
+    waited for (applied or skipped: a skipped aggregate is still waited for)."""
+    from deco_sgd.state import DecoState
+
+    class _RecordingState(DecoState):
+        def __init__(self) -> None:
+            super().__init__(*args, **kwargs)
+            self.rec_units: list[Any] = []
+            self.rec_waited: list[int] = []
+
+        def launch(self, names: Sequence[str], grads: Sequence[Any], key: str) -> Any:
+            unit = super().launch(names, grads, key)
+            self.rec_units.append(unit)
+            return unit
+
+        def end_step(self) -> list[Any]:
+            popped = super().end_step()
+            self.rec_waited = [e.seq for e in popped]
+            return popped
+
+    return _RecordingState()
+
+
 def run_rank(rank: int, world: int, spec: RealRunSpec) -> dict[str, Any]:
     """One rank of a real-time run (gloo already initialised); see the module docstring."""
     import torch
     import torch.distributed as dist
 
     from deco_sgd.optim import DecoOptimizer
-    from deco_sgd.state import DecoState
     from netsim import emulate
     from netsim.clock import WallClock
 
@@ -203,7 +226,7 @@ def run_rank(rank: int, world: int, spec: RealRunSpec) -> dict[str, Any]:
         # Adaptive runs send their control exchanges over the emulated link too, so the
         # latency probes and the bandwidth estimator see the link, not loopback.
         ctrl = emu.group if spec.adaptive else None
-        state = DecoState(cfg, model, group=emu.group, control_group=ctrl)
+        state = _recording_state(cfg, model, group=emu.group, control_group=ctrl)
         opt = DecoOptimizer(inner, state)
         timer = _StepTimer(state.driver)
         state.driver = timer
@@ -214,6 +237,7 @@ def run_rank(rank: int, world: int, spec: RealRunSpec) -> dict[str, Any]:
         for s in range(spec.steps):
             if s in replay:
                 state.schedule(replay[s][0], replay[s][1], s, reason="replay")
+            state.rec_units, state.rec_waited = [], []
             start = time.monotonic()
             loss = task.loss(model, next(batches))
             opt.zero_grad()
@@ -223,13 +247,12 @@ def run_rank(rank: int, world: int, spec: RealRunSpec) -> dict[str, Any]:
             launch = time.monotonic()
             opt.step()
             end = time.monotonic()
-            mine = [e for e in [*state.fifo, *opt.last_applied] if e.seq == s]
-            units = [{"nbytes": u.nbytes, "collective": u.collective} for e in mine for u in e.units]
-            ratio, tau = mine[0].ratio, state.current_staleness  # the (δ, τ) this step ran with
+            units = [{"nbytes": u.nbytes, "collective": u.collective} for u in state.rec_units]
+            ratio, tau = state.rec_units[0].ratio, state.current_staleness  # the (δ, τ) this step ran with
             steps.append({"step": s, "start": start - t0, "launch": launch - t0, "end": end - t0,
                           "compute_s": compute, "host_s": max(0.0, end - launch - timer.blocked_s),
                           "ratio": ratio, "staleness": tau, "units": units,
-                          "applied": [e.seq for e in opt.last_applied]})
+                          "waited": list(state.rec_waited), "applied": [e.seq for e in opt.last_applied]})
             losses.append(float(loss.detach()))
         opt.close()  # flush and release the control group: collective, untimed
         stats = dataclasses.asdict(emu.stats)
@@ -256,37 +279,45 @@ class UnitPlan:
 
 @dataclass(frozen=True)
 class StepPlan:
-    """One recorded step: its compute time, its exchanges and the steps whose aggregates it applied."""
+    """One recorded step: each rank's compute time, the step's exchanges and the steps whose
+    exchanges it waited for (their aggregates applied, or skipped)."""
 
     step: int
-    compute_s: float
+    compute_s: tuple[float, ...]
     units: tuple[UnitPlan, ...]
-    applied: tuple[int, ...]
+    waited: tuple[int, ...]
 
 
 def virtual_step_ends(plans: Sequence[StepPlan], link: Any, n: int, start_s: float = 0.0) -> list[float]:
     """Virtual elapsed time (from `start_s`, the trace time of the first step) at each step's end.
 
-    The benchmark's own clock (`vclock.LinkTimeline` charges the exchanges, `vclock.StepClock`
-    applies the step-start rule), with each step's compute time taken from its plan.
+    The benchmark's own clock: `vclock.LinkTimeline` charges the exchanges and one
+    `vclock.StepClock` per rank applies the step-start rule with that rank's compute time.
+    A collective starts when the last rank has launched it, so a slow rank delays the
+    others only where they wait for its exchange (with τ > 0 that is τ steps later).
+    The elapsed time of a step is the slowest rank's.
     """
     timeline = LinkTimeline(link, n)
-    clock = StepClock(max(p.compute_s for p in plans) if plans else 1.0, start_s=start_s)
+    ranks = len(plans[0].compute_s) if plans else 1
+    clocks = [StepClock(1.0, start_s=start_s) for _ in range(ranks)]
     done: dict[int, float] = {}
     ends = []
     for p in plans:
-        clock.t_comp = p.compute_s  # a real step slower than compute_time_s is replayed as measured
-        launch = clock.launch_s
+        if len(p.compute_s) != ranks:
+            raise ValueError(f"step {p.step}: compute times for {len(p.compute_s)} ranks, expected {ranks}")
+        for clock, comp in zip(clocks, p.compute_s):
+            clock.t_comp = comp  # a real step slower than compute_time_s is replayed as measured
+        launch = max(c.launch_s for c in clocks)
         for u in p.units:  # one unit per bucket/chunk, all launched at the end of compute
             d = timeline.exchange(launch, u.nbytes, u.collective)
             done[p.step] = max(done.get(p.step, d), d)
-        ends.append(clock.end_step([done[a] for a in p.applied]) - start_s)
+        ends.append(max(c.end_step([done[a] for a in p.waited]) for c in clocks) - start_s)
     return ends
 
 
 def step_plans(result: RealResult, host: bool = True) -> list[StepPlan]:
-    """The recorded schedule, as the virtual clock consumes it (identical on every rank,
-    except compute time, where the slowest rank counts).
+    """The recorded schedule, as the virtual clock consumes it (sizes and waits are identical
+    on every rank; compute times are per rank).
 
     Compute of a step = max(compute_time_s, measured forward/backward), plus (`host=True`)
     the measured host work of `DecoOptimizer.step()` outside its waits: the real step is
@@ -297,11 +328,11 @@ def step_plans(result: RealResult, host: bool = True) -> list[StepPlan]:
         rows = [r["steps"][s] for r in result.ranks]
         row = rows[0]
         for other in rows[1:]:
-            if other["units"] != row["units"] or other["applied"] != row["applied"]:
+            if other["units"] != row["units"] or other["waited"] != row["waited"]:
                 raise ValueError(f"step {s}: ranks recorded different schedules")
-        comp = max(max(spec.compute_time_s, x["compute_s"]) + (x["host_s"] if host else 0.0) for x in rows)
+        comp = tuple(max(spec.compute_time_s, x["compute_s"]) + (x["host_s"] if host else 0.0) for x in rows)
         units = tuple(UnitPlan(u["collective"], u["nbytes"]) for u in row["units"])
-        plans.append(StepPlan(s, comp, units, tuple(row["applied"])))
+        plans.append(StepPlan(s, comp, units, tuple(row["waited"])))
     return plans
 
 

@@ -103,17 +103,29 @@ def test_checkpoints_end_at_the_last_step() -> None:
 def test_virtual_replay_hand_computed() -> None:
     # 8 Mbit/s = 1 MB/s, 50 ms one way, n = 2: a 1 MB all-reduce receives V = 1 MB over 2 hops.
     link = Link(8.0, 50.0)
-    sync = [StepPlan(s, 0.1, (UnitPlan("allreduce", 1_000_000),), (s,)) for s in range(2)]
+    sync = [StepPlan(s, (0.1, 0.1), (UnitPlan("allreduce", 1_000_000),), (s,)) for s in range(2)]
     assert virtual_step_ends(sync, link, 2) == pytest.approx([1.2, 2.4])
     # τ = 1: step 0 applies nothing; step 1 applies step 0's exchange, done at 0.1 + 1.1 = 1.2;
     # step 1's exchange queues behind it (link free at 1.1) and is done at 1.1 + 1.1 = 2.2.
-    stale = [StepPlan(0, 0.1, (UnitPlan("allreduce", 1_000_000),), ()),
-             StepPlan(1, 0.1, (UnitPlan("allreduce", 1_000_000),), (0,)),
-             StepPlan(2, 0.1, (), (1,))]
+    stale = [StepPlan(0, (0.1, 0.1), (UnitPlan("allreduce", 1_000_000),), ()),
+             StepPlan(1, (0.1, 0.1), (UnitPlan("allreduce", 1_000_000),), (0,)),
+             StepPlan(2, (0.1, 0.1), (), (1,))]
     assert virtual_step_ends(stale, link, 2) == pytest.approx([0.1, 1.2, 2.2])
-    # A slower measured compute counts as measured.
-    slow = [StepPlan(0, 0.3, (), ())]
+    # A slower measured compute counts as measured; the elapsed time is the slowest rank's.
+    slow = [StepPlan(0, (0.1, 0.3), (), ())]
     assert virtual_step_ends(slow, link, 2) == pytest.approx([0.3])
+
+
+def test_virtual_replay_slow_ranks_in_turn() -> None:
+    # τ = 2, no traffic: each rank is slow (0.5 s) on one step only, in turn. With staleness
+    # the ranks do not wait for each other, so the run takes 0.5 + 3·0.1, not 2·0.5 + 2·0.1.
+    link = Link(8.0, 50.0)
+    plans = [StepPlan(0, (0.5, 0.1), (UnitPlan("allreduce", 0),), ()),
+             StepPlan(1, (0.1, 0.5), (UnitPlan("allreduce", 0),), ()),
+             StepPlan(2, (0.1, 0.1), (UnitPlan("allreduce", 0),), (0,)),
+             StepPlan(3, (0.1, 0.1), (UnitPlan("allreduce", 0),), (1,))]
+    # Step 0's exchange starts at 0.5 (rank 0 launches last), done 0.6; step 1's at 0.6 (rank 1), done 0.7.
+    assert virtual_step_ends(plans, link, 2) == pytest.approx([0.5, 0.6, 0.7, 0.8])
 
 
 def _fake_result(real_ends: list[float]) -> RealResult:
@@ -121,8 +133,9 @@ def _fake_result(real_ends: list[float]) -> RealResult:
                        latency_ms=50.0, checkpoint_every=1)
     ranks = []
     for r in range(2):
-        steps = [{"step": s, "end": e, "compute_s": 0.001, "host_s": 0.0, "units": [{"collective": "allreduce", "nbytes": 1_000_000}],
-                  "applied": [s]} for s, e in enumerate(real_ends)]
+        steps = [{"step": s, "end": e, "compute_s": 0.001, "host_s": 0.0,
+                  "units": [{"collective": "allreduce", "nbytes": 1_000_000}], "waited": [s], "applied": [s]}
+                 for s, e in enumerate(real_ends)]
         ranks.append({"rank": r, "t0_emu": 0.0, "steps": steps, "emulate": {"late_ops": 0},
                       "final_metric": 0.5 if r == 0 else None})
     return RealResult(spec, ranks)
