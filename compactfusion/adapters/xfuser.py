@@ -18,12 +18,14 @@ yunchang 0.6.4, triton 3.9.0, torch 2.13.0 CPU):
    functions looked up at call time, so `cpu_env_patch()` creates the `xfuser` package
    object without running its `__init__`, imports `xfuser.envs`, swaps the two functions
    (-> None and -> "gloo") and only then runs the package `__init__` (about 4 s).
-   `triton` must be installed (xfuser imports it unconditionally); no GPU is needed.
+   `triton` must be installed (`core/sparge_attention/block_mask.py`, reached from
+   `usp.py`, imports it at module level; xfuser does not declare it); no GPU is needed.
 2. diffusers 0.42.1 works: xfuser 0.7.0's PixArt pipeline ran end to end with it, no
    older diffusers was needed (see the tests).
 3. Ring groups. `PACKAGES_CHECKER.packages_info["has_long_ctx_attn"]` is False without
    CUDA; then `initialize_model_parallel` builds no ring/Ulysses groups and the sequence
-   group reports ring degree 1 whatever was configured. `cpu_env_patch()` sets the flag
+   group reports ring degree 1 whatever was configured (`group_coordinator.py`).
+   `cpu_env_patch()` sets the flag
    (before package init, because `parallel_state`, `group_coordinator` and the attention
    processors copy it at import) so yunchang's `set_seq_parallel_pg` builds the ring group
    on gloo; `get_sp_group().ring_group` is then the group we run on.

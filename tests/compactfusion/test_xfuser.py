@@ -8,12 +8,13 @@ compressed ring replaces xfuser's `usp.ring_attn`, which has no CPU implementati
 from __future__ import annotations
 
 import math
-import sys
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable
 
 import pytest
 import torch
+
+from _harness import DistPool  # first: makes `compactfusion` the real package in rank processes
 
 from compactfusion.adapters.xfuser import (
     LONG_CTX_RING_PARAMS,
@@ -30,11 +31,6 @@ try:
 except ImportError as exc:  # xfuser, triton or yunchang missing
     pytest.skip(f"xfuser is not usable here ({exc}); install the xdit extra", allow_module_level=True)
 xfuser = pytest.importorskip("xfuser", reason="needs the xdit extra (xfuser 0.7.0 and triton)")
-
-_CCOMM_TESTS = str(Path(__file__).resolve().parents[1] / "ccomm")
-if _CCOMM_TESTS not in sys.path:  # the gloo harness lives with the ccomm tests
-    sys.path.insert(0, _CCOMM_TESTS)
-from _dist import DistPool  # noqa: E402
 
 pytestmark = [pytest.mark.xfuser]
 
@@ -57,7 +53,7 @@ def _tiny_pipeline() -> Any:
         caption_channels=16, norm_type="ada_norm_single", num_embeds_ada_norm=1000,
         use_additional_conditions=False,
     )
-    return PixArtAlphaPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=tr, scheduler=DDIMScheduler())
+    return PixArtAlphaPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=tr, scheduler=DDIMScheduler(clip_sample=False))
 
 
 def _generate(pipe: Any) -> torch.Tensor | None:
@@ -231,13 +227,12 @@ def _run_long_ctx(rank: int, world: int) -> dict[str, Any]:
         full_k = torch.cat([jk, *ks], dim=1).transpose(1, 2)
         full_v = torch.cat([jv, *vs], dim=1).transpose(1, 2)
         ref = torch.nn.functional.scaled_dot_product_attention(qs[rank].transpose(1, 2), full_k, full_v).transpose(1, 2)
-        diff = float((out - ref).abs().max())
         nbytes = handle.stats.get("kv_ring").bytes
     finally:
         handle.remove()
     lc = model.processor.hybrid_seq_parallel_attn
     dist.barrier(group)
-    return {"diff": diff, "bytes": nbytes, "restored": lc.ring_attn_fn is _xdit_ring_stand_in}
+    return {"out": out, "ref": ref, "bytes": nbytes, "restored": lc.ring_attn_fn is _xdit_ring_stand_in}
 
 
 # -- tests ---------------------------------------------------------------------------------------
@@ -256,10 +251,9 @@ def _ring_bytes(codec: str, ulysses: int = 1) -> int:
     return LAYERS * 2 * (raw + (STEPS - 1) * compressed)  # warmup_steps=1: step 0 raw
 
 
-@pytest.fixture(scope="module")
-def pool() -> Iterator[DistPool]:
-    with DistPool(2, group_timeout_s=60.0) as p:
-        yield p
+@pytest.fixture
+def pool(cf_pool: Callable[[int], DistPool]) -> DistPool:
+    return cf_pool(2)
 
 
 def test_installed_xfuser_has_the_seam_signatures() -> None:
@@ -316,7 +310,8 @@ def test_int2_bases_stay_identical_every_step(pool: DistPool) -> None:
         assert (r["step"], r["layers"]) == (STEPS, LAYERS)
         assert r["bytes"] == _ring_bytes("int2")
     assert res[1]["finite"]
-    # Lossy but close: measured 0.018 max abs deviation from the single-process latents.
+    # Lossy but close: measured 0.014 max abs deviation (latents up to 25 in magnitude; replacing
+    # self-attention by a uniform average moves them by 0.54, so the 1e-4 parity is not vacuous).
     assert 0.0 < res[1]["diff"] < 0.1, res
 
 
@@ -345,23 +340,22 @@ def test_refusals_on_xfuser_runtime(pool: DistPool) -> None:
 @pytest.mark.multiprocess
 def test_long_ctx_seam_with_joint_tokens_matches_full_attention(pool: DistPool) -> None:
     for r in pool.run(_run_long_ctx, timeout=240.0):
-        assert r["restored"], r
-        assert r["diff"] <= 1e-5, r
+        assert r["restored"]
+        torch.testing.assert_close(r["out"], r["ref"], rtol=1e-4, atol=1e-5)  # spec 3.4, one forward
         assert r["bytes"] == 2 * 2 * 6 * HEADS * HEAD_DIM * 4  # K and V, one hop, fp32
 
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-def test_hybrid_usp_ulysses2_ring2_on_4_ranks() -> None:
+def test_hybrid_usp_ulysses2_ring2_on_4_ranks(cf_pool: Callable[[int], DistPool]) -> None:
     """Ulysses 2 x ring 2: only the ring part is ours; `none` still matches, int2 stays mirrored."""
-    with DistPool(4, group_timeout_s=60.0) as pool4:
-        for codec, check_every in (("none", 0), ("int2", 1)):
-            res = pool4.run(_run_codec, codec, check_every, 2, timeout=300.0)
-            for r in res:
-                assert (r["seam"], r["step"], r["layers"]) == ("usp", STEPS, LAYERS)
-                assert r["bytes"] == _ring_bytes(codec, ulysses=2)
-            assert [r["diff"] is None for r in res] == [True, True, True, False]
-            if codec == "none":
-                assert res[3]["diff"] <= 1e-4, res
-            else:  # measured 0.021
-                assert 0.0 < res[3]["diff"] < 0.1, res
+    for codec, check_every in (("none", 0), ("int2", 1)):
+        res = cf_pool(4).run(_run_codec, codec, check_every, 2, timeout=300.0)
+        for r in res:
+            assert (r["seam"], r["step"], r["layers"]) == ("usp", STEPS, LAYERS)
+            assert r["bytes"] == _ring_bytes(codec, ulysses=2)
+        assert [r["diff"] is None for r in res] == [True, True, True, False]
+        if codec == "none":
+            assert res[3]["diff"] <= 1e-4, res
+        else:
+            assert 0.0 < res[3]["diff"] < 0.1, res
