@@ -8,7 +8,7 @@ import torch
 
 import _harness  # noqa: F401  (imports the real compactfusion package)
 from compactfusion import CompactConfig, CompactState, CompactStateError, KVKey
-from compactfusion.attention import block_attention, full_attention, merge, ring_attention
+from compactfusion.attention import block_attention, block_attention_reference, full_attention, merge, ring_attention
 
 
 def _qkv(b: int = 2, sq: int = 6, sk: int = 12, h: int = 3, d: int = 8, seed: int = 0) -> tuple[torch.Tensor, ...]:
@@ -48,10 +48,16 @@ def test_merge_is_order_independent() -> None:
     torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
-def test_block_attention_matches_sdpa_and_large_logits_stay_finite() -> None:
-    q, k, v = _qkv(seed=2)
-    torch.testing.assert_close(block_attention(q, k, v, 8**-0.5)[0], full_attention(q, k, v), rtol=1e-5, atol=1e-6)
-    out, lse = block_attention(q * 1e3, k, v, 1.0)  # exp would overflow without the LSE shift
+@pytest.mark.parametrize("fn", [block_attention, block_attention_reference])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_block_attention_matches_sdpa_and_large_logits_stay_finite(fn, dtype: torch.dtype) -> None:  # type: ignore[no-untyped-def]
+    q, k, v = (t.to(dtype) for t in _qkv(seed=2))
+    out, lse = fn(q, k, v, 8**-0.5)
+    assert out.dtype == lse.dtype == torch.float32 and out.shape == q.shape and lse.shape == (2, 3, 6)
+    torch.testing.assert_close(out, full_attention(q.float(), k.float(), v.float()), rtol=1e-5, atol=1e-6)
+    ref_out, ref_lse = block_attention_reference(q, k, v, 8**-0.5)
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=1e-5)
+    out, lse = fn(q.float() * 1e3, k, v, 1.0)  # exp would overflow without the LSE shift
     assert torch.isfinite(out).all() and torch.isfinite(lse).all()
 
 
