@@ -98,6 +98,8 @@ from typing import Any, Callable, Optional
 import torch
 import torch.distributed as dist
 
+from ccomm.stats import CommStats
+
 from ..config import CompactConfig
 
 __all__ = [
@@ -256,10 +258,12 @@ def _refuse_attention_kwargs(attention_kwargs: Optional[dict]) -> None:
 
 
 class XfuserHandle:
-    """A patched xfuser pipeline (interface of `compactfusion.Handle`).
+    """A patched xfuser pipeline, with the interface of `compactfusion.Handle`.
 
-    `reset()`, `remove()` (idempotent, exact restore), `step`, `state_nbytes()`, `errors`,
-    `stats`, `config`, `group`, `seam`, `layers_per_forward`.
+    `reset()` between requests (also automatic on a timestep restart), `remove()` (idempotent,
+    exact restore), `step`, `state_nbytes()`, `errors`, `stats` (this handle's CommStats, tag
+    `kv_ring`), `state`, `config`, `group` (xfuser's ring group), `rank`, `world_size`, plus
+    `seam` and `layers_per_forward` (ring calls per transformer forward, known after one call).
     """
 
     def __init__(self, transformer: torch.nn.Module, config: CompactConfig, group: Any, seam: str,
@@ -282,7 +286,16 @@ class XfuserHandle:
     @property
     def step(self) -> int:
         """Completed denoising steps since the last reset (forward calls // calls_per_step)."""
+        self._check_open()
         return self._state.completed_steps
+
+    @property
+    def rank(self) -> int:
+        return self._state.rank
+
+    @property
+    def world_size(self) -> int:
+        return self._state.world
 
     @property
     def errors(self) -> list[dict[str, Any]]:
@@ -297,6 +310,8 @@ class XfuserHandle:
         return self._state
 
     def state_nbytes(self) -> int:
+        """Bytes held by the mirrored bases on this rank."""
+        self._check_open()
         return self._state.nbytes()
 
     def reset(self) -> None:
@@ -319,6 +334,10 @@ class XfuserHandle:
             h.remove()
         self._hooks.clear()
         self._state.close()
+
+    def __repr__(self) -> str:
+        return (f"XfuserHandle(seam={self.seam!r}, codec={self.config.codec!r}, P={self._state.world}, "
+                f"removed={self._removed})")
 
     # -- installation ----------------------------------------------------------------------
     def _install_hooks(self) -> None:
@@ -471,15 +490,17 @@ def _default_core() -> tuple[Callable[..., torch.Tensor], type]:
     return ring_attention, CompactState
 
 
-def patch(pipe: Any, config: CompactConfig, *, seam: str = "auto") -> XfuserHandle:
+def patch(pipe: Any, config: CompactConfig, *, seam: str = "auto", stats: Optional[CommStats] = None) -> XfuserHandle:
     """Run CompactFusion's compressed ring inside an xFuser pipeline (see module docstring).
 
     `pipe`: an xFuser pipeline wrapper (e.g. `xFuserPixArtAlphaPipeline`), built, so that
-    xfuser's runtime and groups exist, on every rank with identical arguments. Returns an
-    `XfuserHandle`; call `handle.remove()` to restore xfuser's own ring.
+    xfuser's runtime and groups exist, on every rank with identical arguments (a bare
+    transformer module is accepted too). `stats`: a CommStats to count into (default: the
+    handle's own, reset per request). Returns an `XfuserHandle`; `handle.remove()` restores
+    xfuser's own ring.
     """
     if not isinstance(config, CompactConfig):
-        raise TypeError(f"config must be a CompactConfig, got {type(config).__name__}")
+        raise ValueError(f"config: expected a CompactConfig, got {type(config).__name__}")
     if seam not in SEAMS:
         raise ValueError(f"seam={seam!r}: allowed values are {', '.join(SEAMS)}")
     if config.mode != "ring":
@@ -527,7 +548,7 @@ def patch(pipe: Any, config: CompactConfig, *, seam: str = "auto") -> XfuserHand
         raise ValueError(f"compactfusion xfuser adapter: ranks disagree on (config, seam, xfuser version, ring size): {theirs}")
 
     ring_attention, state_cls = _default_core()
-    handle = XfuserHandle(transformer, config, group, seam, ring_attention, state_cls(config, group))
+    handle = XfuserHandle(transformer, config, group, seam, ring_attention, state_cls(config, group, stats=stats))
     handle._install_hooks()
     if seam == "usp":
         handle._set_attr(usp, "ring_attn", handle._usp_ring_attn())
