@@ -8,6 +8,7 @@ compressed ring replaces xfuser's `usp.ring_attn`, which has no CPU implementati
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -280,6 +281,39 @@ def test_cpu_env_patch_is_idempotent_and_selects_gloo() -> None:
     assert cpu_env_patch() is True
     assert envs.get_torch_distributed_backend() == "gloo"
     assert envs.get_device_version() is None
+
+
+_NO_TRITON = """
+import sys
+import compactfusion.adapters.xfuser as adapter
+assert "xfuser" not in sys.modules and "diffusers" not in sys.modules  # the adapter imports lazily
+
+class NoTriton:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "triton":
+            raise ModuleNotFoundError("No module named 'triton'", name="triton")
+
+sys.meta_path.insert(0, NoTriton())
+try:
+    adapter.cpu_env_patch()
+except ModuleNotFoundError as exc:
+    assert exc.name == "triton", exc
+else:
+    raise AssertionError("xfuser imported without triton")
+left = sorted(n for n in sys.modules if n == "xfuser" or n.startswith("xfuser."))
+assert not left, left  # a failed patch leaves no half-imported xfuser behind
+print("ok")
+"""
+
+
+@pytest.mark.slow  # a fresh interpreter importing torch, diffusers and most of xfuser: 10-30 s here
+def test_cpu_env_patch_without_triton_fails_cleanly() -> None:
+    import subprocess
+
+    if torch.cuda.is_available():
+        pytest.skip("cpu_env_patch() is a no-op with an accelerator")
+    res = subprocess.run([sys.executable, "-c", _NO_TRITON], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-2000:]
 
 
 @pytest.mark.parametrize("mode", ["patch", "distrifusion"])
