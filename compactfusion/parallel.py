@@ -99,7 +99,8 @@ class Handle:
 
     Attributes: `config`, `group`, `state` (the CompactState), `step` (completed denoising
     steps since the last reset = forward_calls // calls_per_step), `errors` (rows recorded
-    with record_errors=True), `stats` (ccomm CommStats of this handle: per request unless a
+    with record_errors=True since the last reset: step, layer, key, source, kind, branch,
+    variant, raw, comp_err, deviation, norm), `stats` (ccomm CommStats of this handle: per request unless a
     `stats=` object was passed to `parallelize`).
     """
 

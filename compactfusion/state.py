@@ -249,8 +249,9 @@ class CompactState:
 
     # -- lifecycle ----------------------------------------------------------------------
     def reset(self) -> None:
-        """Drain, then drop bases, counters, stale buffers, shapes and per-request stats."""
+        """Drain, then drop bases, counters, stale buffers, shapes and per-request stats and error rows."""
         self.drain(decode=False)
+        self.errors.clear()
         if self.rc is not None:
             self.rc.reset()
         self.stale.clear()
@@ -263,7 +264,6 @@ class CompactState:
 
     def close(self) -> None:
         self.reset()
-        self.errors.clear()
         self.closed = True
 
     def nbytes(self) -> int:

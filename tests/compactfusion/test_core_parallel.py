@@ -288,6 +288,8 @@ def _r_features(rank: int, world: int) -> dict:
         h = cf.parallelize(model, cf.CompactConfig(codec="int2", variant=variant, record_errors=True))
         denoise(model, "dit", 5)
         rows[variant] = [{k: v for k, v in r.items() if k != "key"} for r in h.errors]
+        h.reset()
+        res.setdefault("errors_after_reset", []).append(len(h.errors))
         h.remove()
     res["rows"] = rows
     # memory: projected bound and the measured state after one step
@@ -463,7 +465,7 @@ def test_features(cf_pool: Callable[[int], DistPool]) -> None:
     assert last("no_ef") > last("ef") and last("naive") > last("ef"), {v: last(v) for v in rows}
     measured, projected = r["nbytes"]
     assert measured == projected == 2 * 2 * 2 * 16 * 16 * 4  # K,V x layers x batch x tokens x C x fp32
-    assert r["nbytes_after_reset"] == 0
+    assert r["nbytes_after_reset"] == 0 and r["errors_after_reset"] == [0, 0, 0]
     assert r["max_state"].startswith("ValueError") and "max_state_mb" in r["max_state"]
     assert r["new_request"] and r["new_request_off_differs"]
     assert r["two_handles"]
