@@ -20,8 +20,10 @@ yunchang 0.6.4, triton 3.9.0, torch 2.13.0 CPU):
    (-> None and -> "gloo") and only then runs the package `__init__` (about 4 s).
    `triton` must be installed (`core/sparge_attention/block_mask.py`, reached from
    `usp.py`, imports it at module level; xfuser does not declare it); no GPU is needed.
-2. diffusers 0.42.1 works: xfuser 0.7.0's PixArt pipeline ran end to end with it, no
-   older diffusers was needed (see the tests).
+2. diffusers 0.42.1 works; no older diffusers is needed. `import xfuser` (which imports
+   every pipeline and transformer wrapper it ships) succeeds with it, and the PixArt-alpha
+   pipeline runs end to end in ring and Ulysses x ring modes (the tests). Other xfuser
+   pipelines were imported but not run.
 3. Ring groups. `PACKAGES_CHECKER.packages_info["has_long_ctx_attn"]` is False without
    CUDA; then `initialize_model_parallel` builds no ring/Ulysses groups and the sequence
    group reports ring degree 1 whatever was configured (`group_coordinator.py`).
