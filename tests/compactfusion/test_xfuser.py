@@ -54,7 +54,9 @@ def _tiny_pipeline() -> Any:
         caption_channels=16, norm_type="ada_norm_single", num_embeds_ada_norm=1000,
         use_additional_conditions=False,
     )
-    return PixArtAlphaPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=tr, scheduler=DDIMScheduler(clip_sample=False))
+    # No clipping of the predicted sample: saturated latents would hide attention differences.
+    return PixArtAlphaPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=tr,
+                               scheduler=DDIMScheduler(clip_sample=False))
 
 
 def _generate(pipe: Any) -> torch.Tensor | None:
