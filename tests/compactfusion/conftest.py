@@ -19,7 +19,9 @@ def cf_pool() -> Iterator[Callable[[int], DistPool]]:
     def get(n: int) -> DistPool:
         p = pools.get(n)
         if p is None or p.broken:
-            p = pools[n] = DistPool(n, group_timeout_s=60.0)
+            # Generous start timeout: spawning ranks that import torch + diffusers on 2 shared
+            # cores has taken ~100 s under heavy load.
+            p = pools[n] = DistPool(n, group_timeout_s=60.0, start_timeout_s=300.0)
         return p
 
     yield get
