@@ -12,15 +12,17 @@ PIP := $(PY) -m pip --disable-pip-version-check
 $(VENV)/.base: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q "$(TORCH_SPEC)"
-	$(PIP) install -q -e .
+	$(PIP) install -q -e ".[bench]"
 	touch $@
 
+# The test suite also covers CompactFusion on diffusers and inside xDiT, so it needs both extras.
 $(VENV)/.dev: $(VENV)/.base
-	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q -e ".[dev,diffusion,xdit]"
 	touch $@
 
+# DeCo-SGD's quick time-to-accuracy benchmark (virtual time, 4 workers, MNIST); prints the table.
 demo: $(VENV)/.base
-	$(PY) -m ccomm.bench --out .demo/codecs.md
+	$(PY) -m deco_sgd bench examples/deco_sgd/varying_bandwidth.yaml --out .demo/deco --quick
 
 test: $(VENV)/.dev
 	$(PY) -m pytest -q -m "not slow"
@@ -28,8 +30,13 @@ test: $(VENV)/.dev
 test-all: $(VENV)/.dev
 	$(PY) -m pytest -q
 
-bench: $(VENV)/.base
+# Every benchmark in full; each writes its report and plots under docs/benchmarks/.
+bench: $(VENV)/.dev
 	$(PY) -m ccomm.bench --out docs/benchmarks/codecs.md
+	$(PY) -m deco_sgd bench examples/deco_sgd/high_latency.yaml --out docs/benchmarks/deco_sgd/high_latency
+	$(PY) -m deco_sgd bench examples/deco_sgd/varying_bandwidth.yaml --out docs/benchmarks/deco_sgd/varying_bandwidth
+	$(PY) -m compactfusion bench examples/compactfusion/ethernet.yaml --out docs/benchmarks/compactfusion/ethernet
+	$(PY) -m compactfusion bench examples/compactfusion/fast_link.yaml --out docs/benchmarks/compactfusion/fast_link
 
 # Root on Debian/Ubuntu: Mininet for the tests marked `mininet` (skipped when it is absent).
 mininet:
