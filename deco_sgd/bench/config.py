@@ -188,6 +188,9 @@ class MethodsConfig:
     cocktail_codec: str = "randomk:ratio=0.1,unbiased=false|topk:ratio=0.1|quantize:bits=4"
     cocktail_staleness: int = 1
     powersgd_ranks: tuple[int, ...] = (1, 4)
+    #: τ_max in DGA's D = min(τ_min(1), τ_max) (§8.4): DecoConfig's default, kept apart from
+    #: the `deco` section so that capping DeCo-SGD's search does not change this baseline.
+    dga_tau_max: int = 16
     #: Method families to leave out (see METHOD_KINDS); dsgd cannot be skipped (it sets the target).
     skip: tuple[str, ...] = ()
 
@@ -214,6 +217,7 @@ class MethodsConfig:
         for r in self.powersgd_ranks:
             _num("methods.powersgd_ranks", r, 1, 1024, integer=True)
         _num("methods.cocktail_staleness", self.cocktail_staleness, 0, 64, integer=True)
+        _num("methods.dga_tau_max", self.dga_tau_max, 0, 64, integer=True)
         bad = [s for s in self.skip if s not in METHOD_KINDS or s == "dsgd"]
         if bad:
             raise ValueError(f"methods.skip: must name method kinds from {[k for k in METHOD_KINDS if k != 'dsgd']},"

@@ -103,13 +103,13 @@ def build_plan(cfg: BenchConfig) -> list[RunSpec]:
 
 
 def dga_delay(cfg: BenchConfig, numels: Sequence[int]) -> int:
-    """DGA's D = min(τ_min(1), τ_max) from the a-priori network (mean rate of the trace) [ours]."""
+    """DGA's D = min(τ_min(1), methods.dga_tau_max) from the a-priori network (mean rate of the trace) [ours]."""
     link = cfg.network.link()
     n = cfg.workers
     size = message_size("allreduce_dense", n, numels, 1.0)
     bw = link.rate_trace.mean_mbps() * 1e6 / 8.0 if len(link.rate_trace.times_s) > 1 else link.rate_bps(0.0) / 8.0
     lat = size.latency_hops * link.latency_s
-    tmax = cfg.deco_config().tau_max
+    tmax = cfg.methods.dga_tau_max
     return min(tau_min(cfg.train.compute_time_s, size.nbytes / bw, lat), tmax)
 
 

@@ -65,6 +65,8 @@ def fingerprint(cfg: BenchConfig, spec: RunSpec) -> str:
     }
     if spec.kind in NETWORK_DEPENDENT:
         key["network"] = [cfg.network.rtt_ms, cfg.network.bandwidth_mbps, cfg.network.trace]
+        if spec.kind == "dga":
+            key["dga_tau_max"] = cfg.methods.dga_tau_max
         if spec.kind == "static_apriori":
             key["deco_run"] = fingerprint(cfg, RunSpec("deco", "deco", spec.seed))
     blob = json.dumps(key, sort_keys=True, default=str)
