@@ -268,6 +268,9 @@ def _run_deco(ctx: RankContext, spec: RunSpec) -> dict[str, Any]:
     if spec.kind == "static_apriori":
         ratio, tau = ctx.apriori.get(spec.seed, (1.0, 0))
         fields.update(ratio=ratio, staleness=tau)
+    if fields.get("mode") == "static":
+        # tau_max bounds the controller's search only; a static point may lie beyond it.
+        fields["tau_max"] = max(int(cfg.deco.get("tau_max", 16)), int(fields.get("staleness", 0)))
     dcfg = cfg.deco_config(seed=spec.seed, **fields)
     model = ctx.task.model(spec.seed)
     opt = _sgd(ctx, model)

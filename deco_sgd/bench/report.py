@@ -203,7 +203,7 @@ def render_report(res: dict[str, Any], plots: bool, command: str | None = None) 
     """report.md text: target rule, the table, the scenario targets, DeCo's decisions."""
     t = res["target"]
     higher = t["higher_is_better"]
-    scale, unit = (100.0, "%") if higher else (1.0, " bits/B")
+    scale, unit = (100.0, " points") if higher else (1.0, " bits/B")
     lines = [f"# DeCo-SGD benchmark: {res['scenario']} ({res['task']}, {res['mode']} time"
              f"{', quick' if res['quick'] else ''})", ""]
     if command:
@@ -216,7 +216,7 @@ def render_report(res: dict[str, Any], plots: bool, command: str | None = None) 
               f"{tr['compute_time_s'] * 1e3:g} ms per step (virtual); {tr['steps']} steps; seeds {tr['seeds']} "
               f"(static grid: {tr['grid_seeds'] or tr['seeds']}); SGD lr {tr['lr']:g}, momentum {tr['momentum']:g}.",
               "",
-              f"Target: {t['metric']} {'>=' if higher else '<='} {t['value'] * scale:.2f}{unit} "
+              f"Target: {t['metric']} {'>=' if higher else '<='} {t['value'] * scale:.2f}{'%' if higher else unit} "
               f"({t['rule']}; D-SGD best per seed: {', '.join(f'{b * scale:.2f}' for b in t['dsgd_best_per_seed'])}). "
               "Time to target is the virtual time of the first evaluation at or past it, median over seeds "
               "(never = fewer than half of the seeds reach it).", ""]

@@ -43,7 +43,7 @@ NETWORK_DEPENDENT = ("deco", "static_apriori", "dga")
 CONTROLLER_FIELDS = frozenset({
     "a", "b", "c", "kappa", "eps_rel", "phi", "phi_base", "ratio_grid", "measure_every", "decide_every",
     "change_threshold", "hysteresis", "min_dwell_steps", "decision_mode", "lut_rebuild_threshold", "ema_comp",
-    "ema_bandwidth", "ema_grad", "bw_min_transfer_frac", "latency_window", "sigma_coords",
+    "ema_bandwidth", "ema_grad", "bw_min_transfer_frac", "latency_window", "sigma_coords", "tau_max",
 })
 _POLL_S = 0.5
 
