@@ -17,7 +17,7 @@ validation methods of §9.4 on its network, task, optimiser and compute time:
    `methods.deco.decisions` with `changed`), applied at the same steps; skipped without it.
 
 Each run writes its checkpoints into DIR/realtime.json as it finishes; the exit code is 1
-if any checkpoint of a run whose emulation held (`LATE_FRAC_MAX`) misses `REL_TOL`.
+if any checkpoint of a run whose emulation held (`LATE_TIME_MAX`) misses `REL_TOL`.
 """
 from __future__ import annotations
 
@@ -125,7 +125,8 @@ def _run_all(specs: Sequence[tuple[RealRunSpec, str | None]], out: Path, header:
             print(f"  step {row['step']:4d}  real {row['real_s']:7.3f} s  virtual {row['virtual_s']:7.3f} s  "
                   f"err {100 * row['rel_err']:5.1f} %   (fixed compute: {row['virtual_fixed_s']:7.3f} s, "
                   f"err {100 * row['rel_err_fixed']:5.1f} %)", flush=True)
-        print(f"  late emulated ops per rank {val['emulate_late_ops']} (worst fraction {val['late_frac']:.2f}"
+        print(f"  late emulated ops per rank {val['emulate_late_ops']} (may have cost up to "
+              f"{100 * val['late_time_frac']:.1f} % of the run"
               f"{'' if val['emulation_ok'] else ': emulation did not hold, comparison invalid'}), mean host "
               f"work {1e3 * val['mean_host_s']:.1f} ms/step, final metric {val['final_metric']:.4f}", flush=True)
         (out / "realtime.json").write_text(json.dumps(report, indent=1))
