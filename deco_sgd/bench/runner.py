@@ -191,6 +191,8 @@ def run_bench(cfg: BenchConfig, out_dir: str | Path, *, cache_dir: str | Path | 
     t0 = time.perf_counter()
     if todo:
         _spawn(cfg, [s for s, _ in todo], [p for _, p in todo], apriori, out / "errors", progress)
+        if not any((out / "errors").iterdir()):
+            (out / "errors").rmdir()  # kept only when a rank left a traceback
     wall = time.perf_counter() - t0
     trained = {str(p) for _, p in todo}
     records = []
