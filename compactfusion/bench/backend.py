@@ -42,18 +42,6 @@ class TinyDiTBackend:
 
         return load_tiny_dit(dtype=torch.float32).eval()
 
-
-class RandomTinyDiTBackend(TinyDiTBackend):
-    """The tiny DiT architecture with seeded random weights: same code path and bytes, meaningless images."""
-
-    def load(self) -> torch.nn.Module:
-        from compactfusion.models.tiny_dit import build_tiny_dit
-
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            model = build_tiny_dit()
-        return model.float().eval()
-
     def parallelize(self, model: torch.nn.Module, method: Method, *, wire_dtype: str, warmup_steps: int,
                     variant: str = "ef", record_errors: bool = False, seed: int = 0) -> Any:
         from compactfusion import CompactConfig, parallelize
@@ -68,6 +56,18 @@ class RandomTinyDiTBackend(TinyDiTBackend):
 
         with torch.inference_mode():
             return sample(model, labels, steps=steps, guidance=guidance, seed=seed)
+
+
+class RandomTinyDiTBackend(TinyDiTBackend):
+    """The tiny DiT architecture with seeded random weights: same code path and bytes, meaningless images."""
+
+    def load(self) -> torch.nn.Module:
+        from compactfusion.models.tiny_dit import build_tiny_dit
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = build_tiny_dit()
+        return model.float().eval()
 
 
 # ---------------------------------------------------------------------------------- toy

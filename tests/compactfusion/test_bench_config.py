@@ -77,3 +77,23 @@ def test_defaults_and_roundtrip() -> None:
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="no such file"):
         load_config(tmp_path / "absent.yaml")
+
+
+@pytest.mark.parametrize("name", ["tiny_dit", "tiny_dit_random", "toy"])
+def test_every_backend_has_the_three_operations(name: str) -> None:
+    from compactfusion.bench.backend import make_backend
+
+    be = make_backend(name)
+    for op in ("load", "parallelize", "sample"):
+        assert callable(getattr(be, op, None)), (name, op)
+
+
+def test_random_tiny_dit_samples_in_one_process() -> None:
+    pytest.importorskip("diffusers")
+    import torch
+
+    from compactfusion.bench.backend import make_backend
+
+    be = make_backend("tiny_dit_random")
+    out = be.sample(be.load(), torch.tensor([3]), steps=2, guidance=2.0, seed=0)
+    assert out.shape == (1, 1, 32, 32) and bool(torch.isfinite(out).all())
