@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import time
 import weakref
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
@@ -47,6 +47,7 @@ __all__ = [
     "run_method",
     "dga_delay",
     "grid_name",
+    "first_decision",
 ]
 
 logger = logging.getLogger(__name__)
@@ -472,8 +473,3 @@ def _run_powersgd(ctx: RankContext, spec: RunSpec) -> dict[str, Any]:
     dist.destroy_process_group(group)
     return _result(spec, curve, clock, tl, wall, {"ratio": None, "staleness": 0, "powersgd_rank": spec.rank},
                    steps_log)
-
-
-def spec_dict(spec: RunSpec) -> dict[str, Any]:
-    return asdict(spec)
-
