@@ -25,7 +25,7 @@ import torch
 
 from .tiny_dit import NULL_LABEL, NUM_CLASSES
 
-__all__ = ["sample", "ddpm_scheduler", "ddim_timesteps", "NUM_TRAIN_TIMESTEPS"]
+__all__ = ["sample", "ddpm_scheduler", "ddim_timesteps", "save_grid", "NUM_TRAIN_TIMESTEPS"]
 
 logger = logging.getLogger(__name__)
 
@@ -80,3 +80,46 @@ def sample(transformer: torch.nn.Module, labels: torch.Tensor, *, steps: int = 2
         x0 = ((x - (1.0 - a_t) ** 0.5 * eps) / a_t ** 0.5).clamp(-1.0, 1.0)
         x = a_prev ** 0.5 * x0 + (1.0 - a_prev) ** 0.5 * eps
     return x
+
+
+def save_grid(images: torch.Tensor, path: str, *, nrow: int = 10) -> None:
+    """Write (B, 1, H, W) images in [−1, 1] as a PNG grid with `nrow` images per row (matplotlib, lazily)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    imgs = ((images.detach().float().cpu().clamp(-1, 1) + 1) / 2)[:, 0]
+    rows = (imgs.shape[0] + nrow - 1) // nrow
+    h, w = imgs.shape[-2:]
+    canvas = torch.zeros(rows * h, nrow * w)
+    for i, im in enumerate(imgs):
+        r, c = divmod(i, nrow)
+        canvas[r * h:(r + 1) * h, c * w:(c + 1) * w] = im
+    plt.imsave(path, canvas.numpy(), cmap="gray", vmin=0.0, vmax=1.0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m compactfusion.models.sample --out grid.png`: a 10×10 grid (row k = digit k) from a checkpoint."""
+    import argparse
+
+    from .tiny_dit import load_tiny_dit
+
+    p = argparse.ArgumentParser(prog="python -m compactfusion.models.sample", description=main.__doc__)
+    p.add_argument("--out", required=True, help="PNG path")
+    p.add_argument("--checkpoint", default=None, help="checkpoint dir (default: the committed one)")
+    p.add_argument("--per-class", type=int, default=10)
+    p.add_argument("--steps", type=int, default=28)
+    p.add_argument("--guidance", type=float, default=2.0)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    model = load_tiny_dit(path=args.checkpoint)
+    labels = torch.arange(NUM_CLASSES).repeat_interleave(args.per_class)
+    save_grid(sample(model, labels, steps=args.steps, guidance=args.guidance, seed=args.seed), args.out,
+              nrow=args.per_class)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

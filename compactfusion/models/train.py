@@ -73,6 +73,9 @@ class TrainConfig:
     gate_threshold: float = 0.6
     #: Every this many steps, run a 50-sample gate and record its accuracy (0 = off).
     gate_every: int = 0
+    #: DiT-paper initialisation: zero the adaLN-Zero modulation and the output layers, so every
+    #: block starts as the identity (diffusers' from-config init leaves them random).
+    zero_init: bool = False
 
     def __post_init__(self) -> None:
         for name, lo in (("steps", 1), ("batch_size", 1), ("threads", 1), ("curve_points", 1),
@@ -85,8 +88,21 @@ class TrainConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v <= hi:
                 raise ValueError(f"{name}: must be a number in [{lo}, {hi}], got {v!r}")
+        if not isinstance(self.zero_init, bool):
+            raise ValueError(f"zero_init: must be a bool, got {self.zero_init!r}")
         if self.lr == 0:
             raise ValueError("lr: must be > 0")
+
+
+def _zero_init(model: torch.nn.Module) -> None:
+    """Zero the adaLN modulation linears and the final projections (the DiT paper's init)."""
+    with torch.no_grad():
+        for block in model.transformer_blocks:
+            block.norm1.linear.weight.zero_()
+            block.norm1.linear.bias.zero_()
+        for layer in (model.proj_out_1, model.proj_out_2):
+            layer.weight.zero_()
+            layer.bias.zero_()
 
 
 def _batches(n: int, batch_size: int, gen: torch.Generator):
@@ -163,6 +179,8 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, progress: bool = True,
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         model = build_tiny_dit()
+    if cfg.zero_init:
+        _zero_init(model)
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
@@ -255,6 +273,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="only time N training steps and print the median s/step and the steps for 5 minutes")
     p.add_argument("--gate-every", type=int, default=0, metavar="K",
                    help="run a 50-sample gate every K training steps and record it (0 = off)")
+    p.add_argument("--zero-init", action="store_true", help="DiT-paper zero init of adaLN and output layers")
+    p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -268,7 +288,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         cfg = TrainConfig(steps=args.steps or QUICK_STEPS, classifier_epochs=1, gate_samples=20, gate_steps=8)
     else:
-        cfg = TrainConfig(steps=args.steps or DEFAULT_STEPS, gate_every=args.gate_every)
+        cfg = TrainConfig(steps=args.steps or DEFAULT_STEPS, gate_every=args.gate_every, zero_init=args.zero_init,
+                          threads=args.threads)
     extra = None
     if args.clean_step_s is not None:
         extra = {"step_basis": {"clean_step_s": args.clean_step_s,
