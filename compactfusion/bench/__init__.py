@@ -16,6 +16,26 @@ __all__ = [
 ]
 
 
+def _model_info(backend: str) -> dict:
+    """Which weights the run used (the checkpoint may be retrained later)."""
+    import hashlib
+    import json
+
+    if backend != "tiny_dit":
+        return {"backend": backend}
+    from compactfusion.models.tiny_dit import CHECKPOINT_DIR
+
+    info: dict = {"backend": backend}
+    weights = CHECKPOINT_DIR / "model.safetensors"
+    if weights.is_file():
+        info["weights_sha256"] = hashlib.sha256(weights.read_bytes()).hexdigest()
+    meta = CHECKPOINT_DIR / "train.json"
+    if meta.is_file():
+        doc = json.loads(meta.read_text())
+        info["train"] = {k: v for k, v in doc.items() if not isinstance(v, (list, dict))}
+    return info
+
+
 def bench(config: BenchConfig, out: "str | object", *, quick: bool = False, progress: bool = True,
           command: str = "") -> dict:
     """Run the benchmark described by ``config`` and write its outputs to ``out``; returns the results."""
@@ -27,6 +47,7 @@ def bench(config: BenchConfig, out: "str | object", *, quick: bool = False, prog
     cfg = config.quick_version() if quick else config
     data = run_benchmark(cfg, progress=progress)
     res = summarize(data, command=command, quick=quick)
+    res["model"] = _model_info(cfg.backend)
     top = data.per_ranks[max(data.per_ranks)]
     write_outputs(data, res, Path(str(out)), top.images)
     return res

@@ -163,6 +163,7 @@ def to_markdown(res: dict[str, Any], notes: list[str]) -> str:
 
 def _notes(res: dict[str, Any]) -> list[str]:
     notes = ["Absolute seconds are this machine's; only ratios within the run are meaningful."]
+    notes += list(res.get("failures", []))
     load = res["host"]["loadavg_at_end"]
     cpus = res["host"]["cpus"] or 1
     if load and load[0] > 0.5 * cpus:

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .config import BenchConfig
-from .pool import RankPool
+from .pool import RankError, RankPool
 from .search import SearchResult, secant_bandwidth
 from .worker import RunKey, SampleResult, job_link, job_prepare, job_release, job_sample
 
@@ -59,6 +59,7 @@ class RunData:
     config: BenchConfig
     per_ranks: dict[int, Samples]
     elapsed_s: float
+    failures: list[str] = field(default_factory=list)
 
 
 class _Runner:
@@ -191,8 +192,12 @@ def _ablation_method(cfg: BenchConfig) -> str:
                      f"allowed values are {[m.codec for m in METHODS.values() if m.mode == 'ring' and m.compressed]}")
 
 
-def run_benchmark(cfg: BenchConfig, *, progress: bool = True) -> RunData:
-    """Run every group size of ``cfg`` (see the module docstring); returns the raw samples."""
+def run_benchmark(cfg: BenchConfig, *, progress: bool = True, retries: int = 1) -> RunData:
+    """Run every group size of ``cfg`` (see the module docstring); returns the raw samples.
+
+    A group size whose pool fails (a rank raised or timed out) is run again from scratch up to
+    ``retries`` times; every failure is kept in ``RunData.failures`` and shown in the report.
+    """
     from tqdm import tqdm
 
     _ablation_method(cfg)
@@ -208,13 +213,23 @@ def run_benchmark(cfg: BenchConfig, *, progress: bool = True) -> RunData:
     bar.total = runner.expected_samples()
     out: dict[int, Samples] = {}
     fixed: float | None = cfg.link.bandwidth_mbps if isinstance(cfg.link.bandwidth_mbps, (int, float)) else None
+    failures: list[str] = []
     try:
         for p in order:
-            bar.set_description(f"compactfusion bench P={p}")
-            s = runner.run_ranks(p, p == cfg.timing_ranks, p == max(cfg.ranks), fixed)
+            for attempt in range(1 + retries):
+                bar.set_description(f"compactfusion bench P={p}")
+                try:
+                    s = runner.run_ranks(p, p == cfg.timing_ranks, p == max(cfg.ranks), fixed)
+                    break
+                except (RankError, TimeoutError) as exc:
+                    last = str(exc).strip().splitlines()[-1]
+                    failures.append(f"P={p} attempt {attempt + 1} failed and the P={p} run was restarted: {last}")
+                    logger.warning("%s", failures[-1])
+                    if attempt == retries:
+                        raise
             out[p] = s
             if fixed is None and s.search is not None:
                 fixed = s.search.bandwidth_Bps * 8 / 1e6  # other sizes reuse the timing size's B*
     finally:
         bar.close()
-    return RunData(cfg, out, time.monotonic() - t0)
+    return RunData(cfg, out, time.monotonic() - t0, failures)

@@ -190,7 +190,8 @@ def summarize(data: RunData, *, command: str, quick: bool) -> dict[str, Any]:
     cfg = data.config
     top_p = max(data.per_ranks)
     res: dict[str, Any] = {"command": command, "quick": quick, "config": cfg.to_dict(), "elapsed_s": data.elapsed_s,
-                           "ranks": top_p, "images_per_request": len(cfg.labels), "steps": cfg.steps}
+                           "ranks": top_p, "images_per_request": len(cfg.labels), "steps": cfg.steps,
+                           "failures": list(data.failures)}
     for p, s in sorted(data.per_ranks.items()):
         block = {"ranks": p, "methods": _methods(s, cfg.steps, cfg.warmup_steps), "curves": _curves(s),
                  "emulation": s.emulation,
