@@ -136,9 +136,9 @@ def to_markdown(res: dict[str, Any], notes: list[str]) -> str:
         lines += _method_table(block, res["steps"]) + [""]
         if block.get("search"):
             s = block["search"]
-            hist = ", ".join(f"{b * 8 / 1e6:.4g} Mbit/s → {t:.3f} s" for b, t in s["history"])
-            lines += [f"Bandwidth search (target ring = {cfg['link']['target_ratio']} × single = {s['target_s']:.3f} s): "
-                      f"{hist}; chosen {s['mbps_per_rank']:.4g} Mbit/s per rank ({s['time_s']:.3f} s, "
+            hist = ", ".join(f"{b * 8 / 1e6:.4g} Mbit/s → {t:.2f}" for b, t in s["history"])
+            lines += [f"Bandwidth search on ring / single (target {s['target_ratio']:.2f}; each probe times both, "
+                      f"interleaved): {hist}; chosen {s['mbps_per_rank']:.4g} Mbit/s per rank (ratio {s['ratio']:.2f}, "
                       f"{100 * s['ratio_error']:+.1f} % from target, converged: {s['converged']}).", ""]
         if len(block.get("curves", [])) > 1:
             lines += ["Latency (s, median) per link:", ""] + _curve_table(block["curves"]) + [""]

@@ -10,7 +10,8 @@ For each group size P in ``cfg.ranks`` (the timing size first), on a fresh
 3. timing size only: ``repeats`` rounds unshaped (all methods, interleaved round-robin) give
    ``T_single``, ``T_ring(∞)`` and every method's unshaped latency; with ``bandwidth_mbps:
    auto`` the secant search (:mod:`.search`) finds the per-rank bandwidth B* at which ring
-   is ``target_ratio`` times slower than single; then ``repeats`` interleaved rounds at B*
+   is ``target_ratio`` times slower than single (each probe times single and ring
+   interleaved and returns the ratio of their medians); then ``repeats`` interleaved rounds at B*
    and ``sweep_repeats`` rounds at every multiple of B* in ``link.sweep``;
 4. other sizes: ``repeats_other`` interleaved rounds on the same link;
 5. largest P: one run per ablation variant (unshaped), keeping the per-step error rows.
@@ -97,15 +98,19 @@ class _Runner:
         s.links[label] = mbps
         return label
 
-    def measure_ring(self, pool: RankPool, s: Samples, bps: float) -> float:
-        """Median ring latency at ``bps`` bytes/s per rank (a search probe)."""
+    def measure_ratio(self, pool: RankPool, s: Samples, bps: float) -> float:
+        """A search probe: ``median(ring) / median(single)`` at ``bps`` bytes/s per rank, interleaved.
+
+        The single process runs beside ring in the same probe (it does not communicate, so the
+        link does not change it) so that load changes on the host cancel in the ratio.
+        """
         label = self.set_link(pool, s, bps * 8 / 1e6)
-        times = []
+        per = s.latency.setdefault(label, {})
         for _ in range(max(1, min(self.cfg.repeats, 3))):
-            res = self.sample(pool, RunKey("ring"), False)
-            times.append(max(r.latency_s for r in res if r.latency_s is not None))
-        s.latency.setdefault(label, {})["ring"] = times
-        return statistics.median(times)
+            for m in ("single", "ring"):
+                res = self.sample(pool, RunKey(m), False)
+                per.setdefault(m, []).append(max(r.latency_s for r in res if r.latency_s is not None))
+        return statistics.median(per["ring"]) / statistics.median(per["single"])
 
     def run_ranks(self, p: int, timing: bool, ablate: bool, fixed_mbps: float | None) -> Samples:
         c = self.cfg
@@ -124,12 +129,15 @@ class _Runner:
             if shaped:
                 mbps = fixed_mbps
                 if mbps is None:
+                    # The search runs on ratios to the single process measured beside it (times in
+                    # units of T_single), so a change of load on the host does not move the target.
                     lat = s.latency[UNSHAPED]
+                    t1 = statistics.median(lat["single"])
                     w = statistics.mean(sum(t.values()) for t in s.bytes_by_tag["ring"])
                     s.search = secant_bandwidth(
-                        lambda b: self.measure_ring(pool, s, b),
-                        t_single=statistics.median(lat["single"]), t_inf=statistics.median(lat["ring"]),
-                        bytes_per_rank=w, ratio=c.link.target_ratio, tolerance=c.link.tolerance,
+                        lambda b: self.measure_ratio(pool, s, b),
+                        t_single=1.0, t_inf=statistics.median(lat["ring"]) / t1,
+                        bytes_per_rank=w / t1, ratio=c.link.target_ratio, tolerance=c.link.tolerance,
                         max_steps=c.link.secant_steps)
                     mbps = s.search.bandwidth_Bps * 8 / 1e6
                 label = self.set_link(pool, s, mbps)
@@ -171,7 +179,7 @@ class _Runner:
                     rounds += c.sweep_repeats * sum(1 for m in c.link.sweep if m != 1)
             total += rounds * n
             if timing and c.link.bandwidth_mbps == "auto":
-                total += (c.link.secant_steps + 1) * max(1, min(c.repeats, 3))
+                total += 2 * (c.link.secant_steps + 1) * max(1, min(c.repeats, 3))
             if p == max(c.ranks):
                 total += len(c.ablation_variants)
         return total

@@ -143,8 +143,9 @@ def _search(s: Samples) -> dict[str, Any] | None:
     r = s.search
     if r is None:
         return None
-    return {"bandwidth_Bps": r.bandwidth_Bps, "mbps_per_rank": r.bandwidth_Bps * 8 / 1e6, "time_s": r.time_s,
-            "target_s": r.target_s, "history": [list(h) for h in r.history], "converged": r.converged,
+    # The runner searches on ring/single ratios, so "time" here is in units of T_single.
+    return {"bandwidth_Bps": r.bandwidth_Bps, "mbps_per_rank": r.bandwidth_Bps * 8 / 1e6, "ratio": r.time_s,
+            "target_ratio": r.target_s, "history": [list(h) for h in r.history], "converged": r.converged,
             "reachable": r.reachable, "ratio_error": r.ratio_error}
 
 

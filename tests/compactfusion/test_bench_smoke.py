@@ -50,7 +50,11 @@ def test_toy_run_writes_every_output(tmp_path: Path, capsys: pytest.CaptureFixtu
     for f in ("report.md", "images.png", "latency_vs_bandwidth.png", "ablation.png", "ablation.csv"):
         assert (out / f).stat().st_size > 0, f
     curves = res["ranks2"]["curves"]
-    assert [c["mbps_per_rank"] for c in curves][-1] is None and len(curves) == 3  # B*, 2 B*, unshaped
+    bws = [c["mbps_per_rank"] for c in curves]
+    main_bw = res["ranks2"]["main_link_mbps"]
+    assert bws[-1] is None and main_bw in bws and pytest.approx(2 * main_bw) in bws  # B*, 2 B*, unshaped
+    full = [c for c in curves if len(c["latency_s"]) == len(METHODS)]
+    assert len(full) == 3  # search probes time only single and ring
     assert len(res["ranks2"]["methods"]["ring"]["latency_samples"]) == 2
     md = (out / "report.md").read_text()
     assert "## Targets" in md and "ring+binary" in md
