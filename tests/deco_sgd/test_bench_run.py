@@ -22,7 +22,9 @@ TINY = {
     "network": {"rtt_ms": 150, "bandwidth_mbps": 20},
     "train": {"steps": 16, "eval_every": 4, "lr": 0.1, "seeds": [0], "compute_time_s": 0.05, "timeout_s": 300},
     "methods": {"grid_pairs": [[0.1, 1]], "powersgd_ranks": [1], "skip": ["cocktail", "dga", "static_apriori"]},
-    "deco": {"warmup_steps": 2, "measure_every": 2, "decide_every": 4, "min_dwell_steps": 2},
+    # As in the example scenarios: measurements every 2 steps, first informed decision at step 8.
+    "deco": {"warmup_steps": 8, "measure_every": 2, "decide_every": 4, "min_dwell_steps": 2,
+             "bw_min_transfer_frac": 0.05},
 }
 
 
@@ -44,7 +46,11 @@ def test_tiny_bench_schema_progress_and_determinism(tmp_path: Path) -> None:
         assert all(b["t_s"] > a_["t_s"] for a_, b in zip(curve, curve[1:])), name  # virtual time moves
         assert m["final_metric"] > curve[0]["metric"] + 0.05, f"{name} made no progress"
     assert a["methods"]["dsgd"]["time_to_target_s"] is not None  # D-SGD reaches its own target
-    assert a["methods"]["deco"]["decisions"], "the adaptive run logged no decision"
+    decisions = a["methods"]["deco"]["decisions"]
+    assert decisions and decisions[0]["step"] == 8, "the adaptive run logged no decision at the end of warm-up"
+    # Estimates come from virtual timestamps: near exact here (constant link, RTT 150 ms, 20 Mbit/s).
+    assert decisions[0]["bandwidth_mbps_est"] == pytest.approx(20.0, rel=1e-3)  # L̂ includes the probe bytes
+    assert not any(d["reason"].endswith("fallback") for d in decisions)
     assert set(a["methods"]["deco"]["decisions"][0]) >= {"t_s", "step", "ratio", "staleness", "bandwidth_mbps_est",
                                                          "latency_ms_est", "bandwidth_mbps_true", "reason"}
     for f in ("results.json", "report.md", "metric_vs_time.png", "decisions.png", "bandwidth.png"):
