@@ -1,10 +1,13 @@
-"""`deco-sgd` command line: `bench` (design §9) and `calibrate` (design §3.4).
+"""`deco-sgd` command line: `bench` (design §9), `realtime` (§9.4) and `calibrate` (§3.4).
 
     deco-sgd bench CONFIG.yaml --out DIR [--quick] [--cache DIR]
+    deco-sgd realtime (--bench CONFIG.yaml [--results R.json] | --config RT.yaml) --out DIR [...]
     deco-sgd calibrate DIR/results.json [--r R]
 
 `bench` trains every method of the scenario in virtual time and writes DIR/results.json,
-DIR/report.md and the PNG plots, then prints the report. `calibrate` fits the surrogate's
+DIR/report.md and the PNG plots, then prints the report. `realtime` runs the same methods as
+n gloo processes over `netsim.emulate` in real time and checks the virtual clock against the
+wall clock (its options are those of `python -m deco_sgd.bench.realtime`). `calibrate` fits the surrogate's
 b and κ (`deco_sgd.controller.fit_surrogate`) to the static grid's steps to target in a
 results.json and prints the YAML lines to freeze in the example configs.
 """
@@ -40,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="directory of run records to reuse (default DIR/runs); share it between scenarios "
                         "so static methods train once")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
+    sub.add_parser("realtime", add_help=False,
+                   help="real-time mode over netsim.emulate and the virtual-vs-real clock check "
+                        "(`deco-sgd realtime --help` for its options)")
     c = sub.add_parser("calibrate", help="fit the surrogate's b and kappa to a results.json's static grid")
     c.add_argument("results", help="results.json of a bench run with the static grid")
     c.add_argument("--r", type=float, default=None,
@@ -122,6 +128,11 @@ def _cmd_calibrate(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["realtime"]:
+        # Forwarded whole: the real-time mode owns its options (deco_sgd.bench.realtime_cli).
+        from .bench.realtime_cli import main as realtime_main
+
+        return realtime_main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.cmd == "bench":
