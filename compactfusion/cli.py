@@ -1,4 +1,4 @@
-"""Command line: ``compactfusion bench CONFIG.yaml --out DIR [--quick]``.
+"""Command line: ``compactfusion bench CONFIG.yaml --out DIR [--quick]``, ``compactfusion report DIR``.
 
 Exit codes: 0 done, 2 bad input (config or arguments).
 """
@@ -24,15 +24,25 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quick", action="store_true", help="apply the config's quick overrides (a few minutes)")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     b.add_argument("-v", "--verbose", action="store_true", help="INFO logging")
+    r = sub.add_parser("report", help="write DIR/report.md again from DIR/results.json")
+    r.add_argument("dir", type=Path)
     return ap
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+    logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     from .bench import bench, load_config
 
+    if args.cmd == "report":
+        from .bench.report import rerender
+
+        if not (args.dir / "results.json").is_file():
+            print(f"error: no results.json in {args.dir}", file=sys.stderr)
+            return 2
+        print(f"written {rerender(args.dir)}")
+        return 0
     try:
         cfg = load_config(args.config)
         if args.quick:

@@ -33,6 +33,9 @@ def _model_info(backend: str) -> dict:
     if meta.is_file():
         doc = json.loads(meta.read_text())
         info["train"] = {k: v for k, v in doc.items() if not isinstance(v, (list, dict))}
+        gate = doc.get("gate")
+        if isinstance(gate, dict):
+            info["gate"] = {k: v for k, v in gate.items() if not isinstance(v, (list, dict))}
     return info
 
 

@@ -12,7 +12,7 @@ from typing import Any
 from .plots import ablation_csv, ablation_plot, image_grid, latency_plot
 from .runner import RunData
 
-__all__ = ["write_outputs", "to_markdown", "host_info"]
+__all__ = ["write_outputs", "to_markdown", "host_info", "rerender"]
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +36,24 @@ def _f(x: Any, fmt: str = ".3g") -> str:
     if isinstance(x, float) and not math.isfinite(x):
         return "∞"
     return format(x, fmt)
+
+
+def _load(load: Any) -> str:
+    return "–" if not load else " / ".join(f"{x:.2f}" for x in load)
+
+
+def _model_lines(model: Any) -> list[str]:
+    if not model or "weights_sha256" not in model:
+        return []
+    text = f"Model: tiny DiT checkpoint sha256 `{model['weights_sha256'][:16]}…`"
+    gate = model.get("gate")
+    if gate:
+        verdict = "passed" if gate.get("passed") else "**failed**"
+        text += (f"; its training sanity gate (a digit classifier labels class-conditioned samples) {verdict}: "
+                 f"accuracy {gate.get('accuracy', float('nan')):.2f} (threshold {gate.get('threshold')}). "
+                 "Quality numbers compare outputs of the same model, so they measure the fidelity of the exchange, "
+                 "not image quality")
+    return [text + ".", ""]
 
 
 def _kib(x: Any) -> str:
@@ -119,9 +137,9 @@ def to_markdown(res: dict[str, Any], notes: list[str]) -> str:
     cfg = res["config"]
     lines = [f"# CompactFusion benchmark: {cfg['name']}", "",
              f"Command: `{res['command']}`{' (quick)' if res['quick'] else ''}. Wall time {res['elapsed_s']:.0f} s. "
-             f"Host: {res['host']['cpus']} CPUs, torch {res['host']['torch']}, load average at the end "
-             f"{res['host']['loadavg_at_end']}.",
-             "",
+             f"Host: {res['host']['cpus']} CPUs, torch {res['host']['torch']}, load average (1/5/15 min) at the end "
+             f"{_load(res['host']['loadavg_at_end'])}.",
+             ""] + _model_lines(res.get("model")) + [
              f"Setup: backend `{cfg['backend']}`, {res['steps']} DDIM steps, guidance {cfg['guidance']}, seed {cfg['seed']}, "
              f"one request = {res['images_per_request']} images (labels {cfg['labels']}) in one batch, wire dtype "
              f"{cfg['wire_dtype']}, warm-up steps {cfg['warmup_steps']}, {cfg['threads']} thread(s) per rank; the single "
@@ -134,6 +152,11 @@ def to_markdown(res: dict[str, Any], notes: list[str]) -> str:
     for p, block in blocks:
         lines += [f"## P = {p} ranks" + (" (`methods`)" if block is res else f" (`ranks{p}`)"), ""]
         lines += _method_table(block, res["steps"]) + [""]
+        lines += ["Wire bytes are what one rank hands to torch.distributed per request (`ccomm.stats`): every ring hop "
+                  "counts, an all-gather counts the rank's own contribution once (the network then carries it to the "
+                  "P − 1 peers), so ring and patch/distrifusion bytes are equal at P = 2 only. Ratios compare each "
+                  "method with the uncompressed reference of its own mode; PSNR/SSIM are against that reference's "
+                  "images (same P and seed), averaged over the images of the request.", ""]
         if block.get("search"):
             s = block["search"]
             hist = ", ".join(f"{b * 8 / 1e6:.4g} Mbit/s → {t:.2f}" for b, t in s["history"])
@@ -200,3 +223,11 @@ def write_outputs(data: RunData, res: dict[str, Any], out: Path, images: dict[st
     paths["results"].write_text(json.dumps(res, indent=1, default=float) + "\n")
     paths["report"].write_text(to_markdown(res, notes) + "\n")
     return paths
+
+
+def rerender(out: Path) -> Path:
+    """Write ``report.md`` again from ``results.json`` in ``out`` (after a change of the report layout)."""
+    res = json.loads((out / "results.json").read_text())
+    path = out / "report.md"
+    path.write_text(to_markdown(res, res.get("notes", [])) + "\n")
+    return path

@@ -84,3 +84,8 @@ def test_real_quick_run(tmp_path: Path) -> None:
     assert ring["wire_bytes_by_tag"]["kv_ring"] == 8 * 4 * 2 * 128 * 128 * 2
     binary = res["methods"]["ring+binary"]
     assert binary["compression_ratio_steps"] == pytest.approx(128 * 128 * 2 / ((128 + 128) * 2 + 128 * 128 / 8))
+
+
+def test_report_subcommand_rerenders(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["report", str(tmp_path)]) == 2  # no results.json
+    assert "no results.json" in capsys.readouterr().err
