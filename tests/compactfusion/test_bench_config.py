@@ -97,3 +97,9 @@ def test_random_tiny_dit_samples_in_one_process() -> None:
     be = make_backend("tiny_dit_random")
     out = be.sample(be.load(), torch.tensor([3]), steps=2, guidance=2.0, seed=0)
     assert out.shape == (1, 1, 32, 32) and bool(torch.isfinite(out).all())
+
+
+def test_batch16_example_loads() -> None:
+    cfg = load_config(EXAMPLES / "ethernet_batch16.yaml")
+    assert len(cfg.labels) == 16 and cfg.ranks == (2,) and cfg.ablation_variants == ()
+    assert cfg.quick_version().steps == 8
