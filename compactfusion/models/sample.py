@@ -4,15 +4,17 @@ No diffusers pipeline is involved, so a transformer wrapped by `compactfusion.pa
 used unchanged: every rank of a parallel run calls `sample` with identical arguments and gets the
 same images (the parallel transformer returns the full, gathered output on every rank).
 
-Algorithm (deterministic DDIM, η = 0, ε-prediction, the training schedule of `ddpm_scheduler`):
+Algorithm (deterministic DDIM, η = 0, the training schedule of `ddpm_scheduler`; the network
+predicts ε or v = √ᾱ ε − √(1−ᾱ) x_0, as `transformer.config.prediction_type` says, default ε):
 1. draw the initial noise x_T ~ N(0, I) of shape (B, 1, 32, 32) from a CPU `torch.Generator`
    seeded with `seed` (so the result does not depend on the device's RNG), in float32;
 2. timesteps: `steps` values evenly spaced over [T−1, 0] ("trailing": the first is T−1 = 999, so
    the first step sees almost pure noise, as the model was trained);
 3. at each timestep t run ONE transformer call on the batch [x_t, x_t] with labels
    [labels, null] (batched classifier-free guidance, 2B rows), in the transformer's dtype;
-   ε = ε_u + guidance · (ε_c − ε_u) in float32;
-4. x̂_0 = (x_t − √(1−ᾱ_t) ε) / √ᾱ_t, clipped to [−1, 1] (pixel space);
+   out = out_u + guidance · (out_c − out_u) in float32;
+4. ε-model: ε = out, x̂_0 = (x_t − √(1−ᾱ_t) ε) / √ᾱ_t clipped to [−1, 1] (pixel space);
+   v-model: x̂_0 = √ᾱ_t x_t − √(1−ᾱ_t) v clipped, ε = (x_t − √ᾱ_t x̂_0) / √(1−ᾱ_t);
    x_prev = √ᾱ_prev x̂_0 + √(1−ᾱ_prev) ε, with ᾱ_prev = 1 after the last step (so x_0 = x̂_0);
 5. return x_0 (float32, in [−1, 1]).
 """
@@ -63,6 +65,9 @@ def sample(transformer: torch.nn.Module, labels: torch.Tensor, *, steps: int = 2
     param = next(transformer.parameters())
     device, dtype = param.device, param.dtype
     cfg = transformer.config
+    pred = getattr(cfg, "prediction_type", "epsilon")
+    if pred not in ("epsilon", "v_prediction"):
+        raise ValueError(f"transformer.config.prediction_type: must be epsilon or v_prediction, got {pred!r}")
     shape = (labels.numel(), cfg.in_channels, cfg.sample_size, cfg.sample_size)
 
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
@@ -75,9 +80,14 @@ def sample(transformer: torch.nn.Module, labels: torch.Tensor, *, steps: int = 2
         a_prev = float(alphas[timesteps[i + 1]]) if i + 1 < len(timesteps) else 1.0
         tt = torch.full((cond.numel(),), t, dtype=torch.long, device=device)
         out = transformer(torch.cat([x, x]).to(dtype), timestep=tt, class_labels=cond, return_dict=False)[0]
-        eps_c, eps_u = out.float().chunk(2)
-        eps = eps_u + float(guidance) * (eps_c - eps_u)
-        x0 = ((x - (1.0 - a_t) ** 0.5 * eps) / a_t ** 0.5).clamp(-1.0, 1.0)
+        out_c, out_u = out.float().chunk(2)
+        guided = out_u + float(guidance) * (out_c - out_u)
+        if pred == "v_prediction":  # v = √ᾱ ε − √(1−ᾱ) x_0
+            x0 = (a_t ** 0.5 * x - (1.0 - a_t) ** 0.5 * guided).clamp(-1.0, 1.0)
+            eps = (x - a_t ** 0.5 * x0) / (1.0 - a_t) ** 0.5
+        else:
+            eps = guided
+            x0 = ((x - (1.0 - a_t) ** 0.5 * eps) / a_t ** 0.5).clamp(-1.0, 1.0)
         x = a_prev ** 0.5 * x0 + (1.0 - a_prev) ** 0.5 * eps
     return x
 

@@ -43,6 +43,7 @@ NUM_CLASSES = 10
 #: Label index of the unconditional ("null") embedding used for classifier-free guidance.
 NULL_LABEL = NUM_CLASSES
 WEIGHTS_NAME = "model.safetensors"
+PREDICTION_TYPES = ("epsilon", "v_prediction")
 CONFIG_NAME = "config.json"
 
 
@@ -79,11 +80,21 @@ def _disable_builtin_label_dropout(model: torch.nn.Module) -> None:
             m.dropout_prob = 0.0
 
 
-def build_tiny_dit(config: dict[str, Any] | None = None) -> "torch.nn.Module":
-    """A freshly initialised tiny DiT (weights from torch's global RNG; seed it before calling)."""
+def build_tiny_dit(config: dict[str, Any] | None = None, prediction_type: str = "epsilon") -> "torch.nn.Module":
+    """A freshly initialised tiny DiT (weights from torch's global RNG; seed it before calling).
+
+    `prediction_type` ("epsilon" or "v_prediction") is what the network's output means; it is
+    registered in `model.config` (diffusers models do not carry it) so `sample()` reads it from there.
+    A `prediction_type` key inside `config` (as saved in config.json) takes precedence.
+    """
     from diffusers import DiTTransformer2DModel
 
-    model = DiTTransformer2DModel(**(config if config is not None else tiny_dit_config()))
+    kwargs = dict(config if config is not None else tiny_dit_config())
+    prediction_type = kwargs.pop("prediction_type", prediction_type)
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type: must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+    model = DiTTransformer2DModel(**kwargs)
+    model.register_to_config(prediction_type=prediction_type)
     _disable_builtin_label_dropout(model)
     return model
 

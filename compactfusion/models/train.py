@@ -48,7 +48,7 @@ from torch.nn import functional as F
 from .classifier import accuracy, save_classifier, train_classifier
 from .data import digits_sha256, load_digits, to_classifier_input, to_model_space
 from .sample import ddpm_scheduler, sample
-from .tiny_dit import NULL_LABEL, NUM_CLASSES, build_tiny_dit, save_tiny_dit, tiny_dit_config
+from .tiny_dit import NULL_LABEL, NUM_CLASSES, PREDICTION_TYPES, build_tiny_dit, save_tiny_dit, tiny_dit_config
 
 __all__ = ["TrainConfig", "train", "run_gate", "measure_step_time", "main", "DEFAULT_STEPS", "QUICK_STEPS"]
 
@@ -82,6 +82,8 @@ class TrainConfig:
     #: DiT-paper initialisation: zero the adaLN-Zero modulation and the output layers, so every
     #: block starts as the identity (diffusers' from-config init leaves them random).
     zero_init: bool = False
+    #: What the network predicts: "epsilon" (spec §6) or "v_prediction" (v = √ᾱ ε − √(1−ᾱ) x_0).
+    prediction_type: str = "epsilon"
 
     def __post_init__(self) -> None:
         for name, lo in (("steps", 1), ("batch_size", 1), ("threads", 1), ("curve_points", 1),
@@ -94,6 +96,8 @@ class TrainConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v <= hi:
                 raise ValueError(f"{name}: must be a number in [{lo}, {hi}], got {v!r}")
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type: must be one of {PREDICTION_TYPES}, got {self.prediction_type!r}")
         if not isinstance(self.zero_init, bool):
             raise ValueError(f"zero_init: must be a bool, got {self.zero_init!r}")
         if self.lr == 0:
@@ -125,7 +129,8 @@ def _train_step(model, opt, sched, x0, y, cfg: TrainConfig, gen: torch.Generator
     drop = torch.rand(x0.shape[0], generator=gen) < cfg.label_dropout
     labels = torch.where(drop, torch.full_like(y, NULL_LABEL), y)
     xt = sched.add_noise(x0, eps, t)
-    loss = F.mse_loss(model(xt, timestep=t, class_labels=labels, return_dict=False)[0], eps)
+    target = sched.get_velocity(x0, eps, t) if cfg.prediction_type == "v_prediction" else eps
+    loss = F.mse_loss(model(xt, timestep=t, class_labels=labels, return_dict=False)[0], target)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -184,7 +189,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, progress: bool = True,
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        model = build_tiny_dit()
+        model = build_tiny_dit(prediction_type=cfg.prediction_type)
     if cfg.zero_init:
         _zero_init(model)
     model.train()
@@ -281,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="run a 50-sample gate every K training steps and record it (0 = off)")
     p.add_argument("--zero-init", action="store_true", help="DiT-paper zero init of adaLN and output layers")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--prediction-type", default="epsilon", choices=PREDICTION_TYPES,
+                   help="network target: epsilon (spec) or v_prediction")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -295,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = TrainConfig(steps=args.steps or QUICK_STEPS, classifier_epochs=1, gate_samples=20, gate_steps=8)
     else:
         cfg = TrainConfig(steps=args.steps or DEFAULT_STEPS, gate_every=args.gate_every, zero_init=args.zero_init,
-                          threads=args.threads)
+                          threads=args.threads, prediction_type=args.prediction_type)
     extra = None
     if args.clean_step_s is not None:
         extra = {"step_basis": {"clean_step_s": args.clean_step_s,

@@ -138,6 +138,14 @@ def test_committed_checkpoint_is_small_fp16_and_loads() -> None:
     assert torch.equal(p, p.half().float())
 
 
+def test_prediction_type_is_registered_and_validated() -> None:
+    assert build_tiny_dit(prediction_type="v_prediction").config.prediction_type == "v_prediction"
+    cfg = dict(tiny_dit_config(), prediction_type="v_prediction")
+    assert build_tiny_dit(cfg).config.prediction_type == "v_prediction"  # as read back from config.json
+    with pytest.raises(ValueError, match="prediction_type"):
+        build_tiny_dit(prediction_type="sample")
+
+
 def test_load_from_missing_dir_names_the_training_command(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="compactfusion.models.train"):
         load_tiny_dit(path=tmp_path)
@@ -191,24 +199,27 @@ def test_committed_checkpoint_passes_the_sanity_gate(committed_gate) -> None:
 class _OracleDenoiser(torch.nn.Module):
     """Predicts the exact noise for a data set holding one image per label (class `c` -> `targets[c]`)."""
 
-    def __init__(self, targets: torch.Tensor) -> None:
+    def __init__(self, targets: torch.Tensor, prediction_type: str = "epsilon") -> None:
         super().__init__()
         self.targets = targets
+        self.v = prediction_type == "v_prediction"
         self.w = torch.nn.Parameter(torch.zeros(()))  # sample() reads device and dtype from a parameter
         self.alphas = ddpm_scheduler().alphas_cumprod
-        self.config = type("Cfg", (), {"in_channels": 1, "sample_size": 32})()
+        self.config = type("Cfg", (), {"in_channels": 1, "sample_size": 32, "prediction_type": prediction_type})()
 
     def forward(self, x, timestep, class_labels, return_dict=False):
         a = self.alphas[timestep].view(-1, 1, 1, 1).float()
         x0 = self.targets[class_labels.clamp(max=len(self.targets) - 1)]
-        return ((x - a.sqrt() * x0) / (1 - a).sqrt(),)
+        eps = (x - a.sqrt() * x0) / (1 - a).sqrt()
+        return (a.sqrt() * eps - (1 - a).sqrt() * x0,) if self.v else (eps,)
 
 
-def test_ddim_with_an_oracle_denoiser_returns_the_data_point() -> None:
-    # If eps is exact for a one-point-per-class data set, deterministic DDIM lands on that point.
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_ddim_with_an_oracle_denoiser_returns_the_data_point(prediction_type: str) -> None:
+    # If eps (or v) is exact for a one-point-per-class data set, deterministic DDIM lands on that point.
     g = torch.Generator().manual_seed(0)
     targets = torch.rand((10, 1, 32, 32), generator=g) * 1.8 - 0.9
-    oracle = _OracleDenoiser(targets)
+    oracle = _OracleDenoiser(targets, prediction_type)
     labels = torch.tensor([2, 5, 9])
     got = sample(oracle, labels, steps=28, guidance=1.0, seed=3)
     torch.testing.assert_close(got, targets[labels], rtol=0, atol=1e-4)

@@ -41,7 +41,7 @@ def test_train_quick_smoke(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("field,value", [("steps", 0), ("batch_size", 0), ("lr", 0.0), ("label_dropout", 1.5),
                                          ("threads", 0), ("gate_threshold", -0.1), ("seed", -1), ("steps", 2.5),
-                                         ("gate_every", -1)])
+                                         ("gate_every", -1), ("prediction_type", "sample")])
 def test_train_config_rejects_bad_values(field: str, value: object) -> None:
     with pytest.raises(ValueError, match=field):
         TrainConfig(**{field: value})
