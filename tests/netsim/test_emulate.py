@@ -14,6 +14,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 import pytest
 import torch
@@ -51,6 +52,25 @@ NBYTES = 160_000  # 32 ms of serialization at 40 Mbit/s
 
 def _tol(model: float) -> float:
     return max(REL_TOL * model, ABS_TOL_S)
+
+
+#: Timing runs in which a rank saw late ops are repeated up to this many times in all.
+ON_TIME_ATTEMPTS = 3
+
+
+def _on_time(run: Callable[[], list[Any]], late: Callable[[Any], float]) -> list[Any]:
+    """The first of ON_TIME_ATTEMPTS runs in which no rank reports a late op.
+
+    A late op means the host (a descheduled rank, a busy loopback) overran the model, so that
+    run measured the machine, not the emulated link. Such runs are repeated rather than judged;
+    the tolerances then apply to a run the emulation kept up with, and a model that disagrees
+    with the transport still fails. If every attempt was late, the last is returned and judged.
+    """
+    for _ in range(ON_TIME_ATTEMPTS - 1):
+        results = run()
+        if not any(late(r) for r in results):
+            return results
+    return run()
 
 
 def _report(title: str, results: list[tuple[dict[str, float], dict[str, float], dict]]) -> None:
@@ -716,7 +736,7 @@ def test_n2_every_op_matches_model(ranks2: LazyRanks) -> None:
 @pytest.mark.multiprocess
 def test_n4_every_op_matches_model(ranks4: LazyRanks) -> None:
     link = Link(40, 10)
-    results = ranks4.run(_job_ops, link, 100_000, False, timeout_s=120)
+    results = _on_time(lambda: ranks4.run(_job_ops, link, 100_000, False, timeout_s=120), lambda r: r[2]["late_ops"])
     _report(f"n=4, {link}, 100000 B, median of {REPEATS}", results)
     for rank, (meas, model, stats) in enumerate(results):
         _check(meas, model, rank, stats)
@@ -771,8 +791,8 @@ def test_n2_concurrent_messages_share_bandwidth(ranks2: LazyRanks) -> None:
 def test_n4_fan_in_shared_vs_mesh(ranks4: LazyRanks) -> None:
     link, nbytes = Link(40, 10), 100_000
     ser = link.serialization_time(nbytes)
-    shared = ranks4.run(_job_fan_in, link, nbytes, True)
-    mesh = ranks4.run(_job_fan_in, link, nbytes, False)
+    shared = _on_time(lambda: ranks4.run(_job_fan_in, link, nbytes, True), lambda r: r["late_ops"])
+    mesh = _on_time(lambda: ranks4.run(_job_fan_in, link, nbytes, False), lambda r: r["late_ops"])
     # Shared: rank 0's downlink takes the three messages one after the other.
     want = 3 * ser + link.latency_s
     assert abs(shared[0]["s"] - want) <= _tol(want), (shared[0], want)
