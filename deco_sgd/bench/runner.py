@@ -7,8 +7,8 @@
    not trained again; static methods so train once and serve every scenario.
 2. The remaining runs go to n spawned processes (1 torch thread each), which join one gloo
    group and execute them in plan order (`methods.run_method`); rank 0 writes one JSON
-   record per run and drives the progress bar. A rank that fails writes its traceback; the
-   parent then kills the other ranks (by pid) and raises.
+   record per run and drives the progress bar. The ranks run under `_procs.run_ranks`: a rank
+   that fails sends its traceback, and the parent stops the others and raises `BenchFailed`.
 3. Every record is re-timed on this scenario's link with `vclock.replay` from its step log.
    For runs trained here, the replayed times must equal the ones measured online (a
    self-check of the accounting); cached runs get this scenario's times.
@@ -20,14 +20,12 @@ import hashlib
 import json
 import logging
 import math
-import multiprocessing as mp
 import os
-import socket
 import time
-import traceback
 from pathlib import Path
 from typing import Any, Callable
 
+from ._procs import RanksFailed, run_ranks
 from .config import BenchConfig
 from .methods import RunSpec, build_plan, first_decision
 from .vclock import replay
@@ -45,7 +43,6 @@ CONTROLLER_FIELDS = frozenset({
     "change_threshold", "hysteresis", "min_dwell_steps", "decision_mode", "lut_rebuild_threshold", "ema_comp",
     "ema_bandwidth", "ema_grad", "bw_min_transfer_frac", "latency_window", "sigma_coords", "tau_max",
 })
-_POLL_S = 0.5
 
 
 class BenchFailed(RuntimeError):
@@ -77,88 +74,44 @@ def _record_path(cache: Path, cfg: BenchConfig, spec: RunSpec) -> Path:
     return cache / f"{spec.key}__{fingerprint(cfg, spec)}.json"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _worker(rank: int, world: int, port: int, cfg: BenchConfig, todo: list[RunSpec], paths: list[str],
-            apriori: dict[int, tuple[float, int]], err_dir: str, progress: bool) -> None:
-    """Entry point of one spawned rank (module level: pickled by reference)."""
-    import datetime
-
-    import torch
-    import torch.distributed as dist
-
+def _worker(rank: int, world: int, cfg: BenchConfig, todo: list[RunSpec], paths: list[str],
+            apriori: dict[int, tuple[float, int]], progress: bool) -> None:
+    """One rank's share of the plan, run by `_procs.run_ranks` (which owns the gloo group)."""
     from .methods import RankContext, run_method
     from .tasks import make_task
 
-    try:
-        torch.set_num_threads(1)
-        logging.basicConfig(level=logging.WARNING)
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=cfg.train.timeout_s))
-        task = make_task(cfg.task["name"], **cfg.task_kwargs)
-        bar = None
-        if rank == 0 and progress:
-            from tqdm import tqdm
+    logging.basicConfig(level=logging.WARNING)
+    task = make_task(cfg.task["name"], **cfg.task_kwargs)
+    bar = None
+    if rank == 0 and progress:
+        from tqdm import tqdm
 
-            bar = tqdm(total=len(todo) * cfg.train.steps, unit="step", desc=cfg.scenario, dynamic_ncols=True)
-        ctx = RankContext(rank, world, cfg, task, progress=(bar.update if bar is not None else (lambda k: None)),
-                          apriori=dict(apriori))
-        for spec, path in zip(todo, paths):
-            if bar is not None:
-                bar.set_description(f"{cfg.scenario} {spec.key}")
-            rec = run_method(ctx, spec)
-            if spec.kind == "deco":
-                ctx.apriori[spec.seed] = first_decision(rec["decisions"])
-            if rank == 0:
-                rec["fingerprint"] = fingerprint(cfg, spec)
-                tmp = Path(path).with_suffix(".tmp")
-                tmp.write_text(json.dumps(rec))
-                os.replace(tmp, path)
+        bar = tqdm(total=len(todo) * cfg.train.steps, unit="step", desc=cfg.scenario, dynamic_ncols=True)
+    ctx = RankContext(rank, world, cfg, task, progress=(bar.update if bar is not None else (lambda k: None)),
+                      apriori=dict(apriori))
+    for spec, path in zip(todo, paths):
         if bar is not None:
-            bar.close()
-        dist.barrier()
-        dist.destroy_process_group()
-    except BaseException:
-        Path(err_dir, f"rank{rank}.txt").write_text(traceback.format_exc())
-        os._exit(1)
+            bar.set_description(f"{cfg.scenario} {spec.key}")
+        rec = run_method(ctx, spec)
+        if spec.kind == "deco":
+            ctx.apriori[spec.seed] = first_decision(rec["decisions"])
+        if rank == 0:
+            rec["fingerprint"] = fingerprint(cfg, spec)
+            tmp = Path(path).with_suffix(".tmp")
+            tmp.write_text(json.dumps(rec))
+            os.replace(tmp, path)
+    if bar is not None:
+        bar.close()
 
 
 def _spawn(cfg: BenchConfig, todo: list[RunSpec], paths: list[Path], apriori: dict[int, tuple[float, int]],
-           err_dir: Path, progress: bool) -> None:
-    err_dir.mkdir(parents=True, exist_ok=True)
-    for f in err_dir.glob("rank*.txt"):
-        f.unlink()
-    ctx = mp.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, cfg.workers, port, cfg, todo, [str(p) for p in paths], apriori,
-                                               str(err_dir), progress), daemon=False)
-             for r in range(cfg.workers)]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + cfg.train.timeout_s
+           progress: bool) -> None:
+    t = cfg.train.timeout_s
     try:
-        while True:
-            codes = [p.exitcode for p in procs]
-            if all(c == 0 for c in codes):
-                return
-            bad = [r for r, c in enumerate(codes) if c not in (None, 0)]
-            if bad or time.monotonic() > deadline:
-                errs = sorted(err_dir.glob("rank*.txt"))
-                detail = "\n".join(f"--- {f.stem}\n{f.read_text()}" for f in errs[:2])
-                why = f"rank(s) {bad} exited with {[codes[r] for r in bad]}" if bad else \
-                    f"timeout after train.timeout_s={cfg.train.timeout_s:g} s"
-                raise BenchFailed(f"{why}\n{detail}")
-            time.sleep(_POLL_S)
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.kill()  # only our own children, by handle
-        for p in procs:
-            p.join(timeout=10)
+        run_ranks(_worker, cfg.workers, cfg, todo, [str(p) for p in paths], apriori, progress,
+                  timeout_s=t, group_timeout_s=t)
+    except RanksFailed as exc:
+        raise BenchFailed(f"train.timeout_s={t:g} s; {exc}") from exc
 
 
 def retime(rec: dict[str, Any], cfg: BenchConfig) -> dict[str, Any]:
@@ -190,9 +143,7 @@ def run_bench(cfg: BenchConfig, out_dir: str | Path, *, cache_dir: str | Path | 
          f"on {cfg.workers} workers")
     t0 = time.perf_counter()
     if todo:
-        _spawn(cfg, [s for s, _ in todo], [p for _, p in todo], apriori, out / "errors", progress)
-        if not any((out / "errors").iterdir()):
-            (out / "errors").rmdir()  # kept only when a rank left a traceback
+        _spawn(cfg, [s for s, _ in todo], [p for _, p in todo], apriori, progress)
     wall = time.perf_counter() - t0
     trained = {str(p) for _, p in todo}
     records = []
