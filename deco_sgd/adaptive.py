@@ -165,13 +165,6 @@ class AdaptiveDriver:
         st = self.state
         if step < st.config.warmup_steps:
             return
-        if m.bandwidth is None:
-            # No transfer has been measured yet (bandwidth samples wait for the pattern's
-            # latency). Holding the current point is safe; the controller's fallback for an
-            # unknown B (min ratio, max staleness) is meant for a link measured at zero.
-            logger.info("step %d: bandwidth not measured yet; holding ratio=%g staleness=%d",
-                        step, st.ratio, st.staleness)
-            return
         d = self.controller.decide(m, (st.ratio, st.staleness), step)
         self.log.append(d)
         if d.changed:

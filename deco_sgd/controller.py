@@ -24,10 +24,12 @@ minimum of W, so ties go to the larger δ, then the smaller τ.
 2. trigger: the first call after warm-up, every `decide_every` steps since the last
    decision, or when B̂ or any L̂ moved more than `change_threshold` from the values of the
    last decision (unknown values never trigger);
-3. hold when T̂_comp is unknown, or when no candidate is finite because a latency is
-   unknown; fall back to (min δ, τ_max) with a warning when B̂ is unknown or 0 or no
-   candidate is finite otherwise (§3.5), at once (nothing can be scored, so neither
-   hysteresis nor dwell applies);
+3. hold when T̂_comp or B̂ has never been measured (no transfer has passed the estimator's
+   filter yet), or when no candidate is finite because a latency is unknown; fall back to
+   (min δ, τ_max) with a warning when B̂ is 0 (a measured outage) or no candidate is finite otherwise
+   (§3.5), at once (nothing can be scored, so neither hysteresis nor dwell applies). The
+   design note also falls back on an unknown B̂; we hold instead, because at the first
+   decision after a short warm-up "unknown" means "not measured yet", not an outage;
 4. otherwise keep the current point if it is the best ("optimal"), else rescore it and
    switch only if W_best < (1 − hysteresis)·W_current
    and `min_dwell_steps` have passed since the last switch;
@@ -126,7 +128,7 @@ class Decision:
     staleness: int
     changed: bool
     trigger: str  # warmup | static | none | initial | period | bandwidth_change | latency_change
-    outcome: str  # hold | optimal | switch | hysteresis | dwell | unknown_compute | unknown_latency | fallback
+    outcome: str  # hold | optimal | switch | hysteresis | dwell | unknown_compute | unknown_bandwidth | unknown_latency | fallback
     bandwidth: float | None
     latency: float | None
     t_comp: float | None
@@ -270,6 +272,8 @@ class Controller:
             return out(trigger, "hold", cur_d, cur_t)
         if m.t_comp is None:
             return out(trigger, "unknown_compute", cur_d, cur_t)
+        if m.bandwidth is None:  # not remembered: the trigger stays armed until B̂ exists
+            return out(trigger, "unknown_bandwidth", cur_d, cur_t)
         best = None if not m.bandwidth else self.search(m)
         if best is None and m.bandwidth:
             needed = {pattern_for(self.exchange, d) for d in self.grid}

@@ -304,13 +304,24 @@ def test_ties_prefer_larger_ratio_then_smaller_staleness() -> None:
 
 def test_no_finite_candidate_falls_back(caplog: pytest.LogCaptureFixture) -> None:
     cfg = DecoConfig(warmup_steps=0)
-    for bw in (0.0, None, float("nan")):
+    for bw in (0.0,):  # a measured outage; an unknown (None, NaN) B̂ holds instead (next test)
         ctl = Controller(cfg, 8, NUMELS)
         with caplog.at_level(logging.WARNING, logger="deco_sgd.controller"):
             dec = ctl.decide(meas(mbps=bw), (1.0, 0), step=0)
         assert (dec.ratio, dec.staleness, dec.outcome) == (min(cfg.ratio_grid), cfg.tau_max, "fallback")
         assert "no finite candidate" in caplog.text
         caplog.clear()
+
+
+def test_unmeasured_bandwidth_holds_until_measured() -> None:
+    # Unknown B̂ is "not measured yet" (e.g. the first decision after a short warm-up), not an
+    # outage: hold the current point and keep the trigger armed for the next call.
+    for bw in (None, float("nan")):  # Measurements turns a non-finite number into None
+        ctl = Controller(DecoConfig(warmup_steps=0), 8, NUMELS)
+        dec = ctl.decide(meas(mbps=bw), (1.0, 0), step=0)
+        assert (dec.ratio, dec.staleness, dec.outcome, dec.changed) == (1.0, 0, "unknown_bandwidth", False)
+    dec = ctl.decide(meas(mbps=100.0), (1.0, 0), step=1)
+    assert dec.trigger == "initial" and dec.outcome in ("switch", "optimal")
 
 
 def test_unknown_latency_holds_instead_of_falling_back() -> None:
