@@ -133,13 +133,15 @@ def test_desync_is_detected(pool: DistPool) -> None:
 
 
 def _adaptive_checkpoint(rank: int, world: int) -> tuple[dict, dict, int, int]:
-    model, opt = _build(False, _cfg())
+    # Every exchange may give a bandwidth sample (no latency-share filter), so the controller
+    # has measured B and remembered a decision by the checkpoint at step 12.
+    model, opt = _build(False, _cfg(bw_min_transfer_frac=0.0))
     for s in range(12):
         opt.zero_grad()
         T.loss_fn(model, rank, s).backward()
         opt.step()
     sd = opt.state.state_dict()
-    model2, opt2 = _build(False, _cfg())
+    model2, opt2 = _build(False, _cfg(bw_min_transfer_frac=0.0))
     opt2.state.load_state_dict(sd)
     a, b = opt.state.driver, opt2.state.driver
     for s in range(12, 16):  # the resumed run keeps going (and keeps its control exchange in step)
