@@ -1,7 +1,7 @@
 """The benchmark run (spec §8.6): every method side by side on one host, link and seed.
 
 For each group size P in ``cfg.ranks`` (the timing size first), on a fresh
-:class:`~compactfusion.bench.pool.RankPool` of P one-thread gloo ranks:
+:func:`~compactfusion.bench.pool.bench_pool` of P one-thread gloo ranks:
 
 1. load and parallelize one model per method (and, at the largest P, one ``ring`` model per
    ablation variant with error recording);
@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .config import BenchConfig
-from .pool import RankError, RankPool
+from .pool import RankError, RankPool, bench_pool
 from .search import SearchResult, secant_bandwidth
 from .worker import RunKey, SampleResult, job_link, job_prepare, job_release, job_sample
 
@@ -116,7 +116,7 @@ class _Runner:
         c = self.cfg
         s = Samples(p)
         keys = [RunKey(m) for m in c.methods] + (self.ablation_keys() if ablate else [])
-        with RankPool(p, threads=c.threads, group_timeout_s=c.timeout_s) as pool:
+        with bench_pool(p, threads=c.threads, timeout_s=c.timeout_s) as pool:
             pool.run(job_prepare, c.backend, keys, c.wire_dtype, c.warmup_steps, c.seed, timeout=c.timeout_s)
             for k in range(max(1, c.warmup_loops)):
                 self.round(pool, s, "warmup", keep=k == 0)

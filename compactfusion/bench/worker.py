@@ -1,4 +1,4 @@
-"""Jobs the benchmark runs on every rank of a :class:`~compactfusion.bench.pool.RankPool`.
+"""Jobs the benchmark runs on every rank of a :func:`~compactfusion.bench.pool.bench_pool`.
 
 Each is a module-level function ``job(ctx, ...)`` (pickled by reference); models, handles and
 the active emulator live in ``ctx.cache`` between jobs.

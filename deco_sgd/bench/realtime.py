@@ -2,7 +2,7 @@
 
 One real-time run (`run_real(spec)`):
 
-1. spawns `spec.n` gloo ranks (`_procs.run_ranks`); each builds the task, its model and an
+1. spawns `spec.n` gloo ranks (`ccomm.ranks.run_ranks`); each builds the task, its model and an
    SGD optimizer, creates a data group and enters `netsim.emulate(link, group)`, so every
    DeCo-SGD exchange on that group completes no earlier than the link model says;
 2. runs the real `DecoOptimizer` (wrapper mode) at a fixed (ratio, staleness, codec), or
@@ -34,7 +34,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
-from ._procs import run_ranks
+from ccomm.ranks import run_ranks
+
 from .vclock import LinkTimeline, StepClock
 
 __all__ = ["REL_TOL", "LATE_TIME_MAX", "RealRunSpec", "RealResult", "StepPlan", "UnitPlan", "run_real", "run_rank", "step_plans",
@@ -269,7 +270,7 @@ def run_rank(rank: int, world: int, spec: RealRunSpec) -> dict[str, Any]:
 
 def run_real(spec: RealRunSpec) -> RealResult:
     """Run `spec` on `spec.n` fresh local gloo ranks (blocking; see the module docstring)."""
-    ranks = run_ranks(run_rank, spec.n, spec, timeout_s=spec.timeout_s)
+    ranks = run_ranks(run_rank, spec.n, spec, timeout=spec.timeout_s)
     return RealResult(spec, ranks)
 
 

@@ -1,6 +1,6 @@
 """Payload transport (`ccomm.comm`) on real gloo process groups.
 
-Rank functions (`_r_*`) run inside `DistPool` subprocesses and return plain data; the
+Rank functions (`_r_*`) run inside `RankPool` subprocesses and return plain data; the
 assertions that compare ranks run in the parent. Every rank function records, through
 `_Spy`, the tensors it hands to torch.distributed, so byte counts are checked against
 what really went to the backend, not only against `ccomm.stats`.
@@ -27,10 +27,7 @@ from ccomm.comm import (
 )
 from ccomm.stats import CommStats
 
-try:  # tests/ccomm as a package or as a rootdir-inserted directory
-    from ._dist import DistPool, run_distributed
-except ImportError:
-    from _dist import DistPool, run_distributed
+from ccomm.ranks import RankError, RankPool, run_ranks
 
 CHAIN = "randomk:ratio=0.1|topk:ratio=0.1|quantize:bits=4"
 #: An additive chain (index-free sparsifier + additive cast), so all-reduce is legal.
@@ -46,14 +43,14 @@ SHAPE = (48, 40)
 
 
 @pytest.fixture(scope="module")
-def pool() -> Iterator[Callable[[int], DistPool]]:
+def pool() -> Iterator[Callable[[int], RankPool]]:
     """`pool(n)`: a live n-rank pool shared by the module, restarted after a failure."""
-    pools: dict[int, DistPool] = {}
+    pools: dict[int, RankPool] = {}
 
-    def get(n: int) -> DistPool:
+    def get(n: int) -> RankPool:
         p = pools.get(n)
         if p is None or p.broken:
-            p = pools[n] = DistPool(n, group_timeout_s=30.0)
+            p = pools[n] = RankPool(n, group_timeout_s=30.0)
         return p
 
     yield get
@@ -152,7 +149,7 @@ def _r_gather_codec(rank: int, world: int, spec: str) -> list[dict[str, Any]]:
 
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("spec", SPECS)
-def test_allgather_every_codec_bytes_and_sum(pool: Callable[[int], DistPool], spec: str) -> None:
+def test_allgather_every_codec_bytes_and_sum(pool: Callable[[int], RankPool], spec: str) -> None:
     r0, r1 = pool(2).run(_r_gather_codec, spec)
     for c0, c1 in zip(r0, r1):
         ranks = (c0, c1)
@@ -225,7 +222,7 @@ def _r_reduce_codec(rank: int, world: int, spec: str) -> list[dict[str, Any]]:
 
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("spec", ADDITIVE_SPECS)
-def test_allreduce_additive_codecs(pool: Callable[[int], DistPool], spec: str) -> None:
+def test_allreduce_additive_codecs(pool: Callable[[int], RankPool], spec: str) -> None:
     r0, r1 = pool(2).run(_r_reduce_codec, spec)
     for c0, c1 in zip(r0, r1):
         for me in (c0, c1):
@@ -287,7 +284,7 @@ def _r_var_sizes(rank: int, world: int) -> dict[str, Any]:
 
 
 @pytest.mark.multiprocess
-def test_allgather_uneven_sizes_three_ranks(pool: Callable[[int], DistPool]) -> None:
+def test_allgather_uneven_sizes_three_ranks(pool: Callable[[int], RankPool]) -> None:
     res = pool(3).run(_r_var_sizes)
     for dtype, esize in ((torch.uint8, 1), (torch.float32, 4)):
         per_rank = [r[str(dtype)] for r in res]
@@ -327,7 +324,7 @@ def _r_approx_topk(rank: int, world: int) -> dict[str, Any]:
 
 
 @pytest.mark.multiprocess
-def test_approx_topk_through_size_exchange(pool: Callable[[int], DistPool]) -> None:
+def test_approx_topk_through_size_exchange(pool: Callable[[int], RankPool]) -> None:
     res = pool(3).run(_r_approx_topk)
     sizes = [r["nbytes"] for r in res]
     for me in res:
@@ -384,7 +381,7 @@ def _r_ring(rank: int, world: int) -> dict[str, Any]:
 
 
 @pytest.mark.multiprocess
-def test_send_recv_ring_three_ranks(pool: Callable[[int], DistPool]) -> None:
+def test_send_recv_ring_three_ranks(pool: Callable[[int], RankPool]) -> None:
     res = pool(3).run(_r_ring)
     for rank, me in enumerate(res):
         src, dst = res[(rank - 1) % 3], res[(rank + 1) % 3]
@@ -418,7 +415,7 @@ def _r_send_recv_validation(rank: int, world: int) -> bool:
 
 
 @pytest.mark.multiprocess
-def test_send_recv_validation(pool: Callable[[int], DistPool]) -> None:
+def test_send_recv_validation(pool: Callable[[int], RankPool]) -> None:
     assert pool(2).run(_r_send_recv_validation) == [True, True]
 
 
@@ -470,7 +467,7 @@ def _r_async(rank: int, world: int) -> dict[str, Any]:
 
 
 @pytest.mark.multiprocess
-def test_async_handles(pool: Callable[[int], DistPool]) -> None:
+def test_async_handles(pool: Callable[[int], RankPool]) -> None:
     r0, r1 = pool(2).run(_r_async)
     total = (r0["x"] + r1["x"]).reshape(-1)
     for rank, me in enumerate((r0, r1)):
@@ -518,7 +515,7 @@ def _r_silent_peer(rank: int, world: int) -> dict[str, float] | None:
 
 
 @pytest.mark.multiprocess
-def test_silent_peer_times_out(pool: Callable[[int], DistPool]) -> None:
+def test_silent_peer_times_out(pool: Callable[[int], RankPool]) -> None:
     # Uses sub-groups with a short timeout; the pool is closed after (its sub-groups are broken).
     p = pool(2)
     try:
@@ -542,7 +539,7 @@ def _r_dead_peer(rank: int, world: int) -> dict[str, Any]:
 
 @pytest.mark.multiprocess
 def test_dead_peer_raises_instead_of_hanging() -> None:
-    r0, r1 = run_distributed(_r_dead_peer, 2, timeout=60.0, group_timeout_s=FAIL_TIMEOUT_S, may_exit={1})
+    r0, r1 = run_ranks(_r_dead_peer, 2, timeout=60.0, group_timeout_s=FAIL_TIMEOUT_S, may_exit={1})
     assert r1 is None
     # A closed connection is reported at once; a half-dead one by the group timeout.
     assert r0["elapsed"] <= FAIL_TIMEOUT_S + SLACK_S, r0
@@ -589,10 +586,10 @@ HANG_DEADLINE_S, KILL_MARGIN_S = 2.0, 15.0
 
 
 @pytest.mark.multiprocess
-def test_harness_reraises_rank_errors_and_kills_hangs(pool: Callable[[int], DistPool]) -> None:
+def test_harness_reraises_rank_errors_and_kills_hangs(pool: Callable[[int], RankPool]) -> None:
     p = pool(2)
     t0 = time.monotonic()
-    with pytest.raises(AssertionError, match=r"(?s)--- rank 1 ---.*KeyError: 'boom on rank 1'"):
+    with pytest.raises(RankError, match=r"(?s)--- rank 1 ---.*KeyError: 'boom on rank 1'"):
         p.run(_r_fail_or_hang, timeout=120.0)
     # Reported after the grace period, long before rank 0's sleep or the run's timeout.
     assert time.monotonic() - t0 < 60.0

@@ -6,10 +6,7 @@ from typing import Iterator
 import pytest
 import torch
 
-try:  # tests/ccomm as a package or as a rootdir-inserted directory
-    from ._dist import DistPool
-except ImportError:
-    from _dist import DistPool
+from ccomm.ranks import RankPool
 
 pytestmark = pytest.mark.multiprocess
 
@@ -18,8 +15,8 @@ STEPS = 20
 
 
 @pytest.fixture(scope="module")
-def pool() -> Iterator[DistPool]:
-    with DistPool(2, group_timeout_s=30.0) as p:
+def pool() -> Iterator[RankPool]:
+    with RankPool(2, group_timeout_s=30.0) as p:
         yield p
 
 
@@ -64,13 +61,13 @@ def _exchange_steps(rank: int, world: int, spec: str, dtype_name: str, corrupt: 
 
 
 @pytest.mark.parametrize("spec", ["int2", "binary", "lowrank:rank=4"])
-def test_bases_identical_on_all_ranks_for_20_steps(pool: DistPool, spec: str) -> None:
+def test_bases_identical_on_all_ranks_for_20_steps(pool: RankPool, spec: str) -> None:
     assert pool.run(_exchange_steps, spec, "float32", False) == [2, 2]
 
 
-def test_bf16_bases_identical(pool: DistPool) -> None:
+def test_bf16_bases_identical(pool: RankPool) -> None:
     assert pool.run(_exchange_steps, "int2", "bfloat16", False) == [2, 2]
 
 
-def test_corrupted_base_is_detected_on_every_rank(pool: DistPool) -> None:
+def test_corrupted_base_is_detected_on_every_rank(pool: RankPool) -> None:
     assert pool.run(_exchange_steps, "int2", "float32", True) == [-1, -1]

@@ -4,7 +4,7 @@ Models are built from tiny configs with every parameter redrawn from a seeded Ga
 (diffusers zero-initialises the adaLN-zero gates and output layers, which would make
 attention invisible in the output and parity tests vacuous).
 
-Rank functions (module level, so `DistPool` can pickle them) take `(rank, world, ...)`.
+Rank functions (module level, so `RankPool` can pickle them) take `(rank, world, ...)`.
 """
 from __future__ import annotations
 
@@ -37,10 +37,9 @@ def _import_real_package() -> None:
 
 
 _import_real_package()
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "ccomm"))
-from _dist import DistPool, RankError, run_distributed  # noqa: E402,F401
+from ccomm.ranks import RankError, RankPool, run_ranks  # noqa: E402,F401
 
-__all__ = ["tiny_model", "model_inputs", "randomize_", "forward", "denoise", "DistPool", "RankError", "run_distributed"]
+__all__ = ["tiny_model", "model_inputs", "randomize_", "forward", "denoise", "RankPool", "RankError", "run_ranks"]
 
 KINDS = ("dit", "pixart", "flux")
 

@@ -8,20 +8,20 @@ from typing import Callable, Iterator
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _harness import DistPool  # noqa: E402
+from _harness import RankPool  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def cf_pool() -> Iterator[Callable[[int], DistPool]]:
+def cf_pool() -> Iterator[Callable[[int], RankPool]]:
     """`cf_pool(n)`: an n-rank pool shared by the module, restarted after a failure."""
-    pools: dict[int, DistPool] = {}
+    pools: dict[int, RankPool] = {}
 
-    def get(n: int) -> DistPool:
+    def get(n: int) -> RankPool:
         p = pools.get(n)
         if p is None or p.broken:
             # Generous start timeout: spawning ranks that import torch + diffusers on 2 shared
             # cores has taken ~100 s under heavy load.
-            p = pools[n] = DistPool(n, group_timeout_s=60.0, start_timeout_s=300.0)
+            p = pools[n] = RankPool(n, group_timeout_s=60.0, start_timeout_s=300.0)
         return p
 
     yield get

@@ -1,6 +1,6 @@
 """CompactFusion core on 2 and 4 gloo ranks: parity (spec 3.4), bytes, bases, restore, refusals.
 
-Rank functions (`_r_*`) run inside `DistPool` subprocesses, build tiny random-weight
+Rank functions (`_r_*`) run inside `RankPool` subprocesses, build tiny random-weight
 models from fixed seeds and return plain data; the assertions run in the parent.
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Any, Callable
 import pytest
 import torch
 
-from _harness import DistPool, denoise, forward, model_inputs, tiny_model
+from _harness import RankPool, denoise, forward, model_inputs, tiny_model
 
 pytestmark = pytest.mark.multiprocess
 
@@ -365,7 +365,7 @@ def _assert_parity(res: dict, kinds: list[str], modes: list[str], codecs: list[s
 
 
 @pytest.mark.parametrize("world", [2, 4])
-def test_parity_none_and_identity_vs_single_process(cf_pool: Callable[[int], DistPool], world: int) -> None:
+def test_parity_none_and_identity_vs_single_process(cf_pool: Callable[[int], RankPool], world: int) -> None:
     kinds = ["dit", "pixart"] if world == 2 else ["dit"]
     modes, codecs = ["ring", "patch"], ["none", "identity"]
     res = cf_pool(world).run(_r_parity, kinds, modes, codecs, timeout=600)
@@ -376,17 +376,17 @@ def test_parity_none_and_identity_vs_single_process(cf_pool: Callable[[int], Dis
         assert torch.equal(loop, res[-1][key][1]), key
 
 
-def test_parity_flux(cf_pool: Callable[[int], DistPool]) -> None:
+def test_parity_flux(cf_pool: Callable[[int], RankPool]) -> None:
     res = cf_pool(2).run(_r_parity, ["flux"], ["ring", "patch"], ["none", "identity"], timeout=600)
     _assert_parity(res[0], ["flux"], ["ring", "patch"], ["none", "identity"])
 
 
-def test_half_precision_models(cf_pool: Callable[[int], DistPool]) -> None:
+def test_half_precision_models(cf_pool: Callable[[int], RankPool]) -> None:
     for key, (diff, ref_max) in cf_pool(2).run(_r_dtypes, timeout=600)[0].items():
         assert diff <= 2e-2 * ref_max, (key, diff, ref_max)
 
 
-def test_ring_first_block_is_exact_local_kv(cf_pool: Callable[[int], DistPool]) -> None:
+def test_ring_first_block_is_exact_local_kv(cf_pool: Callable[[int], RankPool]) -> None:
     codecs = ["none", "identity", "int2", "binary", "lowrank:rank=2"]
     for r in cf_pool(2).run(_r_spy, codecs, timeout=600):
         for codec in codecs:
@@ -396,7 +396,7 @@ def test_ring_first_block_is_exact_local_kv(cf_pool: Callable[[int], DistPool]) 
 
 
 @pytest.mark.parametrize("mode", ["ring", "patch"])
-def test_bases_bit_identical_over_a_generation(cf_pool: Callable[[int], DistPool], mode: str) -> None:
+def test_bases_bit_identical_over_a_generation(cf_pool: Callable[[int], RankPool], mode: str) -> None:
     codecs = ["int2", "binary", "lowrank:rank=2"] if mode == "ring" else ["int2"]
     variants = ["ef", "naive"] if mode == "ring" else ["ef"]
     res = cf_pool(2).run(_r_bases, codecs, variants, mode, timeout=600)
@@ -408,36 +408,36 @@ def test_bases_bit_identical_over_a_generation(cf_pool: Callable[[int], DistPool
         assert d0 == res[1][key][0], key
 
 
-def test_flux_int2_bases_with_size_handshake(cf_pool: Callable[[int], DistPool]) -> None:
+def test_flux_int2_bases_with_size_handshake(cf_pool: Callable[[int], RankPool]) -> None:
     res = cf_pool(2).run(_r_bases, ["int2"], ["ef"], "ring", "flux", True, timeout=600)
     d0, step, finite = res[0][("int2", "ef")]
     assert step == 6 and finite and len(d0) == 2 * 2 * 2 and d0 == res[1][("int2", "ef")][0]
 
 
-def test_base_mismatch_is_detected(cf_pool: Callable[[int], DistPool]) -> None:
+def test_base_mismatch_is_detected(cf_pool: Callable[[int], RankPool]) -> None:
     for msg in cf_pool(2).run(_r_mismatch, timeout=300):
         assert msg.startswith("BaseMismatchError"), msg
 
 
 @pytest.mark.parametrize("mode,codec", [("ring", "none"), ("ring", "int2"), ("ring", "lowrank:rank=2"), ("patch", "binary")])
-def test_stats_bytes_equal_formula(cf_pool: Callable[[int], DistPool], mode: str, codec: str) -> None:
+def test_stats_bytes_equal_formula(cf_pool: Callable[[int], RankPool], mode: str, codec: str) -> None:
     for r in cf_pool(2).run(_r_bytes, mode, codec, timeout=300):
         assert r["got"] == r["expect"]
 
 
-def test_ring_bytes_four_ranks(cf_pool: Callable[[int], DistPool]) -> None:
+def test_ring_bytes_four_ranks(cf_pool: Callable[[int], RankPool]) -> None:
     for r in cf_pool(4).run(_r_bytes, "ring", "int2", timeout=300):
         assert r["got"] == r["expect"]
 
 
-def test_remove_restores_bitwise(cf_pool: Callable[[int], DistPool]) -> None:
+def test_remove_restores_bitwise(cf_pool: Callable[[int], RankPool]) -> None:
     for r in cf_pool(2).run(_r_remove, timeout=600):
         for kind, got in r.items():
             assert got == {"equal": True, "procs": True, "state": True, "hooks": 0,
                            "errors": ["RuntimeError"] * 3, "mark": False}, kind
 
 
-def test_refusals(cf_pool: Callable[[int], DistPool]) -> None:
+def test_refusals(cf_pool: Callable[[int], RankPool]) -> None:
     for r in cf_pool(2).run(_r_refusals, timeout=600):
         assert r["twice"].startswith("ValueError") and "already" in r["twice"]
         assert r["shape"].startswith("CompactStateError") and "reset()" in r["shape"]
@@ -451,7 +451,7 @@ def test_refusals(cf_pool: Callable[[int], DistPool]) -> None:
         assert r["nonfinite"].startswith("FloatingPointError") and "layer 0" in r["nonfinite"]
 
 
-def test_features(cf_pool: Callable[[int], DistPool]) -> None:
+def test_features(cf_pool: Callable[[int], RankPool]) -> None:
     r = cf_pool(2).run(_r_features, timeout=600)[0]
     rows = r["rows"]
     for variant, rs in rows.items():
@@ -499,7 +499,7 @@ def _r_groups(rank: int, world: int) -> dict:
     return res
 
 
-def test_subgroups_and_single_rank(cf_pool: Callable[[int], DistPool]) -> None:
+def test_subgroups_and_single_rank(cf_pool: Callable[[int], RankPool]) -> None:
     res = cf_pool(4).run(_r_groups, timeout=600)
     for rank, r in enumerate(res):
         assert r["exact_local"] <= 1e-4
@@ -539,7 +539,7 @@ def _r_sample28(rank: int, world: int, mode: str) -> dict:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["ring", "patch"])
-def test_28_step_sample_parity(cf_pool: Callable[[int], DistPool], mode: str) -> None:
+def test_28_step_sample_parity(cf_pool: Callable[[int], RankPool], mode: str) -> None:
     for r in cf_pool(2).run(_r_sample28, mode, timeout=900):
         assert r["none"] <= 1e-4, r
         assert r["int2"] > r["none"], r  # the codec is really in the loop

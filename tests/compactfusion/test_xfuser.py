@@ -15,7 +15,7 @@ from typing import Any, Callable
 import pytest
 import torch
 
-from _harness import DistPool  # first: makes `compactfusion` the real package in rank processes
+from _harness import RankPool  # first: makes `compactfusion` the real package in rank processes
 
 from compactfusion.adapters.xfuser import (
     LONG_CTX_RING_PARAMS,
@@ -255,7 +255,7 @@ def _ring_bytes(codec: str, ulysses: int = 1) -> int:
 
 
 @pytest.fixture
-def pool(cf_pool: Callable[[int], DistPool]) -> DistPool:
+def pool(cf_pool: Callable[[int], RankPool]) -> RankPool:
     return cf_pool(2)
 
 
@@ -330,7 +330,7 @@ def test_unknown_seam_is_refused() -> None:
 
 
 @pytest.mark.multiprocess
-def test_none_matches_single_process_output(pool: DistPool) -> None:
+def test_none_matches_single_process_output(pool: RankPool) -> None:
     res = pool.run(_run_codec, "none", 0, timeout=240.0)
     assert [r["diff"] is None for r in res] == [True, False]  # xfuser returns latents on the last rank only
     assert res[1]["diff"] <= 1e-4, res
@@ -340,7 +340,7 @@ def test_none_matches_single_process_output(pool: DistPool) -> None:
 
 
 @pytest.mark.multiprocess
-def test_int2_bases_stay_identical_every_step(pool: DistPool) -> None:
+def test_int2_bases_stay_identical_every_step(pool: RankPool) -> None:
     res = pool.run(_run_codec, "int2", 1, timeout=240.0)  # check_every=1 raises on any base mismatch
     for r in res:
         assert (r["step"], r["layers"]) == (STEPS, LAYERS)
@@ -352,14 +352,14 @@ def test_int2_bases_stay_identical_every_step(pool: DistPool) -> None:
 
 
 @pytest.mark.multiprocess
-def test_remove_restores_xfuser(pool: DistPool) -> None:
+def test_remove_restores_xfuser(pool: RankPool) -> None:
     for r in pool.run(_run_restore, timeout=240.0):
         assert r["replaced"] and r["restored"] and r["hooks"], r
         assert r["state_nbytes"] > 0
 
 
 @pytest.mark.multiprocess
-def test_second_request_resets_on_timestep_restart(pool: DistPool) -> None:
+def test_second_request_resets_on_timestep_restart(pool: RankPool) -> None:
     res = pool.run(_run_new_request, timeout=240.0)
     assert res[1]["same"] is True
     for r in res:
@@ -368,13 +368,13 @@ def test_second_request_resets_on_timestep_restart(pool: DistPool) -> None:
 
 
 @pytest.mark.multiprocess
-def test_refusals_on_xfuser_runtime(pool: DistPool) -> None:
+def test_refusals_on_xfuser_runtime(pool: RankPool) -> None:
     for seen in pool.run(_run_refusals, timeout=240.0):
         assert seen == ["signature", "pipefusion", "long_ctx_absent"]
 
 
 @pytest.mark.multiprocess
-def test_long_ctx_seam_with_joint_tokens_matches_full_attention(pool: DistPool) -> None:
+def test_long_ctx_seam_with_joint_tokens_matches_full_attention(pool: RankPool) -> None:
     for r in pool.run(_run_long_ctx, timeout=240.0):
         assert r["restored"]
         torch.testing.assert_close(r["out"], r["ref"], rtol=1e-4, atol=1e-5)  # spec 3.4, one forward
@@ -383,7 +383,7 @@ def test_long_ctx_seam_with_joint_tokens_matches_full_attention(pool: DistPool) 
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-def test_hybrid_usp_ulysses2_ring2_on_4_ranks(cf_pool: Callable[[int], DistPool]) -> None:
+def test_hybrid_usp_ulysses2_ring2_on_4_ranks(cf_pool: Callable[[int], RankPool]) -> None:
     """Ulysses 2 x ring 2: only the ring part is ours; `none` still matches, int2 stays mirrored."""
     for codec, check_every in (("none", 0), ("int2", 1)):
         res = cf_pool(4).run(_run_codec, codec, check_every, 2, timeout=300.0)

@@ -7,11 +7,11 @@ from typing import Any, Iterator
 import pytest
 import torch
 
+from ccomm.ranks import RankPool
+
 try:
-    from ._pool import DistPool
     from . import _train as T
 except ImportError:
-    from _pool import DistPool
     import _train as T
 
 pytestmark = pytest.mark.multiprocess
@@ -21,8 +21,8 @@ WARMUP = 4
 
 
 @pytest.fixture(scope="module")
-def pool() -> Iterator[DistPool]:
-    with DistPool(2, group_timeout_s=30.0) as p:
+def pool() -> Iterator[RankPool]:
+    with RankPool(2, group_timeout_s=30.0) as p:
         yield p
 
 
@@ -80,7 +80,7 @@ def _run(rank: int, world: int, hook: bool, force: tuple[float, int] | None) -> 
 
 
 @pytest.mark.parametrize("hook", [False, True], ids=["wrapper", "hook"])
-def test_controller_runs_identically_on_every_rank(pool: DistPool, hook: bool) -> None:
+def test_controller_runs_identically_on_every_rank(pool: RankPool, hook: bool) -> None:
     out = pool.run(_run, hook, None)
     a, b = out
     assert a["log"] and a["log"] == b["log"]  # same measurements, same decisions, bit for bit
@@ -91,7 +91,7 @@ def test_controller_runs_identically_on_every_rank(pool: DistPool, hook: bool) -
 
 
 @pytest.mark.parametrize("hook", [False, True], ids=["wrapper", "hook"])
-def test_switch_applies_at_next_step_everywhere(pool: DistPool, hook: bool) -> None:
+def test_switch_applies_at_next_step_everywhere(pool: RankPool, hook: bool) -> None:
     out = pool.run(_run, hook, (0.25, 2))
     a, b = out
     assert a["decisions"] == b["decisions"] and len(a["decisions"]) >= 1
@@ -127,7 +127,7 @@ def _desync(rank: int, world: int) -> str:
     return "no error"
 
 
-def test_desync_is_detected(pool: DistPool) -> None:
+def test_desync_is_detected(pool: RankPool) -> None:
     for msg in pool.run(_desync):
         assert "different (ratio, staleness)" in msg
 
@@ -152,7 +152,7 @@ def _adaptive_checkpoint(rank: int, world: int) -> tuple[dict, dict, int, int]:
     return a.controller.state_dict(), sd["driver"]["controller"], len(sd["driver"]["log"]), len(b.log)
 
 
-def test_adaptive_state_round_trips(pool: DistPool) -> None:
+def test_adaptive_state_round_trips(pool: RankPool) -> None:
     for saved_ctrl, in_ckpt, n_saved, n_after in pool.run(_adaptive_checkpoint):
         assert saved_ctrl == in_ckpt and saved_ctrl["last_step"] is not None
         assert n_saved >= 1 and n_after >= 1

@@ -7,11 +7,11 @@ from typing import Any, Iterator
 import pytest
 import torch
 
+from ccomm.ranks import RankPool
+
 try:
-    from ._pool import DistPool
     from . import _train as T
 except ImportError:
-    from _pool import DistPool
     import _train as T
 
 pytestmark = pytest.mark.multiprocess
@@ -21,8 +21,8 @@ MORE = 20
 
 
 @pytest.fixture(scope="module")
-def pool() -> Iterator[DistPool]:
-    with DistPool(2, group_timeout_s=30.0) as p:
+def pool() -> Iterator[RankPool]:
+    with RankPool(2, group_timeout_s=30.0) as p:
         yield p
 
 
@@ -100,7 +100,7 @@ def _resume(rank: int, world: int, hook: bool, cfg_kw: dict) -> tuple[bool, list
 
 
 @pytest.mark.parametrize("hook", [False, True], ids=["wrapper", "hook"])
-def test_resume_is_bitwise(pool: DistPool, hook: bool) -> None:
+def test_resume_is_bitwise(pool: RankPool, hook: bool) -> None:
     kw = {"warmup_steps": 2} if hook else {}
     out = pool.run(_resume, hook, kw)
     for ok, diff, inflight in out:
@@ -108,7 +108,7 @@ def test_resume_is_bitwise(pool: DistPool, hook: bool) -> None:
         assert diff == []
 
 
-def test_resume_after_drain_is_bitwise(pool: DistPool) -> None:
+def test_resume_after_drain_is_bitwise(pool: RankPool) -> None:
     for ok, diff, inflight in pool.run(_resume, False, {"checkpoint_queue": "drain"}):
         assert inflight == 2
         assert diff == []
@@ -131,6 +131,6 @@ def _mismatch(rank: int, world: int) -> str:
     return "loaded"
 
 
-def test_config_mismatch_is_refused(pool: DistPool) -> None:
+def test_config_mismatch_is_refused(pool: RankPool) -> None:
     for msg in pool.run(_mismatch):
         assert "config hash" in msg

@@ -7,11 +7,11 @@ from typing import Any, Iterator
 import pytest
 import torch
 
+from ccomm.ranks import RankPool
+
 try:
-    from ._pool import DistPool
     from . import _train as T
 except ImportError:
-    from _pool import DistPool
     import _train as T
 
 pytestmark = pytest.mark.multiprocess
@@ -25,8 +25,8 @@ DEAD_SLACK_S = 5.0
 
 
 @pytest.fixture(scope="module")
-def pool() -> Iterator[DistPool]:
-    with DistPool(2, group_timeout_s=30.0) as p:
+def pool() -> Iterator[RankPool]:
+    with RankPool(2, group_timeout_s=30.0) as p:
         yield p
 
 
@@ -70,7 +70,7 @@ def _wrapper_skip(rank: int, world: int, ratio: float, tau: int) -> dict[str, An
 
 
 @pytest.mark.parametrize("ratio,tau", [(1.0, 0), (0.25, 2)])
-def test_skip_keeps_residual_clean_and_replicas_equal(pool: DistPool, ratio: float, tau: int) -> None:
+def test_skip_keeps_residual_clean_and_replicas_equal(pool: RankPool, ratio: float, tau: int) -> None:
     out = pool.run(_wrapper_skip, ratio, tau)
     for r, o in enumerate(out):
         assert o["res_finite"]
@@ -109,14 +109,14 @@ def _wrapper_raise(rank: int, world: int) -> str:
     return "no error"
 
 
-def test_raise_names_step_and_rank(pool: DistPool) -> None:
+def test_raise_names_step_and_rank(pool: RankPool) -> None:
     for msg in pool.run(_wrapper_raise):
         assert f"step {BAD_STEP}" in msg and f"[{BAD_RANK}]" in msg
 
 
 
 
-def test_hook_skip_does_not_step(pool: DistPool) -> None:
+def test_hook_skip_does_not_step(pool: RankPool) -> None:
     # DDP exchanges during backward, so the NaN is put into the loss, not into p.grad.
     out = pool.run(_hook_skip_in_loss)
     for ready, equal, changed in out:
@@ -178,7 +178,7 @@ def _die_midrun(rank: int, world: int) -> tuple[str, str, float]:
 
 
 def test_dead_peer_raises_within_timeout() -> None:
-    with DistPool(2, group_timeout_s=DEAD_TIMEOUT_S) as pool:
+    with RankPool(2, group_timeout_s=DEAD_TIMEOUT_S) as pool:
         out = pool.run(_die_midrun, may_exit=[1], timeout=DEAD_TIMEOUT_S + 60)
     name, msg, elapsed = out[0]
     assert name == "DecoCommError", (name, msg)
@@ -199,7 +199,7 @@ def _mismatched_layout(rank: int, world: int) -> str:
     return "accepted"
 
 
-def test_mismatched_parameters_name_rank_and_parameter(pool: DistPool) -> None:
+def test_mismatched_parameters_name_rank_and_parameter(pool: RankPool) -> None:
     msgs = pool.run(_mismatched_layout)
     assert "rank 1" in msgs[0] and "0.weight" in msgs[0], msgs[0]
     assert "rank 0" in msgs[1] and "0.weight" in msgs[1], msgs[1]
@@ -227,7 +227,7 @@ def _always_nan(rank: int, world: int, max_skips: int) -> tuple[str, int, bool]:
     return "no error", state.fifo.skipped, False
 
 
-def test_too_many_consecutive_skips_raise(pool: DistPool) -> None:
+def test_too_many_consecutive_skips_raise(pool: RankPool) -> None:
     for msg, skipped, unchanged in pool.run(_always_nan, 3):
         assert "max_consecutive_skips=3" in msg
         assert skipped == 4 and unchanged
@@ -258,7 +258,7 @@ def _hook_die_midrun(rank: int, world: int) -> tuple[str, str, float]:
 
 
 def test_hook_dead_peer_raises_within_timeout() -> None:
-    with DistPool(2, group_timeout_s=DEAD_TIMEOUT_S) as pool:
+    with RankPool(2, group_timeout_s=DEAD_TIMEOUT_S) as pool:
         out = pool.run(_hook_die_midrun, may_exit=[1], timeout=DEAD_TIMEOUT_S + 60)
     name, msg, elapsed = out[0]
     # DDP re-raises the hook future's error from backward as a RuntimeError; the message

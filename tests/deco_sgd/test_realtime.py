@@ -26,10 +26,7 @@ from deco_sgd.bench.realtime import (
 from deco_sgd.bench.realtime_cli import replayed_decisions, specs_from_bench, specs_from_config
 from netsim import Link
 
-try:
-    from ._pool import DistPool
-except ImportError:
-    from _pool import DistPool
+from ccomm.ranks import RankPool
 
 pytest.importorskip("mlxtend")
 
@@ -171,17 +168,17 @@ def test_host_work_counts_as_compute() -> None:
 # 4-rank runs are slow; the 2-rank variant keeps the check in the default suite.
 @pytest.fixture(scope="module")
 def pool2():
-    with DistPool(2, group_timeout_s=60.0) as pool:
+    with RankPool(2, group_timeout_s=60.0) as pool:
         yield pool
 
 
 @pytest.fixture(scope="module")
 def pool4():
-    with DistPool(4, group_timeout_s=60.0) as pool:
+    with RankPool(4, group_timeout_s=60.0) as pool:
         yield pool
 
 
-def _run(pool: DistPool, spec: RealRunSpec) -> dict:
+def _run(pool: RankPool, spec: RealRunSpec) -> dict:
     ranks = pool.run(run_rank, spec, timeout=spec.timeout_s)
     result = RealResult(spec, ranks)
     val = validate(result)
@@ -198,7 +195,7 @@ COCKTAIL = {"codec": "randomk:ratio=0.1|topk:ratio=0.1|quantize:bits=4", "stalen
 DECO_LOG = ((5, 0.01, 1), (15, 0.001, 3), (25, 0.01, 0))
 
 
-def _check(pool: DistPool, n: int, name: str, deco: dict, steps: int, **kw: object) -> dict:
+def _check(pool: RankPool, n: int, name: str, deco: dict, steps: int, **kw: object) -> dict:
     val = _run(pool, _spec(name, deco, steps, n=n, **kw))
     if not val["emulation_ok"]:
         # The real transport missed its modeled times (CPU starved by other jobs): this run did
@@ -212,7 +209,7 @@ def _check(pool: DistPool, n: int, name: str, deco: dict, steps: int, **kw: obje
 
 @pytest.mark.multiprocess
 @pytest.mark.timeout(150)
-def test_virtual_clock_predicts_real_time_n2(pool2: DistPool) -> None:
+def test_virtual_clock_predicts_real_time_n2(pool2: RankPool) -> None:
     dsgd = _check(pool2, 2, "dsgd", DSGD, 20)
     # Communication matters: each D-SGD step takes well over its 150 ms of compute.
     assert dsgd["checkpoints"][-1]["real_s"] > 20 * (COMPUTE_S + 0.08)
@@ -222,7 +219,7 @@ def test_virtual_clock_predicts_real_time_n2(pool2: DistPool) -> None:
 @pytest.mark.multiprocess
 @pytest.mark.slow
 @pytest.mark.timeout(400)
-def test_virtual_clock_predicts_real_time_n4(pool4: DistPool) -> None:
+def test_virtual_clock_predicts_real_time_n4(pool4: RankPool) -> None:
     dsgd = _check(pool4, 4, "dsgd", DSGD, 20)
     assert dsgd["checkpoints"][-1]["real_s"] > 20 * (COMPUTE_S + 0.2)
     _check(pool4, 4, "topk_0.01_s2", TOPK, 30)
@@ -236,5 +233,5 @@ def test_virtual_clock_predicts_real_time_n4(pool4: DistPool) -> None:
 @pytest.mark.timeout(400)
 @pytest.mark.xfail(strict=True, reason="link-bound pipelining: vclock frees the link at done - L_eff, the emulated "
                    "ring only at done - one latency, so each step is (n-2) latencies longer than predicted")
-def test_virtual_clock_link_bound_stale_n4(pool4: DistPool) -> None:
+def test_virtual_clock_link_bound_stale_n4(pool4: RankPool) -> None:
     _check(pool4, 4, "topk_0.5_s2", {"codec": "topk", "ratio": 0.5, "staleness": 2}, 30)

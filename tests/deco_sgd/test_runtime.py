@@ -7,11 +7,11 @@ from typing import Any, Iterator
 import pytest
 import torch
 
+from ccomm.ranks import RankPool
+
 try:
-    from ._pool import DistPool
     from . import _train as T
 except ImportError:
-    from _pool import DistPool
     import _train as T
 
 pytestmark = pytest.mark.multiprocess
@@ -21,8 +21,8 @@ ATOL = 1e-6
 
 
 @pytest.fixture(scope="module")
-def pool() -> Iterator[DistPool]:
-    with DistPool(2, group_timeout_s=30.0) as p:
+def pool() -> Iterator[RankPool]:
+    with RankPool(2, group_timeout_s=30.0) as p:
         yield p
 
 
@@ -61,7 +61,7 @@ def _aggregate_is_mean_of_messages(rank: int, world: int, codec: str, ratio: flo
 
 
 @pytest.mark.parametrize("codec", ["topk", "randomk"])
-def test_aggregate_is_mean_of_sent_messages(pool: DistPool, codec: str) -> None:
+def test_aggregate_is_mean_of_sent_messages(pool: RankPool, codec: str) -> None:
     for errs in pool.run(_aggregate_is_mean_of_messages, codec, 0.25):
         assert len(errs) == (STEPS - 1) * 4  # τ = 1: STEPS - 1 applied steps, 4 parameters
         assert max(errs) <= ATOL
@@ -85,7 +85,7 @@ def _reference(rank: int, world: int, tau: int, lr: float) -> dict:
     return T.reference_run(STEPS, lambda s: tau, lambda s: 1.0, rank, world, lr=lr)
 
 
-def test_lr_tau_scaling_divides_lr_by_tau_plus_one(pool: DistPool) -> None:
+def test_lr_tau_scaling_divides_lr_by_tau_plus_one(pool: RankPool) -> None:
     out = pool.run(_wrapper, _cfg(ratio=1.0, staleness=2, lr_tau_scaling=True), T.MOMENTUM)
     ref = pool.run(_reference, 2, T.LR / 3)
     unscaled = pool.run(_reference, 2, T.LR)
@@ -130,7 +130,7 @@ def _conservation(rank: int, world: int, flush: str, flush_residual: bool) -> tu
 
 
 @pytest.mark.parametrize("flush,flush_residual", [("apply", False), ("apply", True), ("discard", False)])
-def test_flush_conserves_gradient_mass(pool: DistPool, flush: str, flush_residual: bool) -> None:
+def test_flush_conserves_gradient_mass(pool: RankPool, flush: str, flush_residual: bool) -> None:
     # Every gradient ends up applied, in a residual, or (discard) back in its sender's residual.
     for worst, moved in pool.run(_conservation, flush, flush_residual):
         assert moved > 0.01
@@ -171,7 +171,7 @@ HALF_ATOL = 2e-3
 
 
 @pytest.mark.parametrize("ratio", [1.0, 0.25])
-def test_half_precision_wire(pool: DistPool, ratio: float) -> None:
+def test_half_precision_wire(pool: RankPool, ratio: float) -> None:
     full = pool.run(_half_wire, "fp32", ratio)
     half = pool.run(_half_wire, "fp16", ratio)
     for r in range(2):
@@ -202,7 +202,7 @@ def _hook_ready_after_backward(rank: int, world: int) -> tuple[list[bool], tuple
     return ready, (f.launched, f.applied, len(f))
 
 
-def test_hook_ready_is_known_after_backward(pool: DistPool) -> None:
+def test_hook_ready_is_known_after_backward(pool: RankPool) -> None:
     for ready, counters in pool.run(_hook_ready_after_backward):
         assert ready == [True, False, False] + [True] * (STEPS - 3)
         assert counters == (STEPS, STEPS - 2, 2)

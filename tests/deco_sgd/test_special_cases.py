@@ -6,11 +6,11 @@ from typing import Iterator
 import pytest
 import torch
 
+from ccomm.ranks import RankPool
+
 try:
-    from ._pool import DistPool
     from . import _train as T
 except ImportError:
-    from _pool import DistPool
     import _train as T
 
 pytestmark = pytest.mark.multiprocess
@@ -21,8 +21,8 @@ ATOL = 1e-6
 
 
 @pytest.fixture(scope="module")
-def pool() -> Iterator[DistPool]:
-    with DistPool(2, group_timeout_s=30.0) as p:
+def pool() -> Iterator[RankPool]:
+    with RankPool(2, group_timeout_s=30.0) as p:
         yield p
 
 
@@ -89,7 +89,7 @@ def _assert_same(a: dict, b: dict, exact: bool) -> None:
             torch.testing.assert_close(a[n], b[n], atol=ATOL, rtol=0)
 
 
-def test_dense_sync_matches_ddp_allreduce_hook(pool: DistPool) -> None:
+def test_dense_sync_matches_ddp_allreduce_hook(pool: RankPool) -> None:
     ddp = pool.run(_train_ddp, None, STEPS)
     hook = pool.run(_train_ddp, _cfg(ratio=1.0, staleness=0, warmup_steps=1), STEPS)
     wrap = pool.run(_train_wrapper, _cfg(ratio=1.0, staleness=0), STEPS)
@@ -100,7 +100,7 @@ def test_dense_sync_matches_ddp_allreduce_hook(pool: DistPool) -> None:
         assert all(hook[r][2])  # τ = 0: every step applies
 
 
-def test_ef_topk_sync_equals_ef_sgd_reference(pool: DistPool) -> None:
+def test_ef_topk_sync_equals_ef_sgd_reference(pool: RankPool) -> None:
     wrap = pool.run(_train_wrapper, _cfg(ratio=0.25, staleness=0), STEPS)
     hook = pool.run(_train_ddp, _cfg(ratio=0.25, staleness=0, warmup_steps=1), STEPS)
     ref = pool.run(_reference, STEPS, 0, 0.25, 0)
@@ -115,7 +115,7 @@ def test_ef_topk_sync_equals_ef_sgd_reference(pool: DistPool) -> None:
 
 
 @pytest.mark.parametrize("tau", [1, 3])
-def test_delayed_dense_applies_same_stale_mean(pool: DistPool, tau: int) -> None:
+def test_delayed_dense_applies_same_stale_mean(pool: RankPool, tau: int) -> None:
     wrap = pool.run(_train_wrapper, _cfg(ratio=1.0, staleness=tau), STEPS)
     ref = pool.run(_reference, STEPS, tau, 1.0, 0)
     hook = pool.run(_train_ddp, _cfg(ratio=1.0, staleness=tau, warmup_steps=1), STEPS)
@@ -130,7 +130,7 @@ def test_delayed_dense_applies_same_stale_mean(pool: DistPool, tau: int) -> None
         assert hook[r][2] == [True] + [False] * tau + [True] * (STEPS - 1 - tau)
 
 
-def test_delayed_topk_replicas_identical(pool: DistPool) -> None:
+def test_delayed_topk_replicas_identical(pool: RankPool) -> None:
     wrap = pool.run(_train_wrapper, _cfg(ratio=0.1, staleness=2), STEPS)
     ref = pool.run(_reference, STEPS, 2, 0.1, 0)
     for r in range(2):

@@ -11,11 +11,11 @@ from hypothesis import strategies as st
 
 from deco_sgd.staleness import InFlightFifo
 
+from ccomm.ranks import RankPool
+
 try:
-    from ._pool import DistPool
     from . import _train as T
 except ImportError:
-    from _pool import DistPool
     import _train as T
 
 
@@ -98,8 +98,8 @@ def _ratio_at(s: int) -> float:
 
 
 @pytest.fixture(scope="module")
-def pool() -> Iterator[DistPool]:
-    with DistPool(2, group_timeout_s=30.0) as p:
+def pool() -> Iterator[RankPool]:
+    with RankPool(2, group_timeout_s=30.0) as p:
         yield p
 
 
@@ -157,7 +157,7 @@ def _reference(rank: int, world: int, momentum: float) -> dict:
 
 
 @pytest.mark.multiprocess
-def test_wrapper_deepen_and_drain_match_reference(pool: DistPool) -> None:
+def test_wrapper_deepen_and_drain_match_reference(pool: RankPool) -> None:
     out = pool.run(_wrapper_with_schedule)
     ref = pool.run(_reference, T.MOMENTUM)
     for r in range(2):
@@ -171,7 +171,7 @@ def test_wrapper_deepen_and_drain_match_reference(pool: DistPool) -> None:
 
 
 @pytest.mark.multiprocess
-def test_hook_deepen_and_drain_match_reference_plain_sgd(pool: DistPool) -> None:
+def test_hook_deepen_and_drain_match_reference_plain_sgd(pool: RankPool) -> None:
     out = pool.run(_hook_with_schedule)
     ref = pool.run(_reference, 0.0)
     for r in range(2):
