@@ -14,13 +14,7 @@ Every comparison uses emulate's accuracy target, max(5 %, 2 ms) of the model.
 
 from __future__ import annotations
 
-import datetime
-import multiprocessing as mp
-import os
-import queue
-import shutil
 import statistics
-import tempfile
 import time
 from typing import Any
 
@@ -57,88 +51,61 @@ def _parts(topo: Topo) -> tuple[Any, ...]:
     return topo.n, topo.link, dict(topo.hosts), dict(topo.pairs), topo.shared
 
 
-def _rank_main(rank: int, n: int, init: str, parts: tuple[Any, ...], nbytes: int, samples: int, out: Any) -> None:
+def _rank_job(rank: int, n: int, parts: tuple[Any, ...], nbytes: int, samples: int) -> dict[str, Any]:
+    """One rank's measurements, run by `ccomm.ranks.run_ranks` (which owns the default group)."""
     import torch
     import torch.distributed as dist
 
     import netsim
 
-    torch.set_num_threads(1)
     topo = Topo(parts[0], parts[1], hosts=parts[2], pairs=parts[3], shared=parts[4])
-    try:
-        dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=n,
-                                timeout=datetime.timedelta(seconds=_TIMEOUT_S))
-        plain = dist.new_group(backend="gloo")  # made before emulate: never shaped
-        res: dict[str, Any] = {"rtt": [], "bulk": None, "allreduce": None, "allgather": None}
-        with netsim.emulate(topo):
-            small, ack = torch.zeros(_SMALL_BYTES // 4), torch.zeros(1)
-            for _ in range(samples):
-                t0 = _aligned(plain, rank)
-                if rank == 0:
-                    dist.send(small, 1)
-                    dist.recv(small, 1)
-                    res["rtt"].append(time.monotonic() - t0)
-                elif rank == 1:
-                    dist.recv(small, 0)
-                    dist.send(small, 0)
-            bulk = torch.zeros(nbytes // 4)
+    plain = dist.new_group(backend="gloo")  # made before emulate: never shaped
+    res: dict[str, Any] = {"rtt": [], "bulk": None, "allreduce": None, "allgather": None}
+    with netsim.emulate(topo):
+        small, ack = torch.zeros(_SMALL_BYTES // 4), torch.zeros(1)
+        for _ in range(samples):
             t0 = _aligned(plain, rank)
             if rank == 0:
-                dist.send(bulk, 1)
-                dist.recv(ack, 1)
-                res["bulk"] = time.monotonic() - t0
+                dist.send(small, 1)
+                dist.recv(small, 1)
+                res["rtt"].append(time.monotonic() - t0)
             elif rank == 1:
-                dist.recv(bulk, 0)
-                dist.send(ack, 0)
-            t0 = _aligned(plain, rank)
-            dist.all_reduce(bulk)
-            res["allreduce"] = time.monotonic() - t0
-            parts = [torch.empty_like(bulk) for _ in range(n)]
-            t0 = _aligned(plain, rank)
-            dist.all_gather(parts, bulk)
-            res["allgather"] = time.monotonic() - t0
-        out.put((rank, res, None))
-    except BaseException as e:  # report, never hang the parent
-        out.put((rank, None, f"{type(e).__name__}: {e}"))
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+                dist.recv(small, 0)
+                dist.send(small, 0)
+        bulk = torch.zeros(nbytes // 4)
+        t0 = _aligned(plain, rank)
+        if rank == 0:
+            dist.send(bulk, 1)
+            dist.recv(ack, 1)
+            res["bulk"] = time.monotonic() - t0
+        elif rank == 1:
+            dist.recv(bulk, 0)
+            dist.send(ack, 0)
+        t0 = _aligned(plain, rank)
+        dist.all_reduce(bulk)
+        res["allreduce"] = time.monotonic() - t0
+        gathered = [torch.empty_like(bulk) for _ in range(n)]
+        t0 = _aligned(plain, rank)
+        dist.all_gather(gathered, bulk)
+        res["allgather"] = time.monotonic() - t0
+    return res
 
 
 def probe_emulate(topo: Topo, *, nbytes: int = 1 << 20, samples: int = 20) -> ProbeReport:
-    """Measure RTT, goodput and two collectives through ``netsim.emulate(topo)``."""
+    """Measure RTT, goodput and two collectives through ``netsim.emulate(topo)``.
+
+    A rank that fails raises ``ccomm.ranks.RankError``; ranks that overrun the deadline
+    are killed and ``TimeoutError`` names them.
+    """
+    from ccomm.ranks import run_ranks
     from netsim import cost
 
     if topo.n < 2:
         raise ValueError(f"topo.n={topo.n}: the probe needs at least 2 ranks")
     if nbytes < 4 or samples < 1:
         raise ValueError(f"nbytes={nbytes} must be >= 4 and samples={samples} >= 1")
-    tmp = tempfile.mkdtemp(prefix="netsim_probe_")
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    procs = [ctx.Process(target=_rank_main, args=(r, topo.n, os.path.join(tmp, "pg"), _parts(topo), nbytes, samples, out),
-                         daemon=True) for r in range(topo.n)]
-    for p in procs:
-        p.start()
-    results: dict[int, dict[str, Any]] = {}
-    try:
-        deadline = time.monotonic() + _TIMEOUT_S
-        while len(results) < topo.n:
-            try:
-                rank, res, err = out.get(timeout=max(0.1, deadline - time.monotonic()))
-            except queue.Empty:
-                raise TimeoutError(f"probe_emulate: ranks {sorted(set(range(topo.n)) - set(results))} "
-                                   f"did not finish within {_TIMEOUT_S:.0f} s") from None
-            if err:
-                raise RuntimeError(f"probe_emulate: rank {rank} failed: {err}")
-            results[rank] = res
-    finally:
-        for p in procs:
-            p.join(5.0)
-            if p.is_alive():
-                p.kill()
-                p.join(5.0)
-        shutil.rmtree(tmp, ignore_errors=True)
+    results = run_ranks(_rank_job, topo.n, _parts(topo), nbytes, samples, timeout=_TIMEOUT_S,
+                        group_timeout_s=_TIMEOUT_S)
 
     r0 = results[0]
     rtt_model = cost.p2p_time(_SMALL_BYTES, topo, 0, 1) + cost.p2p_time(_SMALL_BYTES, topo, 1, 0)
@@ -157,6 +124,6 @@ def probe_emulate(topo: Topo, *, nbytes: int = 1 << 20, samples: int = 20) -> Pr
     gloo = []
     for op, fn in (("allreduce", cost.allreduce_time), ("allgather", cost.allgather_time)):
         model = fn(nbytes, topo, n=topo.n, algo="ring")
-        measured = max(res[op] for res in results.values())  # the op ends when its last rank does
+        measured = max(res[op] for res in results)  # the op ends when its last rank does
         gloo.append(GlooResult(op, topo.n, nbytes, measured, model, _tol_s(model) / model))
     return ProbeReport((pair,), tuple(gloo), notes=("backend: emulate (in-process, wall clock)",))
