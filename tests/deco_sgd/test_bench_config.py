@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from deco_sgd.bench.config import QUICK_GRID, config_from_dict, load_config
+from deco_sgd.bench.config import QUICK_GRID, QUICK_MNIST_HIDDEN, config_from_dict, load_config
 from deco_sgd.bench.methods import build_plan, first_decision
 from deco_sgd.bench.runner import fingerprint
 
@@ -62,6 +62,7 @@ def test_examples_load_and_quick_reduces() -> None:
         assert (q.workers, q.train.seeds, q.train.steps, q.methods.grid, q.methods.powersgd_ranks, q.quick) == \
             (4, (0,), 300, QUICK_GRID, (1,), True)
         assert q.network == cfg.network  # --quick never changes the scenario's network
+        assert tuple(q.task["hidden"]) == QUICK_MNIST_HIDDEN != tuple(cfg.task.get("hidden", ()))
     vb = load_config(EXAMPLES / "varying_bandwidth.yaml").network.link()
     rates = vb.rate_trace.mbps
     assert min(rates) >= 5 and max(rates) <= 50 and vb.rate_trace.times_s[1] == 5.0
