@@ -2,8 +2,8 @@
 
 1. `build_plan` lists the (method, seed) runs. Each run has a fingerprint: a hash of what
    its training trajectory depends on (task, workers, training settings, the `deco`
-   section, the method and seed, and the network for the methods whose behaviour depends on
-   it: deco, static_apriori, dga). A run whose record is already in the cache directory is
+   section (its controller fields only for deco and static_apriori), the method and seed,
+   and the network for the methods whose behaviour depends on it: deco, static_apriori, dga). A run whose record is already in the cache directory is
    not trained again; static methods so train once and serve every scenario.
 2. The remaining runs go to n spawned processes (1 torch thread each), which join one gloo
    group and execute them in plan order (`methods.run_method`); rank 0 writes one JSON
@@ -39,6 +39,9 @@ logger = logging.getLogger(__name__)
 
 #: Methods whose trajectory depends on the network (their runs cannot be shared across scenarios).
 NETWORK_DEPENDENT = ("deco", "static_apriori", "dga")
+#: Methods whose trajectory depends on the adaptive controller's settings (DGA's delay comes
+#: from the a-priori network alone, `methods.dga_delay`).
+CONTROLLED = ("deco", "static_apriori")
 #: DecoConfig fields only the adaptive controller reads: static runs do not depend on them,
 #: so calibrating the surrogate does not invalidate cached static runs.
 CONTROLLER_FIELDS = frozenset({
@@ -63,7 +66,7 @@ def fingerprint(cfg: BenchConfig, spec: RunSpec) -> str:
     """Hash of everything the run's trajectory depends on (see the module docstring)."""
     t = cfg.train
     deco = dict(cfg.deco)
-    if spec.kind not in NETWORK_DEPENDENT:
+    if spec.kind not in CONTROLLED:
         deco = {k: v for k, v in deco.items() if k not in CONTROLLER_FIELDS}
     key: dict[str, Any] = {
         "v": 1, "task": cfg.task, "workers": cfg.workers, "deco": deco,

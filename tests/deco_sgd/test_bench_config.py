@@ -83,12 +83,14 @@ def test_plan_and_fingerprints() -> None:
     assert fingerprint(cfg, by["static_d0.01_t2__s0"]) == fingerprint(other, by["static_d0.01_t2__s0"])
     assert fingerprint(cfg, by["deco__s0"]) != fingerprint(other, by["deco__s0"])
     assert fingerprint(cfg, by["dga__s0"]) != fingerprint(other, by["dga__s0"])
-    # Calibrating the surrogate invalidates deco runs only.
+    # Calibrating the surrogate invalidates the controller's runs only (deco, static_apriori).
     import dataclasses
 
     cal = dataclasses.replace(cfg, deco={**cfg.deco, "b": 0.5, "kappa": 0.1})
     assert fingerprint(cal, by["static_d0.01_t2__s0"]) == fingerprint(cfg, by["static_d0.01_t2__s0"])
     assert fingerprint(cal, by["deco__s0"]) != fingerprint(cfg, by["deco__s0"])
+    assert fingerprint(cal, by["static_apriori__s0"]) != fingerprint(cfg, by["static_apriori__s0"])
+    assert fingerprint(cal, by["dga__s0"]) == fingerprint(cfg, by["dga__s0"])
 
 
 def test_first_decision_skips_holds() -> None:
