@@ -20,8 +20,6 @@ For tests, benchmarks and examples on one host; multi-host runs go through `torc
    After any failure the pool is closed and `broken` is set. `close()` (also on `with` exit)
    stops idle children politely and busy ones by force, and removes the rendezvous directory.
 4. `run_ranks(fn, n, *args)` starts a pool, runs `fn` once and closes it.
-5. `env` adds environment variables for the children only (e.g. allocator settings, which
-   the C library reads at process start).
 
 `fn` and `context` must be module-level functions (they are pickled by reference).
 """
@@ -36,8 +34,7 @@ import shutil
 import tempfile
 import time
 import traceback
-from contextlib import contextmanager
-from typing import Any, Callable, Collection, Iterator, Mapping
+from typing import Any, Callable, Collection
 
 __all__ = ["RankPool", "RankError", "run_ranks"]
 
@@ -88,21 +85,6 @@ def _serve(rank: int, n: int, init_file: str, threads: int, group_timeout_s: flo
     dist.destroy_process_group()
 
 
-@contextmanager
-def _environ(env: Mapping[str, str]) -> Iterator[None]:
-    """`env` set in os.environ while the children are spawned (they copy it at exec)."""
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 def _format_errors(errors: dict[int, str]) -> str:
     return "".join(f"\n--- rank {r} ---\n{tb}" for r, tb in sorted(errors.items()))
 
@@ -112,7 +94,7 @@ class RankPool:
 
     def __init__(self, n: int, *, threads: int = 1, group_timeout_s: float = 60.0,
                  start_timeout_s: float = START_TIMEOUT_S, context: Callable[[int, int], Any] | None = None,
-                 name: str = "ccomm-rank", env: Mapping[str, str] | None = None) -> None:
+                 name: str = "ccomm-rank") -> None:
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise ValueError(f"n: must be an integer >= 1, got {n!r}")
         if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
@@ -134,9 +116,8 @@ class RankPool:
             for r in range(n)
         ]
         try:
-            with _environ(env or {}):
-                for p in self._procs:
-                    p.start()
+            for p in self._procs:
+                p.start()
             self._collect("ready", float(start_timeout_s), may_exit=())
         except BaseException:
             self._kill()
@@ -243,10 +224,9 @@ class RankPool:
 
 
 def run_ranks(fn: Callable[..., Any], n: int, *args: Any, timeout: float = 60.0, group_timeout_s: float = 60.0,
-              threads: int = 1, may_exit: Collection[int] = (), env: Mapping[str, str] | None = None,
-              **kwargs: Any) -> list[Any]:
+              threads: int = 1, may_exit: Collection[int] = (), **kwargs: Any) -> list[Any]:
     """One shot: start `n` ranks, run `fn(rank, n, *args, **kwargs)` once on each, stop them."""
     if not (isinstance(timeout, (int, float)) and timeout > 0):
         raise ValueError(f"timeout: must be a number > 0, got {timeout!r}")
-    with RankPool(n, threads=threads, group_timeout_s=group_timeout_s, env=env) as pool:
+    with RankPool(n, threads=threads, group_timeout_s=group_timeout_s) as pool:
         return pool.run(fn, *args, timeout=timeout, may_exit=may_exit, **kwargs)

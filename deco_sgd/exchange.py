@@ -65,7 +65,7 @@ class Unit:
     collective: str = "allreduce"
     #: This rank's Σ‖g‖² over the unit before compensation (for §4's G² and σ²; NaN if invalid).
     sq_norm: float = 0.0
-    _future: "torch.futures.Future[Unit] | None" = field(default=None, repr=False)
+    _future: "torch.futures.Future[None] | None" = field(default=None, repr=False)
 
     @property
     def ok(self) -> bool:
@@ -83,15 +83,20 @@ class Unit:
             self._complete(raw)
         return self
 
-    def future(self, *, step: int, tau: int) -> "torch.futures.Future[Unit]":
-        """A future of this unit, decoded (never blocks the caller)."""
+    def future(self, *, step: int, tau: int) -> "torch.futures.Future[None]":
+        """A future that completes once this unit is decoded (never blocks the caller).
+
+        Its value is None, not the unit: a future holding the unit that holds the future
+        would be a reference cycle, and model-sized buffers in cycles wait for the cyclic
+        garbage collector instead of being freed when the step is applied.
+        """
         if self._future is None:
             if self.result is not None or self.handle is None:
-                fut: torch.futures.Future[Unit] = torch.futures.Future()
-                fut.set_result(self)
+                fut: torch.futures.Future[None] = torch.futures.Future()
+                fut.set_result(None)
                 self._future = fut
             else:
-                def done(f: "torch.futures.Future[Any]") -> "Unit":
+                def done(f: "torch.futures.Future[Any]") -> None:
                     try:
                         raw = f.value()
                     except CommError as exc:
@@ -99,7 +104,6 @@ class Unit:
                                             collective=self.collective) from exc
                     if self.result is None:
                         self._complete(raw)
-                    return self
 
                 self._future = self.handle.get_future().then(done)
         return self._future
@@ -115,7 +119,12 @@ class Unit:
         self.decoded_t = time.monotonic()
         if self.done_t is None:
             self.done_t = self.decoded_t
-        self.handle = None  # release the backend's buffers
+        # Release the backend's buffers, and break unit -> finish -> unit (the closure refers
+        # to its unit): without this, every applied step's payloads, residual share and
+        # aggregate stayed allocated until a full cyclic collection, ~10 MB per step on
+        # eight workers of a 1.9 M-parameter MLP (measured; OOM at 3 GB per worker).
+        self.handle = None
+        self.finish = None
 
 
 @dataclass(eq=False)

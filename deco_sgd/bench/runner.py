@@ -51,13 +51,6 @@ CONTROLLER_FIELDS = frozenset({
 })
 
 
-#: glibc raises its mmap threshold after the first large free, after which the MB-sized
-#: payloads that gloo's threads allocate and free come from the heap and fragment it: RSS
-#: grew ~7 MB per step on the 1.9 M MLP until the OOM killer stopped an 8-worker run
-#: (2 workers, 60 steps of static (0.1, 4): 1157 MB, 431 MB with the threshold fixed).
-WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
-
-
 class BenchFailed(RuntimeError):
     """A rank failed or the run timed out; the message carries the rank's traceback."""
 
@@ -106,9 +99,8 @@ def _worker(rank: int, world: int, cfg: BenchConfig, todo: list[RunSpec], paths:
         if bar is not None:
             bar.set_description(f"{cfg.scenario} {spec.key}")
         rec = run_method(ctx, spec)
-        # A run's DecoState and its driver reference each other, so the run's EF memory and
-        # in-flight buffers wait for a cyclic collection that may not come before the next
-        # run: eight workers of the 1.9 M MLP reached 3 GB each and the OOM killer (measured).
+        # A run's DecoState and its driver reference each other: free the run's model, EF
+        # memory and queue now rather than at some later full collection.
         gc.collect()
         if spec.kind == "deco":
             ctx.apriori[spec.seed] = first_decision(rec["decisions"])
@@ -126,7 +118,7 @@ def _spawn(cfg: BenchConfig, todo: list[RunSpec], paths: list[Path], apriori: di
     t = cfg.train.timeout_s
     try:
         run_ranks(_worker, cfg.workers, cfg, todo, [str(p) for p in paths], apriori, progress,
-                  timeout=t, group_timeout_s=t, env=WORKER_ENV)
+                  timeout=t, group_timeout_s=t)
     except (RankError, TimeoutError) as exc:
         raise BenchFailed(f"train.timeout_s={t:g} s; {exc}") from exc
 
