@@ -30,11 +30,12 @@ test: $(VENV)/.dev
 test-all: $(VENV)/.dev
 	$(PY) -m pytest -q
 
-# Every benchmark in full; each writes its report and plots under docs/benchmarks/.
+# Every benchmark in full; each writes its report and plots under docs/benchmarks/. The two
+# DeCo-SGD scenarios share one run cache, so the second reuses the first's static runs.
 bench: $(VENV)/.dev
 	$(PY) -m ccomm.bench --out docs/benchmarks/codecs.md
-	$(PY) -m deco_sgd bench examples/deco_sgd/high_latency.yaml --out docs/benchmarks/deco_sgd/high_latency
-	$(PY) -m deco_sgd bench examples/deco_sgd/varying_bandwidth.yaml --out docs/benchmarks/deco_sgd/varying_bandwidth
+	$(PY) -m deco_sgd bench examples/deco_sgd/high_latency.yaml --out docs/benchmarks/deco_sgd/high_latency --cache .bench-cache/deco_sgd
+	$(PY) -m deco_sgd bench examples/deco_sgd/varying_bandwidth.yaml --out docs/benchmarks/deco_sgd/varying_bandwidth --cache .bench-cache/deco_sgd
 	$(PY) -m compactfusion bench examples/compactfusion/ethernet.yaml --out docs/benchmarks/compactfusion/ethernet
 	$(PY) -m compactfusion bench examples/compactfusion/fast_link.yaml --out docs/benchmarks/compactfusion/fast_link
 
@@ -47,4 +48,4 @@ mininet:
 	@command -v mn >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mininet bridge-utils; }
 
 clean:
-	rm -rf $(VENV) .demo .pytest_cache .hypothesis
+	rm -rf $(VENV) .demo .bench-cache .pytest_cache .hypothesis
