@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from ..adaptive import AdaptiveDriver
+from ..errors import NonFiniteGradientError
 from ..optim import DecoOptimizer
 from ..state import DecoState
 from ..timemodel import message_size, tau_min
@@ -289,11 +290,21 @@ def _run_deco(ctx: RankContext, spec: RunSpec) -> dict[str, Any]:
     batches = ctx.task.batches(ctx.rank, ctx.world, spec.seed)
     curve = [{"t_s": 0.0, "step": 0, "metric": _evaluate(ctx, model)}]
     w0 = time.perf_counter()
+    diverged: int | None = None
     for step in range(1, t.steps + 1):
         batch = next(batches)
         dopt.zero_grad()
         ctx.task.loss(model, batch).backward()
-        dopt.step()
+        try:
+            dopt.step()
+        except NonFiniteGradientError:
+            # The validity flags travel with the data, so every rank stops at this step. The
+            # run is recorded as diverged (it never reaches a target it has not reached yet)
+            # instead of aborting the whole benchmark.
+            diverged = step
+            curve.append({"t_s": clock.start, "step": step, "metric": _evaluate(ctx, model)})
+            ctx.progress(t.steps - step + 1)
+            break
         if _eval_due(ctx, step):
             curve.append({"t_s": clock.start, "step": step, "metric": _evaluate(ctx, model)})
         ctx.progress(1)
@@ -309,8 +320,25 @@ def _run_deco(ctx: RankContext, spec: RunSpec) -> dict[str, Any]:
                               "reason": d.reason, "changed": d.changed})
         r_est = driver.grad.r
     params = {"ratio": dcfg.ratio, "staleness": dcfg.staleness, "codec": dcfg.codec, "mode": dcfg.mode}
-    dopt.close()
-    return _result(spec, curve, clock, tl, wall, params, acct.steps_log, decisions=decisions, r_est=r_est)
+    if diverged is None:
+        dopt.close()
+    else:
+        _abandon(dopt)
+    return _result(spec, curve, clock, tl, wall, params, acct.steps_log, decisions=decisions, r_est=r_est,
+                   diverged_at_step=diverged)
+
+
+def _abandon(dopt: DecoOptimizer) -> None:
+    """Close a diverged run: let its in-flight exchanges finish without applying them (every
+    rank launched them, so the next run's collectives stay in the same order everywhere)."""
+    st = dopt.state
+    for e in st.fifo.pop_all():
+        for u in e.units:
+            u.wait(step=e.seq, tau=st.current_staleness)
+    if st.driver is not None:
+        st.driver.finish()
+    st.close(barrier=True)
+    dopt.closed = True
 
 
 def first_decision(decisions: Sequence[dict[str, Any]]) -> tuple[float, int]:

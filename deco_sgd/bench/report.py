@@ -105,7 +105,8 @@ def build_results(cfg: BenchConfig, records: Sequence[dict[str, Any]], *, wall_s
                              "virtual_time_s": r["virtual_time_s"], "steps": r["steps"],
                              "mean_step_s": r["virtual_time_s"] / max(1, r["steps"]),
                              "bytes_received_per_worker": r["bytes_received_per_worker"],
-                             "params": r["params"], "r_est": r.get("r_est")})
+                             "params": r["params"], "r_est": r.get("r_est"),
+                             "diverged_at_step": r.get("diverged_at_step")})
             times.append(math.inf if hit is None else hit["t_s"])
             timing["runs"][f"{name}__s{r['seed']}"] = {"wall_s": r.get("wall_s"), "reused": r.get("reused")}
         finals = [r["final_metric"] for r in runs]
@@ -295,6 +296,13 @@ def render_report(res: dict[str, Any], plots: bool, command: str | None = None) 
             p = meth["static_apriori"]["params"]
             lines += ["", f"static_apriori froze DeCo-SGD's first decision: ratio {p['ratio']:g}, "
                           f"staleness {p['staleness']}."]
+    div = [(n, ps["seed"], ps["diverged_at_step"]) for n, m in meth.items() if n != "best_static"
+           for ps in m.get("per_seed", []) if ps.get("diverged_at_step")]
+    if div:
+        lines += ["", "## Diverged runs", "",
+                  "Non-finite gradients for more than `max_consecutive_skips` steps in a row; the run stopped "
+                  "there, its final metric is the model at that step and it never reached the target after it.",
+                  ""] + [f"- {n}, seed {seed}: step {step}" for n, seed, step in div]
     env = res["env"]
     lines += ["", "## Environment", "", f"torch {env['torch']}, Python {env['python']}, {env['platform']}. "
               "Virtual time: real gradients, real DeCo-SGD / PowerSGD code paths on gloo; compute time per step "

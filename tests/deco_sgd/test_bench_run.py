@@ -79,3 +79,44 @@ def test_real_quick_run(tmp_path: Path) -> None:
     for name, m in res["methods"].items():
         assert math.isfinite(m["final_metric"]) and m["final_metric"] > m["curve"][0]["metric"], name
     print(f"quick run took {elapsed:.0f} s")
+
+
+class _NanAfter:
+    """A task whose loss turns NaN from step `start` on (a diverging run, made deterministic)."""
+
+    def __init__(self, task, start: int) -> None:
+        self._task, self._start, self._calls = task, start, 0
+        self.name, self.higher_is_better, self.device = task.name, task.higher_is_better, task.device
+
+    def __getattr__(self, name):  # model, batches, evaluate, env
+        return getattr(self._task, name)
+
+    def loss(self, model, batch):
+        self._calls += 1
+        loss = self._task.loss(model, batch)
+        return loss * float("nan") if self._calls >= self._start else loss
+
+
+def _diverge_then_train(rank: int, world: int, cfg_dict: dict) -> tuple[dict, dict]:
+    from deco_sgd.bench.methods import RankContext, build_plan, run_method
+    from deco_sgd.bench.tasks import make_task
+
+    cfg = config_from_dict(cfg_dict)
+    plan = {s.key: s for s in build_plan(cfg)}
+    task = make_task(cfg.task["name"], **cfg.task_kwargs)
+    bad = run_method(RankContext(rank, world, cfg, _NanAfter(task, start=4)), plan["static_d0.1_t1__s0"])
+    good = run_method(RankContext(rank, world, cfg, task), plan["dsgd__s0"])  # the group still works
+    return bad, good
+
+
+def test_a_diverging_run_is_recorded_and_the_bench_goes_on() -> None:
+    from ccomm.ranks import run_ranks
+
+    cfg = {**TINY, "train": {**TINY["train"], "steps": 24}}
+    for bad, good in run_ranks(_diverge_then_train, 2, cfg, timeout=300.0):
+        # Gradients are NaN from step 4; with tau = 1 their aggregates come due (and are skipped)
+        # from step 5, and the 11th skip in a row (max_consecutive_skips = 10) stops the run.
+        assert bad["diverged_at_step"] == 15
+        assert bad["curve"][-1]["step"] == 15
+        assert all(c["metric"] is None or math.isfinite(c["metric"]) for c in bad["curve"])  # rank 0 evaluates
+        assert good["diverged_at_step"] is None and good["curve"][-1]["step"] == 24
