@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from ccomm.codecs._pack import from_bytes
+from ccomm.finite import all_finite
 from ccomm.payload import Payload
 from ccomm.residual import ConsistencyError, ResidualCodec
 from ccomm.stats import CommStats
@@ -191,7 +192,7 @@ class CompactState:
         return x if base is None or self.config.variant == "no_ef" else base
 
     def _check_finite(self, key: KVKey, t: torch.Tensor | None) -> None:
-        if self.config.nonfinite == "error" and t is not None and not bool(torch.isfinite(t).all()):
+        if self.config.nonfinite == "error" and t is not None and not all_finite(t):
             self._bad.append(repr(key))
 
     def raise_nonfinite(self, layer: int) -> None:

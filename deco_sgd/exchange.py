@@ -31,6 +31,7 @@ import torch.distributed as dist
 
 from ccomm import Codec, ErrorFeedback, Payload, PayloadMeta
 from ccomm.comm import CommError, CommHandle, allgather_payloads, allreduce_payload, decode_sum
+from ccomm.finite import all_finite
 
 from .errors import DecoCommError
 
@@ -171,7 +172,7 @@ def launch_unit(
     if any(g.dtype != dtype for g in grads):
         raise ValueError(f"grads: one exchange unit needs one dtype, got {sorted({str(g.dtype) for g in grads})}")
     # Checked before compensation: a NaN must never enter the residual (§7).
-    valid = bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+    valid = all(all_finite(g) for g in grads)
     shapes = tuple(g.shape for g in grads)
     own: dict[str, torch.Tensor] | None = {} if valid else None
     wire = value_dtype or dtype
@@ -201,7 +202,7 @@ def launch_unit(
             flat = res.buffer
             unit.valid = tuple(bool(v > 0.5) for v in flat[-world:])
             unit.result = {n: c.view(s).to(dtype) for n, c, s in zip(names, flat[:-world].split(sizes), shapes)}
-            unit.agg_finite = bool(torch.isfinite(flat[:-world]).all())
+            unit.agg_finite = all_finite(flat[:-world])
 
         handle = allreduce_payload(payload, group, async_op=True, key=key)
         spec, coll = "dense", "allreduce"
@@ -271,7 +272,7 @@ def _stamp(unit: Unit) -> None:
 
 def _set_result(unit: Unit, out: dict[str, torch.Tensor]) -> None:
     unit.result = out
-    unit.agg_finite = all(bool(torch.isfinite(t).all()) for t in out.values())
+    unit.agg_finite = all(all_finite(t) for t in out.values())
 
 
 def _dense_meta(buf: torch.Tensor) -> PayloadMeta:

@@ -15,6 +15,7 @@ from typing import Any, Mapping
 
 import torch
 
+from ..finite import all_finite
 from ..payload import PayloadMeta
 from ..registry import register
 from ._pack import from_bytes, to_bytes
@@ -31,7 +32,7 @@ def lowrank_factors(a: torch.Tensor, rank: int, seed: int, iters: int) -> tuple[
     """(U, V) with U orthonormal (N, r') and V = U^T A (r', C), from a float32 matrix."""
     n, c = a.shape
     r = min(rank, n, c)
-    if not bool(torch.isfinite(a).all()):
+    if not all_finite(a):
         nan = float("nan")
         return a.new_full((n, r), nan), a.new_full((r, c), nan)
     g = torch.randn(c, r, generator=torch.Generator().manual_seed(seed)).to(a.device)

@@ -214,6 +214,7 @@ def _applied_units_freed(rank: int, world: int, hook: bool) -> tuple[int, int, i
     Returns (units tracked, applied units still alive, units in flight).
     """
     import gc
+    import time
     import weakref
 
     from deco_sgd.hook import attach_ddp
@@ -243,7 +244,16 @@ def _applied_units_freed(rank: int, world: int, hook: bool) -> tuple[int, int, i
         # In flight, or kept on purpose as the optimizer's `last_applied`.
         held = {e.seq for e in state.fifo} | {e.seq for e in getattr(opt, "last_applied", [])}
         in_flight = {e.seq for e in state.fifo}
-        alive = sum(r() is not None for seq, rs in refs.items() if seq not in held for r in rs)
+
+        def alive_now() -> int:
+            return sum(r() is not None for seq, rs in refs.items() if seq not in held for r in rs)
+
+        # gloo's thread may still be inside a completed future's callback, which holds its
+        # unit until it returns: wait a moment for that. A cycle would never let go.
+        deadline = time.monotonic() + 2.0
+        while alive_now() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        alive = alive_now()
         tracked = sum(len(rs) for rs in refs.values())
         return tracked, alive, len(in_flight)
     finally:
