@@ -390,7 +390,8 @@ def _plots(res: dict[str, Any], out: Path) -> bool:
     a1.set_ylabel("ratio δ (log)")
     a2.set_ylabel("staleness τ")
     a2.set_xlabel("virtual wall time (s)")
-    a1.set_title(f"{res['scenario']}: DeCo-SGD's (δ, τ) over time (seed {meth['dsgd']['seeds'][0]}; dense warm-up first)")
+    seed = meth["deco"]["seeds"][0] if "deco" in meth else "-"  # deco may be skipped
+    a1.set_title(f"{res['scenario']}: DeCo-SGD's (δ, τ) over time (seed {seed}; dense warm-up first)")
     for a in (a1, a2):
         a.grid(alpha=0.3)
     fig.tight_layout()

@@ -3,8 +3,9 @@
 1. `build_plan` lists the (method, seed) runs. Each run has a fingerprint: a hash of what
    its training trajectory depends on (task, workers, training settings, the `deco`
    section (its controller fields only for deco and static_apriori), the method and seed,
-   and the network for the methods whose behaviour depends on it: deco, static_apriori, dga). A run whose record is already in the cache directory is
-   not trained again; static methods so train once and serve every scenario.
+   and the network for the methods whose behaviour depends on it: deco, static_apriori,
+   dga). A run whose record is already in the cache directory is not trained again; static
+   methods so train once and serve every scenario.
 2. The remaining runs go to n spawned processes (1 torch thread each), which join one gloo
    group and execute them in plan order (`methods.run_method`); rank 0 writes one JSON
    record per run and drives the progress bar. The ranks run under `ccomm.ranks.run_ranks`:
