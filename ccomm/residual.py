@@ -11,11 +11,18 @@ Because the base is the reconstruction, step 2 resends whatever earlier steps fa
 deliver: error feedback for free, with error bounded by one compression error.
 
 Bit-identity: the sender decodes the serialized payload exactly as a receiver does, and
-both update `base = (base.float() + D(p).float()).to(dtype)` in the same order, so bases
+both update `base = (base.float() + D(p).float()).to(dtype)` in the same order (torch's
+fp16/bf16 `base + D(p)` computes exactly that), so bases
 stay bit-identical on ranks of one device type. `check_consistency` proves it.
 
 Variants (for ablations): `ef` (above), `no_ef` (sender's base is the true previous
 tensor, so receiver errors accumulate), `naive` (C(x) with no base at all).
+
+Deferred update: `encode(key, x, defer=True)` returns the payload before the sender has
+decoded it into its own base, so a caller can post the send first and overlap that
+decode with the transfer. The update runs at `settle()` or at the next read or use of the
+key (`base`, `keys`, `encode`, `decode`, `check_consistency`), so no reader ever sees a
+stale base.
 """
 from __future__ import annotations
 
@@ -46,10 +53,11 @@ class ConsistencyError(RuntimeError):
 class _KeyState:
     uses: int = 0
     base: torch.Tensor | None = None
+    pending: Payload | None = None  # own payload not yet added to `base` (deferred update)
 
 
 class ResidualCodec:
-    __slots__ = ("codec", "warmup_steps", "variant", "_state")
+    __slots__ = ("codec", "warmup_steps", "variant", "_state", "_deferred")
 
     def __init__(self, codec: Codec | str, warmup_steps: int = 1, *, variant: str = "ef") -> None:
         self.codec = make_codec(codec)
@@ -60,6 +68,7 @@ class ResidualCodec:
         self.warmup_steps = warmup_steps
         self.variant = variant
         self._state: dict[Hashable, _KeyState] = {}
+        self._deferred: list[Hashable] = []
 
     # -- queries ----------------------------------------------------------------------
     def step(self, key: Hashable) -> int:
@@ -70,10 +79,22 @@ class ResidualCodec:
     def base(self, key: Hashable) -> torch.Tensor | None:
         """The current base of `key` (read-only: updates replace it, never modify it)."""
         st = self._state.get(key)
+        if st is not None and st.pending is not None:
+            self._apply(st)
         return st.base if st else None
 
     def keys(self) -> list[Hashable]:
+        self.settle()
         return [k for k, st in self._state.items() if st.base is not None]
+
+    def settle(self) -> list[Hashable]:
+        """Apply every deferred own-base update; returns the keys that were updated."""
+        done, self._deferred = self._deferred, []
+        for key in done:
+            st = self._state.get(key)
+            if st is not None and st.pending is not None:
+                self._apply(st)
+        return done
 
     def _raw(self, key: Hashable) -> bool:
         return self.step(key) < self.warmup_steps and self.variant != "naive"
@@ -94,9 +115,15 @@ class ResidualCodec:
         return self.codec.wrap(buffer, shape, dtype)
 
     # -- the algorithm ----------------------------------------------------------------
-    def encode(self, key: Hashable, x: torch.Tensor) -> Payload:
-        """Sender side: the payload for `x`, updating this rank's base of `key`."""
+    def encode(self, key: Hashable, x: torch.Tensor, *, defer: bool = False) -> Payload:
+        """Sender side: the payload for `x`, updating this rank's base of `key`.
+
+        With `defer=True` (variant "ef") the base update, which decodes the payload, waits
+        for `settle()` or the key's next use (see the module docstring).
+        """
         st = self._state.setdefault(key, _KeyState())
+        if st.pending is not None:
+            self._apply(st)
         self._check_shape(key, st, x)
         if self._raw(key):
             payload = Payload(x.detach().reshape(-1).clone(), PayloadMeta(x.shape, x.dtype, {"raw": True}))
@@ -105,9 +132,12 @@ class ResidualCodec:
             payload = self.codec.encode(x)
         else:
             assert st.base is not None
-            r = (x.float() - st.base.float()).to(x.dtype)
+            r = self._sub(x.detach(), st.base)
             payload = self.codec.encode(r)
-            if self.variant == "ef":
+            if self.variant == "ef" and defer:
+                st.pending = payload
+                self._deferred.append(key)
+            elif self.variant == "ef":
                 st.base = self._add(st.base, self.codec.decode(payload))
             else:  # no_ef: the sender remembers the truth, receivers only what they got
                 st.base = x.detach().clone()
@@ -117,6 +147,8 @@ class ResidualCodec:
     def decode(self, key: Hashable, payload: Payload) -> torch.Tensor:
         """Receiver side: the reconstruction of `key`, updating this rank's base."""
         st = self._state.setdefault(key, _KeyState())
+        if st.pending is not None:
+            self._apply(st)
         meta = payload.meta
         if self._raw(key):
             buf = payload.buffer
@@ -137,10 +169,25 @@ class ResidualCodec:
     def reset(self) -> None:
         """Drop every base and counter (between requests)."""
         self._state.clear()
+        self._deferred.clear()
+
+    def _apply(self, st: _KeyState) -> None:
+        assert st.base is not None and st.pending is not None
+        st.base = self._add(st.base, self.codec.decode(st.pending))
+        st.pending = None
+
+    @staticmethod
+    def _sub(x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+        # Half and bfloat16 arithmetic in torch computes in fp32 and rounds once, so this is
+        # (x.float() - base.float()).to(dtype) without the two fp32 temporaries.
+        return x - base
 
     @staticmethod
     def _add(base: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        # One fixed op order on every rank: this is what keeps bases bit-identical.
+        # One fixed op order on every rank: this is what keeps bases bit-identical. Same
+        # dtype: one op in fp32 with one rounding, as in `_sub`.
+        if delta.dtype == base.dtype:
+            return base + delta
         return (base.float() + delta.float()).to(base.dtype)
 
     @staticmethod

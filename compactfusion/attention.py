@@ -9,11 +9,13 @@ Public entry points (all take the same keyword arguments and return the attentio
 for the local queries, in q's dtype and layout):
 - `ring_attention(q, k, v, *, state, layer, branch=0, group=None, joint_k=None, joint_v=None, scale=None)`:
   sequence-parallel ring (spec 3.1). Algorithm:
-    1. encode own K and V once (`state.send`: raw, or through the ResidualCodec);
+    1. encode own K and V once (`state.send`: raw, or through the ResidualCodec, the own
+       base update deferred);
     2. for s = 0..P-1: post the next hop (send the current payload to rank+1 unchanged,
        receive the next one from rank-1, sizes from mirrored state) BEFORE computing
-       this block; block s is the exact own K/V (plus joint K/V) for s = 0, otherwise the
-       decoded reconstruction of source (rank - s) mod P;
+       this block; after the first post, apply the deferred own-base update while the
+       bytes travel; block s is the exact own K/V (plus joint K/V) for s = 0, otherwise
+       the decoded reconstruction of source (rank - s) mod P;
     3. `block_attention` per block, `merge`d in fp32 by log-sum-exp;
     4. after the last hop, raise FloatingPointError if any tensor was non-finite.
 - `patch_attention(...)`: synchronous all-gather (spec 3.2); one attention over
@@ -117,15 +119,18 @@ def _group_info(state: CompactState, group: Any) -> tuple[Any, int, int]:
 
 def _encode_own(state: CompactState, layer: int, branch: int, rank: int, k: torch.Tensor, v: torch.Tensor,
                 comp: bool) -> tuple[torch.Tensor, int, torch.Tensor, torch.Tensor]:
-    """Own K|V payload bytes, the byte length of its K part, and the wire-dtype (N, C) tensors."""
+    """Own K|V payload bytes, the byte length of its K part, and the wire-dtype (N, C) tensors.
+
+    The own base updates are deferred: the caller posts the payload, then `state.settle()`.
+    """
     b, s, h, d = k.shape
     wire = state.wire(k.dtype)
     kw, vw = k.reshape(b * s, h * d).to(wire), v.reshape(b * s, h * d).to(wire)
     key_k = KVKey(layer, rank, "k", branch)
     # Peers' keys of this layer have the use count own key has before its encode.
     nk = state.recv_nbytes(key_k, kw.shape, wire, comp)
-    dk = state.send(key_k, kw, comp)
-    dv = state.send(KVKey(layer, rank, "v", branch), vw, comp)
+    dk = state.send(key_k, kw, comp, defer=True)
+    dv = state.send(KVKey(layer, rank, "v", branch), vw, comp, defer=True)
     return torch.cat([dk, dv]), nk, kw, vw
 
 
@@ -177,6 +182,7 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, state: 
                                recv_nbytes=None if _debug_sizes() else nk + nv, recv_dtype=torch.uint8,
                                async_op=True, key="kv_ring", stats=state.stats)
         if s == 0:  # exact own K/V, with the replicated text in front
+            state.settle()  # own base updates overlap the first hop
             ks, vs = _front(joint_k, k), _front(joint_v, v)
         else:
             ks, vs = _decode_pair(state, layer, branch, src, cur, nk_cur, k, comp)
@@ -197,7 +203,9 @@ def _gather_sync(state: CompactState, layer: int, branch: int, g: Any, rank: int
                  v: torch.Tensor, comp: bool, exact_own: bool) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Synchronous all-gather of every source's K/V, decoded, in rank order (model dtype)."""
     data, nk, kw, vw = _encode_own(state, layer, branch, rank, k, v, comp)
-    got = allgather_payloads(_payload(data), g, same_size=True, key="kv_gather", stats=state.stats)
+    handle = allgather_payloads(_payload(data), g, same_size=True, async_op=True, key="kv_gather", stats=state.stats)
+    state.settle()  # own base updates overlap the gather
+    got = handle.wait()
     ks: list[torch.Tensor] = []
     vs: list[torch.Tensor] = []
     for src, p in enumerate(got):  # type: ignore[union-attr]
@@ -256,6 +264,7 @@ def distrifusion_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     # 2. launch this step's gather; decoded when the next step takes it
     data, nk, _, _ = _encode_own(state, layer, branch, rank, k, v, comp)
     handle = allgather_payloads(_payload(data), g, same_size=True, async_op=True, key="kv_gather", stats=state.stats)
+    state.settle()
 
     def finish(payloads: list[Payload], like: torch.Tensor = k) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         rk: list[torch.Tensor] = []

@@ -10,11 +10,13 @@ A `CompactState` owns, for one process group:
 
 The attention paths (`compactfusion.attention`) use it through four calls:
 1. `observe(layer, branch, shape, dtype, device)`: shape-change detection (error or reset);
-2. `send(key, x, compressed)`: encode own K or V, return its payload as raw bytes;
+2. `send(key, x, compressed, defer=False)`: encode own K or V, return its payload as raw
+   bytes; with `defer` the own base update waits for `settle()`, so the caller can post the
+   send first and decode its own payload while the bytes travel;
 3. `recv_nbytes(key, shape, dtype, compressed)` / `receive(key, data, ...)`: the size of, and
    the reconstruction from, a peer's payload (sizes come from mirrored state, never the wire);
-4. `raise_nonfinite(layer)`: after the layer's exchange completed, fail if any tensor this
-   rank stored or sent was non-finite (nonfinite="error").
+4. `raise_nonfinite(layer)`: after the layer's exchange completed (it settles first), fail
+   if any tensor this rank stored or sent was non-finite (nonfinite="error").
 There is no module-level state: two handles never share anything.
 """
 from __future__ import annotations
@@ -140,8 +142,11 @@ class CompactState:
         assert self.rc is not None
         return self.rc.codec.empty_dtype(dtype)
 
-    def send(self, key: KVKey, x: torch.Tensor, compressed: bool) -> torch.Tensor:
-        """Encode own tensor `x` (N, C) already in the wire dtype; returns its payload as uint8."""
+    def send(self, key: KVKey, x: torch.Tensor, compressed: bool, *, defer: bool = False) -> torch.Tensor:
+        """Encode own tensor `x` (N, C) already in the wire dtype; returns its payload as uint8.
+
+        `defer=True`: the own base update (and its finiteness check) runs at `settle()`.
+        """
         self._check_finite(key, x)
         if not compressed:
             return x.contiguous().reshape(-1).view(torch.uint8)
@@ -151,10 +156,10 @@ class CompactState:
         before = rc.base(key) if record else None
         raw = self._raw(key)
         try:
-            payload = rc.encode(key, x)
+            payload = rc.encode(key, x, defer=defer and not record)
         except ValueError as exc:  # shape/dtype changed under a live base
             raise CompactStateError(f"{key}: {exc}") from exc
-        if self.config.variant != "naive":
+        if self.config.variant != "naive" and not (defer and not record):
             self._check_finite(key, rc.base(key))
         if record:
             self._record(key, x, payload, before, raw)
@@ -195,8 +200,16 @@ class CompactState:
         if self.config.nonfinite == "error" and t is not None and not all_finite(t):
             self._bad.append(repr(key))
 
+    def settle(self) -> None:
+        """Apply deferred own-base updates (see `send`) and check the new bases."""
+        if self.rc is None:
+            return
+        for key in self.rc.settle():
+            self._check_finite(key, self.rc.base(key))
+
     def raise_nonfinite(self, layer: int) -> None:
-        """Raise FloatingPointError if this layer's exchange met a non-finite tensor."""
+        """Settle, then raise FloatingPointError if this layer's exchange met a non-finite tensor."""
+        self.settle()
         if self._bad:
             bad, self._bad = self._bad, []
             raise FloatingPointError(f"non-finite K/V at step {self.step}, layer {layer}: {', '.join(bad[:4])}")

@@ -16,7 +16,15 @@ import torch
 from ._pack import BLOCK_ELEMS, blocks, from_bytes, pack_nonneg, to_bytes
 from .base import saturate_
 
-__all__ = ["row_blocks", "fp32_row_blocks", "token_channel_scales", "scales_nbytes", "pack_scales", "unpack_scales"]
+__all__ = [
+    "row_blocks",
+    "fp32_row_blocks",
+    "needs_saturation",
+    "token_channel_scales",
+    "scales_nbytes",
+    "pack_scales",
+    "unpack_scales",
+]
 
 
 def row_blocks(n: int, c: int) -> Iterator[tuple[int, int]]:
@@ -24,11 +32,12 @@ def row_blocks(n: int, c: int) -> Iterator[tuple[int, int]]:
     return blocks(n, 8, max(8, BLOCK_ELEMS // max(c, 1)))
 
 
-def fp32_row_blocks(out: torch.Tensor) -> Iterator[tuple[int, int, torch.Tensor]]:
+def fp32_row_blocks(out: torch.Tensor, saturate: bool = True) -> Iterator[tuple[int, int, torch.Tensor]]:
     """Yield (r0, r1, o): an fp32 block for rows r0:r1 of the (N, C) output `out`.
 
     For an fp32 `out`, o is a view into it; otherwise o is a scratch block that is
-    saturated and cast into `out` when the loop moves on (math in fp32, one rounding).
+    saturated (unless `saturate` is False) and cast into `out` when the loop moves on
+    (math in fp32, one rounding).
     """
     n, c = out.shape
     direct = out.dtype == torch.float32
@@ -36,7 +45,19 @@ def fp32_row_blocks(out: torch.Tensor) -> Iterator[tuple[int, int, torch.Tensor]
         o = out[r0:r1] if direct else torch.empty(r1 - r0, c, device=out.device)
         yield r0, r1, o
         if not direct:
-            out[r0:r1] = saturate_(o, out.dtype)
+            out[r0:r1] = saturate_(o, out.dtype) if saturate else o
+
+
+def needs_saturation(u: torch.Tensor, v: torch.Tensor, level: float, dtype: torch.dtype) -> bool:
+    """Whether some decoded magnitude `level * u_n * v_c` (fp32) may exceed `dtype`'s range.
+
+    fp32 rounding is monotonic, so the largest product is exactly fl(max u * max v); `level`
+    is a power of two (exact). NaN scales answer True, and the clamp then keeps the NaN.
+    """
+    if dtype == torch.float32 or u.numel() == 0 or v.numel() == 0:
+        return False
+    top = u.amax() * v.amax() * level
+    return not bool(top <= torch.finfo(dtype).max)
 
 
 def token_channel_scales(

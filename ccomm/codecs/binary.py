@@ -14,12 +14,21 @@ import torch
 
 from ..payload import PayloadMeta
 from ..registry import register
-from ._activation import fp32_row_blocks, pack_scales, scales_nbytes, token_channel_scales, unpack_scales
-from ._pack import packed_nbytes
+from ._activation import (
+    fp32_row_blocks,
+    needs_saturation,
+    pack_scales,
+    scales_nbytes,
+    token_channel_scales,
+    unpack_scales,
+)
+from ._pack import byte_lookup, packed_nbytes
 from .base import Codec, as_matrix, matrix_shape
-from .sign import apply_signs
 
 __all__ = ["Binary"]
+
+#: Byte -> its eight signs (bit set -> +1), LSB first: one gather decodes eight entries.
+_SIGNS = torch.tensor([[1.0 if (b >> i) & 1 else -1.0 for i in range(8)] for b in range(256)])
 
 
 @register("binary")
@@ -39,6 +48,7 @@ class Binary(Codec):
         u, v = unpack_scales(buffer, n, c, meta.dtype)
         signs = buffer[scales_nbytes(n, c, meta.dtype) :]
         out = torch.empty(n, c, dtype=meta.dtype, device=buffer.device)
-        for r0, r1, o in fp32_row_blocks(out):
-            apply_signs(signs, r0 * c, o).mul_(v).mul_(u[r0:r1, None])
+        for r0, r1, o in fp32_row_blocks(out, needs_saturation(u, v, 1.0, meta.dtype)):
+            sign = byte_lookup(signs[r0 * c // 8 : (r1 * c + 7) // 8], _SIGNS, (r1 - r0) * c)
+            torch.outer(u[r0:r1], v, out=o).mul_(sign.view(r1 - r0, c))
         return out

@@ -13,13 +13,26 @@ import torch
 
 from ..payload import PayloadMeta
 from ..registry import register
-from ._activation import fp32_row_blocks, pack_scales, row_blocks, scales_nbytes, token_channel_scales, unpack_scales
-from ._pack import pack_bits, packed_nbytes, unpack_bits
+from ._activation import (
+    fp32_row_blocks,
+    needs_saturation,
+    pack_scales,
+    row_blocks,
+    scales_nbytes,
+    token_channel_scales,
+    unpack_scales,
+)
+from ._pack import byte_lookup, interleave_bits, pack_greater, pack_nonneg, packed_nbytes
 from .base import Codec, as_matrix, matrix_shape
 
 __all__ = ["Int2"]
 
 SMALL, LARGE = 0.5, 2.0
+#: Byte -> the signed levels of its four 2-bit codes (bit 0 sign, bit 1 large), LSB first.
+_LEVELS = torch.tensor(
+    [[(LARGE if (b >> (2 * i + 1)) & 1 else SMALL) * (1.0 if (b >> (2 * i)) & 1 else -1.0) for i in range(4)]
+     for b in range(256)]
+)
 
 
 @register("int2")
@@ -35,11 +48,10 @@ class Int2(Codec):
         codes = torch.empty(packed_nbytes(n * c, 2), dtype=torch.uint8, device=x.device)
         for r0, r1 in row_blocks(n, c):
             blk = a[r0:r1].float()
-            large = blk.abs() > torch.outer(u[r0:r1], v)
-            # A 2-bit code is (sign, large) in consecutive bits, LSB first: interleaving the
-            # two bit planes and packing them as single bits gives exactly that layout.
-            bits = torch.stack([blk >= 0, large], dim=-1)
-            codes[r0 * c // 4 : (r1 * c + 3) // 4] = pack_bits(bits, 1)
+            large = pack_greater(blk.abs(), torch.outer(u[r0:r1], v))
+            # A 2-bit code is (sign, large) in consecutive bits, LSB first: the two packed
+            # bit planes interleaved.
+            codes[r0 * c // 4 : (r1 * c + 3) // 4] = interleave_bits(pack_nonneg(blk), large, (r1 - r0) * c)
         return torch.cat([pack_scales(u, v, x.dtype), codes]), {}
 
     def _decode(self, buffer: torch.Tensor, meta: PayloadMeta) -> torch.Tensor:
@@ -47,8 +59,8 @@ class Int2(Codec):
         u, v = unpack_scales(buffer, n, c, meta.dtype)
         codes = buffer[scales_nbytes(n, c, meta.dtype) :]
         out = torch.empty(n, c, dtype=meta.dtype, device=buffer.device)
-        for r0, r1, o in fp32_row_blocks(out):
-            bits = unpack_bits(codes[r0 * c // 4 : (r1 * c + 3) // 4], 1, 2 * (r1 - r0) * c).view(r1 - r0, c, 2)
-            sign = torch.empty_like(o).copy_(bits[..., 0]).mul_(2).sub_(1)
-            o.copy_(bits[..., 1]).mul_(LARGE - SMALL).add_(SMALL).mul_(sign).mul_(v).mul_(u[r0:r1, None])
+        for r0, r1, o in fp32_row_blocks(out, needs_saturation(u, v, LARGE, meta.dtype)):
+            level = byte_lookup(codes[r0 * c // 4 : (r1 * c + 3) // 4], _LEVELS, (r1 - r0) * c)
+            # The levels are powers of two, so level * (u v) is exact scaling of one rounding.
+            torch.outer(u[r0:r1], v, out=o).mul_(level.view(r1 - r0, c))
         return out

@@ -87,9 +87,9 @@ def _r_spy(rank: int, world: int, codecs: list[str]) -> dict:
         events.append("post")
         return orig_sr(*args, **kwargs)
 
-    def spy_send(self, key, x, compressed):  # type: ignore[no-untyped-def]
+    def spy_send(self, key, x, compressed, **kw):  # type: ignore[no-untyped-def]
         sent.setdefault((key.layer, key.kind), []).append(x.clone())
-        return orig_send(self, key, x, compressed)
+        return orig_send(self, key, x, compressed, **kw)
 
     A.block_attention, CompactState.send, A.send_recv = spy_block, spy_send, spy_sr
     res = {}
