@@ -88,6 +88,8 @@ class BenchConfig:
     every other P under ``ranks<P>``. ``timing_ranks``: the P whose run follows the latency
     protocol (bandwidth search, interleaved repeats); other sizes are timed ``repeats_other``
     times only. ``labels``: one image per label, sampled as one batch (CFG doubles it).
+    ``paper_bytes``: also measure the ring methods' wire bytes at FLUX.1's K/V shape on the
+    largest P (:mod:`.paper_bytes`).
     """
 
     name: str = "bench"
@@ -108,6 +110,7 @@ class BenchConfig:
     threads: int = 1
     ablation_codec: str = "int2"
     ablation_variants: tuple[str, ...] = ("naive", "no_ef", "ef")
+    paper_bytes: bool = True
     link: LinkConfig = field(default_factory=LinkConfig)
     timeout_s: float = 600.0
     quick: dict[str, Any] = field(default_factory=dict)
@@ -156,6 +159,8 @@ class BenchConfig:
         bad = [v for v in self.ablation_variants if v not in ("naive", "no_ef", "ef")]
         if bad:
             raise ValueError(f"ablation_variants: {bad} not allowed; allowed values are ['naive', 'no_ef', 'ef']")
+        if not isinstance(self.paper_bytes, bool):
+            raise ValueError(f"paper_bytes: must be true or false, got {self.paper_bytes!r}")
         if isinstance(self.link, dict):
             object.__setattr__(self, "link", _build(LinkConfig, self.link, "link."))
         if not isinstance(self.link, LinkConfig):

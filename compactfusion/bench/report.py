@@ -125,6 +125,19 @@ def _ablation_table(abl: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _paper_bytes_table(pb: dict[str, Any]) -> list[str]:
+    lines = [f"Each rank's own K and V are {pb['rows']} × {pb['channels']} fp16 (FLUX.1 1024² split over "
+             f"P = {pb['ranks']}); bytes per ring call are what one rank handed to torch.distributed (`kv_ring`, "
+             f"`ccomm.stats`) over {pb['calls']} calls (the first raw, W = 1). Request: 1 raw + 27 compressed steps.",
+             "", "| method | bytes per call (raw, compressed…) | ratio, compressed steps | ratio, request | formula |",
+             "|---|---|---|---|---|"]
+    for name, e in pb["methods"].items():
+        calls = ", ".join(f"{b:.0f}" for b in e["bytes_per_call"])
+        lines.append(f"| {name} | {calls} | {_f(e.get('ratio_compressed_steps'), '.2f')} "
+                     f"| {_f(e.get('ratio_request'), '.2f')} | {_f(e.get('ratio_formula'), '.2f')} |")
+    return lines
+
+
 def _targets_table(targets: list[dict[str, Any]]) -> list[str]:
     lines = ["| target | where | measured | required | met |", "|---|---|---|---|---|"]
     for t in targets:
@@ -171,6 +184,8 @@ def to_markdown(res: dict[str, Any], notes: list[str]) -> str:
                   "naive: C(x) without a base; no_ef: residual against the sender's true previous value; "
                   "ef: residual against the mirrored base (CompactFusion).", ""]
         lines += _ablation_table(res["ablation"]) + [""]
+    if res.get("paper_shape_bytes"):
+        lines += ["## Wire bytes at FLUX.1's K/V shape (measured)", ""] + _paper_bytes_table(res["paper_shape_bytes"]) + [""]
     lines += ["## Projection to the paper's setting (FLUX.1-dev 1024², 28 steps, 4 ranks)", "",
               "netsim cost model (`compactfusion/bench/project.py`): paper's single-GPU time split over 4 ranks plus "
               "ring/all-gather transfer time at the per-rank bandwidth; `formula` uses the codec's exact bytes at the "

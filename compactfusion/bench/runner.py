@@ -14,7 +14,8 @@ For each group size P in ``cfg.ranks`` (the timing size first), on a fresh
    interleaved and returns the ratio of their medians); then ``repeats`` interleaved rounds at B*
    and ``sweep_repeats`` rounds at every multiple of B* in ``link.sweep``;
 4. other sizes: ``repeats_other`` interleaved rounds on the same link;
-5. largest P: one run per ablation variant (unshaped), keeping the per-step error rows.
+5. largest P: one run per ablation variant (unshaped), keeping the per-step error rows, and
+   (``paper_bytes``) the ring methods' wire bytes at FLUX.1's K/V shape (:mod:`.paper_bytes`).
 
 The parent gathers per-sample results; :mod:`.summary` turns them into the results mapping.
 """
@@ -27,6 +28,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .config import BenchConfig
+from .methods import METHODS
+from .paper_bytes import PaperShape, job_paper_bytes
 from .pool import RankError, RankPool, bench_pool
 from .search import SearchResult, secant_bandwidth
 from .worker import RunKey, SampleResult, job_link, job_prepare, job_release, job_sample
@@ -53,6 +56,7 @@ class Samples:
     search: SearchResult | None = None
     main_link: str = UNSHAPED
     emulation: dict[str, list[dict[str, float]]] = field(default_factory=dict)  # link label -> per-rank counters
+    paper_bytes: list[dict[str, list[int]]] | None = None  # per rank: ring method -> bytes per call
 
 
 @dataclass
@@ -159,6 +163,10 @@ class _Runner:
                     res = self.sample(pool, key, True)
                     s.errors[key.variant] = res[0].errors or []
                     s.images[key.label] = res[0].images
+                if c.paper_bytes:
+                    ring = [m for m in c.methods if METHODS[m].mode == "ring"]
+                    s.paper_bytes = pool.run(job_paper_bytes, ring, PaperShape(), c.seed, timeout=c.timeout_s)
+                    self.tick("paper_bytes")
             pool.run(job_release, timeout=c.timeout_s)
         return s
 
@@ -181,7 +189,7 @@ class _Runner:
             if timing and c.link.bandwidth_mbps == "auto":
                 total += 2 * (c.link.secant_steps + 1) * max(1, min(c.repeats, 3))
             if p == max(c.ranks):
-                total += len(c.ablation_variants)
+                total += len(c.ablation_variants) + int(c.paper_bytes)
         return total
 
 

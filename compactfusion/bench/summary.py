@@ -13,6 +13,9 @@ Per group size and method (spec §7):
   steps only (warm-up steps send raw tensors, as many bytes as the reference's).
 - ``psnr_db`` / ``ssim`` against the uncompressed output of the same mode, P and seed;
   ``psnr_vs_single_db`` / ``ssim_vs_single`` against the single process.
+
+At the top level, ``paper_shape_bytes`` (largest P, ``paper_bytes: true``): the ring methods'
+bytes per call at FLUX.1's K/V shape and their ratios (:mod:`.paper_bytes`).
 """
 from __future__ import annotations
 
@@ -24,7 +27,8 @@ from typing import Any
 import numpy as np
 
 from .methods import METHODS
-from .project import PAPER_ETHERNET, PAPER_MAP, project
+from .paper_bytes import PaperShape, summarize_paper_bytes
+from .project import PAPER_ETHERNET, PAPER_MAP, FluxSetting, project
 from .runner import UNSHAPED, RunData, Samples
 
 __all__ = ["summarize", "quality", "KV_TAGS"]
@@ -161,6 +165,11 @@ def _targets(res: dict[str, Any], cfg: Any) -> list[dict[str, Any]]:
         if meth in top:
             add(f"{meth} compression ratio (whole request)", top[meth].get("compression_ratio"), ">=", thr, "methods")
             add(f"{meth} compression ratio (compressed steps)", top[meth].get("compression_ratio_steps"), ">=", thr, "methods")
+    paper = res.get("paper_shape_bytes", {}).get("methods", {})
+    for meth, thr in (("ring+binary", 15.0), ("ring+int2", 7.5)):
+        if paper.get(meth, {}).get("ratio_compressed_steps") is not None:
+            add(f"{meth} compression ratio at FLUX's K/V shape (compressed steps)",
+                paper[meth]["ratio_compressed_steps"], ">=", thr, "paper_shape_bytes")
     for where, group in (("methods", top), (f"ranks{cfg.timing_ranks}", res.get(f"ranks{cfg.timing_ranks}", {}).get("methods", {}))):
         if "ring+int2" in group:
             add("ring+int2 PSNR dB", group["ring+int2"].get("psnr_db"), ">=", 30.0, where)
@@ -201,6 +210,8 @@ def summarize(data: RunData, *, command: str, quick: bool) -> dict[str, Any]:
             res.update({k: v for k, v in block.items() if k != "ranks"})
             if s.errors:
                 res["ablation"] = _ablation(s, cfg)
+            if s.paper_bytes:
+                res["paper_shape_bytes"] = summarize_paper_bytes(s.paper_bytes, PaperShape(), p, FluxSetting().steps)
         if p != top_p or len(data.per_ranks) == 1:
             res[f"ranks{p}"] = block
     ratios = {n: r.get("compression_ratio_steps") for n, r in res["methods"].items() if n != "patch+int2"}

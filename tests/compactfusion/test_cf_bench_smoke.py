@@ -35,6 +35,22 @@ def _check_schema(res: dict, ranks: int, timing: int) -> None:
     assert res["ablation"]["variants"].keys() == {"naive", "no_ef", "ef"}
     assert {r["method"] for r in res["projection"]["rows"]} >= {"ring", "ring+binary", "ring+int2"}
     assert all(t["met"] in (True, False, None) for t in res["targets"])
+    _check_paper_bytes(res["paper_shape_bytes"], ranks)
+
+
+def _check_paper_bytes(pb: dict, ranks: int) -> None:
+    """Bytes counted by the transport at FLUX's K/V shape equal the exact payload arithmetic."""
+    n, c = 4096 // ranks, 3072
+    raw = 2 * n * c * 2 * (ranks - 1)  # K and V, fp16, P - 1 ring hops per call
+    assert (pb["rows"], pb["channels"]) == (n, c)
+    assert pb["methods"]["ring"]["bytes_per_call"] == [raw] * 3
+    binary = pb["methods"]["ring+binary"]
+    assert binary["bytes_per_call"] == [raw] + [2 * ((n + c) * 2 + n * c // 8) * (ranks - 1)] * 2
+    assert binary["ratio_compressed_steps"] == pytest.approx(binary["ratio_formula"]) and binary["ratio_formula"] > 15
+    int2 = pb["methods"]["ring+int2"]
+    assert int2["bytes_per_call"][1:] == [2 * ((n + c) * 2 + n * c // 4) * (ranks - 1)] * 2
+    # One raw step among 28 dominates a request's bytes: 28 / (1 + 27 / 15.8) = 10.4.
+    assert 10 < binary["ratio_request"] < 10.5
 
 
 @pytest.mark.multiprocess
