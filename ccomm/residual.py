@@ -68,7 +68,7 @@ class ResidualCodec:
         self.warmup_steps = warmup_steps
         self.variant = variant
         self._state: dict[Hashable, _KeyState] = {}
-        self._deferred: list[Hashable] = []
+        self._deferred: dict[Hashable, None] = {}  # keys deferred since the last settle(), in order
 
     # -- queries ----------------------------------------------------------------------
     def step(self, key: Hashable) -> int:
@@ -88,8 +88,12 @@ class ResidualCodec:
         return [k for k, st in self._state.items() if st.base is not None]
 
     def settle(self) -> list[Hashable]:
-        """Apply every deferred own-base update; returns the keys that were updated."""
-        done, self._deferred = self._deferred, []
+        """Apply every deferred own-base update.
+
+        Returns each key encoded with `defer=True` since the last `settle()` once, including
+        keys whose update a read already applied: all of them now hold new bases.
+        """
+        done, self._deferred = list(self._deferred), {}
         for key in done:
             st = self._state.get(key)
             if st is not None and st.pending is not None:
@@ -136,7 +140,7 @@ class ResidualCodec:
             payload = self.codec.encode(r)
             if self.variant == "ef" and defer:
                 st.pending = payload
-                self._deferred.append(key)
+                self._deferred[key] = None
             elif self.variant == "ef":
                 st.base = self._add(st.base, self.codec.decode(payload))
             else:  # no_ef: the sender remembers the truth, receivers only what they got

@@ -16,6 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ccomm import make_codec
+from ccomm.codecs._activation import unpack_scales
 
 try:  # tests/ccomm as a package or as a rootdir-inserted directory
     from ._specs import ALL_SPECS, DTYPES
@@ -314,6 +315,79 @@ def test_int2_uses_all_four_levels() -> None:
     u, v = _uv(_np(x), np.float32)
     ratio = np.round(d / np.outer(u, v), 3)
     assert set(np.unique(ratio).tolist()) == {-2.0, -0.5, 0.5, 2.0}
+
+
+def _activation_decode_fp32(name: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(payload decoded by the codec, the same decode computed here in fp32 before any rounding).
+
+    The reference takes u, v from the payload (as the receiver sees them) and the levels from
+    x itself: sign +-1 (x >= 0), int2 additionally 2 where |x| > u_n v_c (fp32) and 0.5 otherwise.
+    """
+    n, c = x.reshape(-1, x.shape[-1]).shape
+    payload = make_codec(name).encode(x)
+    u, v = unpack_scales(payload.buffer, n, c, x.dtype)
+    assert u.dtype == v.dtype == torch.float32
+    s = torch.outer(u, v)
+    a = x.reshape(n, c).float()
+    level = torch.where(a >= 0, 1.0, -1.0)
+    if name == "int2":
+        level = level * torch.where(a.abs() > s, 2.0, 0.5)
+    return make_codec(name).decode(payload).reshape(n, c), s * level
+
+
+def _round_once(ref: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """fp32 -> dtype with one rounding, saturated to dtype's finite range (the codecs' policy)."""
+    top = torch.finfo(dtype).max
+    return ref.clamp(-top, top).to(dtype)
+
+
+def _fp16_near_max_activation(n: int, c: int, big_rows: slice, other_scale: float, seed: int) -> torch.Tensor:
+    """fp16 (n, c), channel 3 of `big_rows` at +-(45000..60000): u_n v_c reaches past 65504."""
+    g = torch.Generator().manual_seed(seed)
+    # Rows of unequal size: u_n > 1 on the heavy rows carries u_n v_3 past max|x_3|.
+    x = torch.randn(n, c, generator=g) * other_scale * 2 * torch.rand(n, 1, generator=g)
+    big = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0) * 6e4 * (0.75 + 0.25 * torch.rand(n, generator=g))
+    x[big_rows, 3] = big[big_rows]
+    assert torch.isfinite(x.half()).all()
+    return x.half()
+
+
+@pytest.mark.parametrize("name", ["binary", "int2"])
+def test_activation_fp16_decode_saturates_near_the_maximum(name: str) -> None:
+    top = torch.finfo(torch.float16).max  # 65504
+    cases = [  # (x, codecs whose decode must reach past 65504 on it)
+        (_fp16_near_max_activation(32, 24, slice(None), 1e4, seed=30), {"binary", "int2"}),
+        (_fp16_near_max_activation(40, 9, slice(None, None, 3), 3e3, seed=31), {"int2"}),
+        # Two row blocks (3744 rows of 70 each): the large entries only in the second one.
+        (_fp16_near_max_activation(4100, 70, slice(3800, None), 1.0, seed=32), {"int2"}),
+    ]
+    for i, (x, reaches) in enumerate(cases):
+        d, ref = _activation_decode_fp32(name, x)
+        assert d.dtype == torch.float16
+        assert torch.isfinite(d).all(), f"case {i}"
+        over = ref.abs() > top
+        if name in reaches:
+            assert over.any(), f"case {i}: the case no longer reaches past fp16's range"
+        assert torch.equal(d[over], torch.sign(ref[over]).half() * top), f"case {i}"
+        # Everything else: the fp32 value rounded once (values in (65504, 65520) round to 65504).
+        assert torch.equal(d, _round_once(ref, torch.float16)), f"case {i}"
+
+
+@pytest.mark.parametrize("name", ["binary", "int2"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape", [(6, 10), (2, 3, 5), (9, 2), (1, 9), (13, 7), (4100, 70)])
+def test_activation_decode_is_the_fp32_product_rounded_once(
+    name: str, dtype: torch.dtype, shape: tuple[int, ...]
+) -> None:
+    g = torch.Generator().manual_seed(33)
+    x = (torch.randn(shape, generator=g) * torch.rand(shape[-1], generator=g) * 3).to(dtype)
+    x.view(-1)[::11] = -0.0  # signed zeros decode with the + sign (r >= 0)
+    d, ref = _activation_decode_fp32(name, x)
+    assert d.dtype == dtype
+    # Bit-exact: one fp32 product u_n v_c, scaled by a power of two (exact), rounded once.
+    # (Rounding u v to dtype before the level, or computing in dtype, differs in the last bit.)
+    expected = _round_once(ref, dtype)
+    assert torch.equal(d.view(-1).view(torch.uint8), expected.view(-1).view(torch.uint8))
 
 
 # --- low rank ---------------------------------------------------------------------------------

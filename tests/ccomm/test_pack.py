@@ -15,9 +15,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ccomm.codecs._pack import (
+    byte_lookup,
     from_bytes,
     index_width,
+    interleave_bits,
     pack_bits,
+    pack_greater,
     pack_uint,
     packed_nbytes,
     split_bytes,
@@ -137,3 +140,111 @@ def test_float_bytes_round_trip_even_when_misaligned(dtype: torch.dtype) -> None
 def test_split_bytes_rejects_wrong_total() -> None:
     with pytest.raises(ValueError, match="buffer"):
         split_bytes(torch.zeros(10, dtype=torch.uint8), [3, 3])
+
+
+# --- pack_greater, interleave_bits, byte_lookup (the activation codecs' fast paths) --------
+
+#: Lengths that are not multiples of 8 (a partial last byte), plus one that is.
+ODD_LENGTHS = [1, 3, 7, 13, 64, 1001]
+
+
+def _greater_operands(n: int, dtype: torch.dtype, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random a, b of n entries with ties, signed zeros and NaN on either side (or both)."""
+    g = torch.Generator().manual_seed(seed)
+    a, b = torch.randn(n, generator=g), torch.randn(n, generator=g)
+    b[::5] = a[::5]  # ties: a > b is False
+    a[1::7], b[1::7] = 0.0, -0.0  # 0.0 > -0.0 is False too
+    a[2::6] = math.nan
+    b[3::9] = math.nan
+    b[2::12] = math.nan  # NaN on both sides
+    return a.to(dtype), b.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("n", ODD_LENGTHS)
+def test_pack_greater_equals_packed_comparison(dtype: torch.dtype, n: int) -> None:
+    a, b = _greater_operands(n, dtype, seed=n)
+    packed = pack_greater(a, b)
+    assert packed.dtype == torch.uint8 and packed.dim() == 1
+    assert packed.numel() == packed_nbytes(n, 1)
+    assert torch.equal(packed, pack_bits(a > b, 1))
+    # Independent statement: bit i of the LSB-first stream is a_i > b_i, NaN compares False.
+    expected = [bool(x > y) for x, y in zip(a.tolist(), b.tolist())]
+    assert unpack_bits(packed, 1, n).bool().tolist() == expected
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_pack_greater_on_matrices_and_views_follows_logical_order(dtype: torch.dtype) -> None:
+    a, b = _greater_operands(13 * 7, dtype, seed=21)
+    a, b = a.view(13, 7), b.view(13, 7)
+    assert torch.equal(pack_greater(a, b), pack_bits(a > b, 1))
+    at, bt = a.t(), b.t()  # non-contiguous (7, 13) views
+    assert torch.equal(pack_greater(at, bt), pack_bits(at > bt, 1))
+
+
+@pytest.mark.parametrize(
+    ("da", "db"),
+    [
+        (torch.float32, torch.float16),  # mixed dtypes: torch fallback, compared after promotion
+        (torch.float16, torch.float32),
+        (torch.bfloat16, torch.bfloat16),  # no numpy bfloat16: torch fallback
+        (torch.float64, torch.float64),
+    ],
+)
+def test_pack_greater_torch_fallback_matches(da: torch.dtype, db: torch.dtype) -> None:
+    a, b = _greater_operands(1001, torch.float32, seed=22)
+    a, b = a.to(da), b.to(db)
+    packed = pack_greater(a, b)
+    assert packed.numel() == packed_nbytes(1001, 1)
+    assert torch.equal(packed, pack_bits(a > b, 1))
+
+
+def _bit_planes(count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(count, generator=g) < 0.5, torch.rand(count, generator=g) < 0.3
+
+
+@pytest.mark.parametrize("count", [0, 1, 3, 5, 8, 13, 64, 1001])
+def test_interleave_bits_equals_packing_the_interleaved_planes(count: int) -> None:
+    lo_bits, hi_bits = _bit_planes(count, seed=count)
+    lo, hi = pack_bits(lo_bits, 1), pack_bits(hi_bits, 1)
+    out = interleave_bits(lo, hi, count)
+    assert out.dtype == torch.uint8 and out.dim() == 1
+    assert torch.equal(out, pack_bits(torch.stack([lo_bits, hi_bits], -1), 1))
+    # As 2-bit codes: bit 0 from the lo plane, bit 1 from the hi plane.
+    codes = lo_bits.to(torch.int64) + 2 * hi_bits.to(torch.int64)
+    assert unpack_bits(out, 2, count).tolist() == codes.tolist()
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 4, 5, 7, 9, 13, 63, 64, 65, 1001])
+def test_interleave_bits_returns_packed_nbytes(count: int) -> None:
+    lo_bits, hi_bits = _bit_planes(count, seed=100 + count)
+    out = interleave_bits(pack_bits(lo_bits, 1), pack_bits(hi_bits, 1), count)
+    assert out.shape == (packed_nbytes(count, 2),) and packed_nbytes(count, 2) == math.ceil(count / 4)
+
+
+def test_interleave_bits_reads_plane_slices_at_an_offset() -> None:
+    # The codec passes block slices of larger buffers; a slice with a storage offset must
+    # read its own bytes.
+    lo_bits, hi_bits = _bit_planes(8 * 20, seed=23)
+    lo, hi = pack_bits(lo_bits, 1), pack_bits(hi_bits, 1)
+    out = interleave_bits(lo[5:12], hi[5:12], 8 * 7)
+    expected = pack_bits(torch.stack([lo_bits[40:96], hi_bits[40:96]], -1), 1)
+    assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("k", [1, 4, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.int64])
+def test_byte_lookup_equals_table_indexing(k: int, dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(24 + k)
+    table = (torch.randn(256, k, generator=g) * 100).to(dtype)
+    packed = torch.randint(0, 256, (37,), generator=g, dtype=torch.uint8)
+    packed[:4] = torch.tensor([0, 255, 128, 1], dtype=torch.uint8)  # both ends of the table
+    for count in sorted({0, 1, k, 37 * k - 5, 37 * k}):
+        out = byte_lookup(packed, table, count)
+        assert out.dtype == dtype and out.shape == (count,)
+        assert torch.equal(out, table[packed.long()].reshape(-1)[:count])
+    # A slice at an offset (as the codecs pass block slices), and a non-contiguous view.
+    for view in (packed[3:30], packed[1::2]):
+        count = view.numel() * k - 1
+        assert torch.equal(byte_lookup(view, table, count), table[view.long()].reshape(-1)[:count])

@@ -108,3 +108,134 @@ def test_bad_variant_and_codec_rejected() -> None:
     with pytest.raises(ValueError, match="unknown name"):
         ResidualCodec("int3", 1)
     assert "int2" in available_codecs()
+
+
+# --- deferred own-base update: encode(defer=True) + settle() --------------------------------
+
+DEFER_CODECS = ["binary", "int2", "lowrank:rank=2"]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _bits(t: torch.Tensor | None) -> bytes | None:
+    return None if t is None else t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+@pytest.mark.parametrize("spec", DEFER_CODECS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_deferred_sender_bases_bit_identical_to_eager_sender_and_receiver(spec: str, dtype: torch.dtype) -> None:
+    lazy, eager, rcv = ResidualCodec(spec, 1), ResidualCodec(spec, 1), ResidualCodec(spec, 1)
+    for t, x in enumerate(_walk(7, (21, 30), dtype, seed=3)):
+        p = lazy.encode("kv", x, defer=True)
+        # The payload is computed against the (implicitly settled) base of the last step.
+        assert _bits(p.buffer) == _bits(eager.encode("kv", x).buffer), f"step {t}"
+        rcv.decode("kv", rcv.wrap("kv", p.buffer.clone(), x.shape, x.dtype))
+        mode = t % 3
+        if mode == 0:  # explicit settle: the deferred key, then nothing
+            settled = lazy.settle()
+            # Step 0 is raw: nothing deferred. Later, "kv" once, even when base() or encode()
+            # applied an earlier deferred update since the last settle().
+            assert settled == ([] if t == 0 else ["kv"])
+            assert lazy.settle() == []
+        elif mode == 2:  # left pending: the next encode (or the final keys()) applies it
+            continue
+        # mode 1: base() before any settle already returns the updated base
+        base = lazy.base("kv")
+        assert base is not None and base.dtype == dtype
+        assert _bits(base) == _bits(eager.base("kv")) == _bits(rcv.base("kv")), f"step {t}"
+    assert lazy.keys() == ["kv"]
+    assert lazy.settle() == []
+    assert _bits(lazy.base("kv")) == _bits(eager.base("kv")) == _bits(rcv.base("kv"))
+
+
+def test_deferred_base_is_updated_on_read_not_stale() -> None:
+    xs = _walk(2, (16, 24), torch.float16, seed=4)
+    lazy, eager = ResidualCodec("int2", 1), ResidualCodec("int2", 1)
+    for x in xs:
+        eager.encode("a", x)
+    lazy.encode("a", xs[0], defer=True)
+    before = lazy.base("a")
+    assert before is not None and _bits(before) == _bits(xs[0])  # raw step: base is x itself
+    lazy.encode("a", xs[1], defer=True)
+    after = lazy.base("a")  # no settle() yet
+    assert after is not None and _bits(after) == _bits(eager.base("a"))
+    assert _bits(after) != _bits(before)
+    assert _bits(before) == _bits(xs[0])  # updates replace the base, never modify it
+
+
+def test_settle_returns_each_deferred_key_once_in_encode_order() -> None:
+    rc = ResidualCodec("binary", 1)
+    xs = {k: _walk(2, (8, 16), torch.float32, seed=i) for i, k in enumerate(["b", "a", "c"])}
+    for k, (x0, _) in xs.items():
+        rc.encode(k, x0, defer=True)  # raw: nothing deferred
+    assert rc.settle() == []
+    for k in ("b", "a"):
+        rc.encode(k, xs[k][1], defer=True)
+    rc.encode("c", xs["c"][1])  # not deferred
+    assert rc.settle() == ["b", "a"]
+    assert rc.settle() == []
+
+
+def test_settle_lists_a_key_once_even_after_reads_applied_its_updates() -> None:
+    rc = ResidualCodec("int2", 1)
+    xs = _walk(3, (8, 16), torch.float32, seed=9)
+    rc.encode("k", xs[0], defer=True)  # raw
+    rc.encode("k", xs[1], defer=True)
+    rc.base("k")  # applies the first deferred update
+    rc.encode("k", xs[2], defer=True)  # deferred again: one pending update in all
+    assert rc.settle() == ["k"]
+
+
+def test_settle_applies_the_update_now() -> None:
+    # Overwriting the payload's bytes after settle() (as reusing a send buffer would) must not
+    # change the base: settle() decoded the payload then, not at the next read.
+    xs = _walk(2, (8, 16), torch.float16, seed=10)
+    lazy, eager = ResidualCodec("binary", 1), ResidualCodec("binary", 1)
+    for x in xs:
+        eager.encode("k", x)
+        p = lazy.encode("k", x, defer=True)
+    assert lazy.settle() == ["k"]
+    p.buffer.view(torch.uint8).fill_(0)
+    assert _bits(lazy.base("k")) == _bits(eager.base("k"))
+
+
+def test_keys_settles_deferred_updates() -> None:
+    xs = _walk(2, (8, 16), torch.bfloat16, seed=5)
+    lazy, eager = ResidualCodec("int2", 1), ResidualCodec("int2", 1)
+    for x in xs:
+        p = lazy.encode(("k", 0), x, defer=True)
+        eager.encode(("k", 0), x)
+    assert lazy.keys() == [("k", 0)]
+    assert lazy.settle() == []  # keys() already applied the update ...
+    p.buffer.view(torch.uint8).fill_(0)  # ... so its payload bytes no longer matter
+    assert _bits(lazy.base(("k", 0))) == _bits(eager.base(("k", 0)))
+
+
+def test_reset_drops_deferred_work() -> None:
+    xs = _walk(2, (8, 16), torch.float32, seed=6)
+    rc = ResidualCodec("binary", 1)
+    for x in xs:
+        rc.encode("k", x, defer=True)
+    rc.reset()
+    assert rc.settle() == [] and rc.keys() == []
+    assert rc.base("k") is None and rc.step("k") == 0
+    # A new request under the same key, another shape: raw again, no stale update applied.
+    y = torch.randn(4, 16, generator=torch.Generator().manual_seed(7))
+    p = rc.encode("k", y, defer=True)
+    assert p.nbytes == y.numel() * 4
+    assert rc.settle() == []
+    assert _bits(rc.base("k")) == _bits(y)
+
+
+@pytest.mark.parametrize("variant", ["no_ef", "naive"])
+@pytest.mark.parametrize("spec", DEFER_CODECS)
+def test_defer_is_a_no_op_for_no_ef_and_naive(variant: str, spec: str) -> None:
+    lazy, eager = ResidualCodec(spec, 1, variant=variant), ResidualCodec(spec, 1, variant=variant)
+    rcv = ResidualCodec(spec, 1, variant=variant)
+    for t, x in enumerate(_walk(4, (12, 20), torch.float16, seed=8)):
+        p = lazy.encode("k", x, defer=True)
+        assert _bits(p.buffer) == _bits(eager.encode("k", x).buffer), f"step {t}"
+        assert lazy.settle() == []  # nothing was deferred
+        assert _bits(lazy.base("k")) == _bits(eager.base("k")), f"step {t}"
+        out = rcv.decode("k", rcv.wrap("k", p.buffer.clone(), x.shape, x.dtype))
+        assert out.shape == x.shape and out.dtype == x.dtype
+    assert lazy.keys() == eager.keys()
