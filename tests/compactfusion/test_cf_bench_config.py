@@ -51,6 +51,7 @@ def test_ethernet_is_shaped_and_fast_link_is_not() -> None:
         ({"link": {"bandwidth_mbps": None, "sweep": [2]}}, "link.sweep"),
         ({"link": {"colour": 1}}, "link.colour"),
         ({"colour": 1}, "colour"),
+        ({"paper_bytes": "yes"}, "paper_bytes"),
         ({"quick": {"colour": 1}}, "quick"),
     ],
 )
@@ -79,7 +80,7 @@ def test_missing_file(tmp_path: Path) -> None:
         load_config(tmp_path / "absent.yaml")
 
 
-@pytest.mark.parametrize("name", ["tiny_dit", "tiny_dit_random", "toy"])
+@pytest.mark.parametrize("name", ["tiny_dit", "tiny_dit_random", "wide_dit_random", "toy"])
 def test_every_backend_has_the_three_operations(name: str) -> None:
     from compactfusion.bench.backend import make_backend
 
@@ -103,3 +104,21 @@ def test_batch16_example_loads() -> None:
     cfg = load_config(EXAMPLES / "ethernet_batch16.yaml")
     assert len(cfg.labels) == 16 and cfg.ranks == (2,) and cfg.ablation_variants == ()
     assert cfg.quick_version().steps == 8
+
+
+def test_wide_example_and_backend() -> None:
+    cfg = load_config(EXAMPLES / "ethernet_wide.yaml")
+    assert cfg.backend == "wide_dit_random" and cfg.ranks == (2,) and not cfg.paper_bytes
+    assert cfg.link.bandwidth_mbps == "auto" and cfg.quick_version().steps == 8
+    pytest.importorskip("diffusers")
+    import torch
+
+    from compactfusion.bench.backend import make_backend
+
+    be = make_backend("wide_dit_random")
+    a, b = be.load(), be.load()
+    assert a.config.num_attention_heads * a.config.attention_head_dim == 768 and a.config.num_layers == 2
+    # Seeded: every rank (and every method's copy) holds the same weights.
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    out = be.sample(a, torch.tensor([3]), steps=2, guidance=2.0, seed=0)
+    assert out.shape == (1, 1, 32, 32) and bool(torch.isfinite(out).all())
