@@ -38,6 +38,8 @@ bench: $(VENV)/.dev
 	$(PY) -m deco_sgd bench examples/deco_sgd/varying_bandwidth.yaml --out docs/benchmarks/deco_sgd/varying_bandwidth --cache .bench-cache/deco_sgd
 	$(PY) -m compactfusion bench examples/compactfusion/ethernet.yaml --out docs/benchmarks/compactfusion/ethernet
 	$(PY) -m compactfusion bench examples/compactfusion/fast_link.yaml --out docs/benchmarks/compactfusion/fast_link
+	$(PY) -m compactfusion bench examples/compactfusion/ethernet_batch16.yaml --out docs/benchmarks/compactfusion/ethernet_batch16
+	$(PY) -m compactfusion bench examples/compactfusion/ethernet_wide.yaml --out docs/benchmarks/compactfusion/ethernet_wide
 
 # DeCo-SGD in real time (4 gloo ranks over netsim.emulate) against its virtual clock (design §9.4).
 validate-clock: $(VENV)/.base

@@ -202,6 +202,9 @@ def to_markdown(res: dict[str, Any], notes: list[str]) -> str:
 def _notes(res: dict[str, Any]) -> list[str]:
     notes = ["Absolute seconds are this machine's; only ratios within the run are meaningful."]
     notes += list(res.get("failures", []))
+    if res["config"]["backend"] in ("tiny_dit_random", "wide_dit_random"):
+        notes.append(f"Backend `{res['config']['backend']}` has seeded random weights: its images mean nothing, and "
+                     "PSNR/SSIM measure the fidelity of the exchange on an untrained network, not image quality.")
     load = res["host"]["loadavg_at_end"]
     cpus = res["host"]["cpus"] or 1
     if load and load[0] > 0.5 * cpus:
@@ -243,6 +246,8 @@ def write_outputs(data: RunData, res: dict[str, Any], out: Path, images: dict[st
 def rerender(out: Path) -> Path:
     """Write ``report.md`` again from ``results.json`` in ``out`` (after a change of the report layout)."""
     res = json.loads((out / "results.json").read_text())
+    res["notes"] = _notes(res)  # derived from the results, so a new note rule applies to old runs too
+    (out / "results.json").write_text(json.dumps(res, indent=1, default=float) + "\n")
     path = out / "report.md"
-    path.write_text(to_markdown(res, res.get("notes", [])) + "\n")
+    path.write_text(to_markdown(res, res["notes"]) + "\n")
     return path
