@@ -6,10 +6,10 @@ bytes at FLUX's shape through the real exchange instead of quoting the formula:
 
 1. on each of the P benchmark ranks, a :class:`~compactfusion.state.CompactState` per method
    runs :func:`~compactfusion.attention.ring_attention` for one layer whose own K and V are
-   ``(1, 4096 / P, 24, 128)`` in fp16 (the FLUX shape split over P ranks); the query is a
+   ``(1, 4096 / P, 24, 128)`` in fp16 (:class:`~.project.FluxSetting` split over P ranks); the query is a
    single token, since the bytes exchanged do not depend on the query length and a full
    4096-token attention would take seconds per layer on a CPU;
-2. ``steps`` consecutive calls with slowly drifting K/V (a fixed-size codec's payload does not
+2. ``CALLS`` consecutive calls with slowly drifting K/V (a fixed-size codec's payload does not
    depend on the values), W = 1: the first call sends raw tensors, the others compressed;
 3. bytes per call are the ``kv_ring`` counters of the handle's ``ccomm.stats`` (what was
    handed to ``torch.distributed``), and the ratio is uncompressed ring bytes over compressed
@@ -19,33 +19,23 @@ from __future__ import annotations
 
 import logging
 import statistics
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from .methods import METHODS
+from .project import FluxSetting, codec_nbytes
 
-__all__ = ["PaperShape", "job_paper_bytes", "summarize_paper_bytes"]
+__all__ = ["CALLS", "job_paper_bytes", "summarize_paper_bytes"]
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class PaperShape:
-    """FLUX.1-dev at 1024²: 4096 image tokens, 24 heads of 128 channels, batch 1."""
-
-    tokens: int = 4096
-    heads: int = 24
-    head_dim: int = 128
-    batch: int = 1
-    steps: int = 3
-
-    def rows(self, ranks: int) -> int:
-        return self.batch * self.tokens // ranks
+#: Calls per method: the first sends raw tensors (W = 1), the others compressed payloads.
+CALLS = 3
 
 
-def job_paper_bytes(ctx: Any, methods: list[str], shape: PaperShape, seed: int) -> dict[str, list[int]]:
+def job_paper_bytes(ctx: Any, methods: list[str], setting: FluxSetting, seed: int) -> dict[str, list[int]]:
     """Bytes this rank sent per call for each ring method (see the module docstring)."""
     from compactfusion import CompactConfig
     from compactfusion.attention import ring_attention
@@ -54,9 +44,9 @@ def job_paper_bytes(ctx: Any, methods: list[str], shape: PaperShape, seed: int) 
     from .worker import _bytes_by_tag
 
     g = torch.Generator().manual_seed(seed + ctx.rank)
-    loc = shape.tokens // ctx.n
-    kv_shape = (shape.batch, loc, shape.heads, shape.head_dim)
-    q = torch.randn(shape.batch, 1, shape.heads, shape.head_dim, generator=g).half()
+    head_dim = setting.channels // setting.heads
+    kv_shape = (setting.batch, setting.image_tokens // ctx.n, setting.heads, head_dim)
+    q = torch.randn(setting.batch, 1, setting.heads, head_dim, generator=g).half()
     k0, v0 = torch.randn(kv_shape, generator=g).half(), torch.randn(kv_shape, generator=g).half()
     out: dict[str, list[int]] = {}
     for name in methods:
@@ -65,7 +55,7 @@ def job_paper_bytes(ctx: Any, methods: list[str], shape: PaperShape, seed: int) 
         state = CompactState(cfg, None)
         k, v, per_call = k0, v0, []
         with torch.inference_mode():
-            for _ in range(shape.steps):
+            for _ in range(CALLS):
                 before = state.stats.snapshot()
                 state.begin_forward()
                 ring_attention(q, k, v, state=state, layer=0)
@@ -77,15 +67,12 @@ def job_paper_bytes(ctx: Any, methods: list[str], shape: PaperShape, seed: int) 
     return out
 
 
-def summarize_paper_bytes(per_rank: list[dict[str, list[int]]], shape: PaperShape, ranks: int,
-                          request_steps: int) -> dict[str, Any]:
+def summarize_paper_bytes(per_rank: list[dict[str, list[int]]], setting: FluxSetting, ranks: int) -> dict[str, Any]:
     """Ratios per method from every rank's per-call bytes (mean over ranks)."""
-    from .project import codec_nbytes
-
-    rows, channels = shape.rows(ranks), shape.heads * shape.head_dim
-    mean = {n: [statistics.mean(r[n][i] for r in per_rank) for i in range(shape.steps)] for n in per_rank[0]}
+    rows, channels, request_steps = setting.rows_at(ranks), setting.channels, setting.steps
+    mean = {n: [statistics.mean(r[n][i] for r in per_rank) for i in range(CALLS)] for n in per_rank[0]}
     ref = mean.get("ring")
-    res: dict[str, Any] = {"ranks": ranks, "rows": rows, "channels": channels, "calls": shape.steps,
+    res: dict[str, Any] = {"ranks": ranks, "rows": rows, "channels": channels, "calls": CALLS,
                            "dtype": "fp16", "methods": {}}
     for name, calls in mean.items():
         entry: dict[str, Any] = {"bytes_per_call": calls}

@@ -58,12 +58,17 @@ class FluxSetting:
     image_tokens: int = 4096
     layers: int = 57
     channels: int = 3072
+    heads: int = 24
     batch: int = 1
     t_single_s: float = 28.06
 
     @property
     def rows(self) -> int:
-        return self.batch * self.image_tokens // self.ranks
+        return self.rows_at(self.ranks)
+
+    def rows_at(self, ranks: int) -> int:
+        """K/V rows each of ``ranks`` ranks holds per layer (batch × its share of the tokens)."""
+        return self.batch * self.image_tokens // ranks
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,8 @@ from typing import Any, Callable
 
 from .config import BenchConfig
 from .methods import METHODS
-from .paper_bytes import PaperShape, job_paper_bytes
+from .paper_bytes import job_paper_bytes
+from .project import FluxSetting
 from .pool import RankError, RankPool, bench_pool
 from .search import SearchResult, secant_bandwidth
 from .worker import RunKey, SampleResult, job_link, job_prepare, job_release, job_sample
@@ -165,7 +166,7 @@ class _Runner:
                     s.images[key.label] = res[0].images
                 if c.paper_bytes:
                     ring = [m for m in c.methods if METHODS[m].mode == "ring"]
-                    s.paper_bytes = pool.run(job_paper_bytes, ring, PaperShape(), c.seed, timeout=c.timeout_s)
+                    s.paper_bytes = pool.run(job_paper_bytes, ring, FluxSetting(), c.seed, timeout=c.timeout_s)
                     self.tick("paper_bytes")
             pool.run(job_release, timeout=c.timeout_s)
         return s

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from .methods import METHODS
-from .paper_bytes import PaperShape, summarize_paper_bytes
+from .paper_bytes import summarize_paper_bytes
 from .project import PAPER_ETHERNET, PAPER_MAP, FluxSetting, project
 from .runner import UNSHAPED, RunData, Samples
 
@@ -211,7 +211,7 @@ def summarize(data: RunData, *, command: str, quick: bool) -> dict[str, Any]:
             if s.errors:
                 res["ablation"] = _ablation(s, cfg)
             if s.paper_bytes:
-                res["paper_shape_bytes"] = summarize_paper_bytes(s.paper_bytes, PaperShape(), p, FluxSetting().steps)
+                res["paper_shape_bytes"] = summarize_paper_bytes(s.paper_bytes, FluxSetting(), p)
         if p != top_p or len(data.per_ranks) == 1:
             res[f"ranks{p}"] = block
     ratios = {n: r.get("compression_ratio_steps") for n, r in res["methods"].items() if n != "patch+int2"}
