@@ -19,7 +19,7 @@ logger = logging.getLogger(__name__)
 _ABLATION_STEPS = (0, 1, 2, 5, 10, 20, 26, 27)
 
 
-def host_info() -> dict[str, Any]:
+def host_info(load_at_start: Any = None) -> dict[str, Any]:
     import torch
 
     try:
@@ -27,7 +27,8 @@ def host_info() -> dict[str, Any]:
     except OSError:
         load = None
     return {"python": platform.python_version(), "torch": torch.__version__, "machine": platform.machine(),
-            "cpus": os.cpu_count(), "loadavg_at_end": load}
+            "cpus": os.cpu_count(), "loadavg_at_start": None if load_at_start is None else list(load_at_start),
+            "loadavg_at_end": load}
 
 
 def _f(x: Any, fmt: str = ".3g") -> str:
@@ -150,8 +151,9 @@ def to_markdown(res: dict[str, Any], notes: list[str]) -> str:
     cfg = res["config"]
     lines = [f"# CompactFusion benchmark: {cfg['name']}", "",
              f"Command: `{res['command']}`{' (quick)' if res['quick'] else ''}. Wall time {res['elapsed_s']:.0f} s. "
-             f"Host: {res['host']['cpus']} CPUs, torch {res['host']['torch']}, load average (1/5/15 min) at the end "
-             f"{_load(res['host']['loadavg_at_end'])}.",
+             f"Host: {res['host']['cpus']} CPUs, torch {res['host']['torch']}, load average (1/5/15 min) "
+             f"before the run {_load(res['host'].get('loadavg_at_start'))}, at the end "
+             f"{_load(res['host']['loadavg_at_end'])} (the run's own ranks included).",
              ""] + _model_lines(res.get("model")) + [
              f"Setup: backend `{cfg['backend']}`, {res['steps']} DDIM steps, guidance {cfg['guidance']}, seed {cfg['seed']}, "
              f"one request = {res['images_per_request']} images (labels {cfg['labels']}) in one batch, wire dtype "
@@ -205,10 +207,16 @@ def _notes(res: dict[str, Any]) -> list[str]:
     if res["config"]["backend"] in ("tiny_dit_random", "wide_dit_random"):
         notes.append(f"Backend `{res['config']['backend']}` has seeded random weights: its images mean nothing, and "
                      "PSNR/SSIM measure the fidelity of the exchange on an untrained network, not image quality.")
-    load = res["host"]["loadavg_at_end"]
     cpus = res["host"]["cpus"] or 1
-    if load and load[0] > 0.5 * cpus:
-        notes.append(f"The machine was busy (1-min load {load[0]:.2f} on {cpus} CPUs): latency ratios are noisy.")
+    start = res["host"].get("loadavg_at_start")
+    if start:  # before the run's own ranks: other work on the host
+        if start[0] > 0.5 * cpus:
+            notes.append(f"The machine was busy before the run (1-min load {start[0]:.2f} on {cpus} CPUs): "
+                         "latency ratios are noisy.")
+    else:  # older results: only the end load, which includes the run's own ranks
+        load = res["host"]["loadavg_at_end"]
+        if load and load[0] > 0.5 * cpus:
+            notes.append(f"The machine was busy (1-min load {load[0]:.2f} on {cpus} CPUs): latency ratios are noisy.")
     blocks = [res] + [res[k] for k in res if k.startswith("ranks") and isinstance(res[k], dict)
                       and res[k]["ranks"] != res["ranks"]]
     for block in blocks:
@@ -227,7 +235,7 @@ def _notes(res: dict[str, Any]) -> list[str]:
 def write_outputs(data: RunData, res: dict[str, Any], out: Path, images: dict[str, Any]) -> dict[str, Path]:
     """Write results.json, report.md, images.png, latency_vs_bandwidth.png and the ablation files."""
     out.mkdir(parents=True, exist_ok=True)
-    res["host"] = host_info()
+    res["host"] = host_info(data.load_at_start)
     notes = _notes(res)
     res["notes"] = notes
     paths = {"results": out / "results.json", "report": out / "report.md"}

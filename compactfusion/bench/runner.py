@@ -22,6 +22,7 @@ The parent gathers per-sample results; :mod:`.summary` turns them into the resul
 from __future__ import annotations
 
 import logging
+import os
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -66,6 +67,8 @@ class RunData:
     per_ranks: dict[int, Samples]
     elapsed_s: float
     failures: list[str] = field(default_factory=list)
+    #: Host load averages before any rank started (the run's own ranks load the host later).
+    load_at_start: tuple[float, float, float] | None = None
 
 
 class _Runner:
@@ -219,6 +222,10 @@ def run_benchmark(cfg: BenchConfig, *, progress: bool = True, retries: int = 1) 
 
     _ablation_method(cfg)
     t0 = time.monotonic()
+    try:
+        load0: tuple[float, float, float] | None = os.getloadavg()
+    except OSError:
+        load0 = None
     order = [cfg.timing_ranks] + [p for p in cfg.ranks if p != cfg.timing_ranks]
     bar = tqdm(total=0, desc="compactfusion bench", unit="run", disable=not progress, dynamic_ncols=True)
 
@@ -249,4 +256,4 @@ def run_benchmark(cfg: BenchConfig, *, progress: bool = True, retries: int = 1) 
                 fixed = s.search.bandwidth_Bps * 8 / 1e6  # other sizes reuse the timing size's B*
     finally:
         bar.close()
-    return RunData(cfg, out, time.monotonic() - t0, failures)
+    return RunData(cfg, out, time.monotonic() - t0, failures, load0)

@@ -98,3 +98,17 @@ def test_files_and_ablation(result: tuple[dict, Path]) -> None:
     assert "## P = 4 ranks" in md and "## P = 2 ranks" in md and "Compact-1bit" in md and "**no**" in md
     for f in ("images.png", "latency_vs_bandwidth.png", "ablation.png"):
         assert (out / f).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_busy_note_reads_the_load_before_the_run(result: tuple[dict, Path]) -> None:
+    from compactfusion.bench.report import _notes
+
+    res, _ = result
+    busy = "busy before the run"
+    quiet = {**res, "host": {**res["host"], "cpus": 2, "loadavg_at_start": [0.2, 0.3, 0.3], "loadavg_at_end": [2.0, 1.5, 1.0]}}
+    assert not any(busy in n or "was busy" in n for n in _notes(quiet))  # the end load is the run's own ranks
+    loaded = {**quiet, "host": {**quiet["host"], "loadavg_at_start": [1.6, 1.0, 0.8]}}
+    assert any(busy in n for n in _notes(loaded))
+    old = {**quiet, "host": {**quiet["host"], "loadavg_at_start": None}}  # results written before the field existed
+    assert any("was busy" in n for n in _notes(old))
+    assert res["host"]["loadavg_at_start"] is None  # this fixture's RunData has no start load
