@@ -19,7 +19,9 @@ __all__ = [
     "pack_nonneg",
     "pack_greater",
     "interleave_bits",
+    "interleave_bits_torch",
     "byte_lookup",
+    "byte_lookup_torch",
     "unpack_bits",
     "packed_nbytes",
     "index_width",
@@ -119,6 +121,11 @@ def interleave_bits(lo: torch.Tensor, hi: torch.Tensor, count: int) -> torch.Ten
     if lo.device.type == "cpu":
         words = np.take(_SPREAD, lo.contiguous().numpy()) | (np.take(_SPREAD, hi.contiguous().numpy()) << 1)
         return torch.from_numpy(words.view(np.uint8)[:nbytes])
+    return interleave_bits_torch(lo, hi, nbytes)
+
+
+def interleave_bits_torch(lo: torch.Tensor, hi: torch.Tensor, nbytes: int) -> torch.Tensor:
+    """`interleave_bits` in torch ops on any device (the path for non-CPU tensors)."""
     table = _SPREAD_T.to(lo.device)
     words = table[lo.long()] | (table[hi.long()] << 1)
     # Little-endian uint16 -> bytes: the low byte holds the first four codes.
@@ -131,11 +138,15 @@ def byte_lookup(packed: torch.Tensor, table: torch.Tensor, count: int) -> torch.
     Decoding k codes per byte by one gather replaces unpacking bits and mapping codes to
     values in separate passes.
     """
-    if packed.device.type == "cpu":
-        out = torch.from_numpy(np.take(table.numpy(), packed.contiguous().numpy(), axis=0))
-    else:
-        out = table.to(packed.device)[packed.long()]
+    if packed.device.type != "cpu":
+        return byte_lookup_torch(packed, table, count)
+    out = torch.from_numpy(np.take(table.numpy(), packed.contiguous().numpy(), axis=0))
     return out.reshape(-1)[:count]
+
+
+def byte_lookup_torch(packed: torch.Tensor, table: torch.Tensor, count: int) -> torch.Tensor:
+    """`byte_lookup` in torch ops on any device (the path for non-CPU tensors)."""
+    return table.to(packed.device)[packed.long()].reshape(-1)[:count]
 
 
 def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:

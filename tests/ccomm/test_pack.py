@@ -16,9 +16,11 @@ from hypothesis import strategies as st
 
 from ccomm.codecs._pack import (
     byte_lookup,
+    byte_lookup_torch,
     from_bytes,
     index_width,
     interleave_bits,
+    interleave_bits_torch,
     pack_bits,
     pack_greater,
     pack_uint,
@@ -216,6 +218,15 @@ def test_interleave_bits_equals_packing_the_interleaved_planes(count: int) -> No
     assert unpack_bits(out, 2, count).tolist() == codes.tolist()
 
 
+@pytest.mark.parametrize("count", [1, 3, 5, 13, 64, 1001])
+def test_interleave_bits_torch_path_matches_the_cpu_path(count: int) -> None:
+    # The branch GPU tensors take, run here on CPU tensors: same bytes as the numpy path.
+    lo_bits, hi_bits = _bit_planes(count, seed=200 + count)
+    lo, hi = pack_bits(lo_bits, 1), pack_bits(hi_bits, 1)
+    out = interleave_bits_torch(lo, hi, packed_nbytes(count, 2))
+    assert out.dtype == torch.uint8 and torch.equal(out, interleave_bits(lo, hi, count))
+
+
 @pytest.mark.parametrize("count", [1, 2, 3, 4, 5, 7, 9, 13, 63, 64, 65, 1001])
 def test_interleave_bits_returns_packed_nbytes(count: int) -> None:
     lo_bits, hi_bits = _bit_planes(count, seed=100 + count)
@@ -248,3 +259,12 @@ def test_byte_lookup_equals_table_indexing(k: int, dtype: torch.dtype) -> None:
     for view in (packed[3:30], packed[1::2]):
         count = view.numel() * k - 1
         assert torch.equal(byte_lookup(view, table, count), table[view.long()].reshape(-1)[:count])
+
+
+@pytest.mark.parametrize("k", [1, 4, 8])
+def test_byte_lookup_torch_path_matches_the_cpu_path(k: int) -> None:
+    g = torch.Generator().manual_seed(40 + k)
+    table = torch.randn(256, k, generator=g)
+    packed = torch.randint(0, 256, (53,), generator=g, dtype=torch.uint8)
+    for count in (1, 53 * k - 3, 53 * k):
+        assert torch.equal(byte_lookup_torch(packed, table, count), byte_lookup(packed, table, count))
