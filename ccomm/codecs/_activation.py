@@ -20,6 +20,7 @@ __all__ = [
     "row_blocks",
     "fp32_row_blocks",
     "needs_saturation",
+    "needs_saturation_torch",
     "token_channel_scales",
     "scales_nbytes",
     "pack_scales",
@@ -56,13 +57,21 @@ def needs_saturation(u: torch.Tensor, v: torch.Tensor, level: float, dtype: torc
     """
     if dtype == torch.float32 or u.numel() == 0 or v.numel() == 0:
         return False
-    if u.device.type == "cpu":
-        # Cheaper than four torch ops: the float64 product of two fp32 values is exact, and
-        # fl32 rounds it up by at most a factor (1 + 2**-24); NaN compares False (saturate).
-        top = float(u.numpy().max()) * float(v.numpy().max()) * level * (1.0 + 2.0**-23)
-        return not top <= torch.finfo(dtype).max
-    top_t = u.amax() * v.amax() * level
-    return not bool(top_t <= torch.finfo(dtype).max)
+    if u.device.type != "cpu":
+        return needs_saturation_torch(u, v, level, dtype)
+    # Cheaper than four torch ops: the float64 product of two fp32 values is exact, and fl32
+    # rounds it up by at most a factor (1 + 2**-24); NaN compares False (saturate). Near the
+    # limit this may answer True where torch would not: the clamp is then a no-op.
+    top = float(u.numpy().max()) * float(v.numpy().max()) * level * (1.0 + 2.0**-23)
+    return not top <= torch.finfo(dtype).max
+
+
+def needs_saturation_torch(u: torch.Tensor, v: torch.Tensor, level: float, dtype: torch.dtype) -> bool:
+    """`needs_saturation` in torch ops on any device (exact: the fp32 product itself)."""
+    if dtype == torch.float32 or u.numel() == 0 or v.numel() == 0:
+        return False
+    top = u.amax() * v.amax() * level
+    return not bool(top <= torch.finfo(dtype).max)
 
 
 def token_channel_scales(

@@ -509,3 +509,20 @@ def test_fp16_inputs_near_the_maximum_decode_finite(spec: str) -> None:
             codec = make_codec(spec, seed=seed) if seeded else make_codec(spec)
             d = codec.decode(codec.encode(x))
             assert torch.isfinite(d).all(), f"case {i}, seed {seed}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_saturation_check_cpu_and_torch_paths_agree_away_from_the_limit(dtype: torch.dtype) -> None:
+    from ccomm.codecs._activation import needs_saturation, needs_saturation_torch
+
+    big = torch.finfo(dtype).max
+    g = torch.Generator().manual_seed(31)
+    for top, level in ((1.0, 1.0), (big * 0.25, 2.0), (big * 0.9, 2.0), (big * 0.9, 1.0), (big * 0.6, 2.0)):
+        u = torch.rand(17, generator=g) * 0.5 + 0.5
+        v = torch.rand(9, generator=g)
+        v[3] = top / float(u.max())  # max(u) * max(v) is `top` up to rounding
+        expect = top * level > big
+        assert needs_saturation(u, v, level, dtype) == expect == needs_saturation_torch(u, v, level, dtype)
+    nan = torch.tensor([float("nan"), 1.0])
+    assert needs_saturation(nan, v, 1.0, dtype) and needs_saturation_torch(nan, v, 1.0, dtype)
+    assert not needs_saturation(u, v * 1e30, 1.0, torch.float32)  # fp32 output never saturates
