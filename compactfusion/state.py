@@ -299,6 +299,7 @@ class CompactState:
         if self.rc is None:
             return 0
         self.drain(decode=True)
+        self.settle()  # deferred own bases are checked for finiteness here, not inside keys()
         try:
             return self.rc.check_consistency(self.group, exact=True)
         except ConsistencyError as exc:
