@@ -172,7 +172,7 @@ def launch_unit(
     if any(g.dtype != dtype for g in grads):
         raise ValueError(f"grads: one exchange unit needs one dtype, got {sorted({str(g.dtype) for g in grads})}")
     # Checked before compensation: a NaN must never enter the residual (§7).
-    valid = all(all_finite(g) for g in grads)
+    valid = all_finite(grads)  # one host sync for the whole unit
     shapes = tuple(g.shape for g in grads)
     own: dict[str, torch.Tensor] | None = {} if valid else None
     wire = value_dtype or dtype
@@ -272,7 +272,7 @@ def _stamp(unit: Unit) -> None:
 
 def _set_result(unit: Unit, out: dict[str, torch.Tensor]) -> None:
     unit.result = out
-    unit.agg_finite = all(all_finite(t) for t in out.values())
+    unit.agg_finite = all_finite(out.values())
 
 
 def _dense_meta(buf: torch.Tensor) -> PayloadMeta:

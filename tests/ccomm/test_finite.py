@@ -42,3 +42,24 @@ def test_non_float_and_empty() -> None:
     assert all_finite(torch.arange(5))
     assert all_finite(torch.tensor([True, False]))
     assert all_finite(torch.empty(0))
+
+
+def test_several_tensors_match_isfinite_of_each() -> None:
+    g = torch.Generator().manual_seed(1)
+    for trial in range(30):
+        ts = [torch.randn(5, 3, generator=g).to(d) for d in (torch.float16, torch.float32, torch.float64, torch.complex64)]
+        ts.append(torch.arange(4))  # integers never count as non-finite
+        if trial % 3:
+            t = ts[trial % 4]
+            t.view(-1)[trial % t.numel()] = (float("inf"), float("nan"))[trial % 2]
+        assert all_finite(ts) == all(bool(torch.isfinite(t).all()) for t in ts), trial
+        assert all_finite(iter(ts)) == all_finite(ts)  # any iterable
+
+
+def test_several_tensors_whose_partial_sums_overflow_are_finite() -> None:
+    big = torch.finfo(torch.float32).max
+    ts = [torch.full((4,), big), torch.full((4,), big)]  # each float32 partial sum is inf
+    assert all_finite(ts)
+    ts[1][2] = float("-inf")
+    assert not all_finite(ts)
+    assert all_finite([]) and all_finite([torch.empty(0), torch.arange(3)])
