@@ -156,10 +156,10 @@ class CompactState:
         before = rc.base(key) if record else None
         raw = self._raw(key)
         try:
-            payload = rc.encode(key, x, defer=defer and not record)
+            payload = rc.encode(key, x, defer=defer)
         except ValueError as exc:  # shape/dtype changed under a live base
             raise CompactStateError(f"{key}: {exc}") from exc
-        if self.config.variant != "naive" and not (defer and not record):
+        if self.config.variant != "naive" and not defer:
             self._check_finite(key, rc.base(key))
         if record:
             self._record(key, x, payload, before, raw)

@@ -41,8 +41,6 @@ def job_paper_bytes(ctx: Any, methods: list[str], setting: FluxSetting, seed: in
     from compactfusion.attention import ring_attention
     from compactfusion.state import CompactState
 
-    from .worker import _bytes_by_tag
-
     g = torch.Generator().manual_seed(seed + ctx.rank)
     head_dim = setting.channels // setting.heads
     kv_shape = (setting.batch, setting.image_tokens // ctx.n, setting.heads, head_dim)
@@ -56,10 +54,10 @@ def job_paper_bytes(ctx: Any, methods: list[str], setting: FluxSetting, seed: in
         k, v, per_call = k0, v0, []
         with torch.inference_mode():
             for _ in range(CALLS):
-                before = state.stats.snapshot()
+                before = state.stats.get("kv_ring").bytes
                 state.begin_forward()
                 ring_attention(q, k, v, state=state, layer=0)
-                per_call.append(_bytes_by_tag(before, state.stats.snapshot()).get("kv_ring", 0))
+                per_call.append(state.stats.get("kv_ring").bytes - before)
                 k = k + 0.05 * torch.randn(kv_shape, generator=g).half()
                 v = v + 0.05 * torch.randn(kv_shape, generator=g).half()
         state.close()
