@@ -56,6 +56,7 @@ __all__ = [
     "allreduce_schedule",
     "alpha_beta_time",
     "choose",
+    "cost_terms",
     "received",
     "tree_depth",
 ]
@@ -209,6 +210,26 @@ def received(steps: Schedule, rank: int = 0) -> float:
     return float(sum(b for step in steps for (_s, d, b) in step if d == rank))
 
 
+def cost_terms(steps: Schedule) -> tuple[float, int]:
+    """``(V, hops)`` of a schedule: the time on a uniform link is ``hops * L + V / B``.
+
+    hops = the non-empty steps (each costs one latency); V = the bytes of each step's
+    busiest uplink or downlink, summed over steps: what one rank receives on a ring
+    (all-reduce 2(n-1)/n S, all-gather (n-1) S) and in recursive doubling and Bruck.
+    """
+    nbytes, hops = 0.0, 0
+    for step in steps:
+        if not step:
+            continue
+        load: dict[tuple[str, int], float] = defaultdict(float)
+        for s, d, b in step:
+            load[("up", s)] += b
+            load[("down", d)] += b
+        nbytes += max(load.values())
+        hops += 1
+    return nbytes, hops
+
+
 def alpha_beta_time(steps: Schedule, latency_s: float, bandwidth_Bps: float) -> float:
     """Seconds of ``steps`` on a uniform link: per non-empty step, L + busiest up/downlink bytes / B.
 
@@ -218,16 +239,8 @@ def alpha_beta_time(steps: Schedule, latency_s: float, bandwidth_Bps: float) -> 
         raise ValueError(f"latency_s={latency_s!r} must be finite and >= 0")
     if not (bandwidth_Bps > 0):
         raise ValueError(f"bandwidth_Bps={bandwidth_Bps!r} must be > 0")
-    total = 0.0
-    for step in steps:
-        if not step:
-            continue
-        load: dict[tuple[str, int], float] = defaultdict(float)
-        for s, d, b in step:
-            load[("up", s)] += b
-            load[("down", d)] += b
-        total += latency_s + max(load.values()) / bandwidth_Bps
-    return total
+    nbytes, hops = cost_terms(steps)
+    return hops * latency_s + nbytes / bandwidth_Bps
 
 
 def choose(
