@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from .registry import make_codec
 
-__all__ = ["DEFAULT_SPECS", "TARGETS", "Row", "run", "to_markdown", "main"]
+__all__ = ["DEFAULT_SPECS", "TARGETS", "Row", "run", "to_markdown", "publish", "main"]
 
 #: One representative spec per codec (activation codecs see the tensor as N x 1024).
 DEFAULT_SPECS: tuple[str, ...] = (
@@ -180,6 +180,14 @@ def _target_notes(rows: Sequence[Row]) -> list[str]:
     return out
 
 
+def publish(md: str, out: Path) -> None:
+    """Write a benchmark's markdown table to `out` (creating its directory) and print it."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(md)
+    print(md)
+    print(f"written to {out}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args_in = list(sys.argv[1:] if argv is None else argv)
     if "--collectives" in args_in:
@@ -207,11 +215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     rows = run(specs, sizes, repeats=args.repeats, seed=args.seed, progress=not args.no_progress)
     command = "python -m ccomm.bench " + " ".join(sys.argv[1:] if argv is None else argv)
-    md = to_markdown(rows, command.strip(), args.repeats)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(md)
-    print(md)
-    print(f"written to {args.out}", file=sys.stderr)
+    publish(to_markdown(rows, command.strip(), args.repeats), args.out)
     return 0
 
 

@@ -11,14 +11,15 @@ one-way latency x bandwidth):
    waiting out 75 ms latencies), so a cell takes seconds.
 2. Every rank records the emulated link as its group's measured link
    (``ccomm.comm.set_measured``), which is what ``auto`` decides from.
-3. For each algorithm (``ring``, ``auto``, and in target rows the forced log-depth one)
-   and repeat: an emulated barrier lines the ranks' clocks up, then one
-   ``allgather_payloads`` is timed on the virtual clock. A repeat's time is the slowest
-   rank's; the table shows the median over repeats, next to the alpha-beta model of the
-   algorithm that ran (`ccomm.schedule`).
+3. One untimed ring all-gather; then for each repeat and algorithm (``ring``, ``auto``,
+   and in the 64 MiB row the forced log-depth one, interleaved): an emulated barrier lines
+   the ranks' clocks up, then one ``allgather_payloads`` is timed on the virtual clock. A
+   repeat's time is the slowest rank's; the table shows the median over repeats, next to
+   the alpha-beta model of the algorithm that ran (`ccomm.schedule`).
 
-Ring and auto of a cell run in the same emulation, one after the other, so their ratio is
-measured side by side.
+Ring and auto of a cell run in the same emulation, interleaved, so their ratio is measured
+side by side. Where a time is far above its model, the run measured the host (loopback
+transport, Python, scheduling on a busy machine), not the emulated link.
 """
 from __future__ import annotations
 
@@ -31,6 +32,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
+
+from ccomm.bench import publish
 
 __all__ = ["Cell", "Result", "GRID", "TARGET_CELLS", "QUICK_GRID", "run", "to_markdown", "main"]
 
@@ -105,8 +108,11 @@ def _rank_job(rank: int, n: int, cells: Sequence[Cell]) -> list[dict[str, Any]]:
         with emulate(link, clock="virtual") as emu:
             set_measured(None, link.latency_s, cell.mbps * 1e6 / 8)
             try:
-                for algo in cell.algos:
-                    for _ in range(cell.repeats):
+                # Untimed first call: buffers and connections are set up outside the timings.
+                allgather_payloads(p, same_size=cell.same_size, algo="ring")
+                # Algorithms interleaved repeat by repeat, so drifting machine load hits each alike.
+                for _ in range(cell.repeats):
+                    for algo in cell.algos:
                         dist.barrier()
                         st = CommStats()
                         t0 = emu.now()
@@ -198,10 +204,18 @@ def to_markdown(results: Sequence[Result], command: str) -> str:
                          f"({'met' if ratio >= 2.0 else 'NOT met'}, target >= 2x).")
         if c.note.startswith("target: auto <= 1.05x"):
             slow = r.seconds["auto"] / r.seconds["ring"]
-            notes.append(f"- 64 MiB, 8 ranks, 0.1 ms, 1 Gbit/s: auto / ring = {slow:.3f} "
-                         f"({'met' if slow <= 1.05 else 'NOT met'}, target <= 1.05); auto ran "
-                         f"`{r.chosen['auto']}`. Forced log-depth for comparison: "
-                         + ", ".join(f"{a} {r.seconds[a] / r.seconds['ring']:.3f}x ring" for a in c.algos[2:]) + ".")
+            host = r.seconds["ring"] > 1.05 * r.model["ring"] + 2e-3
+            notes.append(
+                f"- 64 MiB, 8 ranks, 0.1 ms, 1 Gbit/s: auto / ring = {slow:.3f} measured "
+                f"({'within' if slow <= 1.05 else 'outside'} the target <= 1.05); auto ran `{r.chosen['auto']}` "
+                f"(model: ring {r.model['ring'] * 1e3:.1f} ms, "
+                + ", ".join(f"{a} {r.model[a] * 1e3:.1f} ms" for a in c.algos[2:])
+                + f"; auto keeps the ring when log-depth saves less than 5 %). Measured forced log-depth: "
+                + ", ".join(f"{a} {r.seconds[a] / r.seconds['ring']:.3f}x ring" for a in c.algos[2:]) + "."
+                + (f" The ring took {r.seconds['ring'] / r.model['ring']:.1f}x its model: this row measured "
+                   "this host's loopback transport of 8 x 448 MiB, not the emulated link, so it cannot check "
+                   "the 5 % target; what holds it is the choice: when auto runs the ring it is the same call."
+                   if host else ""))
     return "\n".join(head + body + notes) + "\n"
 
 
@@ -214,11 +228,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cells = QUICK_GRID if args.quick else GRID + TARGET_CELLS
     results = run(cells, progress=not args.no_progress)
     command = "python -m ccomm.bench --collectives " + " ".join(sys.argv[1:] if argv is None else argv)
-    md = to_markdown(results, command.strip())
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(md)
-    print(md)
-    print(f"written to {args.out}", file=sys.stderr)
+    publish(to_markdown(results, command.strip()), args.out)
     return 0
 
 
