@@ -33,6 +33,7 @@ import torch.distributed as dist
 from .controller import Controller, Decision, Measurements
 from .errors import DecoCommError, DecoDesyncError
 from .estimators import BandwidthEstimator, ComputeTimeEstimator, GradStatsEstimator, LatencyEstimator
+from .timemodel import collective_cost
 
 if TYPE_CHECKING:
     from .exchange import StepEntry
@@ -101,8 +102,9 @@ class AdaptiveDriver:
                     # sample that later (latency-corrected) samples often cannot replace,
                     # because the transfer filter then rejects them.
                     continue
-                # Bytes each worker receives (§3.2): ring all-reduce 2(n−1)/n·V, all-gather (n−1)·V.
-                recv = u.nbytes * (2 * (n - 1) / n if pat == "allreduce" else n - 1)
+                # Bytes each worker receives (§3.2), from the shared schedule: ring all-reduce
+                # 2(n−1)/n·V; all-gather (n−1)·V, whichever algorithm algo="auto" ran.
+                recv = collective_cost(pat, n, u.nbytes).nbytes
                 self.bw.update(recv, u.launch_t, u.done_t, lat)
             self._g2_local = sum(u.sq_norm for u in e.units)
             if all(u.codec_spec == "dense" for u in e.units) and all(u.result for u in e.units):
