@@ -46,6 +46,7 @@ __all__ = [
     "ALGOS",
     "HEADER_BYTES",
     "LOG_DEPTH",
+    "ROUND_OVERHEAD_S",
     "Message",
     "Schedule",
     "Step",
@@ -74,6 +75,9 @@ ALGOS: dict[str, tuple[str, ...]] = {
 LOG_DEPTH: dict[str, tuple[str, ...]] = {op: algos[1:] for op, algos in ALGOS.items()}
 #: One int64 size per block in a log-depth round's header, and per rank in the ring's.
 HEADER_BYTES = 8
+#: Software cost of one log-depth round that the network model does not see (a thread hop
+#: and a few Python-level torch.distributed calls on a CPU host), assumed by `choose`.
+ROUND_OVERHEAD_S = 2e-4
 
 
 @dataclass(frozen=True)
@@ -252,6 +256,7 @@ def choose(
     *,
     sizes_known: bool = True,
     min_gain: float = 0.05,
+    overhead_s: float = ROUND_OVERHEAD_S,
 ) -> str:
     """The algorithm ``algo="auto"`` runs: ring unless log-depth is predicted faster by ``min_gain``.
 
@@ -262,14 +267,17 @@ def choose(
        in the model: ceil(log2 n) latencies against the ring's 2(n-1) (size ring + data
        ring), and no padding.
     3. Otherwise the alpha-beta times of ring and of the cheaper log-depth algorithm
-       (each rank's buffer of ``nbytes``); log-depth if at most (1 - min_gain) x ring.
-       The margin keeps the backend's ring where the model sees no real gain (it does not
-       count per-message software costs, which favour the ring's fewer, larger calls).
+       (each rank's buffer of ``nbytes``), the latter plus ``overhead_s`` per round (the
+       Python-level rounds cost more than the backend's native ring steps); log-depth if
+       at most (1 - min_gain) x ring. The margin keeps the backend's ring where the model
+       sees no real gain.
     """
     if op not in ALGOS:
         raise ValueError(f"op={op!r} must be one of {sorted(ALGOS)}")
     if not (0.0 <= min_gain < 1.0):
         raise ValueError(f"min_gain={min_gain!r} must be in [0, 1)")
+    if not (math.isfinite(overhead_s) and overhead_s >= 0):
+        raise ValueError(f"overhead_s={overhead_s!r} must be finite and >= 0")
     if not sizes_known and op != "allgather":
         raise ValueError("sizes_known=False is only meaningful for allgather")
     pow2 = n & (n - 1) == 0
@@ -287,7 +295,8 @@ def choose(
             steps = allgather_schedule(algo, n, [float(nbytes)] * n)
         else:
             steps = allreduce_schedule(algo, n, float(nbytes))
-        return alpha_beta_time(steps, latency_s, bandwidth_Bps)
+        extra = 0.0 if algo == "ring" else overhead_s * cost_terms(steps)[1]
+        return alpha_beta_time(steps, latency_s, bandwidth_Bps) + extra
 
     best = min(candidates, key=t)  # ties keep the first (doubling)
     return best if t(best) <= (1.0 - min_gain) * t("ring") else "ring"
