@@ -15,12 +15,13 @@ All-gather (``sizes[r]``: bytes of rank r's block):
 - ``bruck`` (any n): in round k rank r sends to r - 2^k the blocks of ranks
   r, r+1, ..., r + min(2^k, n - 2^k) - 1 (mod n), which it holds after round k-1.
 
-Log-depth rounds send one message per (non-empty) block, so no rank concatenates or
-splits blocks. With unknown sizes each round's messages are led by a header message of
-one int64 per block they carry (``HEADER_BYTES`` each), in the same step when
-``pipelined`` (the sender posts header and blocks together), else in a step of its own
-(backends such as NCCL, whose grouped sends cannot wait for the receiver to post
-receives of sizes it learns from the header).
+No log-depth round copies blocks. With known sizes a transfer is one message: its blocks
+lie side by side in the rank's output buffer (in rank order for doubling, rotated by the
+rank for Bruck). With unknown sizes each non-empty block is a message of its own, led by a
+header message of one int64 per block the transfer carries (``HEADER_BYTES`` each), in the
+same step when ``pipelined`` (the sender posts header and blocks together), else in a step
+of its own (backends such as NCCL, whose grouped sends cannot wait for the receiver to
+post receives of sizes it learns from the header).
 
 All-reduce (S = the buffer's bytes):
 
@@ -149,9 +150,13 @@ def allgather_schedule(
         ]
     out: Schedule = []
     for rnd in rounds:
-        heads = [] if sizes_known else [(t.src, t.dst, float(HEADER_BYTES * len(t.blocks))) for t in rnd]
+        if sizes_known:
+            out.append([(t.src, t.dst, float(sum(sizes[b] for b in t.blocks))) for t in rnd
+                        if sum(sizes[b] for b in t.blocks) > 0])
+            continue
+        heads = [(t.src, t.dst, float(HEADER_BYTES * len(t.blocks))) for t in rnd]
         data = [(t.src, t.dst, float(sizes[b])) for t in rnd for b in t.blocks if sizes[b] > 0]
-        if heads and not pipelined:
+        if not pipelined:
             out += [heads, data]
         else:
             out.append(heads + data)
