@@ -181,7 +181,7 @@ def _row(r: Result) -> str:
             f"| {r.chosen['auto']} | {ring / auto:.2f}x | {extra or c.note} |")
 
 
-def to_markdown(results: Sequence[Result], command: str) -> str:
+def to_markdown(results: Sequence[Result], command: str, load: tuple[float, float] | None = None) -> str:
     head = [
         "# ccomm collectives: ring vs `algo=\"auto\"` under netsim.emulate",
         "",
@@ -191,7 +191,8 @@ def to_markdown(results: Sequence[Result], command: str) -> str:
         "the virtual clock charges max(real, modeled) time without sleeping. Times are the slowest "
         "rank's, median over repeats (3; 7 in the 64 KiB target rows; 1 for 64 MiB); in brackets the alpha-beta model "
         "(`ccomm.schedule`, equal to `netsim.cost.schedule_time`) of the algorithm that ran. "
-        "`auto` decides from the link recorded with `ccomm.comm.set_measured` (the emulated one).",
+        "`auto` decides from the link recorded with `ccomm.comm.set_measured` (the emulated one)."
+        + ("" if load is None else f" Host load (1-minute average) at start / end: {load[0]:.1f} / {load[1]:.1f}."),
         "",
         "| n | bytes per rank | latency ms | Mbit/s | ring ms (model) | auto ms (model) | auto ran | ring / auto | note |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -228,9 +229,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     cells = QUICK_GRID if args.quick else GRID + TARGET_CELLS
+    load_start = os.getloadavg()[0]
     results = run(cells, progress=not args.no_progress)
+    load = (load_start, os.getloadavg()[0])
     command = "python -m ccomm.bench --collectives " + " ".join(sys.argv[1:] if argv is None else argv)
-    publish(to_markdown(results, command.strip()), args.out)
+    publish(to_markdown(results, command.strip(), load), args.out)
     return 0
 
 
