@@ -4,7 +4,9 @@ For tests, benchmarks and examples on one host; multi-host runs go through `torc
 
 1. `RankPool(n)` spawns n processes. Each arranges to die with the pool's process (below),
    sets its torch thread count, joins one gloo group (rendezvous on a TCP store the pool
-   serves on 127.0.0.1, so nothing is written to disk; `group_timeout_s` on the group),
+   serves on 127.0.0.1, so nothing is written to disk) within `start_timeout_s`, since ranks
+   that start seconds apart on a busy host are not a fault, then sets `group_timeout_s` on
+   the group's operations,
    builds its per-rank context with `context(rank, n)` if the pool has a context factory,
    freezes the garbage collector's view of the torch import heap and reports ready.
 2. `pool.run(fn, *args, **kwargs)` calls `fn(rank, n, *args, **kwargs)` on every rank, or
@@ -90,7 +92,7 @@ def _die_with_parent(parent_pid: int, pdeathsig: bool) -> None:
     threading.Thread(target=watch, name="ccomm-rank-parent-watch", daemon=True).start()
 
 
-def _serve(rank: int, n: int, store_port: int, threads: int, group_timeout_s: float,
+def _serve(rank: int, n: int, store_port: int, threads: int, start_timeout_s: float, group_timeout_s: float,
            context: Callable[[int, int], Any] | None, inbox: Any, outbox: Any,
            parent_pid: int, pdeathsig: bool) -> None:
     _die_with_parent(parent_pid, pdeathsig)
@@ -103,9 +105,10 @@ def _serve(rank: int, n: int, store_port: int, threads: int, group_timeout_s: fl
     # the requested count would only contend with the other ranks.
     torch.set_num_threads(threads)
     try:
-        timeout = datetime.timedelta(seconds=group_timeout_s)
-        store = dist.TCPStore(_STORE_HOST, store_port, is_master=False, timeout=timeout)
-        dist.init_process_group("gloo", store=store, rank=rank, world_size=n, timeout=timeout)
+        start = datetime.timedelta(seconds=start_timeout_s)
+        store = dist.TCPStore(_STORE_HOST, store_port, is_master=False, timeout=start)
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=n, timeout=start)
+        dist.group.WORLD.set_timeout(datetime.timedelta(seconds=group_timeout_s))
         ctx = context(rank, n) if context is not None else None
     except BaseException:  # noqa: BLE001 - every failure goes back to the parent
         outbox.put(("err", rank, traceback.format_exc()))
@@ -161,7 +164,7 @@ class RankPool:
         pdeathsig = threading.current_thread() is threading.main_thread()
         self._procs = [
             ctx.Process(target=_serve, name=f"{name}{r}", daemon=True,
-                        args=(r, n, self._store.port, threads, float(group_timeout_s), context, self._ins[r],
+                        args=(r, n, self._store.port, threads, float(start_timeout_s), float(group_timeout_s), context, self._ins[r],
                               self._out, os.getpid(), pdeathsig))
             for r in range(n)
         ]

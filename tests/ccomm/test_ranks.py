@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import torch
 
+from _timing import on_time
 from ccomm.ranks import RankError, RankPool, run_ranks
 
 
@@ -75,6 +76,36 @@ def test_context_factory_persists_and_errors_close_the_pool() -> None:
     with pytest.raises(RankError, match=r"(?s)1 rank\(s\) failed:.*--- rank 1 ---.*KeyError: 'only rank 1'"):
         pool.run(_r_raise, timeout=60.0)
     assert pool.broken and not any(pool.alive())
+
+
+#: The default group's operation timeout in the test below, and the slack for the error to arrive.
+GROUP_TIMEOUT_S, GROUP_SLACK_S = 2.0, 5.0
+
+
+def _r_silent_rank_1(rank: int, n: int) -> float | None:
+    """Rank 0 all-reduces alone: the default group's timeout must end it."""
+    import torch.distributed as dist
+
+    if rank == 1:
+        time.sleep(GROUP_TIMEOUT_S + GROUP_SLACK_S)  # alive, but never joins the all-reduce
+        return None
+    t0 = time.monotonic()
+    try:
+        dist.all_reduce(torch.ones(1))
+    except RuntimeError:
+        return time.monotonic() - t0
+    return None
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timing
+def test_group_timeout_applies_after_a_patient_start() -> None:
+    # The ranks join within start_timeout_s (ranks may start seconds apart on a busy host);
+    # group_timeout_s then bounds every operation of the default group.
+    r0, _ = on_time(lambda: run_ranks(_r_silent_rank_1, 2, timeout=120.0, group_timeout_s=GROUP_TIMEOUT_S),
+                    lag_limit_s=GROUP_SLACK_S / 5)
+    assert r0 is not None, "the lone all-reduce did not time out"
+    assert GROUP_TIMEOUT_S * 0.9 <= r0 <= GROUP_TIMEOUT_S + GROUP_SLACK_S, r0
 
 
 # -- ranks die with their parent -----------------------------------------------------------------
