@@ -164,8 +164,8 @@ class RankPool:
         pdeathsig = threading.current_thread() is threading.main_thread()
         self._procs = [
             ctx.Process(target=_serve, name=f"{name}{r}", daemon=True,
-                        args=(r, n, self._store.port, threads, float(start_timeout_s), float(group_timeout_s), context, self._ins[r],
-                              self._out, os.getpid(), pdeathsig))
+                        args=(r, n, self._store.port, threads, float(start_timeout_s), float(group_timeout_s), context,
+                              self._ins[r], self._out, os.getpid(), pdeathsig))
             for r in range(n)
         ]
         try:
