@@ -6,7 +6,7 @@ steps it launches, on the control group and without waiting:
 - one SUM and one MAX all-reduce of a small float64 vector (estimator inputs and the
   ±decision code, so MAX also yields the minimum), and
 - two latency probes: a 1-element all-reduce and a 1-element all-gather, timed from launch
-  to the completion callback (their Works are kept until a later exchange, see `release`),
+  to the completion callback (their Works are kept until a later exchange, see `finish`),
 
 and waits for the previous period's ones, so control adds no round trip to the critical
 path. Every rank then runs the deterministic controller on the identical reduced vector
@@ -54,7 +54,7 @@ _STAMP_WAIT_S = 5.0
 class _Probe:
     """A launched 1-element collective with its completion time.
 
-    The Work itself is kept, not only its future: see `AdaptiveDriver.release`.
+    The Work itself is kept, not only its future: see `AdaptiveDriver.finish`.
     """
 
     __slots__ = ("work", "fut", "launch_t", "done_t")
@@ -94,7 +94,7 @@ class AdaptiveDriver:
         self._g2_local = math.nan
         self._gbar2: float | None = None
         self._inflight: tuple[int, list[Any], torch.Tensor, torch.Tensor, list[_Probe]] | None = None
-        # The last waited exchange's Works and tensors, dropped one exchange later or by release().
+        # The last waited exchange's Works and tensors, dropped one exchange later or by finish().
         self._retired: tuple[Any, ...] | None = None
 
     # -- per step ---------------------------------------------------------------------------
@@ -141,7 +141,7 @@ class AdaptiveDriver:
         g2 = self._g2_local if math.isfinite(self._g2_local) else 0.0
         sm = torch.tensor([g2, self._gbar2 or 0.0, 1.0 if self._gbar2 is not None else 0.0,
                            1.0 if math.isfinite(self._g2_local) else 0.0], dtype=torch.float64)
-        # The Works are kept until release() (see there), not only their futures.
+        # The Works are kept, not only their futures, until a later exchange (see finish()).
         works = [dist.all_reduce(mx, op=dist.ReduceOp.MAX, group=grp, async_op=True),
                  dist.all_reduce(sm, op=dist.ReduceOp.SUM, group=grp, async_op=True)]
         t0 = time.monotonic()
@@ -185,26 +185,25 @@ class AdaptiveDriver:
             st.schedule(d.ratio, d.staleness, step, reason=d.reason)
 
     def finish(self) -> None:
-        """Wait for the in-flight control exchange (collective; call at shutdown on every rank)."""
+        """Wait for the in-flight control exchange and release the waited ones' Works
+        (collective; call at shutdown on every rank).
+
+        Why Works and tensors are kept one exchange past their completion, and here until
+        after a barrier: a gloo worker thread holds each Work until it has run it, and
+        whoever drops the last reference frees the Work and its tensors, which takes the
+        GIL for a tensor Python has seen. A worker that gets there only while the
+        interpreter is finalizing is ended by Python with pthread_exit, whose unwinding
+        through torch's noexcept destructor aborts the process ("terminate called without
+        an active exception"). Kept here, the last reference is this thread's.
+        """
         if self._inflight is not None:
             _, works, mx, sm, probes = self._inflight
             self._inflight = None
             self._wait(works, probes, self.state.step)
             self._retired = (works, probes, mx, sm)
-
-    def release(self) -> None:
-        """Drop the waited exchanges' Works and tensors, on this thread, while the group lives.
-
-        Why they are kept until now: a gloo worker thread holds each Work until it has run
-        it. Whoever drops the last reference frees the Work and its tensors, and freeing a
-        tensor Python has seen takes the GIL. If that is a worker thread while the
-        interpreter is finalizing, Python ends the thread with pthread_exit, whose unwinding
-        through torch's noexcept destructor aborts the process ("terminate called without an
-        active exception"). Holding the Works here, one exchange past their completion and
-        until after shutdown's barrier (`DecoState.close`), leaves the last reference to this
-        thread. Call after `finish()` and before the control group is destroyed.
-        """
-        self._retired = None
+        if self._retired is not None:
+            dist.barrier(group=self.state.control_group)
+            self._retired = None
 
     def _wait(self, works: list[Any], probes: list[Any], step: int) -> None:
         """Wait for a control exchange; a failed peer becomes a DecoCommError naming the step."""

@@ -328,8 +328,6 @@ class DecoState:
         if barrier and self._own_groups:
             for g in self._own_groups:
                 dist.barrier(group=g)
-        if self.driver is not None:
-            self.driver.release()  # the control exchange's Works, before their group goes
         for g in self._own_groups:
             try:
                 dist.destroy_process_group(g)
