@@ -46,3 +46,14 @@ def test_never_on_time_skips_with_the_numbers() -> None:
         on_time(lambda: _busy(0.05), lag_limit_s=1e-6, attempts=2, setup=lambda: setups.append(1))
     assert len(setups) == 2
 
+
+
+def test_a_timeout_is_no_verdict_only_when_the_host_lagged() -> None:
+    def stalled() -> None:
+        _busy(0.05)
+        raise TimeoutError("ranks [0] did not finish within 1 s")
+
+    with pytest.raises(pytest.skip.Exception, match=r"run 2: timed out \(ranks \[0\] did not finish"):
+        on_time(stalled, lag_limit_s=1e-6, attempts=2)
+    with pytest.raises(TimeoutError):  # the host kept up: the timeout is the test's failure
+        on_time(stalled, lag_limit_s=float("inf"))

@@ -497,6 +497,9 @@ def _r_silent_peer(rank: int, world: int) -> dict[str, float] | None:
     import datetime
 
     timeout = datetime.timedelta(seconds=FAIL_TIMEOUT_S)
+    # The groups connect within their own (short) timeout, so both ranks start together; a
+    # group's p2p waits keep the timeout it was made with (set_timeout does not reach them).
+    dist.barrier()
     g_coll = dist.new_group([0, 1], timeout=timeout)
     g_p2p = dist.new_group([0, 1], timeout=timeout)
     dist.barrier()
