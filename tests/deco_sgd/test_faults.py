@@ -169,6 +169,15 @@ def _hook_skip_in_loss(rank: int, world: int) -> tuple[list[bool], bool, list[bo
 # -- a dead peer ------------------------------------------------------------------------
 
 
+def _warm_and_align(model: torch.nn.Module) -> None:
+    """A throw-away local forward/backward (first-call costs), then a barrier on the patient
+    default group: DeCo's short timeout then measures a dead peer, not ranks that reached
+    their first exchange seconds apart on a loaded host."""
+    T.loss_fn(model, 0, 0).backward()
+    model.zero_grad(set_to_none=True)
+    torch.distributed.barrier()
+
+
 def _die_midrun(rank: int, world: int) -> tuple[str, str, float]:
     import os
 
@@ -176,6 +185,7 @@ def _die_midrun(rank: int, world: int) -> tuple[str, str, float]:
     from deco_sgd.state import DecoState
 
     model = T.make_model()
+    _warm_and_align(model)
     state = DecoState(_cfg(ratio=0.25, staleness=1, timeout_s=DEAD_TIMEOUT_S), model)
     opt = DecoOptimizer(torch.optim.SGD(model.parameters(), lr=T.LR), state)
     t0 = time.monotonic()
@@ -254,7 +264,10 @@ def _hook_die_midrun(rank: int, world: int) -> tuple[str, str, float]:
 
     from deco_sgd.hook import attach_ddp
 
-    ddp = DDP(T.make_model(), bucket_cap_mb=0.0005)
+    model = T.make_model()
+    _warm_and_align(model)  # before DDP wraps it: DDP's own hooks would see this backward
+    ddp = DDP(model, bucket_cap_mb=0.0005)
+    torch.distributed.barrier()
     opt = attach_ddp(ddp, torch.optim.SGD(ddp.parameters(), lr=T.LR),
                      _cfg(ratio=0.25, staleness=1, warmup_steps=1, timeout_s=DEAD_TIMEOUT_S))
     t0 = time.monotonic()
