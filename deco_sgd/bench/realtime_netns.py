@@ -9,7 +9,8 @@ checked against the kernel's TCP stack and gloo's own collectives (design §9.4)
 2. starts one worker per host inside its namespace (``python -m deco_sgd.bench.realtime_netns``
    with `Net.env`: gloo pinned to the shaped device, env:// rendezvous on host 0) and waits
    for all of them, at most `deadline_s`;
-3. each worker joins one gloo group and runs the specs in order through `realtime.train_rank`.
+3. each worker joins one gloo group, opens its TCP windows with a few untimed bulk
+   collectives (`_open_windows`) and runs the specs in order through `realtime.train_rank`.
    Nothing is emulated: DeCo-SGD's data exchanges use the caller's (default) group and its
    control exchanges `DecoState`'s own gloo group, and both cross the shaped link, as on a
    cluster. A run with a replayed method replays the decision log that method produced in
@@ -92,6 +93,19 @@ def _spec_from_dict(d: dict[str, Any]) -> RealRunSpec:
     return RealRunSpec(**{**d, "decisions": tuple(tuple(x) for x in d["decisions"])})
 
 
+def _open_windows(world: int, nbytes: int = 1 << 20, rounds: int = 3) -> None:
+    """Untimed bulk collectives on the default group, so its (long-lived) TCP connections have
+    left slow start before the first timed step: the link model assumes an open window, and
+    `netsim.netns` disables slow start after idle, so the window stays open between steps."""
+    import torch
+    import torch.distributed as dist
+
+    x = torch.zeros(nbytes // 4)
+    for _ in range(rounds):
+        dist.all_reduce(x)
+        dist.all_gather([torch.empty_like(x) for _ in range(world)], x)
+
+
 def worker_main(runs_file: str, out_dir: str) -> None:
     """One host's worker: join the group (env://) and run every spec; writes rank<r>.json."""
     from datetime import timedelta
@@ -104,6 +118,7 @@ def worker_main(runs_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)  # ranks stand in for separate machines on a few shared cores
     dist.init_process_group("gloo", timeout=timedelta(seconds=max(s.timeout_s for s, _ in specs)))
     rank, world = dist.get_rank(), dist.get_world_size()
+    _open_windows(world)
     t0_trace = float(os.environ["NETSIM_T0"])
     logs: dict[str, list[dict[str, Any]]] = {}
     out: list[dict[str, Any]] = []
