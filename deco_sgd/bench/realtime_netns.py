@@ -19,7 +19,7 @@ checked against the kernel's TCP stack and gloo's own collectives (design §9.4)
    delay wire was stalled (the union of its intervals of packets over 1 ms late,
    `late_intervals` in its counters) within the run's timed window, plus `transport_late_s`:
    the mean run-queue wait per wake-up of each rank's transport threads (every thread but the
-   main one, from ``/proc/self/task/*/schedstat``) times the ring hops it ran. The main
+   main one, from ``/proc/self/task/*/schedstat``) times gloo's message steps it ran. The main
    thread's own delays are in the measured compute and host times, which the replay uses.
    A starved I/O thread mostly does not slow a transfer (the kernel receives and
    acknowledges into the socket buffer meanwhile); it delays each hop's hand-over.
@@ -41,7 +41,7 @@ from typing import Any, Sequence
 from .realtime import RealResult, RealRunSpec, train_rank
 from .vclock import pattern_cost
 
-__all__ = ["run_netns", "stall_time", "transport_late_s", "transport_wait", "worker_main"]
+__all__ = ["run_netns", "stall_time", "transport_lag", "transport_late_s", "transport_wait", "gloo_steps", "worker_main"]
 
 #: Import torch, load the task and join the group in every namespace, on a busy machine.
 START_S = 120.0
@@ -60,29 +60,49 @@ def stall_time(intervals: Sequence[Sequence[float]], start: float, end: float) -
     return total
 
 
-def transport_wait() -> tuple[float, int]:
-    """Run-queue wait (seconds) and wake-ups of this process's threads other than the main
-    one, cumulative (schedstat): how long the transport (gloo's I/O loop and workers) was
-    runnable without a CPU."""
+def transport_wait() -> dict[int, tuple[int, int]]:
+    """Per thread other than the main one: cumulative run-queue wait (ns) and wake-ups, from
+    schedstat: how long the transport (gloo's I/O loop and workers) was runnable without a
+    CPU. `transport_lag` turns two of these into a mean wait per wake-up."""
     pid = os.getpid()
-    wait, slices = 0, 0
+    out: dict[int, tuple[int, int]] = {}
     for task in Path(f"/proc/{pid}/task").iterdir():
         if task.name == str(pid):
             continue
         try:
             f = (task / "schedstat").read_text().split()
-            wait, slices = wait + int(f[1]), slices + int(f[2])
+            out[int(task.name)] = (int(f[1]), int(f[2]))
         except (FileNotFoundError, IndexError, ValueError):  # the thread exited meanwhile
             continue
+    return out
+
+
+def transport_lag(before: dict[int, tuple[int, int]], after: dict[int, tuple[int, int]]) -> tuple[float, int]:
+    """Run-queue wait (s) and wake-ups between two `transport_wait` snapshots, counting only
+    what happened in between (a thread that exited meanwhile is left out, a new one counts
+    whole)."""
+    wait = slices = 0
+    for tid, (w, n) in after.items():
+        w0, n0 = before.get(tid, (0, 0))
+        wait, slices = wait + w - w0, slices + n - n0
     return wait / 1e9, slices
+
+
+def gloo_steps(collective: str, world: int) -> int:
+    """Message steps of gloo's own ring: an all-reduce splits its buffer into at least 2n
+    segments and runs 2n - 2 steps in each of its two phases (gloo/allreduce.cc); an
+    all-gather passes whole blocks, n - 1 steps. Each step ends with a wake-up of the
+    receiving rank's I/O thread before the next message can leave."""
+    if collective == "allreduce":
+        return 2 * (2 * world - 2)
+    return pattern_cost(collective, world, 0.0).hops
 
 
 def transport_late_s(rec: dict[str, Any], world: int) -> float:
     """The transport's share of `late_bound_s` for one rank record: its mean run-queue wait
-    per wake-up times the ring hops of every exchange the rank launched (each hop ends with a
-    wake-up of the receiving rank's I/O thread before the next hop can leave)."""
-    hops = sum(pattern_cost(u["collective"], world, 0.0).hops for s in rec["steps"] for u in s["units"])
-    return rec["netns"]["transport_lag_s"] * hops
+    per wake-up times the message steps (`gloo_steps`) of every exchange the rank launched."""
+    steps = sum(gloo_steps(u["collective"], world) for s in rec["steps"] for u in s["units"])
+    return rec["netns"]["transport_lag_s"] * steps
 
 
 def _runs_json(runs: Sequence[tuple[RealRunSpec, str | None]]) -> list[dict[str, Any]]:
@@ -126,12 +146,12 @@ def worker_main(runs_file: str, out_dir: str) -> None:
         if replay is not None:
             spec = RealRunSpec(**{**spec.to_dict(), "decisions": tuple(
                 (d["step"], d["ratio"], d["staleness"]) for d in logs[replay])})
-        wait0, slices0 = transport_wait()
+        before = transport_wait()
         rec = train_rank(rank, world, spec, group=None, control_group=None,
                          trace_now=lambda: time.monotonic() - t0_trace)
-        wait1, slices1 = transport_wait()
-        rec["netns"] = {"transport_wait_s": wait1 - wait0, "transport_wakeups": slices1 - slices0,
-                        "transport_lag_s": (wait1 - wait0) / max(1, slices1 - slices0)}
+        wait, slices = transport_lag(before, transport_wait())
+        rec["netns"] = {"transport_wait_s": wait, "transport_wakeups": slices,
+                        "transport_lag_s": wait / max(1, slices)}
         rec["decisions_used"] = [list(d) for d in spec.decisions]
         logs[spec.name] = rec["decisions"]
         out.append(rec)
