@@ -109,10 +109,6 @@ def _runs_json(runs: Sequence[tuple[RealRunSpec, str | None]]) -> list[dict[str,
     return [{"spec": spec.to_dict(), "replay": replay} for spec, replay in runs]
 
 
-def _spec_from_dict(d: dict[str, Any]) -> RealRunSpec:
-    return RealRunSpec(**{**d, "decisions": tuple(tuple(x) for x in d["decisions"])})
-
-
 def _open_windows(world: int, nbytes: int = 1 << 20, rounds: int = 3) -> None:
     """Untimed bulk collectives on the default group, so its (long-lived) TCP connections have
     left slow start before the first timed step: the link model assumes an open window, and
@@ -134,7 +130,7 @@ def worker_main(runs_file: str, out_dir: str) -> None:
     import torch.distributed as dist
 
     runs = json.loads(Path(runs_file).read_text())
-    specs = [(_spec_from_dict(r["spec"]), r["replay"]) for r in runs]
+    specs = [(RealRunSpec(**r["spec"]), r["replay"]) for r in runs]  # the spec validates its lists
     torch.set_num_threads(1)  # ranks stand in for separate machines on a few shared cores
     dist.init_process_group("gloo", timeout=timedelta(seconds=max(s.timeout_s for s, _ in specs)))
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -213,7 +209,7 @@ def run_netns(runs: Sequence[tuple[RealRunSpec, str | None]], *, tag: str | None
         used = recs[0].pop("decisions_used")
         for rec in recs[1:]:
             rec.pop("decisions_used")
-        spec = RealRunSpec(**{**spec.to_dict(), "decisions": tuple(tuple(x) for x in used)})
+        spec = RealRunSpec(**{**spec.to_dict(), "decisions": used})
         start, stop = min(r["t0"] for r in recs), max(r["t_end"] for r in recs)
         stalled = stall_time(wire.get("late_intervals", []), start, stop)
         for rec in recs:
