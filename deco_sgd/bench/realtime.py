@@ -362,16 +362,23 @@ def step_plans(result: RealResult, host: bool = True) -> list[StepPlan]:
 
     Compute of a step = max(compute_time_s, measured forward/backward), plus (`host=True`)
     the measured host work of `DecoOptimizer.step()` outside its waits: the real step is
-    slower than `compute_time_s` by that much, so the replay uses the log (§9.4)."""
+    slower than `compute_time_s` by that much, so the replay uses the log (§9.4). With
+    `host=True` the compute phase is also at least what it really lasted, from the end of the
+    rank's previous step to this launch: on a loaded host the padding sleep wakes late and the
+    bookkeeping between steps takes time, and that time is the host's, not the link's. What
+    remains for the clock to predict is exactly the waits on exchanges."""
     spec = result.spec
     plans = []
+    prev_end = [0.0] * len(result.ranks)
     for s in range(spec.steps):
         rows = [r["steps"][s] for r in result.ranks]
         row = rows[0]
         for other in rows[1:]:
             if other["units"] != row["units"] or other["waited"] != row["waited"]:
                 raise ValueError(f"step {s}: ranks recorded different schedules")
-        comp = tuple(max(spec.compute_time_s, x["compute_s"]) + (x["host_s"] if host else 0.0) for x in rows)
+        comp = tuple(max(spec.compute_time_s, x["compute_s"], x.get("launch", 0.0) - prev if host else 0.0)
+                     + (x["host_s"] if host else 0.0) for x, prev in zip(rows, prev_end))
+        prev_end = [x.get("end", 0.0) for x in rows]
         units = tuple(UnitPlan(u["collective"], u["nbytes"]) for u in row["units"])
         plans.append(StepPlan(s, comp, units, tuple(row["waited"])))
     return plans
