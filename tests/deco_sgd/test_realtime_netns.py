@@ -10,6 +10,8 @@ rendezvous adds latency the ring model omits; docs/deco_sgd.md gives those numbe
 """
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from deco_sgd.bench.realtime import LATE_TIME_MAX, REL_TOL, RealRunSpec, validate
@@ -17,7 +19,8 @@ from deco_sgd.bench.realtime_netns import run_netns, stall_time
 
 pytest.importorskip("mlxtend")
 
-TAG = "rtnstest"
+#: Per process, so concurrent runs of this file (other checkouts on one machine) never share a net.
+TAG = f"rtn{os.getpid() % 100_000}"
 
 
 def _spec(name: str, deco: dict, adaptive: bool = False, steps: int = 10) -> RealRunSpec:
