@@ -6,7 +6,7 @@ steps it launches, on the control group and without waiting:
 - one SUM and one MAX all-reduce of a small float64 vector (estimator inputs and the
   ±decision code, so MAX also yields the minimum), and
 - two latency probes: a 1-element all-reduce and a 1-element all-gather, timed from launch
-  to the completion callback,
+  to the completion callback (their Works are kept until a later exchange, see `finish`),
 
 and waits for the previous period's ones, so control adds no round trip to the critical
 path. Every rank then runs the deterministic controller on the identical reduced vector
@@ -33,6 +33,7 @@ import torch.distributed as dist
 from .controller import Controller, Decision, Measurements
 from .errors import DecoCommError, DecoDesyncError
 from .estimators import BandwidthEstimator, ComputeTimeEstimator, GradStatsEstimator, LatencyEstimator
+from .timemodel import collective_cost
 
 if TYPE_CHECKING:
     from .exchange import StepEntry
@@ -47,20 +48,32 @@ _T_COMP, _NEG_BW, _LAT_AR, _LAT_AG, _CODE, _NEG_CODE = range(6)
 _UNKNOWN = -math.inf  # loses every MAX, so one rank's unknown never hides another's value
 
 
-class _Probe:
-    """A launched 1-element collective with its completion time."""
+#: How long a probe's completion callback may lag its future (it runs on gloo's thread).
+_STAMP_WAIT_S = 5.0
 
-    __slots__ = ("fut", "launch_t", "done_t")
+
+class _Probe:
+    """A launched 1-element collective with its completion time.
+
+    The Work itself is kept, not only its future: see `AdaptiveDriver.finish`.
+    """
+
+    __slots__ = ("work", "fut", "launch_t", "done_t")
 
     def __init__(self, work: Any, launch_t: float) -> None:
-        self.fut, self.launch_t, self.done_t = work.get_future(), launch_t, None
+        self.work, self.fut, self.launch_t, self.done_t = work, work.get_future(), launch_t, None
         self.fut.add_done_callback(self.stamp)
 
     def stamp(self, _f: Any) -> None:
         self.done_t = time.monotonic()
 
     def wait(self) -> None:
-        self.fut.wait()
+        self.work.wait()
+        # The future completes before gloo's thread runs its callbacks: wait for the stamp
+        # as well, so no Python callback of ours is left pending on that thread.
+        deadline = time.monotonic() + _STAMP_WAIT_S
+        while self.done_t is None and time.monotonic() < deadline:
+            time.sleep(1e-4)
 
 
 class AdaptiveDriver:
@@ -82,6 +95,8 @@ class AdaptiveDriver:
         self._g2_local = math.nan
         self._gbar2: float | None = None
         self._inflight: tuple[int, list[Any], torch.Tensor, torch.Tensor, list[_Probe]] | None = None
+        # The last waited exchange's Works and tensors, dropped one exchange later or by finish().
+        self._retired: tuple[Any, ...] | None = None
 
     # -- per step ---------------------------------------------------------------------------
     def on_step_end(self, applied: Sequence["StepEntry"], blocked_s: float) -> None:
@@ -101,8 +116,9 @@ class AdaptiveDriver:
                     # sample that later (latency-corrected) samples often cannot replace,
                     # because the transfer filter then rejects them.
                     continue
-                # Bytes each worker receives (§3.2): ring all-reduce 2(n−1)/n·V, all-gather (n−1)·V.
-                recv = u.nbytes * (2 * (n - 1) / n if pat == "allreduce" else n - 1)
+                # Bytes each worker receives (§3.2), from the shared schedule: ring all-reduce
+                # 2(n−1)/n·V; all-gather (n−1)·V, whichever algorithm algo="auto" ran.
+                recv = collective_cost(pat, n, u.nbytes).nbytes
                 self.bw.update(recv, u.launch_t, u.done_t, lat)
             self._g2_local = sum(u.sq_norm for u in e.units)
             if all(u.codec_spec == "dense" for u in e.units) and all(u.result for u in e.units):
@@ -127,10 +143,9 @@ class AdaptiveDriver:
         g2 = self._g2_local if math.isfinite(self._g2_local) else 0.0
         sm = torch.tensor([g2, self._gbar2 or 0.0, 1.0 if self._gbar2 is not None else 0.0,
                            1.0 if math.isfinite(self._g2_local) else 0.0], dtype=torch.float64)
-        # Only futures are kept: a Work object still alive when the user destroys the
-        # process group aborts the process at exit.
-        works = [dist.all_reduce(mx, op=dist.ReduceOp.MAX, group=grp, async_op=True).get_future(),
-                 dist.all_reduce(sm, op=dist.ReduceOp.SUM, group=grp, async_op=True).get_future()]
+        # The Works are kept, not only their futures, until a later exchange (see finish()).
+        works = [dist.all_reduce(mx, op=dist.ReduceOp.MAX, group=grp, async_op=True),
+                 dist.all_reduce(sm, op=dist.ReduceOp.SUM, group=grp, async_op=True)]
         t0 = time.monotonic()
         probes = [_Probe(dist.all_reduce(torch.zeros(1), group=grp, async_op=True), t0)]
         outs = [torch.empty(1) for _ in range(self.state.world_size)]
@@ -144,6 +159,7 @@ class AdaptiveDriver:
         launched_at, works, mx, sm, probes = self._inflight
         self._inflight = None
         self._wait(works, probes, step)
+        self._retired = (works, probes, mx, sm)
         for pat, p in zip(("allreduce", "allgather"), probes):
             if p.done_t is not None:
                 self.lat.update(pat, p.done_t - p.launch_t)
@@ -171,11 +187,25 @@ class AdaptiveDriver:
             st.schedule(d.ratio, d.staleness, step, reason=d.reason)
 
     def finish(self) -> None:
-        """Wait for the in-flight control exchange (collective; call at shutdown on every rank)."""
+        """Wait for the in-flight control exchange and release the waited ones' Works
+        (collective; call at shutdown on every rank).
+
+        Why Works and tensors are kept one exchange past their completion, and here until
+        after a barrier: a gloo worker thread holds each Work until it has run it, and
+        whoever drops the last reference frees the Work and its tensors, which takes the
+        GIL for a tensor Python has seen. A worker that gets there only while the
+        interpreter is finalizing is ended by Python with pthread_exit, whose unwinding
+        through torch's noexcept destructor aborts the process ("terminate called without
+        an active exception"). Kept here, the last reference is this thread's.
+        """
         if self._inflight is not None:
-            _, works, _, _, probes = self._inflight
+            _, works, mx, sm, probes = self._inflight
             self._inflight = None
             self._wait(works, probes, self.state.step)
+            self._retired = (works, probes, mx, sm)
+        if self._retired is not None:
+            dist.barrier(group=self.state.control_group)
+            self._retired = None
 
     def _wait(self, works: list[Any], probes: list[Any], step: int) -> None:
         """Wait for a control exchange; a failed peer becomes a DecoCommError naming the step."""

@@ -205,7 +205,7 @@ def launch_unit(
             unit.result = {n: c.view(s).to(dtype) for n, c, s in zip(names, flat[:-world].split(sizes), shapes)}
             unit.agg_finite = all_finite(flat[:-world])
 
-        handle = allreduce_payload(payload, group, async_op=True, key=key)
+        handle = allreduce_payload(payload, group, algo="ring", async_op=True, key=key)
         spec, coll = "dense", "allreduce"
     else:
         payloads = []
@@ -234,7 +234,7 @@ def launch_unit(
                     out[n] = codec.decode(pl.with_buffer(chunk.contiguous())).to(dtype) / world
                 _set_result(unit, out)
 
-            handle = allreduce_payload(Payload(buf, _dense_meta(buf)), group, async_op=True, key=key)
+            handle = allreduce_payload(Payload(buf, _dense_meta(buf)), group, algo="ring", async_op=True, key=key)
             coll = "allreduce"
         else:
             raw = [pl.buffer.contiguous().view(torch.uint8) for pl in payloads]
@@ -256,7 +256,9 @@ def launch_unit(
                     out[n] = decode_sum(codec, per_rank).to(dtype) / world
                 _set_result(unit, out)
 
-            handle = allgather_payloads(Payload(buf, _dense_meta(buf)), group, same_size=True, async_op=True, key=key)
+            # algo="auto": log-depth rounds where latency dominates (ccomm.schedule.choose).
+            handle = allgather_payloads(Payload(buf, _dense_meta(buf)), group, same_size=True, algo="auto",
+                                        async_op=True, key=key)
             coll = "allgather"
     sq = float(sum(float(g.detach().float().pow(2).sum()) for g in grads)) if valid else math.nan
     unit = Unit(tuple(names), shapes, ratio, spec, own, handle, finish, t0,

@@ -35,7 +35,7 @@ from ..adaptive import AdaptiveDriver
 from ..errors import NonFiniteGradientError
 from ..optim import DecoOptimizer
 from ..state import DecoState
-from ..timemodel import message_size, tau_min
+from ..timemodel import collective_cost, message_size, tau_min
 from .config import BenchConfig
 from .vclock import LinkTimeline, StepClock
 
@@ -195,7 +195,7 @@ class VirtualAdaptiveDriver(AdaptiveDriver):
                 lat = self.lat.value(pat)
                 if lat is None:
                     continue  # as in AdaptiveDriver: no bandwidth sample before L̂ is known
-                recv = u.nbytes * (2 * (n - 1) / n if pat == "allreduce" else n - 1)
+                recv = collective_cost(pat, n, u.nbytes).nbytes  # as in AdaptiveDriver
                 self.bw.update(recv, vt[0], vt[1], lat)
             self._g2_local = sum(u.sq_norm for u in e.units)
             if all(u.codec_spec == "dense" for u in e.units) and all(u.result for u in e.units):

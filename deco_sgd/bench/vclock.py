@@ -6,10 +6,12 @@ use them to predict what a real run should take:
 `LinkTimeline(link, world)` charges data exchanges on the scenario's `netsim.Link` (its
 trace included) in launch order:
 
-1. the pattern's cost comes from `netsim.cost.schedule(op, world, nbytes, "ring")`:
-   V = bytes one rank receives over the whole schedule, hops = number of schedule steps,
-   L_eff = hops · one-way latency (ring all-reduce: V = 2(n−1)/n·S, 2(n−1) hops; ring
-   all-gather of S-byte blocks: V = (n−1)·S, n−1 hops);
+1. the pattern's cost comes from the schedule of the algorithm the exchange runs
+   (`deco_sgd.timemodel.collective_cost`, i.e. `ccomm.schedule`): V = bytes one rank
+   receives, hops = number of schedule steps, L_eff = hops · one-way latency. All-reduce is
+   the ring (V = 2(n−1)/n·S, 2(n−1) hops); the all-gather of S-byte blocks is what
+   ``algo="auto"`` picks on this link (its mean rate): V = (n−1)·S with n−1 hops (ring) or
+   ⌈log2 n⌉ hops (recursive doubling / Bruck);
 2. tx_start = max(launch, link_free): one message at a time on the link;
 3. done = tx_start + L_eff + serialisation of V bytes under the trace from tx_start
    (`Trace.time_to_send`, exact over piecewise-constant rates and outages);
@@ -43,7 +45,10 @@ import math
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
-from netsim import Link, cost
+from ccomm.schedule import choose
+from netsim import Link
+
+from ..timemodel import collective_cost
 
 __all__ = ["PATTERNS", "PatternCost", "pattern_cost", "LinkTimeline", "StepClock", "Transfer", "replay"]
 
@@ -62,8 +67,8 @@ class PatternCost:
 
 
 @functools.lru_cache(maxsize=4096)
-def pattern_cost(pattern: str, world: int, nbytes: float) -> PatternCost:
-    """V and hops of one ring exchange of `pattern` (see the module docstring, step 1).
+def pattern_cost(pattern: str, world: int, nbytes: float, algo: str = "ring") -> PatternCost:
+    """V and hops of one exchange of `pattern` by `algo` (see the module docstring, step 1).
 
     `nbytes` is each rank's input: the tensor for all-reduce, the own block for all-gather.
     """
@@ -73,9 +78,8 @@ def pattern_cost(pattern: str, world: int, nbytes: float) -> PatternCost:
         raise ValueError(f"world: must be an integer >= 1, got {world!r}")
     if not (math.isfinite(nbytes) and nbytes >= 0):
         raise ValueError(f"nbytes: must be finite and >= 0, got {nbytes!r}")
-    steps = cost.schedule(pattern, world, float(nbytes), "ring")
-    received = sum(b for step in steps for (_src, dst, b) in step if dst == 0)
-    return PatternCost(float(received), len(steps))
+    size = collective_cost(pattern, world, float(nbytes), algo)
+    return PatternCost(size.nbytes, size.latency_hops)
 
 
 @dataclass(frozen=True)
@@ -116,11 +120,21 @@ class LinkTimeline:
                              "to the end of a non-repeating trace)")
         return d
 
+    def algo(self, pattern: str, nbytes: float) -> str:
+        """The exchange's algorithm: the ring for all-reduce, ``algo="auto"``'s pick for all-gather."""
+        if pattern != "allgather":
+            return "ring"
+        trace = self.link.rate_trace
+        mbps = trace.mean_mbps() if len(trace.times_s) > 1 else self.link.rate_bps(0.0) / 1e6
+        if not mbps > 0:
+            return "ring"  # a link that never sends: nothing to choose between
+        return choose("allgather", self.world, float(nbytes), self.link.latency_s, mbps * 1e6 / 8.0)
+
     def exchange(self, launch_s: float, nbytes: float, pattern: str) -> float:
         """Charge one exchange launched at `launch_s`; returns its completion time."""
         if not (math.isfinite(launch_s) and launch_s >= 0):
             raise ValueError(f"launch_s: must be finite and >= 0, got {launch_s!r}")
-        pc = pattern_cost(pattern, self.world, float(nbytes))
+        pc = pattern_cost(pattern, self.world, float(nbytes), self.algo(pattern, nbytes))
         l_eff = pc.hops * self.link.latency_s
         tx_start = max(launch_s, self.link_free)
         done = tx_start + l_eff + self._serialise(pc.nbytes, tx_start)

@@ -11,10 +11,6 @@ Without the two marked lines this is an ordinary DDP script. The third marked li
 applies the aggregates still in flight and completes the controller's last control
 exchange. Skip it only with staleness 0 in static mode: tearing the process group down
 under an in-flight exchange makes gloo abort the process.
-
-Known issue: with `--mode adaptive`, about one run in four aborts at interpreter exit
-("terminate called without an active exception") after training finished and the results
-were printed; static mode has not shown it.
 """
 from __future__ import annotations
 

@@ -5,7 +5,8 @@ run D-SGD, a static top-k point with τ = 2 and adaptive DeCo-SGD, one after the
 same ranks; the virtual replay of each recorded schedule must match the real elapsed time
 within `REL_TOL` at every checkpoint. A run in which the host fell behind the link (the wire
 stalled or the transport threads waited for a CPU: `late_bound_s`) says nothing about the
-clock and is skipped with the reason (marker ``timing``). At 25 ms one way gloo's per-message
+clock: it is repeated once and the test skipped with the reason if the host never keeps up
+(marker ``timing``, `tests/_timing.py`). At 25 ms one way gloo's per-message
 rendezvous adds latency the ring model omits; docs/deco_sgd.md gives those numbers.
 """
 from __future__ import annotations
@@ -16,6 +17,8 @@ import pytest
 
 from deco_sgd.bench.realtime import LATE_TIME_MAX, REL_TOL, RealRunSpec, validate
 from deco_sgd.bench.realtime_netns import run_netns, stall_time
+
+from _timing import on_time
 
 pytest.importorskip("mlxtend")
 
@@ -58,30 +61,38 @@ def test_failure_leaves_no_namespace() -> None:
     assert netns.leftovers(TAG) == []
 
 
-@pytest.mark.netns
-@pytest.mark.timing
-@pytest.mark.multiprocess
-@pytest.mark.timeout(600)
-def test_virtual_clock_matches_real_namespaces() -> None:
+#: Largest host scheduling lag of a judged run. The watch covers the whole call, start-up of
+#: torch in every namespace included, so it only rules out stalls long next to a step; the
+#: timed window itself is judged by each run's own host-lateness estimate (`late_bound_s`).
+NETNS_LAG_S = 0.1
+
+
+def _run_all() -> list:
     from netsim import netns
 
     try:
         results = run_netns(RUNS, tag=TAG)
     finally:
         assert netns.leftovers(TAG) == []
-    fell_behind = []
     for res in results:
         val = validate(res)
         print(f"\n{res.spec.name} (netns, load {res.ranks[0]['loadavg']}): "
               f"{[(x['step'], round(x['real_s'], 3), round(x['virtual_s'], 3)) for x in val['checkpoints']]} "
-              f"late {val['late_time_frac']:.1%}")
+              f"host lateness {val['late_time_frac']:.1%} (limit {LATE_TIME_MAX:.0%})")
+    return results
+
+
+@pytest.mark.netns
+@pytest.mark.timing
+@pytest.mark.multiprocess
+@pytest.mark.timeout(900)
+def test_virtual_clock_matches_real_namespaces() -> None:
+    # A run in which the host fell behind the link (any method's lateness over the limit)
+    # is repeated, and the test skipped if the host never keeps up (tests/_timing.py).
+    results = on_time(_run_all, lambda rs: sum(not validate(r)["emulation_ok"] for r in rs),
+                      lag_limit_s=NETNS_LAG_S, attempts=2)
+    for res in results:
         assert len(res.ranks) == 2 and len(res.ranks[0]["steps"]) == res.spec.steps
-        if not val["emulation_ok"]:
-            fell_behind.append(f"{res.spec.name}: host lateness may have cost {val['late_time_frac']:.0%} of the run "
-                               f"(limit {LATE_TIME_MAX:.0%}), load {res.ranks[0]['loadavg']}")
-            continue
+        val = validate(res)
         assert val["max_rel_err"] <= REL_TOL, (res.spec.name, val["checkpoints"])
-    dsgd = results[0].real_ends[-1]
-    assert dsgd > 10 * (0.15 + 0.05)  # the link really is in the way of D-SGD's dense all-reduce
-    if fell_behind:
-        pytest.skip("the host fell behind the link, so these runs cannot judge the clock: " + "; ".join(fell_behind))
+    assert results[0].real_ends[-1] > 10 * (0.15 + 0.05)  # the link really is in the way of D-SGD's all-reduce
