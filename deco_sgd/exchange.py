@@ -140,8 +140,8 @@ class StepEntry:
         return {n for u in self.units for n in u.names}
 
 
-def _one_hot(rank: int, world: int, dtype: torch.dtype, valid: bool) -> torch.Tensor:
-    t = torch.zeros(world, dtype=dtype)
+def _one_hot(rank: int, world: int, dtype: torch.dtype, valid: bool, device: torch.device) -> torch.Tensor:
+    t = torch.zeros(world, dtype=dtype, device=device)
     if valid:
         t[rank] = 1
     return t
@@ -176,6 +176,7 @@ def launch_unit(
     shapes = tuple(g.shape for g in grads)
     own: dict[str, torch.Tensor] | None = {} if valid else None
     wire = value_dtype or dtype
+    dev = grads[0].device  # every message stays on the gradients' device (the data group's backend)
     t0 = time.monotonic()
 
     if codec is None:
@@ -193,8 +194,8 @@ def launch_unit(
                     ef.update(name, p, own[name])
                 parts.append(m.reshape(-1) / world)
             else:
-                parts.append(torch.zeros(g.numel(), dtype=wire))
-        buf = torch.cat(parts + [_one_hot(rank, world, wire, valid)])
+                parts.append(torch.zeros(g.numel(), dtype=wire, device=dev))
+        buf = torch.cat(parts + [_one_hot(rank, world, wire, valid, dev)])
         payload = Payload(buf, _dense_meta(buf))
         sizes = [g.numel() for g in grads]
 
@@ -222,7 +223,7 @@ def launch_unit(
         spec = codec.spec
         if codec.additive:
             vdtype = payloads[0].buffer.dtype
-            buf = torch.cat([pl.buffer.to(vdtype) for pl in payloads] + [_one_hot(rank, world, vdtype, valid)])
+            buf = torch.cat([pl.buffer.to(vdtype) for pl in payloads] + [_one_hot(rank, world, vdtype, valid, dev)])
             sizes = [pl.buffer.numel() for pl in payloads]
 
             def finish(res: Payload) -> None:
@@ -237,7 +238,7 @@ def launch_unit(
             coll = "allreduce"
         else:
             raw = [pl.buffer.contiguous().view(torch.uint8) for pl in payloads]
-            flag = torch.tensor([1 if valid else 0], dtype=torch.uint8)
+            flag = torch.tensor([1 if valid else 0], dtype=torch.uint8, device=dev)
             buf = torch.cat(raw + [flag])
             nbytes = [r.numel() for r in raw]
             expect = sum(codec.nbytes(s, wire) for s in shapes) + 1

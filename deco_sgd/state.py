@@ -11,7 +11,7 @@ at the first exchange of step `s_apply` on every rank that scheduled it (replica
 schedules the same decision everywhere). Changing δ keeps the residuals; changing τ
 deepens or drains the FIFO (see `staleness.py`).
 
-Construction is collective (it creates the data and control groups and checks that all
+Construction is collective (it creates the control group and checks that all
 ranks hold the same parameters); so are `flush()` and `load_state_dict()`.
 """
 from __future__ import annotations
@@ -71,11 +71,12 @@ class DecoState:
             raise ValueError("named_parameters: no parameter requires grad")
         self.config = config
         timeout = datetime.timedelta(seconds=config.timeout_s)
-        # Separate groups so small control collectives never queue behind data (§2.1).
+        # Data goes over the caller's group (default: the default group, with its backend:
+        # NCCL on GPUs, no host copies). Control gets its own gloo group: it exchanges Python
+        # objects and host scalars, and must never queue behind data (§2.1).
         self._own_groups: list[dist.ProcessGroup] = []
         if group is None:
-            group = dist.new_group(backend="gloo", timeout=timeout)
-            self._own_groups.append(group)
+            group = dist.group.WORLD
         if control_group is None:
             control_group = dist.new_group(backend="gloo", timeout=timeout)
             self._own_groups.append(control_group)
