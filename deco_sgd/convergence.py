@@ -1,0 +1,104 @@
+"""Convergence side of the objective from quantities measured in the run (issue 14) [ours].
+
+The controller minimises W(δ, τ, v) = S(δ, τ, v) · T_iter(δ, τ, v): T_iter is the time model,
+S the predicted number of steps to target relative to the point in force's reference
+(S = 1 for plain D-SGD). Nothing here is fitted to a task; every input is measured while
+training, on every rank alike (`deco_sgd.adaptive`):
+
+- **ρ, the relative drift of the mean gradient per step** (delay-compensated ASGD treats this
+  change over the delay as the cost of staleness): on S coordinates every rank samples from
+  a shared seed, ρ² = (‖ḡ_t − ḡ_{t−1}‖² − 2σ²/n) / (‖ḡ‖² − σ²/n), the sampling noise of two
+  independent mini-batches removed. At the edge of stability the sharpest direction flips
+  sign every step and ρ approaches 2.
+- **D, the error-feedback gap**: the mean residual ē over ranks, in units of one step of the
+  mean update, D = ‖ē‖ / ‖ḡ‖ on the shared sample. With error feedback, compression delays
+  gradient mass: D is how many steps' worth of update is held back at the δ in force.
+- **the energy profile**: q(δ), the (1 − δ)-quantile of |g| on a local sample, averaged over
+  ranks. A coordinate's residual grows until it crosses the top-k threshold, so the gap at
+  another δ' is predicted as D(δ') = D(δ)·q(δ')/q(δ).
+- **quantized values** add the relative error of b-bit min-max quantization of a bucket
+  spanning about 6 standard deviations, 3/(2^b − 1)² of the value energy (fp16: 2^-22),
+  which error feedback returns one step later: a gap of √err steps.
+
+Steps to target relative to D-SGD, the product of a staleness and a compression factor:
+
+    S(δ, τ, v) = (1 + τ·ρ/4) · (1 + D(δ, v)/10)
+
+- 1 + τ·ρ/4: pure oscillation (ρ = 2) costs half a step per step of staleness, a smooth
+  path (ρ → 0) almost nothing. Stale gradients of an oscillating direction can destabilise
+  it, which this first-order prior cannot see: the progress monitor (`deco_sgd.monitor`)
+  checks every switch and the controller backs off.
+- 1 + D/10: the held-back mass mostly sits in small coordinates whose gradient changes
+  slowly, so one step of gap costs far less than one step of staleness.
+
+The two slopes (1/4 and 1/10) are a priori choices, not fitted to any task; the monitor's
+measured progress is what protects a run when they are wrong.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from .config import QUANT_BITS
+
+__all__ = ["ConvergenceInputs", "format_error", "predicted_gap", "slowdown", "STALENESS_SLOPE", "GAP_SLOPE"]
+
+#: Steps of slowdown per step of staleness, per unit of drift ρ.
+STALENESS_SLOPE = 0.25
+#: Steps of slowdown per step of error-feedback gap.
+GAP_SLOPE = 0.1
+
+
+@dataclass(frozen=True)
+class ConvergenceInputs:
+    """Measured inputs (None: not measured yet).
+
+    drift: ρ; gap: D at (gap_ratio, gap_values), the point it was measured at;
+    quantiles: δ -> q(δ) for δ < 1.
+    """
+
+    drift: float | None = None
+    gap: float | None = None
+    gap_ratio: float | None = None
+    gap_values: str = "fp32"
+    quantiles: Mapping[float, float] | None = None
+
+
+def format_error(values: str) -> float:
+    """Relative energy error of one value format (see the module docstring)."""
+    if values in QUANT_BITS:
+        return 3.0 / float((1 << QUANT_BITS[values]) - 1) ** 2
+    if values in ("fp16", "bf16"):
+        return 2.0 ** (-22 if values == "fp16" else -16)
+    return 0.0
+
+
+def predicted_gap(c: ConvergenceInputs, delta: float, values: str) -> float | None:
+    """D(δ, v); 0 at δ = 1 with fp32; None when no gap or profile has been measured."""
+    extra = math.sqrt(format_error(values))
+    if delta >= 1.0:
+        return extra
+    if c.gap is None or c.gap_ratio is None:
+        return None
+    base = c.gap - math.sqrt(format_error(c.gap_values))
+    base = max(0.0, base)
+    if c.gap_ratio >= 1.0:
+        return None  # measured dense: no residual to scale
+    if delta != c.gap_ratio:
+        q = c.quantiles or {}
+        qd, qr = q.get(delta), q.get(c.gap_ratio)
+        if qd is None or qr is None or not (qr > 0):
+            return None
+        base *= qd / qr
+    return base + extra
+
+
+def slowdown(c: ConvergenceInputs, delta: float, tau: int, values: str, *, drift_prior: float,
+             drift_floor: float) -> float:
+    """S(δ, τ, v) of the module docstring; inf when the gap cannot be predicted yet."""
+    rho = drift_prior if c.drift is None else max(drift_floor, c.drift)
+    gap = predicted_gap(c, delta, values)
+    if gap is None:
+        return math.inf
+    return (1.0 + tau * rho * STALENESS_SLOPE) * (1.0 + gap * GAP_SLOPE)
