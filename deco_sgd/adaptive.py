@@ -83,6 +83,11 @@ class Clock(Protocol):
     def now(self) -> float:
         ...
 
+    def control(self, nbytes: float) -> None:
+        """A control all-reduce of `nbytes` per rank was launched now (virtual clocks charge it
+        on the link; the wall clock has nothing to do: the real bytes take real time)."""
+        ...
+
 
 class _Probe:
     """A launched 1-element collective with its completion time."""
@@ -116,6 +121,9 @@ class WallClock:
 
     def now(self) -> float:
         return time.monotonic()
+
+    def control(self, nbytes: float) -> None:
+        pass
 
 
 class _Sampler:
@@ -293,12 +301,14 @@ class AdaptiveDriver:
             head[_NG_T], head[_NG_P], head[_HAS_PAIR] = float(sp.g_t @ sp.g_t), float(sp.g_prev @ sp.g_prev), 1.0
         quant = torch.tensor(sp.quantiles() if sp.have_t else [0.0] * len(sp.grid), dtype=torch.float64)
         z = torch.zeros(sp.s, dtype=torch.float64)
-        sm = torch.cat([head, quant, sp.g_t if pair else z, sp.g_prev if pair else z, sp.e_t if pair else z])
+        # float32 on the wire: 3·S + 7 + |grid| values, 24.6 KB per period at S = 2048.
+        sm = torch.cat([head, quant, sp.g_t if pair else z, sp.g_prev if pair else z, sp.e_t if pair else z]).float()
         self._loss_sum, self._loss_n = 0.0, 0
         # Only futures are kept: a Work object still alive when the user destroys the
         # process group aborts the process at exit.
         works = [dist.all_reduce(mx, op=dist.ReduceOp.MAX, group=grp, async_op=True).get_future(),
                  dist.all_reduce(sm, op=dist.ReduceOp.SUM, group=grp, async_op=True).get_future()]
+        self.clock.control(float(mx.numel() * mx.element_size() + sm.numel() * sm.element_size()))
         probes = [self.clock.probe("allreduce", dist.all_reduce(torch.zeros(1), group=grp, async_op=True))]
         outs = [torch.empty(1) for _ in range(self.state.world_size)]
         probes.append(self.clock.probe("allgather", dist.all_gather(outs, torch.zeros(1), group=grp, async_op=True)))
@@ -312,6 +322,7 @@ class AdaptiveDriver:
 
     def _absorb(self, sm: torch.Tensor, point: tuple[float, str]) -> None:
         """Update the convergence inputs from a reduced SUM vector (identical on every rank)."""
+        sm = sm.double()
         n = self.state.world_size
         sp = self.sampler
         nq = len(sp.grid)
@@ -385,7 +396,7 @@ class AdaptiveDriver:
                 f"to {float(mx[_CODE])})")
         st = self.state
         self._absorb(sm, point)
-        loss = float(sm[_LOSS] / sm[_LOSS_N]) if sm[_LOSS_N] > 0 else None
+        loss = float(sm[_LOSS].double() / sm[_LOSS_N].double()) if sm[_LOSS_N] > 0 else None
         m = self.measurements(mx, loss)
         if step < st.config.warmup_steps:
             return

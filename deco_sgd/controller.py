@@ -163,7 +163,7 @@ class Decision:
     staleness: int
     changed: bool
     trigger: str  # warmup | static | none | initial | period | bandwidth_change | latency_change | monitor
-    outcome: str  # hold | optimal | switch | hysteresis | dwell | trial | backoff_slow | backoff_rise | unknown_* | fallback
+    outcome: str  # hold | optimal | switch | hysteresis | dwell | trial | no_reference | backoff_slow | backoff_rise | unknown_* | fallback
     bandwidth: float | None
     latency: float | None
     t_comp: float | None
@@ -394,6 +394,10 @@ class Controller:
                 self._trial = None
             if self._trial is not None:
                 return out("monitor", "trial", cur_d, cur_t)
+            if m.loss is not None and self.monitor.ref_slope is None:
+                # Losses are reported but there is no reference progress yet: a switch now
+                # could not be judged, so wait (a few measurement periods at most).
+                return out("monitor", "no_reference", cur_d, cur_t)
         trigger = self._trigger(m, step)
         if trigger == "none":
             return out(trigger, "hold", cur_d, cur_t)

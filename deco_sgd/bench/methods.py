@@ -164,6 +164,12 @@ class VirtualAccountant:
     def now(self) -> float:
         return self.clock.start
 
+    def control(self, nbytes: float) -> None:
+        """Charge a control all-reduce on the link now (it queues with data, blocks no step)."""
+        self.timeline.exchange(self.clock.start, nbytes, "allreduce")
+        if self.steps_log:
+            self.steps_log[-1].setdefault("c", []).append(nbytes)
+
     # -- static driver ------------------------------------------------------------------------
     def on_step_end(self, applied: Sequence[Any], blocked_s: float) -> None:
         self.end_step(applied, blocked_s)

@@ -187,7 +187,9 @@ def replay(steps: Sequence[Mapping[str, Any]], link: Link, world: int, t_comp: f
     """Step start times of a recorded run on `link`: element s is when step s+1 may start.
 
     Each record is ``{"x": [[[nbytes, pattern], ...], ...], "a": [applied step indices]}``
-    (steps counted from 0); the rules are those of `LinkTimeline` and `StepClock`.
+    (steps counted from 0), optionally ``"c": [nbytes, ...]``: control all-reduces launched
+    when the next step starts, which take the link but block no step. The rules are those of
+    `LinkTimeline` and `StepClock`.
     """
     tl = LinkTimeline(link, world)
     clock = StepClock(t_comp)
@@ -206,4 +208,6 @@ def replay(steps: Sequence[Mapping[str, Any]], link: Link, world: int, t_comp: f
         if any(a > s or a < 0 for a in applied):
             raise ValueError(f"steps[{s}].a: applied steps must be in [0, {s}], got {applied}")
         starts.append(clock.end_step([done[a] for a in applied]))
+        for nbytes in rec.get("c", ()):
+            tl.exchange(starts[-1], float(nbytes), "allreduce")
     return starts
