@@ -22,7 +22,8 @@ Safe adaptation [ours] (measured mode): a `ProgressMonitor` is fed the period-me
 switch opens a trial; while it runs the controller holds. When the monitor reports "slow"
 or "rise" the controller backs off at once (no hysteresis, no dwell): smaller τ first
 (τ − 1), then larger δ (the next grid value up, fp32 values), and remembers the bad region,
-every (δ', τ') with δ' ≤ δ and τ' ≥ τ, which is never chosen again in this run.
+never chosen again in this run: after a failure at τ > 0 every (δ', τ') with τ' ≥ τ (the
+staleness is blamed), after one at τ = 0 every δ' ≤ δ.
 Staleness is explored one level at a time: a candidate's τ may exceed the largest τ that
 passed a trial by at most one.
 
@@ -218,7 +219,7 @@ class Controller:
         self._last_lat: dict[str, float | None] = {"allreduce": None, "allgather": None}
         # -- safe adaptation (measured mode) --
         self.monitor = ProgressMonitor(cfg.ema_loss, cfg.monitor_tolerance, cfg.monitor_rise, max(2, cfg.monitor_window))
-        #: Bad regions: (δ, τ) such that every (δ' ≤ δ, τ' ≥ τ) is excluded.
+        #: Bad regions: (δ, τ) such that every (δ' ≤ δ, τ' ≥ τ) is excluded (δ = 1: any δ).
         self.bad: list[tuple[float, int]] = []
         #: Largest τ that passed a monitor trial (staleness is explored one level at a time).
         self.tau_ok = 0
@@ -452,7 +453,9 @@ class Controller:
     def _backoff(self, out: Any, verdict: str, step: int) -> Decision:
         assert self._trial is not None
         bad, _old = self._trial
-        self.bad.append((bad[0], bad[1]))
+        # The region follows the dimension backed off: a failure at τ > 0 is charged to the
+        # staleness (every δ at τ' ≥ τ); at τ = 0 to the compression (δ' ≤ δ).
+        self.bad.append((1.0, bad[1]) if bad[1] > 0 else (bad[0], 0))
         self._trial = None
         self.monitor.reset_trial()
         d, t, v = self.backoff_point(bad)

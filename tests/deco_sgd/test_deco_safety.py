@@ -130,11 +130,21 @@ def test_backoff_smaller_tau_first_then_larger_ratio_and_bad_region_is_remembere
     back = [d for d in log2 if d.outcome.startswith("backoff")]
     assert back and back[0].outcome in ("backoff_rise", "backoff_slow"), log2
     assert (back[0].ratio, back[0].staleness) == (bad[0], 0)
-    assert ctl.is_bad(bad[0], 1) and ctl.is_bad(bad[0] / 2, 3) and not ctl.is_bad(bad[0], 0)
+    # A failure at τ > 0 is blamed on the staleness: τ ≥ 1 is out at every δ.
+    assert ctl.is_bad(bad[0], 1) and ctl.is_bad(bad[0] / 2, 3) and ctl.is_bad(1.0, 2) and not ctl.is_bad(bad[0], 0)
     # The bad region is never chosen again, whatever the model predicts.
     point, log3 = _run(ctl, point, range(20, 120, 2), lambda s: 8.0 - 0.01 * (s - 20))
     assert all(not ctl.is_bad(d.ratio, d.staleness) for d in log3 if d.changed)
-    assert point[1] == 0 or point[0] > bad[0]
+    assert point[1] == 0
+
+
+def test_bad_region_at_tau0_is_the_compression() -> None:
+    ctl = Controller(DecoConfig(), 8, NUMELS)
+    ctl._trial = ((0.01, 0, "q4"), (0.1, 0, "fp32"))
+    ctl.monitor.trial = {"start": 0, "settle": 0, "expected": 1.0, "ema0": 1.0, "peak": 2.0}
+    d = ctl.decide(meas(0.05), (0.01, 0, "q4"), 10)
+    assert d.outcome == "backoff_rise" and (d.ratio, d.staleness, d.values) == (0.02, 0, "fp32")
+    assert ctl.is_bad(0.005, 0) and ctl.is_bad(0.01, 4) and not ctl.is_bad(0.02, 0)
 
 
 def test_backoff_at_tau0_raises_ratio() -> None:
