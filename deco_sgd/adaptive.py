@@ -22,7 +22,8 @@ What the SUM vector carries (issue 14; `deco_sgd.convergence` uses it):
    at the period's last two steps (the coordinates are fixed within a period), their local
    squared norms, and this rank's error-feedback residual on the same coordinates. Summed
    over ranks they give ḡ_S at two consecutive steps (drift ρ, noise-corrected with the
-   between-rank variance σ², hence a current r = σ²/G²) and the mean residual ē_S (gap D);
+   between-rank variance σ², hence a current r = σ²/G², and the signal fraction φ of ‖ḡ‖²)
+   and the mean residual ē_S (gap D);
 3. q(δ) for every δ < 1 of the grid: the (1 − δ)-quantile of |g| on `profile_coords` local
    coordinates (the energy profile), averaged over ranks.
 
@@ -223,7 +224,8 @@ class AdaptiveDriver:
         self.log_t: list[float] = []
         self.sampler = _Sampler(state)
         # EMAs of the convergence inputs (numerator and denominator apart: ratios of EMAs are steadier).
-        self.conv: dict[str, float | None] = {"drift2": None, "signal2": None, "gap_num": None, "gap_den": None}
+        self.conv: dict[str, float | None] = {"drift2": None, "signal2": None, "gbar2": None,
+                                                "gap_num": None, "gap_den": None}
         self.gap_point: tuple[float, str] | None = None
         self.quantiles: dict[float, float] | None = None
         self._loss_sum = 0.0
@@ -346,6 +348,7 @@ class AdaptiveDriver:
         if signal2 > 0:
             self._ema("drift2", drift2)
             self._ema("signal2", signal2)
+            self._ema("gbar2", gbar_sq)
         if point[0] < 1.0 and gbar_sq > 0:
             if self.gap_point != point:  # a new point: its gap starts afresh
                 self.conv["gap_num"] = self.conv["gap_den"] = None
@@ -372,13 +375,16 @@ class AdaptiveDriver:
         gap = None
         if c["gap_num"] is not None and c["gap_den"]:
             gap = c["gap_num"] / c["gap_den"]
+        signal = None
+        if c["signal2"] is not None and c.get("gbar2"):
+            signal = min(1.0, max(0.0, c["signal2"] / c["gbar2"]))
         gp = self.gap_point
         return Measurements(
             t_comp=None if mx[_T_COMP] == _UNKNOWN else float(mx[_T_COMP]),
             bandwidth=None if mx[_NEG_BW] == _UNKNOWN else -float(mx[_NEG_BW]),
             latency_allreduce=None if mx[_LAT_AR] == _UNKNOWN else float(mx[_LAT_AR]),
             latency_allgather=None if mx[_LAT_AG] == _UNKNOWN else float(mx[_LAT_AG]),
-            r=self.grad.r, drift=drift, gap=gap, gap_ratio=None if gp is None else gp[0],
+            r=self.grad.r, drift=drift, gap=gap, signal=signal, gap_ratio=None if gp is None else gp[0],
             gap_values="fp32" if gp is None else gp[1], quantiles=self.quantiles, loss=loss)
 
     def _complete(self, step: int) -> None:

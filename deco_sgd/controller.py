@@ -19,7 +19,9 @@ the wire dtypes, the dense path has no quantizer). Scoring one candidate under m
    be predicted yet) makes W = +inf, so the candidate can never win.
 
 Safe adaptation [ours] (measured mode): a `ProgressMonitor` is fed the period-mean loss. A
-switch opens a trial; while it runs the controller holds. When the monitor reports "slow"
+switch opens a trial; while it runs the controller holds, except when the bandwidth or
+latency moved (then it may re-decide, with τ at most the last good one, and a new trial
+starts from the new point). When the monitor reports "slow"
 or "rise" the controller backs off at once (no hysteresis, no dwell): smaller τ first
 (τ − 1), then larger δ (the next grid value up, fp32 values), and remembers the bad region,
 never chosen again in this run: after a failure at τ > 0 every (δ', τ') with τ' ≥ τ (the
@@ -89,6 +91,9 @@ TIE_RTOL = 1e-12
 #: timeout_s should be at least this many times the slowest modelled exchange (§7).
 TIMEOUT_FACTOR = 10
 
+#: Triggers that may end an open trial early: the network moved, so the point on trial may
+#: have become slow to run; waiting for the verdict would keep it for a whole window.
+NETWORK_TRIGGERS = ("bandwidth_change", "latency_change")
 # Measured latency key per exchange pattern.
 _LAT_KEY = {"allreduce_dense": "allreduce", "allreduce_sparse": "allreduce", "allgather": "allgather"}
 
@@ -121,6 +126,8 @@ class Measurements:
     gap_ratio: float | None = None
     gap_values: str = "fp32"
     quantiles: Mapping[float, float] | None = None
+    #: φ: fraction of the mean gradient's energy that is signal (not sampling noise).
+    signal: float | None = None
     #: Loss averaged over ranks and the steps of the last measurement period (monitor input).
     loss: float | None = None
 
@@ -136,7 +143,7 @@ class Measurements:
         object.__setattr__(self, "gap", _known(self.gap, allow_zero=True))
 
     def convergence(self) -> ConvergenceInputs:
-        return ConvergenceInputs(self.drift, self.gap, self.gap_ratio, self.gap_values, self.quantiles)
+        return ConvergenceInputs(self.drift, self.gap, self.gap_ratio, self.gap_values, self.quantiles, self.signal)
 
     def latency(self, pattern: str) -> float | None:
         return getattr(self, "latency_" + _LAT_KEY[pattern])
@@ -313,8 +320,12 @@ class Controller:
         return any(delta <= bd and tau >= bt for bd, bt in self.bad)
 
     def tau_cap(self) -> int:
-        """Largest τ a candidate may take: τ_max, and in measured mode one above the last good τ."""
-        return min(self.cfg.tau_max, self.tau_ok + 1) if self.measured else self.cfg.tau_max
+        """Largest τ a candidate may take: τ_max, and in measured mode one above the last good τ
+        (only the last good τ itself while a trial is open: a network-driven switch during a
+        trial does not explore staleness)."""
+        if not self.measured:
+            return self.cfg.tau_max
+        return min(self.cfg.tau_max, self.tau_ok + (0 if self._trial is not None else 1))
 
     def candidates(self, m: Measurements) -> list[Score]:
         """Every admissible candidate with its score, in tie-break order (δ down, τ up, formats as listed)."""
@@ -393,7 +404,7 @@ class Controller:
             if verdict == "ok" and self._trial is not None:
                 self.tau_ok = max(self.tau_ok, self._trial[0][1])
                 self._trial = None
-            if self._trial is not None:
+            if self._trial is not None and self._trigger(m, step) not in NETWORK_TRIGGERS:
                 return out("monitor", "trial", cur_d, cur_t)
             if m.loss is not None and self.monitor.ref_slope is None:
                 # Losses are reported but there is no reference progress yet: a switch now

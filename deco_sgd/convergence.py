@@ -5,6 +5,7 @@ S the predicted number of steps to target relative to the point in force's refer
 (S = 1 for plain D-SGD). Nothing here is fitted to a task; every input is measured while
 training, on every rank alike (`deco_sgd.adaptive`):
 
+- **φ, the signal fraction** of ‖ḡ‖², from the same sample (between-rank variance σ²).
 - **ρ, the relative drift of the mean gradient per step** (delay-compensated ASGD treats this
   change over the delay as the cost of staleness): on S coordinates every rank samples from
   a shared seed, ρ² = (‖ḡ_t − ḡ_{t−1}‖² − 2σ²/n) / (‖ḡ‖² − σ²/n), the sampling noise of two
@@ -22,17 +23,21 @@ training, on every rank alike (`deco_sgd.adaptive`):
 
 Steps to target relative to D-SGD, the product of a staleness and a compression factor:
 
-    S(δ, τ, v) = (1 + τ·ρ/4) · (1 + D(δ, v)/10)
+    S(δ, τ, v) = (1 + τ·ρ/4) · (1 + φ·D(δ, v)·ρ/4)
 
-- 1 + τ·ρ/4: pure oscillation (ρ = 2) costs half a step per step of staleness, a smooth
-  path (ρ → 0) almost nothing. Stale gradients of an oscillating direction can destabilise
-  it, which this first-order prior cannot see: the progress monitor (`deco_sgd.monitor`)
-  checks every switch and the controller backs off.
-- 1 + D/10: the held-back mass mostly sits in small coordinates whose gradient changes
-  slowly, so one step of gap costs far less than one step of staleness.
+- 1 + τ·ρ/4: a stale gradient is off by the drift over τ steps. Pure oscillation (ρ = 2)
+  costs half a step per step of staleness, a smooth path (ρ → 0) almost nothing. Stale
+  gradients of an oscillating direction can destabilise it, which this first-order prior
+  cannot see: the progress monitor (`deco_sgd.monitor`) checks every switch and the
+  controller backs off.
+- 1 + φ·D·ρ/4: error feedback delays the mass it holds back by about D steps, which costs
+  like staleness, but only the signal part of that mass matters: φ = (‖ḡ‖² − σ²/n)/‖ḡ‖², the
+  measured fraction of the mean gradient's energy that is not sampling noise. When noise
+  dominates (φ → 0) compression is nearly free, as in the error-feedback SGD rates, where
+  the compression term is of higher order than the noise term.
 
-The two slopes (1/4 and 1/10) are a priori choices, not fitted to any task; the monitor's
-measured progress is what protects a run when they are wrong.
+The one slope (1/4 per step of delay per unit of drift) is an a-priori choice, not fitted to
+any task; the monitor's measured progress is what protects a run when it is wrong.
 """
 from __future__ import annotations
 
@@ -42,12 +47,10 @@ from dataclasses import dataclass
 
 from .config import QUANT_BITS
 
-__all__ = ["ConvergenceInputs", "format_error", "predicted_gap", "slowdown", "STALENESS_SLOPE", "GAP_SLOPE"]
+__all__ = ["ConvergenceInputs", "format_error", "predicted_gap", "slowdown", "STALENESS_SLOPE"]
 
 #: Steps of slowdown per step of staleness, per unit of drift ρ.
 STALENESS_SLOPE = 0.25
-#: Steps of slowdown per step of error-feedback gap.
-GAP_SLOPE = 0.1
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,7 @@ class ConvergenceInputs:
     gap_ratio: float | None = None
     gap_values: str = "fp32"
     quantiles: Mapping[float, float] | None = None
+    signal: float | None = None
 
 
 def format_error(values: str) -> float:
@@ -101,4 +105,5 @@ def slowdown(c: ConvergenceInputs, delta: float, tau: int, values: str, *, drift
     gap = predicted_gap(c, delta, values)
     if gap is None:
         return math.inf
-    return (1.0 + tau * rho * STALENESS_SLOPE) * (1.0 + gap * GAP_SLOPE)
+    phi = 1.0 if c.signal is None else c.signal
+    return (1.0 + tau * rho * STALENESS_SLOPE) * (1.0 + phi * gap * rho * STALENESS_SLOPE)

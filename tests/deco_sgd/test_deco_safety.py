@@ -25,7 +25,7 @@ def meas(drift: float | None, *, mbps: float = 100.0, rtt_ms: float = 150.0, n: 
 
 # -- convergence model ------------------------------------------------------------------------
 def test_gap_scales_with_the_energy_profile_and_formats() -> None:
-    c = ConvergenceInputs(drift=0.4, gap=2.0, gap_ratio=0.1, quantiles=QUANT)
+    c = ConvergenceInputs(drift=0.4, gap=2.0, gap_ratio=0.1, quantiles=QUANT, signal=0.5)
     assert predicted_gap(c, 0.1, "fp32") == pytest.approx(2.0)
     assert predicted_gap(c, 0.01, "fp32") == pytest.approx(2.0 * 6.0 / 3.0)
     assert predicted_gap(c, 1.0, "fp32") == 0.0
@@ -35,7 +35,11 @@ def test_gap_scales_with_the_energy_profile_and_formats() -> None:
     assert predicted_gap(ConvergenceInputs(), 0.01, "fp32") is None
     s0 = slowdown(c, 0.1, 0, "fp32", drift_prior=0.5, drift_floor=0.02)
     s2 = slowdown(c, 0.1, 2, "fp32", drift_prior=0.5, drift_floor=0.02)
-    assert s0 == pytest.approx(1.2) and s2 == pytest.approx(1.2 * (1 + 2 * 0.4 / 4))
+    comp = 1 + 0.5 * 2.0 * 0.4 / 4  # φ·D·ρ/4
+    assert s0 == pytest.approx(comp) and s2 == pytest.approx(comp * (1 + 2 * 0.4 / 4))
+    # Noise-dominated gradients (φ → 0) make the error-feedback gap free.
+    noisy = ConvergenceInputs(drift=0.4, gap=2.0, gap_ratio=0.1, quantiles=QUANT, signal=0.0)
+    assert slowdown(noisy, 0.001, 0, "fp32", drift_prior=0.5, drift_floor=0.02) == 1.0
 
 
 @pytest.mark.parametrize("drift,expect_stale", [(8.0, False), (0.05, True)])
@@ -47,7 +51,8 @@ def test_measured_drift_decides_staleness(drift: float, expect_stale: bool) -> N
     d = ctl.decide(meas(drift), (0.1, 0, "fp32"), 4)
     assert d.outcome == "switch"
     assert (d.staleness > 0) == expect_stale, d
-    assert d.ratio < 0.1  # compression pays on this link either way
+    if expect_stale:
+        assert d.ratio < 0.1  # a small drift makes the error-feedback gap cheap too
 
 
 def test_unmeasured_gap_keeps_the_search_to_known_points() -> None:
