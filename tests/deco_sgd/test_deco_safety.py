@@ -168,3 +168,20 @@ def test_safety_state_round_trip() -> None:
     other.load_state_dict(ctl.state_dict())
     assert other.bad == ctl.bad and other.tau_ok == ctl.tau_ok
     assert other.monitor.state_dict() == ctl.monitor.state_dict()
+
+
+def test_bandwidth_move_ends_a_trial_without_exploring_staleness() -> None:
+    ctl = Controller(DecoConfig(min_dwell_steps=0), 8, NUMELS)
+    # Reference: the first evaluation at 50 Mbit/s (remembered by the change trigger).
+    ctl.decide(meas(0.05, mbps=50.0, rtt_ms=50.0), (0.1, 0, "fp32"), 2)
+    point = (0.2, 0, "fp32")  # a large payload on trial
+    ctl._trial = (point, (0.1, 0, "fp32"))
+    ctl.monitor.ref_slope = -0.1
+    ctl.monitor.trial = {"start": 2, "settle": 2, "expected": 1.0, "ema0": 9.0, "peak": 9.0}
+    assert ctl.decide(meas(0.05, loss=9.0, mbps=50.0, rtt_ms=50.0), point, 4).outcome == "trial"
+    # The link drops 10x: the controller re-decides during the trial, for a smaller payload,
+    # and takes no staleness beyond the last verified level (τ_ok = 0 here).
+    d = ctl.decide(meas(0.05, loss=9.0, mbps=5.0, rtt_ms=50.0), point, 6)
+    assert d.trigger == "bandwidth_change" and d.outcome == "switch", d
+    assert d.staleness <= ctl.tau_ok == 0
+    assert ctl.size(d.ratio, d.values).nbytes < ctl.size(point[0], point[2]).nbytes
