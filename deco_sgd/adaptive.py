@@ -47,7 +47,10 @@ import torch.distributed as dist
 
 from .controller import Controller, Decision, Measurements
 from .errors import DecoCommError, DecoDesyncError
+from ccomm.comm.auto import set_measured
+
 from .estimators import BandwidthEstimator, ComputeTimeEstimator, GradStatsEstimator, LatencyEstimator, shared_coords
+from .timemodel import collective_cost
 
 if TYPE_CHECKING:
     from .exchange import StepEntry, Unit
@@ -268,9 +271,12 @@ class AdaptiveDriver:
                     # Without L̂ the whole duration would count as transfer: a biased-low
                     # sample that later (latency-corrected) samples often cannot replace.
                     continue
-                # Bytes each worker receives (§3.2): ring all-reduce 2(n−1)/n·V, all-gather (n−1)·V.
-                recv = u.nbytes * (2 * (n - 1) / n if pat == "allreduce" else n - 1)
-                self.bw.update(recv, times[0], times[1], lat)
+                # Bytes each worker receives and latency hops, from the schedule the exchange
+                # ran (ccomm.schedule); the probe is the backend's ring, so scale L̂ by hops.
+                size = collective_cost(pat, n, u.nbytes, u.algo)
+                if u.algo != "ring":
+                    lat *= size.latency_hops / max(1, collective_cost(pat, n, u.nbytes).latency_hops)
+                self.bw.update(size.nbytes, times[0], times[1], lat)
             self._g2_local = sum(u.sq_norm for u in e.units)
         step = self.state.step  # index of the next step: the one a decision would apply to
         if step % self.state.config.measure_every == 0:
@@ -404,6 +410,11 @@ class AdaptiveDriver:
         self._absorb(sm, point)
         loss = float(sm[_LOSS].double() / sm[_LOSS_N].double()) if sm[_LOSS_N] > 0 else None
         m = self.measurements(mx, loss)
+        link = m.link(st.world_size)
+        if link is not None and st.config.collective_algo == "auto":
+            # The same replicated link on every rank, so `algo="auto"` picks alike everywhere
+            # and the controller's time model prices the algorithm that will run.
+            set_measured(st.group, link[0], link[1])
         if step < st.config.warmup_steps:
             return
         d = self.controller.decide(m, (st.ratio, st.staleness, st.values), step)

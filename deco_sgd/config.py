@@ -68,6 +68,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "checkpoint_queue": ("snapshot", "drain"),
     "flush": ("apply", "discard"),
     "convergence": ("measured", "template"),
+    "collective_algo": ("auto", "ring"),
 }
 
 
@@ -104,6 +105,9 @@ class DecoConfig:
     staleness: int = 0  # initial (adaptive) or fixed (static) τ
     value_dtype: str = "fp32"
     exchange: str = "auto"
+    #: All-gather algorithm: "auto" lets `ccomm.comm` choose ring or log-depth rounds from the
+    #: link DeCo measured (`ccomm.comm.auto.set_measured`); "ring" keeps the backend's ring.
+    collective_algo: str = "auto"
     seed: int = 0
     bucket_mb: float = 25.0
     lr_tau_scaling: bool = False

@@ -69,7 +69,10 @@ from .config import DecoConfig
 from .convergence import ConvergenceInputs, slowdown
 from .monitor import ProgressMonitor
 from .surrogate import FitResult, SurrogateParams, fit_surrogate, iterations
-from .timemodel import MessageSize, payload_message_size, pattern_for, t_iter, tau_min
+from ccomm.comm.auto import auto_config
+from ccomm.schedule import choose
+
+from .timemodel import MessageSize, collective_cost, pattern_for, t_iter, tau_min
 
 __all__ = [
     "Measurements",
@@ -148,6 +151,13 @@ class Measurements:
     def latency(self, pattern: str) -> float | None:
         return getattr(self, "latency_" + _LAT_KEY[pattern])
 
+    def link(self, n: int) -> tuple[float, float] | None:
+        """(one-way latency ℓ, bandwidth) of the link, or None: ℓ from the all-gather probe
+        (the backend's ring: n − 1 hops), for `ccomm.comm`'s algorithm choice."""
+        if self.latency_allgather is None or not self.bandwidth or n < 2:
+            return None
+        return self.latency_allgather / (n - 1), self.bandwidth
+
 
 @dataclass(frozen=True)
 class Score:
@@ -217,7 +227,7 @@ class Controller:
         self.grid = tuple(sorted(cfg.ratio_grid, reverse=True))
         self.formats = tuple(cfg.value_formats or ("fp32",))
         self.measured = cfg.convergence == "measured"
-        self._sizes: dict[tuple[float, str], MessageSize] = {}
+        self._sizes: dict[tuple[float, str], tuple[str, float]] = {}
         self._lut: dict[tuple[float, int], float] = {}
         self._lut_r: float | None = None
         self._last_step: int | None = None
@@ -240,22 +250,50 @@ class Controller:
             return tuple(f for f in self.formats if f in ("fp32", "fp16", "bf16")) or ("fp32",)
         return self.formats
 
-    def size(self, delta: float, values: str = "fp32") -> MessageSize:
-        """V and hops of one exchange at (δ, v): the codec's real payload bytes per rank."""
+    def payload(self, delta: float, values: str = "fp32") -> tuple[str, float]:
+        """(collective, bytes one rank sends) at (δ, v): the codec's real payload size."""
         key = (delta, values)
         if key not in self._sizes:
             pat = pattern_for(self.exchange, delta)
             wire = _TORCH_DTYPES[self.cfg.wire_dtype_name(values)]
             if pat == "allreduce_dense":
-                nbytes = (sum(self.numels) + self.n) * wire.itemsize  # values + validity one-hot
-                self._sizes[key] = payload_message_size("allreduce", self.n, nbytes)
+                self._sizes[key] = ("allreduce", float((sum(self.numels) + self.n) * wire.itemsize))  # + one-hot
             else:
                 codec = self.cfg.make_codec(delta, values)
                 nbytes = sum(codec.nbytes(torch.Size([d]), wire) for d in self.numels if d)
                 coll = "allreduce" if pat == "allreduce_sparse" else "allgather"
                 extra = self.n * wire.itemsize if coll == "allreduce" else 1  # validity trailer / byte
-                self._sizes[key] = payload_message_size(coll, self.n, nbytes + extra)
+                self._sizes[key] = (coll, float(nbytes + extra))
         return self._sizes[key]
+
+    def algo(self, m: Measurements | None, coll: str, nbytes: float) -> str:
+        """The algorithm the exchange will run: all-reduces are rings; the all-gather is what
+        `ccomm.comm`'s ``algo="auto"`` picks on the measured link (the driver hands the same
+        link to `ccomm.comm.auto.set_measured`), the ring until that link is known."""
+        if coll != "allgather" or self.cfg.collective_algo == "ring" or m is None:
+            return "ring"
+        link = m.link(self.n)
+        if link is None:
+            return "ring"
+        return choose("allgather", self.n, nbytes, link[0], link[1], min_gain=auto_config().min_gain)
+
+    def size(self, delta: float, values: str = "fp32", m: Measurements | None = None) -> MessageSize:
+        """V and hops of one exchange at (δ, v), by the algorithm it would run under `m`."""
+        coll, nbytes = self.payload(delta, values)
+        if self.n == 1:
+            return MessageSize(0.0, 0)
+        return collective_cost(coll, self.n, nbytes, self.algo(m, coll, nbytes))
+
+    def exchange_latency(self, m: Measurements, delta: float, values: str = "fp32") -> float | None:
+        """L_eff of the exchange at (δ, v): the probe of its pattern, or hops·ℓ for a log-depth
+        all-gather (the probe is the backend's ring, n − 1 hops)."""
+        pat = pattern_for(self.exchange, delta)
+        lat = m.latency(pat)
+        if lat is None or pat != "allgather" or self.n < 2:
+            return lat
+        coll, nbytes = self.payload(delta, values)
+        hops = self.size(delta, values, m).latency_hops
+        return lat * hops / (self.n - 1)
 
     def lut(self, r: float | None) -> dict[tuple[float, int], float]:
         """N over the grid, rebuilt when r moved more than the threshold since the last build."""
@@ -286,8 +324,8 @@ class Controller:
         """Predicted W, T_iter, N for (δ, τ, v); W = inf when an input is unknown or N is not finite."""
         if n_iter is None:
             n_iter = self.n_iter(m, delta, tau, values)
-        size = self.size(delta, values)
-        lat = m.latency(pattern_for(self.exchange, delta))
+        size = self.size(delta, values, m)
+        lat = self.exchange_latency(m, delta, values)
         if m.t_comp is None or lat is None or m.bandwidth is None or (m.bandwidth == 0 and size.nbytes > 0):
             return Score(delta, tau, math.inf, math.inf, n_iter, 0, values)
         t_tx = size.nbytes / m.bandwidth if size.nbytes > 0 else 0.0
@@ -297,8 +335,8 @@ class Controller:
 
     def comm_time(self, m: Measurements, delta: float, values: str = "fp32") -> float:
         """Modelled T_comm(δ) = L_eff + V/B̂ of one exchange (inf when B̂ or L̂ is unknown or B̂ = 0)."""
-        size = self.size(delta, values)
-        lat = m.latency(pattern_for(self.exchange, delta))
+        size = self.size(delta, values, m)
+        lat = self.exchange_latency(m, delta, values)
         if lat is None or m.bandwidth is None or (m.bandwidth == 0 and size.nbytes > 0):
             return math.inf
         return lat + (size.nbytes / m.bandwidth if size.nbytes > 0 else 0.0)

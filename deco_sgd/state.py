@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from ccomm import Codec, ErrorFeedback
+from ccomm.comm.auto import clear_measured
 
 from .config import DecoConfig
 from .errors import DecoDesyncError, NonFiniteGradientError
@@ -200,7 +201,8 @@ class DecoState:
         vals = self._cur_values
         unit = launch_unit(names, grads, self.ef, self.codec_for_values(self._cur_eff[0], vals), group=self.group,
                            rank=self.rank, world=self.world_size, ratio=self._cur_eff[0], key=f"{self.step}:{key}",
-                           value_dtype=_WIRE_DTYPES[self.config.wire_dtype_name(vals)])
+                           value_dtype=_WIRE_DTYPES[self.config.wire_dtype_name(vals)],
+                           algo=self.config.collective_algo)
         self._cur.units.append(unit)
         observe = getattr(self.driver, "observe_launch", None)
         if observe is not None:
@@ -366,6 +368,7 @@ class DecoState:
         if barrier and self._own_groups:
             for g in self._own_groups:
                 dist.barrier(group=g)
+        clear_measured(self.group)  # the link measured for this group dies with it
         for g in self._own_groups:
             try:
                 dist.destroy_process_group(g)

@@ -31,6 +31,8 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.distributed as dist
 
+from ccomm.comm.auto import set_measured
+
 from ..adaptive import AdaptiveDriver
 from ..errors import NonFiniteGradientError
 from ..optim import DecoOptimizer
@@ -144,8 +146,8 @@ class VirtualAccountant:
         chains = []
         if entry is not None:
             for u in entry.units:
-                self.times[u] = (launch, self.timeline.exchange(launch, u.nbytes, u.collective))
-                chains.append([[u.nbytes, u.collective]])
+                self.times[u] = (launch, self.timeline.exchange(launch, u.nbytes, u.collective, u.algo))
+                chains.append([[u.nbytes, u.collective, u.algo]])
         self.steps_log.append({"x": chains, "a": [e.seq for e in applied]})
         dones = [self.times[u][1] for e in applied for u in e.units if u in self.times]
         before = self.clock.blocked
@@ -259,6 +261,12 @@ def _run_deco(ctx: RankContext, spec: RunSpec) -> dict[str, Any]:
     tl = LinkTimeline(cfg.network.link(), ctx.world)
     clock = StepClock(t.compute_time_s)
     acct = VirtualAccountant(state, tl, clock)
+    link = tl.apriori_link()
+    if dcfg.mode == "static" and link is not None:
+        # Static runs measure nothing: they are told the scenario's a-priori link (like DGA's
+        # delay), so `algo="auto"` runs the all-gather the time line charges. DeCo-SGD sets
+        # its own from its measurements (AdaptiveDriver).
+        set_measured(state.group, link[0], link[1])
     driver: AdaptiveDriver | None = None
     if dcfg.mode == "adaptive":
         driver = AdaptiveDriver(state, clock=acct)
