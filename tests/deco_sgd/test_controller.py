@@ -34,7 +34,7 @@ def TCfg(**kw: object) -> DecoConfig:
     """The §3.4 template surrogate with fp32 values and the spec's old periods: the tests below
     check that path; the measured, task-agnostic default has its own tests (test_deco_safety.py)."""
     base = {"convergence": "template", "value_formats": ("fp32",), "ratio": 1.0, "measure_every": 10,
-            "decide_every": 100, "min_dwell_steps": 50, "monitor": False}
+            "decide_every": 100, "min_dwell_steps": 50, "monitor": False, "collective_algo": "ring"}
     return DecoConfig(**{**base, **kw})  # type: ignore[arg-type]
 
 
@@ -265,14 +265,17 @@ def test_timeout_check_against_the_slowest_exchange(caplog: pytest.LogCaptureFix
     m = meas(mbps=100, rtt_ms=150)
     ctl = Controller(TCfg(timeout_s=10.0), 8, NUMELS)
     # Dense at ratio 1: 14 hops of 75 ms + 2·7/8·D·4 B at 12.5 MB/s ≈ 2.1 s. Top-k at 0.5 is
-    # slower: an all-gather moves 7·k·(4 + 4) B ≈ 52 MB, 4.2 s + 7 hops ≈ 4.7 s.
+    # slower: an all-gather moves 7 blocks of the real top-k payload (values + packed
+    # indices + the validity byte) ≈ 46 MB, 3.7 s + 7 hops ≈ 4.2 s.
     assert ctl.comm_time(m, 1.0) == pytest.approx(14 * 0.075 + 2 * 7 / 8 * (D + 8) * 4 / 12.5e6)  # + validity one-hot
     worst = max(ctl.comm_time(m, d) for d in ctl.grid)
-    assert worst == pytest.approx(7 * 0.075 + 7 * kept_elements(NUMELS, 0.5) * 8 / 12.5e6)
+    block = sum(TCfg().make_codec(0.5).nbytes(torch.Size([x]), torch.float32) for x in NUMELS) + 1
+    assert block < kept_elements(NUMELS, 0.5) * 8
+    assert worst == pytest.approx(7 * 0.075 + 7 * block / 12.5e6)
     with caplog.at_level(logging.WARNING, logger="deco_sgd.controller"):
         assert not ctl.timeout_ok(m)
     assert "timeout_s=10" in caplog.text
-    assert Controller(TCfg(timeout_s=50.0), 8, NUMELS).timeout_ok(m)  # ≥ 10 × 4.7 s
+    assert Controller(TCfg(timeout_s=50.0), 8, NUMELS).timeout_ok(m)  # ≥ 10 × 4.2 s
     assert ctl.timeout_ok(meas(mbps=None))  # unknown bandwidth: no verdict
 
 

@@ -185,3 +185,21 @@ def test_bandwidth_move_ends_a_trial_without_exploring_staleness() -> None:
     assert d.trigger == "bandwidth_change" and d.outcome == "switch", d
     assert d.staleness <= ctl.tau_ok == 0
     assert ctl.size(d.ratio, d.values).nbytes < ctl.size(point[0], point[2]).nbytes
+
+
+def test_time_model_charges_the_algorithm_auto_will_run() -> None:
+    """8 ranks, 150 ms RTT, 100 Mbit/s: a small top-k all-gather runs recursive doubling
+    (3 rounds instead of the ring's 7), and the controller prices those 3 latencies; the
+    dense all-reduce stays a ring."""
+    from ccomm.schedule import choose
+
+    m = meas(0.5)
+    ctl = Controller(DecoConfig(), 8, NUMELS)
+    coll, nbytes = ctl.payload(0.01, "q4")
+    assert coll == "allgather" and choose("allgather", 8, nbytes, 0.075, 100 * MBIT) == "doubling"
+    assert ctl.algo(m, coll, nbytes) == "doubling"
+    assert ctl.size(0.01, "q4", m).latency_hops == 3 and ctl.size(0.01, "q4").latency_hops == 7
+    assert ctl.exchange_latency(m, 0.01, "q4") == pytest.approx(m.latency_allgather * 3 / 7)
+    assert ctl.exchange_latency(m, 1.0, "fp32") == m.latency_allreduce
+    ring = Controller(DecoConfig(collective_algo="ring"), 8, NUMELS)
+    assert ring.exchange_latency(m, 0.01, "q4") == m.latency_allgather

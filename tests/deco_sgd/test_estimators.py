@@ -184,3 +184,22 @@ def test_state_dicts_round_trip() -> None:
     with pytest.raises(ValueError, match="window"):
         LatencyEstimator(5).load_state_dict(lat.state_dict())
     assert math.isfinite(bw.value or math.nan)
+
+
+def test_bandwidth_estimator_restarts_on_a_step_change() -> None:
+    from deco_sgd.estimators import BandwidthEstimator
+
+    b = BandwidthEstimator(alpha=0.3, min_transfer_frac=0.0)
+    t = 0.0
+    for _ in range(5):  # 10 MB/s: 1 MB in 0.1 s, one after the other
+        b.update(1e6, t, t + 0.1)
+        t += 0.1
+    assert b.value == pytest.approx(1e7)
+    b.update(1e6, t, t + 1.0)  # one slow sample: the EMA moves, no restart yet
+    t += 1.0
+    assert 1e6 < b.value < 1e7  # type: ignore[operator]
+    b.update(1e6, t, t + 1.0)  # a second one in a row, still > 2x off: restart at 1 MB/s
+    assert b.value == pytest.approx(1e6)
+    b2 = BandwidthEstimator(alpha=0.3, min_transfer_frac=0.0)
+    b2.load_state_dict(b.state_dict())
+    assert b2.value == b.value
