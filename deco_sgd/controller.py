@@ -24,8 +24,10 @@ latency moved (then it may re-decide, with τ at most the last good one, and a n
 starts from the new point). When the monitor reports "slow"
 or "rise" the controller backs off at once (no hysteresis, no dwell): smaller τ first
 (τ − 1), then larger δ (the next grid value up, fp32 values), and remembers the bad region,
-never chosen again in this run: after a failure at τ > 0 every (δ', τ') with τ' ≥ τ (the
-staleness is blamed), after one at τ = 0 every δ' ≤ δ.
+not chosen again: after a failure at τ > 0 every (δ', τ') with τ' ≥ τ (the staleness is
+blamed), after one at τ = 0 every δ' ≤ δ. A "rise" is remembered for the whole run; a
+"slow" verdict, which a learning curve flattening by itself can also produce, for
+`SLOW_BAN_PERIODS` (10) decision periods.
 Staleness is explored one level at a time: a candidate's τ may exceed the largest τ that
 passed a trial by at most one.
 
@@ -94,6 +96,8 @@ TIE_RTOL = 1e-12
 #: timeout_s should be at least this many times the slowest modelled exchange (§7).
 TIMEOUT_FACTOR = 10
 
+#: Decision periods a region judged "slow" stays excluded.
+SLOW_BAN_PERIODS = 10
 #: Triggers that may end an open trial early: the network moved, so the point on trial may
 #: have become slow to run; waiting for the verdict would keep it for a whole window.
 NETWORK_TRIGGERS = ("bandwidth_change", "latency_change")
@@ -237,7 +241,11 @@ class Controller:
         # -- safe adaptation (measured mode) --
         self.monitor = ProgressMonitor(cfg.ema_loss, cfg.monitor_tolerance, cfg.monitor_rise, max(2, cfg.monitor_window))
         #: Bad regions: (δ, τ) such that every (δ' ≤ δ, τ' ≥ τ) is excluded (δ = 1: any δ).
-        self.bad: list[tuple[float, int]] = []
+        #: Third item: the step the region expires (None: never). A "rise" (instability)
+        #: is remembered for the run; a "slow" verdict, which a learning curve flattening by
+        #: itself can also produce, for `SLOW_BAN_PERIODS` decision periods.
+        self.bad: list[tuple[float, int, int | None]] = []
+        self._now = 0
         #: Largest τ that passed a monitor trial (staleness is explored one level at a time).
         self.tau_ok = 0
         #: The point of the open trial and the one it replaced (for the back-off).
@@ -354,8 +362,8 @@ class Controller:
         return False
 
     def is_bad(self, delta: float, tau: int) -> bool:
-        """True inside a remembered bad region."""
-        return any(delta <= bd and tau >= bt for bd, bt in self.bad)
+        """True inside a remembered bad region that has not expired."""
+        return any(delta <= bd and tau >= bt and (until is None or self._now < until) for bd, bt, until in self.bad)
 
     def tau_cap(self) -> int:
         """Largest τ a candidate may take: τ_max, and in measured mode one above the last good τ
@@ -421,6 +429,7 @@ class Controller:
     def decide(self, m: Measurements, current: Sequence[Any], step: int) -> Decision:
         """One decision at `step` given the (δ, τ[, v]) in force; see the module docstring."""
         cur_d, cur_t, cur_v = as_point(current)
+        self._now = step
 
         def out(trigger: str, outcome: str, d: float, t: int, w: float | None = None,
                 wc: float | None = None, v: str = cur_v) -> Decision:
@@ -504,7 +513,8 @@ class Controller:
         bad, _old = self._trial
         # The region follows the dimension backed off: a failure at τ > 0 is charged to the
         # staleness (every δ at τ' ≥ τ); at τ = 0 to the compression (δ' ≤ δ).
-        self.bad.append((1.0, bad[1]) if bad[1] > 0 else (bad[0], 0))
+        until = None if verdict == "rise" else step + SLOW_BAN_PERIODS * self.cfg.decide_every
+        self.bad.append((1.0, bad[1], until) if bad[1] > 0 else (bad[0], 0, until))
         self._trial = None
         self.monitor.reset_trial()
         d, t, v = self.backoff_point(bad)
@@ -542,7 +552,7 @@ class Controller:
 
     def load_safety_state_dict(self, sd: Mapping[str, Any]) -> None:
         self.monitor.load_state_dict(sd["monitor"])
-        self.bad = [(float(a), int(b)) for a, b in sd["bad"]]
+        self.bad = [(float(a), int(b), None if c is None else int(c)) for a, b, c in sd["bad"]]
         self.tau_ok = int(sd["tau_ok"])
         self._trial = None if sd["trial"] is None else (as_point(sd["trial"][0]), as_point(sd["trial"][1]))
 

@@ -150,6 +150,23 @@ def test_bad_region_at_tau0_is_the_compression() -> None:
     d = ctl.decide(meas(0.05), (0.01, 0, "q4"), 10)
     assert d.outcome == "backoff_rise" and (d.ratio, d.staleness, d.values) == (0.02, 0, "fp32")
     assert ctl.is_bad(0.005, 0) and ctl.is_bad(0.01, 4) and not ctl.is_bad(0.02, 0)
+    assert ctl.bad[-1][2] is None  # a rise is remembered for the whole run
+
+
+def test_a_slow_region_expires() -> None:
+    from deco_sgd.controller import SLOW_BAN_PERIODS
+
+    cfg = DecoConfig()
+    ctl = Controller(cfg, 8, NUMELS)
+    ctl._trial = ((0.01, 2, "q4"), (0.01, 1, "q4"))
+    ctl.monitor.ref_slope = -0.1
+    ctl.monitor.trial = {"start": 0, "settle": 0, "expected": 1.0, "ema0": 1.0, "peak": 1.0}
+    ctl.monitor.history = [(s, 1.0) for s in range(10, 40, 2)]  # flat: no progress at all
+    d = ctl.decide(meas(0.05), (0.01, 2, "q4"), 40)
+    assert d.outcome == "backoff_slow" and (d.ratio, d.staleness) == (0.01, 1)
+    assert ctl.is_bad(0.5, 2)
+    ctl._now = 40 + SLOW_BAN_PERIODS * cfg.decide_every
+    assert not ctl.is_bad(0.5, 2)
 
 
 def test_backoff_at_tau0_raises_ratio() -> None:
