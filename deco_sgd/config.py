@@ -140,7 +140,7 @@ class DecoConfig:
     #: Back off when the loss EMA rises this fraction above its value at the switch.
     monitor_rise: float = 0.1
     #: Steps a new point runs before it is judged (at least 3τ + 2 more).
-    monitor_window: int = 10
+    monitor_window: int = 16
     ema_loss: float = 0.3
     # -- surrogate (§3.4) -----------------------------------------------------------------
     phi: str = "exp2"

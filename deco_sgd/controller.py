@@ -24,8 +24,8 @@ latency moved (then it may re-decide, with τ at most the last good one, and a n
 starts from the new point). When the monitor reports "slow"
 or "rise" the controller backs off at once (no hysteresis, no dwell): smaller τ first
 (τ − 1), then larger δ (the next grid value up, fp32 values), and remembers the bad region,
-not chosen again: after a failure at τ > 0 every (δ', τ') with τ' ≥ τ (the staleness is
-blamed), after one at τ = 0 every δ' ≤ δ. A "rise" is remembered for the whole run; a
+not chosen again: after a switch that raised τ failed, every (δ', τ') with τ' ≥ τ (the
+staleness is blamed); after any other, every δ' ≤ δ with τ' ≥ τ. A "rise" is remembered for the whole run; a
 "slow" verdict, which a learning curve flattening by itself can also produce, for
 `SLOW_BAN_PERIODS` (10) decision periods.
 Staleness is explored one level at a time: a candidate's τ may exceed the largest τ that
@@ -510,11 +510,12 @@ class Controller:
 
     def _backoff(self, out: Any, verdict: str, step: int) -> Decision:
         assert self._trial is not None
-        bad, _old = self._trial
-        # The region follows the dimension backed off: a failure at τ > 0 is charged to the
-        # staleness (every δ at τ' ≥ τ); at τ = 0 to the compression (δ' ≤ δ).
+        bad, old = self._trial
+        # The region follows what the switch changed: a switch that raised τ is charged to
+        # the staleness (every δ at τ' ≥ τ); otherwise to the compression at that staleness
+        # (δ' ≤ δ, τ' ≥ τ).
         until = None if verdict == "rise" else step + SLOW_BAN_PERIODS * self.cfg.decide_every
-        self.bad.append((1.0, bad[1], until) if bad[1] > 0 else (bad[0], 0, until))
+        self.bad.append((1.0, bad[1], until) if bad[1] > old[1] else (bad[0], bad[1], until))
         self._trial = None
         self.monitor.reset_trial()
         d, t, v = self.backoff_point(bad)

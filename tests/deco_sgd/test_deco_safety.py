@@ -220,3 +220,12 @@ def test_time_model_charges_the_algorithm_auto_will_run() -> None:
     assert ctl.exchange_latency(m, 1.0, "fp32") == m.latency_allreduce
     ring = Controller(DecoConfig(collective_algo="ring"), 8, NUMELS)
     assert ring.exchange_latency(m, 0.01, "q4") == m.latency_allgather
+
+
+def test_a_ratio_only_switch_that_fails_bans_only_smaller_ratios() -> None:
+    ctl = Controller(DecoConfig(), 8, NUMELS)
+    ctl._trial = ((0.01, 2, "q4"), (0.1, 2, "q4"))  # δ lowered, τ unchanged
+    ctl.monitor.trial = {"start": 0, "settle": 0, "expected": 1.0, "ema0": 1.0, "peak": 2.0}
+    d = ctl.decide(meas(0.05), (0.01, 2, "q4"), 20)
+    assert d.outcome == "backoff_rise" and (d.ratio, d.staleness) == (0.01, 1)
+    assert ctl.is_bad(0.005, 3) and ctl.is_bad(0.01, 2) and not ctl.is_bad(0.1, 2) and not ctl.is_bad(0.01, 1)
