@@ -25,7 +25,9 @@ What the SUM vector carries (issue 14; `deco_sgd.convergence` uses it):
    between-rank variance σ², hence a current r = σ²/G², and the signal fraction φ of ‖ḡ‖²)
    and the mean residual ē_S (gap D);
 3. q(δ) for every δ < 1 of the grid: the (1 − δ)-quantile of |g| on `profile_coords` local
-   coordinates (the energy profile), averaged over ranks.
+   coordinates (the energy profile), averaged over ranks; and per δ and quantized format
+   (q8, q4) the relative energy error of that format's `quantize` codec on the sample's
+   top-δ values (measured, not assumed: heavy-tailed values quantize badly).
 
 Limits [ours]:
 - The drift needs two samples in one period: `measure_every` ≥ 2 (with 1 it stays unknown
@@ -47,9 +49,11 @@ import torch.distributed as dist
 
 from .controller import Controller, Decision, Measurements
 from .errors import DecoCommError, DecoDesyncError
+from ccomm import make_codec
 from ccomm.comm.auto import set_measured
 
 from .estimators import BandwidthEstimator, ComputeTimeEstimator, GradStatsEstimator, LatencyEstimator, shared_coords
+from .config import QUANT_BITS
 from .timemodel import collective_cost
 
 if TYPE_CHECKING:
@@ -134,7 +138,7 @@ class _Sampler:
     """The shared-coordinate sample of one period and this rank's energy profile."""
 
     __slots__ = ("names", "offsets", "numels", "d", "s", "seed", "period", "where", "g_t", "g_prev", "e_t",
-                 "have_t", "have_prev", "step_of_t", "prof_idx", "prof", "grid")
+                 "have_t", "have_prev", "step_of_t", "prof_idx", "prof", "grid", "quant")
 
     def __init__(self, state: "DecoState") -> None:
         cfg = state.config
@@ -156,6 +160,9 @@ class _Sampler:
         rng = np.random.default_rng([cfg.seed, 7919, state.rank])
         self.prof_idx = self._split(np.sort(rng.choice(self.d, size=k, replace=False)))
         self.prof: dict[str, list[torch.Tensor]] = {}
+        #: The quantized formats of the search and their codecs (the ones the chain appends).
+        self.quant = {v: make_codec(f"quantize:bits={QUANT_BITS[v]}") for v in (cfg.value_formats or ())
+                      if v in QUANT_BITS}
 
     def _split(self, coords: np.ndarray) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         out = {}
@@ -192,19 +199,40 @@ class _Sampler:
                 if r is not None:
                     self.e_t[pos] = r.reshape(-1)[idx].double()
             if n in self.prof_idx:
-                self.prof.setdefault("g", []).append(flat[self.prof_idx[n][1]].abs().float())
+                self.prof.setdefault("g", []).append(flat[self.prof_idx[n][1]].float())
         self.have_t = True
 
-    def quantiles(self) -> list[float]:
+    def _sample(self) -> torch.Tensor | None:
         parts = self.prof.get("g")
         if not parts:
-            return [0.0] * len(self.grid)
+            return None
         a = torch.cat(parts)
         a = a[torch.isfinite(a)]
-        if a.numel() == 0:
+        return a if a.numel() else None
+
+    def quantiles(self) -> list[float]:
+        a = self._sample()
+        if a is None:
             return [0.0] * len(self.grid)
-        q = torch.quantile(a, torch.tensor([1.0 - d for d in self.grid], dtype=a.dtype))
+        q = torch.quantile(a.abs(), torch.tensor([1.0 - d for d in self.grid], dtype=a.dtype))
         return [float(x) for x in q]
+
+    def quant_errors(self) -> list[float]:
+        """Per δ of the grid and quantized format: the relative energy error of that format's
+        codec on the sample's top-δ values (signed, in sample order: as the chain sees them)."""
+        a = self._sample()
+        out = []
+        for d in self.grid:
+            for v, codec in self.quant.items():
+                if a is None:
+                    out.append(0.0)
+                    continue
+                k = max(1, int(math.ceil(d * a.numel())))
+                idx = torch.sort(a.abs().topk(k).indices).values
+                x = a[idx]
+                e = codec.decode(codec.encode(x)) - x
+                out.append(float(e @ e) / max(float(x @ x), 1e-30))
+        return out
 
 
 class AdaptiveDriver:
@@ -231,6 +259,8 @@ class AdaptiveDriver:
                                                 "gap_num": None, "gap_den": None}
         self.gap_point: tuple[float, str] | None = None
         self.quantiles: dict[float, float] | None = None
+        #: (δ, q8/q4) -> measured relative energy error of that quantizer on top-δ values.
+        self.quant_errors: dict[tuple[float, str], float] | None = None
         self._loss_sum = 0.0
         self._loss_n = 0
         #: Measurements of the first informed decision and of the latest one (for reports).
@@ -307,7 +337,9 @@ class AdaptiveDriver:
         head[_G2], head[_HAS_G2] = (self._g2_local if ok else 0.0), (1.0 if ok else 0.0)
         if pair:
             head[_NG_T], head[_NG_P], head[_HAS_PAIR] = float(sp.g_t @ sp.g_t), float(sp.g_prev @ sp.g_prev), 1.0
-        quant = torch.tensor(sp.quantiles() if sp.have_t else [0.0] * len(sp.grid), dtype=torch.float64)
+        nqe = len(sp.grid) * len(sp.quant)
+        quant = torch.tensor((sp.quantiles() + sp.quant_errors()) if sp.have_t else [0.0] * (len(sp.grid) + nqe),
+                             dtype=torch.float64)
         z = torch.zeros(sp.s, dtype=torch.float64)
         # float32 on the wire: 3·S + 7 + |grid| values, 24.6 KB per period at S = 2048.
         sm = torch.cat([head, quant, sp.g_t if pair else z, sp.g_prev if pair else z, sp.e_t if pair else z]).float()
@@ -337,6 +369,11 @@ class AdaptiveDriver:
         q = sm[_HEAD:_HEAD + nq] / n
         if nq and float(q.max()) > 0:
             self.quantiles = {d: float(v) for d, v in zip(sp.grid, q.tolist())}
+            qe = (sm[_HEAD + nq:_HEAD + nq + nq * len(sp.quant)] / n).tolist()
+            fm = list(sp.quant)
+            self.quant_errors = {(d, fm[j]): float(qe[i * len(fm) + j]) for i, d in enumerate(sp.grid)
+                                 for j in range(len(fm))}
+        nq += nq * len(sp.quant)
         if sm[_HAS_G2] == n:
             self._update_r(sm, n)
         if sm[_HAS_PAIR] != n or n < 2:
@@ -365,7 +402,7 @@ class AdaptiveDriver:
     def _update_r(self, sm: torch.Tensor, n: int) -> None:
         # r = σ²/G² from the shared sample when both steps were sampled, else G² only.
         sp = self.sampler
-        base = _HEAD + len(sp.grid)
+        base = _HEAD + len(sp.grid) * (1 + len(sp.quant))
         if sm[_HAS_PAIR] == n:
             gt = sm[base:base + sp.s] / n
             self.grad.update(float(sm[_NG_T]) / n, float(gt @ gt))
@@ -391,7 +428,8 @@ class AdaptiveDriver:
             latency_allreduce=None if mx[_LAT_AR] == _UNKNOWN else float(mx[_LAT_AR]),
             latency_allgather=None if mx[_LAT_AG] == _UNKNOWN else float(mx[_LAT_AG]),
             r=self.grad.r, drift=drift, gap=gap, signal=signal, gap_ratio=None if gp is None else gp[0],
-            gap_values="fp32" if gp is None else gp[1], quantiles=self.quantiles, loss=loss)
+            gap_values="fp32" if gp is None else gp[1], quantiles=self.quantiles, loss=loss,
+            quant_errors=self.quant_errors)
 
     def _complete(self, step: int) -> None:
         if self._inflight is None:

@@ -135,6 +135,8 @@ class Measurements:
     quantiles: Mapping[float, float] | None = None
     #: φ: fraction of the mean gradient's energy that is signal (not sampling noise).
     signal: float | None = None
+    #: (δ, q8/q4) -> measured relative energy error of that quantizer on top-δ values.
+    quant_errors: Mapping[tuple[float, str], float] | None = None
     #: Loss averaged over ranks and the steps of the last measurement period (monitor input).
     loss: float | None = None
 
@@ -150,7 +152,8 @@ class Measurements:
         object.__setattr__(self, "gap", _known(self.gap, allow_zero=True))
 
     def convergence(self) -> ConvergenceInputs:
-        return ConvergenceInputs(self.drift, self.gap, self.gap_ratio, self.gap_values, self.quantiles, self.signal)
+        return ConvergenceInputs(self.drift, self.gap, self.gap_ratio, self.gap_values, self.quantiles, self.signal,
+                                 self.quant_errors)
 
     def latency(self, pattern: str) -> float | None:
         return getattr(self, "latency_" + _LAT_KEY[pattern])

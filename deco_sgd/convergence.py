@@ -17,9 +17,12 @@ training, on every rank alike (`deco_sgd.adaptive`):
 - **the energy profile**: q(δ), the (1 − δ)-quantile of |g| on a local sample, averaged over
   ranks. A coordinate's residual grows until it crosses the top-k threshold, so the gap at
   another δ' is predicted as D(δ') = D(δ)·q(δ')/q(δ).
-- **quantized values** add the relative error of b-bit min-max quantization of a bucket
-  spanning about 6 standard deviations, 3/(2^b − 1)² of the value energy (fp16: 2^-22),
-  which error feedback returns one step later: a gap of √err steps.
+- **quantized values**: the relative energy error err of the format's `quantize` codec on the
+  top-δ values of the same local sample, measured per δ (heavy-tailed values quantize badly:
+  one large value stretches a bucket's range). Before it is measured, b-bit min-max
+  quantization of a bucket spanning about 6 standard deviations is assumed, 3/(2^b − 1)²
+  (fp16: 2^-22). The format sends (1 − err) of the kept energy and error feedback returns
+  the rest a step later: D(δ, v) = (D(δ) + √err)/(1 − err).
 
 Steps to target relative to D-SGD, the product of a staleness and a compression factor:
 
@@ -47,7 +50,8 @@ from dataclasses import dataclass
 
 from .config import QUANT_BITS
 
-__all__ = ["ConvergenceInputs", "format_error", "predicted_gap", "slowdown", "STALENESS_SLOPE"]
+__all__ = ["ConvergenceInputs", "format_error", "measured_format_error", "predicted_gap", "slowdown",
+           "STALENESS_SLOPE"]
 
 #: Steps of slowdown per step of staleness, per unit of drift ρ.
 STALENESS_SLOPE = 0.25
@@ -67,6 +71,7 @@ class ConvergenceInputs:
     gap_values: str = "fp32"
     quantiles: Mapping[float, float] | None = None
     signal: float | None = None
+    quant_errors: Mapping[tuple[float, str], float] | None = None
 
 
 def format_error(values: str) -> float:
@@ -78,15 +83,29 @@ def format_error(values: str) -> float:
     return 0.0
 
 
+def measured_format_error(c: ConvergenceInputs, delta: float, values: str) -> float:
+    """The measured error of a quantized format at δ (`quant_errors`), else the a-priori one."""
+    if values in QUANT_BITS and c.quant_errors is not None and (delta, values) in c.quant_errors:
+        return min(1.0, max(0.0, float(c.quant_errors[(delta, values)])))
+    return format_error(values)
+
+
+def _with_format(base: float, err: float) -> float:
+    # A format that loses a fraction err of the kept energy sends (1 − err) of it: the gap
+    # grows by that factor, plus the √err of one step error feedback returns later.
+    return math.inf if err >= 1.0 else (base + math.sqrt(err)) / (1.0 - err)
+
+
 def predicted_gap(c: ConvergenceInputs, delta: float, values: str) -> float | None:
     """D(δ, v); 0 at δ = 1 with fp32; None when no gap or profile has been measured."""
-    extra = math.sqrt(format_error(values))
+    err = measured_format_error(c, delta, values)
     if delta >= 1.0:
-        return extra
+        return _with_format(0.0, err)
     if c.gap is None or c.gap_ratio is None:
         return None
-    base = c.gap - math.sqrt(format_error(c.gap_values))
-    base = max(0.0, base)
+    # The measured gap includes the format it was measured under: remove it first.
+    e0 = measured_format_error(c, c.gap_ratio, c.gap_values)
+    base = max(0.0, c.gap * (1.0 - e0) - math.sqrt(e0)) if e0 < 1.0 else 0.0
     if c.gap_ratio >= 1.0:
         return None  # measured dense: no residual to scale
     if delta != c.gap_ratio:
@@ -95,7 +114,7 @@ def predicted_gap(c: ConvergenceInputs, delta: float, values: str) -> float | No
         if qd is None or qr is None or not (qr > 0):
             return None
         base *= qd / qr
-    return base + extra
+    return _with_format(base, err)
 
 
 def slowdown(c: ConvergenceInputs, delta: float, tau: int, values: str, *, drift_prior: float,

@@ -29,7 +29,11 @@ def test_gap_scales_with_the_energy_profile_and_formats() -> None:
     assert predicted_gap(c, 0.1, "fp32") == pytest.approx(2.0)
     assert predicted_gap(c, 0.01, "fp32") == pytest.approx(2.0 * 6.0 / 3.0)
     assert predicted_gap(c, 1.0, "fp32") == 0.0
-    assert predicted_gap(c, 0.01, "q4") == pytest.approx(4.0 + math.sqrt(3 / 15**2))
+    e4 = 3 / 15**2  # a-priori 4-bit error until it is measured
+    assert predicted_gap(c, 0.01, "q4") == pytest.approx((4.0 + math.sqrt(e4)) / (1 - e4))
+    # Measured: heavy-tailed values lose half their energy to 4 bits, so q4 is predicted bad.
+    cq = ConvergenceInputs(drift=0.4, gap=2.0, gap_ratio=0.1, quantiles=QUANT, quant_errors={(0.01, "q4"): 0.5})
+    assert predicted_gap(cq, 0.01, "q4") == pytest.approx((4.0 + math.sqrt(0.5)) / 0.5)
     assert format_error("q8") < format_error("q4") and format_error("fp32") == 0.0
     # Not measured yet: no prediction below δ = 1, hence W = inf for those candidates.
     assert predicted_gap(ConvergenceInputs(), 0.01, "fp32") is None
