@@ -15,7 +15,9 @@ nothing. The cross-rank reduction (MAX, MIN, SUM) is the caller's; see each clas
      the exchange was in charge of the link (queueing behind the previous one excluded);
   3. keep the sample only if transfer ≥ `min_transfer_frac`·duration (latency-dominated
      exchanges say nothing about bandwidth); sample = bytes/transfer, EMA (α 0.3);
-  4. [ours] a step change: when `jump_samples` (2) samples in a row differ from the EMA by
+  4. [ours] a rejected exchange still bounds B from below (bytes over its whole duration);
+     while no sample has been accepted and 4 were rejected, `value` is that lower bound;
+  5. [ours] a step change: when `jump_samples` (2) samples in a row differ from the EMA by
      more than a factor `jump_factor` (2) in the same direction, the EMA restarts from the
      last sample. An EMA alone needs about five samples to follow a 10x drop, and at the
      old point each sample then takes a slow step.
@@ -48,6 +50,10 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+
+#: Latency-dominated exchanges after which, with no accepted sample, B̂ is the lower bound.
+LOWER_BOUND_AFTER = 4
 
 
 def _good(x: float) -> bool:
@@ -128,6 +134,8 @@ class BandwidthEstimator:
         self.min_transfer_frac = float(min_transfer_frac)
         self.last_done: float | None = None
         self.filtered = 0  # samples dropped because latency dominated them
+        #: [ours] max over filtered exchanges of bytes / duration: a lower bound on B.
+        self.lower_bound: float | None = None
 
     def update(self, nbytes: float, t_launch: float, t_done: float, latency: float | None = None) -> bool:
         """Feed one completed exchange (completion order); True when it gave a sample."""
@@ -146,6 +154,10 @@ class BandwidthEstimator:
         duration = t_done - (t_launch if prev is None else max(t_launch, prev))
         if transfer <= 0 or transfer < self.min_transfer_frac * duration:
             self.filtered += 1
+            # Still a valid lower bound: the bytes crossed in at most the whole duration.
+            lb = nbytes / duration if duration > 0 else None
+            if lb is not None and math.isfinite(lb):
+                self.lower_bound = lb if self.lower_bound is None else max(self.lower_bound, lb)
             logger.debug("latency-dominated exchange (%.3g of %.3g s transfer) not used for bandwidth",
                          transfer, duration)
             return False
@@ -164,16 +176,22 @@ class BandwidthEstimator:
 
     @property
     def value(self) -> float | None:
+        """The EMA; while no exchange has passed the filter but `LOWER_BOUND_AFTER` were
+        latency-dominated, the lower bound (small payloads on a slow-latency link never show
+        their transfer time, and the controller must still be able to decide)."""
+        if self.ema.value is None and self.filtered >= LOWER_BOUND_AFTER:
+            return self.lower_bound
         return self.ema.value
 
     def state_dict(self) -> dict[str, Any]:
         return {"ema": self.ema.state_dict(), "last_done": self.last_done, "filtered": self.filtered,
-                "jump": self._jump}
+                "jump": self._jump, "lower_bound": self.lower_bound}
 
     def load_state_dict(self, sd: Mapping[str, Any]) -> None:
         self.ema.load_state_dict(sd["ema"])
         self.last_done, self.filtered = sd["last_done"], int(sd["filtered"])
         self._jump = int(sd.get("jump", 0))
+        self.lower_bound = sd.get("lower_bound")
 
 
 class LatencyEstimator:

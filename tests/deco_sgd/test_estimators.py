@@ -203,3 +203,17 @@ def test_bandwidth_estimator_restarts_on_a_step_change() -> None:
     b2 = BandwidthEstimator(alpha=0.3, min_transfer_frac=0.0)
     b2.load_state_dict(b.state_dict())
     assert b2.value == b.value
+
+
+def test_bandwidth_lower_bound_when_every_exchange_is_latency_bound() -> None:
+    from deco_sgd.estimators import LOWER_BOUND_AFTER, BandwidthEstimator
+
+    b = BandwidthEstimator(alpha=0.3, min_transfer_frac=0.25)
+    t = 0.0
+    for i in range(LOWER_BOUND_AFTER):
+        assert b.value is None
+        b.update(1000.0, t, t + 0.5, latency=0.49)  # 10 ms of transfer in 0.5 s: filtered
+        t += 0.5
+    assert b.value == pytest.approx(1000.0 / 0.5)  # bytes over the whole duration
+    b.update(1e6, t, t + 1.0, latency=0.1)  # a real sample takes over
+    assert b.value == pytest.approx(1e6 / 0.9)
