@@ -48,6 +48,7 @@ import torch
 import torch.distributed as dist
 
 from .controller import Controller, Decision, Measurements
+from .convergence import ConvergenceInputs
 from .errors import DecoCommError, DecoDesyncError
 from ccomm import make_codec
 from ccomm.comm.auto import set_measured
@@ -427,9 +428,9 @@ class AdaptiveDriver:
             bandwidth=None if mx[_NEG_BW] == _UNKNOWN else -float(mx[_NEG_BW]),
             latency_allreduce=None if mx[_LAT_AR] == _UNKNOWN else float(mx[_LAT_AR]),
             latency_allgather=None if mx[_LAT_AG] == _UNKNOWN else float(mx[_LAT_AG]),
-            r=self.grad.r, drift=drift, gap=gap, signal=signal, gap_ratio=None if gp is None else gp[0],
-            gap_values="fp32" if gp is None else gp[1], quantiles=self.quantiles, loss=loss,
-            quant_errors=self.quant_errors)
+r=self.grad.r, loss=loss,
+            conv=ConvergenceInputs(drift, gap, None if gp is None else gp[0], "fp32" if gp is None else gp[1],
+                                   self.quantiles, signal, self.quant_errors))
 
     def _complete(self, step: int) -> None:
         if self._inflight is None:

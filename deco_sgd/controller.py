@@ -127,16 +127,9 @@ class Measurements:
     latency_allreduce: float | None = None
     latency_allgather: float | None = None
     r: float | None = None
-    #: Measured convergence inputs (`deco_sgd.convergence`); None before the first sample.
-    drift: float | None = None
-    gap: float | None = None
-    gap_ratio: float | None = None
-    gap_values: str = "fp32"
-    quantiles: Mapping[float, float] | None = None
-    #: φ: fraction of the mean gradient's energy that is signal (not sampling noise).
-    signal: float | None = None
-    #: (δ, q8/q4) -> measured relative energy error of that quantizer on top-δ values.
-    quant_errors: Mapping[tuple[float, str], float] | None = None
+    #: Measured convergence inputs (`deco_sgd.convergence`: drift, gap, energy profile,
+    #: signal fraction, quantization errors); fields are None before the first sample.
+    conv: ConvergenceInputs = ConvergenceInputs()
     #: Loss averaged over ranks and the steps of the last measurement period (monitor input).
     loss: float | None = None
 
@@ -148,12 +141,14 @@ class Measurements:
         object.__setattr__(self, "latency_allreduce", _known(self.latency_allreduce, allow_zero=True))
         object.__setattr__(self, "latency_allgather", _known(self.latency_allgather, allow_zero=True))
         object.__setattr__(self, "r", _known(self.r, allow_zero=True))
-        object.__setattr__(self, "drift", _known(self.drift, allow_zero=True))
-        object.__setattr__(self, "gap", _known(self.gap, allow_zero=True))
 
-    def convergence(self) -> ConvergenceInputs:
-        return ConvergenceInputs(self.drift, self.gap, self.gap_ratio, self.gap_values, self.quantiles, self.signal,
-                                 self.quant_errors)
+    @property
+    def drift(self) -> float | None:
+        return _known(self.conv.drift, allow_zero=True)
+
+    @property
+    def gap(self) -> float | None:
+        return _known(self.conv.gap, allow_zero=True)
 
     def latency(self, pattern: str) -> float | None:
         return getattr(self, "latency_" + _LAT_KEY[pattern])
@@ -326,7 +321,7 @@ class Controller:
     def n_iter(self, m: Measurements, delta: float, tau: int, values: str = "fp32") -> float:
         """The convergence factor: measured slowdown S, or the template surrogate's N."""
         if self.measured:
-            return slowdown(m.convergence(), delta, tau, values, drift_prior=self.cfg.drift_prior,
+            return slowdown(m.conv, delta, tau, values, drift_prior=self.cfg.drift_prior,
                             drift_floor=self.cfg.drift_floor)
         return iterations(self.params, delta, tau, 0.0 if m.r is None else m.r, self.n)
 

@@ -120,7 +120,8 @@ def predicted_gap(c: ConvergenceInputs, delta: float, values: str) -> float | No
 def slowdown(c: ConvergenceInputs, delta: float, tau: int, values: str, *, drift_prior: float,
              drift_floor: float) -> float:
     """S(δ, τ, v) of the module docstring; inf when the gap cannot be predicted yet."""
-    rho = drift_prior if c.drift is None else max(drift_floor, c.drift)
+    drift = c.drift if c.drift is not None and math.isfinite(c.drift) and c.drift >= 0 else None
+    rho = drift_prior if drift is None else max(drift_floor, drift)
     gap = predicted_gap(c, delta, values)
     if gap is None:
         return math.inf

@@ -19,8 +19,8 @@ QUANT = {0.5: 1.0, 0.2: 2.0, 0.1: 3.0, 0.05: 4.0, 0.02: 5.0, 0.01: 6.0, 0.005: 7
 def meas(drift: float | None, *, mbps: float = 100.0, rtt_ms: float = 150.0, n: int = 8, t_comp: float = 0.075,
          gap: float = 1.0, loss: float | None = None) -> Measurements:
     ell = rtt_ms / 2e3
-    return Measurements(t_comp, mbps * MBIT, 2 * (n - 1) * ell, (n - 1) * ell, 0.5, drift=drift, gap=gap,
-                        gap_ratio=0.1, gap_values="fp32", quantiles=QUANT, loss=loss)
+    return Measurements(t_comp, mbps * MBIT, 2 * (n - 1) * ell, (n - 1) * ell, 0.5, loss=loss,
+                        conv=ConvergenceInputs(drift=drift, gap=gap, gap_ratio=0.1, quantiles=QUANT))
 
 
 # -- convergence model ------------------------------------------------------------------------
