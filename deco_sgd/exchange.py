@@ -31,6 +31,7 @@ import torch.distributed as dist
 
 from ccomm import Codec, ErrorFeedback, Payload, PayloadMeta
 from ccomm.comm import CommError, CommHandle, allgather_payloads, allreduce_payload, decode_sum
+from ccomm.comm.auto import resolve_algo
 from ccomm.finite import all_finite
 
 from .errors import DecoCommError
@@ -64,6 +65,8 @@ class Unit:
     agg_finite: bool = True
     nbytes: int = 0
     collective: str = "allreduce"
+    #: The algorithm the collective ran (`ccomm.schedule`): what the time models charge.
+    algo: str = "ring"
     #: This rank's Σ‖g‖² over the unit before compensation (for §4's G² and σ²; NaN if invalid).
     sq_norm: float = 0.0
     _future: "torch.futures.Future[None] | None" = field(default=None, repr=False)
@@ -159,6 +162,7 @@ def launch_unit(
     ratio: float,
     key: str,
     value_dtype: torch.dtype | None = None,
+    algo: str = "auto",
 ) -> Unit:
     """Compensate, encode and launch one unit asynchronously (see module docstring).
 
@@ -256,13 +260,18 @@ def launch_unit(
                     out[n] = decode_sum(codec, per_rank).to(dtype) / world
                 _set_result(unit, out)
 
-            # algo="auto": log-depth rounds where latency dominates (ccomm.schedule.choose).
-            handle = allgather_payloads(Payload(buf, _dense_meta(buf)), group, same_size=True, algo="auto",
+            # algo="auto" resolved here (log-depth rounds where latency dominates, on the link
+            # measured for this group: `ccomm.comm.auto.set_measured`), so the unit can record
+            # the algorithm that actually runs and the clocks charge that schedule.
+            algo = resolve_algo("allgather", algo, group, world, buf.numel() * buf.element_size())
+            handle = allgather_payloads(Payload(buf, _dense_meta(buf)), group, same_size=True, algo=algo,
                                         async_op=True, key=key)
             coll = "allgather"
+    if coll == "allreduce":
+        algo = "ring"
     sq = float(sum(float(g.detach().float().pow(2).sum()) for g in grads)) if valid else math.nan
     unit = Unit(tuple(names), shapes, ratio, spec, own, handle, finish, t0,
-                nbytes=buf.numel() * buf.element_size(), collective=coll, sq_norm=sq)
+                nbytes=buf.numel() * buf.element_size(), collective=coll, algo=algo, sq_norm=sq)
     handle.get_future().add_done_callback(lambda _f: _stamp(unit))
     return unit
 

@@ -34,6 +34,7 @@ __all__ = [
     "kept_elements",
     "message_size",
     "powersgd_size",
+    "payload_message_size",
     "pattern_for",
     "t_iter",
     "t_floor",
@@ -104,6 +105,19 @@ def message_size(
     push = k * (value_bytes + index_bytes)
     pull = min(n * push, d * value_bytes)
     return MessageSize(float(push + pull), 2)
+
+
+def payload_message_size(pattern: str, n: int, nbytes: float, algo: str = "ring") -> MessageSize:
+    """V and hops of one exchange whose per-rank buffer is `nbytes` (the real payload size).
+
+    `pattern` is "allreduce" (the buffer is reduced) or "allgather" (each rank's buffer is
+    one block); `algo`'s schedule (`collective_cost`) gives V and the hops.
+    """
+    if pattern not in ("allreduce", "allgather"):
+        raise ValueError(f"pattern: must be 'allreduce' or 'allgather', got {pattern!r}")
+    if n == 1:
+        return MessageSize(0.0, 0)
+    return collective_cost(pattern, n, float(nbytes), algo)
 
 
 def powersgd_size(n: int, shapes: Sequence[Sequence[int]], rank: int) -> MessageSize:

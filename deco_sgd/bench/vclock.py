@@ -45,6 +45,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
+from ccomm.comm.auto import auto_config
 from ccomm.schedule import choose
 from netsim import Link
 
@@ -120,21 +121,28 @@ class LinkTimeline:
                              "to the end of a non-repeating trace)")
         return d
 
-    def algo(self, pattern: str, nbytes: float) -> str:
-        """The exchange's algorithm: the ring for all-reduce, ``algo="auto"``'s pick for all-gather."""
-        if pattern != "allgather":
-            return "ring"
+    def apriori_link(self) -> tuple[float, float] | None:
+        """(one-way latency s, mean rate B/s) of the link, None when it never sends: what a
+        static run is told (`ccomm.comm.auto.set_measured`) so `algo="auto"` picks like `algo()`."""
         trace = self.link.rate_trace
         mbps = trace.mean_mbps() if len(trace.times_s) > 1 else self.link.rate_bps(0.0) / 1e6
-        if not mbps > 0:
-            return "ring"  # a link that never sends: nothing to choose between
-        return choose("allgather", self.world, float(nbytes), self.link.latency_s, mbps * 1e6 / 8.0)
+        return (self.link.latency_s, mbps * 1e6 / 8.0) if mbps > 0 else None
 
-    def exchange(self, launch_s: float, nbytes: float, pattern: str) -> float:
-        """Charge one exchange launched at `launch_s`; returns its completion time."""
+    def algo(self, pattern: str, nbytes: float) -> str:
+        """The exchange's algorithm: the ring for all-reduce, ``algo="auto"``'s pick for all-gather."""
+        link = self.apriori_link()
+        if pattern != "allgather" or link is None:
+            return "ring"  # (a link that never sends: nothing to choose between)
+        return choose("allgather", self.world, float(nbytes), link[0], link[1], min_gain=auto_config().min_gain)
+
+    def exchange(self, launch_s: float, nbytes: float, pattern: str, algo: str | None = None) -> float:
+        """Charge one exchange launched at `launch_s`; returns its completion time.
+
+        `algo` is the algorithm the exchange ran (recorded by the transport); None charges
+        what ``algo="auto"`` would pick on this link (`algo()`)."""
         if not (math.isfinite(launch_s) and launch_s >= 0):
             raise ValueError(f"launch_s: must be finite and >= 0, got {launch_s!r}")
-        pc = pattern_cost(pattern, self.world, float(nbytes), self.algo(pattern, nbytes))
+        pc = pattern_cost(pattern, self.world, float(nbytes), self.algo(pattern, nbytes) if algo is None else algo)
         l_eff = pc.hops * self.link.latency_s
         tx_start = max(launch_s, self.link_free)
         done = tx_start + l_eff + self._serialise(pc.nbytes, tx_start)
@@ -200,8 +208,10 @@ class StepClock:
 def replay(steps: Sequence[Mapping[str, Any]], link: Link, world: int, t_comp: float) -> list[float]:
     """Step start times of a recorded run on `link`: element s is when step s+1 may start.
 
-    Each record is ``{"x": [[[nbytes, pattern], ...], ...], "a": [applied step indices]}``
-    (steps counted from 0); the rules are those of `LinkTimeline` and `StepClock`.
+    Each record is ``{"x": [[[nbytes, pattern(, algo)], ...], ...], "a": [applied step indices]}``
+    (steps counted from 0), optionally ``"c": [nbytes, ...]``: control all-reduces launched
+    when the next step starts, which take the link but block no step. The rules are those of
+    `LinkTimeline` and `StepClock`.
     """
     tl = LinkTimeline(link, world)
     clock = StepClock(t_comp)
@@ -212,12 +222,14 @@ def replay(steps: Sequence[Mapping[str, Any]], link: Link, world: int, t_comp: f
         end = launch
         for chain in rec["x"]:
             d = launch
-            for nbytes, pattern in chain:
-                d = tl.exchange(d, float(nbytes), str(pattern))
+            for item in chain:  # [nbytes, pattern] or [nbytes, pattern, algo]
+                d = tl.exchange(d, float(item[0]), str(item[1]), None if len(item) < 3 else str(item[2]))
             end = max(end, d)
         done.append(end)
         applied = [int(a) for a in rec["a"]]
         if any(a > s or a < 0 for a in applied):
             raise ValueError(f"steps[{s}].a: applied steps must be in [0, {s}], got {applied}")
         starts.append(clock.end_step([done[a] for a in applied]))
+        for nbytes in rec.get("c", ()):
+            tl.exchange(starts[-1], float(nbytes), "allreduce")
     return starts
