@@ -70,7 +70,10 @@ class CompactState:
         self.world = dist.get_world_size(group) if dist.is_initialized() else 1
         self.num_layers = num_layers
         self.rc: ResidualCodec | None = (
-            ResidualCodec(config.make_codec(), config.warmup_steps, variant=config.variant) if config.compressed else None
+            # The config's `nonfinite` policy decides what a non-finite K/V does, after the
+            # layer's exchange completed (raise_nonfinite), so the codec must not raise first.
+            ResidualCodec(config.make_codec(), config.warmup_steps, variant=config.variant, allow_nonfinite=True)
+            if config.compressed else None
         )
         self._own_stats = stats is None
         self.stats = CommStats() if stats is None else stats
