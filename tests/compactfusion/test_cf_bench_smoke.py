@@ -104,4 +104,4 @@ def test_real_quick_run(tmp_path: Path) -> None:
 
 def test_report_subcommand_rerenders(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["report", str(tmp_path)]) == 2  # no results.json
-    assert "no results.json" in capsys.readouterr().err
+    assert "results.json: no such file" in capsys.readouterr().err
