@@ -56,6 +56,8 @@ def _serve(rank: int, n: int, init_file: str, threads: int, group_timeout_s: flo
     import torch
     import torch.distributed as dist
 
+    from . import failfast
+
     # Ranks stand in for separate devices on a few shared cores: intra-op threads beyond
     # the requested count would only contend with the other ranks.
     torch.set_num_threads(threads)
@@ -81,6 +83,7 @@ def _serve(rank: int, n: int, init_file: str, threads: int, group_timeout_s: flo
             outbox.put(("ok", rank, pickle.dumps(fn(*head, *args, **kwargs))))
         except BaseException:  # noqa: BLE001
             outbox.put(("err", rank, traceback.format_exc()))
+        failfast.clear()  # an error this rank posted and caught must not fail the next job's peers
     del ctx  # drop what jobs cached (models, groups) before the process group goes
     dist.destroy_process_group()
 

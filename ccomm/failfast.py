@@ -1,0 +1,228 @@
+"""Fail fast across ranks: a failing rank posts its error, waiting peers see it within a second.
+
+Without this, a rank that raises between two collectives leaves its peers blocked in the
+next one for the whole process-group timeout (30 min by default), and they then report a
+timeout that hides the real cause. The rule:
+
+1. A rank that fails inside a `posting()` block (the layers above ccomm wrap their
+   steps in one) writes "<ExceptionType>: <message>" under its global rank in the process
+   group's key-value store before the exception leaves the block (`post_error`).
+2. `wait_works` (what `ccomm.comm.CommHandle.wait` uses) does not block in the backend's
+   `wait()`: it waits on the works' futures (collectives) or on a helper thread (gloo
+   point-to-point works, which have no future and never report completion before their
+   `wait()`). Once a wait has lasted `CHECK_AFTER_S`, it reads the store every
+   `POLL_S`; a posted error of another rank raises `PeerError` naming that rank and its
+   reason. A completed transfer never touches the store, so healthy waits pay nothing.
+3. A rank that completes a transfer after posting (it caught its own error and carried on)
+   withdraws its post, so its peers never read a stale one; `clear()` withdraws it too
+   (`ccomm.ranks` calls it after every job).
+
+The store is the default group's, which every subgroup's store is a prefix of, so this
+works for any group on gloo and NCCL alike; without a default group (or a store), waits
+fall back to the backend's blocking `wait()`.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import threading
+from typing import Any, Iterator, Sequence
+
+import torch.distributed as dist
+
+__all__ = ["PeerError", "post_error", "peer_error", "posting", "wait_works", "clear", "CHECK_AFTER_S", "POLL_S"]
+
+logger = logging.getLogger(__name__)
+
+#: A wait this old starts reading the store (a completed transfer never does).
+CHECK_AFTER_S = 0.1
+#: Interval between two reads of the store while a wait lasts.
+POLL_S = 0.1
+_PREFIX = "ccomm/failfast/"
+_COUNT = _PREFIX + "count"
+_MAX_REASON = 2000
+
+_posted = False  # this process has an error in the store
+
+
+class PeerError(RuntimeError):
+    """Another rank failed; raised instead of waiting for the group's timeout."""
+
+    def __init__(self, rank: int, reason: str, what: str) -> None:
+        super().__init__(f"{what}: rank {rank} failed and will not take part: {reason}")
+        self.rank = rank
+        self.reason = reason
+
+
+def _store() -> Any:
+    if not dist.is_available() or not dist.is_initialized():
+        return None
+    try:
+        return dist.distributed_c10d._get_default_store()
+    except (RuntimeError, AttributeError, ValueError):
+        return None
+
+
+def post_error(exc: BaseException | str) -> None:
+    """Tell every rank of the job that this one failed (best effort: never raises)."""
+    global _posted
+    store = _store()
+    if store is None:
+        return
+    reason = exc if isinstance(exc, str) else f"{type(exc).__name__}: {exc}"
+    try:
+        store.set(f"{_PREFIX}rank{dist.get_rank()}", reason[:_MAX_REASON])
+        store.add(_COUNT, 1)
+        _posted = True
+    except Exception as post_exc:  # noqa: BLE001 - the original error must still propagate
+        logger.warning("ccomm.failfast: could not post this rank's error: %s", post_exc)
+
+
+def clear() -> None:
+    """Withdraw this rank's posted error (it recovered, or a new job starts)."""
+    global _posted
+    if not _posted:
+        return
+    _posted = False
+    store = _store()
+    if store is None:
+        return
+    try:
+        if store.delete_key(f"{_PREFIX}rank{dist.get_rank()}"):
+            store.add(_COUNT, -1)
+    except Exception as exc:  # noqa: BLE001
+        logger.warning("ccomm.failfast: could not withdraw this rank's error: %s", exc)
+
+
+def peer_error(group: Any = None, what: str = "wait") -> PeerError | None:
+    """The error posted by another rank of `group` (lowest rank first), or None."""
+    store = _store()
+    if store is None:
+        return None
+    try:
+        if store.add(_COUNT, 0) <= 0:
+            return None
+        me = dist.get_rank()
+        ranks = range(dist.get_world_size()) if group is None else dist.get_process_group_ranks(group)
+        for r in sorted(ranks):
+            key = f"{_PREFIX}rank{r}"
+            if r != me and store.check([key]):
+                return PeerError(r, store.get(key).decode(errors="replace"), what)
+    except Exception as exc:  # noqa: BLE001 - a broken store must not turn into a false peer error
+        logger.debug("ccomm.failfast: store not readable: %s", exc)
+    return None
+
+
+@contextlib.contextmanager
+def posting() -> Iterator[None]:
+    """Post any exception that leaves the block (a `PeerError` is not posted again)."""
+    try:
+        yield
+    except PeerError:
+        raise
+    except BaseException as exc:
+        post_error(exc)
+        raise
+
+
+class _Waiter:
+    """A daemon thread that calls blocking `wait()`s handed to it (works without futures).
+
+    A gloo point-to-point work's `wait()` consumes its completion: a second call blocks
+    until the group's timeout. So the thread's `wait()` is the only one, and it hands the
+    backend's error (if any) back through `_Job.error`.
+    """
+
+    def __init__(self) -> None:
+        self.jobs: "queue.SimpleQueue[_Job]" = queue.SimpleQueue()
+        threading.Thread(target=self._run, name="ccomm-failfast-wait", daemon=True).start()
+
+    def _run(self) -> None:
+        while True:
+            job = self.jobs.get()
+            try:
+                for w in job.works:
+                    w.wait()
+            except Exception as exc:  # noqa: BLE001 - re-raised in the caller's thread
+                job.error = exc
+            job.done.set()
+
+
+class _Job:
+    __slots__ = ("works", "done", "error", "threaded")
+
+    def __init__(self, works: Sequence[Any]) -> None:
+        self.works = list(works)
+        self.done = threading.Event()
+        self.error: Exception | None = None
+        self.threaded = False
+
+
+_waiter: _Waiter | None = None
+_waiter_lock = threading.Lock()
+
+
+def _start(works: Sequence[Any]) -> _Job:
+    """A job whose `done` is set once every work completed (futures, else a waiter thread)."""
+    global _waiter
+    job = _Job(works)
+    try:
+        futs = [w.get_future() for w in works]
+    except RuntimeError:  # gloo point-to-point works have no future
+        job.threaded = True
+        with _waiter_lock:
+            if _waiter is None:
+                _waiter = _Waiter()
+            _waiter.jobs.put(job)
+        return job
+    remaining = [len(futs)]
+    lock = threading.Lock()
+
+    def one_done(_: Any) -> None:
+        with lock:
+            remaining[0] -= 1
+            if remaining[0] == 0:
+                job.done.set()
+
+    for f in futs:
+        f.add_done_callback(one_done)
+    return job
+
+
+def _abandon_waiter() -> None:
+    # Its thread may stay blocked on a transfer that never completes: later waits get a new one.
+    global _waiter
+    with _waiter_lock:
+        _waiter = None
+
+
+def wait_works(works: Sequence[Any], group: Any = None, what: str = "wait") -> None:
+    """Wait for every backend work in `works`, or raise `PeerError` as soon as a peer posted one.
+
+    Backend errors (a timeout, a lost peer) are raised by the works' own `wait()`, as before.
+    """
+    pending = [w for w in works if not w.is_completed()]
+    if not pending or _store() is None:
+        for w in works:
+            w.wait()
+    else:
+        job = _start(pending)
+        if not job.done.wait(CHECK_AFTER_S):
+            while not job.done.wait(POLL_S):
+                err = peer_error(group, what)
+                if err is not None:
+                    if job.threaded:
+                        _abandon_waiter()
+                    raise err
+        if job.threaded:
+            if job.error is not None:
+                raise job.error
+            for w in works:
+                if w not in pending:
+                    w.wait()
+        else:
+            for w in works:
+                w.wait()  # returns at once now; raises the backend's error, if any
+    if _posted:
+        clear()  # this rank carried on after its error, and its peers with it
