@@ -1,21 +1,23 @@
-"""Fail fast across ranks: a failing rank posts its error, waiting peers see it within a second.
+"""Fail fast across ranks: a rank that leaves on an error tells the others, whose waits raise at once.
 
 Without this, a rank that raises between two collectives leaves its peers blocked in the
 next one for the whole process-group timeout (30 min by default), and they then report a
 timeout that hides the real cause. The rule:
 
-1. A rank that fails inside a `posting()` block (the layers above ccomm wrap their
-   steps in one) writes "<ExceptionType>: <message>" under its global rank in the process
-   group's key-value store before the exception leaves the block (`post_error`).
+1. A rank that leaves on an exception posts "<ExceptionType>: <message>" under its global
+   rank in the default group's key-value store (`post_error`). It does so where it leaves:
+   `sys.excepthook` (installed by `install_excepthook`, which `ccomm.comm` calls; it then
+   lingers `LINGER_S` so that a rank hosting the store keeps it up while peers read),
+   `ccomm.ranks` when a job raises, or a `posting()` block the application knows is fatal.
+   Errors that are caught and handled are never posted, so they cannot fail a healthy peer.
 2. `wait_works` (what `ccomm.comm.CommHandle.wait` uses) does not block in the backend's
    `wait()`: it waits on the works' futures (collectives) or on a helper thread (gloo
    point-to-point works, which have no future and never report completion before their
-   `wait()`). Once a wait has lasted `CHECK_AFTER_S`, it reads the store every
-   `POLL_S`; a posted error of another rank raises `PeerError` naming that rank and its
-   reason. A completed transfer never touches the store, so healthy waits pay nothing.
-3. A rank that completes a transfer after posting (it caught its own error and carried on)
-   withdraws its post, so its peers never read a stale one; `clear()` withdraws it too
-   (`ccomm.ranks` calls it after every job).
+   `wait()`). Once a wait has lasted `CHECK_AFTER_S`, it reads the store every `POLL_S`;
+   a posted error of another rank of the group raises `PeerError` naming that rank and its
+   reason. A transfer that completes sooner never touches the store.
+3. `clear()` withdraws this rank's post (`ccomm.ranks` calls it before every job), and a
+   rank that completes a transfer after posting withdraws it too.
 
 The store is the default group's, which every subgroup's store is a prefix of, so this
 works for any group on gloo and NCCL alike; without a default group (or a store), waits
@@ -26,12 +28,18 @@ from __future__ import annotations
 import contextlib
 import logging
 import queue
+import sys
 import threading
+import time
+from types import TracebackType
 from typing import Any, Iterator, Sequence
 
 import torch.distributed as dist
 
-__all__ = ["PeerError", "post_error", "peer_error", "posting", "wait_works", "clear", "CHECK_AFTER_S", "POLL_S"]
+__all__ = [
+    "PeerError", "post_error", "peer_error", "posting", "wait_works", "clear", "install_excepthook",
+    "CHECK_AFTER_S", "POLL_S", "LINGER_S",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +47,8 @@ logger = logging.getLogger(__name__)
 CHECK_AFTER_S = 0.1
 #: Interval between two reads of the store while a wait lasts.
 POLL_S = 0.1
+#: How long the excepthook keeps a failing process alive after posting (peers read meanwhile).
+LINGER_S = 3 * POLL_S + CHECK_AFTER_S
 _PREFIX = "ccomm/failfast/"
 _COUNT = _PREFIX + "count"
 _MAX_REASON = 2000
@@ -116,7 +126,11 @@ def peer_error(group: Any = None, what: str = "wait") -> PeerError | None:
 
 @contextlib.contextmanager
 def posting() -> Iterator[None]:
-    """Post any exception that leaves the block (a `PeerError` is not posted again)."""
+    """Post any exception that leaves the block (a `PeerError` is not posted again).
+
+    For code whose errors end the rank's part in the job; a caught-and-handled error that
+    was posted would fail the peers' waits.
+    """
     try:
         yield
     except PeerError:
@@ -124,6 +138,25 @@ def posting() -> Iterator[None]:
     except BaseException as exc:
         post_error(exc)
         raise
+
+
+_previous_hook: Any = None
+
+
+def _excepthook(tp: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:
+    if not isinstance(exc, (PeerError, KeyboardInterrupt)) and _store() is not None:
+        post_error(exc)
+        if _posted:
+            time.sleep(LINGER_S)  # the store may live in this process (rank 0's TCPStore)
+    (_previous_hook or sys.__excepthook__)(tp, exc, tb)
+
+
+def install_excepthook() -> None:
+    """Post an uncaught exception before the process exits (idempotent; chains the previous hook)."""
+    global _previous_hook
+    if sys.excepthook is not _excepthook:
+        _previous_hook = sys.excepthook
+        sys.excepthook = _excepthook
 
 
 class _Waiter:

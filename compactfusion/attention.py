@@ -37,7 +37,6 @@ import torch
 import torch.nn.functional as F
 
 from ccomm.comm import allgather_payloads, send_recv
-from ccomm.failfast import posting
 from ccomm.payload import Payload, PayloadMeta
 
 from .errors import CompactStateError
@@ -295,7 +294,4 @@ def parallel_attention(mode: str, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
         fn = _MODES[mode]
     except KeyError:
         raise ValueError(f"mode={mode!r}: allowed values are {', '.join(_MODES)}") from None
-    # A rank failing here (e.g. non-finite K/V) tells the others before it leaves, so their
-    # next wait raises ccomm.failfast.PeerError naming it instead of timing out.
-    with posting():
-        return fn(q, k, v, **kwargs)
+    return fn(q, k, v, **kwargs)

@@ -19,8 +19,6 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from ccomm.failfast import posting
-
 from .config import DecoConfig
 from .exchange import StepEntry, Unit
 from .optim import DecoOptimizer
@@ -32,12 +30,7 @@ logger = logging.getLogger(__name__)
 
 
 def deco_hook(state: DecoState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
-    """DDP communication hook; see the module docstring. Errors are posted (`ccomm.failfast`)."""
-    with posting():
-        return _hook(state, bucket)
-
-
-def _hook(state: DecoState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    """DDP communication hook; see the module docstring."""
     if not state.hook_mode:
         state.config.validate_for_hook()
         state.hook_mode = True

@@ -19,8 +19,6 @@ from typing import Any, Callable
 
 import torch
 
-from ccomm.failfast import posting
-
 from .exchange import StepEntry
 from .state import DecoState
 
@@ -75,15 +73,7 @@ class DecoOptimizer:
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        """One DeCo-SGD step; returns the closure's loss (if any).
-
-        An error raised here is posted for the other ranks (`ccomm.failfast`), whose waits
-        then raise `PeerError` naming this rank instead of sitting out the group's timeout.
-        """
-        with posting():
-            return self._step(closure)
-
-    def _step(self, closure: Callable[[], float] | None) -> float | None:
+        """One DeCo-SGD step; returns the closure's loss (if any)."""
         if self.closed:
             raise RuntimeError("DecoOptimizer: step() after close()")
         loss = None

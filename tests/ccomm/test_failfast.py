@@ -1,7 +1,9 @@
-"""ccomm.failfast: one rank's error reaches the waiting ranks within seconds, with its cause."""
+"""ccomm.failfast: one rank's error reaches the waiting ranks within seconds, with its cause
+(posted by `posting()`, by a RankPool job that raises, or by the excepthook of a plain script)."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -103,3 +105,67 @@ def test_without_a_process_group_posting_is_a_no_op() -> None:
     with pytest.raises(KeyError):
         with posting():
             raise KeyError("still raised")
+
+
+def _job_raises_on_rank_1(rank: int, world: int) -> None:
+    import torch.distributed as dist
+
+    from ccomm.failfast import wait_works
+
+    if rank == 1:
+        raise FloatingPointError("non-finite K/V at step 3, layer 0")
+    wait_works([dist.all_reduce(torch.ones(4), async_op=True)], what="token_gather")
+
+
+def test_a_rank_pool_job_that_raises_fails_its_peers_fast() -> None:
+    from ccomm.ranks import RankError
+
+    t0 = time.monotonic()
+    with pytest.raises(RankError) as err:
+        run_ranks(_job_raises_on_rank_1, 2, group_timeout_s=60.0, timeout=120)
+    elapsed = time.monotonic() - t0
+    msg = str(err.value)
+    assert "--- rank 0 ---" in msg and "--- rank 1 ---" in msg  # both reported, not a timeout on rank 0
+    assert ("PeerError: token_gather: rank 1 failed and will not take part: "
+            "FloatingPointError: non-finite K/V at step 3, layer 0") in msg
+    assert elapsed < 60.0  # far below the group timeout the healthy rank would otherwise wait out
+
+
+_SCRIPT = """
+import sys, time, datetime, torch, torch.distributed as dist
+from ccomm import failfast
+rank = int(sys.argv[1])
+dist.init_process_group("gloo", init_method="file://" + sys.argv[2], rank=rank, world_size=2,
+                        timeout=datetime.timedelta(seconds=60))
+failfast.install_excepthook()
+dist.barrier()
+if rank == 1:
+    raise RuntimeError("disk full while writing the checkpoint")
+t0 = time.monotonic()
+try:
+    failfast.wait_works([dist.all_reduce(torch.ones(4), async_op=True)], what="allreduce")
+except failfast.PeerError as e:
+    print(f"{time.monotonic() - t0:.3f} {e}", flush=True)
+"""
+
+
+def test_an_uncaught_exception_is_posted_by_the_excepthook(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "job.py"
+    script.write_text(_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    init = str(tmp_path / "rendezvous")
+    procs = [subprocess.Popen([sys.executable, str(script), str(r), init], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env) for r in range(2)]
+    try:
+        outs = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert procs[1].returncode != 0 and "disk full" in outs[1][1]
+    after_s, _, msg = outs[0][0].strip().partition(" ")
+    assert msg == "allreduce: rank 1 failed and will not take part: RuntimeError: disk full while writing the checkpoint"
+    assert float(after_s) < FAST_S
