@@ -1,5 +1,10 @@
 """Codec benchmark: `python -m ccomm.bench [--sizes 1M,16M,64M] [--out FILE]`.
 
+`python -m ccomm.bench --collectives [--quick] [--out FILE]` runs the collectives benchmark
+instead (ring vs ``algo="auto"`` under ``netsim.emulate``); it lives in
+`netsim.bench_collectives` because it needs netsim, which the ccomm library never imports,
+and is loaded only by this command line.
+
 For every codec and size it measures encode + decode time on one fp32 tensor, as a ratio
 to `clone()` of the same tensor timed in the same run (interleaved, median of repeats),
 plus the payload bytes, the compression ratio against fp32 and the relative error
@@ -24,7 +29,7 @@ from tqdm import tqdm
 
 from .registry import make_codec
 
-__all__ = ["DEFAULT_SPECS", "TARGETS", "Row", "run", "to_markdown", "main"]
+__all__ = ["DEFAULT_SPECS", "TARGETS", "Row", "run", "to_markdown", "publish", "main"]
 
 #: One representative spec per codec (activation codecs see the tensor as N x 1024).
 DEFAULT_SPECS: tuple[str, ...] = (
@@ -175,7 +180,21 @@ def _target_notes(rows: Sequence[Row]) -> list[str]:
     return out
 
 
+def publish(md: str, out: Path) -> None:
+    """Write a benchmark's markdown table to `out` (creating its directory) and print it."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(md)
+    print(md)
+    print(f"written to {out}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    args_in = list(sys.argv[1:] if argv is None else argv)
+    if "--collectives" in args_in:
+        import importlib  # noqa: PLC0415 - the CLI's only route to netsim (see the module docstring)
+
+        args_in.remove("--collectives")
+        return int(importlib.import_module("netsim.bench_collectives").main(args_in))
     ap = argparse.ArgumentParser(prog="python -m ccomm.bench", description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="1M,16M,64M", help="comma-separated element counts (default 1M,16M,64M)")
     ap.add_argument("--codecs", default=None, help="';'-separated specs (default: one per codec and the Cocktail chain)")
@@ -196,11 +215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     rows = run(specs, sizes, repeats=args.repeats, seed=args.seed, progress=not args.no_progress)
     command = "python -m ccomm.bench " + " ".join(sys.argv[1:] if argv is None else argv)
-    md = to_markdown(rows, command.strip(), args.repeats)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(md)
-    print(md)
-    print(f"written to {args.out}", file=sys.stderr)
+    publish(to_markdown(rows, command.strip(), args.repeats), args.out)
     return 0
 
 

@@ -21,7 +21,11 @@ byte over the network (about 2(p-1)/p for a ring all-reduce, (p-1) for a ring al
 
 Records are grouped by ``key`` (a caller-chosen tag such as a bucket or layer name; the
 transport uses the op name when no key is given) and by op (``"allreduce"``,
-``"allgather"``, ``"send_recv"``). A process-wide default `CommStats` collects every
+``"allgather"``, ``"send_recv"``). Calls that name their algorithm (``"ring"``,
+``"doubling"``, ``"bruck"``, ``"tree"``: what ``algo="auto"`` chose) are also counted per
+(op, algorithm): `CommStats.by_algo`. A log-depth all-gather of payloads whose sizes are
+not known in advance sends one int64 header per block it forwards; those are its
+``header_bytes``. A process-wide default `CommStats` collects every
 call that does not pass its own; `snapshot()` and `reset()` act on it.
 """
 from __future__ import annotations
@@ -95,6 +99,7 @@ class CommStats:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._data: dict[str, dict[str, OpStats]] = {}
+        self._algo: dict[tuple[str, str, str], OpStats] = {}
 
     def record(
         self,
@@ -105,12 +110,16 @@ class CommStats:
         header_bytes: int = 0,
         padding_bytes: int = 0,
         calls: int = 1,
+        algo: str | None = None,
     ) -> None:
-        """Add one call (or `calls` calls) of `op` under `key` (default: `op`)."""
+        """Add one call (or `calls` calls) of `op` under `key` (default: `op`), and under
+        (op, `algo`) when the algorithm is given."""
         if not isinstance(op, str) or not op:
             raise ValueError(f"op={op!r} must be a non-empty string")
         if key is not None and not isinstance(key, str):
             raise ValueError(f"key={key!r} must be a string or None")
+        if algo is not None and (not isinstance(algo, str) or not algo):
+            raise ValueError(f"algo={algo!r} must be a non-empty string or None")
         delta = OpStats(
             _check_count("calls", calls),
             _check_count("payload_bytes", payload_bytes),
@@ -121,6 +130,9 @@ class CommStats:
         with self._lock:
             per_op = self._data.setdefault(k, {})
             per_op[op] = per_op.get(op, OpStats()) + delta
+            if algo is not None:
+                ka = (k, op, algo)
+                self._algo[ka] = self._algo.get(ka, OpStats()) + delta
 
     def snapshot(self) -> Snapshot:
         """A copy of all counters, ``{key: {op: OpStats}}``; later calls do not change it."""
@@ -135,6 +147,15 @@ class CommStats:
                 return per_op.get(op, OpStats())
             return sum(per_op.values(), OpStats())
 
+    def by_algo(self, key: str | None = None) -> dict[tuple[str, str], OpStats]:
+        """Counters per ``(op, algo)``, summed over keys (or of one `key`); only calls that named one."""
+        out: dict[tuple[str, str], OpStats] = {}
+        with self._lock:
+            for (k, op, algo), st in self._algo.items():
+                if key is None or k == key:
+                    out[(op, algo)] = out.get((op, algo), OpStats()) + st
+        return out
+
     def total(self, op: str | None = None) -> OpStats:
         """Counters summed over every key (and over every op unless `op` is given)."""
         return total(self.snapshot(), op)
@@ -143,6 +164,7 @@ class CommStats:
         """Forget every counter."""
         with self._lock:
             self._data.clear()
+            self._algo.clear()
 
     def __repr__(self) -> str:
         t = self.total()

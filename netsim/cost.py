@@ -25,6 +25,13 @@ child and cost less, so ``2(h+k-1)(L + 2S/(kB))`` is then an upper bound.
 
 ``S`` is each rank's input: the tensor for all-reduce / reduce-scatter / all-to-all / ps, the
 own block for all-gather, the root's tensor for broadcast.
+
+The all-gather and all-reduce algorithms that ``ccomm.comm`` runs (ring, recursive doubling,
+Bruck, binary tree) come from :mod:`ccomm.schedule`, the one description of what that
+transport sends: recursive doubling and Bruck cost ``ceil(log2 n)`` latencies where the ring
+costs ``n - 1``. ``sizes_known=False`` adds what ``ccomm.comm`` does to learn payload sizes
+(the ring: a ring of 8-byte headers first and blocks padded to the largest; log-depth: an
+int64 per block leading each round's messages).
 """
 
 from __future__ import annotations
@@ -33,6 +40,9 @@ import logging
 import math
 from collections import defaultdict
 from collections.abc import Sequence
+
+from ccomm import schedule as ccs
+from ccomm.schedule import tree_depth
 
 from .link import Link
 from .topo import Resource, Topo
@@ -61,9 +71,9 @@ Schedule = list[Step]
 
 #: Algorithms per op; the first is the default.
 ALGOS: dict[str, tuple[str, ...]] = {
-    "allreduce": ("ring", "tree"),
+    "allreduce": ("ring", "tree", "doubling"),
     "reduce_scatter": ("ring",),
-    "allgather": ("ring", "direct"),
+    "allgather": ("ring", "direct", "doubling", "bruck"),
     "broadcast": ("chain", "tree"),
     "alltoall": ("direct",),
     "ps": ("pushpull", "push", "pull"),
@@ -71,32 +81,11 @@ ALGOS: dict[str, tuple[str, ...]] = {
 }
 
 
-def tree_depth(n: int) -> int:
-    """Depth of the heap-ordered binary tree on n ranks (children of i: 2i+1, 2i+2): floor(log2 n)."""
-    return max(0, n.bit_length() - 1)
-
-
 # ---------------------------------------------------------------------------- schedules
-def _ring(n: int, nsteps: int, sizes: Sequence[float], block_of: int) -> Schedule:
-    # Step k: rank i sends to i+1 the block that started at rank i - k (all-gather), or a
-    # fixed-size chunk (reduce phases, where `sizes` are all equal).
-    return [[(i, (i + 1) % n, float(sizes[(i - k * block_of) % n])) for i in range(n)] for k in range(nsteps)]
-
-
 def _shifted(n: int, size_of: Sequence[float]) -> Schedule:
     # One step; messages ordered by shift d (i -> i+d) so that served in list order no rank's
     # uplink or downlink is asked for two messages at once until the previous round is done.
     return [[(i, (i + d) % n, float(size_of[i])) for d in range(1, n) for i in range(n)]]
-
-
-def _tree_reduce(n: int, chunk: float, k: int) -> Schedule:
-    depth = tree_depth(n)
-    steps: Schedule = [[] for _ in range(depth + k - 1)]
-    for v in range(1, n):
-        dv = tree_depth(v + 1)  # depth of node v in the heap tree
-        for m in range(k):
-            steps[(depth - dv) + m].append((v, (v - 1) // 2, chunk))
-    return steps
 
 
 def _tree_bcast(n: int, chunk: float, k: int) -> Schedule:
@@ -126,11 +115,14 @@ def schedule(
     sizes: Sequence[float] | None = None,
     chunks: int = 1,
     root: int = 0,
+    sizes_known: bool = True,
+    pipelined: bool = True,
 ) -> Schedule:
     """Per-step ``(src, dst, nbytes)`` lists of ``op`` on n ranks (see the module docstring).
 
     ``sizes`` gives per-rank block sizes for all-gather (codecs whose payload sizes differ);
     ``chunks`` pipelines tree and chain algorithms; ``root`` is the broadcast root / ps server.
+    ``sizes_known`` and ``pipelined`` (all-gather) are those of :func:`ccomm.schedule.allgather_schedule`.
     """
     if op not in ALGOS:
         raise ValueError(f"op={op!r} must be one of {sorted(ALGOS)}")
@@ -150,18 +142,20 @@ def schedule(
             raise ValueError(f"sizes= is only meaningful for allgather, not op={op!r}")
         if len(sizes) != n or any(not (math.isfinite(s) and s >= 0) for s in sizes):
             raise ValueError(f"sizes must hold n={n} finite values >= 0, got {list(sizes)}")
+    if not sizes_known and op != "allgather":
+        raise ValueError(f"sizes_known=False is only meaningful for allgather, not op={op!r}")
     if n == 1:
         return []
-    same = [float(nbytes)] * n
-    if op == "allreduce" and algo == "ring":
-        return _ring(n, 2 * (n - 1), [nbytes / n] * n, 0)
     if op == "allreduce":
-        return _tree_reduce(n, nbytes / chunks, chunks) + _tree_bcast(n, nbytes / chunks, chunks)
+        return ccs.allreduce_schedule(algo, n, nbytes, chunks=chunks)
     if op == "reduce_scatter":
-        return _ring(n, n - 1, [nbytes / n] * n, 0)
+        # The ring all-reduce's first half.
+        return ccs.allreduce_schedule("ring", n, nbytes)[: n - 1]
     if op == "allgather":
-        blocks = [float(s) for s in sizes] if sizes is not None else same
-        return _ring(n, n - 1, blocks, 1) if algo == "ring" else _shifted(n, blocks)
+        blocks = [float(s) for s in sizes] if sizes is not None else [float(nbytes)] * n
+        if algo == "direct":
+            return _shifted(n, blocks)
+        return ccs.allgather_schedule(algo, n, blocks, sizes_known=sizes_known, pipelined=pipelined)
     if op == "broadcast":
         if algo == "chain":
             return _chain(n, nbytes / chunks, chunks, root)
@@ -227,9 +221,11 @@ def collective_time(
     sizes: Sequence[float] | None = None,
     chunks: int = 1,
     root: int = 0,
+    sizes_known: bool = True,
 ) -> float:
+    """Step-synchronous duration of :func:`schedule` ``(op, n, nbytes, algo, ...)`` on ``net``."""
     topo = _as_topo(net, n, shared)
-    steps = schedule(op, topo.n, nbytes, algo, sizes=sizes, chunks=chunks, root=root)
+    steps = schedule(op, topo.n, nbytes, algo, sizes=sizes, chunks=chunks, root=root, sizes_known=sizes_known)
     return schedule_time(topo, steps, start_s)
 
 
@@ -244,7 +240,8 @@ def allreduce_time(
     nbytes: float, net: Topo | Link, n: int | None = None, algo: str = "ring", start_s: float = 0.0,
     *, shared: bool = True, chunks: int = 1,
 ) -> float:
-    """ring ``2(n-1)(L + S/(nB))``; tree ``2(h+k-1)(L + c*S/(kB))``, c = 2 shared (n > 2), 1 mesh."""
+    """ring ``2(n-1)(L + S/(nB))``; tree ``2(h+k-1)(L + c*S/(kB))``, c = 2 shared (n > 2), 1 mesh;
+    doubling ``log2(n)(L + S/B)`` for n a power of two, two steps more otherwise."""
     return collective_time("allreduce", nbytes, net, n, algo, start_s, shared=shared, chunks=chunks)
 
 
@@ -258,12 +255,15 @@ def reduce_scatter_time(
 
 def allgather_time(
     nbytes: float, net: Topo | Link, n: int | None = None, algo: str = "ring", start_s: float = 0.0,
-    *, shared: bool = True, sizes: Sequence[float] | None = None,
+    *, shared: bool = True, sizes: Sequence[float] | None = None, sizes_known: bool = True,
 ) -> float:
-    """ring ``(n-1)(L + S/B)``; direct ``L + (n-1)S/B`` shared, ``L + S/B`` mesh.
+    """ring ``(n-1)(L + S/B)``; direct ``L + (n-1)S/B`` shared, ``L + S/B`` mesh; doubling and bruck
+    ``ceil(log2 n) L + (n-1)S/B``.
 
-    ``sizes`` (per-rank block bytes) replaces ``nbytes`` for codecs whose payloads differ."""
-    return collective_time("allgather", nbytes, net, n, algo, start_s, shared=shared, sizes=sizes)
+    ``sizes`` (per-rank block bytes) replaces ``nbytes`` for codecs whose payloads differ;
+    ``sizes_known=False`` includes ccomm's size headers (:func:`schedule`)."""
+    return collective_time("allgather", nbytes, net, n, algo, start_s, shared=shared, sizes=sizes,
+                           sizes_known=sizes_known)
 
 
 def broadcast_time(

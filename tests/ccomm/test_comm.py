@@ -126,7 +126,7 @@ def _r_gather_codec(rank: int, world: int, spec: str) -> list[dict[str, Any]]:
             st = CommStats()
             key = f"{spec}/{dtype}/{same_size}"
             with _Spy() as spy:
-                got = allgather_payloads(p, same_size=same_size, key=key, stats=st)
+                got = allgather_payloads(p, same_size=same_size, algo="ring", key=key, stats=st)
             out.append(
                 {
                     "dtype": dtype,
@@ -272,7 +272,7 @@ def _r_var_sizes(rank: int, world: int) -> dict[str, Any]:
         p = Payload(buf, PayloadMeta(torch.Size([n]), torch.float32))
         st = CommStats()
         with _Spy() as spy:
-            got = allgather_payloads(p, same_size=False, stats=st)
+            got = allgather_payloads(p, same_size=False, algo="ring", stats=st)
         out[str(dtype)] = {
             "own": buf,
             "got": [q.buffer for q in got],
@@ -309,7 +309,7 @@ def _r_approx_topk(rank: int, world: int) -> dict[str, Any]:
     p = codec.encode(x)
     st = CommStats()
     with _Spy() as spy:
-        got = allgather_payloads(p, key="grad", stats=st)
+        got = allgather_payloads(p, key="grad", algo="ring", stats=st)
     same = allgather_payloads(p, same_size=True, stats=st)
     return {
         "x": x,

@@ -1,0 +1,110 @@
+"""Log-depth all-gather of payloads (``"doubling"``, ``"bruck"``): ceil(log2 n) rounds.
+
+Who sends which blocks to whom in each round comes from `ccomm.schedule.allgather_rounds`;
+this module only executes it. Blocks stay separate tensors, each its own message, so no
+rank concatenates or splits buffers, and block b lands directly in its final tensor.
+
+1. Own block: a copy of ``payload.buffer`` (the ring returns copies too).
+2. Every round, for each transfer this rank sends: its blocks; for each it receives:
+   buffers for the blocks it names.
+3. Sizes known (``same_size=True``): every block has this rank's size; sends and
+   receives of the round are posted together and waited on.
+4. Sizes unknown: each transfer leads with an int64 header, one size per block.
+   On CPU (gloo) header and blocks are sent together with the header receive; once the
+   header is in, the block receives are posted, so a round costs one latency. Elsewhere
+   (NCCL, whose grouped sends would wait for receives posted only after the group) the
+   headers are a step of their own. Empty blocks are not sent.
+5. Every rank waits for all of a round's messages before the next round, whose
+   messages may forward what it just received.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ..payload import Payload
+from ..schedule import HEADER_BYTES, allgather_rounds
+from ..stats import CommStats
+from ._handle import HEADER_DTYPE, CommError, CommHandle
+from .p2p import post, submit, wait_all
+
+__all__ = ["log_allgather"]
+
+logger = logging.getLogger(__name__)
+
+
+def log_allgather(
+    payload: Payload,
+    group: dist.ProcessGroup | None,
+    rank: int,
+    world: int,
+    algo: str,
+    same_size: bool,
+    what: str,
+    st: CommStats,
+    key: str | None,
+) -> CommHandle[list[Payload]]:
+    """Every rank's payload by ``algo`` (see the module docstring); runs on the group's thread."""
+    buf = payload.buffer
+    rounds = allgather_rounds(algo, world)
+    pipelined = buf.device.type == "cpu"
+    st.record("allgather", key, payload_bytes=payload.nbytes, algo=algo)
+    logger.debug("%s", what)
+
+    def job() -> list[torch.Tensor]:
+        blocks: list[torch.Tensor | None] = [None] * world
+        blocks[rank] = buf.clone()
+        step = 0
+        for k, rnd in enumerate(rounds):
+            sends = [t for t in rnd if t.src == rank]
+            recvs = [t for t in rnd if t.dst == rank]
+            where = f"{what} round {k}"
+            data_out = [(True, blocks[b], t.dst) for t in sends for b in t.blocks]
+            if same_size:
+                for t in recvs:
+                    for b in t.blocks:
+                        blocks[b] = torch.empty_like(buf)
+                data_in = [(False, blocks[b], t.src) for t in recvs for b in t.blocks]
+                ops = [op for op in data_out + data_in if op[1].numel() > 0]
+                wait_all(post(ops, group, step, rank), where)
+                step += 1
+                continue
+            heads_out = [torch.tensor([blocks[b].numel() for b in t.blocks], dtype=HEADER_DTYPE, device=buf.device)
+                         for t in sends]
+            heads_in = [torch.empty(len(t.blocks), dtype=HEADER_DTYPE, device=buf.device) for t in recvs]
+            st.record("allgather", key, header_bytes=HEADER_BYTES * sum(h.numel() for h in heads_out), calls=0,
+                      algo=algo)
+            h_out = [(True, h, t.dst) for h, t in zip(heads_out, sends)]
+            h_in = [(False, h, t.src) for h, t in zip(heads_in, recvs)]
+            nonempty = [op for op in data_out if op[1].numel() > 0]
+            if pipelined:
+                sent = post(h_out + nonempty, group, step, rank)
+                wait_all(post(h_in, group, step, rank), where + " [sizes]")
+            else:
+                wait_all(post(h_out + h_in, group, step, rank), where + " [sizes]")
+                step += 1
+                sent = post(nonempty, group, step, rank)
+            data_in = []
+            for h, t in zip(heads_in, recvs):
+                sizes = h.tolist()
+                if len(sizes) != len(t.blocks) or any(s < 0 for s in sizes):
+                    raise CommError(f"{where}: rank {t.src} announced block sizes {sizes} for blocks {t.blocks}")
+                for b, s in zip(t.blocks, sizes):
+                    blocks[b] = buf.new_empty(s)
+                    if s > 0:
+                        data_in.append((False, blocks[b], t.src))
+            got = post(data_in, group, step, rank)
+            wait_all(sent + got, where)
+            step += 1
+        return blocks  # type: ignore[return-value]
+
+    work = submit(group, job)
+
+    def finish() -> list[Payload]:
+        out: Any = work.wait()
+        return [payload.with_buffer(b) for b in out]
+
+    return CommHandle([work], finish, what)
