@@ -16,6 +16,9 @@ timeout that hides the real cause. The rule:
    `wait()`). Once a wait has lasted `CHECK_AFTER_S`, it reads the store every `POLL_S`;
    a posted error of another rank of the group raises `PeerError` naming that rank and its
    reason. A transfer that completes sooner never touches the store.
+   Futures handed out instead of a wait (`CommHandle.get_future`, which DDP hooks return)
+   are `watch`ed by one daemon thread with the same timing, which fails them with the
+   `PeerError`.
 3. `clear()` withdraws this rank's post (`ccomm.ranks` calls it before every job), and a
    rank that completes a transfer after posting withdraws it too.
 
@@ -32,12 +35,14 @@ import sys
 import threading
 import time
 from types import TracebackType
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch.distributed as dist
 
+from .errors import CommError
+
 __all__ = [
-    "PeerError", "post_error", "peer_error", "posting", "wait_works", "clear", "install_excepthook",
+    "PeerError", "post_error", "peer_error", "posting", "wait_works", "watch", "clear", "install_excepthook",
     "CHECK_AFTER_S", "POLL_S", "LINGER_S",
 ]
 
@@ -56,7 +61,7 @@ _MAX_REASON = 2000
 _posted = False  # this process has an error in the store
 
 
-class PeerError(RuntimeError):
+class PeerError(CommError):
     """Another rank failed; raised instead of waiting for the group's timeout."""
 
     def __init__(self, rank: int, reason: str, what: str) -> None:
@@ -157,6 +162,47 @@ def install_excepthook() -> None:
     if sys.excepthook is not _excepthook:
         _previous_hook = sys.excepthook
         sys.excepthook = _excepthook
+
+
+class _Watcher:
+    """One daemon thread failing watched futures when a peer posts its error."""
+
+    def __init__(self) -> None:
+        self.entries: list[tuple[float, Callable[[], bool], Callable[[PeerError], None], str]] = []
+        self.lock = threading.Lock()
+        threading.Thread(target=self._run, name="ccomm-failfast-watch", daemon=True).start()
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(POLL_S)
+            now = time.monotonic()
+            with self.lock:
+                self.entries = [e for e in self.entries if not e[1]()]
+                due = [e for e in self.entries if now - e[0] >= CHECK_AFTER_S]
+            if not due:
+                continue
+            err = peer_error(None, due[0][3])
+            if err is None:
+                continue
+            with self.lock:
+                failed, self.entries = self.entries, []
+            for _, _, fail, what in failed:
+                fail(PeerError(err.rank, err.reason, what))
+
+
+_watcher: _Watcher | None = None
+
+
+def watch(is_done: Callable[[], bool], fail: Callable[[PeerError], None], what: str = "wait") -> None:
+    """Call `fail(PeerError)` if a peer posts its error before `is_done()` (see the module docstring)."""
+    global _watcher
+    if _store() is None:
+        return
+    with _waiter_lock:
+        if _watcher is None:
+            _watcher = _Watcher()
+    with _watcher.lock:
+        _watcher.entries.append((time.monotonic(), is_done, fail, what))
 
 
 class _Waiter:

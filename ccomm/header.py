@@ -23,11 +23,14 @@ extra round there.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
 import torch
+
+from .payload import PayloadMeta
 
 if TYPE_CHECKING:
     from .codecs.base import Codec
@@ -37,6 +40,7 @@ __all__ = [
     "HEADER_WORDS",
     "HEADER_BYTES",
     "MAX_DIMS",
+    "RAW",
     "HeaderMismatchError",
     "WireHeader",
     "check_peers",
@@ -44,6 +48,8 @@ __all__ = [
 
 FORMAT_VERSION = 1
 MAGIC = 0x43434F4D  # "CCOM"
+#: Codec name of payloads that no codec made (raw tensors, e.g. ResidualCodec's warm-up).
+RAW = "raw"
 MAX_DIMS = 8
 HEADER_WORDS = 7 + MAX_DIMS
 HEADER_BYTES = HEADER_WORDS * 8
@@ -67,6 +73,12 @@ def _signed(u: int) -> int:
 
 def _digest(spec: str) -> int:
     return _signed(int.from_bytes(hashlib.blake2b(spec.encode(), digest_size=8).digest(), "little"))
+
+
+@functools.lru_cache(maxsize=512)
+def _identity(spec: str) -> tuple[str, int]:
+    """(name, digest) of a codec spec: the name is the first stage's, or "chain"."""
+    return ("chain" if "|" in spec else spec.partition(":")[0]), _digest(spec)
 
 
 def _dtype_code(dtype: torch.dtype, field: str) -> int:
@@ -93,9 +105,15 @@ class WireHeader:
                     buffer: torch.Tensor) -> "WireHeader":
         """The header of `buffer`, a payload of `codec` for a tensor of `shape` and `dtype`."""
         spec = codec if isinstance(codec, str) else codec.spec
-        name = spec.partition(":")[0] if "|" not in spec else "chain"
-        return cls(name, _digest(spec), tuple(int(s) for s in shape), dtype, buffer.dtype,
+        name, digest = _identity(spec)
+        return cls(name, digest, tuple(int(s) for s in shape), dtype, buffer.dtype,
                    buffer.numel() * buffer.element_size())
+
+    @classmethod
+    def of(cls, meta: PayloadMeta, buffer_dtype: torch.dtype, nbytes: int) -> "WireHeader":
+        """The header of a `nbytes`-byte buffer of `buffer_dtype` whose local context is `meta`."""
+        name, digest = _identity(RAW if meta.codec is None else meta.codec.spec)
+        return cls(name, digest, tuple(int(s) for s in meta.shape), meta.dtype, buffer_dtype, nbytes)
 
     def pack(self, device: torch.device | str = "cpu") -> torch.Tensor:
         """The header as `HEADER_WORDS` int64 values on `device`."""

@@ -108,7 +108,7 @@ class Codec(abc.ABC):
         if x.numel() == 0:
             return Payload(torch.empty(0, dtype=self.empty_dtype(x.dtype), device=x.device), self.meta_for(x.shape, x.dtype))
         buffer, extra = self._encode(x)
-        return Payload(buffer, PayloadMeta(x.shape, x.dtype, extra))
+        return Payload(buffer, PayloadMeta(x.shape, x.dtype, extra, self))
 
     def decode(self, payload: Payload) -> torch.Tensor:
         """The tensor `payload` encodes; a buffer that cannot be one is a `ValueError`.
@@ -144,7 +144,7 @@ class Codec(abc.ABC):
 
     def meta_for(self, shape: Sequence[int], dtype: torch.dtype) -> PayloadMeta:
         """The local context a receiver uses to decode a buffer for a tensor of this shape."""
-        return PayloadMeta(torch.Size(shape), dtype, self._extra_for_receiver())
+        return PayloadMeta(torch.Size(shape), dtype, self._extra_for_receiver(), self)
 
     def wrap(self, buffer: torch.Tensor, shape: Sequence[int], dtype: torch.dtype) -> Payload:
         """A received `buffer` as a payload this rank can decode."""
