@@ -16,8 +16,9 @@ All-gather (``sizes[r]``: bytes of rank r's block):
   r, r+1, ..., r + min(2^k, n - 2^k) - 1 (mod n), which it holds after round k-1.
 
 Log-depth rounds send one message per (non-empty) block, so no rank concatenates or
-splits blocks. With unknown sizes each round's messages are led by a header message of
-one int64 per block they carry (``HEADER_BYTES`` each), in the same step when
+splits blocks. With unknown sizes (or checked ones, ``check=True``) each round's messages are led by a
+header message of one wire header per block they carry (`ccomm.header`, ``HEADER_BYTES``
+each: codec, dtypes, shape and bytes, not only the size), in the same step when
 ``pipelined`` (the sender posts header and blocks together), else in a step of its own
 (backends such as NCCL, whose grouped sends cannot wait for the receiver to post
 receives of sizes it learns from the header).
@@ -41,6 +42,8 @@ import math
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+from .header import HEADER_BYTES as _WIRE_HEADER_BYTES
 
 __all__ = [
     "ALGOS",
@@ -72,8 +75,9 @@ ALGOS: dict[str, tuple[str, ...]] = {
 }
 #: The log-depth algorithms `ccomm.comm` runs over point-to-point messages.
 LOG_DEPTH: dict[str, tuple[str, ...]] = {op: algos[1:] for op, algos in ALGOS.items()}
-#: One int64 size per block in a log-depth round's header, and per rank in the ring's.
-HEADER_BYTES = 8
+#: One wire header (`ccomm.header`) per block in a log-depth round's header message, and
+#: per rank in the ring's header gather.
+HEADER_BYTES = _WIRE_HEADER_BYTES
 
 
 @dataclass(frozen=True)
