@@ -55,7 +55,7 @@ def allreduce_payload(
     st = resolve(stats)
     if check and world > 1:
         heads = exchange_headers(payload, group, rank, world, chosen, what, st, "allreduce", key)
-        check_gathered(payload, heads, rank, what, same_size=True)
+        check_gathered(payload, heads, rank, what, key, same_size=True)
     if chosen == "ring":
         handle = ring_allreduce(payload, group, what, st, key)
     else:

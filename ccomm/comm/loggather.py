@@ -109,7 +109,7 @@ def log_allgather(
             wait_all(sent + got, where)
             step += 1
         if sized:
-            check_gathered(payload, heads, rank, what, same_size)  # type: ignore[arg-type]
+            check_gathered(payload, heads, rank, what, key, same_size)  # type: ignore[arg-type]
         return blocks  # type: ignore[return-value]
 
     work = submit(group, job)

@@ -62,7 +62,7 @@ def ring_allgather(
     rank = dist.get_rank(group)
     heads = exchange_headers(payload, group, rank, world, "ring", what, st, "allgather", key)
     # Equal dtypes are checked here, so byte lengths convert to element counts exactly.
-    sizes = [h.nbytes // buf.element_size() for h in check_gathered(payload, heads, rank, what, same_size)]
+    sizes = [h.nbytes // buf.element_size() for h in check_gathered(payload, heads, rank, what, key, same_size)]
     longest = max(sizes)
     pad = longest - n
     st.record("allgather", key, payload_bytes=payload.nbytes, padding_bytes=pad * buf.element_size(), calls=0,

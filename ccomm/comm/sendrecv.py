@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from ..failfast import wait_works
-from ..header import HEADER_BYTES, WireHeader, check_peers
+from ..header import HEADER_BYTES, HeaderMismatchError, WireHeader, check_peers
 from ..payload import Payload, PayloadMeta
 from ..stats import CommStats, resolve
 from ._handle import CommError, CommHandle, check_payload, finish_sync, group_rank_and_size, issue, wrap_error
@@ -131,12 +131,17 @@ def send_recv(
         peer = WireHeader.unpack(theirs, source=f"{what}: rank {src}")
         if recv_dtype is not None:  # the caller reinterprets the bytes: any buffer dtype will do
             expected = dataclasses.replace(expected, buffer_dtype=peer.buffer_dtype)
-        check_peers(expected, [peer], rank=rank, peer_ranks=[src], what=what, same_size=recv_nbytes is not None)
+        try:
+            check_peers(expected, [peer], rank=rank, peer_ranks=[src], what=what, same_size=recv_nbytes is not None)
+            if peer.nbytes % esize:
+                raise CommError(
+                    f"{what}: rank {src} announced {peer.nbytes} bytes, not a multiple of {rdtype}'s {esize} bytes")
+        except (HeaderMismatchError, CommError):
+            # Finish the step with the announced sizes before raising, so the peers' transfers
+            # complete and no rank is left waiting on this one.
+            _drain(buf, peer.nbytes, gdst, gsrc, group, sent, where)
+            raise
         recv_nbytes = peer.nbytes
-        if recv_nbytes % esize:
-            raise CommError(
-                f"{what}: rank {src} announced {recv_nbytes} bytes, not a multiple of {rdtype}'s {esize} bytes"
-            )
     logger.debug("%s recv_nbytes=%d", what, recv_nbytes)
     recv = torch.empty(recv_nbytes // esize, dtype=rdtype, device=buf.device)
     if pipelined:
@@ -151,6 +156,14 @@ def _post(ops: list[tuple[bool, torch.Tensor, int]], group: dist.ProcessGroup | 
     """Post ``(is_send, tensor, global peer)`` operations together; returns their works."""
     return list(dist.batch_isend_irecv(
         [dist.P2POp(dist.isend if s else dist.irecv, t, peer, group=group) for s, t, peer in ops]))
+
+
+def _drain(buf: torch.Tensor, nbytes: int, dst: int, src: int, group: dist.ProcessGroup | None,
+           sent: list[Any], what: str) -> None:
+    """Receive the `nbytes` the peer announced into scratch (and send `buf` unless `sent` already did)."""
+    scratch = torch.empty(nbytes, dtype=torch.uint8, device=buf.device)
+    ops = [(False, scratch, src)] if sent else [(True, buf, dst), (False, scratch, src)]
+    _wait(sent + issue(what, lambda: _post(ops, group)), what)
 
 
 def _wait(works: list[Any], what: str) -> None:

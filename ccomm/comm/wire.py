@@ -60,6 +60,12 @@ def _blocks_sent(algo: str, world: int, rank: int) -> int:
     return sum(len(t.blocks) for rnd in allgather_rounds(algo, world) for t in rnd if t.src == rank)
 
 
-def check_gathered(payload: Payload, heads: list[Any], rank: int, what: str, same_size: bool) -> list[WireHeader]:
-    """Unpack and check every rank's header against this rank's; returns them (rank order)."""
-    return check_peers(header_of(payload), heads, rank=rank, what=what, same_size=same_size)
+def check_gathered(payload: Payload, heads: list[Any], rank: int, what: str, key: str | None,
+                   same_size: bool) -> list[WireHeader]:
+    """Unpack and check every rank's header against this rank's; returns them (rank order).
+
+    The error names the call by function and key only (`what`'s byte count and algorithm
+    may differ between ranks), so every rank raises the very same message.
+    """
+    common = f"{what.split('(', 1)[0]}(key={key!r})"
+    return check_peers(header_of(payload), heads, rank=rank, what=common, same_size=same_size)
