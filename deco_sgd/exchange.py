@@ -17,6 +17,11 @@ Wire format (one buffer per unit, one collective per unit):
 
 A rank whose gradients are not all finite sends zeros with validity 0 and leaves its
 residual untouched (§7): the flags arrive with the data, so all ranks see the same flags.
+
+The collectives run with ``check=False`` (no per-call wire header, `ccomm.header`): every
+unit's size follows from the parameters, the config and the fixed-size codec, which
+`DecoState` checks to be identical on every rank when it is built, so a header step per
+unit would only add a latency to every exchange.
 """
 from __future__ import annotations
 
@@ -204,7 +209,7 @@ def launch_unit(
             unit.result = {n: c.view(s).to(dtype) for n, c, s in zip(names, flat[:-world].split(sizes), shapes)}
             unit.agg_finite = all_finite(flat[:-world])
 
-        handle = allreduce_payload(payload, group, async_op=True, key=key)
+        handle = allreduce_payload(payload, group, async_op=True, key=key, check=False)
         spec, coll = "dense", "allreduce"
     else:
         payloads = []
@@ -233,7 +238,7 @@ def launch_unit(
                     out[n] = codec.decode(pl.with_buffer(chunk.contiguous())).to(dtype) / world
                 _set_result(unit, out)
 
-            handle = allreduce_payload(Payload(buf, _dense_meta(buf)), group, async_op=True, key=key)
+            handle = allreduce_payload(Payload(buf, _dense_meta(buf)), group, async_op=True, key=key, check=False)
             coll = "allreduce"
         else:
             raw = [pl.buffer.contiguous().view(torch.uint8) for pl in payloads]
@@ -255,7 +260,8 @@ def launch_unit(
                     out[n] = decode_sum(codec, per_rank).to(dtype) / world
                 _set_result(unit, out)
 
-            handle = allgather_payloads(Payload(buf, _dense_meta(buf)), group, same_size=True, async_op=True, key=key)
+            handle = allgather_payloads(Payload(buf, _dense_meta(buf)), group, same_size=True, async_op=True, key=key,
+                                        check=False)
             coll = "allgather"
     sq = float(sum(float(g.detach().float().pow(2).sum()) for g in grads)) if valid else math.nan
     unit = Unit(tuple(names), shapes, ratio, spec, own, handle, finish, t0,
