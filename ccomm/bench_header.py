@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import os
 import platform
 import statistics
 import sys
@@ -109,14 +110,16 @@ def _kib(n: int) -> str:
     return f"{n >> 20} MiB" if n >= 1 << 20 else f"{n >> 10} KiB"
 
 
-def to_markdown(cpu: dict[str, float], tr: dict[tuple[str, int, bool], float], command: str, repeats: int) -> str:
+def to_markdown(cpu: dict[str, float], tr: dict[tuple[str, int, bool], float], command: str, repeats: int,
+                load: tuple[float, ...] = ()) -> str:
     from .header import HEADER_BYTES
 
     now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    busy = f"; host load average at start {', '.join(f'{x:.1f}' for x in load)} on {os.cpu_count()} CPUs" if load else ""
     lines = [
         SECTION, "",
         f"Command: `{command}`  ",
-        f"Date: {now}; torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.machine()}  ",
+        f"Date: {now}; torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.machine()}{busy}  ",
         f"A header is {HEADER_BYTES} bytes (15 int64: format version, codec name and spec digest, dtypes, "
         "byte length, shape). Where a call already learnt its peers' sizes (gathers of unknown sizes, "
         "log-depth rounds, `send_recv` without `recv_nbytes`) it replaces the 8-byte size, so checking "
@@ -154,7 +157,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: --repeats {args.repeats} must be >= 1", file=sys.stderr)
         return 2
     command = "python -m ccomm.bench_header " + " ".join(sys.argv[1:] if argv is None else argv)
-    md = to_markdown(cpu_costs(), transport_costs(repeats=args.repeats), command.strip(), args.repeats)
+    load = os.getloadavg()
+    md = to_markdown(cpu_costs(), transport_costs(repeats=args.repeats), command.strip(), args.repeats, load)
     old = args.out.read_text() if args.out.is_file() else ""
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(_splice(old, md))
