@@ -31,6 +31,12 @@ __all__ = ["cpu_costs", "transport_costs", "to_markdown", "main"]
 
 SECTION = "## Wire header cost"
 SIZES = (4 << 10, 256 << 10, 4 << 20)
+NOTE = (
+    'The "allgather sizes unknown" rows time the same call in both columns (the header replaces the size '
+    "step either way): their ratio is this run's noise. With a load average far above the CPU count, "
+    "absolute times are inflated, most of all the thread hand-offs of point-to-point waits "
+    "(`send_recv` waits for the header, then for the data, through `ccomm.failfast`'s waiter thread)."
+)
 VARIANTS = ("allgather same_size", "allgather sizes unknown", "allreduce", "send_recv recv_nbytes")
 
 
@@ -136,6 +142,7 @@ def to_markdown(cpu: dict[str, float], tr: dict[tuple[str, int, bool], float], c
         for nbytes in sorted({k[1] for k in tr}):
             on, off = tr[(name, nbytes, True)], tr[(name, nbytes, False)]
             lines.append(f"| {name} | {_kib(nbytes)} | {on * 1e3:.3f} | {off * 1e3:.3f} | {on / off:.2f} |")
+    lines += ["", NOTE]
     return "\n".join(lines) + "\n"
 
 
