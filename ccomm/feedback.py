@@ -7,6 +7,10 @@ Per key (e.g. a parameter name), one step of error-feedback compression is:
 Summed over steps, decoded messages plus the final residual equal the summed inputs, so
 no gradient mass is ever lost, only delayed.
 
+Non-finite values are refused by default (`NonFiniteError` from `update`, and from
+`load_state_dict`), because a NaN kept in a residual would poison every later step of
+its key until `reset()`; `allow_nonfinite=True` keeps them.
+
 A key whose shape changes (DDP rebuilds its buckets after the first iteration) is reset
 with a warning instead of failing: the residual of a differently-shaped tensor means
 nothing for the new one.
@@ -19,6 +23,8 @@ from typing import Any, Hashable, Iterator, Mapping
 
 import torch
 
+from .finite import require_finite
+
 __all__ = ["ErrorFeedback"]
 
 logger = logging.getLogger(__name__)
@@ -29,13 +35,17 @@ class ErrorFeedback:
 
     `residual_dtype=None` stores each residual in the dtype of its tensor; pass
     `torch.float32` to keep fp16/bf16 residuals from losing small components.
+    `allow_nonfinite=False` (default) refuses a residual holding inf or NaN.
     """
 
-    __slots__ = ("_res", "residual_dtype")
+    __slots__ = ("_res", "residual_dtype", "allow_nonfinite")
 
-    def __init__(self, *, residual_dtype: torch.dtype | None = None) -> None:
+    def __init__(self, *, residual_dtype: torch.dtype | None = None, allow_nonfinite: bool = False) -> None:
+        if not isinstance(allow_nonfinite, bool):
+            raise ValueError(f"allow_nonfinite={allow_nonfinite!r}: must be true or false")
         self._res: dict[Hashable, torch.Tensor] = {}
         self.residual_dtype = residual_dtype
+        self.allow_nonfinite = allow_nonfinite
 
     def compensate(self, key: Hashable, x: torch.Tensor) -> torch.Tensor:
         """x + e[key] in x's dtype (a new tensor; x is never modified)."""
@@ -62,7 +72,12 @@ class ErrorFeedback:
                 f"decoded: shape {tuple(decoded.shape)} differs from corrected {tuple(corrected.shape)}"
             )
         dtype = self.residual_dtype or corrected.dtype
-        self._res[key] = corrected.to(dtype) - decoded.to(dtype)
+        res = corrected.to(dtype) - decoded.to(dtype)
+        if not self.allow_nonfinite:
+            # One check covers a non-finite input and a decode that overflowed; the old
+            # residual stays, so the key is as it was before this step.
+            require_finite(res, f"ErrorFeedback: residual of key {key!r}")
+        self._res[key] = res
 
     def residual(self, key: Hashable) -> torch.Tensor | None:
         return self._res.get(key)
@@ -89,4 +104,10 @@ class ErrorFeedback:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if "residuals" not in state:
             raise ValueError("state: missing 'residuals'; expected the output of ErrorFeedback.state_dict()")
-        self._res = {k: v.detach().clone() for k, v in state["residuals"].items()}
+        res = state["residuals"]
+        if not isinstance(res, Mapping) or not all(isinstance(v, torch.Tensor) for v in res.values()):
+            raise ValueError("state: 'residuals' must map keys to tensors")
+        if not self.allow_nonfinite:
+            for k, v in res.items():
+                require_finite(v, f"ErrorFeedback.load_state_dict: residual of key {k!r}")
+        self._res = {k: v.detach().clone() for k, v in res.items()}

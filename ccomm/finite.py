@@ -17,7 +17,7 @@ from typing import Iterable
 
 import torch
 
-__all__ = ["all_finite"]
+__all__ = ["all_finite", "NonFiniteError", "require_finite"]
 
 
 def _partial(t: torch.Tensor) -> torch.Tensor:
@@ -44,3 +44,16 @@ def all_finite(t: torch.Tensor | Iterable[torch.Tensor]) -> bool:
     if bool(torch.isfinite(acc).all()):
         return True
     return all(bool(torch.isfinite(x).all()) for x in floats)
+
+
+class NonFiniteError(ValueError):
+    """A tensor holding inf or NaN was given where only finite values may be kept."""
+
+
+def require_finite(t: torch.Tensor | Iterable[torch.Tensor], what: str) -> None:
+    """Raise `NonFiniteError` naming `what` unless every element of `t` is finite."""
+    if not all_finite(t):
+        raise NonFiniteError(
+            f"{what}: holds inf or NaN; refused so it is not kept in the state "
+            "(pass allow_nonfinite=True to keep non-finite values)"
+        )

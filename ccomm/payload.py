@@ -26,6 +26,9 @@ class PayloadMeta:
     shape: torch.Size
     dtype: torch.dtype
     extra: Mapping[str, Any] = field(default_factory=dict)
+    #: The codec that made (or will decode) the payload; None for raw tensors. Never sent:
+    #: the transport's wire header (`ccomm.header`) carries a digest of its spec.
+    codec: Any = field(default=None, compare=False)
 
     @property
     def numel(self) -> int:

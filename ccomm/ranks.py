@@ -15,7 +15,9 @@ For tests, benchmarks and examples on one host; multi-host runs go through `torc
    valid after its rank exits.
 3. Failures never hang and never leave processes behind:
    - an exception on a rank is raised in the parent as `RankError` with that rank's
-     traceback (and those of ranks that fail within a short grace period);
+     traceback (and those of ranks that fail within a short grace period); the failing
+     rank posts it first (`ccomm.failfast`), so peers waiting on it in a ccomm transfer
+     raise `PeerError` naming it within a fraction of a second;
    - a rank that exits without answering is an error too, unless the caller listed it in
      `may_exit` (tests that kill a peer on purpose; its result is None);
    - past the per-call `timeout`, every child is killed and `TimeoutError` names the ranks
@@ -101,6 +103,8 @@ def _serve(rank: int, n: int, store_port: int, threads: int, start_timeout_s: fl
     import torch
     import torch.distributed as dist
 
+    from . import failfast
+
     # Ranks stand in for separate devices on a few shared cores: intra-op threads beyond
     # the requested count would only contend with the other ranks.
     torch.set_num_threads(threads)
@@ -123,10 +127,12 @@ def _serve(rank: int, n: int, store_port: int, threads: int, start_timeout_s: fl
         if job is None:
             break
         fn, args, kwargs = job
+        failfast.clear()  # a new job: an error posted in an earlier one is no one's business now
         try:
             head = (ctx,) if context is not None else (rank, n)
             outbox.put(("ok", rank, pickle.dumps(fn(*head, *args, **kwargs))))
-        except BaseException:  # noqa: BLE001
+        except BaseException as exc:  # noqa: BLE001
+            failfast.post_error(exc)  # this rank leaves the job: peers waiting on it raise at once
             outbox.put(("err", rank, traceback.format_exc()))
     del ctx  # drop what jobs cached (models, groups) before the process group goes
     dist.destroy_process_group()

@@ -15,6 +15,12 @@ both update `base = (base.float() + D(p).float()).to(dtype)` in the same order (
 fp16/bf16 `base + D(p)` computes exactly that), so bases
 stay bit-identical on ranks of one device type. `check_consistency` proves it.
 
+Non-finite values are refused by default: `encode` raises `NonFiniteError` for an input
+holding inf or NaN, and any base update (sender or receiver) that would store one raises
+it too, leaving the key's base as it was. A NaN kept in a base would otherwise come back
+in every later reconstruction of the key until `reset()`. `allow_nonfinite=True` turns
+the checks off (CompactFusion does, and applies its own `nonfinite` policy).
+
 Variants (for ablations): `ef` (above), `no_ef` (sender's base is the true previous
 tensor, so receiver errors accumulate), `naive` (C(x) with no base at all).
 
@@ -35,6 +41,7 @@ import torch
 
 from .codecs._pack import from_bytes
 from .codecs.base import Codec
+from .finite import require_finite
 from .payload import Payload, PayloadMeta
 from .registry import make_codec
 
@@ -57,10 +64,15 @@ class _KeyState:
 
 
 class ResidualCodec:
-    __slots__ = ("codec", "warmup_steps", "variant", "_state", "_deferred")
+    __slots__ = ("codec", "warmup_steps", "variant", "allow_nonfinite", "_state", "_deferred")
 
-    def __init__(self, codec: Codec | str, warmup_steps: int = 1, *, variant: str = "ef") -> None:
+    def __init__(
+        self, codec: Codec | str, warmup_steps: int = 1, *, variant: str = "ef", allow_nonfinite: bool = False
+    ) -> None:
         self.codec = make_codec(codec)
+        if not isinstance(allow_nonfinite, bool):
+            raise ValueError(f"allow_nonfinite={allow_nonfinite!r}: must be true or false")
+        self.allow_nonfinite = allow_nonfinite
         if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 1:
             raise ValueError(f"warmup_steps={warmup_steps!r}: must be an integer >= 1 (step 0 has no base)")
         if variant not in VARIANTS:
@@ -80,7 +92,7 @@ class ResidualCodec:
         """The current base of `key` (read-only: updates replace it, never modify it)."""
         st = self._state.get(key)
         if st is not None and st.pending is not None:
-            self._apply(st)
+            self._apply(key, st)
         return st.base if st else None
 
     def keys(self) -> list[Hashable]:
@@ -97,7 +109,7 @@ class ResidualCodec:
         for key in done:
             st = self._state.get(key)
             if st is not None and st.pending is not None:
-                self._apply(st)
+                self._apply(key, st)
         return done
 
     def _raw(self, key: Hashable) -> bool:
@@ -127,8 +139,9 @@ class ResidualCodec:
         """
         st = self._state.setdefault(key, _KeyState())
         if st.pending is not None:
-            self._apply(st)
+            self._apply(key, st)
         self._check_shape(key, st, x)
+        self._check_finite(key, x, "input")
         if self._raw(key):
             payload = Payload(x.detach().reshape(-1).clone(), PayloadMeta(x.shape, x.dtype, {"raw": True}))
             st.base = x.detach().clone()
@@ -142,7 +155,7 @@ class ResidualCodec:
                 st.pending = payload
                 self._deferred[key] = None
             elif self.variant == "ef":
-                st.base = self._add(st.base, self.codec.decode(payload))
+                st.base = self._checked_add(key, st.base, payload)
             else:  # no_ef: the sender remembers the truth, receivers only what they got
                 st.base = x.detach().clone()
         st.uses += 1
@@ -152,12 +165,18 @@ class ResidualCodec:
         """Receiver side: the reconstruction of `key`, updating this rank's base."""
         st = self._state.setdefault(key, _KeyState())
         if st.pending is not None:
-            self._apply(st)
+            self._apply(key, st)
         meta = payload.meta
         if self._raw(key):
             buf = payload.buffer
+            if buf.nbytes != meta.numel * meta.dtype.itemsize:
+                raise ValueError(
+                    f"key {key!r}: raw payload has {buf.nbytes} bytes, expected {meta.numel * meta.dtype.itemsize} "
+                    f"for a {meta.dtype} tensor of shape {tuple(meta.shape)}"
+                )
             if buf.dtype != meta.dtype:  # raw bytes from a byte-oriented transport
                 buf = from_bytes(buf.view(torch.uint8), meta.dtype, meta.numel)
+            self._check_finite(key, buf, "received raw tensor")
             st.base = buf.reshape(meta.shape).clone()
             out = st.base
         elif self.variant == "naive":
@@ -165,7 +184,7 @@ class ResidualCodec:
         else:
             if st.base is None or st.base.shape != meta.shape:
                 raise ValueError(f"key {key!r}: no base of shape {tuple(meta.shape)}; call reset() between requests")
-            st.base = self._add(st.base, self.codec.decode(payload))
+            st.base = self._checked_add(key, st.base, payload)
             out = st.base
         st.uses += 1
         return out
@@ -175,10 +194,20 @@ class ResidualCodec:
         self._state.clear()
         self._deferred.clear()
 
-    def _apply(self, st: _KeyState) -> None:
+    def _apply(self, key: Hashable, st: _KeyState) -> None:
         assert st.base is not None and st.pending is not None
-        st.base = self._add(st.base, self.codec.decode(st.pending))
-        st.pending = None
+        pending, st.pending = st.pending, None
+        st.base = self._checked_add(key, st.base, pending)
+
+    def _check_finite(self, key: Hashable, t: torch.Tensor, what: str) -> None:
+        if not self.allow_nonfinite:
+            require_finite(t, f"ResidualCodec: key {key!r}, {what}")
+
+    def _checked_add(self, key: Hashable, base: torch.Tensor, payload: Payload) -> torch.Tensor:
+        """base + D(payload), refused (base kept) when the sum is not finite."""
+        new = self._add(base, self.codec.decode(payload))
+        self._check_finite(key, new, "updated base")
+        return new
 
     @staticmethod
     def _sub(x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:

@@ -15,13 +15,14 @@ All-gather (``sizes[r]``: bytes of rank r's block):
 - ``bruck`` (any n): in round k rank r sends to r - 2^k the blocks of ranks
   r, r+1, ..., r + min(2^k, n - 2^k) - 1 (mod n), which it holds after round k-1.
 
-No log-depth round copies blocks. With known sizes a transfer is one message: its blocks
-lie side by side in the rank's output buffer (in rank order for doubling, rotated by the
-rank for Bruck). With unknown sizes each non-empty block is a message of its own, led by a
-header message of one int64 per block the transfer carries (``HEADER_BYTES`` each), in the
-same step when ``pipelined`` (the sender posts header and blocks together), else in a step
-of its own (backends such as NCCL, whose grouped sends cannot wait for the receiver to
-post receives of sizes it learns from the header).
+No log-depth round copies blocks. With known, unchecked sizes (``check=False``) a transfer
+is one message: its blocks lie side by side in the rank's output buffer (in rank order for
+doubling, rotated by the rank for Bruck). With unknown sizes (or checked ones, ``check=True``)
+each non-empty block is a message of its own, led by a header message of one wire header per
+block the transfer carries (`ccomm.header`, ``HEADER_BYTES`` each: codec, dtypes, shape and
+bytes, not only the size), in the same step when ``pipelined`` (the sender posts header and
+blocks together), else in a step of its own (backends such as NCCL, whose grouped sends
+cannot wait for the receiver to post receives of sizes it learns from the header).
 
 All-reduce (S = the buffer's bytes):
 
@@ -42,6 +43,8 @@ import math
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+from .header import HEADER_BYTES as _WIRE_HEADER_BYTES
 
 __all__ = [
     "ALGOS",
@@ -74,8 +77,9 @@ ALGOS: dict[str, tuple[str, ...]] = {
 }
 #: The log-depth algorithms `ccomm.comm` runs over point-to-point messages.
 LOG_DEPTH: dict[str, tuple[str, ...]] = {op: algos[1:] for op, algos in ALGOS.items()}
-#: One int64 size per block in a log-depth round's header, and per rank in the ring's.
-HEADER_BYTES = 8
+#: One wire header (`ccomm.header`) per block in a log-depth round's header message, and
+#: per rank in the ring's header gather.
+HEADER_BYTES = _WIRE_HEADER_BYTES
 #: Software cost of one log-depth round that the network model does not see (a thread hop
 #: and a few Python-level torch.distributed calls on a CPU host), assumed by `choose`.
 ROUND_OVERHEAD_S = 2e-4

@@ -178,8 +178,11 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, state: 
             nk = state.recv_nbytes(KVKey(layer, nsrc, "k", branch), shape, wire, comp)
             nv = state.recv_nbytes(KVKey(layer, nsrc, "v", branch), shape, wire, comp)
             # CCOMM_DEBUG_SIZES=1: let the transport exchange sizes and compare them below.
+            # The peer's wire header must announce nk + nv bytes (checked with the data, on
+            # CPU in the same step: no extra latency).
             handle = send_recv(_payload(cur), (rank + 1) % world, (rank - 1) % world, g,
                                recv_nbytes=None if _debug_sizes() else nk + nv, recv_dtype=torch.uint8,
+                               meta=PayloadMeta(torch.Size([nk + nv]), torch.uint8),
                                async_op=True, key="kv_ring", stats=state.stats)
         if s == 0:  # exact own K/V, with the replicated text in front
             state.settle()  # own base updates overlap the first hop
@@ -206,7 +209,7 @@ def _gather_sync(state: CompactState, layer: int, branch: int, g: Any, rank: int
     # Patch mode: ring or log-depth rounds, whichever the cost model says is faster (the
     # ring mode above stays a ring of send_recv steps by design).
     handle = allgather_payloads(_payload(data), g, same_size=True, algo="auto", async_op=True, key="kv_gather",
-                                stats=state.stats)
+                                stats=state.stats, check=state.wire_check(layer, branch))
     state.settle()  # own base updates overlap the gather
     got = handle.wait()
     ks: list[torch.Tensor] = []
@@ -266,7 +269,8 @@ def distrifusion_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     out = full_attention(q, _front(joint_k, torch.cat(ks, dim=1)), _front(joint_v, torch.cat(vs, dim=1)), scale)
     # 2. launch this step's gather; decoded when the next step takes it
     data, nk, _, _ = _encode_own(state, layer, branch, rank, k, v, comp)
-    handle = allgather_payloads(_payload(data), g, same_size=True, async_op=True, key="kv_gather", stats=state.stats)
+    handle = allgather_payloads(_payload(data), g, same_size=True, async_op=True, key="kv_gather", stats=state.stats,
+                                check=state.wire_check(layer, branch))
     state.settle()
 
     def finish(payloads: list[Payload], like: torch.Tensor = k) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

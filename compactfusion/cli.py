@@ -1,6 +1,8 @@
 """Command line: ``compactfusion bench CONFIG.yaml --out DIR [--quick]``, ``compactfusion report DIR``.
 
-Exit codes: 0 done, 2 bad input (config or arguments).
+Exit codes: 0 done, 2 bad input (config, arguments, an unwritable --out, a junk results.json).
+``bench`` writes ``DIR/partial.json`` (every sample measured so far) as it goes, so a crash or
+Ctrl-C keeps what finished.
 """
 from __future__ import annotations
 
@@ -33,20 +35,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from ccomm.configfile import writable_dir
+
     from .bench import bench, load_config
 
     if args.cmd == "report":
         from .bench.report import rerender
 
-        if not (args.dir / "results.json").is_file():
-            print(f"error: no results.json in {args.dir}", file=sys.stderr)
+        try:
+            print(f"written {rerender(args.dir)}")
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
             return 2
-        print(f"written {rerender(args.dir)}")
         return 0
     try:
         cfg = load_config(args.config)
         if args.quick:
             cfg.quick_version()  # validate the overrides before spawning anything
+        writable_dir(args.out)  # before the run, not after it
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -70,7 +70,10 @@ class CompactState:
         self.world = dist.get_world_size(group) if dist.is_initialized() else 1
         self.num_layers = num_layers
         self.rc: ResidualCodec | None = (
-            ResidualCodec(config.make_codec(), config.warmup_steps, variant=config.variant) if config.compressed else None
+            # The config's `nonfinite` policy decides what a non-finite K/V does, after the
+            # layer's exchange completed (raise_nonfinite), so the codec must not raise first.
+            ResidualCodec(config.make_codec(), config.warmup_steps, variant=config.variant, allow_nonfinite=True)
+            if config.compressed else None
         )
         self._own_stats = stats is None
         self.stats = CommStats() if stats is None else stats
@@ -82,6 +85,7 @@ class CompactState:
         self._shadow: dict[KVKey, torch.Tensor] = {}
         self._shapes: dict[tuple[int, int], tuple] = {}
         self._bad: list[str] = []
+        self._wire_checked: set[tuple[int, int]] = set()
         self.closed = False
 
     # -- counters -------------------------------------------------------------------
@@ -129,6 +133,21 @@ class CompactState:
             self.reset()
             self.calls, self._index = branch_now + 1, branch_now
         self._shapes[(layer, branch)] = sig
+
+    def wire_check(self, layer: int, branch: int) -> bool:
+        """Whether this gather of (layer, branch) carries wire headers (`check=` of ccomm.comm).
+
+        True once per signature (until `reset`): that gather proves every rank's K/V layout
+        agrees, or raises HeaderMismatchError on every rank. Later gathers of the same
+        signature have sizes that follow from it and the mirrored state, so they skip the
+        header step, which would cost one more latency per layer (and block distrifusion's
+        overlapped gather until it completes).
+        """
+        slot = (layer, branch)
+        if slot in self._wire_checked:
+            return False
+        self._wire_checked.add(slot)
+        return True
 
     # -- the exchange -------------------------------------------------------------------
     def _raw(self, key: KVKey) -> bool:
@@ -271,6 +290,7 @@ class CompactState:
         self.stale.clear()
         self._shadow.clear()
         self._shapes.clear()
+        self._wire_checked.clear()
         self._bad.clear()
         self.calls = self._index = 0
         if self._own_stats:

@@ -11,6 +11,7 @@ from .config import ADAPTIVE_CODECS, DEFAULT_RATIO_GRID, TAU_LIMIT, DecoConfig
 from .adaptive import AdaptiveDriver
 from .controller import Controller, Decision, Measurements, Score
 from .errors import DecoCommError, DecoDesyncError, NonFiniteGradientError
+from .checkpoint import CheckpointError
 from .hook import attach_ddp, deco_hook
 from .optim import DecoOptimizer
 from .state import DecoState
@@ -37,6 +38,7 @@ __all__ = [
     "DecoCommError",
     "DecoDesyncError",
     "NonFiniteGradientError",
+    "CheckpointError",
     "ADAPTIVE_CODECS",
     "DEFAULT_RATIO_GRID",
     "TAU_LIMIT",

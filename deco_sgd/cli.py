@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import logging
 import shlex
 import statistics
@@ -95,10 +94,18 @@ def _cmd_bench(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from .bench.config import load_config, with_seeds
     from .bench.runner import BenchFailed, run_bench
 
+    from ccomm.configfile import ConfigFileError, writable_dir
+
     try:
         cfg = load_config(args.config, quick=args.quick)
         if args.seeds is not None:
             cfg = with_seeds(cfg, args.seeds)
+        writable_dir(args.out)
+        if args.cache is not None:
+            writable_dir(args.cache, "--cache")
+    except ConfigFileError as e:  # already `file:line: message`
+        print(f"deco-sgd bench: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except (OSError, ValueError) as e:
         print(f"deco-sgd bench: {args.config}: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -114,11 +121,19 @@ def _cmd_bench(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
 
 def _cmd_calibrate(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from ccomm.configfile import ConfigFileError, load_mapping
+
     try:
-        res = json.loads(Path(args.results).read_text())
+        res = load_mapping(args.results, "results")
+    except ConfigFileError as e:
+        print(f"deco-sgd calibrate: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    try:
         out = calibrate(res, args.r)
-    except (OSError, ValueError, KeyError) as e:
-        print(f"deco-sgd calibrate: {args.results}: {e}", file=sys.stderr)
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        # A mapping of the wrong layout: name what is missing instead of a traceback.
+        what = f"missing key {e}" if isinstance(e, KeyError) else str(e)
+        print(f"deco-sgd calibrate: {args.results}: not a `deco-sgd bench` results.json ({what})", file=sys.stderr)
         return EXIT_BAD_INPUT
     today = datetime.date.today().isoformat()
     cmd = "deco-sgd " + " ".join(shlex.quote(a) for a in argv)

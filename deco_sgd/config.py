@@ -29,7 +29,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from ccomm import make_codec
+from ccomm import available_codecs, make_codec
+from ccomm.registry import parse_spec
 from ccomm.codecs import Chain, Codec
 
 from .phi import PHI_FUNCTIONS, REPORTED_MAX_RATIO
@@ -256,6 +257,14 @@ class DecoConfig:
     def _check_codec(self, set_: Any) -> None:
         if not isinstance(self.codec, str) or not self.codec.strip():
             raise ValueError(f"codec: expected a codec spec such as 'topk', got {self.codec!r}")
+        try:
+            names = [name for name, _ in parse_spec(self.codec)]
+        except ValueError as e:
+            raise ValueError(f"codec: {self.codec!r} does not parse: {e}") from e
+        unknown = [n for n in names if n not in available_codecs()]
+        if unknown:  # before the ratio checks, which would otherwise blame the spec's form
+            raise ValueError(f"codec: unknown codec {unknown[0]!r} in {self.codec!r}; "
+                             f"available: {', '.join(available_codecs())}")
         chain = "|" in self.codec
         if chain and self.ratio != 1.0:
             raise ValueError(f"ratio: a chain codec keeps its ratios in the spec; leave ratio at 1.0, got {self.ratio}")

@@ -27,6 +27,8 @@ __all__ = ["DecoOptimizer"]
 logger = logging.getLogger(__name__)
 
 _MB = 1 << 20
+#: Marks `DecoOptimizer.state_dict()`'s output (the inner optimizer's state plus DeCo's).
+CHECKPOINT_FORMAT = "deco_optimizer/1"
 
 
 class DecoOptimizer:
@@ -185,10 +187,28 @@ class DecoOptimizer:
         self.closed = True
 
     def state_dict(self) -> dict[str, Any]:
-        return self.optimizer.state_dict()
+        """The inner optimizer's state and this rank's DeCo state (residuals, in-flight FIFO, RNG...).
+
+        Saved with the usual `torch.save({"model": ..., "opt": opt.state_dict()})` this is a
+        complete checkpoint; the DeCo part is per rank, so each rank saves its own file.
+        """
+        return {"format": CHECKPOINT_FORMAT, "optimizer": self.optimizer.state_dict(),
+                "deco": self.state.state_dict()}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(sd)
+        """Restore `state_dict()`'s output (collective, like `DecoState.load_state_dict`).
+
+        A plain torch optimizer state dict is refused: loading it would resume without the
+        residuals and in-flight aggregates and silently diverge from the saved run.
+        """
+        if not isinstance(sd, dict) or sd.get("format") != CHECKPOINT_FORMAT:
+            plain = isinstance(sd, dict) and "param_groups" in sd
+            raise ValueError(
+                "state_dict: " + ("a plain torch optimizer state dict has no DeCo state (residuals, in-flight "
+                                  "aggregates); save and load DecoOptimizer.state_dict()" if plain else
+                                  f"expected DecoOptimizer.state_dict()'s output (format {CHECKPOINT_FORMAT!r})"))
+        self.state.load_state_dict(sd["deco"])  # validated first; fails before the optimizer changes
+        self.optimizer.load_state_dict(sd["optimizer"])
 
     def __enter__(self) -> "DecoOptimizer":
         return self

@@ -443,16 +443,17 @@ class DecoState:
         }
 
     def load_state_dict(self, sd: Mapping[str, Any]) -> None:
-        """Restore a checkpoint of this rank (collective: checks agreement across ranks)."""
-        if sd.get("version") != STATE_VERSION:
-            raise ValueError(f"state: version must be {STATE_VERSION}, got {sd.get('version')!r}")
-        if sd["config_hash"] != self.config.hash():
-            raise ValueError("state: saved under a different DecoConfig (config hash mismatch)")
-        if sd["world_size"] != self.world_size:
-            raise ValueError(f"state: saved with world_size={sd['world_size']}, running with {self.world_size}")
-        unknown = {n for u in (x for e in sd["fifo"]["entries"] for x in e["units"]) for n in u["names"]} - set(self.names)
-        if unknown:
-            raise ValueError(f"state: queued aggregates for unknown parameters {sorted(unknown)[:5]}")
+        """Restore a checkpoint of this rank (collective: checks agreement across ranks).
+
+        Everything is validated first (`deco_sgd.checkpoint.check_state_dict`: rank, world
+        size, config hash, step, shapes, dtypes, finiteness), so a bad checkpoint raises
+        `CheckpointError` here and leaves this state untouched.
+        """
+        from .checkpoint import check_state_dict
+
+        check_state_dict(sd, self)
+        if (sd.get("driver") is None) != (self.driver is None):
+            raise ValueError("state: saved with and loaded without the adaptive driver (or the reverse)")
         self.step, self.ratio, self.staleness = sd["step"], sd["ratio"], sd["staleness"]
         self.pending = None if sd["pending"] is None else tuple(sd["pending"])  # type: ignore[assignment]
         self.decisions = list(sd["decisions"])

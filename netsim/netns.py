@@ -32,7 +32,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from netsim.commands import NS_RE, Cmd, host_ns, ns_add
+from netsim.commands import NS_RE, TAG_RE, Cmd, host_ns, ns_add
 from netsim.executor import Executor, run_argv
 from netsim.link import Link
 from netsim.plan import Caps, FeatureError, HostPlan, Plan, UpOptions, plan_up
@@ -497,6 +497,13 @@ def _cmd_down(args: argparse.Namespace) -> int:
 
     if not args.tag and not args.all:
         raise ValueError("down needs --tag T or --all")
+    if args.tag and not TAG_RE.match(args.tag):
+        raise ValueError(f"--tag {args.tag!r}: a tag matches [a-z0-9]{{1,8}}")
+    if args.tag and not args.all and not leftovers(args.tag):
+        # Nothing to do is not a failure (down stays idempotent), but a mistyped tag should show.
+        print(f"netsim: nothing to remove for tag {args.tag!r} (no namespace, state file or wire process)",
+              file=sys.stderr)
+        return 0
     if args.dry_run:
         rx = NS_RE if args.all else re.compile(rf"^nsm-{re.escape(args.tag)}-(h\d+|sw)$")
         for ns in list_namespaces():

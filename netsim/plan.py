@@ -172,8 +172,9 @@ def plan_up(topo: Topo, caps: Caps, opts: UpOptions) -> Plan:
     if not caps.htb:
         raise FeatureError("netsim.netns needs the htb qdisc")
     n, tag = topo.n, opts.tag
-    if n > 250:
-        raise ValueError(f"n must be in [2, 250] for netsim.netns, got {n}")
+    if not 2 <= n <= 250:
+        # One host has no link to emulate (and no pair to size the buffers from).
+        raise ValueError(f"n={n}: a netsim network has 2 to 250 hosts (-n in [2, 250])")
     k = subnet_octet(tag) if opts.subnet is None else opts.subnet
     mode = _choose(topo, caps, opts)
     peak = max(lk.peak_mbps for lk in _all_links(topo))

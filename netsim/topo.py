@@ -16,7 +16,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Union
 
-import yaml
+from ccomm.configfile import load_mapping
 
 from .link import Link
 from .trace import Trace
@@ -106,9 +106,7 @@ class Topo:
 
         """
         path = Path(path)
-        doc = yaml.safe_load(path.read_text())
-        if not isinstance(doc, dict):
-            raise ValueError(f"{path}: expected a mapping with keys n, link, hosts, pairs, shared")
+        doc = load_mapping(path, "topology")
         unknown = set(doc) - {"n", "link", "hosts", "pairs", "shared"}
         if unknown:
             raise ValueError(f"{path}: unknown keys {sorted(unknown)}; allowed: n, link, hosts, pairs, shared")

@@ -13,17 +13,21 @@ import logging
 import math
 import random
 import re
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
 
-__all__ = ["Trace", "MAHIMAHI_PACKET_BITS"]
+__all__ = ["Trace", "MAHIMAHI_PACKET_BITS", "MAHIMAHI_MAX_MS"]
 
 logger = logging.getLogger(__name__)
 
 #: Mahimahi delivers one 1500-byte packet per line: 12,000 bits.
 MAHIMAHI_PACKET_BITS = 1500 * 8
+#: Longest Mahimahi period read (int32 milliseconds, ~24.9 days); a larger last timestamp is
+#: almost surely a corrupt file.
+MAHIMAHI_MAX_MS = 2**31 - 1
 _MBIT = 1e6
 # Floating slack when mapping a delivery instant back to an integer millisecond.
 _MS_EPS = 1e-6
@@ -272,20 +276,28 @@ class Trace:
         end_ms = stamps[-1]
         if end_ms == 0:
             raise ValueError(f"{path}:{lines[-1]}: the last timestamp (the period) must be > 0 ms")
-        nbins = -(-end_ms // bin_ms)
-        counts = [0] * nbins
-        for ms in stamps:
-            # (b*bin, (b+1)*bin] -> b; a timestamp 0 joins the first bin.
-            counts[max(0, -(-ms // bin_ms) - 1)] += 1
+        if end_ms > MAHIMAHI_MAX_MS:
+            raise ValueError(f"{path}:{lines[-1]}: timestamp {end_ms} ms is beyond the longest trace netsim reads "
+                             f"({MAHIMAHI_MAX_MS} ms, about {MAHIMAHI_MAX_MS / 86_400_000:.1f} days)")
+        # Only bins holding a timestamp are visited (a run of empty bins is one zero-rate
+        # segment), so time and memory follow the file's length, not its last timestamp.
+        counts = Counter(max(0, -(-ms // bin_ms) - 1) for ms in stamps)  # (b*bin, (b+1)*bin] -> b
         times: list[float] = []
         rates: list[float] = []
-        for b, c in enumerate(counts):
-            width_ms = min(bin_ms, end_ms - b * bin_ms)  # the last bin may be cut by the period
-            rate = MAHIMAHI_PACKET_BITS * c / (width_ms * 1e-3) / _MBIT
+
+        def add(b: int, rate: float) -> None:
             if rates and rates[-1] == rate:
-                continue  # merge equal neighbours; the integral is unchanged
+                return  # merge equal neighbours; the integral is unchanged
             times.append(b * bin_ms / 1000.0)
             rates.append(rate)
+
+        prev = -1
+        for b in sorted(counts):
+            if b > prev + 1:
+                add(prev + 1, 0.0)
+            width_ms = min(bin_ms, end_ms - b * bin_ms)  # the last bin may be cut by the period
+            add(b, MAHIMAHI_PACKET_BITS * counts[b] / (width_ms * 1e-3) / _MBIT)
+            prev = b
         where = lambda k: f"{path}:{lines[-1]}"  # noqa: E731 - whole-file rules point at the end
         if loop:
             return cls(times, rates, loop=True, period_s=end_ms / 1000.0, _where=where)

@@ -87,7 +87,8 @@ class Codec(abc.ABC):
 
     Subclasses implement `_encode(x)` on a tensor with at least one element and
     `_decode(buffer, meta)` returning a tensor of `meta.numel` elements (any shape); the
-    base class handles empty tensors, dtype checks and restoring shape and dtype.
+    base class handles empty tensors, dtype checks, the buffer's length against
+    `nbytes(shape, dtype)` and restoring shape and dtype.
     """
 
     name: ClassVar[str] = "?"
@@ -107,18 +108,43 @@ class Codec(abc.ABC):
         if x.numel() == 0:
             return Payload(torch.empty(0, dtype=self.empty_dtype(x.dtype), device=x.device), self.meta_for(x.shape, x.dtype))
         buffer, extra = self._encode(x)
-        return Payload(buffer, PayloadMeta(x.shape, x.dtype, extra))
+        return Payload(buffer, PayloadMeta(x.shape, x.dtype, extra, self))
 
     def decode(self, payload: Payload) -> torch.Tensor:
+        """The tensor `payload` encodes; a buffer that cannot be one is a `ValueError`.
+
+        A received buffer is decoded with the receiver's own shape, so a buffer whose
+        dtype or byte length disagrees with that shape (truncated, extended, or encoded
+        for another shape or codec) is refused here, before any codec reads it.
+        """
         meta = payload.meta
+        self.check_buffer(payload.buffer, meta)
         if meta.numel == 0:
             return torch.zeros(meta.shape, dtype=meta.dtype, device=payload.buffer.device)
         out = self._decode(payload.buffer, meta)
         return out.reshape(meta.shape).to(meta.dtype)
 
+    def check_buffer(self, buffer: torch.Tensor, meta: PayloadMeta) -> None:
+        """Raise `ValueError` unless `buffer` has the dtype and length of a payload for `meta`."""
+        want = self.empty_dtype(meta.dtype)
+        if buffer.dtype != want:
+            raise ValueError(
+                f"{self.spec}: payload buffer has dtype {buffer.dtype}, expected {want} for a "
+                f"{meta.dtype} tensor of shape {tuple(meta.shape)}"
+            )
+        got = buffer.numel() * buffer.element_size()
+        expected = self.nbytes(meta.shape, meta.dtype)
+        if got != expected if self.fixed_size else got > expected:
+            rel = "exactly" if self.fixed_size else "at most"
+            raise ValueError(
+                f"{self.spec}: payload has {got} bytes, expected {rel} {expected} for a {meta.dtype} "
+                f"tensor of shape {tuple(meta.shape)} (truncated, extended, or encoded for another "
+                "shape or codec)"
+            )
+
     def meta_for(self, shape: Sequence[int], dtype: torch.dtype) -> PayloadMeta:
         """The local context a receiver uses to decode a buffer for a tensor of this shape."""
-        return PayloadMeta(torch.Size(shape), dtype, self._extra_for_receiver())
+        return PayloadMeta(torch.Size(shape), dtype, self._extra_for_receiver(), self)
 
     def wrap(self, buffer: torch.Tensor, shape: Sequence[int], dtype: torch.dtype) -> Payload:
         """A received `buffer` as a payload this rank can decode."""

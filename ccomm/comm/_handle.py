@@ -13,6 +13,8 @@ from typing import Any, Callable, Generic, Sequence, TypeVar
 import torch
 import torch.distributed as dist
 
+from ..errors import CommError, CommTimeoutError
+from ..failfast import PeerError, install_excepthook, wait_works, watch
 from ..payload import Payload
 
 __all__ = [
@@ -42,13 +44,8 @@ HEADER_DTYPE = torch.int64
 # NCCL watchdog: "Watchdog caught collective operation timeout").
 _TIMEOUT_MARKERS = ("timed out", "timeout")
 
-
-class CommError(RuntimeError):
-    """torch.distributed failed during a transport call (peer lost, backend error)."""
-
-
-class CommTimeoutError(CommError, TimeoutError):
-    """The process group's timeout expired: a peer died or stopped taking part."""
+# A rank leaving on an uncaught exception tells its peers first (ccomm.failfast).
+install_excepthook()
 
 
 def wrap_error(exc: BaseException, what: str) -> CommError:
@@ -81,10 +78,13 @@ class CommHandle(Generic[T]):
         self._future: torch.futures.Future[T] | None = None
 
     def wait(self) -> T:
+        """The result; raises `PeerError` as soon as another rank posted its failure
+        (`ccomm.failfast`), instead of waiting out the group's timeout."""
         if not self._done:
             try:
-                for w in list(self._works):
-                    w.wait()
+                wait_works(list(self._works), what=self._what)
+            except PeerError as exc:
+                self._fail(exc)
             except RuntimeError as exc:  # DistBackendError and gloo errors are RuntimeErrors
                 self._fail(exc)
             else:
@@ -113,6 +113,8 @@ class CommHandle(Generic[T]):
                 # add_done_callback + set_exception keeps the CommError type; an exception
                 # raised inside `then` would reach the waiter as a plain RuntimeError.
                 torch.futures.collect_all(futs).add_done_callback(lambda all_done: self._on_futures(all_done, fut))
+                if not fut.done():  # a peer's failure must reach whoever waits on the future
+                    watch(fut.done, lambda err: self._fail_future(err, fut), self._what)
             else:
                 threading.Thread(target=self._complete, args=(fut,), name="ccomm-wait", daemon=True).start()
             return fut
@@ -134,8 +136,10 @@ class CommHandle(Generic[T]):
         with self._lock:
             if self._done:
                 return
-            self._error = wrap_error(exc, self._what)
-            self._error.__cause__ = exc
+            # A PeerError already names this call and the failed rank.
+            self._error = exc if isinstance(exc, PeerError) else wrap_error(exc, self._what)
+            if self._error is not exc:
+                self._error.__cause__ = exc
             self._done = True
             self._works = []
 
@@ -143,6 +147,12 @@ class CommHandle(Generic[T]):
         if self._error is not None:
             raise self._error
         return self._result  # type: ignore[return-value]
+
+    def _fail_future(self, err: PeerError, fut: "torch.futures.Future[T]") -> None:
+        self._fail(err)
+        with self._lock:
+            if not fut.done():
+                fut.set_exception(err)
 
     def _on_futures(
         self, all_done: "torch.futures.Future[list[torch.futures.Future[Any]]]", fut: "torch.futures.Future[T]"
@@ -154,10 +164,13 @@ class CommHandle(Generic[T]):
             self._fail(exc)
         else:
             self._succeed()
-        if self._error is not None:
-            fut.set_exception(self._error)
-        else:
-            fut.set_result(self._result)  # type: ignore[arg-type]
+        with self._lock:
+            if fut.done():  # failed already by a peer's error (ccomm.failfast.watch)
+                return
+            if self._error is not None:
+                fut.set_exception(self._error)
+            else:
+                fut.set_result(self._result)  # type: ignore[arg-type]
 
     def _complete(self, fut: "torch.futures.Future[T]") -> None:
         try:

@@ -1,10 +1,11 @@
 """The ``"ring"`` algorithm: the backend's own all-reduce and all-gather collectives.
 
 - `ring_allreduce`: ``dist.all_reduce`` of the buffer, in place.
-- `ring_allgather`: ``dist.all_gather``. With unknown sizes, one int64 size header per
-  rank is gathered first (blocking, since the receive buffers depend on it), then
+- `ring_allgather`: ``dist.all_gather``. With unknown sizes (or ``check=True``), every
+  rank's wire header (`ccomm.header`: codec, dtype, shape, bytes) is gathered first
+  (blocking, since the receive buffers depend on it) and checked on every rank, then
   buffers padded to the largest size are gathered and trimmed; header and padding are
-  counted in `ccomm.stats`. That size exchange costs a second ring of latencies, which
+  counted in `ccomm.stats`. That header exchange costs a second ring of latencies, which
   the log-depth algorithms avoid (`ccomm.schedule`).
 """
 from __future__ import annotations
@@ -15,9 +16,9 @@ import torch
 import torch.distributed as dist
 
 from ..payload import Payload
-from ..schedule import HEADER_BYTES
 from ..stats import CommStats
-from ._handle import HEADER_DTYPE, CommHandle, issue
+from ._handle import CommHandle, issue
+from .wire import check_gathered, exchange_headers
 
 __all__ = ["ring_allreduce", "ring_allgather"]
 
@@ -40,27 +41,28 @@ def ring_allgather(
     group: dist.ProcessGroup | None,
     world: int,
     same_size: bool,
+    check: bool,
     what: str,
     st: CommStats,
     key: str | None,
 ) -> CommHandle[list[Payload]]:
     """Every rank's payload with the backend's all-gather (see the module docstring)."""
     buf = payload.buffer
-    if same_size:
+    if same_size and not check:
         st.record("allgather", key, payload_bytes=payload.nbytes, algo="ring")
         logger.debug("%s", what)
         out = [torch.empty_like(buf) for _ in range(world)]
         work = issue(what, lambda: dist.all_gather(out, buf, group=group, async_op=True))
         return CommHandle([work], lambda: [payload.with_buffer(b) for b in out], what)
 
-    # Size exchange: blocking, since the receive buffers depend on it.
+    # Header exchange: blocking, since the receive buffers depend on it. Counted when handed
+    # over, so a failed exchange still shows its header bytes.
     n = buf.numel()
-    header = torch.tensor([n], dtype=HEADER_DTYPE, device=buf.device)
-    headers = [torch.empty_like(header) for _ in range(world)]
-    # Counted when handed over, so a failed exchange still shows its header bytes.
-    st.record("allgather", key, header_bytes=HEADER_BYTES, algo="ring")
-    issue(what + " [size exchange]", lambda: dist.all_gather(headers, header, group=group))
-    sizes = [int(h.item()) for h in headers]
+    st.record("allgather", key, calls=1, algo="ring")
+    rank = dist.get_rank(group)
+    heads = exchange_headers(payload, group, rank, world, "ring", what, st, "allgather", key)
+    # Equal dtypes are checked here, so byte lengths convert to element counts exactly.
+    sizes = [h.nbytes // buf.element_size() for h in check_gathered(payload, heads, rank, what, key, same_size)]
     longest = max(sizes)
     pad = longest - n
     st.record("allgather", key, payload_bytes=payload.nbytes, padding_bytes=pad * buf.element_size(), calls=0,

@@ -47,10 +47,15 @@ def bench(config: BenchConfig, out: "str | object", *, quick: bool = False, prog
     from .report import write_outputs
     from .summary import summarize
 
+    from ccomm.configfile import writable_dir
+
     cfg = config.quick_version() if quick else config
-    data = run_benchmark(cfg, progress=progress)
+    out_dir = writable_dir(str(out))  # fail before the run, not after it
+    partial = out_dir / "partial.json"
+    data = run_benchmark(cfg, progress=progress, partial=partial)
     res = summarize(data, command=command, quick=quick)
     res["model"] = _model_info(cfg.backend)
     top = data.per_ranks[max(data.per_ranks)]
-    write_outputs(data, res, Path(str(out)), top.images)
+    write_outputs(data, res, out_dir, top.images)
+    partial.unlink(missing_ok=True)  # results.json now holds everything
     return res

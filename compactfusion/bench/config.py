@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
+from ccomm.configfile import load_mapping
 
 from .backend import BACKENDS
 from .methods import METHODS, Method
@@ -216,7 +216,4 @@ def config_from_dict(d: dict[str, Any]) -> BenchConfig:
 
 def load_config(path: str | Path) -> BenchConfig:
     """Read and validate a YAML benchmark config."""
-    p = Path(path)
-    if not p.is_file():
-        raise ValueError(f"config: no such file {str(p)!r}")
-    return config_from_dict(yaml.safe_load(p.read_text()) or {})
+    return config_from_dict(load_mapping(path))

@@ -11,9 +11,10 @@ bytes at FLUX's shape through the real exchange instead of quoting the formula:
    4096-token attention would take seconds per layer on a CPU;
 2. ``CALLS`` consecutive calls with slowly drifting K/V (a fixed-size codec's payload does not
    depend on the values), W = 1: the first call sends raw tensors, the others compressed;
-3. bytes per call are the ``kv_ring`` counters of the handle's ``ccomm.stats`` (what was
-   handed to ``torch.distributed``), and the ratio is uncompressed ring bytes over compressed
-   bytes per call, beside the codec's ``nbytes`` formula.
+3. bytes per call are the ``kv_ring`` payload counters of the handle's ``ccomm.stats`` (what
+   was handed to ``torch.distributed`` as payload; the 120-byte wire header of each hop,
+   `ccomm.header`, is counted apart as header bytes), and the ratio is uncompressed ring
+   bytes over compressed bytes per call, beside the codec's ``nbytes`` formula.
 """
 from __future__ import annotations
 
@@ -54,10 +55,10 @@ def job_paper_bytes(ctx: Any, methods: list[str], setting: FluxSetting, seed: in
         k, v, per_call = k0, v0, []
         with torch.inference_mode():
             for _ in range(CALLS):
-                before = state.stats.get("kv_ring").bytes
+                before = state.stats.get("kv_ring").payload_bytes
                 state.begin_forward()
                 ring_attention(q, k, v, state=state, layer=0)
-                per_call.append(state.stats.get("kv_ring").bytes - before)
+                per_call.append(state.stats.get("kv_ring").payload_bytes - before)
                 k = k + 0.05 * torch.randn(kv_shape, generator=g).half()
                 v = v + 0.05 * torch.randn(kv_shape, generator=g).half()
         state.close()

@@ -253,9 +253,17 @@ def write_outputs(data: RunData, res: dict[str, Any], out: Path, images: dict[st
 
 def rerender(out: Path) -> Path:
     """Write ``report.md`` again from ``results.json`` in ``out`` (after a change of the report layout)."""
-    res = json.loads((out / "results.json").read_text())
-    res["notes"] = _notes(res)  # derived from the results, so a new note rule applies to old runs too
+    from ccomm.configfile import load_mapping
+
+    res = load_mapping(out / "results.json", "results")
+    try:
+        notes = _notes(res)  # derived from the results, so a new note rule applies to old runs too
+        text = to_markdown(res, notes)
+    except (KeyError, TypeError, AttributeError, IndexError) as e:
+        raise ValueError(f"{out / 'results.json'}: not a `compactfusion bench` results file "
+                         f"({type(e).__name__}: {e})") from e
+    res["notes"] = notes
     (out / "results.json").write_text(json.dumps(res, indent=1, default=float) + "\n")
     path = out / "report.md"
-    path.write_text(to_markdown(res, res["notes"]) + "\n")
+    path.write_text(text + "\n")
     return path

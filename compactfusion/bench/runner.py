@@ -18,14 +18,19 @@ For each group size P in ``cfg.ranks`` (the timing size first), on a fresh
    (``paper_bytes``) the ring methods' wire bytes at FLUX.1's K/V shape (:mod:`.paper_bytes`).
 
 The parent gathers per-sample results; :mod:`.summary` turns them into the results mapping.
+With ``partial`` set, every finished sample is also written there at once (JSON, replaced
+atomically), so an interrupted run keeps what it measured.
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import os
 import statistics
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 from .config import BenchConfig
@@ -71,17 +76,38 @@ class RunData:
     load_at_start: tuple[float, float, float] | None = None
 
 
+def _partial_dict(s: Samples) -> dict[str, Any]:
+    """The JSON-able part of `s` (images are left out)."""
+    d = {f.name: getattr(s, f.name) for f in dataclasses.fields(s) if f.name != "images"}
+    d["search"] = None if s.search is None else dataclasses.asdict(s.search)
+    return d
+
+
 class _Runner:
-    def __init__(self, cfg: BenchConfig, tick: Callable[[str], None]) -> None:
+    def __init__(self, cfg: BenchConfig, tick: Callable[[str], None], partial: Path | None = None) -> None:
         self.cfg = cfg
         self.tick = tick
         self._current: str | None = None  # label of the active emulated link
+        self.partial = partial
+        self.done: dict[int, Samples] = {}  # finished group sizes, for the partial file
+        self.active: Samples | None = None  # the group size being measured
 
     def sample(self, pool: RankPool, key: RunKey, keep: bool) -> list[SampleResult]:
         c = self.cfg
         res = pool.run(job_sample, key, list(c.labels), c.steps, c.guidance, c.seed, keep, timeout=c.timeout_s)
         self.tick(key.label)
         return res
+
+    def save(self) -> None:
+        """Write every sample measured so far to the partial file (atomic replace)."""
+        if self.partial is None:
+            return
+        runs = {**self.done, **({self.active.ranks: self.active} if self.active is not None else {})}
+        doc = {"complete": False, "config": self.cfg.to_dict(),
+               "ranks": {str(p): _partial_dict(s) for p, s in sorted(runs.items())}}
+        tmp = self.partial.with_suffix(".tmp")
+        tmp.write_text(json.dumps(doc, indent=1, default=str) + "\n")
+        os.replace(tmp, self.partial)
 
     def round(self, pool: RankPool, s: Samples, label: str, keep: bool = False) -> None:
         """One interleaved round of every method on the current link."""
@@ -94,6 +120,7 @@ class _Runner:
                 s.images[m] = res[0].images
                 s.bytes_by_tag[m] = [r.bytes_by_tag for r in res]
                 s.state_nbytes[m] = res[0].state_nbytes
+            self.save()
 
     def set_link(self, pool: RankPool, s: Samples, mbps: float | None) -> str:
         label = UNSHAPED if mbps is None else f"{mbps:.6g}Mbps"
@@ -123,6 +150,7 @@ class _Runner:
     def run_ranks(self, p: int, timing: bool, ablate: bool, fixed_mbps: float | None) -> Samples:
         c = self.cfg
         s = Samples(p)
+        self.active = s
         keys = [RunKey(m) for m in c.methods] + (self.ablation_keys() if ablate else [])
         with bench_pool(p, threads=c.threads, timeout_s=c.timeout_s) as pool:
             pool.run(job_prepare, c.backend, keys, c.wire_dtype, c.warmup_steps, c.seed, timeout=c.timeout_s)
@@ -167,10 +195,12 @@ class _Runner:
                     res = self.sample(pool, key, True)
                     s.errors[key.variant] = res[0].errors or []
                     s.images[key.label] = res[0].images
+                    self.save()
                 if c.paper_bytes:
                     ring = [m for m in c.methods if METHODS[m].mode == "ring"]
                     s.paper_bytes = pool.run(job_paper_bytes, ring, FluxSetting(), c.seed, timeout=c.timeout_s)
                     self.tick("paper_bytes")
+                    self.save()
             pool.run(job_release, timeout=c.timeout_s)
         return s
 
@@ -212,8 +242,11 @@ def _ablation_method(cfg: BenchConfig) -> str:
                      f"allowed values are {[m.codec for m in METHODS.values() if m.mode == 'ring' and m.compressed]}")
 
 
-def run_benchmark(cfg: BenchConfig, *, progress: bool = True, retries: int = 1) -> RunData:
+def run_benchmark(cfg: BenchConfig, *, progress: bool = True, retries: int = 1,
+                  partial: Path | None = None) -> RunData:
     """Run every group size of ``cfg`` (see the module docstring); returns the raw samples.
+
+    ``partial``: a JSON file that holds every sample measured so far, rewritten after each.
 
     A group size whose pool fails (a rank raised or timed out) is run again from scratch up to
     ``retries`` times; every failure is kept in ``RunData.failures`` and shown in the report.
@@ -233,7 +266,7 @@ def run_benchmark(cfg: BenchConfig, *, progress: bool = True, retries: int = 1) 
         bar.set_postfix_str(label, refresh=False)
         bar.update(1)
 
-    runner = _Runner(cfg, tick)
+    runner = _Runner(cfg, tick, partial)
     bar.total = runner.expected_samples()
     out: dict[int, Samples] = {}
     fixed: float | None = cfg.link.bandwidth_mbps if isinstance(cfg.link.bandwidth_mbps, (int, float)) else None
@@ -252,6 +285,8 @@ def run_benchmark(cfg: BenchConfig, *, progress: bool = True, retries: int = 1) 
                     if attempt == retries:
                         raise
             out[p] = s
+            runner.done[p], runner.active = s, None
+            runner.save()
             if fixed is None and s.search is not None:
                 fixed = s.search.bandwidth_Bps * 8 / 1e6  # other sizes reuse the timing size's B*
     finally:

@@ -314,11 +314,9 @@ class BenchConfig:
 
 def load_config(path: str | Path, *, quick: bool = False) -> BenchConfig:
     """Read and validate a scenario YAML (see the module docstring); `quick` applies §9.7."""
-    import yaml
+    from ccomm.configfile import load_mapping
 
-    text = Path(path).read_text()
-    data = yaml.safe_load(text)
-    return config_from_dict(data, quick=quick)
+    return config_from_dict(load_mapping(path, "scenario"), quick=quick)
 
 
 def config_from_dict(data: Any, *, quick: bool = False) -> BenchConfig:

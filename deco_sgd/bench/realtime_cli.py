@@ -173,14 +173,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--grid-point", nargs=2, type=float, metavar=("RATIO", "TAU"),
                     help="--bench: the static top-k point (default: the scenario's first grid point)")
     args = ap.parse_args(argv)
-    import yaml
+    from ccomm.configfile import load_mapping
 
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     try:
+        out.mkdir(parents=True, exist_ok=True)
         if args.config:
-            with open(args.config) as f:
-                specs = specs_from_config(yaml.safe_load(f))
+            specs = specs_from_config(load_mapping(args.config))
             if args.only:
                 keep = set(args.only) | {r for s, r in specs if s.name in args.only and r is not None}
                 specs = [(s, r) for s, r in specs if s.name in keep]
@@ -192,12 +191,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             n_steps = min(cfg.train.steps, _VALIDATION_STEPS) if args.steps is None else args.steps
             decs = None
             if args.results:
-                decs = replayed_decisions(json.loads(Path(args.results).read_text()), n_steps)
+                decs = replayed_decisions(load_mapping(args.results, "results"), n_steps)
             point = None if args.grid_point is None else (args.grid_point[0], int(args.grid_point[1]))
             specs = [(s, None) for s in specs_from_bench(cfg, workers=args.workers, steps=args.steps,
                                                          grid_point=point, decisions=decs)]
             header = {"bench": args.bench, "results": args.results, "scenario": cfg.scenario}
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, KeyError, TypeError) as e:
         print(f"realtime: {e}", file=sys.stderr)
         return 2
     try:

@@ -101,13 +101,15 @@ def test_schedules_have_the_closed_forms() -> None:
         p = 1 << (n.bit_length() - 1)
         dbl = S.alpha_beta_time(S.allreduce_schedule("doubling", n, s), L, B)
         assert dbl == pytest.approx((int(math.log2(p)) + 2 * (p != n)) * (L + s / B))
-    # Unknown sizes: the ring pays a second chain of n-1 latencies and pads to the largest;
-    # log-depth adds 8 bytes per forwarded block in the same rounds.
+    # Unknown (or checked) sizes: the ring pays a second chain of n-1 latencies and pads to
+    # the largest; log-depth adds a wire header (120 bytes) per forwarded block in the same rounds.
+    h = S.HEADER_BYTES
+    assert h == 120
     sizes = [float(_var_numel(r)) for r in range(6)]
     ring_u = S.allgather_schedule("ring", 6, sizes, sizes_known=False)
-    assert len(ring_u) == 10 and S.received(ring_u) == 5 * 8 + 5 * max(sizes)
+    assert len(ring_u) == 10 and S.received(ring_u) == 5 * h + 5 * max(sizes)
     bruck_u = S.allgather_schedule("bruck", 6, sizes, sizes_known=False)
-    assert len(bruck_u) == 3 and S.received(bruck_u) == 5 * 8 + sum(sizes) - sizes[0]
+    assert len(bruck_u) == 3 and S.received(bruck_u) == 5 * h + sum(sizes) - sizes[0]
     assert len(S.allgather_schedule("bruck", 6, sizes, sizes_known=False, pipelined=False)) == 6
 
 
@@ -177,7 +179,9 @@ def _groups() -> dict[int, dist.ProcessGroup]:
 
 
 def _payload(x: torch.Tensor) -> Payload:
-    return Payload(x, PayloadMeta(x.shape, x.dtype))
+    # One tensor shape on every rank (the wire header checks it); buffer sizes may differ,
+    # as a variable-size codec's do.
+    return Payload(x, PayloadMeta(torch.Size([1]), x.dtype))
 
 
 def _r_equivalence(rank: int, world: int) -> dict[Any, Any]:
@@ -236,25 +240,26 @@ def _r_trace(rank: int, world: int) -> dict[Any, Any]:
     for n, g in _groups().items():
         if rank >= n:
             continue
-        for op, algo, same_size in [("gather", a, s) for a in _gather_algos(n)[1:] for s in (True, False)] + [
-            ("reduce", a, True) for a in REDUCE_ALGOS[1:]
-        ]:
+        for op, algo, same_size, check in [
+            ("gather", a, s, c) for a in _gather_algos(n)[1:] for s, c in ((True, False), (False, True), (True, True))
+        ] + [("reduce", a, True, False) for a in REDUCE_ALGOS[1:]]:
             sent: list[tuple[int, int, int, int]] = []
             previous = p2p.set_send_hook(lambda *m: sent.append(m))
             st = CommStats()
             try:
                 if op == "gather":
                     x = torch.arange(11 if same_size else _var_numel(rank), dtype=torch.float16)
-                    handle = allgather_payloads(_payload(x), g, same_size=same_size, algo=algo, async_op=True,
-                                                key="k", stats=st)
+                    handle = allgather_payloads(_payload(x), g, same_size=same_size, algo=algo, check=check,
+                                                async_op=True, key="k", stats=st)
                 else:
                     x = torch.ones(10, dtype=torch.float32)
-                    handle = allreduce_payload(_payload(x), g, algo=algo, async_op=True, key="k", stats=st)
+                    handle = allreduce_payload(_payload(x), g, algo=algo, check=check, async_op=True, key="k",
+                                               stats=st)
                 assert isinstance(handle, CommHandle)
                 handle.get_future().wait()
             finally:
                 p2p.set_send_hook(previous)
-            out[(n, op, algo, same_size)] = {"sent": sent, "stats": st.by_algo("k"), "nbytes": x.numel() * 2
+            out[(n, op, algo, same_size, check)] = {"sent": sent, "stats": st.by_algo("k"), "nbytes": x.numel() * 2
                                              if op == "gather" else 40}
     return out
 
@@ -263,7 +268,8 @@ def _r_trace(rank: int, world: int) -> dict[Any, Any]:
 def test_schedule_equals_trace_of_sends(pool8: RankPool) -> None:
     res = pool8.run(_r_trace, timeout=600.0)
     for key in res[0]:
-        n, op, algo, same_size = key
+        n, op, algo, same_size, check = key
+        sizes_known = same_size and not check  # checked calls carry wire headers like unknown sizes
         members = res[:n]
         trace: dict[int, list[tuple[int, int, float]]] = {}
         for me in members:
@@ -271,7 +277,7 @@ def test_schedule_equals_trace_of_sends(pool8: RankPool) -> None:
                 trace.setdefault(step, []).append((src, dst, float(nbytes)))
         if op == "gather":
             sizes = [2.0 * (11 if same_size else _var_numel(r)) for r in range(n)]
-            expected = S.allgather_schedule(algo, n, sizes, sizes_known=same_size)
+            expected = S.allgather_schedule(algo, n, sizes, sizes_known=sizes_known)
         else:
             expected = S.allreduce_schedule(algo, n, 40.0)
         want = {k: sorted(step) for k, step in enumerate(expected) if step}
@@ -283,7 +289,7 @@ def test_schedule_equals_trace_of_sends(pool8: RankPool) -> None:
             assert st.calls == 1 and list(me[key]["stats"]) == [(name, algo)], key
             assert st.payload_bytes == me[key]["nbytes"], key
             if op == "gather":
-                assert st.header_bytes == (0 if same_size else 8 * sum(
+                assert st.header_bytes == (0 if sizes_known else S.HEADER_BYTES * sum(
                     len(t.blocks) for rnd in S.allgather_rounds(algo, n) for t in rnd if t.src == rank)), key
 
 

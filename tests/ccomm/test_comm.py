@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from ccomm.header import HEADER_BYTES
 from ccomm import Payload, PayloadMeta, available_codecs, make_codec
 from ccomm.comm import (
     CommError,
@@ -160,12 +161,9 @@ def test_allgather_every_codec_bytes_and_sum(pool: Callable[[int], RankPool], sp
             assert me["stats_total"] == me["stats"]
             assert sum(b for _, b in me["spy_sent"]) == me["stats"].bytes
             assert me["stats"].payload_bytes == me["nbytes"] == me["own"].numel()
-            if me["same_size"]:
-                assert me["spy_sent"] == [("all_gather", me["nbytes"])]
-                assert me["stats"].bytes == me["nbytes"]
-            else:
-                assert me["spy_sent"] == [("all_gather", 8), ("all_gather", me["nbytes"])]
-                assert (me["stats"].header_bytes, me["stats"].padding_bytes) == (8, 0)
+            # Wire headers (ccomm.header) go first, with same_size=True too (check=True).
+            assert me["spy_sent"] == [("all_gather", HEADER_BYTES), ("all_gather", me["nbytes"])]
+            assert (me["stats"].header_bytes, me["stats"].padding_bytes) == (HEADER_BYTES, 0)
             # ... and what every receiver got is exactly the sender's buffer.
             for r, sender in enumerate(ranks):
                 assert me["received_nbytes"][r] == sender["nbytes"]
@@ -228,8 +226,9 @@ def test_allreduce_additive_codecs(pool: Callable[[int], RankPool], spec: str) -
     for c0, c1 in zip(r0, r1):
         for me in (c0, c1):
             nbytes = _nb(me["own"])
-            assert me["spy_sent"] == [("all_reduce", nbytes)]
-            assert (me["stats"].calls, me["stats"].bytes, me["stats"].payload_bytes) == (1, nbytes, nbytes)
+            # The wire headers first (check=True; algo "auto" is the ring for two ranks).
+            assert me["spy_sent"] == [("all_gather", HEADER_BYTES), ("all_reduce", nbytes)]
+            assert (me["stats"].calls, me["stats"].bytes, me["stats"].payload_bytes) == (1, nbytes + HEADER_BYTES, nbytes)
             # With two ranks the backend's sum is one addition in the wire dtype: exact.
             assert torch.equal(me["reduced"], c0["own"] + c1["own"])
             assert torch.equal(me["dense"], c0["dense"])
@@ -270,7 +269,7 @@ def _r_var_sizes(rank: int, world: int) -> dict[str, Any]:
     for dtype in (torch.uint8, torch.float32):
         n = VAR_SIZES[rank]
         buf = (torch.arange(n) * 7 + rank * 31).to(dtype)
-        p = Payload(buf, PayloadMeta(torch.Size([n]), torch.float32))
+        p = Payload(buf, PayloadMeta(torch.Size([max(VAR_SIZES)]), torch.float32))  # one shape, sizes differ
         st = CommStats()
         with _Spy() as spy:
             got = allgather_payloads(p, same_size=False, algo="ring", stats=st)
@@ -297,7 +296,7 @@ def test_allgather_uneven_sizes_three_ranks(pool: Callable[[int], RankPool]) -> 
                 assert torch.equal(me["got"][r], sender["own"])
             st = me["stats"]
             assert st.payload_bytes == VAR_SIZES[rank] * esize
-            assert st.header_bytes == 8
+            assert st.header_bytes == HEADER_BYTES
             assert st.padding_bytes == (max(VAR_SIZES) - VAR_SIZES[rank]) * esize
             assert st.bytes == me["spy"]
 
@@ -331,7 +330,7 @@ def test_approx_topk_through_size_exchange(pool: Callable[[int], RankPool]) -> N
     for me in res:
         assert me["received_nbytes"] == sizes
         st = me["stats"]
-        assert (st.calls, st.payload_bytes, st.header_bytes) == (1, me["nbytes"], 8)
+        assert (st.calls, st.payload_bytes, st.header_bytes) == (1, me["nbytes"], HEADER_BYTES)
         assert st.padding_bytes == max(sizes) - me["nbytes"]
         assert st.bytes == me["spy"]
         ref = res[0]["decoded"] + res[1]["decoded"] + res[2]["decoded"]
@@ -345,7 +344,9 @@ def test_approx_topk_through_size_exchange(pool: Callable[[int], RankPool]) -> N
 def _r_ring(rank: int, world: int) -> dict[str, Any]:
     dst, src = (rank + 1) % world, (rank - 1) % world
     buf = torch.arange(3 * (rank + 1), dtype=torch.float32) + 100 * rank
-    p = Payload(buf, PayloadMeta(torch.Size([buf.numel()]), torch.float32))
+    # One tensor shape on every rank (what the wire header checks), payloads of different
+    # sizes, as a variable-size codec gives.
+    p = Payload(buf, PayloadMeta(torch.Size([9]), torch.float32))
     st = CommStats()
     out: dict[str, Any] = {"own": buf}
     with _Spy() as spy:
@@ -354,11 +355,11 @@ def _r_ring(rank: int, world: int) -> dict[str, Any]:
     out["sized_meta_is_local"] = q.meta is p.meta
     out["sized_stats"] = st.get("ring")
     out["sized_spy"] = (spy.sent_bytes, [b for _, b in spy.recv])
-    # Known size: no header.
+    # Known size, unchecked: no header.
     st2 = CommStats()
     src_bytes = 3 * (src + 1) * 4
     with _Spy() as spy2:
-        q2 = send_recv(p, dst, src, recv_nbytes=src_bytes, stats=st2)
+        q2 = send_recv(p, dst, src, recv_nbytes=src_bytes, check=False, stats=st2)
     out["known"] = q2.buffer
     out["known_stats"] = st2.get("send_recv")
     out["known_spy"] = spy2.sent_bytes
@@ -390,8 +391,8 @@ def test_send_recv_ring_three_ranks(pool: Callable[[int], RankPool]) -> None:
         assert torch.equal(me["sized"], src["own"])
         assert me["sized_meta_is_local"]
         st = me["sized_stats"]
-        assert (st.calls, st.payload_bytes, st.header_bytes, st.padding_bytes) == (1, nbytes, 8, 0)
-        assert me["sized_spy"] == (nbytes + 8, [8, _nb(src["own"])])
+        assert (st.calls, st.payload_bytes, st.header_bytes, st.padding_bytes) == (1, nbytes, HEADER_BYTES, 0)
+        assert me["sized_spy"] == (nbytes + HEADER_BYTES, [HEADER_BYTES, _nb(src["own"])])
         assert torch.equal(me["known"], src["own"])
         assert me["known_stats"].bytes == nbytes == me["known_spy"]
         assert torch.equal(me["as_bytes"], src["own"].view(torch.uint8))

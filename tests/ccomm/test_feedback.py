@@ -75,3 +75,48 @@ def test_state_dict_round_trip_is_a_copy() -> None:
     assert torch.equal(other.residual(("layer", 1)), torch.arange(4.0))  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="residuals"):
         other.load_state_dict({})
+
+
+# --- non-finite values are refused by default ----------------------------------------------
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_update_refuses_a_non_finite_residual_and_keeps_the_old_one(bad: float) -> None:
+    from ccomm.finite import NonFiniteError
+
+    codec, ef = make_codec("topk:ratio=0.5"), ErrorFeedback()
+    g = torch.arange(1.0, 9.0)
+    ef.update("w", g, codec.decode(codec.encode(g)))
+    before = ef.residual("w").clone()
+    x = g.clone()
+    x[3] = bad
+    corrected = ef.compensate("w", x)
+    with pytest.raises(NonFiniteError, match="ErrorFeedback: residual of key 'w'.*allow_nonfinite=True"):
+        ef.update("w", corrected, codec.decode(codec.encode(corrected)))
+    assert torch.equal(ef.residual("w"), before)
+
+
+def test_update_refuses_a_decode_that_overflowed() -> None:
+    """A finite input whose decode overflowed (inf) would leave -inf in the residual."""
+    from ccomm.finite import NonFiniteError
+
+    ef = ErrorFeedback()
+    with pytest.raises(NonFiniteError):
+        ef.update("w", torch.ones(4, dtype=torch.float16), torch.tensor([1.0, float("inf"), 1.0, 1.0]).half())
+    assert "w" not in ef
+
+
+def test_allow_nonfinite_keeps_nan_as_before() -> None:
+    ef = ErrorFeedback(allow_nonfinite=True)
+    ef.update("w", torch.tensor([1.0, float("nan")]), torch.zeros(2))
+    assert torch.isnan(ef.residual("w")[1])
+    state = ef.state_dict()
+    ErrorFeedback(allow_nonfinite=True).load_state_dict(state)
+    from ccomm.finite import NonFiniteError
+
+    with pytest.raises(NonFiniteError, match="load_state_dict: residual of key 'w'"):
+        ErrorFeedback().load_state_dict(state)
+
+
+def test_allow_nonfinite_must_be_a_bool() -> None:
+    with pytest.raises(ValueError, match="allow_nonfinite"):
+        ErrorFeedback(allow_nonfinite="no")  # type: ignore[arg-type]

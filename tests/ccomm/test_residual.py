@@ -239,3 +239,66 @@ def test_defer_is_a_no_op_for_no_ef_and_naive(variant: str, spec: str) -> None:
         out = rcv.decode("k", rcv.wrap("k", p.buffer.clone(), x.shape, x.dtype))
         assert out.shape == x.shape and out.dtype == x.dtype
     assert lazy.keys() == eager.keys()
+
+
+# --- non-finite values are refused by default ----------------------------------------------
+
+def _nan_at(x: torch.Tensor) -> torch.Tensor:
+    y = x.clone()
+    y.view(-1)[5] = float("nan")
+    return y
+
+
+@pytest.mark.parametrize("variant", ["ef", "no_ef", "naive"])
+@pytest.mark.parametrize("step", [0, 2])  # raw warm-up and compressed steps
+def test_encode_refuses_non_finite_input_and_leaves_the_state_alone(variant: str, step: int) -> None:
+    from ccomm.finite import NonFiniteError
+
+    xs = _walk(step + 1, (16, 8), torch.float32)
+    rc = ResidualCodec("int2", 1, variant=variant)
+    for x in xs[:step]:
+        rc.encode("k", x)
+    base = rc.base("k")
+    with pytest.raises(NonFiniteError, match="key 'k', input"):
+        rc.encode("k", _nan_at(xs[step]))
+    assert rc.step("k") == step
+    assert (rc.base("k") is None) == (base is None)
+    if base is not None:
+        assert torch.equal(rc.base("k"), base)
+    rc.encode("k", xs[step])  # a finite tensor is still accepted afterwards
+
+
+@pytest.mark.parametrize("step", [0, 2])
+def test_decode_refuses_a_peer_payload_that_makes_the_base_non_finite(step: int) -> None:
+    from ccomm.finite import NonFiniteError
+
+    xs = _walk(step + 1, (16, 8), torch.float32)
+    sender = ResidualCodec("identity", 1, allow_nonfinite=True)
+    receiver = ResidualCodec("identity", 1)
+    for x in xs[:step]:
+        _relay(sender, receiver, "k", x)
+    before = receiver.base("k")
+    with pytest.raises(NonFiniteError, match="key 'k'"):
+        _relay(sender, receiver, "k", _nan_at(xs[step]))
+    if before is not None:
+        assert torch.equal(receiver.base("k"), before)
+
+
+def test_allow_nonfinite_keeps_the_old_behaviour() -> None:
+    rc = ResidualCodec("identity", 1, allow_nonfinite=True)
+    rc.encode("k", _nan_at(torch.ones(16)))
+    assert torch.isnan(rc.base("k")).any()
+    with pytest.raises(ValueError, match="allow_nonfinite"):
+        ResidualCodec("identity", allow_nonfinite=1)  # type: ignore[arg-type]
+
+
+def test_deferred_update_that_overflows_is_refused_at_settle() -> None:
+    """fp16 bases near the limit: base + D(p) overflows to inf in the deferred update."""
+    from ccomm.finite import NonFiniteError
+
+    rc = ResidualCodec("identity", 1)
+    rc.encode("k", torch.full((4,), 60000.0, dtype=torch.float16))
+    rc.encode("k", torch.full((4,), -60000.0, dtype=torch.float16), defer=True)
+    # r = x - base = -120000 -> -inf in fp16: the input was finite, the residual is not.
+    with pytest.raises(NonFiniteError, match="updated base"):
+        rc.settle()

@@ -96,12 +96,15 @@ def test_real_quick_run(tmp_path: Path) -> None:
     assert res["quick"] and res["steps"] == 8
     assert set(res["methods"]) == set(METHODS) and set(res["ranks2"]["methods"]) == set(METHODS)
     ring = res["methods"]["ring"]
-    # P=2, 2 images (4 rows with CFG) x 64 tokens / 2 ranks = 128 rows, C=128, fp16: K and V, 4 layers, 8 steps.
-    assert ring["wire_bytes_by_tag"]["kv_ring"] == 8 * 4 * 2 * 128 * 128 * 2
+    # P=2, 2 images (4 rows with CFG) x 64 tokens / 2 ranks = 128 rows, C=128, fp16: K and V, 4 layers, 8 steps;
+    # plus one wire header (ccomm.header) per ring step.
+    from ccomm.header import HEADER_BYTES
+
+    assert ring["wire_bytes_by_tag"]["kv_ring"] == 8 * 4 * 2 * 128 * 128 * 2 + 8 * 4 * HEADER_BYTES
     binary = res["methods"]["ring+binary"]
     assert binary["compression_ratio_steps"] == pytest.approx(128 * 128 * 2 / ((128 + 128) * 2 + 128 * 128 / 8))
 
 
 def test_report_subcommand_rerenders(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["report", str(tmp_path)]) == 2  # no results.json
-    assert "no results.json" in capsys.readouterr().err
+    assert "results.json: no such file" in capsys.readouterr().err

@@ -181,10 +181,14 @@ def _r_bytes(rank: int, world: int, mode: str, codec: str) -> dict:
     raw = b * s_loc * c * 2
     per = raw if codec == "none" else make_codec(codec).nbytes((b * s_loc, c), torch.float16)
     kv_per_step = [raw] + [per] * (steps - 1)  # step 0 always raw
+    from ccomm.header import HEADER_BYTES
+
     if mode == "ring":
-        expect = {"kv_ring": sum(2 * L * (world - 1) * x for x in kv_per_step)}
+        # Plus one wire header per ring step (checked with the data: ccomm.comm.send_recv).
+        expect = {"kv_ring": sum(2 * L * (world - 1) * x for x in kv_per_step) + steps * L * (world - 1) * HEADER_BYTES}
     else:
-        expect = {"kv_gather": sum(2 * L * x for x in kv_per_step)}
+        # Plus one wire header per layer: the first gather of each signature is checked.
+        expect = {"kv_gather": sum(2 * L * x for x in kv_per_step) + L * HEADER_BYTES}
     expect["token_gather"] = steps * b * s_loc * (2 * 2 * 4) * 4  # fp32 model output, patch 2x2, 4 channels
     got = {k: sum(o.bytes for o in ops.values()) for k, ops in snap.items()}
     return {"expect": expect, "got": got}

@@ -1,4 +1,5 @@
-"""§6 exact resume: save at step s, resume in fresh objects, 20 more steps are bit-identical."""
+"""§6 exact resume: save at step s, resume in fresh objects, 20 more steps are bit-identical;
+a checkpoint that does not fit (another rank, model or config, NaN, bad step) fails at load."""
 from __future__ import annotations
 
 import io
@@ -79,7 +80,8 @@ def _resume(rank: int, world: int, hook: bool, cfg_kw: dict) -> tuple[bool, list
             raise AssertionError("drain mode saved a non-empty FIFO")
         opt.drain()
     blob = io.BytesIO()
-    torch.save({"model": T.params(model), "opt": opt.state_dict(), "deco": opt.state.state_dict()}, blob)
+    # The usual PyTorch pattern: model and optimizer state dicts; DeCo's state rides in the latter.
+    torch.save({"model": T.params(model), "opt": opt.state_dict()}, blob)
     torch.randn(100)  # the resumed run must not depend on RNG use after the save
     # Keep training the old objects a little: the checkpoint must be a copy, not a view.
     _steps(model, opt, rank, SAVE_AT, SAVE_AT + 2)
@@ -92,7 +94,6 @@ def _resume(rank: int, world: int, hook: bool, cfg_kw: dict) -> tuple[bool, list
         for n, p in inner.named_parameters():
             p.copy_(ck["model"][n])
     opt2.load_state_dict(ck["opt"])
-    opt2.state.load_state_dict(ck["deco"])
     _steps(model2, opt2, rank, SAVE_AT, SAVE_AT + MORE)
     resumed = T.params(model2)
     diff = [n for n in straight if not torch.equal(straight[n], resumed[n])]
@@ -134,3 +135,138 @@ def _mismatch(rank: int, world: int) -> str:
 def test_config_mismatch_is_refused(pool: RankPool) -> None:
     for msg in pool.run(_mismatch):
         assert "config hash" in msg
+
+
+# --- checkpoints that cannot be loaded wrong (issue 13, item 4) ------------------------------
+
+def _trained(rank: int, steps: int = 3, model_seed: int = 0) -> tuple[Any, Any, dict]:
+    from deco_sgd.optim import DecoOptimizer
+    from deco_sgd.state import DecoState
+
+    model = T.make_model(model_seed)
+    st = DecoState(_cfg(), model)
+    opt = DecoOptimizer(torch.optim.SGD(model.parameters(), lr=T.LR), st)
+    _steps(model, opt, rank, 0, steps)
+    return model, opt, st.state_dict()
+
+
+def _corrupt(sd: dict, what: str, rank: int) -> dict:
+    import copy
+
+    sd = copy.deepcopy(sd)
+    name = next(iter(sd["ef"]["residuals"]))
+    if what == "nan_residual":
+        sd["ef"]["residuals"][name].view(-1)[0] = float("nan")
+    elif what == "shape":
+        sd["ef"]["residuals"][name] = torch.zeros(3, 3)
+    elif what == "dtype":
+        sd["ef"]["residuals"][name] = sd["ef"]["residuals"][name].double()
+    elif what == "unknown_param":
+        sd["ef"]["residuals"]["no.such.weight"] = torch.zeros(2)
+    elif what == "negative_step":
+        sd["step"] = -1
+    elif what == "float_step":
+        sd["step"] = 2.5
+    elif what == "world_size":
+        sd["world_size"] = 3
+    elif what == "nan_aggregate":
+        unit = sd["fifo"]["entries"][0]["units"][0]
+        unit["result"][unit["names"][0]].view(-1)[0] = float("nan")
+    elif what == "queued_after_step":
+        sd["fifo"]["entries"][0]["seq"] = sd["step"]
+    elif what == "missing":
+        del sd["fifo"]
+    return sd
+
+
+CORRUPTIONS = {
+    "nan_residual": r"state\.ef\.residuals\['0\.weight'\]: holds inf or NaN",
+    "shape": r"shape \(3, 3\) differs from the parameter's",
+    "dtype": r"dtype torch\.float64 differs from the parameter's torch\.float32",
+    "unknown_param": r"unknown parameter\(s\) \['no\.such\.weight'\]",
+    "negative_step": r"state\.step: must be an integer in >= 0, got -1",
+    "float_step": r"state\.step: must be an integer in >= 0, got 2\.5",
+    "world_size": r"saved with world_size=3, running with 2",
+    "nan_aggregate": r"result\['0\.weight'\] \(step \d+\): holds inf or NaN",
+    "queued_after_step": r"is not before state\.step",
+    "missing": r"state: missing \['fifo'\]",
+}
+
+
+def _load_corrupted(rank: int, world: int) -> dict[str, str]:
+    from deco_sgd import CheckpointError
+    from deco_sgd.state import DecoState
+
+    _, _, sd = _trained(rank)
+    assert sd["fifo"]["entries"], "the checkpoint must hold in-flight aggregates for these checks"
+    out = {}
+    for what in CORRUPTIONS:
+        fresh = DecoState(_cfg(), T.make_model())
+        try:
+            fresh.load_state_dict(_corrupt(sd, what, rank))
+        except CheckpointError as e:
+            out[what] = str(e)
+        else:
+            out[what] = "loaded"
+        assert fresh.step == 0 and len(fresh.ef) == 0  # nothing was loaded
+    return out
+
+
+def test_bad_checkpoints_fail_at_load_naming_the_field(pool: RankPool) -> None:
+    import re
+
+    for got in pool.run(_load_corrupted):
+        for what, pattern in CORRUPTIONS.items():
+            assert re.search(pattern, got[what]), (what, got[what])
+
+
+def _load_other(rank: int, world: int) -> tuple[str, str, str]:
+    import torch.distributed as dist
+
+    from deco_sgd import CheckpointError
+    from deco_sgd.optim import DecoOptimizer
+    from deco_sgd.state import DecoState
+
+    model, opt, sd = _trained(rank)
+    everyone: list[Any] = [None] * world
+    dist.all_gather_object(everyone, sd)
+    fresh = DecoState(_cfg(), T.make_model())
+    try:
+        fresh.load_state_dict(everyone[(rank + 1) % world])  # the other rank's file
+        other_rank = "loaded"
+    except CheckpointError as e:
+        other_rank = str(e)
+    # Another model: same names and config, other widths (a wider hidden layer).
+    wide = torch.nn.Sequential(torch.nn.Linear(T.IN, 2 * T.HID), torch.nn.Tanh(), torch.nn.Linear(2 * T.HID, T.OUT))
+    try:
+        DecoState(_cfg(), wide).load_state_dict(sd)
+        other_model = "loaded"
+    except CheckpointError as e:
+        other_model = str(e)
+    # A plain optimizer state dict is refused, not loaded without DeCo's state.
+    opt2 = DecoOptimizer(torch.optim.SGD(T.make_model().parameters(), lr=T.LR), DecoState(_cfg(), T.make_model()))
+    try:
+        opt2.load_state_dict(opt.optimizer.state_dict())
+        plain = "loaded"
+    except ValueError as e:
+        plain = str(e)
+    return other_rank, other_model, plain
+
+
+def test_another_ranks_or_models_checkpoint_and_a_plain_optimizer_dict_are_refused(pool: RankPool) -> None:
+    for rank, (other_rank, other_model, plain) in enumerate(pool.run(_load_other)):
+        assert f"this is rank {1 - rank}'s checkpoint, loaded on rank {rank}" in other_rank
+        assert "differs from the parameter's" in other_model and "another model" in other_model
+        assert "plain torch optimizer state dict has no DeCo state" in plain
+
+
+def _optimizer_dict_holds_deco(rank: int, world: int) -> tuple[list[str], int, int]:
+    _, opt, _ = _trained(rank)
+    sd = opt.state_dict()
+    return sorted(sd), len(sd["deco"]["ef"]["residuals"]), len(sd["deco"]["fifo"]["entries"])
+
+
+def test_optimizer_state_dict_includes_the_deco_state(pool: RankPool) -> None:
+    for keys, residuals, queued in pool.run(_optimizer_dict_holds_deco):
+        assert keys == ["deco", "format", "optimizer"]
+        assert residuals == 4 and queued == 2  # 4 parameters; staleness 2 keeps 2 steps in flight

@@ -62,7 +62,7 @@ BAD = [
     ("exchange", {"exchange": "ring"}, "['auto', 'allgather', 'allreduce']"),
     ("exchange", {"exchange": "allreduce"}, "additive"),  # top-k is not additive
     ("mode", {"mode": "dynamic"}, "['static', 'adaptive']"),
-    ("codec", {"codec": "nosuchcodec"}, "make_codec"),
+    ("codec", {"codec": "nosuchcodec"}, "unknown codec 'nosuchcodec'"),
     ("codec", {"codec": "topk:ratio=0.1"}, "`ratio` field"),
     ("codec", {"codec": "quantize:bits=4"}, "one-ratio family"),
     ("codec", {"codec": "randomk:ratio=0.1|topk:ratio=0.1|quantize:bits=4"}, "static-only"),
