@@ -45,6 +45,8 @@ from .state import CompactState, KVKey
 __all__ = [
     "block_attention",
     "block_attention_reference",
+    "select_kernel",
+    "KERNELS",
     "merge",
     "ring_attention",
     "patch_attention",
@@ -55,23 +57,91 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: torch's CPU flash-attention op (returns output and log-sum-exp); None if this build lacks it.
+#: torch's fused attention ops that also return the log-sum-exp (None if this build lacks one).
+#: Looked up through the module at call time, so tests can stand in for the CUDA ones on CPU.
 _CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_CUDA_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention", None)
+_CUDA_EFFICIENT = getattr(torch.ops.aten, "_scaled_dot_product_efficient_attention", None)
+
+#: Kernel names `select_kernel` returns.
+KERNELS = ("cpu_flash", "cuda_flash", "cuda_efficient", "reference")
+#: (kernel, device type, dtype, head_dim) that raised once: process-wide facts about the
+#: hardware/build, so later calls go straight to the reference instead of raising again.
+_FAILED: set[tuple[str, str, torch.dtype, int]] = set()
+
+
+def select_kernel(device_type: str, dtype: torch.dtype, head_dim: int, *,
+                  capability: tuple[int, int] | None = None) -> str:
+    """The kernel `block_attention` runs for inputs on `device_type` in `dtype` with `head_dim`.
+
+    1. CPU: torch's fused flash kernel for CPU ("cpu_flash", computed in fp32) when present.
+    2. CUDA (`capability` = compute capability; queried when None), in the input dtype:
+       - "cuda_flash" (`_scaled_dot_product_flash_attention`): fp16/bf16, head_dim a multiple of
+         8 and at most 256, sm80 or newer, torch's flash SDP switch on;
+       - else "cuda_efficient" (`_scaled_dot_product_efficient_attention`, also fp32): head_dim
+         a multiple of 16 bytes' worth of elements (8 for fp16/bf16, 4 for fp32), sm50 or newer,
+         the memory-efficient SDP switch on.
+    3. Anything else (other devices, dtypes, head sizes): "reference" (explicit fp32 scores).
+    A fused kernel that raises at run time falls back to the reference (see `block_attention`).
+    """
+    if device_type == "cpu":
+        return "cpu_flash" if _CPU_FLASH is not None else "reference"
+    if device_type != "cuda" or dtype not in (torch.float16, torch.bfloat16, torch.float32) or head_dim <= 0:
+        return "reference"
+    if capability is None:
+        capability = torch.cuda.get_device_capability()
+    half = dtype != torch.float32
+    if (half and _CUDA_FLASH is not None and head_dim % 8 == 0 and head_dim <= 256 and capability >= (8, 0)
+            and torch.backends.cuda.flash_sdp_enabled()):
+        return "cuda_flash"
+    if (_CUDA_EFFICIENT is not None and head_dim % (8 if half else 4) == 0 and capability >= (5, 0)
+            and torch.backends.cuda.mem_efficient_sdp_enabled()):
+        return "cuda_efficient"
+    return "reference"
+
+
+def _cpu_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    qf, kf, vf = q.float(), k.float(), v.float()
+    out, lse = _CPU_FLASH(qf.transpose(1, 2), kf.transpose(1, 2), vf.transpose(1, 2), 0.0, False, scale=scale)[:2]
+    return out.transpose(1, 2), lse
+
+
+def _cuda_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    # (query, key, value, dropout_p, is_causal, return_debug_mask, *, scale) -> (output, logsumexp, ...)
+    out, lse = _CUDA_FLASH(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, False, False, scale=scale)[:2]
+    return out.transpose(1, 2).float(), lse.float()
+
+
+def _cuda_efficient(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    # (query, key, value, attn_bias, compute_log_sumexp, dropout_p, is_causal, *, scale) -> (output, log_sumexp, ...);
+    # log_sumexp is (B, H, ceil(Sq / 32) * 32): rows past Sq are padding.
+    out, lse = _CUDA_EFFICIENT(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, True, 0.0, False,
+                               scale=scale)[:2]
+    return out.transpose(1, 2).float(), lse[..., : q.shape[1]].float()
 
 
 def block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax attention of q over one K/V block, in fp32.
+    """Softmax attention of q over one K/V block.
 
     Returns (out, lse): out (B, Sq, H, D) fp32 normalized within the block, lse (B, H, Sq)
-    fp32 = log sum_k exp(scale * q.k). On CPU, torch's fused flash kernel (which returns the
-    log-sum-exp) is used, about 15x faster than the reference at 256 x 512 tokens; other
-    devices use `block_attention_reference`.
+    fp32 = log sum_k exp(scale * q.k); `merge` combines blocks in fp32. The kernel is
+    `select_kernel(device, dtype, head_dim)`: torch's fused kernels that return the
+    log-sum-exp (CPU flash, in fp32, about 15x faster than the reference at 256 x 512 tokens;
+    CUDA flash or memory-efficient, in the input dtype), `block_attention_reference`
+    otherwise. A fused kernel that raises (an unsupported GPU or build) is logged once and
+    replaced by the reference for that device, dtype and head size from then on.
     """
-    qf, kf, vf = q.float(), k.float(), v.float()
-    if qf.device.type == "cpu" and _CPU_FLASH is not None:
-        out, lse = _CPU_FLASH(qf.transpose(1, 2), kf.transpose(1, 2), vf.transpose(1, 2), 0.0, False, scale=scale)[:2]
-        return out.transpose(1, 2), lse
-    return block_attention_reference(qf, kf, vf, scale)
+    d = q.shape[-1]
+    name = select_kernel(q.device.type, q.dtype, d)
+    if name == "reference" or (name, q.device.type, q.dtype, d) in _FAILED:
+        return block_attention_reference(q, k, v, scale)
+    try:
+        return _RUN[name](q, k, v, scale)
+    except RuntimeError as exc:
+        _FAILED.add((name, q.device.type, q.dtype, d))
+        logger.warning("compactfusion: %s attention failed on %s %s head_dim %d (%s); using the reference path",
+                       name, q.device, q.dtype, d, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        return block_attention_reference(q, k, v, scale)
 
 
 def block_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,6 +151,10 @@ def block_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     lse = torch.logsumexp(scores, dim=-1)
     p = torch.exp(scores - lse.unsqueeze(-1))
     return torch.einsum("bhqk,bkhd->bqhd", p, vf), lse
+
+
+#: Kernel name -> implementation (the fused ones look their aten op up at call time).
+_RUN = {"cpu_flash": _cpu_flash, "cuda_flash": _cuda_flash, "cuda_efficient": _cuda_efficient}
 
 
 def merge(out: torch.Tensor | None, lse: torch.Tensor | None, block_out: torch.Tensor, block_lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
