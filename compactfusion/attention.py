@@ -9,8 +9,8 @@ Public entry points (all take the same keyword arguments and return the attentio
 for the local queries, in q's dtype and layout):
 - `ring_attention(q, k, v, *, state, layer, branch=0, group=None, joint_k=None, joint_v=None, scale=None)`:
   sequence-parallel ring (spec 3.1). Algorithm:
-    1. encode own K and V once (`state.send`: raw, or through the ResidualCodec, the own
-       base update deferred);
+    1. encode own K and V once, as one (2, N, C) stack and one payload (`state.send`: raw,
+       or through the ResidualCodec with per-tensor scales, the own base update deferred);
     2. for s = 0..P-1: post the next hop (send the current payload to rank+1 unchanged,
        receive the next one from rank-1, sizes from mirrored state) BEFORE computing
        this block; after the first post, apply the deferred own-base update while the
@@ -192,30 +192,29 @@ def _group_info(state: CompactState, group: Any) -> tuple[Any, int, int]:
 
 
 def _encode_own(state: CompactState, layer: int, branch: int, rank: int, k: torch.Tensor, v: torch.Tensor,
-                comp: bool) -> tuple[torch.Tensor, int, torch.Tensor, torch.Tensor]:
-    """Own K|V payload bytes, the byte length of its K part, and the wire-dtype (N, C) tensors.
+                comp: bool) -> tuple[torch.Tensor, int, torch.Tensor]:
+    """Own payload bytes of the layer's (K, V) stack, its byte length, and the (2, N, C) wire-dtype stack.
 
-    The own base updates are deferred: the caller posts the payload, then `state.settle()`.
+    K and V travel as one stack (`ccomm.codecs.Stacked`: per-tensor scales, one encode and
+    one decode). The own base update is deferred: the caller posts the payload, then
+    `state.settle()`.
     """
     b, s, h, d = k.shape
-    wire = state.wire(k.dtype)
-    kw, vw = k.reshape(b * s, h * d).to(wire), v.reshape(b * s, h * d).to(wire)
-    key_k = KVKey(layer, rank, "k", branch)
-    # Peers' keys of this layer have the use count own key has before its encode.
-    nk = state.recv_nbytes(key_k, kw.shape, wire, comp)
-    dk = state.send(key_k, kw, comp, defer=True)
-    dv = state.send(KVKey(layer, rank, "v", branch), vw, comp, defer=True)
-    return torch.cat([dk, dv]), nk, kw, vw
+    x = torch.empty(2, b * s, h * d, dtype=state.wire(k.dtype), device=k.device)
+    x[0].copy_(k.reshape(b * s, h * d))
+    x[1].copy_(v.reshape(b * s, h * d))
+    key = KVKey(layer, rank, "kv", branch)
+    # Peers' keys of this layer have the use count the own key has before its encode.
+    n = state.recv_nbytes(key, x.shape, x.dtype, comp)
+    return state.send(key, x, comp, defer=True), n, x
 
 
-def _decode_pair(state: CompactState, layer: int, branch: int, src: int, data: torch.Tensor, nk: int,
+def _decode_pair(state: CompactState, layer: int, branch: int, src: int, data: torch.Tensor,
                  like: torch.Tensor, comp: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V of source `src` from its payload bytes, in `like`'s layout and dtype."""
     b, s, h, d = like.shape
-    wire = state.wire(like.dtype)
-    shape = (b * s, h * d)
-    rk = state.receive(KVKey(layer, src, "k", branch), data[:nk], shape, wire, comp)
-    rv = state.receive(KVKey(layer, src, "v", branch), data[nk:], shape, wire, comp)
-    return rk.reshape(b, s, h, d).to(like.dtype), rv.reshape(b, s, h, d).to(like.dtype)
+    r = state.receive(KVKey(layer, src, "kv", branch), data, (2, b * s, h * d), state.wire(like.dtype), comp)
+    return r[0].reshape(b, s, h, d).to(like.dtype), r[1].reshape(b, s, h, d).to(like.dtype)
 
 
 def _payload(data: torch.Tensor) -> Payload:
@@ -243,31 +242,30 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, state: 
     if world == 1:
         out, lse = block_attention(q, _front(joint_k, k), _front(joint_v, v), scale)
         return out.to(q.dtype)
-    cur, _, _, _ = _encode_own(state, layer, branch, rank, k, v, comp)
-    src, nk_cur = rank, 0
+    cur, _, _ = _encode_own(state, layer, branch, rank, k, v, comp)
+    src = rank
     for s in range(world):
         handle = None
         if s < world - 1:
             nsrc = (src - 1) % world
-            nk = state.recv_nbytes(KVKey(layer, nsrc, "k", branch), shape, wire, comp)
-            nv = state.recv_nbytes(KVKey(layer, nsrc, "v", branch), shape, wire, comp)
+            n = state.recv_nbytes(KVKey(layer, nsrc, "kv", branch), (2,) + shape, wire, comp)
             # CCOMM_DEBUG_SIZES=1: let the transport exchange sizes and compare them below.
             handle = send_recv(_payload(cur), (rank + 1) % world, (rank - 1) % world, g,
-                               recv_nbytes=None if _debug_sizes() else nk + nv, recv_dtype=torch.uint8,
+                               recv_nbytes=None if _debug_sizes() else n, recv_dtype=torch.uint8,
                                async_op=True, key="kv_ring", stats=state.stats)
         if s == 0:  # exact own K/V, with the replicated text in front
             state.settle()  # own base updates overlap the first hop
             ks, vs = _front(joint_k, k), _front(joint_v, v)
         else:
-            ks, vs = _decode_pair(state, layer, branch, src, cur, nk_cur, k, comp)
+            ks, vs = _decode_pair(state, layer, branch, src, cur, k, comp)
         # Looked up through the module so tests can spy on the blocks.
         bo, bl = globals()["block_attention"](q, ks, vs, scale)
         out, lse = merge(out, lse, bo, bl)
         if handle is not None:
-            cur, src, nk_cur = handle.wait().buffer, nsrc, nk
-            if cur.numel() != nk + nv:
+            cur, src = handle.wait().buffer, nsrc
+            if cur.numel() != n:
                 raise CompactStateError(f"layer {layer} step {state.step}: rank {(rank - 1) % world} sent "
-                                        f"{cur.numel()} bytes, mirrored state expects {nk + nv}")
+                                        f"{cur.numel()} bytes, mirrored state expects {n}")
     state.raise_nonfinite(layer)
     assert out is not None
     return out.to(q.dtype)
@@ -276,7 +274,7 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, state: 
 def _gather_sync(state: CompactState, layer: int, branch: int, g: Any, rank: int, world: int, k: torch.Tensor,
                  v: torch.Tensor, comp: bool, exact_own: bool) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Synchronous all-gather of every source's K/V, decoded, in rank order (model dtype)."""
-    data, nk, kw, vw = _encode_own(state, layer, branch, rank, k, v, comp)
+    data, _, x = _encode_own(state, layer, branch, rank, k, v, comp)
     handle = allgather_payloads(_payload(data), g, same_size=True, async_op=True, key="kv_gather", stats=state.stats)
     state.settle()  # own base updates overlap the gather
     got = handle.wait()
@@ -288,10 +286,11 @@ def _gather_sync(state: CompactState, layer: int, branch: int, g: Any, rank: int
                 ks.append(k)
                 vs.append(v)
             else:
-                ks.append(state.own_reconstruction(KVKey(layer, rank, "k", branch), kw, comp).reshape(k.shape).to(k.dtype))
-                vs.append(state.own_reconstruction(KVKey(layer, rank, "v", branch), vw, comp).reshape(v.shape).to(v.dtype))
+                own = state.own_reconstruction(KVKey(layer, rank, "kv", branch), x, comp)
+                ks.append(own[0].reshape(k.shape).to(k.dtype))
+                vs.append(own[1].reshape(v.shape).to(v.dtype))
         else:
-            rk, rv = _decode_pair(state, layer, branch, src, p.buffer, nk, k, comp)
+            rk, rv = _decode_pair(state, layer, branch, src, p.buffer, k, comp)
             ks.append(rk)
             vs.append(rv)
     return ks, vs
@@ -336,7 +335,7 @@ def distrifusion_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     vs = [v if i == rank else t for i, t in enumerate(vs)]
     out = full_attention(q, _front(joint_k, torch.cat(ks, dim=1)), _front(joint_v, torch.cat(vs, dim=1)), scale)
     # 2. launch this step's gather; decoded when the next step takes it
-    data, nk, _, _ = _encode_own(state, layer, branch, rank, k, v, comp)
+    data, _, _ = _encode_own(state, layer, branch, rank, k, v, comp)
     handle = allgather_payloads(_payload(data), g, same_size=True, async_op=True, key="kv_gather", stats=state.stats)
     state.settle()
 
@@ -348,7 +347,7 @@ def distrifusion_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                 rk.append(like)
                 rv.append(like)
             else:
-                a, b_ = _decode_pair(state, layer, branch, src, p.buffer, nk, like, comp)
+                a, b_ = _decode_pair(state, layer, branch, src, p.buffer, like, comp)
                 rk.append(a)
                 rv.append(b_)
         state.raise_nonfinite(layer)
