@@ -44,9 +44,6 @@ __all__ = ["RequestStats", "RequestTracker", "timestep_value"]
 
 logger = logging.getLogger(__name__)
 
-_WRAP_MARK = "_compactfusion_request_tracker"
-
-
 def timestep_value(t: Any) -> Optional[float]:
     """The scalar timestep of a forward call (first element of a tensor; None if absent)."""
     if t is None:
@@ -95,7 +92,7 @@ class RequestTracker:
         self._pending = False  # a watched set_timesteps ran since the last forward
         self._pipe: Any = None
         self._sched: Any = None
-        self._saved: Any = None  # (had an instance attribute, its value) of the watched set_timesteps
+        self._saved: Any = None  # (had an instance attribute, its value, our wrapper) of the watched set_timesteps
         self._warned = False
         self._noted_rise = False
 
@@ -124,7 +121,6 @@ class RequestTracker:
                 self._pending = True
             return original(*args, **kwargs)
 
-        setattr(set_timesteps, _WRAP_MARK, self)
         sched.set_timesteps = set_timesteps
         self._sched, self._saved = sched, (had, vars(sched).get("set_timesteps"), set_timesteps)
 
