@@ -121,7 +121,7 @@ class ResidualCodec:
             n = 1
             for s in shape:
                 n *= int(s)
-            return n * torch.empty((), dtype=dtype).element_size()
+            return n * dtype.itemsize
         return self.codec.nbytes(shape, dtype)
 
     def wrap(self, key: Hashable, buffer: torch.Tensor, shape: Sequence[int], dtype: torch.dtype) -> Payload:

@@ -14,6 +14,7 @@ from typing import Callable, Optional
 
 import torch
 
+from ccomm.codecs import Stacked
 from ccomm.registry import available_codecs, make_codec, parse_spec
 
 __all__ = ["CompactConfig", "MODES", "VARIANTS", "WIRE_DTYPES"]
@@ -64,7 +65,7 @@ class CompactConfig:
             raise ValueError(f"codec={self.codec!r}: 'none' or a codec spec; available: {', '.join(available_codecs())}")
         if self.codec != "none":
             try:
-                self.make_codec()
+                Stacked(self.make_codec())  # a layer's K and V travel as one stack
             except ValueError as exc:
                 raise ValueError(f"codec={self.codec!r}: {exc}; 'none' or one of {', '.join(available_codecs())}") from exc
         if not _is_int(self.warmup_steps) or self.warmup_steps < 1:

@@ -8,8 +8,9 @@ Algorithm (spec section 4):
 3. Save the attention processors; set a full mapping (diffusers' `set_attn_processor` walk): our
    processors on the self-attention names (layer index = registration order), the
    originals elsewhere.
-4. Hooks: a transformer pre-hook (step/branch counting, new-request detection from the
-   timestep, shape-change and S % P checks, autograd refusal, the `max_state_mb` check);
+4. Hooks: a transformer pre-hook (step/branch counting, request boundaries from
+   `compactfusion.requests.RequestTracker`: the watched scheduler of a pipeline passed in
+   place of the transformer, else the timestep rule; shape-change and S % P checks, autograd refusal, the `max_state_mb` check);
    *split* slices the token embedder's output to this rank's chunk; *rope* (Flux) keeps
    the text rows of the rotary tables and this rank's image rows; *gather* all-gathers the
    final projection's output along the token dimension in rank order, uncompressed
@@ -40,6 +41,7 @@ from ccomm.stats import CommStats
 from .config import CompactConfig
 from .errors import CompactStateError
 from .processors import CompactAttnProcessor, CompactFluxAttnProcessor
+from .requests import RequestStats, RequestTracker, timestep_value
 from .state import CompactState
 
 __all__ = ["ModelSpec", "MODEL_SPECS", "Handle", "parallelize"]
@@ -101,7 +103,8 @@ class Handle:
     steps since the last reset = forward_calls // calls_per_step), `errors` (rows recorded
     with record_errors=True since the last reset: step, layer, key, source, kind, branch,
     variant, raw, comp_err, deviation, norm), `stats` (ccomm CommStats of this handle: per request unless a
-    `stats=` object was passed to `parallelize`).
+    `stats=` object was passed to `parallelize`), `requests` (lifetime counts of requests and
+    resets by cause, `compactfusion.requests.RequestStats`).
     """
 
     def __init__(self, transformer: torch.nn.Module, config: CompactConfig, group: Any, spec: ModelSpec,
@@ -116,7 +119,7 @@ class Handle:
         self._saved: dict[str, Any] = {}
         self._hooks: list[Any] = []
         self._removed = False
-        self._last_t: float | None = None
+        self._requests = RequestTracker(config.new_request)
         self._input_sig: tuple | None = None
         self._text_len = 0
         self._sig = inspect.signature(transformer.forward)
@@ -143,11 +146,24 @@ class Handle:
     def rank(self) -> int:
         return self.state.rank
 
+    @property
+    def requests(self) -> RequestStats:
+        return self._requests.stats
+
+    def watch(self, obj: Any) -> None:
+        """Take request boundaries from a diffusers scheduler's `set_timesteps` (or a pipeline's
+        `.scheduler`), for bare sampling loops; see `compactfusion.requests`."""
+        self._alive()
+        self._requests.watch(obj)
+
     def reset(self) -> None:
         """Drain in-flight work; drop bases, counters and per-request stats (between requests)."""
         self._alive()
+        self._drop()
+        self._requests.restart()
+
+    def _drop(self) -> None:
         self.state.reset()
-        self._last_t = None
         self._input_sig = None
 
     def state_nbytes(self) -> int:
@@ -160,6 +176,7 @@ class Handle:
         if self._removed:
             return
         self._removed = True
+        self._requests.unwatch()
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
@@ -224,23 +241,16 @@ class Handle:
         if self.spec.text == "joint":
             enc = bound.get("encoder_hidden_states")
             self._text_len = 0 if enc is None else int(enc.shape[1])
-        branch0 = st.calls % cfg.calls_per_step == 0
-        t = bound.get("timestep")
-        if cfg.new_request == "timestep" and branch0 and t is not None:
-            tv = float(t.reshape(-1)[0]) if isinstance(t, torch.Tensor) else float(t)
-            if self._last_t is not None and st.calls > 0 and not tv < self._last_t:
-                logger.info("compactfusion: timestep %g after %g: new request, resetting state", tv, self._last_t)
-                self.reset()
-            self._last_t = tv
+        if self._requests.before_forward(timestep_value(bound.get("timestep")), st.calls % cfg.calls_per_step == 0):
+            self._drop()
         sig = (tuple(hidden.shape), hidden.dtype, hidden.device.type, self._text_len)
         if self._input_sig is not None and sig != self._input_sig and st.calls > 0:
             if cfg.on_shape_change == "error":
                 raise CompactStateError(f"input changed from {self._input_sig[:3]} to {sig[:3]} at step {st.step}; "
                                         "call handle.reset() between requests")
             logger.info("compactfusion: input shape changed, resetting state (on_shape_change='reset')")
-            last_t = self._last_t
-            self.reset()
-            self._last_t = last_t
+            self._drop()
+            self._requests.shape_reset()
         self._input_sig = sig
         if st.calls == 0 and cfg.max_state_mb is not None:
             self._check_memory(hidden.shape[0], n_tokens)
@@ -298,9 +308,17 @@ class Handle:
         return torch.cat([p.buffer.view(output.shape) for p in got], dim=1)  # type: ignore[union-attr]
 
 
-def parallelize(transformer: torch.nn.Module, config: CompactConfig, group: Any = None, *,
+def parallelize(transformer: Any, config: CompactConfig, group: Any = None, *,
                 stats: CommStats | None = None) -> Handle:
-    """Parallelize `transformer` over `group` (default: WORLD) with CompactFusion; see module docstring."""
+    """Parallelize `transformer` over `group` (default: WORLD) with CompactFusion; see module docstring.
+
+    `transformer` may also be a diffusers pipeline (an object with a `.transformer` module and a
+    `.scheduler`): its transformer is parallelized and its scheduler watched for request
+    boundaries (`compactfusion.requests`), which is right for every scheduler.
+    """
+    pipe = None
+    if not isinstance(transformer, torch.nn.Module) and isinstance(getattr(transformer, "transformer", None), torch.nn.Module):
+        pipe, transformer = transformer, transformer.transformer
     if not isinstance(config, CompactConfig):
         raise ValueError(f"config: expected a CompactConfig, got {type(config).__name__}")
     cls = type(transformer).__name__
@@ -331,6 +349,8 @@ def parallelize(transformer: torch.nn.Module, config: CompactConfig, group: Any 
         raise ValueError(f"ranks {bad} differ from this rank in config/model/world size: {every[bad[0]]} vs {fp}")
     handle = Handle(transformer, config, group, spec, names, heads, head_dim, stats)
     handle._install()
+    if pipe is not None and getattr(pipe, "scheduler", None) is not None:
+        handle.watch(pipe)
     logger.info("compactfusion: %s on %d ranks, %d layers, mode=%s codec=%s", cls, world, len(names), config.mode,
                 config.codec)
     return handle

@@ -2,8 +2,10 @@
 
 A `CompactState` owns, for one process group:
 - the `ccomm.ResidualCodec` (None for codec "none") holding the mirrored bases, one per
-  `KVKey(layer, source, kind, branch)`: own keys are updated on encode, the other P-1
-  sources' keys on decode, in the same order on every rank;
+  `KVKey(layer, source, "kv", branch)`: a layer's K and V travel as one (2, N, C) stack
+  through `ccomm.codecs.Stacked` (each tensor keeps its own codec statistics; one encode
+  and one decode per layer and source instead of two); own keys are updated on encode, the
+  other P-1 sources' keys on decode, in the same order on every rank;
 - the forward-call counter (`begin_forward`), from which `step` and `branch` follow;
 - per-request byte counters (`stats`, a `ccomm.stats.CommStats`), recorded-error rows,
   distrifusion's in-flight gathers and stale K/V, and the shapes seen per layer.
@@ -16,7 +18,8 @@ The attention paths (`compactfusion.attention`) use it through four calls:
 3. `recv_nbytes(key, shape, dtype, compressed)` / `receive(key, data, ...)`: the size of, and
    the reconstruction from, a peer's payload (sizes come from mirrored state, never the wire);
 4. `raise_nonfinite(layer)`: after the layer's exchange completed (it settles first), fail
-   if any tensor this rank stored or sent was non-finite (nonfinite="error").
+   if any tensor this rank stored or sent was non-finite (nonfinite="error"); the tensors
+   of a layer are checked together, with one host sync.
 There is no module-level state: two handles never share anything.
 """
 from __future__ import annotations
@@ -29,6 +32,7 @@ from typing import Any, Callable, Hashable, Sequence
 import torch
 import torch.distributed as dist
 
+from ccomm.codecs import Stacked
 from ccomm.codecs._pack import from_bytes
 from ccomm.finite import all_finite
 from ccomm.payload import Payload
@@ -42,12 +46,16 @@ __all__ = ["KVKey", "CompactState"]
 
 logger = logging.getLogger(__name__)
 
-KINDS = ("k", "v")
+KINDS = ("k", "v", "kv")
 
 
 @dataclass(frozen=True)
 class KVKey:
-    """One exchanged tensor: self-attention layer index, producing rank, "k"|"v", branch."""
+    """One exchanged tensor: self-attention layer index, producing rank, kind, branch.
+
+    kind "kv" is a layer's (K, V) stack, the unit of exchange; "k" and "v" name its slices
+    (in recorded error rows).
+    """
 
     layer: int
     source: int
@@ -56,7 +64,7 @@ class KVKey:
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
-            raise ValueError(f"kind={self.kind!r}: allowed values are k, v")
+            raise ValueError(f"kind={self.kind!r}: allowed values are k, v, kv")
 
 
 class CompactState:
@@ -72,7 +80,8 @@ class CompactState:
         self.rc: ResidualCodec | None = (
             # The config's `nonfinite` policy decides what a non-finite K/V does, after the
             # layer's exchange completed (raise_nonfinite), so the codec must not raise first.
-            ResidualCodec(config.make_codec(), config.warmup_steps, variant=config.variant, allow_nonfinite=True)
+            ResidualCodec(Stacked(config.make_codec()), config.warmup_steps, variant=config.variant,
+                          allow_nonfinite=True)
             if config.compressed else None
         )
         self._own_stats = stats is None
@@ -86,6 +95,7 @@ class CompactState:
         self._shapes: dict[tuple[int, int], tuple] = {}
         self._bad: list[str] = []
         self._wire_checked: set[tuple[int, int]] = set()
+        self._checks: list[tuple[KVKey, torch.Tensor]] = []  # finiteness checks of the current layer
         self.closed = False
 
     # -- counters -------------------------------------------------------------------
@@ -162,7 +172,7 @@ class CompactState:
         return self.rc.codec.empty_dtype(dtype)
 
     def send(self, key: KVKey, x: torch.Tensor, compressed: bool, *, defer: bool = False) -> torch.Tensor:
-        """Encode own tensor `x` (N, C) already in the wire dtype; returns its payload as uint8.
+        """Encode own tensor `x` ((2, N, C) K/V stack) already in the wire dtype; returns its payload as uint8.
 
         `defer=True`: the own base update (and its finiteness check) runs at `settle()`.
         """
@@ -187,14 +197,14 @@ class CompactState:
     def recv_nbytes(self, key: KVKey, shape: Sequence[int], dtype: torch.dtype, compressed: bool) -> int:
         """Exact size of the next payload of `key` (known from mirrored state)."""
         if not compressed:
-            return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            return math.prod(shape) * dtype.itemsize
         assert self.rc is not None
         return self.rc.expected_nbytes(key, shape, dtype)
 
     def receive(self, key: KVKey, data: torch.Tensor, shape: Sequence[int], dtype: torch.dtype, compressed: bool) -> torch.Tensor:
-        """Reconstruction (N, C) in the wire dtype of a peer's payload bytes `data` (uint8)."""
+        """Reconstruction (of `shape`) in the wire dtype of a peer's payload bytes `data` (uint8)."""
         bdtype = self._buf_dtype(key, dtype, compressed)
-        esize = torch.empty((), dtype=bdtype).element_size()
+        esize = bdtype.itemsize
         buf = from_bytes(data, bdtype, data.numel() // esize)
         if not compressed:
             out = buf.reshape(shape)
@@ -216,8 +226,14 @@ class CompactState:
         return x if base is None or self.config.variant == "no_ef" else base
 
     def _check_finite(self, key: KVKey, t: torch.Tensor | None) -> None:
-        if self.config.nonfinite == "error" and t is not None and not all_finite(t):
-            self._bad.append(repr(key))
+        # Queued, not checked: `_flush_checks` tests a layer's tensors with one host sync.
+        if self.config.nonfinite == "error" and t is not None:
+            self._checks.append((key, t))
+
+    def _flush_checks(self) -> None:
+        checks, self._checks = self._checks, []
+        if checks and not all_finite([t for _, t in checks]):
+            self._bad.extend(repr(k) for k, t in checks if not all_finite(t))
 
     def settle(self) -> None:
         """Apply deferred own-base updates (see `send`) and check the new bases."""
@@ -229,33 +245,38 @@ class CompactState:
     def raise_nonfinite(self, layer: int) -> None:
         """Settle, then raise FloatingPointError if this layer's exchange met a non-finite tensor."""
         self.settle()
+        self._flush_checks()
         if self._bad:
             bad, self._bad = self._bad, []
             raise FloatingPointError(f"non-finite K/V at step {self.step}, layer {layer}: {', '.join(bad[:4])}")
 
     # -- error recording (spec section 7 ablation) ---------------------------------------
     def _record(self, key: KVKey, x: torch.Tensor, payload: Payload, before: torch.Tensor | None, raw: bool) -> None:
+        """One error row per slice ("k", "v") of the (2, N, C) stack `x` just encoded."""
         rc = self.rc
         assert rc is not None
-        xf = x.float()
-        if raw:
-            d, r = xf, xf
-        else:
-            d = rc.codec.decode(payload).float()
-            r = xf if self.config.variant == "naive" or before is None else xf - before.float()
-        comp_err = float(torch.linalg.vector_norm(r - d))
-        if self.config.variant == "naive" and not raw:
-            xhat = d
-        elif raw or key not in self._shadow:
-            xhat = xf
-        else:  # the receivers' view: base + D(p), whatever the sender keeps
-            xhat = (self._shadow[key].float() + d).to(x.dtype).float()
-        self._shadow[key] = xhat.to(x.dtype)
-        self.errors.append({
-            "step": self.step, "layer": key.layer, "key": key, "source": key.source, "kind": key.kind,
-            "branch": key.branch, "variant": self.config.variant, "raw": raw, "comp_err": comp_err,
-            "deviation": float(torch.linalg.vector_norm(xf - xhat)), "norm": float(torch.linalg.vector_norm(xf)),
-        })
+        decoded = None if raw else rc.codec.decode(payload).float()
+        for i, kind in enumerate(("k", "v")):
+            sk = KVKey(key.layer, key.source, kind, key.branch)
+            xf = x[i].float()
+            if decoded is None:
+                d, r = xf, xf
+            else:
+                d = decoded[i]
+                r = xf if self.config.variant == "naive" or before is None else xf - before[i].float()
+            comp_err = float(torch.linalg.vector_norm(r - d))
+            if self.config.variant == "naive" and not raw:
+                xhat = d
+            elif raw or sk not in self._shadow:
+                xhat = xf
+            else:  # the receivers' view: base + D(p), whatever the sender keeps
+                xhat = (self._shadow[sk].float() + d).to(x.dtype).float()
+            self._shadow[sk] = xhat.to(x.dtype)
+            self.errors.append({
+                "step": self.step, "layer": key.layer, "key": sk, "source": key.source, "kind": kind,
+                "branch": key.branch, "variant": self.config.variant, "raw": raw, "comp_err": comp_err,
+                "deviation": float(torch.linalg.vector_norm(xf - xhat)), "norm": float(torch.linalg.vector_norm(xf)),
+            })
 
     # -- distrifusion's in-flight work ---------------------------------------------------
     def put_pending(self, slot: Hashable, handle: Any, finish: Callable[[Any], Any]) -> None:
@@ -292,6 +313,7 @@ class CompactState:
         self._shapes.clear()
         self._wire_checked.clear()
         self._bad.clear()
+        self._checks.clear()
         self.calls = self._index = 0
         if self._own_stats:
             self.stats.reset()
@@ -320,6 +342,7 @@ class CompactState:
             return 0
         self.drain(decode=True)
         self.settle()  # deferred own bases are checked for finiteness here, not inside keys()
+        self._flush_checks()
         try:
             return self.rc.check_consistency(self.group, exact=True)
         except ConsistencyError as exc:

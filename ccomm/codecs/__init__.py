@@ -12,6 +12,7 @@ from .int2 import Int2
 from .lowrank import LowRank
 from .lowrank_int4 import LowRankInt4
 from .chain import Chain
+from .stacked import Stacked
 
 __all__ = [
     "Codec",
@@ -30,4 +31,5 @@ __all__ = [
     "LowRank",
     "LowRankInt4",
     "Chain",
+    "Stacked",
 ]

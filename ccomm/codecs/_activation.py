@@ -6,6 +6,11 @@ For an (N tokens, C channels) residual r:
 so u_n * v_c approximates |r_nc| with N + C numbers. Both vectors travel in the input
 dtype; the sender codes against the rounded values the receiver will see. Work is done
 in blocks of whole rows (a multiple of 8, so packed bits of a block start on a byte).
+
+Stacks (`ccomm.codecs.stacked`): T matrices of one shape, each with its own scales, coded in
+one pass over the (T, N, C) tensor when the stack is small (`stack_fits`): the layout is the
+concatenation of the T single-matrix payloads, byte for byte, so a stack costs the per-call
+work of one matrix instead of T.
 """
 from __future__ import annotations
 
@@ -25,7 +30,16 @@ __all__ = [
     "scales_nbytes",
     "pack_scales",
     "unpack_scales",
+    "STACK_ELEMS",
+    "stack_fits",
+    "stack_scales",
+    "pack_stack",
+    "unpack_stack",
+    "stack_outer",
 ]
+
+#: Largest stack (elements) coded in one pass; bigger ones go matrix by matrix, in blocks.
+STACK_ELEMS = 1 << 19
 
 
 def row_blocks(n: int, c: int) -> Iterator[tuple[int, int]]:
@@ -103,7 +117,7 @@ def token_channel_scales(
 
 
 def scales_nbytes(n: int, c: int, wire: torch.dtype) -> int:
-    return (n + c) * torch.empty((), dtype=wire).element_size()
+    return (n + c) * wire.itemsize
 
 
 def pack_scales(u: torch.Tensor, v: torch.Tensor, wire: torch.dtype) -> torch.Tensor:
@@ -113,3 +127,52 @@ def pack_scales(u: torch.Tensor, v: torch.Tensor, wire: torch.dtype) -> torch.Te
 def unpack_scales(buffer: torch.Tensor, n: int, c: int, wire: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     uv = from_bytes(buffer, wire, n + c).float()
     return uv[:n], uv[n:]
+
+
+# -- stacks of T matrices in one pass ----------------------------------------------------------
+def stack_fits(t: int, n: int, c: int, bits: int) -> bool:
+    """Whether a (t, n, c) stack can be coded in one pass: each matrix's codes fill whole
+    bytes (so the T payloads concatenate without re-packing) and the stack is small."""
+    return t * n * c <= STACK_ELEMS and (n * c * bits) % 8 == 0 and n > 0 and c > 0
+
+
+def stack_scales(a: torch.Tensor, wire: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`token_channel_scales` of every matrix of a (T, N, C) stack, in one pass.
+
+    Returns (a in fp32, |a| in fp32, the scales [u_t, v_t] per row in `wire` (T, N + C),
+    u (T, N) and v (T, C) as the fp32 values of those rounded scales).
+    """
+    n = a.shape[1]
+    af = a.float()
+    mag = af.abs()
+    row = mag.mean(dim=2)
+    denom = row.mean(dim=1, keepdim=True).clamp_min(torch.finfo(wire).tiny)
+    poison = torch.where(torch.isfinite(denom), 0.0, float("nan"))
+    uvw = torch.cat([row / denom + poison, mag.sum(dim=1) / n], dim=1).to(wire)
+    uv = uvw.float()
+    return af, mag, uvw, uv[:, :n], uv[:, n:]
+
+
+def pack_stack(uvw: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """One payload: per matrix t, its scales (row t of `uvw`, in the wire dtype) then its code bytes."""
+    t = uvw.shape[0]
+    return torch.cat([uvw.view(torch.uint8), codes.view(t, -1)], dim=1).reshape(-1)
+
+
+def unpack_stack(buffer: torch.Tensor, t: int, n: int, c: int, wire: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inverse of `pack_stack`: u (T, N) and v (T, C) as fp32, and the code bytes (T, k)."""
+    rows = buffer.view(t, -1)
+    s = scales_nbytes(n, c, wire)
+    uv = rows[:, :s].contiguous().view(wire).float()  # the copy also aligns the scales
+    return uv[:, :n], uv[:, n:], rows[:, s:]
+
+
+def stack_outer(u: torch.Tensor, v: torch.Tensor, levels: torch.Tensor, level: float, dtype: torch.dtype) -> torch.Tensor:
+    """(u_tn v_tc) * levels in fp32, saturated to and cast into `dtype`: the decoded (T, N, C) stack.
+
+    Same op order and rounding as the single-matrix decoders (outer product, then the level).
+    """
+    out = (u.unsqueeze(2) * v.unsqueeze(1)).mul_(levels.view(u.shape[0], u.shape[1], v.shape[1]))
+    if needs_saturation(u, v, level, dtype):
+        saturate_(out, dtype)
+    return out.to(dtype)

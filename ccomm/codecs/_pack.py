@@ -201,7 +201,7 @@ def to_bytes(t: torch.Tensor) -> torch.Tensor:
 
 def from_bytes(data: torch.Tensor, dtype: torch.dtype, count: int) -> torch.Tensor:
     """`count` values of `dtype` from raw bytes; copies only when misaligned."""
-    size = torch.empty((), dtype=dtype).element_size()
+    size = dtype.itemsize
     chunk = data[: count * size]
     if chunk.storage_offset() % size:
         chunk = chunk.clone()

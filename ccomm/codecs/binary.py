@@ -5,6 +5,8 @@
 2. Send one sign bit per entry (r >= 0 -> 1) after the N + C scales.
 3. Decode: sign * u_n * v_c.
 Payload: (N + C) * itemsize + ceil(N C / 8) bytes. Not additive (per-rank scales).
+`encode_stack`/`decode_stack`: T matrices in one pass (see `_activation`), the bytes of T
+single-matrix payloads.
 """
 from __future__ import annotations
 
@@ -18,11 +20,16 @@ from ._activation import (
     fp32_row_blocks,
     needs_saturation,
     pack_scales,
+    pack_stack,
     scales_nbytes,
+    stack_fits,
+    stack_outer,
+    stack_scales,
     token_channel_scales,
     unpack_scales,
+    unpack_stack,
 )
-from ._pack import byte_lookup, packed_nbytes
+from ._pack import byte_lookup, pack_nonneg, packed_nbytes
 from .base import Codec, as_matrix, matrix_shape
 
 __all__ = ["Binary"]
@@ -52,3 +59,19 @@ class Binary(Codec):
             sign = byte_lookup(signs[r0 * c // 8 : (r1 * c + 7) // 8], _SIGNS, (r1 - r0) * c)
             torch.outer(u[r0:r1], v, out=o).mul_(sign.view(r1 - r0, c))
         return out
+
+    # -- stacks (ccomm.codecs.stacked) --------------------------------------------------
+    def encode_stack(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Payload bytes of the (T, N, C) stack `x` in one pass, or None if it does not fit."""
+        t, (n, c) = x.shape[0], matrix_shape(x.shape[1:])
+        if not stack_fits(t, n, c, 1):
+            return None
+        af, _, uvw, _, _ = stack_scales(x.reshape(t, n, c), x.dtype)
+        return pack_stack(uvw, pack_nonneg(af))
+
+    def decode_stack(self, buffer: torch.Tensor, t: int, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor | None:
+        n, c = matrix_shape(shape)
+        if not stack_fits(t, n, c, 1):
+            return None
+        u, v, codes = unpack_stack(buffer, t, n, c, dtype)
+        return stack_outer(u, v, byte_lookup(codes, _SIGNS, t * n * c), 1.0, dtype)

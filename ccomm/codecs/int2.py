@@ -4,6 +4,8 @@
 2. Two bits per entry: bit 0 = sign (r >= 0), bit 1 = large (|r| > s_nc).
 3. Decode: +-0.5 s_nc for small entries, +-2 s_nc for large ones.
 Payload: (N + C) * itemsize + ceil(N C / 4) bytes. Not additive.
+`encode_stack`/`decode_stack`: T matrices in one pass (see `_activation`), the bytes of T
+single-matrix payloads.
 """
 from __future__ import annotations
 
@@ -17,10 +19,15 @@ from ._activation import (
     fp32_row_blocks,
     needs_saturation,
     pack_scales,
+    pack_stack,
     row_blocks,
     scales_nbytes,
+    stack_fits,
+    stack_outer,
+    stack_scales,
     token_channel_scales,
     unpack_scales,
+    unpack_stack,
 )
 from ._pack import byte_lookup, interleave_bits, pack_greater, pack_nonneg, packed_nbytes
 from .base import Codec, as_matrix, matrix_shape
@@ -64,3 +71,20 @@ class Int2(Codec):
             # The levels are powers of two, so level * (u v) is exact scaling of one rounding.
             torch.outer(u[r0:r1], v, out=o).mul_(level.view(r1 - r0, c))
         return out
+
+    # -- stacks (ccomm.codecs.stacked) --------------------------------------------------
+    def encode_stack(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Payload bytes of the (T, N, C) stack `x` in one pass, or None if it does not fit."""
+        t, (n, c) = x.shape[0], matrix_shape(x.shape[1:])
+        if not stack_fits(t, n, c, 2):
+            return None
+        af, mag, uvw, u, v = stack_scales(x.reshape(t, n, c), x.dtype)
+        large = pack_greater(mag, u.unsqueeze(2) * v.unsqueeze(1))
+        return pack_stack(uvw, interleave_bits(pack_nonneg(af), large, t * n * c))
+
+    def decode_stack(self, buffer: torch.Tensor, t: int, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor | None:
+        n, c = matrix_shape(shape)
+        if not stack_fits(t, n, c, 2):
+            return None
+        u, v, codes = unpack_stack(buffer, t, n, c, dtype)
+        return stack_outer(u, v, byte_lookup(codes, _LEVELS, t * n * c), LARGE, dtype)

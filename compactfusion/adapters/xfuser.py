@@ -74,7 +74,8 @@ Algorithm of `patch(pipe, config, seam="auto")`:
 3. Compare a fingerprint (config, seam, xfuser version, ring size) over the ring group.
 4. Build a `CompactState` on the ring group; install a pre-hook and a post-hook on the
    pipeline's transformer (step and branch via `CompactState.begin_forward`, per-forward
-   layer counter, new-request detection from the timestep, constant layer count,
+   layer counter, request boundaries from the watched `pipe.scheduler.set_timesteps`
+   (`compactfusion.requests`; the timestep rule when there is none), constant layer count,
    `check_every`), then swap the seam for our function.
 5. Each ring call gets layer = position in the forward, and runs `ring_attention` on the
    ring group; joint K/V (either strategy) join the local front block (attention is
@@ -103,6 +104,7 @@ import torch.distributed as dist
 from ccomm.stats import CommStats
 
 from ..config import CompactConfig
+from ..requests import RequestStats, RequestTracker, timestep_value
 
 __all__ = [
     "cpu_env_patch",
@@ -245,14 +247,6 @@ def _check_signature(fn: Callable[..., Any], expected: tuple[str, ...], where: s
         )
 
 
-def _scalar(t: Any) -> Optional[float]:
-    if t is None:
-        return None
-    if isinstance(t, torch.Tensor):
-        return float(t.reshape(-1)[0]) if t.numel() else None
-    return float(t)
-
-
 def _refuse_attention_kwargs(attention_kwargs: Optional[dict]) -> None:
     used = sorted(k for k, v in (attention_kwargs or {}).items() if v is not None)
     if used:
@@ -262,10 +256,12 @@ def _refuse_attention_kwargs(attention_kwargs: Optional[dict]) -> None:
 class XfuserHandle:
     """A patched xfuser pipeline, with the interface of `compactfusion.Handle`.
 
-    `reset()` between requests (also automatic on a timestep restart), `remove()` (idempotent,
-    exact restore), `step`, `state_nbytes()`, `errors`, `stats` (this handle's CommStats, tag
-    `kv_ring`), `state`, `config`, `group` (xfuser's ring group), `rank`, `world_size`, plus
-    `seam` and `layers_per_forward` (ring calls per transformer forward, known after one call).
+    `reset()` between requests (automatic: the pipeline's scheduler is watched, see
+    `compactfusion.requests`), `remove()` (idempotent, exact restore), `step`, `state_nbytes()`,
+    `errors`, `stats` (this handle's CommStats, tag `kv_ring`), `requests` (request and reset
+    counts), `watch(scheduler)`, `state`, `config`, `group` (xfuser's ring group), `rank`,
+    `world_size`, plus `seam` and `layers_per_forward` (ring calls per transformer forward,
+    known after one call).
     """
 
     def __init__(self, transformer: torch.nn.Module, config: CompactConfig, group: Any, seam: str,
@@ -280,7 +276,7 @@ class XfuserHandle:
         self._hooks: list[Any] = []
         self._layer = 0
         self._in_forward = False
-        self._prev_t: Optional[float] = None
+        self._requests = RequestTracker(config.new_request)
         self.layers_per_forward: Optional[int] = None
         self._removed = False
 
@@ -311,6 +307,15 @@ class XfuserHandle:
     def state(self) -> Any:
         return self._state
 
+    @property
+    def requests(self) -> RequestStats:
+        return self._requests.stats
+
+    def watch(self, obj: Any) -> None:
+        """Take request boundaries from a scheduler's `set_timesteps` (or `obj.scheduler`)."""
+        self._check_open()
+        self._requests.watch(obj)
+
     def state_nbytes(self) -> int:
         """Bytes held by the mirrored bases on this rank."""
         self._check_open()
@@ -319,8 +324,11 @@ class XfuserHandle:
     def reset(self) -> None:
         """Start a new request: drop bases, counters and per-request stats."""
         self._check_open()
+        self._drop()
+        self._requests.restart()
+
+    def _drop(self) -> None:
         self._state.reset()
-        self._prev_t = None
         self._layer = 0
         self._in_forward = False
 
@@ -329,6 +337,7 @@ class XfuserHandle:
         if self._removed:
             return
         self._removed = True
+        self._requests.unwatch()
         for undo in reversed(self._restore):
             undo()
         self._restore.clear()
@@ -366,14 +375,9 @@ class XfuserHandle:
         if torch.is_grad_enabled():
             raise RuntimeError("compactfusion xfuser adapter: inference only; call the pipeline under torch.no_grad()")
         st, cfg = self._state, self.config
-        if cfg.new_request == "timestep" and st.calls % cfg.calls_per_step == 0:
-            t = _scalar(kwargs.get("timestep", args[2] if len(args) > 2 else None))
-            if t is not None:
-                # Schedulers count down: a timestep not below the previous one starts a request.
-                if self._prev_t is not None and not t < self._prev_t:
-                    logger.info("timestep %s after %s: new request, resetting CompactFusion state", t, self._prev_t)
-                    st.reset()
-                self._prev_t = t
+        t = timestep_value(kwargs.get("timestep", args[2] if len(args) > 2 else None))
+        if self._requests.before_forward(t, st.calls % cfg.calls_per_step == 0):
+            self._drop()
         st.begin_forward()
         self._layer = 0
         self._in_forward = True
@@ -552,6 +556,8 @@ def patch(pipe: Any, config: CompactConfig, *, seam: str = "auto", stats: Option
     ring_attention, state_cls = _default_core()
     handle = XfuserHandle(transformer, config, group, seam, ring_attention, state_cls(config, group, stats=stats))
     handle._install_hooks()
+    if getattr(pipe, "scheduler", None) is not None:
+        handle.watch(pipe)  # request boundaries from the pipeline's set_timesteps
     if seam == "usp":
         handle._set_attr(usp, "ring_attn", handle._usp_ring_attn())
     else:

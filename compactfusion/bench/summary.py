@@ -98,7 +98,7 @@ def _methods(s: Samples, steps: int, warmup: int) -> dict[str, dict[str, Any]]:
         if ref is not None and ref in s.bytes_by_tag:
             ref_kv = sum(v for t, v in _mean_tags(s.bytes_by_tag[ref]).items() if t in KV_TAGS)
             row["compression_ratio"] = ref_kv / kv if kv else None
-            raw_share = ref_kv * min(warmup, steps) / steps if m.compressed else 0.0
+            raw_share = ref_kv * min(m.warmup(warmup), steps) / steps if m.compressed else 0.0
             rest = kv - raw_share
             row["compression_ratio_steps"] = (ref_kv - raw_share) / rest if rest > 0 else None
         if ref is not None and ref in s.images and s.images.get(name) is not None:

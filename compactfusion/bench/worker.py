@@ -74,7 +74,7 @@ def job_prepare(ctx: Any, backend: str, keys: list[RunKey], wire_dtype: str, war
         model = be.load()
         handle = None
         if method.parallel:
-            handle = be.parallelize(model, method, wire_dtype=wire_dtype, warmup_steps=warmup_steps,
+            handle = be.parallelize(model, method, wire_dtype=wire_dtype, warmup_steps=method.warmup(warmup_steps),
                                     variant=key.variant, record_errors=key.record_errors, seed=seed)
         models[key] = (model, handle)
     return len(models)

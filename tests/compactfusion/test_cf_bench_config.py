@@ -122,3 +122,27 @@ def test_wide_example_and_backend() -> None:
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     out = be.sample(a, torch.tensor([3]), steps=2, guidance=2.0, seed=0)
     assert out.shape == (1, 1, 32, 32) and bool(torch.isfinite(out).all())
+
+
+def test_distrifusion_runs_the_originals_four_warmup_steps() -> None:
+    """The benchmark's DistriFusion baseline uses DistriFusion's default W = 4; every other method the config's."""
+    from types import SimpleNamespace
+
+    from compactfusion.bench.methods import DISTRIFUSION_WARMUP
+    from compactfusion.bench.worker import RunKey, job_prepare
+
+    assert DISTRIFUSION_WARMUP == 4 and METHODS["distrifusion"].warmup(1) == 4
+    assert all(m.warmup(1) == 1 for n, m in METHODS.items() if n != "distrifusion")
+    seen: dict[str, int] = {}
+
+    class Spy:  # a backend that records what the worker asks for
+        def load(self) -> object:
+            return object()
+
+        def parallelize(self, model: object, method: object, *, warmup_steps: int, **_: object) -> object:
+            seen[method.name] = warmup_steps  # type: ignore[attr-defined]
+            return None
+
+    ctx = SimpleNamespace(cache={"backend": Spy()})
+    job_prepare(ctx, "toy", [RunKey(m) for m in ("ring", "distrifusion", "ring+int2")], "fp16", 1, 0)
+    assert seen == {"ring": 1, "distrifusion": 4, "ring+int2": 1}

@@ -52,3 +52,16 @@ def test_projection_tracks_the_papers_ethernet_table() -> None:
 def test_uncompressed_methods_have_no_measured_row() -> None:
     rows = _rows()
     assert ("ring", "measured", 500) not in rows and ("ring+int2", "measured", 500) in rows
+
+
+def test_distrifusion_projection_warms_up_four_raw_synchronous_steps() -> None:
+    from netsim import cost
+    from netsim.link import Link
+
+    s = FluxSetting()
+    raw = 2 * s.rows * s.channels
+    ag = s.layers * cost.allgather_time(2 * raw, Link(500 * 8.0, 0.0), n=s.ranks, algo="ring")
+    step = s.t_single_s / s.ranks / s.steps
+    # 4 synchronous raw steps (DistriFusion's default), then 24 overlapped ones
+    expect = 4 * (step + ag) + (s.steps - 4) * max(step, ag)
+    assert _rows()[("distrifusion", "formula", 500)].time_s == pytest.approx(expect, rel=1e-9)

@@ -106,7 +106,7 @@ def _r_spy(rank: int, world: int, codecs: list[str]) -> dict:
             for i in range(0, len(blocks), world):  # block s = 0 of each (step, layer)
                 layer, step = (i // world) % n_layers, (i // world) // n_layers
                 k0, v0 = blocks[i]
-                ek, ev = sent[(layer, "k")][step], sent[(layer, "v")][step]
+                ek, ev = sent[(layer, "kv")][step]  # the (K, V) stack this rank encoded
                 ok.append(torch.equal(k0.reshape(ek.shape), ek) and torch.equal(v0.reshape(ev.shape), ev))
                 # later blocks are peers' reconstructions (lossy codecs: not the local K)
                 if codec in ("int2", "binary") and step > 0:
@@ -408,14 +408,14 @@ def test_bases_bit_identical_over_a_generation(cf_pool: Callable[[int], RankPool
         d0, step, finite = res[0][key]
         assert step == 6 and finite, key
         if key[1] != "naive":
-            assert len(d0) == 2 * 2 * 2, key  # layers x sources x {k, v}
+            assert len(d0) == 2 * 2, key  # layers x sources, each base a (K, V) stack
         assert d0 == res[1][key][0], key
 
 
 def test_flux_int2_bases_with_size_handshake(cf_pool: Callable[[int], RankPool]) -> None:
     res = cf_pool(2).run(_r_bases, ["int2"], ["ef"], "ring", "flux", True, timeout=600)
     d0, step, finite = res[0][("int2", "ef")]
-    assert step == 6 and finite and len(d0) == 2 * 2 * 2 and d0 == res[1][("int2", "ef")][0]
+    assert step == 6 and finite and len(d0) == 2 * 2 and d0 == res[1][("int2", "ef")][0]
 
 
 def test_base_mismatch_is_detected(cf_pool: Callable[[int], RankPool]) -> None:

@@ -135,11 +135,11 @@ def test_payload_sizes_are_exact_on_odd_shapes(dtype: torch.dtype, codec: str) -
     """Receivers preallocate `recv_nbytes`; it must equal what the sender produces, every step."""
     sender, receiver = CompactState(CompactConfig(codec=codec)), CompactState(CompactConfig(codec=codec))
     g = torch.Generator().manual_seed(0)
-    shape = (7, 13)
+    shape = (2, 7, 13)  # a layer's (K, V) stack of 7 x 13 tensors
     x = torch.randn(shape, generator=g).to(dtype)
     comp = codec != "none"
     for step in range(3):
-        key = KVKey(0, 1, "k")
+        key = KVKey(0, 1, "kv")
         expect = receiver.recv_nbytes(key, shape, dtype, comp)
         assert expect == sender.recv_nbytes(key, shape, dtype, comp)
         data = sender.send(key, x, comp)
@@ -168,12 +168,12 @@ def test_shape_change_errors_or_resets() -> None:
 def test_nonfinite_is_raised_after_the_exchange() -> None:
     st = CompactState(CompactConfig(codec="int2"))
     st.begin_forward()
-    x = torch.randn(4, 8)
-    x[1, 2] = math.inf
-    st.send(KVKey(3, 0, "k"), x, True)  # recorded, not raised: the exchange must complete first
+    x = torch.randn(2, 4, 8)
+    x[1, 1, 2] = math.inf
+    st.send(KVKey(3, 0, "kv"), x, True)  # recorded, not raised: the exchange must complete first
     with pytest.raises(FloatingPointError, match="layer 3"):
         st.raise_nonfinite(3)
     st.raise_nonfinite(3)  # cleared
     ign = CompactState(CompactConfig(codec="int2", nonfinite="ignore"))
-    ign.send(KVKey(3, 0, "k"), x, True)
+    ign.send(KVKey(3, 0, "kv"), x, True)
     ign.raise_nonfinite(3)

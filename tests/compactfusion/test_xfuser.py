@@ -43,9 +43,10 @@ TEXT = 5
 
 
 # -- helpers run on the ranks ----------------------------------------------------------------
-def _tiny_pipeline() -> Any:
+def _tiny_pipeline(scheduler: str = "DDIMScheduler") -> Any:
     """A random-weight PixArt-alpha pipeline with a 2-layer transformer (same weights every call)."""
-    from diffusers import DDIMScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
+    import diffusers
+    from diffusers import PixArtAlphaPipeline, PixArtTransformer2DModel
 
     torch.manual_seed(0)
     tr = PixArtTransformer2DModel(
@@ -55,8 +56,9 @@ def _tiny_pipeline() -> Any:
         use_additional_conditions=False,
     )
     # No clipping of the predicted sample: saturated latents would hide attention differences.
+    kw = {"clip_sample": False} if scheduler == "DDIMScheduler" else {}
     return PixArtAlphaPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=tr,
-                               scheduler=DDIMScheduler(clip_sample=False))
+                               scheduler=getattr(diffusers, scheduler)(**kw))
 
 
 def _generate(pipe: Any) -> torch.Tensor | None:
@@ -72,7 +74,7 @@ def _generate(pipe: Any) -> torch.Tensor | None:
     return None if out is None else out.images
 
 
-def _xfuser_pipeline(world: int, ulysses: int = 1) -> Any:
+def _xfuser_pipeline(world: int, ulysses: int = 1, scheduler: str = "DDIMScheduler") -> Any:
     import torch.distributed as dist
     from xfuser import xFuserArgs, xFuserPixArtAlphaPipeline
     from xfuser.core.distributed import init_distributed_environment
@@ -81,7 +83,7 @@ def _xfuser_pipeline(world: int, ulysses: int = 1) -> Any:
     # The harness already joined the gloo group; this only builds xfuser's world group (once).
     init_distributed_environment(rank=dist.get_rank(), world_size=world, backend="gloo")
     engine_config, _ = xFuserArgs(model="in-memory", ring_degree=world // ulysses, ulysses_degree=ulysses).create_config()
-    return xFuserPixArtAlphaPipeline(_tiny_pipeline(), engine_config)
+    return xFuserPixArtAlphaPipeline(_tiny_pipeline(scheduler), engine_config)
 
 
 def _reference() -> torch.Tensor:
@@ -134,15 +136,25 @@ def _run_restore(rank: int, world: int) -> dict[str, Any]:
     }
 
 
-def _run_new_request(rank: int, world: int) -> dict[str, Any]:
-    """Two requests on one handle: the timestep restart resets state, so both are identical."""
-    xpipe = _xfuser_pipeline(world)
+def _run_new_request(rank: int, world: int, scheduler: str) -> dict[str, Any]:
+    """Two requests on one handle: the watched scheduler starts each, so both are identical and
+    each request's bytes equal those of a request after an explicit reset()."""
+    xpipe = _xfuser_pipeline(world, scheduler=scheduler)
     handle = patch(xpipe, CompactConfig(codec="int2", check_every=1))
     try:
         first = _generate(xpipe)
+        bytes_first = handle.stats.get("kv_ring").bytes
         second = _generate(xpipe)
         same = None if first is None else bool(torch.equal(first, second))
-        return {"same": same, "step": handle.step, "bytes": handle.stats.get("kv_ring").bytes}
+        req = handle.requests
+        out = {"same": same, "step": handle.step, "bytes": (bytes_first, handle.stats.get("kv_ring").bytes),
+               "requests": (req.requests, req.scheduler, req.timestep, req.suspect)}
+        handle.reset()
+        _generate(xpipe)
+        out["bytes_explicit"] = handle.stats.get("kv_ring").bytes
+        calls = xpipe.scheduler.timesteps.numel()
+        out["calls"] = calls
+        return out
     finally:
         handle.remove()
 
@@ -359,12 +371,16 @@ def test_remove_restores_xfuser(pool: RankPool) -> None:
 
 
 @pytest.mark.multiprocess
-def test_second_request_resets_on_timestep_restart(pool: RankPool) -> None:
-    res = pool.run(_run_new_request, timeout=240.0)
+@pytest.mark.parametrize("scheduler", ["DDIMScheduler", "HeunDiscreteScheduler"])
+def test_second_request_starts_at_set_timesteps(pool: RankPool, scheduler: str) -> None:
+    res = pool.run(_run_new_request, scheduler, timeout=240.0)
     assert res[1]["same"] is True
     for r in res:
-        assert r["step"] == STEPS
-        assert r["bytes"] == _ring_bytes("int2")  # per-request stats were reset too
+        assert r["step"] == r["calls"]  # no reset inside a request (Heun repeats its timesteps)
+        assert r["bytes"][0] == r["bytes"][1] == r["bytes_explicit"]  # per-request stats were reset too
+        assert r["requests"] == (2, 1, 0, 0)
+        if scheduler == "DDIMScheduler":
+            assert r["calls"] == STEPS and r["bytes_explicit"] == _ring_bytes("int2")
 
 
 @pytest.mark.multiprocess
