@@ -15,6 +15,8 @@ from typing import Any, Callable
 import pytest
 import torch
 
+from ccomm.header import HEADER_BYTES
+
 from _harness import RankPool  # first: makes `compactfusion` the real package in rank processes
 
 from compactfusion.adapters.xfuser import (
@@ -252,18 +254,21 @@ def _run_long_ctx(rank: int, world: int) -> dict[str, Any]:
 
 # -- tests ---------------------------------------------------------------------------------------
 def _ring_bytes(codec: str, ulysses: int = 1) -> int:
-    """Analytic kv_ring bytes per rank for one request: STEPS x LAYERS x (K, V) x (P-1) hops.
+    """Analytic kv_ring bytes per rank for one request: STEPS x LAYERS x (K, V) x (P-1) hops,
+    plus one wire header per hop (K and V travel as one payload, checked with the data by
+    ccomm.comm.send_recv).
 
     Ring of 2: after Ulysses' all-to-all a rank holds half the tokens and 1/ulysses of the heads.
     """
+    headers = STEPS * LAYERS * HEADER_BYTES
     n = 2 * (SAMPLE // 2) ** 2 // 2  # batched CFG (2) x 8 tokens per ring rank
     c = HEADS * HEAD_DIM // ulysses
     raw = n * c * 4  # fp32
     if codec == "none":
-        return STEPS * LAYERS * 2 * raw
+        return STEPS * LAYERS * 2 * raw + headers
     assert codec == "int2"
     compressed = (n + c) * 4 + math.ceil(n * c / 4)
-    return LAYERS * 2 * (raw + (STEPS - 1) * compressed)  # warmup_steps=1: step 0 raw
+    return LAYERS * 2 * (raw + (STEPS - 1) * compressed) + headers  # warmup_steps=1: step 0 raw
 
 
 @pytest.fixture
@@ -394,7 +399,8 @@ def test_long_ctx_seam_with_joint_tokens_matches_full_attention(pool: RankPool) 
     for r in pool.run(_run_long_ctx, timeout=240.0):
         assert r["restored"]
         torch.testing.assert_close(r["out"], r["ref"], rtol=1e-4, atol=1e-5)  # spec 3.4, one forward
-        assert r["bytes"] == 2 * 2 * 6 * HEADS * HEAD_DIM * 4  # K and V, one hop, fp32
+        # K and V as one payload, one hop, fp32, plus its wire header.
+        assert r["bytes"] == 2 * 2 * 6 * HEADS * HEAD_DIM * 4 + HEADER_BYTES
 
 
 @pytest.mark.slow
