@@ -31,11 +31,14 @@ test-all: $(VENV)/.dev
 	$(PY) -m pytest -q
 
 # Every benchmark in full; each writes its report and plots under docs/benchmarks/. The two
-# DeCo-SGD scenarios share one run cache, so the second reuses the first's static runs.
+# DeCo-SGD MNIST scenarios share one run cache, so later ones reuse the first's static runs;
+# each hold-out task has its own.
 bench: $(VENV)/.dev
 	$(PY) -m ccomm.bench --out docs/benchmarks/codecs.md
 	$(PY) -m deco_sgd bench examples/deco_sgd/high_latency.yaml --out docs/benchmarks/deco_sgd/high_latency --cache .bench-cache/deco_sgd
 	$(PY) -m deco_sgd bench examples/deco_sgd/varying_bandwidth.yaml --out docs/benchmarks/deco_sgd/varying_bandwidth --cache .bench-cache/deco_sgd
+	$(PY) -m deco_sgd bench examples/deco_sgd/bandwidth_swings.yaml --out docs/benchmarks/deco_sgd/bandwidth_swings --cache .bench-cache/deco_sgd
+	for f in examples/deco_sgd/holdout_*.yaml; do $(PY) -m deco_sgd bench $$f --out docs/benchmarks/deco_sgd/$$(basename $$f .yaml) --cache .bench-cache/deco_sgd_$$(basename $$f .yaml | cut -d_ -f2) || exit 1; done
 	$(PY) -m compactfusion bench examples/compactfusion/ethernet.yaml --out docs/benchmarks/compactfusion/ethernet
 	$(PY) -m compactfusion bench examples/compactfusion/fast_link.yaml --out docs/benchmarks/compactfusion/fast_link
 	$(PY) -m compactfusion bench examples/compactfusion/ethernet_batch16.yaml --out docs/benchmarks/compactfusion/ethernet_batch16

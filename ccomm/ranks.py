@@ -2,8 +2,11 @@
 
 For tests, benchmarks and examples on one host; multi-host runs go through `torchrun`.
 
-1. `RankPool(n)` spawns n processes. Each sets its torch thread count, joins one gloo group
-   (a `file://` rendezvous in a fresh temporary directory, `group_timeout_s` on the group),
+1. `RankPool(n)` spawns n processes. Each arranges to die with the pool's process (below),
+   sets its torch thread count, joins one gloo group (rendezvous on a TCP store the pool
+   serves on 127.0.0.1, so nothing is written to disk) within `start_timeout_s`, since ranks
+   that start seconds apart on a busy host are not a fault, then sets `group_timeout_s` on
+   the group's operations,
    builds its per-rank context with `context(rank, n)` if the pool has a context factory,
    freezes the garbage collector's view of the torch import heap and reports ready.
 2. `pool.run(fn, *args, **kwargs)` calls `fn(rank, n, *args, **kwargs)` on every rank, or
@@ -20,20 +23,28 @@ For tests, benchmarks and examples on one host; multi-host runs go through `torc
    - past the per-call `timeout`, every child is killed and `TimeoutError` names the ranks
      that did not answer.
    After any failure the pool is closed and `broken` is set. `close()` (also on `with` exit)
-   stops idle children politely and busy ones by force, and removes the rendezvous directory.
-4. `run_ranks(fn, n, *args)` starts a pool, runs `fn` once and closes it.
+   stops idle children politely and busy ones by force, and stops the store.
+4. Ranks die with the pool's process, even when it is killed by SIGKILL (the OOM killer, a
+   scheduler), within about a second: on Linux the kernel sends them SIGKILL when the
+   thread that started them exits (`prctl(PR_SET_PDEATHSIG)`, requested only when that is
+   the main thread, which lives as long as the process); everywhere, a daemon thread in each
+   rank waits on multiprocessing's parent sentinel (a pipe only the parent holds open) and
+   ends the rank when it closes.
+5. `run_ranks(fn, n, *args)` starts a pool, runs `fn` once and closes it.
 
 `fn` and `context` must be module-level functions (they are pickled by reference).
 """
 from __future__ import annotations
 
+import ctypes
 import datetime
 import multiprocessing as mp
 import os
 import pickle
 import queue
-import shutil
-import tempfile
+import signal
+import sys
+import threading
 import time
 import traceback
 from typing import Any, Callable, Collection
@@ -47,12 +58,46 @@ ERROR_GRACE_S = 2.0
 _POLL_S = 0.05
 
 
+_PR_SET_PDEATHSIG = 1
+#: The store the pool serves for its ranks' rendezvous.
+_STORE_HOST = "127.0.0.1"
+
+
 class RankError(RuntimeError):
     """One or more ranks raised or died; the message holds their tracebacks."""
 
 
-def _serve(rank: int, n: int, init_file: str, threads: int, group_timeout_s: float,
-           context: Callable[[int, int], Any] | None, inbox: Any, outbox: Any) -> None:
+def _die_with_parent(parent_pid: int, pdeathsig: bool) -> None:
+    """End this rank when the pool's process dies, however it dies.
+
+    1. Linux, if asked: the kernel kills us with SIGKILL when the parent thread that started
+       us exits. If the parent died before the request took effect, we exit at once.
+    2. Everywhere: a daemon thread blocks on the parent sentinel multiprocessing gives every
+       spawned child and ends the process when it becomes ready (the parent's end closed).
+    """
+    if pdeathsig and sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        except (OSError, AttributeError):
+            pass  # no prctl here: the watch below still holds
+    if os.getppid() != parent_pid:
+        os._exit(1)
+    parent = mp.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        parent.join()  # returns only when the parent is gone
+        os._exit(1)  # nobody is left to report to; the group's peers fail on their own
+
+    threading.Thread(target=watch, name="ccomm-rank-parent-watch", daemon=True).start()
+
+
+def _serve(rank: int, n: int, store_port: int, threads: int, start_timeout_s: float, group_timeout_s: float,
+           context: Callable[[int, int], Any] | None, inbox: Any, outbox: Any,
+           parent_pid: int, pdeathsig: bool) -> None:
+    _die_with_parent(parent_pid, pdeathsig)
     import gc
 
     import torch
@@ -64,8 +109,10 @@ def _serve(rank: int, n: int, init_file: str, threads: int, group_timeout_s: flo
     # the requested count would only contend with the other ranks.
     torch.set_num_threads(threads)
     try:
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=n,
-                                timeout=datetime.timedelta(seconds=group_timeout_s))
+        start = datetime.timedelta(seconds=start_timeout_s)
+        store = dist.TCPStore(_STORE_HOST, store_port, is_master=False, timeout=start)
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=n, timeout=start)
+        dist.group.WORLD.set_timeout(datetime.timedelta(seconds=group_timeout_s))
         ctx = context(rank, n) if context is not None else None
     except BaseException:  # noqa: BLE001 - every failure goes back to the parent
         outbox.put(("err", rank, traceback.format_exc()))
@@ -111,14 +158,20 @@ class RankPool:
         self.n = n
         self.broken = False
         self._closed = False
-        self._dir = tempfile.mkdtemp(prefix=f"{name}-")
+        from torch.distributed import TCPStore
+
+        self._store = TCPStore(_STORE_HOST, 0, is_master=True, wait_for_workers=False,
+                               timeout=datetime.timedelta(seconds=float(start_timeout_s)))
         ctx = mp.get_context("spawn")
         self._out = ctx.Queue()
         self._ins = [ctx.Queue() for _ in range(n)]
-        store = os.path.join(self._dir, "store")
+        # PDEATHSIG fires when the starting thread exits: only the main thread lives as long
+        # as this process, so from any other thread the ranks rely on the sentinel watch.
+        pdeathsig = threading.current_thread() is threading.main_thread()
         self._procs = [
             ctx.Process(target=_serve, name=f"{name}{r}", daemon=True,
-                        args=(r, n, store, threads, float(group_timeout_s), context, self._ins[r], self._out))
+                        args=(r, n, self._store.port, threads, float(start_timeout_s), float(group_timeout_s), context,
+                              self._ins[r], self._out, os.getpid(), pdeathsig))
             for r in range(n)
         ]
         try:
@@ -154,6 +207,10 @@ class RankPool:
         """Whether each rank's process is still running."""
         return [p.is_alive() for p in self._procs]
 
+    def pids(self) -> list[int]:
+        """The ranks' process ids, in rank order."""
+        return [p.pid for p in self._procs if p.pid is not None]
+
     def close(self) -> None:
         """Stop every rank (politely if idle, by force otherwise); idempotent."""
         if self._closed:
@@ -178,7 +235,7 @@ class RankPool:
         for q in [self._out, *self._ins]:
             q.close()
             q.cancel_join_thread()
-        shutil.rmtree(self._dir, ignore_errors=True)
+        del self._store  # stops serving the rendezvous
 
     def __enter__(self) -> RankPool:
         return self

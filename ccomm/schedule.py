@@ -15,13 +15,14 @@ All-gather (``sizes[r]``: bytes of rank r's block):
 - ``bruck`` (any n): in round k rank r sends to r - 2^k the blocks of ranks
   r, r+1, ..., r + min(2^k, n - 2^k) - 1 (mod n), which it holds after round k-1.
 
-Log-depth rounds send one message per (non-empty) block, so no rank concatenates or
-splits blocks. With unknown sizes (or checked ones, ``check=True``) each round's messages are led by a
-header message of one wire header per block they carry (`ccomm.header`, ``HEADER_BYTES``
-each: codec, dtypes, shape and bytes, not only the size), in the same step when
-``pipelined`` (the sender posts header and blocks together), else in a step of its own
-(backends such as NCCL, whose grouped sends cannot wait for the receiver to post
-receives of sizes it learns from the header).
+No log-depth round copies blocks. With known, unchecked sizes (``check=False``) a transfer
+is one message: its blocks lie side by side in the rank's output buffer (in rank order for
+doubling, rotated by the rank for Bruck). With unknown sizes (or checked ones, ``check=True``)
+each non-empty block is a message of its own, led by a header message of one wire header per
+block the transfer carries (`ccomm.header`, ``HEADER_BYTES`` each: codec, dtypes, shape and
+bytes, not only the size), in the same step when ``pipelined`` (the sender posts header and
+blocks together), else in a step of its own (backends such as NCCL, whose grouped sends
+cannot wait for the receiver to post receives of sizes it learns from the header).
 
 All-reduce (S = the buffer's bytes):
 
@@ -49,6 +50,7 @@ __all__ = [
     "ALGOS",
     "HEADER_BYTES",
     "LOG_DEPTH",
+    "ROUND_OVERHEAD_S",
     "Message",
     "Schedule",
     "Step",
@@ -78,6 +80,9 @@ LOG_DEPTH: dict[str, tuple[str, ...]] = {op: algos[1:] for op, algos in ALGOS.it
 #: One wire header (`ccomm.header`) per block in a log-depth round's header message, and
 #: per rank in the ring's header gather.
 HEADER_BYTES = _WIRE_HEADER_BYTES
+#: Software cost of one log-depth round that the network model does not see (a thread hop
+#: and a few Python-level torch.distributed calls on a CPU host), assumed by `choose`.
+ROUND_OVERHEAD_S = 2e-4
 
 
 @dataclass(frozen=True)
@@ -149,9 +154,13 @@ def allgather_schedule(
         ]
     out: Schedule = []
     for rnd in rounds:
-        heads = [] if sizes_known else [(t.src, t.dst, float(HEADER_BYTES * len(t.blocks))) for t in rnd]
+        if sizes_known:
+            out.append([(t.src, t.dst, float(sum(sizes[b] for b in t.blocks))) for t in rnd
+                        if sum(sizes[b] for b in t.blocks) > 0])
+            continue
+        heads = [(t.src, t.dst, float(HEADER_BYTES * len(t.blocks))) for t in rnd]
         data = [(t.src, t.dst, float(sizes[b])) for t in rnd for b in t.blocks if sizes[b] > 0]
-        if heads and not pipelined:
+        if not pipelined:
             out += [heads, data]
         else:
             out.append(heads + data)
@@ -256,6 +265,7 @@ def choose(
     *,
     sizes_known: bool = True,
     min_gain: float = 0.05,
+    overhead_s: float = ROUND_OVERHEAD_S,
 ) -> str:
     """The algorithm ``algo="auto"`` runs: ring unless log-depth is predicted faster by ``min_gain``.
 
@@ -266,14 +276,17 @@ def choose(
        in the model: ceil(log2 n) latencies against the ring's 2(n-1) (size ring + data
        ring), and no padding.
     3. Otherwise the alpha-beta times of ring and of the cheaper log-depth algorithm
-       (each rank's buffer of ``nbytes``); log-depth if at most (1 - min_gain) x ring.
-       The margin keeps the backend's ring where the model sees no real gain (it does not
-       count per-message software costs, which favour the ring's fewer, larger calls).
+       (each rank's buffer of ``nbytes``), the latter plus ``overhead_s`` per round (the
+       Python-level rounds cost more than the backend's native ring steps); log-depth if
+       at most (1 - min_gain) x ring. The margin keeps the backend's ring where the model
+       sees no real gain.
     """
     if op not in ALGOS:
         raise ValueError(f"op={op!r} must be one of {sorted(ALGOS)}")
     if not (0.0 <= min_gain < 1.0):
         raise ValueError(f"min_gain={min_gain!r} must be in [0, 1)")
+    if not (math.isfinite(overhead_s) and overhead_s >= 0):
+        raise ValueError(f"overhead_s={overhead_s!r} must be finite and >= 0")
     if not sizes_known and op != "allgather":
         raise ValueError("sizes_known=False is only meaningful for allgather")
     pow2 = n & (n - 1) == 0
@@ -291,7 +304,8 @@ def choose(
             steps = allgather_schedule(algo, n, [float(nbytes)] * n)
         else:
             steps = allreduce_schedule(algo, n, float(nbytes))
-        return alpha_beta_time(steps, latency_s, bandwidth_Bps)
+        extra = 0.0 if algo == "ring" else overhead_s * cost_terms(steps)[1]
+        return alpha_beta_time(steps, latency_s, bandwidth_Bps) + extra
 
     best = min(candidates, key=t)  # ties keep the first (doubling)
     return best if t(best) <= (1.0 - min_gain) * t("ring") else "ring"

@@ -206,8 +206,10 @@ def _gather_sync(state: CompactState, layer: int, branch: int, g: Any, rank: int
                  v: torch.Tensor, comp: bool, exact_own: bool) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Synchronous all-gather of every source's K/V, decoded, in rank order (model dtype)."""
     data, nk, kw, vw = _encode_own(state, layer, branch, rank, k, v, comp)
-    handle = allgather_payloads(_payload(data), g, same_size=True, async_op=True, key="kv_gather", stats=state.stats,
-                                check=state.wire_check(layer, branch))
+    # Patch mode: ring or log-depth rounds, whichever the cost model says is faster (the
+    # ring mode above stays a ring of send_recv steps by design).
+    handle = allgather_payloads(_payload(data), g, same_size=True, algo="auto", async_op=True, key="kv_gather",
+                                stats=state.stats, check=state.wire_check(layer, branch))
     state.settle()  # own base updates overlap the gather
     got = handle.wait()
     ks: list[torch.Tensor] = []

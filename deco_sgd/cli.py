@@ -1,6 +1,6 @@
 """`deco-sgd` command line: `bench` (design §9), `realtime` (§9.4) and `calibrate` (§3.4).
 
-    deco-sgd bench CONFIG.yaml --out DIR [--quick] [--cache DIR]
+    deco-sgd bench CONFIG.yaml --out DIR [--quick] [--cache DIR] [--seeds 0,1,2]
     deco-sgd realtime (--bench CONFIG.yaml [--results R.json] | --config RT.yaml) --out DIR [...]
     deco-sgd calibrate DIR/results.json [--r R]
 
@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="directory of run records to reuse (default DIR/runs); share it between scenarios "
                         "so static methods train once")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
+    b.add_argument("--seeds", default=None,
+                   help="comma-separated seeds replacing the config's (and --quick's seed 0), e.g. 0,1,2")
     sub.add_parser("realtime", add_help=False,
                    help="real-time mode over netsim.emulate and the virtual-vs-real clock check "
                         "(`deco-sgd realtime --help` for its options)")
@@ -89,13 +91,15 @@ def calibrate(results: dict, r: float | None = None) -> dict:
 
 
 def _cmd_bench(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    from .bench.config import load_config
+    from .bench.config import load_config, with_seeds
     from .bench.runner import BenchFailed, run_bench
 
     from ccomm.configfile import ConfigFileError, writable_dir
 
     try:
         cfg = load_config(args.config, quick=args.quick)
+        if args.seeds is not None:
+            cfg = with_seeds(cfg, args.seeds)
         writable_dir(args.out)
         if args.cache is not None:
             writable_dir(args.cache, "--cache")

@@ -10,10 +10,14 @@ Validation runs in `__post_init__` in this order:
    adaptive mode only with a one-ratio family, ``exchange="allreduce"`` only with an
    additive codec, Φ ``reported`` only with max(ratio_grid) ≤ 0.5.
 
-Defaults follow the spec; the surrogate constants a = b = c = κ = 1 and eps_rel = 0.05
-are provisional until `fit_surrogate` calibrates them (§3.4). Fields the spec does not
-name explicitly (EMA α for gradient statistics, latency window, sigma coordinates, κ,
-LUT rebuild threshold, bandwidth transfer fraction) are [ours].
+Controller defaults are task-agnostic (issue 14): `convergence="measured"` takes the
+convergence side of the objective from quantities measured in the run (gradient drift, the
+error-feedback residual, the energy profile; `deco_sgd.convergence`), so no field needs
+fitting. Adaptive runs start compressed at `ratio` = 0.1 (the default when `ratio` is not
+given), measure every 2 steps and take their first informed decision within a few steps;
+there is no dense warm-up (`warmup_steps` = 0). The older template surrogate (a, b, c, κ,
+eps_rel, Φ) remains as `convergence="template"`, with `deco-sgd calibrate` as an optional
+refinement. Fields the spec does not name explicitly are [ours].
 """
 from __future__ import annotations
 
@@ -44,6 +48,13 @@ logger = logging.getLogger(__name__)
 #: Codec families the controller can drive with a single ratio (design §7).
 ADAPTIVE_CODECS = ("topk", "randomk")
 DEFAULT_RATIO_GRID = (1.0, 0.5, 0.2, 0.1, 0.05, 0.02, 0.01, 0.005, 0.002, 0.001)
+#: Value formats of the controller's search (`value_formats`): wire dtypes and b-bit
+#: quantized values (a `quantize:bits=b` stage after the sparsifier, error-fed like the rest).
+VALUE_FORMATS = ("fp32", "fp16", "bf16", "q8", "q4")
+#: Bits per value of the quantized formats.
+QUANT_BITS = {"q8": 8, "q4": 4}
+#: Where adaptive runs start when `ratio` is not given: compressed, but conservatively.
+ADAPTIVE_START_RATIO = 0.1
 #: Hard upper bound on tau_max (design §7).
 TAU_LIMIT = 64
 #: Bumped when the meaning of a field changes, so old checkpoint hashes stop matching.
@@ -57,6 +68,8 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "decision_mode": ("replicated", "rank0"),
     "checkpoint_queue": ("snapshot", "drain"),
     "flush": ("apply", "discard"),
+    "convergence": ("measured", "template"),
+    "collective_algo": ("auto", "ring"),
 }
 
 
@@ -88,24 +101,48 @@ class DecoConfig:
     # -- method ---------------------------------------------------------------------------
     mode: str = "adaptive"
     codec: str = "topk"
-    ratio: float = 1.0  # initial (adaptive) or fixed (static) fraction kept δ
+    #: Initial (adaptive) or fixed (static) fraction kept δ; None: 0.1 adaptive, 1.0 static.
+    ratio: float | None = None
     staleness: int = 0  # initial (adaptive) or fixed (static) τ
     value_dtype: str = "fp32"
     exchange: str = "auto"
+    #: All-gather algorithm: "auto" lets `ccomm.comm` choose ring or log-depth rounds from the
+    #: link DeCo measured (`ccomm.comm.auto.set_measured`); "ring" keeps the backend's ring.
+    collective_algo: str = "auto"
     seed: int = 0
     bucket_mb: float = 25.0
     lr_tau_scaling: bool = False
     # -- controller (§3.5, §3.6) --------------------------------------------------------
     ratio_grid: tuple[float, ...] = DEFAULT_RATIO_GRID
+    #: Value formats the controller may choose (fp32/fp16/bf16 wire dtypes, q8/q4 quantized).
+    #: None: fp32, fp16, q8, q4 for top-k; fp32, fp16 otherwise.
+    value_formats: tuple[str, ...] | None = None
     tau_max: int = 16
-    warmup_steps: int = 20
-    measure_every: int = 10
-    decide_every: int = 100
+    warmup_steps: int = 0
+    measure_every: int = 2
+    decide_every: int = 20
     change_threshold: float = 0.2
     hysteresis: float = 0.05
-    min_dwell_steps: int = 50
+    min_dwell_steps: int = 10
     decision_mode: str = "replicated"
     lut_rebuild_threshold: float = 0.1  # [ours] rebuild N when r moves more than this
+    # -- convergence side of the objective ------------------------------------------------
+    #: "measured": slowdown from measured drift and residual (deco_sgd.convergence);
+    #: "template": the §3.4 surrogate N(δ, τ) with a, b, c, κ (deco-sgd calibrate).
+    convergence: str = "measured"
+    #: [ours] Drift ρ assumed until it is measured (conservative: only small gaps allowed).
+    drift_prior: float = 0.5
+    #: [ours] Floor on the measured drift (a noise-corrected estimate can read 0).
+    drift_floor: float = 0.02
+    # -- progress monitor (safe adaptation) ------------------------------------------------
+    monitor: bool = True
+    #: Back off when progress per step falls below (1 − tolerance) × the predicted one.
+    monitor_tolerance: float = 0.75
+    #: Back off when the loss EMA rises this fraction above its value at the switch.
+    monitor_rise: float = 0.1
+    #: Steps a new point runs before it is judged (at least 3τ + 2 more).
+    monitor_window: int = 16
+    ema_loss: float = 0.3
     # -- surrogate (§3.4) -----------------------------------------------------------------
     phi: str = "exp2"
     phi_base: float = 2.0
@@ -118,9 +155,11 @@ class DecoConfig:
     ema_comp: float = 0.1
     ema_bandwidth: float = 0.3
     ema_grad: float = 0.1  # [ours] α for the G² and σ² EMAs
-    bw_min_transfer_frac: float = 0.25
+    bw_min_transfer_frac: float = 0.05
     latency_window: int = 50
-    sigma_coords: int = 4096
+    sigma_coords: int = 2048
+    #: [ours] Local gradient coordinates behind the energy profile (quantiles of |g|).
+    profile_coords: int = 65536
     # -- faults, shutdown, checkpoints (§5-§7) -------------------------------------------
     nonfinite: str = "skip"
     max_consecutive_skips: int = 10
@@ -140,7 +179,12 @@ class DecoConfig:
         for name in ("lr_tau_scaling", "flush_residual"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}: must be a bool (true/false), got {getattr(self, name)!r}")
+        if self.ratio is None:
+            family = str(self.codec).split(":")[0].split("|")[0].strip()
+            adaptive = self.mode == "adaptive" and "|" not in str(self.codec) and family in ADAPTIVE_CODECS
+            set_("ratio", ADAPTIVE_START_RATIO if adaptive else 1.0)
         set_("ratio", _float("ratio", self.ratio, 0.0, 1.0, True, False))
+        self._check_formats(set_)
         set_("tau_max", _int("tau_max", self.tau_max, 0, TAU_LIMIT))
         set_("staleness", _int("staleness", self.staleness, 0, self.tau_max))
         set_("seed", _int("seed", self.seed, 0))
@@ -148,7 +192,8 @@ class DecoConfig:
         self._check_grid(set_)
         for name in ("warmup_steps", "min_dwell_steps"):
             set_(name, _int(name, getattr(self, name), 0))
-        for name in ("measure_every", "decide_every", "max_consecutive_skips", "latency_window", "sigma_coords"):
+        for name in ("measure_every", "decide_every", "max_consecutive_skips", "latency_window", "sigma_coords",
+                     "profile_coords", "monitor_window"):
             set_(name, _int(name, getattr(self, name), 1))
         if self.decide_every % self.measure_every:
             raise ValueError(
@@ -158,7 +203,13 @@ class DecoConfig:
         set_("lut_rebuild_threshold", _float("lut_rebuild_threshold", self.lut_rebuild_threshold, 0.0, 1.0, True, True))
         set_("hysteresis", _float("hysteresis", self.hysteresis, 0.0, 0.5, False, True))
         set_("bw_min_transfer_frac", _float("bw_min_transfer_frac", self.bw_min_transfer_frac, 0.0, 1.0, False, True))
-        for name in ("ema_comp", "ema_bandwidth", "ema_grad"):
+        set_("monitor_tolerance", _float("monitor_tolerance", self.monitor_tolerance, 0.0, 1.0, True, True))
+        set_("drift_prior", _float("drift_prior", self.drift_prior, 0.0, 10.0, True, False))
+        set_("drift_floor", _float("drift_floor", self.drift_floor, 0.0, 10.0, False, False))
+        set_("monitor_rise", _float("monitor_rise", self.monitor_rise, 0.0, math.inf, True, True))
+        if not isinstance(self.monitor, bool):
+            raise ValueError(f"monitor: must be a bool (true/false), got {self.monitor!r}")
+        for name in ("ema_comp", "ema_bandwidth", "ema_grad", "ema_loss"):
             set_(name, _float(name, getattr(self, name), 0.0, 1.0, True, False))
         for name in ("eps_rel", "timeout_s"):
             set_(name, _float(name, getattr(self, name), 0.0, math.inf, True, True))
@@ -186,6 +237,22 @@ class DecoConfig:
         if len(set(vals)) != len(vals):
             raise ValueError(f"ratio_grid: values must be distinct, got {list(vals)}")
         set_("ratio_grid", vals)
+
+    def _check_formats(self, set_: Any) -> None:
+        fm = self.value_formats
+        if fm is None:
+            topk = str(self.codec).split(":")[0].strip() == "topk"
+            fm = ("fp32", "fp16", "q8", "q4") if topk else ("fp32", "fp16")
+        if isinstance(fm, (str, bytes)) or not hasattr(fm, "__iter__") or not tuple(fm):
+            raise ValueError(f"value_formats: must be a non-empty list from {list(VALUE_FORMATS)}, got {fm!r}")
+        fm = tuple(fm)
+        bad = [f for f in fm if f not in VALUE_FORMATS]
+        if bad or len(set(fm)) != len(fm):
+            raise ValueError(f"value_formats: must be distinct values from {list(VALUE_FORMATS)}, got {list(fm)}")
+        if any(f in QUANT_BITS for f in fm) and str(self.codec).split(":")[0].strip() not in ("topk",):
+            raise ValueError(f"value_formats: q8/q4 need codec 'topk' (quantized values after the sparsifier), "
+                             f"got codec {self.codec!r}")
+        set_("value_formats", fm)
 
     def _check_codec(self, set_: Any) -> None:
         if not isinstance(self.codec, str) or not self.codec.strip():
@@ -242,21 +309,35 @@ class DecoConfig:
         """b_v of the time model (§3.2): 4 for fp32, 2 for fp16/bf16."""
         return 4 if self.value_dtype == "fp32" else 2
 
-    def make_codec(self, ratio: float | None = None) -> Codec:
-        """The codec at fraction kept `ratio` (default: the `ratio` field); chains ignore it."""
+    def make_codec(self, ratio: float | None = None, values: str | None = None) -> Codec:
+        """The codec at fraction kept `ratio` (default: the `ratio` field); chains ignore it.
+
+        `values` q8/q4 appends a `quantize:bits=b` stage (quantized top-k values); the wire
+        dtypes (fp32/fp16/bf16) do not change the codec (see `wire_dtype_name`).
+        """
         if "|" in self.codec:
             return make_codec(self.codec)
         codec = make_codec(self.codec)
         if not hasattr(codec, "ratio"):
             return codec
-        return make_codec(self.codec, ratio=self.ratio if ratio is None else ratio)
+        r = self.ratio if ratio is None else ratio
+        if values in QUANT_BITS:
+            return make_codec(f"{make_codec(self.codec, ratio=r).spec}|quantize:bits={QUANT_BITS[values]}")
+        return make_codec(self.codec, ratio=r)
+
+    @property
+    def initial_values(self) -> str:
+        """Value format of the first point: the `value_dtype` field."""
+        return self.value_dtype
+
+    @staticmethod
+    def wire_dtype_name(values: str) -> str:
+        """Wire dtype of a value format: quantized formats quantize fp32 values."""
+        return "fp32" if values in QUANT_BITS else values
 
     def validate_for_hook(self) -> None:
-        """The DDP hook needs ≥ 1 warm-up step: DDP rebuilds its buckets after iteration 1 (§2.3)."""
-        if self.warmup_steps < 1:
-            raise ValueError(
-                f"warmup_steps: must be >= 1 with deco_hook (DDP rebuilds buckets), got {self.warmup_steps}"
-            )
+        """Nothing to check any more: the hook's first step (DDP's bucket rebuild) is always
+        dense and synchronous (`DecoState.effective`), whatever `warmup_steps` says."""
 
     # -- serialisation ------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

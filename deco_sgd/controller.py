@@ -1,15 +1,35 @@
-"""The DeCo-SGD `Controller`: choose (δ, τ) from measurements (design §3.5, §3.6) [ours].
+"""The DeCo-SGD `Controller`: choose (δ, τ, value format) from measurements (design §3.5, §3.6) [ours].
 
 Pure logic: no I/O, no collectives, no clocks. Every rank runs it on the same all-reduced
 measurements and gets the same answer.
 
-Scoring one candidate (δ, τ) under measurements m:
+Candidates are (δ, τ, v): δ in `ratio_grid`, τ ≤ min(τ_min(δ), `tau_max`), v in
+`value_formats` (fp32/fp16/bf16 wire dtypes; q8/q4 quantized top-k values; at δ = 1 only
+the wire dtypes, the dense path has no quantizer). Scoring one candidate under measurements m:
 
-1. V(δ) and the pattern come from :mod:`deco_sgd.timemodel` (dense all-reduce at δ = 1);
-   T_tx = V/B̂, L_eff = the measured latency of that pattern's tiny collective;
-2. T_iter(δ,τ) from the time model, N(δ,τ) from the LUT (below), W = N·T_iter;
-3. a non-finite N (e.g. Φ ``reported`` at δ = 1, which is 0/0) makes W = +inf, so the
-   candidate can never win: the guard behind the config's ``reported`` restriction.
+1. the bytes one rank sends are the real payload size of the candidate's codec
+   (`Codec.nbytes` per parameter plus the validity byte); V and the latency hops follow from
+   the ring schedule (`timemodel.payload_message_size`); T_tx = V/B̂, L_eff = the measured
+   latency of that pattern's tiny collective;
+2. T_iter(δ,τ) from the time model and the convergence factor from
+   `convergence="measured"` (default): S(δ, τ, v) from measured drift, error-feedback gap
+   and energy profile (`deco_sgd.convergence`); or `"template"`: N(δ,τ) from the LUT of
+   the §3.4 surrogate (below); W = S·T_iter (or N·T_iter);
+3. a non-finite S or N (e.g. Φ ``reported`` at δ = 1, which is 0/0, or a gap that cannot
+   be predicted yet) makes W = +inf, so the candidate can never win.
+
+Safe adaptation [ours] (measured mode): a `ProgressMonitor` is fed the period-mean loss. A
+switch opens a trial; while it runs the controller holds, except when the bandwidth or
+latency moved (then it may re-decide, with τ at most the last good one, and a new trial
+starts from the new point). When the monitor reports "slow"
+or "rise" the controller backs off at once (no hysteresis, no dwell): smaller τ first
+(τ − 1), then larger δ (the next grid value up, fp32 values), and remembers the bad region,
+not chosen again: after a switch that raised τ failed, every (δ', τ') with τ' ≥ τ (the
+staleness is blamed); after any other, every δ' ≤ δ with τ' ≥ τ. A "rise" is remembered for the whole run; a
+"slow" verdict, which a learning curve flattening by itself can also produce, for
+`SLOW_BAN_PERIODS` (10) decision periods.
+Staleness is explored one level at a time: a candidate's τ may exceed the largest τ that
+passed a trial by at most one.
 
 The LUT holds N over ratio_grid × {0..τ_max}; it depends on r = σ²/G² only and is rebuilt
 when r moves by more than `lut_rebuild_threshold` (10%) from the r it was built with. An
@@ -45,15 +65,24 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from .config import DecoConfig
+from .convergence import ConvergenceInputs, slowdown
+from .monitor import ProgressMonitor
 from .surrogate import FitResult, SurrogateParams, fit_surrogate, iterations
-from .timemodel import MessageSize, message_size, pattern_for, t_iter, tau_min
+from ccomm.comm.auto import auto_config
+from ccomm.schedule import choose
+
+from .timemodel import MessageSize, collective_cost, pattern_for, t_iter, tau_min
 
 __all__ = [
     "Measurements",
     "Score",
     "Decision",
     "Controller",
+    "Point",
+    "as_point",
     "fit_surrogate",
     "FitResult",
     "TIE_RTOL",
@@ -67,6 +96,11 @@ TIE_RTOL = 1e-12
 #: timeout_s should be at least this many times the slowest modelled exchange (§7).
 TIMEOUT_FACTOR = 10
 
+#: Decision periods a region judged "slow" stays excluded.
+SLOW_BAN_PERIODS = 10
+#: Triggers that may end an open trial early: the network moved, so the point on trial may
+#: have become slow to run; waiting for the verdict would keep it for a whole window.
+NETWORK_TRIGGERS = ("bandwidth_change", "latency_change")
 # Measured latency key per exchange pattern.
 _LAT_KEY = {"allreduce_dense": "allreduce", "allreduce_sparse": "allreduce", "allgather": "allgather"}
 
@@ -93,6 +127,11 @@ class Measurements:
     latency_allreduce: float | None = None
     latency_allgather: float | None = None
     r: float | None = None
+    #: Measured convergence inputs (`deco_sgd.convergence`: drift, gap, energy profile,
+    #: signal fraction, quantization errors); fields are None before the first sample.
+    conv: ConvergenceInputs = ConvergenceInputs()
+    #: Loss averaged over ranks and the steps of the last measurement period (monitor input).
+    loss: float | None = None
 
     def __post_init__(self) -> None:
         # Non-finite or negative numbers become None; 0 is a real bandwidth (outage) and a
@@ -103,13 +142,28 @@ class Measurements:
         object.__setattr__(self, "latency_allgather", _known(self.latency_allgather, allow_zero=True))
         object.__setattr__(self, "r", _known(self.r, allow_zero=True))
 
+    @property
+    def drift(self) -> float | None:
+        return _known(self.conv.drift, allow_zero=True)
+
+    @property
+    def gap(self) -> float | None:
+        return _known(self.conv.gap, allow_zero=True)
+
     def latency(self, pattern: str) -> float | None:
         return getattr(self, "latency_" + _LAT_KEY[pattern])
+
+    def link(self, n: int) -> tuple[float, float] | None:
+        """(one-way latency ℓ, bandwidth) of the link, or None: ℓ from the all-gather probe
+        (the backend's ring: n − 1 hops), for `ccomm.comm`'s algorithm choice."""
+        if self.latency_allgather is None or not self.bandwidth or n < 2:
+            return None
+        return self.latency_allgather / (n - 1), self.bandwidth
 
 
 @dataclass(frozen=True)
 class Score:
-    """Prediction for one (δ, τ): W = n_iter·t_iter, and that δ's τ_min."""
+    """Prediction for one (δ, τ, v): W = n_iter·t_iter, and that candidate's τ_min."""
 
     ratio: float
     staleness: int
@@ -117,6 +171,7 @@ class Score:
     t_iter: float
     n_iter: float
     tau_min: int
+    values: str = "fp32"
 
 
 @dataclass(frozen=True)
@@ -127,14 +182,17 @@ class Decision:
     ratio: float
     staleness: int
     changed: bool
-    trigger: str  # warmup | static | none | initial | period | bandwidth_change | latency_change
-    outcome: str  # hold | optimal | switch | hysteresis | dwell | unknown_compute | unknown_bandwidth | unknown_latency | fallback
+    trigger: str  # warmup | static | none | initial | period | bandwidth_change | latency_change | monitor
+    outcome: str  # hold | optimal | switch | hysteresis | dwell | trial | no_reference | backoff_slow | backoff_rise | unknown_* | fallback
     bandwidth: float | None
     latency: float | None
     t_comp: float | None
     r: float | None
     w: float | None  # predicted W of the chosen point (None when nothing was scored)
     w_current: float | None
+    values: str = "fp32"
+    drift: float | None = None
+    gap: float | None = None
 
     @property
     def reason(self) -> str:
@@ -147,8 +205,16 @@ class Decision:
         return out
 
 
+Point = tuple[float, int, str]
+
+
+def as_point(current: Sequence[Any]) -> Point:
+    """(δ, τ) or (δ, τ, v) as a (δ, τ, v) point (v defaults to fp32)."""
+    return float(current[0]), int(current[1]), str(current[2]) if len(current) > 2 else "fp32"
+
+
 class Controller:
-    """Deterministic (δ, τ) controller for n workers and parameter tensors of sizes `numels`."""
+    """Deterministic (δ, τ, v) controller for n workers and parameter tensors of sizes `numels`."""
 
     def __init__(self, cfg: DecoConfig, n_workers: int, numels: Sequence[int]) -> None:
         if not isinstance(n_workers, int) or n_workers < 1:
@@ -161,20 +227,79 @@ class Controller:
         self.exchange = cfg.exchange_pattern
         self.params = SurrogateParams.from_config(cfg)
         self.grid = tuple(sorted(cfg.ratio_grid, reverse=True))
-        self._sizes: dict[float, MessageSize] = {}
+        self.formats = tuple(cfg.value_formats or ("fp32",))
+        self.measured = cfg.convergence == "measured"
+        self._sizes: dict[tuple[float, str], tuple[str, float]] = {}
         self._lut: dict[tuple[float, int], float] = {}
         self._lut_r: float | None = None
         self._last_step: int | None = None
         self._last_switch: int | None = None
         self._last_bw: float | None = None
         self._last_lat: dict[str, float | None] = {"allreduce": None, "allgather": None}
+        # -- safe adaptation (measured mode) --
+        self.monitor = ProgressMonitor(cfg.ema_loss, cfg.monitor_tolerance, cfg.monitor_rise, max(2, cfg.monitor_window))
+        #: Bad regions: (δ, τ) such that every (δ' ≤ δ, τ' ≥ τ) is excluded (δ = 1: any δ).
+        #: Third item: the step the region expires (None: never). A "rise" (instability)
+        #: is remembered for the run; a "slow" verdict, which a learning curve flattening by
+        #: itself can also produce, for `SLOW_BAN_PERIODS` decision periods.
+        self.bad: list[tuple[float, int, int | None]] = []
+        self._now = 0
+        #: Largest τ that passed a monitor trial (staleness is explored one level at a time).
+        self.tau_ok = 0
+        #: The point of the open trial and the one it replaced (for the back-off).
+        self._trial: tuple[Point, Point] | None = None
 
     # -- model --------------------------------------------------------------------------
-    def size(self, delta: float) -> MessageSize:
-        if delta not in self._sizes:
+    def formats_at(self, delta: float) -> tuple[str, ...]:
+        """Value formats a candidate at δ may use (the dense path has no quantizer)."""
+        if delta >= 1.0:
+            return tuple(f for f in self.formats if f in ("fp32", "fp16", "bf16")) or ("fp32",)
+        return self.formats
+
+    def payload(self, delta: float, values: str = "fp32") -> tuple[str, float]:
+        """(collective, bytes one rank sends) at (δ, v): the codec's real payload size."""
+        key = (delta, values)
+        if key not in self._sizes:
             pat = pattern_for(self.exchange, delta)
-            self._sizes[delta] = message_size(pat, self.n, self.numels, delta, self.cfg.value_bytes)
-        return self._sizes[delta]
+            wire = _TORCH_DTYPES[self.cfg.wire_dtype_name(values)]
+            if pat == "allreduce_dense":
+                self._sizes[key] = ("allreduce", float((sum(self.numels) + self.n) * wire.itemsize))  # + one-hot
+            else:
+                codec = self.cfg.make_codec(delta, values)
+                nbytes = sum(codec.nbytes(torch.Size([d]), wire) for d in self.numels if d)
+                coll = "allreduce" if pat == "allreduce_sparse" else "allgather"
+                extra = self.n * wire.itemsize if coll == "allreduce" else 1  # validity trailer / byte
+                self._sizes[key] = (coll, float(nbytes + extra))
+        return self._sizes[key]
+
+    def algo(self, m: Measurements | None, coll: str, nbytes: float) -> str:
+        """The algorithm the exchange will run: all-reduces are rings; the all-gather is what
+        `ccomm.comm`'s ``algo="auto"`` picks on the measured link (the driver hands the same
+        link to `ccomm.comm.auto.set_measured`), the ring until that link is known."""
+        if coll != "allgather" or self.cfg.collective_algo == "ring" or m is None:
+            return "ring"
+        link = m.link(self.n)
+        if link is None:
+            return "ring"
+        return choose("allgather", self.n, nbytes, link[0], link[1], min_gain=auto_config().min_gain)
+
+    def size(self, delta: float, values: str = "fp32", m: Measurements | None = None) -> MessageSize:
+        """V and hops of one exchange at (δ, v), by the algorithm it would run under `m`."""
+        coll, nbytes = self.payload(delta, values)
+        if self.n == 1:
+            return MessageSize(0.0, 0)
+        return collective_cost(coll, self.n, nbytes, self.algo(m, coll, nbytes))
+
+    def exchange_latency(self, m: Measurements, delta: float, values: str = "fp32") -> float | None:
+        """L_eff of the exchange at (δ, v): the probe of its pattern, or hops·ℓ for a log-depth
+        all-gather (the probe is the backend's ring, n − 1 hops)."""
+        pat = pattern_for(self.exchange, delta)
+        lat = m.latency(pat)
+        if lat is None or pat != "allgather" or self.n < 2:
+            return lat
+        coll, nbytes = self.payload(delta, values)
+        hops = self.size(delta, values, m).latency_hops
+        return lat * hops / (self.n - 1)
 
     def lut(self, r: float | None) -> dict[tuple[float, int], float]:
         """N over the grid, rebuilt when r moved more than the threshold since the last build."""
@@ -193,23 +318,31 @@ class Controller:
         if bad:
             logger.warning("surrogate N is not finite at %d grid points (excluded), e.g. %s", len(bad), bad[:3])
 
-    def score(self, m: Measurements, delta: float, tau: int, n_iter: float | None = None) -> Score:
-        """Predicted W, T_iter, N for (δ, τ); W = inf when an input is unknown or N is not finite."""
+    def n_iter(self, m: Measurements, delta: float, tau: int, values: str = "fp32") -> float:
+        """The convergence factor: measured slowdown S, or the template surrogate's N."""
+        if self.measured:
+            return slowdown(m.conv, delta, tau, values, drift_prior=self.cfg.drift_prior,
+                            drift_floor=self.cfg.drift_floor)
+        return iterations(self.params, delta, tau, 0.0 if m.r is None else m.r, self.n)
+
+    def score(self, m: Measurements, delta: float, tau: int, n_iter: float | None = None,
+              values: str = "fp32") -> Score:
+        """Predicted W, T_iter, N for (δ, τ, v); W = inf when an input is unknown or N is not finite."""
         if n_iter is None:
-            n_iter = iterations(self.params, delta, tau, 0.0 if m.r is None else m.r, self.n)
-        size = self.size(delta)
-        lat = m.latency(pattern_for(self.exchange, delta))
+            n_iter = self.n_iter(m, delta, tau, values)
+        size = self.size(delta, values, m)
+        lat = self.exchange_latency(m, delta, values)
         if m.t_comp is None or lat is None or m.bandwidth is None or (m.bandwidth == 0 and size.nbytes > 0):
-            return Score(delta, tau, math.inf, math.inf, n_iter, 0)
+            return Score(delta, tau, math.inf, math.inf, n_iter, 0, values)
         t_tx = size.nbytes / m.bandwidth if size.nbytes > 0 else 0.0
         ti = t_iter(m.t_comp, t_tx, lat, tau)
         w = n_iter * ti if math.isfinite(n_iter) else math.inf
-        return Score(delta, tau, w, ti, n_iter, tau_min(m.t_comp, t_tx, lat))
+        return Score(delta, tau, w, ti, n_iter, tau_min(m.t_comp, t_tx, lat), values)
 
-    def comm_time(self, m: Measurements, delta: float) -> float:
+    def comm_time(self, m: Measurements, delta: float, values: str = "fp32") -> float:
         """Modelled T_comm(δ) = L_eff + V/B̂ of one exchange (inf when B̂ or L̂ is unknown or B̂ = 0)."""
-        size = self.size(delta)
-        lat = m.latency(pattern_for(self.exchange, delta))
+        size = self.size(delta, values, m)
+        lat = self.exchange_latency(m, delta, values)
         if lat is None or m.bandwidth is None or (m.bandwidth == 0 and size.nbytes > 0):
             return math.inf
         return lat + (size.nbytes / m.bandwidth if size.nbytes > 0 else 0.0)
@@ -226,17 +359,47 @@ class Controller:
                        "healthy exchange may be reported as a dead peer", self.cfg.timeout_s, TIMEOUT_FACTOR, worst)
         return False
 
+    def is_bad(self, delta: float, tau: int) -> bool:
+        """True inside a remembered bad region that has not expired."""
+        return any(delta <= bd and tau >= bt and (until is None or self._now < until) for bd, bt, until in self.bad)
+
+    def tau_cap(self) -> int:
+        """Largest τ a candidate may take: τ_max, and in measured mode one above the last good τ
+        (only the last good τ itself while a trial is open: a network-driven switch during a
+        trial does not explore staleness)."""
+        if not self.measured:
+            return self.cfg.tau_max
+        return min(self.cfg.tau_max, self.tau_ok + (0 if self._trial is not None else 1))
+
+    def candidates(self, m: Measurements) -> list[Score]:
+        """Every admissible candidate with its score, in tie-break order (δ down, τ up, formats as listed)."""
+        table = None if self.measured else self.lut(m.r)
+        out = []
+        for d in self.grid:
+            for v in self.formats_at(d):
+                first = self.score(m, d, 0, None if table is None else table[(d, 0)], v)
+                for t in range(min(first.tau_min, self.tau_cap()) + 1):
+                    if self.is_bad(d, t):
+                        continue
+                    s = first if t == 0 else self.score(m, d, t, None if table is None else table[(d, t)], v)
+                    out.append(s)
+        return out
+
     def search(self, m: Measurements) -> Score | None:
         """argmin of W over the candidates of §3.3/§3.5, or None when none is finite."""
-        table = self.lut(m.r)
         best: Score | None = None
-        for d in self.grid:
-            first = self.score(m, d, 0, table[(d, 0)])
-            for t in range(min(first.tau_min, self.cfg.tau_max) + 1):
-                s = first if t == 0 else self.score(m, d, t, table[(d, t)])
-                if math.isfinite(s.w) and (best is None or s.w < best.w * (1 - TIE_RTOL)):
-                    best = s
+        for s in self.candidates(m):
+            if math.isfinite(s.w) and (best is None or s.w < best.w * (1 - TIE_RTOL)):
+                best = s
         return best
+
+    def predict(self, m: Measurements, points: Sequence[Sequence[Any]]) -> list[float]:
+        """Predicted W of arbitrary points (for the benchmark's rank correlation)."""
+        out = []
+        for p in points:
+            d, t, v = as_point(p)
+            out.append(self.score(m, d, t, None, v).w)
+        return out
 
     # -- policy -------------------------------------------------------------------------
     def _trigger(self, m: Measurements, step: int) -> str:
@@ -253,20 +416,45 @@ class Controller:
                 return "latency_change"
         return "none"
 
-    def decide(self, m: Measurements, current: tuple[float, int], step: int) -> Decision:
-        """One decision at `step` given the (δ, τ) in force; see the module docstring."""
-        cur_d, cur_t = float(current[0]), int(current[1])
+    def backoff_point(self, p: Point) -> Point:
+        """Smaller τ first, then the next larger δ of the grid with fp32 values."""
+        d, t, v = p
+        if t > 0:
+            return d, t - 1, v
+        up = [g for g in self.grid if g > d]
+        return (min(up), 0, "fp32") if up else (d, 0, "fp32")
+
+    def decide(self, m: Measurements, current: Sequence[Any], step: int) -> Decision:
+        """One decision at `step` given the (δ, τ[, v]) in force; see the module docstring."""
+        cur_d, cur_t, cur_v = as_point(current)
+        self._now = step
 
         def out(trigger: str, outcome: str, d: float, t: int, w: float | None = None,
-                wc: float | None = None) -> Decision:
+                wc: float | None = None, v: str = cur_v) -> Decision:
             lat = m.latency(pattern_for(self.exchange, d))
-            changed = (d, t) != (cur_d, cur_t)
-            return Decision(step, d, t, changed, trigger, outcome, m.bandwidth, lat, m.t_comp, m.r, w, wc)
+            changed = (d, t, v) != (cur_d, cur_t, cur_v)
+            return Decision(step, d, t, changed, trigger, outcome, m.bandwidth, lat, m.t_comp, m.r, w, wc, v,
+                            m.drift, m.gap)
 
         if step < self.cfg.warmup_steps:
             return out("warmup", "hold", cur_d, cur_t)
         if self.cfg.mode == "static":
             return out("static", "hold", cur_d, cur_t)
+        if self.measured and self.cfg.monitor:
+            if m.loss is not None:
+                self.monitor.observe(step, m.loss)
+            verdict = self.monitor.verdict(step)
+            if verdict in ("slow", "rise") and self._trial is not None:
+                return self._backoff(out, verdict, step)
+            if verdict == "ok" and self._trial is not None:
+                self.tau_ok = max(self.tau_ok, self._trial[0][1])
+                self._trial = None
+            if self._trial is not None and self._trigger(m, step) not in NETWORK_TRIGGERS:
+                return out("monitor", "trial", cur_d, cur_t)
+            if m.loss is not None and self.monitor.ref_slope is None:
+                # Losses are reported but there is no reference progress yet: a switch now
+                # could not be judged, so wait (a few measurement periods at most).
+                return out("monitor", "no_reference", cur_d, cur_t)
         trigger = self._trigger(m, step)
         if trigger == "none":
             return out(trigger, "hold", cur_d, cur_t)
@@ -286,10 +474,12 @@ class Controller:
             self._remember(m, step)
             if (d, t) != (cur_d, cur_t):
                 self._last_switch = step
-            return out(trigger, "fallback", d, t)
+            return out(trigger, "fallback", d, t, v="fp32")
         # The LUT's N where the current point is on the grid, so both sides use the same r.
-        w_cur = self.score(m, cur_d, cur_t, self._lut.get((cur_d, cur_t))).w
-        if (best.ratio, best.staleness) == (cur_d, cur_t):
+        n_cur = None if self.measured else self._lut.get((cur_d, cur_t))
+        cur = self.score(m, cur_d, cur_t, n_cur, cur_v)
+        w_cur = cur.w
+        if (best.ratio, best.staleness, best.values) == (cur_d, cur_t, cur_v):
             self._remember(m, step)
             return out(trigger, "optimal", cur_d, cur_t, best.w, w_cur)
         if not best.w < (1 - self.cfg.hysteresis) * w_cur:
@@ -301,9 +491,39 @@ class Controller:
             return out(trigger, "dwell", cur_d, cur_t, best.w, w_cur)
         self._remember(m, step)
         self._last_switch = step
-        logger.info("step %d (%s): switch to ratio=%g staleness=%d, W %.4g -> %.4g",
-                    step, trigger, best.ratio, best.staleness, w_cur, best.w)
-        return out(trigger, "switch", best.ratio, best.staleness, best.w, w_cur)
+        self._open_trial(step, (cur_d, cur_t, cur_v), (best.ratio, best.staleness, best.values),
+                         best.n_iter / cur.n_iter if math.isfinite(cur.n_iter) and cur.n_iter > 0 else math.inf)
+        logger.info("step %d (%s): switch to ratio=%g staleness=%d values=%s, W %.4g -> %.4g",
+                    step, trigger, best.ratio, best.staleness, best.values, w_cur, best.w)
+        return out(trigger, "switch", best.ratio, best.staleness, best.w, w_cur, v=best.values)
+
+    def _open_trial(self, step: int, old: Point, new: Point, expected: float) -> None:
+        if not (self.measured and self.cfg.monitor):
+            return
+        # The new point applies from step + 1; the old point's in-flight aggregates drain
+        # and the new pipeline fills over about τ_old + τ_new steps.
+        settle = old[1] + new[1] + 2
+        self.monitor.on_switch(step + 1, expected, settle)
+        self._trial = (new, old) if self.monitor.trial is not None else None
+
+    def _backoff(self, out: Any, verdict: str, step: int) -> Decision:
+        assert self._trial is not None
+        bad, old = self._trial
+        # The region follows what the switch changed: a switch that raised τ is charged to
+        # the staleness (every δ at τ' ≥ τ); otherwise to the compression at that staleness
+        # (δ' ≤ δ, τ' ≥ τ).
+        until = None if verdict == "rise" else step + SLOW_BAN_PERIODS * self.cfg.decide_every
+        self.bad.append((1.0, bad[1], until) if bad[1] > old[1] else (bad[0], bad[1], until))
+        self._trial = None
+        self.monitor.reset_trial()
+        d, t, v = self.backoff_point(bad)
+        while self.is_bad(d, t) and (d, t, v) != self.backoff_point((d, t, v)):
+            d, t, v = self.backoff_point((d, t, v))
+        self._last_switch = step
+        self._last_step = step
+        logger.info("step %d: progress monitor says %s at %s; backing off to ratio=%g staleness=%d values=%s",
+                    step, verdict, bad, d, t, v)
+        return out("monitor", "backoff_" + verdict, d, t, v=v)
 
     def _remember(self, m: Measurements, step: int) -> None:
         self._last_step = step
@@ -320,7 +540,20 @@ class Controller:
             "lut_r": self._lut_r,
             "n_workers": self.n,
             "numels": list(self.numels),
+            "safety": self.safety_state_dict(),
         }
+
+    def safety_state_dict(self) -> dict[str, Any]:
+        """Safe-adaptation state (monitor, bad regions, explored τ, open trial), kept apart."""
+        trial = None if self._trial is None else [list(self._trial[0]), list(self._trial[1])]
+        return {"monitor": self.monitor.state_dict(), "bad": [list(b) for b in self.bad], "tau_ok": self.tau_ok,
+                "trial": trial}
+
+    def load_safety_state_dict(self, sd: Mapping[str, Any]) -> None:
+        self.monitor.load_state_dict(sd["monitor"])
+        self.bad = [(float(a), int(b), None if c is None else int(c)) for a, b, c in sd["bad"]]
+        self.tau_ok = int(sd["tau_ok"])
+        self._trial = None if sd["trial"] is None else (as_point(sd["trial"][0]), as_point(sd["trial"][1]))
 
     def load_state_dict(self, sd: Mapping[str, Any]) -> None:
         if sd.get("n_workers") != self.n or list(sd.get("numels", ())) != list(self.numels):
@@ -332,6 +565,11 @@ class Controller:
         self._lut_r = None
         if sd["lut_r"] is not None:
             self._build_lut(float(sd["lut_r"]))
+        if "safety" in sd:
+            self.load_safety_state_dict(sd["safety"])
+
+
+_TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def _moved(old: float | None, new: float, thr: float) -> bool:

@@ -14,7 +14,13 @@ nothing. The cross-rank reduction (MAX, MIN, SUM) is the caller's; see each clas
   2. transfer = t_done − start; duration = t_done − max(t_launch, t_done_prev), the time
      the exchange was in charge of the link (queueing behind the previous one excluded);
   3. keep the sample only if transfer ≥ `min_transfer_frac`·duration (latency-dominated
-     exchanges say nothing about bandwidth); sample = bytes/transfer, EMA (α 0.3).
+     exchanges say nothing about bandwidth); sample = bytes/transfer, EMA (α 0.3);
+  4. [ours] a rejected exchange still bounds B from below (bytes over its whole duration);
+     while no sample has been accepted and 4 were rejected, `value` is that lower bound;
+  5. [ours] a step change: when `jump_samples` (2) samples in a row differ from the EMA by
+     more than a factor `jump_factor` (2) in the same direction, the EMA restarts from the
+     last sample. An EMA alone needs about five samples to follow a 10x drop, and at the
+     old point each sample then takes a slow step.
      [ours] Excluding the queueing wait from the duration keeps the samples of a backlog,
      which are the most precise ones (transfer is then the gap between two completions).
 * `LatencyEstimator` (MAX across ranks): per pattern, the minimum over the last `window`
@@ -44,6 +50,10 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+
+#: Latency-dominated exchanges after which, with no accepted sample, B̂ is the lower bound.
+LOWER_BOUND_AFTER = 4
 
 
 def _good(x: float) -> bool:
@@ -110,13 +120,22 @@ class ComputeTimeEstimator:
 class BandwidthEstimator:
     """B: bytes/s from completed exchanges with the queueing correction and transfer filter."""
 
-    def __init__(self, alpha: float = 0.3, min_transfer_frac: float = 0.25) -> None:
+    def __init__(self, alpha: float = 0.3, min_transfer_frac: float = 0.25, jump_factor: float = 2.0,
+                 jump_samples: int = 2) -> None:
         if not (0.0 <= min_transfer_frac < 1.0):
             raise ValueError(f"min_transfer_frac: must be in [0, 1), got {min_transfer_frac!r}")
+        if not (jump_factor > 1.0 and math.isfinite(jump_factor)):
+            raise ValueError(f"jump_factor: must be finite and > 1, got {jump_factor!r}")
+        if not (isinstance(jump_samples, int) and jump_samples >= 1):
+            raise ValueError(f"jump_samples: must be an integer >= 1, got {jump_samples!r}")
         self.ema = Ema(alpha)
+        self.jump_factor, self.jump_samples = float(jump_factor), jump_samples
+        self._jump = 0  # consecutive samples past the factor: > 0 above, < 0 below
         self.min_transfer_frac = float(min_transfer_frac)
         self.last_done: float | None = None
         self.filtered = 0  # samples dropped because latency dominated them
+        #: [ours] max over filtered exchanges of bytes / duration: a lower bound on B.
+        self.lower_bound: float | None = None
 
     def update(self, nbytes: float, t_launch: float, t_done: float, latency: float | None = None) -> bool:
         """Feed one completed exchange (completion order); True when it gave a sample."""
@@ -135,21 +154,44 @@ class BandwidthEstimator:
         duration = t_done - (t_launch if prev is None else max(t_launch, prev))
         if transfer <= 0 or transfer < self.min_transfer_frac * duration:
             self.filtered += 1
+            # Still a valid lower bound: the bytes crossed in at most the whole duration.
+            lb = nbytes / duration if duration > 0 else None
+            if lb is not None and math.isfinite(lb):
+                self.lower_bound = lb if self.lower_bound is None else max(self.lower_bound, lb)
             logger.debug("latency-dominated exchange (%.3g of %.3g s transfer) not used for bandwidth",
                          transfer, duration)
             return False
-        return self.ema.update(nbytes / transfer)
+        return self._feed(nbytes / transfer)
+
+    def _feed(self, x: float) -> bool:
+        v = self.ema.value
+        if v is not None and _good(x):
+            side = 1 if x > self.jump_factor * v else (-1 if x * self.jump_factor < v else 0)
+            # Count consecutive samples past the factor on one side; any other sample resets.
+            self._jump = self._jump + side if side and self._jump * side > 0 else side
+            if abs(self._jump) >= self.jump_samples:
+                self._jump = 0
+                self.ema.value = None  # restart: the next update seeds the EMA with x
+        return self.ema.update(x)
 
     @property
     def value(self) -> float | None:
+        """The EMA; while no exchange has passed the filter but `LOWER_BOUND_AFTER` were
+        latency-dominated, the lower bound (small payloads on a slow-latency link never show
+        their transfer time, and the controller must still be able to decide)."""
+        if self.ema.value is None and self.filtered >= LOWER_BOUND_AFTER:
+            return self.lower_bound
         return self.ema.value
 
     def state_dict(self) -> dict[str, Any]:
-        return {"ema": self.ema.state_dict(), "last_done": self.last_done, "filtered": self.filtered}
+        return {"ema": self.ema.state_dict(), "last_done": self.last_done, "filtered": self.filtered,
+                "jump": self._jump, "lower_bound": self.lower_bound}
 
     def load_state_dict(self, sd: Mapping[str, Any]) -> None:
         self.ema.load_state_dict(sd["ema"])
         self.last_done, self.filtered = sd["last_done"], int(sd["filtered"])
+        self._jump = int(sd.get("jump", 0))
+        self.lower_bound = sd.get("lower_bound")
 
 
 class LatencyEstimator:

@@ -36,6 +36,7 @@ import torch.distributed as dist
 
 from ccomm import Codec, ErrorFeedback, Payload, PayloadMeta
 from ccomm.comm import CommError, CommHandle, allgather_payloads, allreduce_payload, decode_sum
+from ccomm.comm.auto import resolve_algo
 from ccomm.finite import all_finite
 
 from .errors import DecoCommError
@@ -69,6 +70,8 @@ class Unit:
     agg_finite: bool = True
     nbytes: int = 0
     collective: str = "allreduce"
+    #: The algorithm the collective ran (`ccomm.schedule`): what the time models charge.
+    algo: str = "ring"
     #: This rank's Σ‖g‖² over the unit before compensation (for §4's G² and σ²; NaN if invalid).
     sq_norm: float = 0.0
     _future: "torch.futures.Future[None] | None" = field(default=None, repr=False)
@@ -145,8 +148,8 @@ class StepEntry:
         return {n for u in self.units for n in u.names}
 
 
-def _one_hot(rank: int, world: int, dtype: torch.dtype, valid: bool) -> torch.Tensor:
-    t = torch.zeros(world, dtype=dtype)
+def _one_hot(rank: int, world: int, dtype: torch.dtype, valid: bool, device: torch.device) -> torch.Tensor:
+    t = torch.zeros(world, dtype=dtype, device=device)
     if valid:
         t[rank] = 1
     return t
@@ -164,6 +167,7 @@ def launch_unit(
     ratio: float,
     key: str,
     value_dtype: torch.dtype | None = None,
+    algo: str = "auto",
 ) -> Unit:
     """Compensate, encode and launch one unit asynchronously (see module docstring).
 
@@ -181,6 +185,7 @@ def launch_unit(
     shapes = tuple(g.shape for g in grads)
     own: dict[str, torch.Tensor] | None = {} if valid else None
     wire = value_dtype or dtype
+    dev = grads[0].device  # every message stays on the gradients' device (the data group's backend)
     t0 = time.monotonic()
 
     if codec is None:
@@ -198,8 +203,8 @@ def launch_unit(
                     ef.update(name, p, own[name])
                 parts.append(m.reshape(-1) / world)
             else:
-                parts.append(torch.zeros(g.numel(), dtype=wire))
-        buf = torch.cat(parts + [_one_hot(rank, world, wire, valid)])
+                parts.append(torch.zeros(g.numel(), dtype=wire, device=dev))
+        buf = torch.cat(parts + [_one_hot(rank, world, wire, valid, dev)])
         payload = Payload(buf, _dense_meta(buf))
         sizes = [g.numel() for g in grads]
 
@@ -209,7 +214,7 @@ def launch_unit(
             unit.result = {n: c.view(s).to(dtype) for n, c, s in zip(names, flat[:-world].split(sizes), shapes)}
             unit.agg_finite = all_finite(flat[:-world])
 
-        handle = allreduce_payload(payload, group, async_op=True, key=key, check=False)
+        handle = allreduce_payload(payload, group, algo="ring", async_op=True, key=key, check=False)
         spec, coll = "dense", "allreduce"
     else:
         payloads = []
@@ -227,7 +232,7 @@ def launch_unit(
         spec = codec.spec
         if codec.additive:
             vdtype = payloads[0].buffer.dtype
-            buf = torch.cat([pl.buffer.to(vdtype) for pl in payloads] + [_one_hot(rank, world, vdtype, valid)])
+            buf = torch.cat([pl.buffer.to(vdtype) for pl in payloads] + [_one_hot(rank, world, vdtype, valid, dev)])
             sizes = [pl.buffer.numel() for pl in payloads]
 
             def finish(res: Payload) -> None:
@@ -238,11 +243,12 @@ def launch_unit(
                     out[n] = codec.decode(pl.with_buffer(chunk.contiguous())).to(dtype) / world
                 _set_result(unit, out)
 
-            handle = allreduce_payload(Payload(buf, _dense_meta(buf)), group, async_op=True, key=key, check=False)
+            handle = allreduce_payload(Payload(buf, _dense_meta(buf)), group, algo="ring", async_op=True, key=key,
+                                       check=False)
             coll = "allreduce"
         else:
             raw = [pl.buffer.contiguous().view(torch.uint8) for pl in payloads]
-            flag = torch.tensor([1 if valid else 0], dtype=torch.uint8)
+            flag = torch.tensor([1 if valid else 0], dtype=torch.uint8, device=dev)
             buf = torch.cat(raw + [flag])
             nbytes = [r.numel() for r in raw]
             expect = sum(codec.nbytes(s, wire) for s in shapes) + 1
@@ -260,12 +266,18 @@ def launch_unit(
                     out[n] = decode_sum(codec, per_rank).to(dtype) / world
                 _set_result(unit, out)
 
-            handle = allgather_payloads(Payload(buf, _dense_meta(buf)), group, same_size=True, async_op=True, key=key,
-                                        check=False)
+            # algo="auto" resolved here (log-depth rounds where latency dominates, on the link
+            # measured for this group: `ccomm.comm.auto.set_measured`), so the unit can record
+            # the algorithm that actually runs and the clocks charge that schedule.
+            algo = resolve_algo("allgather", algo, group, world, buf.numel() * buf.element_size())
+            handle = allgather_payloads(Payload(buf, _dense_meta(buf)), group, same_size=True, algo=algo,
+                                        async_op=True, key=key, check=False)
             coll = "allgather"
+    if coll == "allreduce":
+        algo = "ring"
     sq = float(sum(float(g.detach().float().pow(2).sum()) for g in grads)) if valid else math.nan
     unit = Unit(tuple(names), shapes, ratio, spec, own, handle, finish, t0,
-                nbytes=buf.numel() * buf.element_size(), collective=coll, sq_norm=sq)
+                nbytes=buf.numel() * buf.element_size(), collective=coll, algo=algo, sq_norm=sq)
     handle.get_future().add_done_callback(lambda _f: _stamp(unit))
     return unit
 

@@ -80,6 +80,7 @@ class DecoOptimizer:
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+            self.report_loss(loss)
         st = self.state
         if st.hook_mode:
             popped = st.unsettled
@@ -108,6 +109,14 @@ class DecoOptimizer:
         if st.driver is not None:
             st.driver.on_step_end(applied, blocked)
         return loss
+
+    def report_loss(self, loss: Any) -> None:
+        """Tell the adaptive controller this rank's training loss of the step (a float or a
+        scalar tensor). Optional, but without it the progress monitor has nothing to judge
+        and cannot back off a bad switch. `step(closure)` reports the closure's loss itself."""
+        rec = getattr(self.state.driver, "record_loss", None)
+        if rec is not None and loss is not None:
+            rec(float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss))
 
     def _grad(self, name: str) -> torch.Tensor:
         p = self.state.params[name]

@@ -11,7 +11,7 @@ at the first exchange of step `s_apply` on every rank that scheduled it (replica
 schedules the same decision everywhere). Changing δ keeps the residuals; changing τ
 deepens or drains the FIFO (see `staleness.py`).
 
-Construction is collective (it creates the data and control groups and checks that all
+Construction is collective (it creates the control group and checks that all
 ranks hold the same parameters); so are `flush()` and `load_state_dict()`.
 """
 from __future__ import annotations
@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from ccomm import Codec, ErrorFeedback
+from ccomm.comm.auto import clear_measured
 
 from .config import DecoConfig
 from .errors import DecoDesyncError, NonFiniteGradientError
@@ -50,6 +51,8 @@ class DecoState:
         "names", "params", "_name_of", "ef", "ratio", "staleness", "_codecs", "fifo", "step",
         "_ready", "pending", "decisions", "consecutive_skips", "hook_mode", "_cur", "_cur_due",
         "_cur_eff", "_popped", "_popped_resolved", "extra", "driver",
+        # value-format dimension (issue 14), kept apart from the (δ, τ) fields above
+        "values", "_pending_values", "_cur_values", "_qcodecs",
     )
 
     def __init__(
@@ -71,11 +74,12 @@ class DecoState:
             raise ValueError("named_parameters: no parameter requires grad")
         self.config = config
         timeout = datetime.timedelta(seconds=config.timeout_s)
-        # Separate groups so small control collectives never queue behind data (§2.1).
+        # Data goes over the caller's group (default: the default group, with its backend:
+        # NCCL on GPUs, no host copies). Control gets its own gloo group: it exchanges Python
+        # objects and host scalars, and must never queue behind data (§2.1).
         self._own_groups: list[dist.ProcessGroup] = []
         if group is None:
-            group = dist.new_group(backend="gloo", timeout=timeout)
-            self._own_groups.append(group)
+            group = dist.group.WORLD
         if control_group is None:
             control_group = dist.new_group(backend="gloo", timeout=timeout)
             self._own_groups.append(control_group)
@@ -87,6 +91,11 @@ class DecoState:
         self.ef = ErrorFeedback()
         self.ratio, self.staleness = config.ratio, config.staleness
         self._codecs: dict[float, Codec | None] = {}
+        #: Value format in force (fp32/fp16/bf16 wire dtype, q8/q4 quantized) and its codecs.
+        self.values = config.initial_values
+        self._pending_values: str | None = None
+        self._cur_values = "fp32"
+        self._qcodecs: dict[tuple[float, str], Codec] = {}
         self.fifo: InFlightFifo[StepEntry] = InFlightFifo()
         self.step = 0
         self._ready = False
@@ -108,10 +117,31 @@ class DecoState:
 
     # -- configuration in force -----------------------------------------------------------
     def effective(self) -> tuple[float, int]:
-        """(δ, τ) used by the current step: warm-up steps are dense and synchronous."""
-        if self.step < self.config.warmup_steps:
+        """(δ, τ) used by the current step: warm-up steps are dense and synchronous.
+
+        In hook mode step 0 is always dense and synchronous: DDP rebuilds its buckets after
+        the first iteration, so that step's bucket layout is not the one of later steps
+        (PyTorch's PowerSGD hook starts compressing at iteration 2 for the same reason).
+        """
+        if self.step < self.config.warmup_steps or (self.hook_mode and self.step == 0):
             return 1.0, 0
         return self.ratio, self.staleness
+
+    def effective_values(self) -> str:
+        """Value format of the current step (the wire dtype of `value_dtype` while dense)."""
+        ratio = self.effective()[0]
+        if ratio >= 1.0 and (ratio != self.ratio or self.values in ("q8", "q4")):
+            return self.config.value_dtype  # warm-up / first hook step, or no dense quantizer
+        return self.values
+
+    def codec_for_values(self, ratio: float, values: str) -> Codec | None:
+        """Codec at (δ, value format): quantized formats add a quantize stage after the sparsifier."""
+        if values not in ("q8", "q4") or ratio >= 1.0:
+            return self.codec_for(ratio)
+        key = (ratio, values)
+        if key not in self._qcodecs:
+            self._qcodecs[key] = self.config.make_codec(ratio, values)
+        return self._qcodecs[key]
 
     def codec_for(self, ratio: float) -> Codec | None:
         """Codec at fraction kept `ratio`; None means the dense path (single codec at δ = 1)."""
@@ -123,16 +153,19 @@ class DecoState:
             self._codecs[ratio] = None if dense else codec
         return self._codecs[ratio]
 
-    def schedule(self, ratio: float, staleness: int, s_apply: int, reason: str = "") -> None:
-        """Queue a (δ, τ) decision taking effect at the first exchange of step `s_apply`."""
+    def schedule(self, ratio: float, staleness: int, s_apply: int, reason: str = "", values: str | None = None) -> None:
+        """Queue a (δ, τ[, value format]) decision taking effect at the first exchange of step `s_apply`."""
+        if values is not None and values not in ("fp32", "fp16", "bf16", "q8", "q4"):
+            raise ValueError(f"values: must be one of fp32, fp16, bf16, q8, q4, got {values!r}")
         if not (0.0 < ratio <= 1.0):
             raise ValueError(f"ratio: must be in (0, 1], got {ratio}")
         if isinstance(staleness, bool) or not isinstance(staleness, int) or not 0 <= staleness <= self.config.tau_max:
             raise ValueError(f"staleness: must be an integer in [0, {self.config.tau_max}], got {staleness!r}")
         if s_apply < self.step or (s_apply == self.step and self._cur is not None):
             raise ValueError(f"s_apply: must be a step that has not started (>= {self.step + (self._cur is not None)}), got {s_apply}")
-        self.codec_for(ratio)  # fail now, not mid-step
+        self.codec_for_values(ratio, values or self.values)  # fail now, not mid-step
         self.pending = (float(ratio), staleness, s_apply, reason)
+        self._pending_values = values
 
     def _apply_pending(self) -> None:
         if self.pending is None or self.pending[2] > self.step:
@@ -141,9 +174,11 @@ class DecoState:
         self.pending = None
         logger.info("step %d: (ratio, staleness) %s -> %s (%s)", self.step, (self.ratio, self.staleness),
                     (ratio, tau), reason or "scheduled")
+        values = self._pending_values or self.values
+        self._pending_values = None
         self.decisions.append({"step": self.step, "time": time.time(), "ratio": ratio, "staleness": tau,
-                               "previous": [self.ratio, self.staleness], "reason": reason})
-        self.ratio, self.staleness = ratio, tau
+                               "previous": [self.ratio, self.staleness], "reason": reason, "values": values})
+        self.ratio, self.staleness, self.values = ratio, tau, values
 
     # -- one step ---------------------------------------------------------------------------
     def begin_step(self) -> None:
@@ -155,6 +190,7 @@ class DecoState:
             self.resolve_hook_step()
         self._apply_pending()
         self._cur_eff = self.effective()
+        self._cur_values = self.effective_values()
         self._cur = StepEntry(self.step, self._cur_eff[0])
         self._cur_due = self.fifo.due_count(self._cur_eff[1], pending=1)
         self._ready = False
@@ -163,10 +199,15 @@ class DecoState:
         """Compensate, encode and launch one unit of the open step."""
         if self._cur is None:
             raise RuntimeError("launch: no step is open (call begin_step first)")
-        unit = launch_unit(names, grads, self.ef, self.codec_for(self._cur_eff[0]), group=self.group,
+        vals = self._cur_values
+        unit = launch_unit(names, grads, self.ef, self.codec_for_values(self._cur_eff[0], vals), group=self.group,
                            rank=self.rank, world=self.world_size, ratio=self._cur_eff[0], key=f"{self.step}:{key}",
-                           value_dtype=_WIRE_DTYPES[self.config.value_dtype])
+                           value_dtype=_WIRE_DTYPES[self.config.wire_dtype_name(vals)],
+                           algo=self.config.collective_algo)
         self._cur.units.append(unit)
+        observe = getattr(self.driver, "observe_launch", None)
+        if observe is not None:
+            observe(names, grads)
         return unit
 
     def due_entries(self) -> list[StepEntry]:
@@ -328,6 +369,7 @@ class DecoState:
         if barrier and self._own_groups:
             for g in self._own_groups:
                 dist.barrier(group=g)
+        clear_measured(self.group)  # the link measured for this group dies with it
         for g in self._own_groups:
             try:
                 dist.destroy_process_group(g)
@@ -397,6 +439,7 @@ class DecoState:
             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
             "extra": dict(self.extra),
             "driver": None if self.driver is None else self.driver.state_dict(),
+            "values": {"current": self.values, "pending": self._pending_values},
         }
 
     def load_state_dict(self, sd: Mapping[str, Any]) -> None:
@@ -434,6 +477,10 @@ class DecoState:
         np.random.set_state(rng["numpy"])
         random.setstate(rng["python"])
         self.extra = dict(sd["extra"])
+        vals = sd.get("values") or {"current": self.config.initial_values, "pending": None}
+        self.values, self._pending_values = vals["current"], vals["pending"]
+        if (sd.get("driver") is None) != (self.driver is None):
+            raise ValueError("state: saved with and loaded without the adaptive driver (or the reverse)")
         if self.driver is not None:
             self.driver.load_state_dict(sd["driver"])
         self._cur, self._popped, self._popped_resolved, self._ready = None, [], True, False

@@ -1,12 +1,15 @@
 """Time model of one DeCo-SGD step (design §3.1-§3.3) as pure functions [ours].
 
 Message sizes (§3.2) per exchange pattern, with k = Σ_p ⌈δ·d_p⌉ kept entries, b_v bytes
-per value and b_i per index. The ring patterns are read off `netsim.cost.schedule`, so
-they agree with the simulator by construction:
+per value and b_i per index. The collective patterns are read off `netsim.cost.schedule`
+(built on `ccomm.schedule`, which describes what `ccomm.comm` sends), so they agree with
+the transport and the simulator by construction (`collective_cost`):
 
-1. build the ring schedule of the collective for n ranks;
-2. V = bytes whose destination is rank 0 (every rank receives the same on a ring);
-3. the latency multiplier is the number of schedule steps (each step costs one ℓ).
+1. build the schedule of the collective's algorithm for n ranks (all-reduce: the ring;
+   all-gather: `algo`, what `algo="auto"` ran, default the ring);
+2. V and the latency multiplier are `ccomm.schedule.cost_terms` of it: per step the
+   busiest link's bytes, summed, and the number of steps (each costs one ℓ). V is the
+   same for the ring and the log-depth all-gathers; the steps are n-1 against ⌈log2 n⌉.
 
 The parameter-server and PowerSGD rows use the spec's closed forms.
 
@@ -20,15 +23,18 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from ccomm.schedule import cost_terms
 from netsim import cost
 
 __all__ = [
     "PATTERNS",
     "INDEX_BYTES",
     "MessageSize",
+    "collective_cost",
     "kept_elements",
     "message_size",
     "powersgd_size",
+    "payload_message_size",
     "pattern_for",
     "t_iter",
     "t_floor",
@@ -65,16 +71,19 @@ def kept_elements(numels: Sequence[int], delta: float) -> int:
     return k
 
 
-def _ring(op: str, n: int, nbytes: float) -> MessageSize:
-    steps = cost.schedule(op, n, nbytes, "ring")
-    received = sum(b for step in steps for (_src, dst, b) in step if dst == 0)
-    return MessageSize(float(received), len(steps))
+def collective_cost(op: str, n: int, nbytes: float, algo: str = "ring") -> MessageSize:
+    """V and latency hops of one `op` ("allreduce" / "allgather") of `nbytes` per rank by `algo`."""
+    v, hops = cost_terms(cost.schedule(op, n, float(nbytes), algo))
+    return MessageSize(v, hops)
 
 
 def message_size(
-    pattern: str, n: int, numels: Sequence[int], delta: float, value_bytes: int = 4, index_bytes: int = INDEX_BYTES
+    pattern: str, n: int, numels: Sequence[int], delta: float, value_bytes: int = 4, index_bytes: int = INDEX_BYTES,
+    *, algo: str = "ring",
 ) -> MessageSize:
-    """V and latency hops of one exchange of `pattern` among n workers (§3.2 table)."""
+    """V and latency hops of one exchange of `pattern` among n workers (§3.2 table).
+
+    `algo` is the all-gather's algorithm (the "allgather" pattern only; all-reduces are rings)."""
     if pattern not in PATTERNS:
         raise ValueError(f"pattern: must be one of {list(PATTERNS)}, got {pattern!r}")
     if not isinstance(n, int) or n < 1:
@@ -86,16 +95,29 @@ def message_size(
     if n == 1:
         return MessageSize(0.0, 0)
     if pattern == "allreduce_dense":
-        return _ring("allreduce", n, d * value_bytes)
+        return collective_cost("allreduce", n, d * value_bytes)
     if pattern == "allreduce_sparse":
-        return _ring("allreduce", n, k * value_bytes)
+        return collective_cost("allreduce", n, k * value_bytes)
     if pattern == "allgather":
-        return _ring("allgather", n, k * (value_bytes + index_bytes))
+        return collective_cost("allgather", n, k * (value_bytes + index_bytes), algo)
     # Parameter server [ours: push then pull are sequential phases on the worker's link,
     # so their bytes add]. The pull is the merged sparse sum, never more than dense.
     push = k * (value_bytes + index_bytes)
     pull = min(n * push, d * value_bytes)
     return MessageSize(float(push + pull), 2)
+
+
+def payload_message_size(pattern: str, n: int, nbytes: float, algo: str = "ring") -> MessageSize:
+    """V and hops of one exchange whose per-rank buffer is `nbytes` (the real payload size).
+
+    `pattern` is "allreduce" (the buffer is reduced) or "allgather" (each rank's buffer is
+    one block); `algo`'s schedule (`collective_cost`) gives V and the hops.
+    """
+    if pattern not in ("allreduce", "allgather"):
+        raise ValueError(f"pattern: must be 'allreduce' or 'allgather', got {pattern!r}")
+    if n == 1:
+        return MessageSize(0.0, 0)
+    return collective_cost(pattern, n, float(nbytes), algo)
 
 
 def powersgd_size(n: int, shapes: Sequence[Sequence[int]], rank: int) -> MessageSize:

@@ -40,6 +40,7 @@ class EmuOp:
         self._lazy: Callable[[float | None], float] | None = None
         self._lazy_lock = threading.Lock()
         self.lazy_ready: Callable[[], bool] | None = None
+        self.late_noted = False  # counted once in emu.stats.late_ops, whichever real part was late
 
     def set_lazy(self, resolve: Callable[[float | None], float], ready: Callable[[], bool]) -> None:
         """Resolve on demand (receives): ``resolve(timeout_s)`` gives the due time, ``ready()``
@@ -124,7 +125,12 @@ class EmulatedWork(dist.Work):
         secs = _timeout_s(timeout)
         if secs is None:
             secs = self._emu.timeout_s
+        # A due time still unknown when we start waiting comes from emulation's own real
+        # messages (metadata gathers, p2p headers); learning it after it passed is late too.
+        unresolved = not self.op.resolved
         due = self.op.resolve(secs)
+        if unresolved:
+            self._emu._note_real_done(self.op, self._emu.clock.now())
         self.wait_inner(secs)
         self._emu.clock.sleep_until(due)
         self._emu.clock.settle()

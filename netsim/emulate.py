@@ -280,6 +280,9 @@ class Emulator:
         if op.due_s is None or t <= op.due_s + LATE_SLACK_S:
             return
         with self._stats_lock:
+            if op.late_noted:
+                return
+            op.late_noted = True
             self._late += 1
             self._max_late = max(self._max_late, t - op.due_s)
             first = self._late == 1
@@ -362,6 +365,10 @@ class Emulator:
                 work.wait_inner(secs)
                 peer = inner._source_rank()
                 hwork = self._side_p2p.recv([header], peer, tag)
+            # The header travels on the real transport too: one that was still in flight
+            # when we started waiting and came in after the modeled arrival makes this
+            # receive late, even when the data itself was on time.
+            header_pending = not hwork.is_completed()
             hwork.wait(timedelta(seconds=secs))
             assert peer is not None
             seq, start, fin, size = header.tolist()
@@ -371,6 +378,8 @@ class Emulator:
                 arr = self._res.arrival(peer, me, int(seq), size, fin, start)
             op.due_s = max(arr, t_issue)
             self._record(op, 0.0, size)
+            if header_pending:
+                self._note_real_done(op, self.clock.now())
             return op.due_s
 
         def ready() -> bool:

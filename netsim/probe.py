@@ -97,6 +97,9 @@ class ProbeReport:
     gloo: tuple[GlooResult, ...] = ()
     wire: dict[str, Any] | None = None
     notes: tuple[str, ...] = field(default=())
+    #: Emulate backend only: operations whose real transport finished after their modeled
+    #: time, summed over the ranks (``emu.stats.late_ops``); those measured the host, not the link.
+    late_ops: int | None = None
 
     @property
     def ok(self) -> bool:
@@ -117,12 +120,15 @@ class ProbeReport:
             rows.append(f"gloo {g.op} n={g.n} {g.nbytes} B: {g.measured_s:.3f} s vs model "
                         f"{g.model_s:.3f} s (x{g.ratio:.3f}, tol {g.tol:.0%}) "
                         f"{'yes' if g.ok else 'NO'}")
+        if self.late_ops:
+            rows.append(f"emulate: {self.late_ops} operation(s) finished after their modeled time "
+                        "(the host did not keep up; those measurements are of the host)")
         return "\n".join(rows)
 
     def to_json(self) -> dict[str, Any]:
         return {"ok": self.ok, "pairs": [vars(p) for p in self.pairs],
                 "gloo": [{**vars(g), "ratio": g.ratio, "ok": g.ok} for g in self.gloo],
-                "wire": self.wire, "notes": list(self.notes)}
+                "wire": self.wire, "notes": list(self.notes), "late_ops": self.late_ops}
 
 
 def _agent(net: Net, rank: int, *args: str, port: int = 29500) -> subprocess.Popen[str]:

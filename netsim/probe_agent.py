@@ -7,7 +7,8 @@ Roles (each prints one JSON line on stdout):
 * ``rtt ADDR PORT --samples K --warmup W``: TCP ping-pong with TCP_NODELAY; prints the RTTs.
 * ``send ADDR PORT --bytes N [--omit K]``: one TCP connection carrying N bytes; the
   receiver's timing (first byte, K-th byte, last byte) comes back on the same connection.
-* ``gloo OP --bytes N --iters K``: time a torch.distributed op (see :func:`gloo_op`).
+* ``gloo OP --bytes N --iters K [--concurrent C --gap S]``: time a torch.distributed op, or C
+  of them in flight together (see :func:`gloo_op`).
 
 All times are CLOCK_MONOTONIC, which every namespace of one machine shares, so a sender's
 start and a receiver's finish can be compared directly.
@@ -22,6 +23,7 @@ import struct
 import sys
 import threading
 import time
+from typing import Any
 
 __all__ = ["gloo_op", "main", "ping_pong", "send_bulk", "serve"]
 
@@ -130,13 +132,19 @@ def send_bulk(addr: str, port: int, nbytes: int, omit: int = 0) -> dict[str, flo
             "mark": mark_t, "mark_bytes": float(mark_n), "bytes": float(nbytes)}
 
 
-def gloo_op(op: str, nbytes: int, iters: int, lead_s: float = 0.3) -> list[float]:
+def gloo_op(op: str, nbytes: int, iters: int, lead_s: float = 0.3, concurrent: int = 1,
+            gap_s: float = 0.0) -> list[float] | list[list[float]]:
     """Time ``op`` on torch.distributed (gloo, env:// rendezvous) ``iters`` times.
 
     Every iteration starts at one absolute CLOCK_MONOTONIC instant broadcast by rank 0 (the
     namespaces share the clock), so barrier skew does not count; the time is the last rank's
-    finish minus that instant.
+    finish minus that instant.  With ``concurrent`` k > 1 (all-reduce and all-gather only),
+    each iteration launches k asynchronous ops ``gap_s`` apart and reports each op's
+    completion (stamped by a future callback) from that instant: how collectives in flight
+    together share the link.
     """
+    if concurrent > 1:
+        return _gloo_concurrent(op, nbytes, iters, lead_s, concurrent, gap_s)
     from datetime import timedelta
 
     import torch
@@ -177,6 +185,51 @@ def gloo_op(op: str, nbytes: int, iters: int, lead_s: float = 0.3) -> list[float
     return times
 
 
+def _gloo_concurrent(op: str, nbytes: int, iters: int, lead_s: float, k: int, gap_s: float) -> list[list[float]]:
+    from datetime import timedelta
+
+    import torch
+    import torch.distributed as dist
+
+    if op not in ("allreduce", "allgather"):
+        raise ValueError(f"op must be allreduce or allgather with --concurrent; got {op!r}")
+    dist.init_process_group("gloo", timeout=timedelta(seconds=_IO_TIMEOUT_S))
+    n = dist.get_world_size()
+    xs = [torch.ones(max(1, nbytes // 4)) for _ in range(k)]
+    outs = [[torch.empty_like(x) for _ in range(n)] for x in xs]
+
+    def launch(i: int) -> Any:
+        if op == "allreduce":
+            return dist.all_reduce(xs[i], async_op=True)
+        return dist.all_gather(outs[i], xs[i], async_op=True)
+
+    for w in [launch(i) for i in range(k)]:  # connections and TCP windows: untimed
+        w.wait()
+    times = []
+    for _ in range(iters):
+        dist.barrier()
+        at = torch.tensor([time.monotonic() + lead_s], dtype=torch.float64)
+        dist.broadcast(at, 0)
+        t0 = at.item()
+        done = [0.0] * k
+        works = []
+        for i in range(k):
+            while time.monotonic() < t0 + i * gap_s:
+                time.sleep(2e-4)
+            w = launch(i)
+            w.get_future().add_done_callback(lambda _f, i=i: done.__setitem__(i, time.monotonic() - t0))
+            works.append(w)
+        for w in works:
+            w.wait()
+        time.sleep(0.01)  # the last callback may run just after wait() returns
+        d = torch.tensor(done, dtype=torch.float64)
+        dist.all_reduce(d, op=dist.ReduceOp.MAX)
+        times.append(d.tolist())
+    dist.barrier()
+    dist.destroy_process_group()
+    return times
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m netsim.probe_agent")
     sub = ap.add_subparsers(dest="role", required=True)
@@ -192,9 +245,11 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("op", choices=("send", "allreduce", "allgather"))
     g.add_argument("--bytes", type=int, default=4 << 20)
     g.add_argument("--iters", type=int, default=3)
+    g.add_argument("--concurrent", type=int, default=1, help="ops launched per iteration (each timed)")
+    g.add_argument("--gap", type=float, default=0.0, help="seconds between their launches")
     a = ap.parse_args(argv)
     if a.role == "gloo":
-        times = gloo_op(a.op, a.bytes, a.iters)
+        times = gloo_op(a.op, a.bytes, a.iters, concurrent=a.concurrent, gap_s=a.gap)
         print(json.dumps({"times": times}), flush=True)
     elif a.role == "serve":
         serve(a.addr, a.port)

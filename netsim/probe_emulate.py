@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from netsim.probe import GlooResult, PairResult, ProbeReport
 from netsim.topo import Topo
+
+if TYPE_CHECKING:
+    from ccomm.ranks import RankPool
 
 __all__ = ["EMU_TOL_REL", "EMU_TOL_ABS_S", "probe_emulate"]
 
@@ -61,7 +64,7 @@ def _rank_job(rank: int, n: int, parts: tuple[Any, ...], nbytes: int, samples: i
     topo = Topo(parts[0], parts[1], hosts=parts[2], pairs=parts[3], shared=parts[4])
     plain = dist.new_group(backend="gloo")  # made before emulate: never shaped
     res: dict[str, Any] = {"rtt": [], "bulk": None, "allreduce": None, "allgather": None}
-    with netsim.emulate(topo):
+    with netsim.emulate(topo) as emu:
         small, ack = torch.zeros(_SMALL_BYTES // 4), torch.zeros(1)
         for _ in range(samples):
             t0 = _aligned(plain, rank)
@@ -88,14 +91,17 @@ def _rank_job(rank: int, n: int, parts: tuple[Any, ...], nbytes: int, samples: i
         t0 = _aligned(plain, rank)
         dist.all_gather(gathered, bulk)
         res["allgather"] = time.monotonic() - t0
+        res["late_ops"] = emu.stats.late_ops
     return res
 
 
-def probe_emulate(topo: Topo, *, nbytes: int = 1 << 20, samples: int = 20) -> ProbeReport:
+def probe_emulate(topo: Topo, *, nbytes: int = 1 << 20, samples: int = 20, pool: RankPool | None = None) -> ProbeReport:
     """Measure RTT, goodput and two collectives through ``netsim.emulate(topo)``.
 
-    A rank that fails raises ``ccomm.ranks.RankError``; ranks that overrun the deadline
-    are killed and ``TimeoutError`` names them.
+    The ranks are started for the probe, or taken from ``pool`` (``topo.n`` ranks, e.g. to
+    probe repeatedly without paying their start-up each time). A rank that fails raises
+    ``ccomm.ranks.RankError``; ranks that overrun the deadline are killed and
+    ``TimeoutError`` names them.
     """
     from ccomm.ranks import run_ranks
     from netsim import cost
@@ -104,8 +110,13 @@ def probe_emulate(topo: Topo, *, nbytes: int = 1 << 20, samples: int = 20) -> Pr
         raise ValueError(f"topo.n={topo.n}: the probe needs at least 2 ranks")
     if nbytes < 4 or samples < 1:
         raise ValueError(f"nbytes={nbytes} must be >= 4 and samples={samples} >= 1")
-    results = run_ranks(_rank_job, topo.n, _parts(topo), nbytes, samples, timeout=_TIMEOUT_S,
-                        group_timeout_s=_TIMEOUT_S)
+    if pool is not None and pool.n != topo.n:
+        raise ValueError(f"pool: has {pool.n} ranks, topo.n={topo.n} needs as many")
+    job = (_rank_job, topo.n, _parts(topo), nbytes, samples)
+    if pool is None:
+        results = run_ranks(*job, timeout=_TIMEOUT_S, group_timeout_s=_TIMEOUT_S)
+    else:
+        results = pool.run(job[0], *job[2:], timeout=_TIMEOUT_S)
 
     r0 = results[0]
     rtt_model = cost.p2p_time(_SMALL_BYTES, topo, 0, 1) + cost.p2p_time(_SMALL_BYTES, topo, 1, 0)
@@ -126,4 +137,5 @@ def probe_emulate(topo: Topo, *, nbytes: int = 1 << 20, samples: int = 20) -> Pr
         model = fn(nbytes, topo, n=topo.n, algo="ring")
         measured = max(res[op] for res in results)  # the op ends when its last rank does
         gloo.append(GlooResult(op, topo.n, nbytes, measured, model, _tol_s(model) / model))
-    return ProbeReport((pair,), tuple(gloo), notes=("backend: emulate (in-process, wall clock)",))
+    return ProbeReport((pair,), tuple(gloo), notes=("backend: emulate (in-process, wall clock)",),
+                       late_ops=sum(res["late_ops"] for res in results))

@@ -56,6 +56,8 @@ _BIAS_STEP_S = 2e-6
 _RT_PRIORITY = 10
 _MAX_BATCH = 64
 _LATE_WINDOW = 8192
+#: Stall intervals kept for ``late_intervals`` (the most recent ones).
+_STALL_WINDOW = 4096
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -223,6 +225,9 @@ class _Loop:
         self.late: deque[float] = deque(maxlen=_LATE_WINDOW)
         self.n_late = 0
         self.late_max = 0.0
+        #: Merged [due, delivered] intervals of packets over 1 ms late: when the wire, not the
+        #: link, set the pace.  Their union over a window bounds what the stalls cost it.
+        self.stalls: deque[list[float]] = deque(maxlen=_STALL_WINDOW)
         self.sent = 0
         self.bias = 0.0
 
@@ -254,7 +259,8 @@ class _Loop:
         frac = self.n_late / self.sent if self.sent else 0.0
         data = {"sent": self.sent, "drops": self.core.drops, "late_p50_s": p(0.5),
                 "late_p99_s": p(0.99), "late_max_s": self.late_max,
-                "late_over_1ms_fraction": frac, "bottleneck": frac > 0.01}
+                "late_over_1ms_fraction": frac, "bottleneck": frac > 0.01,
+                "late_intervals": list(self.stalls)}
         tmp = self.counters_path + ".tmp"
         with open(tmp, "w") as f:
             json.dump(data, f)
@@ -330,6 +336,14 @@ class _Loop:
                 self.late_max = late
             if late > _LATE_WARN_S:
                 self.n_late += 1
+                self._stall(due, due + late)
+
+    def _stall(self, start: float, end: float) -> None:
+        # Deliveries come in due order, so a new stall either extends the last one or follows it.
+        if self.stalls and start <= self.stalls[-1][1]:
+            self.stalls[-1][1] = max(self.stalls[-1][1], end)
+        else:
+            self.stalls.append([start, end])
 
     def close(self) -> None:
         for r in getattr(self, "replays", []):

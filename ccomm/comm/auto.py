@@ -18,7 +18,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from ..schedule import ALGOS, choose
+from ..schedule import ALGOS, ROUND_OVERHEAD_S, choose
 
 __all__ = ["AutoConfig", "auto_config", "clear_measured", "configure", "link_for", "resolve_algo", "set_measured"]
 
@@ -45,12 +45,15 @@ class AutoConfig:
 
     ``latency_s`` one-way seconds, ``bandwidth_Bps`` bytes per second (default: 50 us and
     10 Gbit/s, a data-centre link); ``min_gain`` is the predicted saving below which the
-    backend's ring is kept.
+    backend's ring is kept; ``round_overhead_s`` the software cost charged per log-depth
+    round (`ccomm.schedule.ROUND_OVERHEAD_S`). ``min_gain`` and ``round_overhead_s`` apply
+    to measured links too.
     """
 
     latency_s: float = 50e-6
     bandwidth_Bps: float = 1.25e9
     min_gain: float = 0.05
+    round_overhead_s: float = ROUND_OVERHEAD_S
 
     def __post_init__(self) -> None:
         _check_link(self.latency_s, self.bandwidth_Bps)
@@ -58,6 +61,10 @@ class AutoConfig:
             0.0 <= self.min_gain < 1.0
         ):
             raise ValueError(f"min_gain={self.min_gain!r} must be a number in [0, 1)")
+        if isinstance(self.round_overhead_s, bool) or not isinstance(self.round_overhead_s, (int, float)) or not (
+            math.isfinite(self.round_overhead_s) and self.round_overhead_s >= 0
+        ):
+            raise ValueError(f"round_overhead_s={self.round_overhead_s!r} must be a finite number >= 0 (seconds)")
 
 
 _lock = threading.Lock()
@@ -119,5 +126,6 @@ def resolve_algo(
     if algo != "auto":
         return algo
     latency_s, bandwidth_Bps = link_for(group)
+    cfg = _config
     return choose(op, world, float(nbytes), latency_s, bandwidth_Bps, sizes_known=sizes_known,
-                  min_gain=_config.min_gain)
+                  min_gain=cfg.min_gain, overhead_s=cfg.round_overhead_s)

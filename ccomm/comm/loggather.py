@@ -1,15 +1,16 @@
 """Log-depth all-gather of payloads (``"doubling"``, ``"bruck"``): ceil(log2 n) rounds.
 
 Who sends which blocks to whom in each round comes from `ccomm.schedule.allgather_rounds`;
-this module only executes it. Blocks stay separate tensors, each its own message, so no
-rank concatenates or splits buffers, and block b lands directly in its final tensor.
+this module only executes it. No round copies blocks: each lands directly where it is returned.
 
 1. Own block: a copy of ``payload.buffer`` (the ring returns copies too).
 2. Every round, for each transfer this rank sends: its blocks; for each it receives:
    buffers for the blocks it names.
-3. Sizes known and unchecked (``same_size=True, check=False``): every block has this
-   rank's size; sends and receives of the round are posted together and waited on.
-4. Otherwise each transfer leads with the wire headers (`ccomm.header`) of its blocks,
+3. Sizes known and unchecked (``same_size=True, check=False``): one buffer of n blocks,
+   block b at position `_slot` (b for doubling, b - rank mod n for Bruck), where every
+   transfer's blocks are adjacent; each transfer is one message, a view of that buffer, and
+   the results are views too. Sends and receives of the round are posted together and waited on.
+4. Otherwise each block is its own tensor and message, and each transfer leads with the wire headers (`ccomm.header`) of its blocks,
    one per block, forwarded with the block from its origin; a block's receive buffer is
    sized from its header, so unequal sizes never reach the backend as a mismatch.
    On CPU (gloo) header and blocks are sent together with the header receive; once the
@@ -32,7 +33,7 @@ import torch.distributed as dist
 
 from ..header import HEADER_BYTES, HEADER_WORDS, HeaderMismatchError, WireHeader
 from ..payload import Payload
-from ..schedule import allgather_rounds
+from ..schedule import Transfer, allgather_rounds
 from ..stats import CommStats
 from ._handle import CommHandle
 from .p2p import post, submit, wait_all
@@ -41,6 +42,34 @@ from .wire import check_gathered, header_of
 __all__ = ["log_allgather"]
 
 logger = logging.getLogger(__name__)
+
+
+def _slot(algo: str, rank: int, world: int, block: int) -> int:
+    """Position of `block` in this rank's buffer: a transfer's blocks are adjacent there."""
+    return block if algo == "doubling" else (block - rank) % world
+
+
+def _same_size(
+    buf: torch.Tensor, rounds: list[list[Transfer]], group: dist.ProcessGroup | None, rank: int, world: int,
+    algo: str, what: str,
+) -> list[torch.Tensor]:
+    """Step 3 of the module docstring: one buffer, one message per transfer, views out."""
+    m = buf.numel()
+    out = buf.new_empty(world * m)
+
+    def view(blocks: tuple[int, ...]) -> torch.Tensor:
+        first = _slot(algo, rank, world, blocks[0])
+        # The plans keep a transfer's blocks adjacent in this layout (ccomm.schedule).
+        assert [_slot(algo, rank, world, b) for b in blocks] == list(range(first, first + len(blocks)))
+        return out[first * m:(first + len(blocks)) * m]
+
+    view((rank,)).copy_(buf)
+    if m > 0:
+        for k, rnd in enumerate(rounds):
+            ops = [(True, view(t.blocks), t.dst) for t in rnd if t.src == rank]
+            ops += [(False, view(t.blocks), t.src) for t in rnd if t.dst == rank]
+            wait_all(post(ops, group, k, rank), f"{what} round {k}")
+    return [view((b,)) for b in range(world)]
 
 
 def log_allgather(
@@ -65,6 +94,8 @@ def log_allgather(
     sized = not same_size or check
 
     def job() -> list[torch.Tensor]:
+        if not sized:
+            return _same_size(buf, rounds, group, rank, world, algo, what)
         blocks: list[torch.Tensor | None] = [None] * world
         blocks[rank] = buf.clone()
         heads: list[torch.Tensor | None] = [None] * world  # packed wire header of every block
@@ -75,15 +106,6 @@ def log_allgather(
             recvs = [t for t in rnd if t.dst == rank]
             where = f"{what} round {k}"
             data_out = [(True, blocks[b], t.dst) for t in sends for b in t.blocks]
-            if not sized:
-                for t in recvs:
-                    for b in t.blocks:
-                        blocks[b] = torch.empty_like(buf)
-                data_in = [(False, blocks[b], t.src) for t in recvs for b in t.blocks]
-                ops = [op for op in data_out + data_in if op[1].numel() > 0]
-                wait_all(post(ops, group, step, rank), where)
-                step += 1
-                continue
             heads_out = [torch.cat([heads[b] for b in t.blocks]) for t in sends]  # type: ignore[misc]
             heads_in = [torch.empty(HEADER_WORDS * len(t.blocks), dtype=torch.int64, device=buf.device) for t in recvs]
             st.record("allgather", key, header_bytes=HEADER_BYTES * sum(len(t.blocks) for t in sends), calls=0,

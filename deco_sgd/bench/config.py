@@ -43,6 +43,7 @@ __all__ = [
     "TargetConfig",
     "BenchConfig",
     "load_config",
+    "with_seeds",
     "QUICK_GRID",
     "QUICK_MNIST_HIDDEN",
     "METHOD_KINDS",
@@ -334,6 +335,16 @@ def config_from_dict(data: Any, *, quick: bool = False) -> BenchConfig:
     cfg = BenchConfig(scenario=data["scenario"], workers=data.get("workers", 8),
                       task=data.get("task") or {"name": "mnist"}, deco=data.get("deco") or {}, **kw)
     return apply_quick(cfg) if quick else cfg
+
+
+def with_seeds(cfg: BenchConfig, seeds: str) -> BenchConfig:
+    """`cfg` with its training (and grid) seeds replaced by the comma-separated `seeds`."""
+    try:
+        vals = tuple(int(x) for x in str(seeds).split(",") if x.strip())
+    except ValueError as e:
+        raise ValueError(f"--seeds: must be comma-separated integers, got {seeds!r}") from e
+    train = dataclasses.replace(cfg.train, seeds=vals, grid_seeds=None)  # validates the values
+    return dataclasses.replace(cfg, train=train)
 
 
 def apply_quick(cfg: BenchConfig) -> BenchConfig:

@@ -12,10 +12,10 @@ Virtual time (§9.3): a `VirtualAccountant` stands in as the state's driver. At 
 every step it (1) charges each exchange unit the step launched on the `LinkTimeline` at the
 end of the step's compute, with the unit's real payload bytes and its collective's pattern,
 (2) advances the `StepClock` to max(start + T_comp, done of the entries the step applied).
-For `deco`, `VirtualAdaptiveDriver` is the real `AdaptiveDriver` (same estimators, same
-controller, same control all-reduces) whose timestamps are these virtual ones: transfer
-launch/done times, step durations and the latency probes (priced as tiny collectives on the
-same link, without queueing behind data). It never reads the link configuration.
+For `deco`, the real `AdaptiveDriver` (same estimators, same controller, same control
+all-reduces) runs with the accountant as its clock: transfer launch/done times, step
+durations and the latency probes (priced as tiny collectives on the same link, without
+queueing behind data) are virtual. It never reads the link configuration.
 
 Every rank computes the same virtual times (payload sizes are equal on every rank), so
 decisions stay replicated.
@@ -31,6 +31,8 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.distributed as dist
 
+from ccomm.comm.auto import set_measured
+
 from ..adaptive import AdaptiveDriver
 from ..errors import NonFiniteGradientError
 from ..optim import DecoOptimizer
@@ -43,7 +45,6 @@ __all__ = [
     "RunSpec",
     "build_plan",
     "VirtualAccountant",
-    "VirtualAdaptiveDriver",
     "RankContext",
     "run_method",
     "dga_delay",
@@ -85,7 +86,8 @@ def build_plan(cfg: BenchConfig) -> list[RunSpec]:
     for s in cfg.train.seeds:
         plan.append(RunSpec("dsgd", "dsgd", s, {"mode": "static", "codec": "topk", "ratio": 1.0, "staleness": 0}))
         if "deco" not in skip:
-            plan.append(RunSpec("deco", "deco", s, {"mode": "adaptive", "codec": "topk", "ratio": 1.0, "staleness": 0}))
+            # No ratio: adaptive runs start at DecoConfig's conservative compressed point.
+            plan.append(RunSpec("deco", "deco", s, {"mode": "adaptive", "codec": "topk", "staleness": 0}))
         if "static_apriori" not in skip:
             plan.append(RunSpec("static_apriori", "static_apriori", s, {"mode": "static", "codec": "topk"}))
         if "cocktail" not in skip:
@@ -117,7 +119,12 @@ def dga_delay(cfg: BenchConfig, numels: Sequence[int]) -> int:
 
 # ------------------------------------------------------------------------- virtual time
 class VirtualAccountant:
-    """Driver stand-in for static runs: charges the step's units and advances the clock."""
+    """The virtual clock of one run, and the driver of static runs.
+
+    As a clock (`deco_sgd.adaptive.Clock`) it charges the step's units on the link at the
+    end of the step's compute and advances the `StepClock`; `AdaptiveDriver(state, clock=acct)`
+    reads every timestamp from it. As a static run's driver, `on_step_end` just does that.
+    """
 
     def __init__(self, state: DecoState, timeline: LinkTimeline, clock: StepClock) -> None:
         self.state = state
@@ -130,7 +137,8 @@ class VirtualAccountant:
         #: Per step: exchange chains and applied steps, for `vclock.replay` (see `_result`).
         self.steps_log: list[dict[str, Any]] = []
 
-    def on_step_end(self, applied: Sequence[Any], blocked_s: float) -> None:
+    # -- Clock ------------------------------------------------------------------------------
+    def end_step(self, applied: Sequence[Any], blocked_s: float) -> tuple[float, float]:
         st = self.state
         seq = st.step - 1
         launch = self.clock.launch_s
@@ -138,13 +146,35 @@ class VirtualAccountant:
         chains = []
         if entry is not None:
             for u in entry.units:
-                self.times[u] = (launch, self.timeline.exchange(launch, u.nbytes, u.collective))
-                chains.append([[u.nbytes, u.collective]])
+                self.times[u] = (launch, self.timeline.exchange(launch, u.nbytes, u.collective, u.algo))
+                chains.append([[u.nbytes, u.collective, u.algo]])
         self.steps_log.append({"x": chains, "a": [e.seq for e in applied]})
         dones = [self.times[u][1] for e in applied for u in e.units if u in self.times]
         before = self.clock.blocked
         self.clock.end_step(dones)
         self.last_blocked = self.clock.blocked - before
+        return self.clock.start, self.last_blocked
+
+    def unit_times(self, unit: Any) -> tuple[float, float] | None:
+        return self.times.get(unit)
+
+    def probe(self, pattern: str, work: Any) -> "_VProbe":
+        """A control probe priced as a tiny collective on the link (never queued behind data)."""
+        now = self.clock.start
+        return _VProbe(work.get_future(), now, self.timeline.probe(now, pattern))
+
+    def now(self) -> float:
+        return self.clock.start
+
+    def control(self, nbytes: float) -> None:
+        """Charge a control all-reduce on the link now (it queues with data, blocks no step)."""
+        self.timeline.exchange(self.clock.start, nbytes, "allreduce")
+        if self.steps_log:
+            self.steps_log[-1].setdefault("c", []).append(nbytes)
+
+    # -- static driver ------------------------------------------------------------------------
+    def on_step_end(self, applied: Sequence[Any], blocked_s: float) -> None:
+        self.end_step(applied, blocked_s)
 
     def finish(self) -> None:
         pass
@@ -167,55 +197,6 @@ class _VProbe:
 
     def wait(self) -> None:
         self.fut.wait()
-
-
-class VirtualAdaptiveDriver(AdaptiveDriver):
-    """The real adaptive driver fed with virtual timestamps (see the module docstring)."""
-
-    def __init__(self, state: DecoState, acct: VirtualAccountant) -> None:
-        super().__init__(state)
-        self.acct = acct
-        #: (decision, virtual time, true bandwidth in bytes/s) per evaluated decision.
-        self.timed: list[tuple[Any, float, float]] = []
-
-    def on_step_end(self, applied: Sequence[Any], blocked_s: float) -> None:
-        acct = self.acct
-        acct.on_step_end(applied, blocked_s)
-        now = acct.clock.start
-        if self._t_last is not None:
-            self.comp.update(now - self._t_last, acct.last_blocked)
-        self._t_last = now
-        n = self.state.world_size
-        for e in applied:
-            for u in e.units:
-                vt = acct.times.get(u)
-                if vt is None:
-                    continue
-                pat = "allreduce" if u.collective == "allreduce" else "allgather"
-                lat = self.lat.value(pat)
-                if lat is None:
-                    continue  # as in AdaptiveDriver: no bandwidth sample before L̂ is known
-                recv = u.nbytes * (2 * (n - 1) / n if pat == "allreduce" else n - 1)
-                self.bw.update(recv, vt[0], vt[1], lat)
-            self._g2_local = sum(u.sq_norm for u in e.units)
-            if all(u.codec_spec == "dense" for u in e.units) and all(u.result for u in e.units):
-                self._gbar2 = sum(float(t.double().pow(2).sum()) for u in e.units for t in u.result.values())  # type: ignore[union-attr]
-        step = self.state.step
-        if step % self.state.config.measure_every == 0:
-            k = len(self.log)
-            self._complete(step)
-            self._launch(step)
-            for d in self.log[k:]:
-                self.timed.append((d, now, acct.timeline.true_bandwidth(now)))
-
-    def _launch(self, step: int) -> None:
-        super()._launch(step)
-        assert self._inflight is not None
-        s, works, mx, sm, probes = self._inflight
-        now = self.acct.clock.start
-        tl = self.acct.timeline
-        vp = [_VProbe(p.fut, now, tl.probe(now, pat)) for p, pat in zip(probes, ("allreduce", "allgather"))]
-        self._inflight = (s, works, mx, sm, vp)  # type: ignore[assignment]
 
 
 # ------------------------------------------------------------------------- runs
@@ -280,9 +261,15 @@ def _run_deco(ctx: RankContext, spec: RunSpec) -> dict[str, Any]:
     tl = LinkTimeline(cfg.network.link(), ctx.world)
     clock = StepClock(t.compute_time_s)
     acct = VirtualAccountant(state, tl, clock)
-    driver: VirtualAdaptiveDriver | None = None
+    link = tl.apriori_link()
+    if dcfg.mode == "static" and link is not None:
+        # Static runs measure nothing: they are told the scenario's a-priori link (like DGA's
+        # delay), so `algo="auto"` runs the all-gather the time line charges. DeCo-SGD sets
+        # its own from its measurements (AdaptiveDriver).
+        set_measured(state.group, link[0], link[1])
+    driver: AdaptiveDriver | None = None
     if dcfg.mode == "adaptive":
-        driver = VirtualAdaptiveDriver(state, acct)
+        driver = AdaptiveDriver(state, clock=acct)
         state.driver = driver
     else:
         state.driver = acct
@@ -294,7 +281,9 @@ def _run_deco(ctx: RankContext, spec: RunSpec) -> dict[str, Any]:
     for step in range(1, t.steps + 1):
         batch = next(batches)
         dopt.zero_grad()
-        ctx.task.loss(model, batch).backward()
+        loss = ctx.task.loss(model, batch)
+        loss.backward()
+        dopt.report_loss(loss)
         try:
             dopt.step()
         except NonFiniteGradientError:
@@ -311,21 +300,40 @@ def _run_deco(ctx: RankContext, spec: RunSpec) -> dict[str, Any]:
     wall = time.perf_counter() - w0
     decisions: list[dict[str, Any]] = []
     r_est = None
+    prediction: dict[str, Any] | None = None
     if driver is not None:
-        for d, at, true_bw in driver.timed:
+        for d, at in zip(driver.log, driver.log_t):
             decisions.append({"t_s": at, "step": d.step, "ratio": d.ratio, "staleness": d.staleness,
+                              "values": d.values,
                               "bandwidth_mbps_est": None if d.bandwidth is None else d.bandwidth * 8 / 1e6,
                               "latency_ms_est": None if d.latency is None else d.latency * 1e3,
-                              "bandwidth_mbps_true": true_bw * 8 / 1e6, "t_comp_est_s": d.t_comp, "r": d.r,
-                              "reason": d.reason, "changed": d.changed})
+                              "bandwidth_mbps_true": tl.true_bandwidth(at) * 8 / 1e6, "t_comp_est_s": d.t_comp,
+                              "r": d.r, "drift": d.drift, "gap": d.gap, "reason": d.reason, "changed": d.changed})
         r_est = driver.grad.r
+        prediction = grid_prediction(driver, [(1.0, 0)] + list(cfg.methods.grid))
     params = {"ratio": dcfg.ratio, "staleness": dcfg.staleness, "codec": dcfg.codec, "mode": dcfg.mode}
     if diverged is None:
         dopt.close()
     else:
         _abandon(dopt)
     return _result(spec, curve, clock, tl, wall, params, acct.steps_log, decisions=decisions, r_est=r_est,
-                   diverged_at_step=diverged)
+                   diverged_at_step=diverged, prediction=prediction)
+
+
+def grid_prediction(driver: AdaptiveDriver, points: Sequence[tuple[float, int]]) -> dict[str, Any]:
+    """The controller's predicted W of static points (fp32 values), from the measurements of
+    its first informed decision and of its last one: the benchmark's rank correlation."""
+    out: dict[str, Any] = {"points": [[float(d), int(t)] for d, t in points]}
+    ctl = driver.controller
+    saved = (ctl.bad, ctl.tau_ok)
+    for key, m in (("first", driver.first_informed), ("last", driver.last_measurements)):
+        if m is None:
+            out[key] = None
+            continue
+        ws = ctl.predict(m, points)
+        out[key] = [w if w == w and w != float("inf") else None for w in ws]
+    ctl.bad, ctl.tau_ok = saved
+    return out
 
 
 def _abandon(dopt: DecoOptimizer) -> None:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -38,8 +39,9 @@ from ccomm.ranks import run_ranks
 
 from .vclock import LinkTimeline, StepClock
 
-__all__ = ["REL_TOL", "LATE_TIME_MAX", "RealRunSpec", "RealResult", "StepPlan", "UnitPlan", "run_real", "run_rank", "step_plans",
-           "virtual_step_ends", "predict_virtual", "checkpoints", "validate"]
+__all__ = ["REL_TOL", "LATE_TIME_MAX", "RealRunSpec", "RealResult", "StepPlan", "UnitPlan", "run_real", "run_rank",
+           "train_rank", "step_plans", "virtual_step_ends", "predict_virtual", "checkpoints", "late_bound_s",
+           "validate"]
 
 logger = logging.getLogger(__name__)
 
@@ -143,6 +145,8 @@ class RealResult:
 
     spec: RealRunSpec
     ranks: list[dict[str, Any]]
+    #: Where the link was: `emulate` (in-process model) or `netns` (real namespaces).
+    backend: str = "emulate"
 
     @property
     def real_ends(self) -> list[float]:
@@ -206,12 +210,48 @@ def _recording_state(*args: Any, **kwargs: Any) -> Any:
 
 
 def run_rank(rank: int, world: int, spec: RealRunSpec) -> dict[str, Any]:
-    """One rank of a real-time run (gloo already initialised); see the module docstring."""
+    """One rank of a real-time run over `netsim.emulate` (gloo already initialised; see the
+    module docstring)."""
+    import torch.distributed as dist
+
+    from netsim import emulate
+
+    cfg = spec.deco_config()
+    data_group = dist.new_group(backend="gloo")
+    with emulate(spec.link(), group=data_group, seed=spec.seed, timeout_s=cfg.timeout_s) as emu:
+        # Adaptive runs send their control exchanges over the emulated link too, so the
+        # latency probes and the bandwidth estimator see the link, not loopback.
+        ctrl = emu.group if spec.adaptive else None
+        rec = train_rank(rank, world, spec, group=emu.group, control_group=ctrl, trace_now=emu.now)
+        rec["emulate"] = dataclasses.asdict(emu.stats)
+    dist.destroy_process_group(data_group)
+    return rec
+
+
+def _start_together(lead_s: float = 0.3) -> float:
+    """A CLOCK_MONOTONIC instant, broadcast by rank 0 over the default group, at which every
+    rank starts its clock (one machine: every process and namespace shares that clock), so
+    barrier skew does not count as elapsed time."""
     import torch
     import torch.distributed as dist
 
+    dist.barrier()
+    at = torch.tensor([time.monotonic() + lead_s], dtype=torch.float64)
+    dist.broadcast(at, 0)
+    t0 = float(at.item())
+    while time.monotonic() < t0:
+        time.sleep(min(1e-3, max(0.0, t0 - time.monotonic())))
+    return t0
+
+
+def train_rank(rank: int, world: int, spec: RealRunSpec, *, group: Any, control_group: Any,
+               trace_now: Any) -> dict[str, Any]:
+    """The timed training loop of one rank (steps 2-4 of the module docstring) on the data
+    `group` and `control_group` the backend provides (None: `DecoState`'s defaults);
+    `trace_now()` is the link's trace time, recorded at the start."""
+    import torch
+
     from deco_sgd.optim import DecoOptimizer
-    from netsim import emulate
     from netsim.clock import WallClock
 
     from .tasks import make_task
@@ -222,48 +262,43 @@ def run_rank(rank: int, world: int, spec: RealRunSpec) -> dict[str, Any]:
     model = task.model(spec.seed)
     inner = torch.optim.SGD(model.parameters(), lr=spec.lr, momentum=spec.momentum)
     cfg = spec.deco_config()
-    data_group = dist.new_group(backend="gloo")
     clock = WallClock()
     clock.bias_s  # calibrate before the timed region
     replay = {s: (r, t) for s, r, t in spec.decisions}
     steps: list[dict[str, Any]] = []
     losses: list[float] = []
-    with emulate(spec.link(), group=data_group, seed=spec.seed, timeout_s=cfg.timeout_s) as emu:
-        # Adaptive runs send their control exchanges over the emulated link too, so the
-        # latency probes and the bandwidth estimator see the link, not loopback.
-        ctrl = emu.group if spec.adaptive else None
-        state = _recording_state(cfg, model, group=emu.group, control_group=ctrl)
-        opt = DecoOptimizer(inner, state)
-        timer = _StepTimer(state.driver)
-        state.driver = timer
-        batches = task.batches(rank, world, spec.seed)
-        dist.barrier()  # unshaped default group: every rank starts the clock together
-        t0 = time.monotonic()
-        emu_t0 = emu.now()
-        for s in range(spec.steps):
-            if s in replay:
-                state.schedule(replay[s][0], replay[s][1], s, reason="replay")
-            state.rec_units, state.rec_waited = [], []
-            start = time.monotonic()
-            loss = task.loss(model, next(batches))
-            opt.zero_grad()
-            loss.backward()
-            compute = time.monotonic() - start
-            clock.sleep_until(start + spec.compute_time_s)  # pad to the modeled compute time
-            launch = time.monotonic()
-            opt.step()
-            end = time.monotonic()
-            units = [{"nbytes": u.nbytes, "collective": u.collective} for u in state.rec_units]
-            ratio, tau = state.rec_units[0].ratio, state.current_staleness  # the (δ, τ) this step ran with
-            steps.append({"step": s, "start": start - t0, "launch": launch - t0, "end": end - t0,
-                          "compute_s": compute, "host_s": max(0.0, end - launch - timer.blocked_s),
-                          "ratio": ratio, "staleness": tau, "units": units,
-                          "waited": list(state.rec_waited), "applied": [e.seq for e in opt.last_applied]})
-            losses.append(float(loss.detach()))
-        opt.close()  # flush and release the control group: collective, untimed
-        stats = dataclasses.asdict(emu.stats)
-    dist.destroy_process_group(data_group)
-    return {"rank": rank, "t0_emu": emu_t0, "steps": steps, "losses": losses, "emulate": stats,
+    state = _recording_state(cfg, model, group=group, control_group=control_group)
+    opt = DecoOptimizer(inner, state)
+    timer = _StepTimer(state.driver)
+    state.driver = timer
+    batches = task.batches(rank, world, spec.seed)
+    t0 = _start_together()
+    emu_t0 = trace_now()
+    load = [os.getloadavg()[0]]
+    for s in range(spec.steps):
+        if s in replay:
+            state.schedule(replay[s][0], replay[s][1], s, reason="replay")
+        state.rec_units, state.rec_waited = [], []
+        start = time.monotonic()
+        loss = task.loss(model, next(batches))
+        opt.zero_grad()
+        loss.backward()
+        compute = time.monotonic() - start
+        clock.sleep_until(start + spec.compute_time_s)  # pad to the modeled compute time
+        launch = time.monotonic()
+        opt.step()
+        end = time.monotonic()
+        units = [{"nbytes": u.nbytes, "collective": u.collective} for u in state.rec_units]
+        ratio, tau = state.rec_units[0].ratio, state.current_staleness  # the (δ, τ) this step ran with
+        steps.append({"step": s, "start": start - t0, "launch": launch - t0, "end": end - t0,
+                      "compute_s": compute, "host_s": max(0.0, end - launch - timer.blocked_s),
+                      "ratio": ratio, "staleness": tau, "units": units,
+                      "waited": list(state.rec_waited), "applied": [e.seq for e in opt.last_applied]})
+        losses.append(float(loss.detach()))
+    t_end = time.monotonic()
+    load.append(os.getloadavg()[0])
+    opt.close()  # flush and release the control group: collective, untimed
+    return {"rank": rank, "t0_emu": emu_t0, "t0": t0, "t_end": t_end, "loadavg": load, "steps": steps, "losses": losses,
             "decisions": [{k: d[k] for k in ("step", "ratio", "staleness", "reason")} for d in state.decisions],
             "final_metric": task.evaluate(model) if rank == 0 else None}
 
@@ -327,16 +362,23 @@ def step_plans(result: RealResult, host: bool = True) -> list[StepPlan]:
 
     Compute of a step = max(compute_time_s, measured forward/backward), plus (`host=True`)
     the measured host work of `DecoOptimizer.step()` outside its waits: the real step is
-    slower than `compute_time_s` by that much, so the replay uses the log (§9.4)."""
+    slower than `compute_time_s` by that much, so the replay uses the log (§9.4). With
+    `host=True` the compute phase is also at least what it really lasted, from the end of the
+    rank's previous step to this launch: on a loaded host the padding sleep wakes late and the
+    bookkeeping between steps takes time, and that time is the host's, not the link's. What
+    remains for the clock to predict is exactly the waits on exchanges."""
     spec = result.spec
     plans = []
+    prev_end = [0.0] * len(result.ranks)
     for s in range(spec.steps):
         rows = [r["steps"][s] for r in result.ranks]
         row = rows[0]
         for other in rows[1:]:
             if other["units"] != row["units"] or other["waited"] != row["waited"]:
                 raise ValueError(f"step {s}: ranks recorded different schedules")
-        comp = tuple(max(spec.compute_time_s, x["compute_s"]) + (x["host_s"] if host else 0.0) for x in rows)
+        comp = tuple(max(spec.compute_time_s, x["compute_s"], x.get("launch", 0.0) - prev if host else 0.0)
+                     + (x["host_s"] if host else 0.0) for x, prev in zip(rows, prev_end))
+        prev_end = [x.get("end", 0.0) for x in rows]
         units = tuple(UnitPlan(u["collective"], u["nbytes"]) for u in row["units"])
         plans.append(StepPlan(s, comp, units, tuple(row["waited"])))
     return plans
@@ -355,6 +397,18 @@ def checkpoints(spec: RealRunSpec) -> list[int]:
     return pts if pts and pts[-1] == spec.steps else pts + [spec.steps]
 
 
+def late_bound_s(rank: Mapping[str, Any]) -> float:
+    """How much of one rank's run the host may have lost by not keeping up with the link model.
+
+    emulate: late operations × the largest lateness (a late loopback transfer finished after
+    its modeled time). netns: the time the delay wire was stalled (union of its intervals of
+    packets over 1 ms late) plus the run-queue wait of the rank's transport threads, both in
+    the timed window (`realtime_netns`)."""
+    if "emulate" in rank:
+        return float(rank["emulate"]["late_ops"] * rank["emulate"]["max_late_s"])
+    return float(rank["netns"]["late_s"])
+
+
 def validate(result: RealResult, rel_tol: float = REL_TOL) -> dict[str, Any]:
     """Virtual vs real elapsed time at every checkpoint, with the relative error and a flag.
 
@@ -368,10 +422,12 @@ def validate(result: RealResult, rel_tol: float = REL_TOL) -> dict[str, Any]:
         rows.append({"step": k, "real_s": r, "virtual_s": v, "rel_err": abs(v - r) / r,
                      "virtual_fixed_s": f, "rel_err_fixed": abs(f - r) / r})
     worst = max(x["rel_err"] for x in rows)
-    late = [r["emulate"]["late_ops"] for r in result.ranks]
-    late_time = max(r["emulate"]["late_ops"] * r["emulate"]["max_late_s"] for r in result.ranks) / real[-1]
-    return {"method": result.spec.name, "checkpoints": rows, "max_rel_err": worst, "rel_tol": rel_tol,
-            "breach": worst > rel_tol, "emulate_late_ops": late, "late_time_frac": late_time,
+    late_s = [late_bound_s(r) for r in result.ranks]
+    late_time = max(late_s) / real[-1]
+    late = [r["emulate"]["late_ops"] if "emulate" in r else None for r in result.ranks]
+    return {"method": result.spec.name, "backend": result.backend, "checkpoints": rows, "max_rel_err": worst,
+            "rel_tol": rel_tol, "breach": worst > rel_tol, "emulate_late_ops": late, "late_s": late_s,
+            "late_time_frac": late_time,
             "emulation_ok": late_time <= LATE_TIME_MAX, "final_metric": result.final_metric,
             "max_rel_err_fixed": max(x["rel_err_fixed"] for x in rows),
             "max_compute_s": max(x["compute_s"] for r in result.ranks for x in r["steps"]),

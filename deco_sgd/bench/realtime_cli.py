@@ -1,8 +1,12 @@
 """Command line of the real-time mode and the virtual-clock check (design §9.4).
 
-    python -m deco_sgd.bench.realtime --config CFG.yaml --out DIR [--only NAME ...]
+    python -m deco_sgd.bench.realtime --config CFG.yaml --out DIR [--only NAME ...] [--backend netns]
     python -m deco_sgd.bench.realtime --bench SCENARIO.yaml [--results RESULTS.json]
-        [--workers N] [--steps S] [--grid-point RATIO TAU] --out DIR
+        [--workers N] [--steps S] [--grid-point RATIO TAU] [--backend netns] --out DIR
+
+`--backend emulate` (default) runs each method on fresh local ranks over `netsim.emulate`;
+`--backend netns` (root) runs all methods on one set of ranks inside real network namespaces
+(`realtime_netns`), where the kernel's TCP and gloo's own collectives meet the shaped link.
 
 `--config` reads this mode's own YAML: the shared `RealRunSpec` fields at the top level and
 a `methods:` mapping of name -> DecoConfig fields (plus `adaptive`, `decisions` or `replay`).
@@ -17,7 +21,8 @@ validation methods of §9.4 on its network, task, optimiser and compute time:
    `methods.deco.decisions` with `changed`), applied at the same steps; skipped without it.
 
 Each run writes its checkpoints into DIR/realtime.json as it finishes; the exit code is 1
-if any checkpoint of a run whose emulation held (`LATE_TIME_MAX`) misses `REL_TOL`.
+if any checkpoint of a run whose host kept up (`LATE_TIME_MAX`) misses `REL_TOL`, 2 on bad
+input (or netns without root).
 """
 from __future__ import annotations
 
@@ -26,9 +31,9 @@ import dataclasses
 import json
 import sys
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
-from .realtime import REL_TOL, RealRunSpec, run_real, validate
+from .realtime import REL_TOL, RealResult, RealRunSpec, run_real, validate
 
 __all__ = ["specs_from_config", "specs_from_bench", "replayed_decisions", "main"]
 
@@ -105,8 +110,13 @@ def specs_from_bench(cfg: Any, *, workers: int | None = None, steps: int | None 
     return [RealRunSpec(name=name, deco={**base, **m}, decisions=d, **shared) for name, m, d in runs]
 
 
-def _run_all(specs: Sequence[tuple[RealRunSpec, str | None]], out: Path, header: dict[str, Any]) -> float:
-    report: dict[str, Any] = {"schema": 1, "mode": "real", "rel_tol": REL_TOL, **header, "methods": {}}
+def _results(specs: Sequence[tuple[RealRunSpec, str | None]], backend: str) -> Iterator[RealResult]:
+    """Each method's result, in order (a replayed method gets the log of the one it names)."""
+    if backend == "netns":
+        from .realtime_netns import run_netns
+
+        yield from run_netns(specs)
+        return
     logs: dict[str, list[dict[str, Any]]] = {}
     for spec, replay in specs:
         if replay is not None:
@@ -115,19 +125,32 @@ def _run_all(specs: Sequence[tuple[RealRunSpec, str | None]], out: Path, header:
         print(f"[realtime] {spec.name}: {spec.n} ranks, {spec.steps} steps, decisions {list(spec.decisions)}",
               flush=True)
         res = run_real(spec)
-        val = validate(res)
         logs[spec.name] = res.ranks[0]["decisions"]
-        report["methods"][spec.name] = {"spec": spec.to_dict(), "validation": val,
+        yield res
+
+
+def _run_all(specs: Sequence[tuple[RealRunSpec, str | None]], out: Path, header: dict[str, Any],
+             backend: str = "emulate") -> float:
+    report: dict[str, Any] = {"schema": 1, "mode": "real", "backend": backend, "rel_tol": REL_TOL, **header,
+                              "methods": {}}
+    if backend == "netns":
+        print(f"[realtime] netns: {len(specs)} methods on {specs[0][0].n} ranks in real namespaces", flush=True)
+    for res in _results(specs, backend):
+        spec = res.spec
+        val = validate(res)
+        load = res.ranks[0]["loadavg"]
+        report["methods"][spec.name] = {"spec": spec.to_dict(), "validation": val, "loadavg": load,
                                         "decisions": res.ranks[0]["decisions"], "losses": res.ranks[0]["losses"],
-                                        "emulate": [r["emulate"] for r in res.ranks],
+                                        "host": [r.get("emulate", r.get("netns")) for r in res.ranks],
                                         "records": [r["steps"] for r in res.ranks]}
+        print(f"[realtime] {spec.name} ({backend}, load average {load[0]:.1f} -> {load[1]:.1f}):", flush=True)
         for row in val["checkpoints"]:
             print(f"  step {row['step']:4d}  real {row['real_s']:7.3f} s  virtual {row['virtual_s']:7.3f} s  "
                   f"err {100 * row['rel_err']:5.1f} %   (fixed compute: {row['virtual_fixed_s']:7.3f} s, "
                   f"err {100 * row['rel_err_fixed']:5.1f} %)", flush=True)
-        print(f"  late emulated ops per rank {val['emulate_late_ops']} (may have cost up to "
-              f"{100 * val['late_time_frac']:.1f} % of the run"
-              f"{'' if val['emulation_ok'] else ': emulation did not hold, comparison invalid'}), mean host "
+        print(f"  host lateness may have cost up to {100 * val['late_time_frac']:.1f} % of the run"
+              f"{'' if val['emulation_ok'] else ': the host fell behind, comparison invalid'}"
+              f" (late s per rank {[round(x, 3) for x in val['late_s']]}), mean host "
               f"work {1e3 * val['mean_host_s']:.1f} ms/step, final metric {val['final_metric']:.4f}", flush=True)
         (out / "realtime.json").write_text(json.dumps(report, indent=1))
     return max((m["validation"]["max_rel_err"] for m in report["methods"].values()
@@ -141,6 +164,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     src.add_argument("--config", help="YAML: shared RealRunSpec fields plus `methods:`")
     src.add_argument("--bench", help="a `deco-sgd bench` scenario YAML")
     ap.add_argument("--out", required=True, help="output directory (realtime.json)")
+    ap.add_argument("--backend", choices=("emulate", "netns"), default="emulate",
+                    help="where the link is: netsim.emulate (default) or real namespaces (root)")
     ap.add_argument("--only", action="append", default=[], help="--config: run only these methods (repeatable)")
     ap.add_argument("--results", help="--bench: a virtual results.json whose DeCo-SGD decisions are replayed")
     ap.add_argument("--workers", type=int, help="--bench: ranks (default: the scenario's workers)")
@@ -174,7 +199,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, ValueError, KeyError, TypeError) as e:
         print(f"realtime: {e}", file=sys.stderr)
         return 2
-    worst = _run_all(specs, out, header)
+    try:
+        worst = _run_all(specs, out, header, args.backend)
+    except (PermissionError, ValueError) as e:  # netns without root, or runs that cannot share one net
+        print(f"realtime: {e}", file=sys.stderr)
+        return 2
     print(f"[realtime] worst checkpoint error {100 * worst:.1f} % (tolerance {100 * REL_TOL:.0f} %); "
           f"wrote {out / 'realtime.json'}")
     return 1 if worst > REL_TOL else 0

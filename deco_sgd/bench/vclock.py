@@ -6,10 +6,12 @@ use them to predict what a real run should take:
 `LinkTimeline(link, world)` charges data exchanges on the scenario's `netsim.Link` (its
 trace included) in launch order:
 
-1. the pattern's cost comes from `netsim.cost.schedule(op, world, nbytes, "ring")`:
-   V = bytes one rank receives over the whole schedule, hops = number of schedule steps,
-   L_eff = hops · one-way latency (ring all-reduce: V = 2(n−1)/n·S, 2(n−1) hops; ring
-   all-gather of S-byte blocks: V = (n−1)·S, n−1 hops);
+1. the pattern's cost comes from the schedule of the algorithm the exchange runs
+   (`deco_sgd.timemodel.collective_cost`, i.e. `ccomm.schedule`): V = bytes one rank
+   receives, hops = number of schedule steps, L_eff = hops · one-way latency. All-reduce is
+   the ring (V = 2(n−1)/n·S, 2(n−1) hops); the all-gather of S-byte blocks is what
+   ``algo="auto"`` picks on this link (its mean rate): V = (n−1)·S with n−1 hops (ring) or
+   ⌈log2 n⌉ hops (recursive doubling / Bruck);
 2. tx_start = max(launch, link_free): one message at a time on the link;
 3. done = tx_start + L_eff + serialisation of V bytes under the trace from tx_start
    (`Trace.time_to_send`, exact over piecewise-constant rates and outages);
@@ -43,7 +45,11 @@ import math
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
-from netsim import Link, cost
+from ccomm.comm.auto import auto_config
+from ccomm.schedule import choose
+from netsim import Link
+
+from ..timemodel import collective_cost
 
 __all__ = ["PATTERNS", "PatternCost", "pattern_cost", "LinkTimeline", "StepClock", "Transfer", "replay"]
 
@@ -62,8 +68,8 @@ class PatternCost:
 
 
 @functools.lru_cache(maxsize=4096)
-def pattern_cost(pattern: str, world: int, nbytes: float) -> PatternCost:
-    """V and hops of one ring exchange of `pattern` (see the module docstring, step 1).
+def pattern_cost(pattern: str, world: int, nbytes: float, algo: str = "ring") -> PatternCost:
+    """V and hops of one exchange of `pattern` by `algo` (see the module docstring, step 1).
 
     `nbytes` is each rank's input: the tensor for all-reduce, the own block for all-gather.
     """
@@ -73,9 +79,8 @@ def pattern_cost(pattern: str, world: int, nbytes: float) -> PatternCost:
         raise ValueError(f"world: must be an integer >= 1, got {world!r}")
     if not (math.isfinite(nbytes) and nbytes >= 0):
         raise ValueError(f"nbytes: must be finite and >= 0, got {nbytes!r}")
-    steps = cost.schedule(pattern, world, float(nbytes), "ring")
-    received = sum(b for step in steps for (_src, dst, b) in step if dst == 0)
-    return PatternCost(float(received), len(steps))
+    size = collective_cost(pattern, world, float(nbytes), algo)
+    return PatternCost(size.nbytes, size.latency_hops)
 
 
 @dataclass(frozen=True)
@@ -116,11 +121,28 @@ class LinkTimeline:
                              "to the end of a non-repeating trace)")
         return d
 
-    def exchange(self, launch_s: float, nbytes: float, pattern: str) -> float:
-        """Charge one exchange launched at `launch_s`; returns its completion time."""
+    def apriori_link(self) -> tuple[float, float] | None:
+        """(one-way latency s, mean rate B/s) of the link, None when it never sends: what a
+        static run is told (`ccomm.comm.auto.set_measured`) so `algo="auto"` picks like `algo()`."""
+        trace = self.link.rate_trace
+        mbps = trace.mean_mbps() if len(trace.times_s) > 1 else self.link.rate_bps(0.0) / 1e6
+        return (self.link.latency_s, mbps * 1e6 / 8.0) if mbps > 0 else None
+
+    def algo(self, pattern: str, nbytes: float) -> str:
+        """The exchange's algorithm: the ring for all-reduce, ``algo="auto"``'s pick for all-gather."""
+        link = self.apriori_link()
+        if pattern != "allgather" or link is None:
+            return "ring"  # (a link that never sends: nothing to choose between)
+        return choose("allgather", self.world, float(nbytes), link[0], link[1], min_gain=auto_config().min_gain)
+
+    def exchange(self, launch_s: float, nbytes: float, pattern: str, algo: str | None = None) -> float:
+        """Charge one exchange launched at `launch_s`; returns its completion time.
+
+        `algo` is the algorithm the exchange ran (recorded by the transport); None charges
+        what ``algo="auto"`` would pick on this link (`algo()`)."""
         if not (math.isfinite(launch_s) and launch_s >= 0):
             raise ValueError(f"launch_s: must be finite and >= 0, got {launch_s!r}")
-        pc = pattern_cost(pattern, self.world, float(nbytes))
+        pc = pattern_cost(pattern, self.world, float(nbytes), self.algo(pattern, nbytes) if algo is None else algo)
         l_eff = pc.hops * self.link.latency_s
         tx_start = max(launch_s, self.link_free)
         done = tx_start + l_eff + self._serialise(pc.nbytes, tx_start)
@@ -186,8 +208,10 @@ class StepClock:
 def replay(steps: Sequence[Mapping[str, Any]], link: Link, world: int, t_comp: float) -> list[float]:
     """Step start times of a recorded run on `link`: element s is when step s+1 may start.
 
-    Each record is ``{"x": [[[nbytes, pattern], ...], ...], "a": [applied step indices]}``
-    (steps counted from 0); the rules are those of `LinkTimeline` and `StepClock`.
+    Each record is ``{"x": [[[nbytes, pattern(, algo)], ...], ...], "a": [applied step indices]}``
+    (steps counted from 0), optionally ``"c": [nbytes, ...]``: control all-reduces launched
+    when the next step starts, which take the link but block no step. The rules are those of
+    `LinkTimeline` and `StepClock`.
     """
     tl = LinkTimeline(link, world)
     clock = StepClock(t_comp)
@@ -198,12 +222,14 @@ def replay(steps: Sequence[Mapping[str, Any]], link: Link, world: int, t_comp: f
         end = launch
         for chain in rec["x"]:
             d = launch
-            for nbytes, pattern in chain:
-                d = tl.exchange(d, float(nbytes), str(pattern))
+            for item in chain:  # [nbytes, pattern] or [nbytes, pattern, algo]
+                d = tl.exchange(d, float(item[0]), str(item[1]), None if len(item) < 3 else str(item[2]))
             end = max(end, d)
         done.append(end)
         applied = [int(a) for a in rec["a"]]
         if any(a > s or a < 0 for a in applied):
             raise ValueError(f"steps[{s}].a: applied steps must be in [0, {s}], got {applied}")
         starts.append(clock.end_step([done[a] for a in applied]))
+        for nbytes in rec.get("c", ()):
+            tl.exchange(starts[-1], float(nbytes), "allreduce")
     return starts

@@ -124,6 +124,10 @@ def test_auto_choices_follow_the_model() -> None:
     # Unknown sizes: log-depth whatever the size; two ranks with known sizes: ring.
     assert S.choose("allgather", 6, 64 << 20, 1e-4, 1.25e8, sizes_known=False) == "bruck"
     assert S.choose("allgather", 2, 1, 1.0, 1.0) == "ring"
+    # Sub-millisecond latency, tiny messages: the saved latencies are below the rounds'
+    # software cost, so the ring stays; without that cost the model alone picks log-depth.
+    assert S.choose("allgather", 8, 1024, 1e-4, 12.5e6) == "ring"
+    assert S.choose("allgather", 8, 1024, 1e-4, 12.5e6, overhead_s=0.0) == "doubling"
 
 
 def test_auto_uses_measured_then_configured_link() -> None:
@@ -149,6 +153,8 @@ def test_auto_uses_measured_then_configured_link() -> None:
         (lambda: AutoConfig(latency_s=-1.0), "latency_s"),
         (lambda: AutoConfig(bandwidth_Bps=0.0), "bandwidth_Bps"),
         (lambda: AutoConfig(min_gain=1.0), "min_gain"),
+        (lambda: AutoConfig(round_overhead_s=-1e-3), "round_overhead_s"),
+        (lambda: S.choose("allgather", 4, 8, 0.1, 1.0, overhead_s=float("inf")), "overhead_s"),
         (lambda: set_measured(None, 0.1, float("nan")), "bandwidth_Bps"),
         (lambda: S.allgather_schedule("bruck", 3, [1.0, 2.0]), "sizes"),
         (lambda: S.choose("allreduce", 4, 8, 0.1, 1.0, sizes_known=False), "sizes_known"),

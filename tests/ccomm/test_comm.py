@@ -29,6 +29,7 @@ from ccomm.comm import (
 from ccomm.stats import CommStats
 
 from ccomm.ranks import RankError, RankPool, run_ranks
+from _timing import on_time
 
 CHAIN = "randomk:ratio=0.1|topk:ratio=0.1|quantize:bits=4"
 #: An additive chain (index-free sparsifier + additive cast), so all-reduce is legal.
@@ -489,12 +490,17 @@ def test_async_handles(pool: Callable[[int], RankPool]) -> None:
 FAIL_TIMEOUT_S = 2.0
 #: Scheduling slack on 2 busy cores between the timeout firing and the error reaching us.
 SLACK_S = 5.0
+#: A run is judged only if the host's scheduling lag stayed within a fifth of the slack.
+LAG_LIMIT_S = SLACK_S / 5
 
 
 def _r_silent_peer(rank: int, world: int) -> dict[str, float] | None:
     import datetime
 
     timeout = datetime.timedelta(seconds=FAIL_TIMEOUT_S)
+    # The groups connect within their own (short) timeout, so both ranks start together; a
+    # group's p2p waits keep the timeout it was made with (set_timeout does not reach them).
+    dist.barrier()
     g_coll = dist.new_group([0, 1], timeout=timeout)
     g_p2p = dist.new_group([0, 1], timeout=timeout)
     dist.barrier()
@@ -516,13 +522,17 @@ def _r_silent_peer(rank: int, world: int) -> dict[str, float] | None:
 
 
 @pytest.mark.multiprocess
+@pytest.mark.timing
 def test_silent_peer_times_out(pool: Callable[[int], RankPool]) -> None:
-    # Uses sub-groups with a short timeout; the pool is closed after (its sub-groups are broken).
-    p = pool(2)
-    try:
-        elapsed, _ = p.run(_r_silent_peer, timeout=60.0)
-    finally:
-        p.close()
+    def once() -> dict[str, float]:
+        # Uses sub-groups with a short timeout; the pool is closed after (its sub-groups are broken).
+        p = pool(2)
+        try:
+            return p.run(_r_silent_peer, timeout=60.0)[0]
+        finally:
+            p.close()
+
+    elapsed = on_time(once, lag_limit_s=LAG_LIMIT_S)
     for name, t in elapsed.items():
         assert FAIL_TIMEOUT_S * 0.9 <= t <= FAIL_TIMEOUT_S + SLACK_S, (name, t)
 
@@ -539,8 +549,10 @@ def _r_dead_peer(rank: int, world: int) -> dict[str, Any]:
 
 
 @pytest.mark.multiprocess
+@pytest.mark.timing
 def test_dead_peer_raises_instead_of_hanging() -> None:
-    r0, r1 = run_ranks(_r_dead_peer, 2, timeout=60.0, group_timeout_s=FAIL_TIMEOUT_S, may_exit={1})
+    r0, r1 = on_time(lambda: run_ranks(_r_dead_peer, 2, timeout=60.0, group_timeout_s=FAIL_TIMEOUT_S, may_exit={1}),
+                     lag_limit_s=LAG_LIMIT_S)
     assert r1 is None
     # A closed connection is reported at once; a half-dead one by the group timeout.
     assert r0["elapsed"] <= FAIL_TIMEOUT_S + SLACK_S, r0
@@ -586,23 +598,33 @@ def _r_hang(rank: int, world: int) -> None:
 HANG_DEADLINE_S, KILL_MARGIN_S = 2.0, 15.0
 
 
-@pytest.mark.multiprocess
-def test_harness_reraises_rank_errors_and_kills_hangs(pool: Callable[[int], RankPool]) -> None:
-    p = pool(2)
+def _timed_failure(p: RankPool, fn: Callable[..., Any], error: type[BaseException], match: str,
+                   timeout: float) -> float:
+    """Seconds until ``p.run(fn)`` raised ``error`` matching ``match``."""
     t0 = time.monotonic()
-    with pytest.raises(RankError, match=r"(?s)--- rank 1 ---.*KeyError: 'boom on rank 1'"):
-        p.run(_r_fail_or_hang, timeout=120.0)
+    with pytest.raises(error, match=match):
+        p.run(fn, timeout=timeout)
+    return time.monotonic() - t0
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timing
+def test_harness_reraises_rank_errors_and_kills_hangs(pool: Callable[[int], RankPool]) -> None:
+    pools: list[RankPool] = []  # every run breaks its pool: each attempt takes a live one
+    elapsed = on_time(lambda: _timed_failure(pools[-1], _r_fail_or_hang, RankError,
+                                             r"(?s)--- rank 1 ---.*KeyError: 'boom on rank 1'", 120.0),
+                      lag_limit_s=KILL_MARGIN_S / 5, setup=lambda: pools.append(pool(2)))
     # Reported after the grace period, long before rank 0's sleep or the run's timeout.
-    assert time.monotonic() - t0 < 60.0
+    assert elapsed < 60.0
+    p = pools[-1]
     assert p.broken and not any(p.alive())
     with pytest.raises(RuntimeError, match="start a new pool"):
         p.run(_r_hang)
 
-    p = pool(2)
-    t0 = time.monotonic()
-    with pytest.raises(TimeoutError, match=r"ranks \[0, 1\]"):
-        p.run(_r_hang, timeout=HANG_DEADLINE_S)
-    assert time.monotonic() - t0 < HANG_DEADLINE_S + KILL_MARGIN_S
+    elapsed = on_time(lambda: _timed_failure(pools[-1], _r_hang, TimeoutError, r"ranks \[0, 1\]", HANG_DEADLINE_S),
+                      lag_limit_s=KILL_MARGIN_S / 5, setup=lambda: pools.append(pool(2)))
+    assert elapsed < HANG_DEADLINE_S + KILL_MARGIN_S
+    p = pools[-1]
     assert p.broken and not any(p.alive())
 
 

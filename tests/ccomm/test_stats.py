@@ -109,3 +109,19 @@ def test_concurrent_records_are_not_lost() -> None:
     assert tot.calls == THREADS * PER_THREAD
     assert tot.header_bytes == THREADS * PER_THREAD
     assert tot.payload_bytes == PER_THREAD * sum(range(1, THREADS + 1))
+
+
+def test_counts_per_algorithm() -> None:
+    st = CommStats()
+    st.record("allgather", "a", payload_bytes=10, algo="ring")
+    st.record("allgather", "b", payload_bytes=5, header_bytes=16, algo="bruck")
+    st.record("allgather", "b", payload_bytes=5, algo="bruck")
+    st.record("send_recv", "c", payload_bytes=3)  # no algorithm named: not in by_algo
+    assert st.by_algo() == {("allgather", "ring"): OpStats(1, 10, 0, 0), ("allgather", "bruck"): OpStats(2, 10, 16, 0)}
+    assert st.by_algo("a") == {("allgather", "ring"): OpStats(1, 10, 0, 0)}
+    # The per-key, per-op view is unchanged by the algorithm.
+    assert st.get("b", "allgather") == OpStats(2, 10, 16, 0)
+    with pytest.raises(ValueError, match="algo"):
+        st.record("allgather", algo="")
+    st.reset()
+    assert st.by_algo() == {}

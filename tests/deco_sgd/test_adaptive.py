@@ -29,7 +29,7 @@ def pool() -> Iterator[RankPool]:
 def _cfg(**kw: Any) -> Any:
     from deco_sgd import DecoConfig
 
-    return DecoConfig(**{"mode": "adaptive", "codec": "topk", "warmup_steps": WARMUP, "measure_every": 2,
+    return DecoConfig(**{"mode": "adaptive", "codec": "topk", "ratio": 1.0, "warmup_steps": WARMUP, "measure_every": 2,
                          "decide_every": 4, "min_dwell_steps": 0, "hysteresis": 0.0, "timeout_s": 30.0, **kw})
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from deco_sgd.bench.vclock import LinkTimeline, StepClock, pattern_cost
+from deco_sgd.bench.vclock import LinkTimeline, PatternCost, StepClock, pattern_cost
 from netsim import Link, Trace
 
 
@@ -80,3 +80,16 @@ def test_replay_matches_online_rules() -> None:
     assert starts == [pytest.approx(0.1), pytest.approx(0.4), pytest.approx(0.9)]
     with pytest.raises(ValueError, match=r"steps\[0\].a"):
         replay([{"x": [], "a": [1]}], link, 2, 0.1)
+
+
+def test_allgather_is_charged_as_auto_runs_it() -> None:
+    # 8 workers, 75 ms, 100 Mbit/s: algo="auto" runs recursive doubling for a 64 KiB block,
+    # 3 latencies instead of the ring's 7; V = 7 blocks either way.
+    link = Link(100.0, 75.0)
+    tl = LinkTimeline(link, world=8)
+    assert tl.algo("allgather", 65536) == "doubling" and tl.algo("allreduce", 65536) == "ring"
+    assert pattern_cost("allgather", 8, 65536.0, "doubling") == PatternCost(7 * 65536.0, 3)
+    assert pattern_cost("allgather", 8, 65536.0, "ring") == PatternCost(7 * 65536.0, 7)
+    assert tl.exchange(0.0, 65536, "allgather") == pytest.approx(3 * 0.075 + 7 * 65536 / 12.5e6)
+    # Bandwidth-bound (0.1 ms, 64 MiB): the ring is kept.
+    assert LinkTimeline(Link(1000.0, 0.1), world=8).algo("allgather", 64 << 20) == "ring"

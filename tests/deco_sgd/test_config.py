@@ -14,7 +14,12 @@ def test_defaults_follow_the_spec() -> None:
     c = DecoConfig()
     assert (c.mode, c.codec, c.phi, c.phi_base) == ("adaptive", "topk", "exp2", 2.0)
     assert c.ratio_grid == DEFAULT_RATIO_GRID and c.tau_max == 16
-    assert (c.warmup_steps, c.measure_every, c.decide_every, c.min_dwell_steps) == (20, 10, 100, 50)
+    # Issue 14: compressed from the first step (no dense warm-up), first decision within a few steps.
+    assert (c.warmup_steps, c.measure_every, c.decide_every, c.min_dwell_steps) == (0, 2, 20, 10)
+    assert c.ratio == 0.1 and DecoConfig(mode="static").ratio == 1.0
+    assert c.convergence == "measured" and c.monitor
+    assert c.value_formats == ("fp32", "fp16", "q8", "q4")
+    assert DecoConfig(codec="randomk").value_formats == ("fp32", "fp16")
     assert (c.change_threshold, c.hysteresis, c.eps_rel) == (0.2, 0.05, 0.05)
     assert (c.ema_comp, c.ema_bandwidth) == (0.1, 0.3)
     assert (c.nonfinite, c.max_consecutive_skips, c.decision_mode) == ("skip", 10, "replicated")
@@ -37,7 +42,7 @@ BAD = [
     ("tau_max", {"tau_max": 65}, "[0, 64]"),
     ("warmup_steps", {"warmup_steps": -1}, ">= 0"),
     ("measure_every", {"measure_every": 0}, ">= 1"),
-    ("decide_every", {"decide_every": 25}, "multiple of measure_every=10"),
+    ("decide_every", {"decide_every": 25}, "multiple of measure_every=2"),
     ("change_threshold", {"change_threshold": 1.0}, "(0, 1)"),
     ("change_threshold", {"change_threshold": 0.0}, "(0, 1)"),
     ("hysteresis", {"hysteresis": 0.5}, "[0, 0.5)"),
@@ -97,11 +102,17 @@ def test_grid_is_normalised_to_a_tuple_of_floats() -> None:
     hash(c)  # frozen and hashable
 
 
-def test_hook_needs_one_warmup_step() -> None:
-    DecoConfig(warmup_steps=0)  # fine for the optimizer wrapper
-    with pytest.raises(ValueError, match="^warmup_steps:"):
-        DecoConfig(warmup_steps=0).validate_for_hook()
-    DecoConfig(warmup_steps=1).validate_for_hook()
+def test_hook_no_longer_needs_a_warmup_step() -> None:
+    # The hook's first step is dense by itself (DecoState.effective), so 0 is accepted.
+    DecoConfig(warmup_steps=0).validate_for_hook()
+
+
+def test_value_formats_are_validated() -> None:
+    with pytest.raises(ValueError, match="^value_formats:"):
+        DecoConfig(value_formats=("fp32", "q3"))
+    with pytest.raises(ValueError, match="^value_formats:"):
+        DecoConfig(codec="randomk", value_formats=("q8",))
+    assert DecoConfig().make_codec(0.01, "q4").spec.startswith("topk:ratio=0.01|quantize:bits=4")
 
 
 def test_make_codec_applies_the_ratio() -> None:

@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -27,6 +28,14 @@ from netsim import Link, cost
 NUMELS = (784 * 1024, 1024, 1024 * 1024, 1024, 10240, 10)  # the MNIST MLP, about 1.86 M parameters
 D = sum(NUMELS)
 MBIT = 1e6 / 8  # bytes/s per Mbit/s
+
+
+def TCfg(**kw: object) -> DecoConfig:
+    """The §3.4 template surrogate with fp32 values and the spec's old periods: the tests below
+    check that path; the measured, task-agnostic default has its own tests (test_deco_safety.py)."""
+    base = {"convergence": "template", "value_formats": ("fp32",), "ratio": 1.0, "measure_every": 10,
+            "decide_every": 100, "min_dwell_steps": 50, "monitor": False, "collective_algo": "ring"}
+    return DecoConfig(**{**base, **kw})  # type: ignore[arg-type]
 
 
 def meas(
@@ -135,7 +144,7 @@ def test_reported_phi_nan_and_its_guard() -> None:
         DecoConfig(phi="reported")
     # Guard 2: a NaN N is never a candidate nor a "better" current point. The run starts
     # dense (ratio 1, here with τ = 1), whose score is NaN: it must count as +inf.
-    cfg = DecoConfig(phi="reported", ratio_grid=(0.5, 0.1), staleness=1, warmup_steps=0)
+    cfg = TCfg(phi="reported", ratio_grid=(0.5, 0.1), staleness=1, warmup_steps=0)
     ctl = Controller(cfg, 8, NUMELS)
     m = meas()
     assert ctl.score(m, 1.0, 1).w == math.inf
@@ -189,9 +198,18 @@ def _brute_force(ctl: Controller, m: Measurements, cfg: DecoConfig) -> tuple[flo
     rows = []
     for d in cfg.ratio_grid:
         pat = pattern_for(cfg.exchange_pattern, d)
-        size = message_size(pat, ctl.n, NUMELS, d, cfg.value_bytes)
+        # The real payload: dense values + one-hot trailer, or the codec's bytes + trailer.
+        if pat == "allreduce_dense":
+            op, per_rank = "allreduce", (D + ctl.n) * 4
+        else:
+            codec = cfg.make_codec(d)
+            per_rank = sum(codec.nbytes(torch.Size([x]), torch.float32) for x in NUMELS)
+            op = "allreduce" if pat == "allreduce_sparse" else "allgather"
+            per_rank += ctl.n * 4 if op == "allreduce" else 1
+        steps = cost.schedule(op, ctl.n, float(per_rank), "ring")
+        received = sum(b for st_ in steps for (_s, dst, b) in st_ if dst == 0)
         lat = m.latency_allgather if pat == "allgather" else m.latency_allreduce
-        t_tx = size.nbytes / m.bandwidth  # type: ignore[operator]
+        t_tx = received / m.bandwidth  # type: ignore[operator]
         for t in range(min(tau_min(m.t_comp, t_tx, lat), cfg.tau_max) + 1):  # type: ignore[arg-type]
             w = iterations(p, d, t, r, ctl.n) * t_iter(m.t_comp, t_tx, lat, t)  # type: ignore[arg-type]
             rows.append((w, -d, t))
@@ -202,7 +220,7 @@ def _brute_force(ctl: Controller, m: Measurements, cfg: DecoConfig) -> tuple[flo
 @pytest.mark.parametrize("mbps,rtt_ms", [(100, 150), (5, 50), (50, 50), (1000, 1), (20, 300)])
 @pytest.mark.parametrize("b", [1.0, 0.01])
 def test_search_matches_brute_force(mbps: float, rtt_ms: float, b: float) -> None:
-    cfg = DecoConfig(b=b, kappa=0.1)
+    cfg = TCfg(b=b, kappa=0.1)
     ctl = Controller(cfg, 8, NUMELS)
     m = meas(mbps=mbps, rtt_ms=rtt_ms, r=4.0)
     best = ctl.search(m)
@@ -225,7 +243,7 @@ def test_search_matches_brute_force(mbps: float, rtt_ms: float, b: float) -> Non
 def test_search_matches_brute_force_everywhere(
     t_comp: float, mbps: float, rtt_ms: float, r: float, b: float, kappa: float, phi: str, codec: str
 ) -> None:
-    cfg = DecoConfig(b=b, kappa=kappa, phi=phi, codec=codec)
+    cfg = TCfg(b=b, kappa=kappa, phi=phi, codec=codec)
     ctl = Controller(cfg, 8, NUMELS)
     m = meas(t_comp=t_comp, mbps=mbps, rtt_ms=rtt_ms, r=r)
     best = ctl.search(m)
@@ -245,21 +263,24 @@ def test_pattern_for_full_ratio_is_dense() -> None:
 
 def test_timeout_check_against_the_slowest_exchange(caplog: pytest.LogCaptureFixture) -> None:
     m = meas(mbps=100, rtt_ms=150)
-    ctl = Controller(DecoConfig(timeout_s=10.0), 8, NUMELS)
+    ctl = Controller(TCfg(timeout_s=10.0), 8, NUMELS)
     # Dense at ratio 1: 14 hops of 75 ms + 2·7/8·D·4 B at 12.5 MB/s ≈ 2.1 s. Top-k at 0.5 is
-    # slower: an all-gather moves 7·k·(4 + 4) B ≈ 52 MB, 4.2 s + 7 hops ≈ 4.7 s.
-    assert ctl.comm_time(m, 1.0) == pytest.approx(14 * 0.075 + 2 * 7 / 8 * D * 4 / 12.5e6)
+    # slower: an all-gather moves 7 blocks of the real top-k payload (values + packed
+    # indices + the validity byte) ≈ 46 MB, 3.7 s + 7 hops ≈ 4.2 s.
+    assert ctl.comm_time(m, 1.0) == pytest.approx(14 * 0.075 + 2 * 7 / 8 * (D + 8) * 4 / 12.5e6)  # + validity one-hot
     worst = max(ctl.comm_time(m, d) for d in ctl.grid)
-    assert worst == pytest.approx(7 * 0.075 + 7 * kept_elements(NUMELS, 0.5) * 8 / 12.5e6)
+    block = sum(TCfg().make_codec(0.5).nbytes(torch.Size([x]), torch.float32) for x in NUMELS) + 1
+    assert block < kept_elements(NUMELS, 0.5) * 8
+    assert worst == pytest.approx(7 * 0.075 + 7 * block / 12.5e6)
     with caplog.at_level(logging.WARNING, logger="deco_sgd.controller"):
         assert not ctl.timeout_ok(m)
     assert "timeout_s=10" in caplog.text
-    assert Controller(DecoConfig(timeout_s=50.0), 8, NUMELS).timeout_ok(m)  # ≥ 10 × 4.7 s
+    assert Controller(TCfg(timeout_s=50.0), 8, NUMELS).timeout_ok(m)  # ≥ 10 × 4.2 s
     assert ctl.timeout_ok(meas(mbps=None))  # unknown bandwidth: no verdict
 
 
 def test_decision_log_entry_is_json() -> None:
-    ctl = Controller(DecoConfig(**CHEAP), 8, NUMELS)  # type: ignore[arg-type]
+    ctl = Controller(TCfg(**CHEAP), 8, NUMELS)  # type: ignore[arg-type]
     entry = ctl.decide(meas(mbps=5), (1.0, 0), step=0).as_dict()
     back = json.loads(json.dumps(entry, allow_nan=False))
     assert back["reason"] == "initial:switch" and back["ratio"] < 1.0 and back["bandwidth"] == 5 * MBIT
@@ -271,8 +292,8 @@ CHEAP = dict(b=0.05, kappa=0.01, c=0.2, warmup_steps=0)
 
 
 def test_high_latency_gives_high_staleness() -> None:
-    ctl_lo = Controller(DecoConfig(**CHEAP), 8, NUMELS)  # type: ignore[arg-type]
-    ctl_hi = Controller(DecoConfig(**CHEAP), 8, NUMELS)  # type: ignore[arg-type]
+    ctl_lo = Controller(TCfg(**CHEAP), 8, NUMELS)  # type: ignore[arg-type]
+    ctl_hi = Controller(TCfg(**CHEAP), 8, NUMELS)  # type: ignore[arg-type]
     lo = ctl_lo.search(meas(mbps=100, rtt_ms=1, r=10.0))
     hi = ctl_hi.search(meas(mbps=100, rtt_ms=200, r=10.0))
     assert lo is not None and hi is not None
@@ -281,7 +302,7 @@ def test_high_latency_gives_high_staleness() -> None:
 
 
 def test_low_bandwidth_gives_small_ratio() -> None:
-    ctl = Controller(DecoConfig(**CHEAP), 8, NUMELS)  # type: ignore[arg-type]
+    ctl = Controller(TCfg(**CHEAP), 8, NUMELS)  # type: ignore[arg-type]
     fast = ctl.search(meas(mbps=10_000, rtt_ms=1, r=10.0))
     slow = ctl.search(meas(mbps=5, rtt_ms=1, r=10.0))
     assert fast is not None and slow is not None
@@ -291,7 +312,7 @@ def test_low_bandwidth_gives_small_ratio() -> None:
 def test_ties_prefer_larger_ratio_then_smaller_staleness() -> None:
     # c-only surrogate: N = (τ+1)/ε, and below τ_min T_iter = (T_comp + T_comm)/(τ+1), so
     # W is the same for every τ < τ_min; on one worker nothing is sent, so every δ ties too.
-    cfg = DecoConfig(a=0.0, b=0.0, c=1.0, ratio_grid=(0.1, 1.0, 0.5), warmup_steps=0)
+    cfg = TCfg(a=0.0, b=0.0, c=1.0, ratio_grid=(0.1, 1.0, 0.5), warmup_steps=0)
     one = Controller(cfg, 1, NUMELS).search(Measurements(0.1, 1e6, 0.0, 0.0, 1.0))
     assert one is not None and (one.ratio, one.staleness) == (1.0, 0)
     ctl = Controller(cfg.replace(ratio_grid=(1.0,)), 8, NUMELS)
@@ -303,7 +324,7 @@ def test_ties_prefer_larger_ratio_then_smaller_staleness() -> None:
 
 
 def test_no_finite_candidate_falls_back(caplog: pytest.LogCaptureFixture) -> None:
-    cfg = DecoConfig(warmup_steps=0)
+    cfg = TCfg(warmup_steps=0)
     for bw in (0.0,):  # a measured outage; an unknown (None, NaN) B̂ holds instead (next test)
         ctl = Controller(cfg, 8, NUMELS)
         with caplog.at_level(logging.WARNING, logger="deco_sgd.controller"):
@@ -317,7 +338,7 @@ def test_unmeasured_bandwidth_holds_until_measured() -> None:
     # Unknown B̂ is "not measured yet" (e.g. the first decision after a short warm-up), not an
     # outage: hold the current point and keep the trigger armed for the next call.
     for bw in (None, float("nan")):  # Measurements turns a non-finite number into None
-        ctl = Controller(DecoConfig(warmup_steps=0), 8, NUMELS)
+        ctl = Controller(TCfg(warmup_steps=0), 8, NUMELS)
         dec = ctl.decide(meas(mbps=bw), (1.0, 0), step=0)
         assert (dec.ratio, dec.staleness, dec.outcome, dec.changed) == (1.0, 0, "unknown_bandwidth", False)
     dec = ctl.decide(meas(mbps=100.0), (1.0, 0), step=1)
@@ -325,7 +346,7 @@ def test_unmeasured_bandwidth_holds_until_measured() -> None:
 
 
 def test_unknown_latency_holds_instead_of_falling_back() -> None:
-    ctl = Controller(DecoConfig(warmup_steps=0, ratio_grid=(0.1, 0.01)), 8, NUMELS)
+    ctl = Controller(TCfg(warmup_steps=0, ratio_grid=(0.1, 0.01)), 8, NUMELS)
     m = Measurements(0.1, 1e7, 0.3, None, 1.0)  # top-k below ratio 1 needs the all-gather latency
     assert ctl.search(m) is None
     dec = ctl.decide(m, (1.0, 0), step=0)
@@ -336,7 +357,7 @@ def test_unknown_latency_holds_instead_of_falling_back() -> None:
 
 # -- §3.6 policy ---------------------------------------------------------------------------
 def test_warmup_static_and_unknown_compute_hold() -> None:
-    cfg = DecoConfig(**CHEAP).replace(warmup_steps=20)  # type: ignore[arg-type]
+    cfg = TCfg(**CHEAP).replace(warmup_steps=20)  # type: ignore[arg-type]
     ctl = Controller(cfg, 8, NUMELS)
     assert ctl.decide(meas(mbps=5), (1.0, 0), step=10).reason == "warmup:hold"
     unknown = ctl.decide(meas(t_comp=float("nan"), mbps=5), (1.0, 0), step=20)
@@ -348,7 +369,7 @@ def test_warmup_static_and_unknown_compute_hold() -> None:
 
 def test_triggers_period_and_changes() -> None:
     # No dwell, so every triggered decision is evaluated and becomes the new reference.
-    ctl = Controller(DecoConfig(**CHEAP).replace(min_dwell_steps=0), 8, NUMELS)  # type: ignore[arg-type]
+    ctl = Controller(TCfg(**CHEAP).replace(min_dwell_steps=0), 8, NUMELS)  # type: ignore[arg-type]
     base = meas(mbps=100, rtt_ms=50)
     d0 = ctl.decide(base, (1.0, 0), step=0)
     cur = (d0.ratio, d0.staleness)
@@ -361,7 +382,7 @@ def test_triggers_period_and_changes() -> None:
 
 
 def test_hysteresis_holds_a_near_optimal_point() -> None:
-    cfg = DecoConfig(**CHEAP)  # type: ignore[arg-type]
+    cfg = TCfg(**CHEAP)  # type: ignore[arg-type]
     m = meas(mbps=20, rtt_ms=100, r=10.0)
     ctl = Controller(cfg, 8, NUMELS)
     best = ctl.search(m)
@@ -377,7 +398,7 @@ def test_hysteresis_holds_a_near_optimal_point() -> None:
 
 
 def test_optimal_current_point_is_kept() -> None:
-    ctl = Controller(DecoConfig(**CHEAP), 8, NUMELS)  # type: ignore[arg-type]
+    ctl = Controller(TCfg(**CHEAP), 8, NUMELS)  # type: ignore[arg-type]
     m = meas(mbps=20, rtt_ms=100, r=10.0)
     best = ctl.search(m)
     assert best is not None
@@ -386,7 +407,7 @@ def test_optimal_current_point_is_kept() -> None:
 
 
 def test_min_dwell_delays_a_second_switch() -> None:
-    ctl = Controller(DecoConfig(**CHEAP), 8, NUMELS)  # type: ignore[arg-type]
+    ctl = Controller(TCfg(**CHEAP), 8, NUMELS)  # type: ignore[arg-type]
     first = ctl.decide(meas(mbps=10_000, rtt_ms=1, r=10.0), (0.001, 8), step=0)
     assert first.outcome == "switch"
     cur = (first.ratio, first.staleness)
@@ -399,7 +420,7 @@ def test_min_dwell_delays_a_second_switch() -> None:
 
 
 def test_lut_rebuilds_only_on_large_r_moves() -> None:
-    ctl = Controller(DecoConfig(**CHEAP), 8, NUMELS)  # type: ignore[arg-type]
+    ctl = Controller(TCfg(**CHEAP), 8, NUMELS)  # type: ignore[arg-type]
     ctl.search(meas(r=1.0))
     assert ctl.state_dict()["lut_r"] == 1.0
     ctl.search(meas(r=1.09))
@@ -411,7 +432,7 @@ def test_lut_rebuilds_only_on_large_r_moves() -> None:
 
 
 def test_state_dict_round_trip_gives_the_same_decisions() -> None:
-    cfg = DecoConfig(**CHEAP)  # type: ignore[arg-type]
+    cfg = TCfg(**CHEAP)  # type: ignore[arg-type]
     a = Controller(cfg, 8, NUMELS)
     d0 = a.decide(meas(mbps=10_000, rtt_ms=1), (1.0, 0), step=0)
     sd = json.loads(json.dumps(a.state_dict()))  # JSON-able

@@ -184,3 +184,36 @@ def test_state_dicts_round_trip() -> None:
     with pytest.raises(ValueError, match="window"):
         LatencyEstimator(5).load_state_dict(lat.state_dict())
     assert math.isfinite(bw.value or math.nan)
+
+
+def test_bandwidth_estimator_restarts_on_a_step_change() -> None:
+    from deco_sgd.estimators import BandwidthEstimator
+
+    b = BandwidthEstimator(alpha=0.3, min_transfer_frac=0.0)
+    t = 0.0
+    for _ in range(5):  # 10 MB/s: 1 MB in 0.1 s, one after the other
+        b.update(1e6, t, t + 0.1)
+        t += 0.1
+    assert b.value == pytest.approx(1e7)
+    b.update(1e6, t, t + 1.0)  # one slow sample: the EMA moves, no restart yet
+    t += 1.0
+    assert 1e6 < b.value < 1e7  # type: ignore[operator]
+    b.update(1e6, t, t + 1.0)  # a second one in a row, still > 2x off: restart at 1 MB/s
+    assert b.value == pytest.approx(1e6)
+    b2 = BandwidthEstimator(alpha=0.3, min_transfer_frac=0.0)
+    b2.load_state_dict(b.state_dict())
+    assert b2.value == b.value
+
+
+def test_bandwidth_lower_bound_when_every_exchange_is_latency_bound() -> None:
+    from deco_sgd.estimators import LOWER_BOUND_AFTER, BandwidthEstimator
+
+    b = BandwidthEstimator(alpha=0.3, min_transfer_frac=0.25)
+    t = 0.0
+    for i in range(LOWER_BOUND_AFTER):
+        assert b.value is None
+        b.update(1000.0, t, t + 0.5, latency=0.49)  # 10 ms of transfer in 0.5 s: filtered
+        t += 0.5
+    assert b.value == pytest.approx(1000.0 / 0.5)  # bytes over the whole duration
+    b.update(1e6, t, t + 1.0, latency=0.1)  # a real sample takes over
+    assert b.value == pytest.approx(1e6 / 0.9)

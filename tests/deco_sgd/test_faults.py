@@ -7,6 +7,7 @@ from typing import Any, Iterator
 import pytest
 import torch
 
+from _timing import on_time
 from ccomm.ranks import RankPool
 
 try:
@@ -22,6 +23,20 @@ BAD_RANK = 1
 #: Group timeout of the dead-peer test, and the slack the spec allows on top of it.
 DEAD_TIMEOUT_S = 3.0
 DEAD_SLACK_S = 5.0
+#: A dead-peer run is judged only if the host's scheduling lag stayed within a fifth of the slack.
+DEAD_LAG_LIMIT_S = DEAD_SLACK_S / 5
+
+
+def _dead_peer_run(fn: Any) -> tuple[str, str, float]:
+    """Rank 0's (error type, message, seconds) of ``fn`` on 2 fresh ranks whose rank 1 dies,
+    judged only on a run the host kept up with (tests/_timing.py)."""
+    def once() -> tuple[str, str, float]:
+        # The default group keeps a patient timeout: on a loaded host the ranks reach DDP's
+        # construction seconds apart. DeCo's own groups carry DEAD_TIMEOUT_S (its config).
+        with RankPool(2, group_timeout_s=60.0) as pool:
+            return pool.run(fn, may_exit=[1], timeout=DEAD_TIMEOUT_S + 60)[0]
+
+    return on_time(once, lag_limit_s=DEAD_LAG_LIMIT_S)
 
 
 @pytest.fixture(scope="module")
@@ -154,6 +169,15 @@ def _hook_skip_in_loss(rank: int, world: int) -> tuple[list[bool], bool, list[bo
 # -- a dead peer ------------------------------------------------------------------------
 
 
+def _warm_and_align(model: torch.nn.Module) -> None:
+    """A throw-away local forward/backward (first-call costs), then a barrier on the patient
+    default group: DeCo's short timeout then measures a dead peer, not ranks that reached
+    their first exchange seconds apart on a loaded host."""
+    T.loss_fn(model, 0, 0).backward()
+    model.zero_grad(set_to_none=True)
+    torch.distributed.barrier()
+
+
 def _die_midrun(rank: int, world: int) -> tuple[str, str, float]:
     import os
 
@@ -161,6 +185,7 @@ def _die_midrun(rank: int, world: int) -> tuple[str, str, float]:
     from deco_sgd.state import DecoState
 
     model = T.make_model()
+    _warm_and_align(model)
     state = DecoState(_cfg(ratio=0.25, staleness=1, timeout_s=DEAD_TIMEOUT_S), model)
     opt = DecoOptimizer(torch.optim.SGD(model.parameters(), lr=T.LR), state)
     t0 = time.monotonic()
@@ -177,10 +202,9 @@ def _die_midrun(rank: int, world: int) -> tuple[str, str, float]:
     return "none", "", time.monotonic() - t0
 
 
+@pytest.mark.timing
 def test_dead_peer_raises_within_timeout() -> None:
-    with RankPool(2, group_timeout_s=DEAD_TIMEOUT_S) as pool:
-        out = pool.run(_die_midrun, may_exit=[1], timeout=DEAD_TIMEOUT_S + 60)
-    name, msg, elapsed = out[0]
+    name, msg, elapsed = _dead_peer_run(_die_midrun)
     assert name == "DecoCommError", (name, msg)
     assert f"step={BAD_STEP}" in msg or f"step={BAD_STEP - 1}" in msg, msg
     assert elapsed < DEAD_TIMEOUT_S + DEAD_SLACK_S, elapsed
@@ -240,7 +264,10 @@ def _hook_die_midrun(rank: int, world: int) -> tuple[str, str, float]:
 
     from deco_sgd.hook import attach_ddp
 
-    ddp = DDP(T.make_model(), bucket_cap_mb=0.0005)
+    model = T.make_model()
+    _warm_and_align(model)  # before DDP wraps it: DDP's own hooks would see this backward
+    ddp = DDP(model, bucket_cap_mb=0.0005)
+    torch.distributed.barrier()
     opt = attach_ddp(ddp, torch.optim.SGD(ddp.parameters(), lr=T.LR),
                      _cfg(ratio=0.25, staleness=1, warmup_steps=1, timeout_s=DEAD_TIMEOUT_S))
     t0 = time.monotonic()
@@ -257,10 +284,9 @@ def _hook_die_midrun(rank: int, world: int) -> tuple[str, str, float]:
     return "none", "", time.monotonic() - t0
 
 
+@pytest.mark.timing
 def test_hook_dead_peer_raises_within_timeout() -> None:
-    with RankPool(2, group_timeout_s=DEAD_TIMEOUT_S) as pool:
-        out = pool.run(_hook_die_midrun, may_exit=[1], timeout=DEAD_TIMEOUT_S + 60)
-    name, msg, elapsed = out[0]
+    name, msg, elapsed = _dead_peer_run(_hook_die_midrun)
     # DDP re-raises the hook future's error from backward as a RuntimeError; the message
     # still carries the DeCo context.
     assert "DecoCommError" in name + msg, (name, msg)

@@ -12,7 +12,6 @@ import math
 import pytest
 
 from deco_sgd.bench.realtime import (
-    LATE_TIME_MAX,
     REL_TOL,
     RealResult,
     RealRunSpec,
@@ -26,6 +25,7 @@ from deco_sgd.bench.realtime import (
 from deco_sgd.bench.realtime_cli import replayed_decisions, specs_from_bench, specs_from_config
 from netsim import Link
 
+from _timing import on_time
 from ccomm.ranks import RankPool
 
 pytest.importorskip("mlxtend")
@@ -195,20 +195,25 @@ COCKTAIL = {"codec": "randomk:ratio=0.1|topk:ratio=0.1|quantize:bits=4", "stalen
 DECO_LOG = ((5, 0.01, 1), (15, 0.001, 3), (25, 0.01, 0))
 
 
+#: Largest host scheduling lag of a judged run: each step waits once or twice, so 30 steps
+#: could lose well under REL_TOL of a multi-second run to it.
+REALTIME_LAG_S = 0.01
+
+
 def _check(pool: RankPool, n: int, name: str, deco: dict, steps: int, **kw: object) -> dict:
-    val = _run(pool, _spec(name, deco, steps, n=n, **kw))
-    if not val["emulation_ok"]:
-        # The real transport missed its modeled times (CPU starved by other jobs): this run did
-        # not emulate the link, so it cannot confirm or refute the clock.
-        pytest.skip(f"{name}: late emulated ops may have cost {val['late_time_frac']:.0%} of the run "
-                    f"(limit {LATE_TIME_MAX:.0%}); "
-                    f"checkpoints {val['checkpoints']}")
+    # A run whose late emulated ops may have cost more than LATE_TIME_MAX of it (real transport
+    # CPU-starved by other jobs), or whose host lagged, did not emulate the link: it is
+    # repeated, and skipped if the host never keeps up, since it can neither confirm nor
+    # refute the clock (tests/_timing.py).
+    val = on_time(lambda: _run(pool, _spec(name, deco, steps, n=n, **kw)),
+                  lambda v: 0 if v["emulation_ok"] else sum(v["emulate_late_ops"]), lag_limit_s=REALTIME_LAG_S)
     assert val["max_rel_err"] <= REL_TOL, val["checkpoints"]
     return val
 
 
 @pytest.mark.multiprocess
-@pytest.mark.timeout(150)
+@pytest.mark.timing
+@pytest.mark.timeout(900)
 def test_virtual_clock_predicts_real_time_n2(pool2: RankPool) -> None:
     dsgd = _check(pool2, 2, "dsgd", DSGD, 20)
     # Communication matters: each D-SGD step takes well over its 150 ms of compute.
@@ -218,7 +223,8 @@ def test_virtual_clock_predicts_real_time_n2(pool2: RankPool) -> None:
 
 @pytest.mark.multiprocess
 @pytest.mark.slow
-@pytest.mark.timeout(400)
+@pytest.mark.timing
+@pytest.mark.timeout(1200)
 def test_virtual_clock_predicts_real_time_n4(pool4: RankPool) -> None:
     dsgd = _check(pool4, 4, "dsgd", DSGD, 20)
     assert dsgd["checkpoints"][-1]["real_s"] > 20 * (COMPUTE_S + 0.2)
@@ -230,8 +236,10 @@ def test_virtual_clock_predicts_real_time_n4(pool4: RankPool) -> None:
 
 @pytest.mark.multiprocess
 @pytest.mark.slow
-@pytest.mark.timeout(400)
-@pytest.mark.xfail(strict=True, reason="link-bound pipelining: vclock frees the link at done - L_eff, the emulated "
-                   "ring only at done - one latency, so each step is (n-2) latencies longer than predicted")
+@pytest.mark.timing
+@pytest.mark.timeout(1200)
 def test_virtual_clock_link_bound_stale_n4(pool4: RankPool) -> None:
+    # Link-bound with τ = 2: consecutive exchanges overlap on the link. Both clocks now let a
+    # collective use the gaps the previous one leaves while its hops travel (measured on
+    # real namespaces: gloo's concurrent collectives do), so they agree (docs/deco_sgd.md).
     _check(pool4, 4, "topk_0.5_s2", {"codec": "topk", "ratio": 0.5, "staleness": 2}, 30)

@@ -209,3 +209,23 @@ def test_simulator_matches_traced_ring() -> None:
     topo = Topo(4, Link(None, 3, trace=trace))
     want = cost.allreduce_time(S, topo)
     assert simulate(topo, "allreduce", "ring", S) == pytest.approx(want, rel=REL)
+
+
+@pytest.mark.parametrize("n", [2, 3, 4, 6, 7, 8])
+def test_ccomm_algorithms_are_ccomm_schedules_and_alpha_beta_agrees(n: int) -> None:
+    from ccomm import schedule as ccs
+
+    link = Link(100, 75)
+    sizes = [1000.0 * (r + 1) for r in range(n)]
+    cases = [("allgather", a, known) for a in ("ring", "bruck") + (("doubling",) if n & (n - 1) == 0 else ())
+             for known in (True, False)] + [("allreduce", a, True) for a in ("ring", "doubling", "tree")]
+    for op, algo, known in cases:
+        if op == "allgather":
+            steps = cost.schedule(op, n, max(sizes), algo, sizes=sizes, sizes_known=known)
+            assert steps == ccs.allgather_schedule(algo, n, sizes, sizes_known=known)
+        else:
+            steps = cost.schedule(op, n, 4096.0, algo)
+            assert steps == ccs.allreduce_schedule(algo, n, 4096.0)
+        # netsim's evaluation on a constant shared link is ccomm's alpha-beta time.
+        assert cost.schedule_time(Topo(n, link), steps) == pytest.approx(
+            ccs.alpha_beta_time(steps, link.latency_s, 100e6 / 8), rel=1e-12)

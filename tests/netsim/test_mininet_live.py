@@ -10,6 +10,7 @@ import subprocess
 
 import pytest
 
+from _timing import on_time, wire_late
 from netsim.link import Link
 from netsim.topo import Topo
 
@@ -21,6 +22,7 @@ def _root_links() -> set[str]:
     return {ln.split(":")[1].strip().split("@")[0] for ln in out.splitlines()}
 
 
+@pytest.mark.timing
 def test_mininet_two_hosts_probe_and_clean_stop() -> None:
     from netsim import mininet
     from netsim.probe import probe
@@ -31,7 +33,7 @@ def test_mininet_two_hosts_probe_and_clean_stop() -> None:
         assert net.dev == "nsmt0" and net.plan.mode == "mininet-wire"
         assert any(x.startswith("nsms0") for x in _root_links() - before)  # Mininet's bridge
         # 8 MiB (the probe's floor) keeps slow start under 1 % of the transfer.
-        rep = probe(net, samples=20, warmup=5, duplex=False)
+        rep = on_time(lambda: probe(net, samples=20, warmup=5, duplex=False), wire_late)
         assert rep.ok, rep.table()
     finally:
         assert net.down() == []
@@ -39,13 +41,14 @@ def test_mininet_two_hosts_probe_and_clean_stop() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timing
 def test_mininet_four_hosts_ring_probe() -> None:
     from netsim import mininet
     from netsim.probe import probe
 
     net = mininet.up(Topo(4, Link(20, 5)), tag="mnt2")
     try:
-        rep = probe(net, samples=50, nbytes=4 << 20)
+        rep = on_time(lambda: probe(net, samples=50, nbytes=4 << 20), wire_late)
         assert rep.ok, rep.table()
     finally:
         assert net.down() == []

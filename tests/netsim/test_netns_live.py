@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from _timing import on_time, wire_late
 from netsim.link import Link
 from netsim.topo import Topo
 from netsim.trace import Trace
@@ -96,12 +97,13 @@ def test_env_forces_gloo_and_nccl_onto_the_emulated_device(make_net) -> None:
     assert p.communicate(timeout=30)[0].split() == ["nsmt0", "1"]
 
 
+@pytest.mark.timing
 def test_probe_wire_two_hosts_fast(make_net) -> None:
     net = make_net(Topo(2, Link(20, 15)), "lv3")
     # 8 MiB (the probe's default floor): smaller transfers are dominated by slow start.
-    rep = _probe_median(net, samples=FAST_SAMPLES, warmup=5)
+    rep = on_time(lambda: _probe_median(net, samples=FAST_SAMPLES, warmup=5), wire_late)
     assert rep.ok, rep.table()
-    assert rep.wire is not None and not rep.wire["bottleneck"], rep.wire
+    assert rep.wire is not None and not rep.wire["bottleneck"], rep.wire  # what on_time judged on
 
 
 def _controller(tag: str, then: str) -> subprocess.Popen[str]:
@@ -117,20 +119,31 @@ def _controller(tag: str, then: str) -> subprocess.Popen[str]:
     return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
 
 
+#: PDEATHSIG takes the wire down with its controller within this (seconds).
+WIRE_DEATH_S = 5.0
+
+
+@pytest.mark.timing
 def test_sigkilled_controller_is_cleanable_by_down() -> None:
     from netsim import netns
 
-    p = _controller("lv4", "os.kill(os.getpid(), signal.SIGKILL)")
-    assert p.stdout is not None and p.stdout.readline().strip() == "up"
-    p.wait(timeout=30)
-    assert p.returncode == -signal.SIGKILL
-    deadline = time.monotonic() + 5  # PDEATHSIG takes the wire down with its controller
-    while time.monotonic() < deadline and any("process" in x for x in netns.leftovers("lv4")):
-        time.sleep(0.05)
-    left = netns.leftovers("lv4")
+    def once() -> tuple[int | None, list[str], list[str]]:
+        p = _controller("lv4", "os.kill(os.getpid(), signal.SIGKILL)")
+        try:
+            assert p.stdout is not None and p.stdout.readline().strip() == "up"
+            p.wait(timeout=30)
+            deadline = time.monotonic() + WIRE_DEATH_S
+            while time.monotonic() < deadline and any("process" in x for x in netns.leftovers("lv4")):
+                time.sleep(0.05)
+            return p.returncode, netns.leftovers("lv4"), netns.down("lv4")
+        finally:
+            netns.down("lv4")
+
+    code, left, left_after_down = on_time(once, lag_limit_s=WIRE_DEATH_S / 5)
+    assert code == -signal.SIGKILL
     assert any(x.startswith("namespace nsm-lv4-") for x in left)  # nothing cleaned it yet
     assert not any("process" in x for x in left), left
-    assert netns.down("lv4") == []
+    assert left_after_down == []
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])

@@ -1,0 +1,129 @@
+"""Convergence side of the objective from quantities measured in the run (issue 14) [ours].
+
+The controller minimises W(δ, τ, v) = S(δ, τ, v) · T_iter(δ, τ, v): T_iter is the time model,
+S the predicted number of steps to target relative to the point in force's reference
+(S = 1 for plain D-SGD). Nothing here is fitted to a task; every input is measured while
+training, on every rank alike (`deco_sgd.adaptive`):
+
+- **φ, the signal fraction** of ‖ḡ‖², from the same sample (between-rank variance σ²).
+- **ρ, the relative drift of the mean gradient per step** (delay-compensated ASGD treats this
+  change over the delay as the cost of staleness): on S coordinates every rank samples from
+  a shared seed, ρ² = (‖ḡ_t − ḡ_{t−1}‖² − 2σ²/n) / (‖ḡ‖² − σ²/n), the sampling noise of two
+  independent mini-batches removed. At the edge of stability the sharpest direction flips
+  sign every step and ρ approaches 2.
+- **D, the error-feedback gap**: the mean residual ē over ranks, in units of one step of the
+  mean update, D = ‖ē‖ / ‖ḡ‖ on the shared sample. With error feedback, compression delays
+  gradient mass: D is how many steps' worth of update is held back at the δ in force.
+- **the energy profile**: q(δ), the (1 − δ)-quantile of |g| on a local sample, averaged over
+  ranks. A coordinate's residual grows until it crosses the top-k threshold, so the gap at
+  another δ' is predicted as D(δ') = D(δ)·q(δ')/q(δ).
+- **quantized values**: the relative energy error err of the format's `quantize` codec on the
+  top-δ values of the same local sample, measured per δ (heavy-tailed values quantize badly:
+  one large value stretches a bucket's range). Before it is measured, b-bit min-max
+  quantization of a bucket spanning about 6 standard deviations is assumed, 3/(2^b − 1)²
+  (fp16: 2^-22). The format sends (1 − err) of the kept energy and error feedback returns
+  the rest a step later: D(δ, v) = (D(δ) + √err)/(1 − err).
+
+Steps to target relative to D-SGD, the product of a staleness and a compression factor:
+
+    S(δ, τ, v) = (1 + τ·ρ/4) · (1 + φ·D(δ, v)·ρ/4)
+
+- 1 + τ·ρ/4: a stale gradient is off by the drift over τ steps. Pure oscillation (ρ = 2)
+  costs half a step per step of staleness, a smooth path (ρ → 0) almost nothing. Stale
+  gradients of an oscillating direction can destabilise it, which this first-order prior
+  cannot see: the progress monitor (`deco_sgd.monitor`) checks every switch and the
+  controller backs off.
+- 1 + φ·D·ρ/4: error feedback delays the mass it holds back by about D steps, which costs
+  like staleness, but only the signal part of that mass matters: φ = (‖ḡ‖² − σ²/n)/‖ḡ‖², the
+  measured fraction of the mean gradient's energy that is not sampling noise. When noise
+  dominates (φ → 0) compression is nearly free, as in the error-feedback SGD rates, where
+  the compression term is of higher order than the noise term.
+
+The one slope (1/4 per step of delay per unit of drift) is an a-priori choice, not fitted to
+any task; the monitor's measured progress is what protects a run when it is wrong.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from .config import QUANT_BITS
+
+__all__ = ["ConvergenceInputs", "format_error", "measured_format_error", "predicted_gap", "slowdown",
+           "STALENESS_SLOPE"]
+
+#: Steps of slowdown per step of staleness, per unit of drift ρ.
+STALENESS_SLOPE = 0.25
+
+
+@dataclass(frozen=True)
+class ConvergenceInputs:
+    """Measured inputs (None: not measured yet).
+
+    drift: ρ; gap: D at (gap_ratio, gap_values), the point it was measured at;
+    quantiles: δ -> q(δ) for δ < 1.
+    """
+
+    drift: float | None = None
+    gap: float | None = None
+    gap_ratio: float | None = None
+    gap_values: str = "fp32"
+    quantiles: Mapping[float, float] | None = None
+    signal: float | None = None
+    quant_errors: Mapping[tuple[float, str], float] | None = None
+
+
+def format_error(values: str) -> float:
+    """Relative energy error of one value format (see the module docstring)."""
+    if values in QUANT_BITS:
+        return 3.0 / float((1 << QUANT_BITS[values]) - 1) ** 2
+    if values in ("fp16", "bf16"):
+        return 2.0 ** (-22 if values == "fp16" else -16)
+    return 0.0
+
+
+def measured_format_error(c: ConvergenceInputs, delta: float, values: str) -> float:
+    """The measured error of a quantized format at δ (`quant_errors`), else the a-priori one."""
+    if values in QUANT_BITS and c.quant_errors is not None and (delta, values) in c.quant_errors:
+        return min(1.0, max(0.0, float(c.quant_errors[(delta, values)])))
+    return format_error(values)
+
+
+def _with_format(base: float, err: float) -> float:
+    # A format that loses a fraction err of the kept energy sends (1 − err) of it: the gap
+    # grows by that factor, plus the √err of one step error feedback returns later.
+    return math.inf if err >= 1.0 else (base + math.sqrt(err)) / (1.0 - err)
+
+
+def predicted_gap(c: ConvergenceInputs, delta: float, values: str) -> float | None:
+    """D(δ, v); 0 at δ = 1 with fp32; None when no gap or profile has been measured."""
+    err = measured_format_error(c, delta, values)
+    if delta >= 1.0:
+        return _with_format(0.0, err)
+    if c.gap is None or c.gap_ratio is None:
+        return None
+    # The measured gap includes the format it was measured under: remove it first.
+    e0 = measured_format_error(c, c.gap_ratio, c.gap_values)
+    base = max(0.0, c.gap * (1.0 - e0) - math.sqrt(e0)) if e0 < 1.0 else 0.0
+    if c.gap_ratio >= 1.0:
+        return None  # measured dense: no residual to scale
+    if delta != c.gap_ratio:
+        q = c.quantiles or {}
+        qd, qr = q.get(delta), q.get(c.gap_ratio)
+        if qd is None or qr is None or not (qr > 0):
+            return None
+        base *= qd / qr
+    return _with_format(base, err)
+
+
+def slowdown(c: ConvergenceInputs, delta: float, tau: int, values: str, *, drift_prior: float,
+             drift_floor: float) -> float:
+    """S(δ, τ, v) of the module docstring; inf when the gap cannot be predicted yet."""
+    drift = c.drift if c.drift is not None and math.isfinite(c.drift) and c.drift >= 0 else None
+    rho = drift_prior if drift is None else max(drift_floor, drift)
+    gap = predicted_gap(c, delta, values)
+    if gap is None:
+        return math.inf
+    phi = 1.0 if c.signal is None else c.signal
+    return (1.0 + tau * rho * STALENESS_SLOPE) * (1.0 + phi * gap * rho * STALENESS_SLOPE)

@@ -1,0 +1,235 @@
+"""Issue 14: the task-agnostic controller (measured drift and gap), the progress monitor and
+its back-off, and the value-format dimension, all with scripted numbers (no processes)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from deco_sgd.config import DecoConfig
+from deco_sgd.controller import Controller, Measurements
+from deco_sgd.convergence import ConvergenceInputs, format_error, predicted_gap, slowdown
+from deco_sgd.monitor import ProgressMonitor, slope
+
+NUMELS = (784 * 1024, 1024, 1024 * 1024, 1024, 10240, 10)  # the MNIST MLP, about 1.86 M parameters
+MBIT = 1e6 / 8
+QUANT = {0.5: 1.0, 0.2: 2.0, 0.1: 3.0, 0.05: 4.0, 0.02: 5.0, 0.01: 6.0, 0.005: 7.0, 0.002: 8.0, 0.001: 9.0}
+
+
+def meas(drift: float | None, *, mbps: float = 100.0, rtt_ms: float = 150.0, n: int = 8, t_comp: float = 0.075,
+         gap: float = 1.0, loss: float | None = None) -> Measurements:
+    ell = rtt_ms / 2e3
+    return Measurements(t_comp, mbps * MBIT, 2 * (n - 1) * ell, (n - 1) * ell, 0.5, loss=loss,
+                        conv=ConvergenceInputs(drift=drift, gap=gap, gap_ratio=0.1, quantiles=QUANT))
+
+
+# -- convergence model ------------------------------------------------------------------------
+def test_gap_scales_with_the_energy_profile_and_formats() -> None:
+    c = ConvergenceInputs(drift=0.4, gap=2.0, gap_ratio=0.1, quantiles=QUANT, signal=0.5)
+    assert predicted_gap(c, 0.1, "fp32") == pytest.approx(2.0)
+    assert predicted_gap(c, 0.01, "fp32") == pytest.approx(2.0 * 6.0 / 3.0)
+    assert predicted_gap(c, 1.0, "fp32") == 0.0
+    e4 = 3 / 15**2  # a-priori 4-bit error until it is measured
+    assert predicted_gap(c, 0.01, "q4") == pytest.approx((4.0 + math.sqrt(e4)) / (1 - e4))
+    # Measured: heavy-tailed values lose half their energy to 4 bits, so q4 is predicted bad.
+    cq = ConvergenceInputs(drift=0.4, gap=2.0, gap_ratio=0.1, quantiles=QUANT, quant_errors={(0.01, "q4"): 0.5})
+    assert predicted_gap(cq, 0.01, "q4") == pytest.approx((4.0 + math.sqrt(0.5)) / 0.5)
+    assert format_error("q8") < format_error("q4") and format_error("fp32") == 0.0
+    # Not measured yet: no prediction below δ = 1, hence W = inf for those candidates.
+    assert predicted_gap(ConvergenceInputs(), 0.01, "fp32") is None
+    s0 = slowdown(c, 0.1, 0, "fp32", drift_prior=0.5, drift_floor=0.02)
+    s2 = slowdown(c, 0.1, 2, "fp32", drift_prior=0.5, drift_floor=0.02)
+    comp = 1 + 0.5 * 2.0 * 0.4 / 4  # φ·D·ρ/4
+    assert s0 == pytest.approx(comp) and s2 == pytest.approx(comp * (1 + 2 * 0.4 / 4))
+    # Noise-dominated gradients (φ → 0) make the error-feedback gap free.
+    noisy = ConvergenceInputs(drift=0.4, gap=2.0, gap_ratio=0.1, quantiles=QUANT, signal=0.0)
+    assert slowdown(noisy, 0.001, 0, "fp32", drift_prior=0.5, drift_floor=0.02) == 1.0
+
+
+@pytest.mark.parametrize("drift,expect_stale", [(8.0, False), (0.05, True)])
+def test_measured_drift_decides_staleness(drift: float, expect_stale: bool) -> None:
+    """Latency dominates (150 ms RTT, 8 ranks: a 7-hop all-gather is 0.5 s against 75 ms of
+    compute): with a small measured drift the controller takes τ > 0 to hide it; with a drift
+    that makes stale gradients expensive it keeps τ = 0."""
+    ctl = Controller(DecoConfig(), 8, NUMELS)
+    d = ctl.decide(meas(drift), (0.1, 0, "fp32"), 4)
+    assert d.outcome == "switch"
+    assert (d.staleness > 0) == expect_stale, d
+    if expect_stale:
+        assert d.ratio < 0.1  # a small drift makes the error-feedback gap cheap too
+
+
+def test_unmeasured_gap_keeps_the_search_to_known_points() -> None:
+    ctl = Controller(DecoConfig(), 8, NUMELS)
+    m = Measurements(0.075, 100 * MBIT, 2.1, 1.05, None)  # no drift, gap or profile yet
+    best = ctl.search(m)
+    assert best is not None and best.ratio == 1.0  # only δ = 1 has a predictable gap
+
+
+def test_value_formats_reach_fewer_bytes() -> None:
+    ctl = Controller(DecoConfig(), 8, NUMELS)
+    sizes = [ctl.size(0.01, v).nbytes for v in ("fp32", "fp16", "q8", "q4")]
+    assert sizes == sorted(sizes, reverse=True) and sizes[-1] < 0.6 * sizes[0]
+    assert ctl.formats_at(1.0) == ("fp32", "fp16")  # the dense path has no quantizer
+
+
+def test_tight_bandwidth_picks_a_quantized_format() -> None:
+    ctl = Controller(DecoConfig(), 8, NUMELS)
+    d = ctl.decide(meas(0.5, mbps=2.0, rtt_ms=2.0), (0.1, 0, "fp32"), 4)
+    assert d.outcome == "switch" and d.values in ("q8", "q4"), d
+
+
+# -- progress monitor ---------------------------------------------------------------------------
+def test_slope_is_least_squares() -> None:
+    assert slope([(0, 3.0), (1, 2.0), (2, 1.0)]) == pytest.approx(-1.0)
+    assert slope([(0, 1.0)]) is None
+
+
+def _feed(mon: ProgressMonitor, steps: range, f) -> None:  # type: ignore[no-untyped-def]
+    for s in steps:
+        mon.observe(s, f(s))
+
+
+def test_monitor_ok_slow_and_rise() -> None:
+    mon = ProgressMonitor(alpha=1.0, tolerance=0.5, rise=0.1, window=6)
+    _feed(mon, range(0, 20, 2), lambda s: 10.0 - 0.1 * s)  # reference slope -0.1 per step
+    assert mon.ref_slope == pytest.approx(-0.1)
+    # Predicted slowdown 2: anything faster than 0.5 × 0.1 / 2 = 0.025 per step passes.
+    mon.on_switch(20, expected=2.0, settle=2)
+    _feed(mon, range(20, 30, 2), lambda s: 8.0 - 0.04 * (s - 20))
+    assert mon.verdict(30) == "ok" and mon.trial is None
+    mon.on_switch(30, expected=1.0, settle=2)
+    _feed(mon, range(30, 44, 2), lambda s: 7.6 - 0.001 * (s - 30))  # stalls
+    assert mon.verdict(44) == "slow"
+    mon.reset_trial()
+    mon.on_switch(44, expected=1.0, settle=2)
+    _feed(mon, range(44, 48, 2), lambda s: 7.6 + 0.5 * (s - 44))  # loss rises 13 %
+    assert mon.verdict(46) == "rise"
+
+
+def test_monitor_waits_for_settling() -> None:
+    mon = ProgressMonitor(alpha=1.0, tolerance=0.5, rise=0.1, window=6)
+    _feed(mon, range(0, 20, 2), lambda s: 10.0 - 0.1 * s)
+    mon.on_switch(20, expected=1.0, settle=8)
+    _feed(mon, range(20, 32, 2), lambda s: 8.0)  # flat but still inside settle + window
+    assert mon.verdict(32) == "pending"
+
+
+# -- back-off on scripted progress ----------------------------------------------------------------
+def _run(ctl: Controller, point: tuple[float, int, str], steps: range, loss, **kw):  # type: ignore[no-untyped-def]
+    out = []
+    for s in steps:
+        d = ctl.decide(meas(0.05, loss=loss(s), **kw), point, s)
+        out.append(d)
+        if d.changed:
+            point = (d.ratio, d.staleness, d.values)
+    return point, out
+
+
+def test_backoff_smaller_tau_first_then_larger_ratio_and_bad_region_is_remembered() -> None:
+    cfg = DecoConfig(monitor_window=6, min_dwell_steps=0)
+    ctl = Controller(cfg, 8, NUMELS)
+    # Healthy progress at the start point, then the controller switches to τ = 1.
+    point, log = _run(ctl, (0.1, 0, "fp32"), range(2, 12, 2), lambda s: 10.0 - 0.1 * s)
+    sw = [d for d in log if d.outcome == "switch"]
+    assert sw and point[1] == 1, log
+    bad = point
+    # After the switch the loss stalls, then rises: the controller backs off to τ − 1 at the same δ.
+    point, log2 = _run(ctl, point, range(12, 20, 2), lambda s: 9.0 + 0.5 * (s - 12))
+    back = [d for d in log2 if d.outcome.startswith("backoff")]
+    assert back and back[0].outcome in ("backoff_rise", "backoff_slow"), log2
+    assert (back[0].ratio, back[0].staleness) == (bad[0], 0)
+    # A failure at τ > 0 is blamed on the staleness: τ ≥ 1 is out at every δ.
+    assert ctl.is_bad(bad[0], 1) and ctl.is_bad(bad[0] / 2, 3) and ctl.is_bad(1.0, 2) and not ctl.is_bad(bad[0], 0)
+    # The bad region is never chosen again, whatever the model predicts.
+    point, log3 = _run(ctl, point, range(20, 120, 2), lambda s: 8.0 - 0.01 * (s - 20))
+    assert all(not ctl.is_bad(d.ratio, d.staleness) for d in log3 if d.changed)
+    assert point[1] == 0
+
+
+def test_bad_region_at_tau0_is_the_compression() -> None:
+    ctl = Controller(DecoConfig(), 8, NUMELS)
+    ctl._trial = ((0.01, 0, "q4"), (0.1, 0, "fp32"))
+    ctl.monitor.trial = {"start": 0, "settle": 0, "expected": 1.0, "ema0": 1.0, "peak": 2.0}
+    d = ctl.decide(meas(0.05), (0.01, 0, "q4"), 10)
+    assert d.outcome == "backoff_rise" and (d.ratio, d.staleness, d.values) == (0.02, 0, "fp32")
+    assert ctl.is_bad(0.005, 0) and ctl.is_bad(0.01, 4) and not ctl.is_bad(0.02, 0)
+    assert ctl.bad[-1][2] is None  # a rise is remembered for the whole run
+
+
+def test_a_slow_region_expires() -> None:
+    from deco_sgd.controller import SLOW_BAN_PERIODS
+
+    cfg = DecoConfig()
+    ctl = Controller(cfg, 8, NUMELS)
+    ctl._trial = ((0.01, 2, "q4"), (0.01, 1, "q4"))
+    ctl.monitor.ref_slope = -0.1
+    ctl.monitor.trial = {"start": 0, "settle": 0, "expected": 1.0, "ema0": 1.0, "peak": 1.0}
+    ctl.monitor.history = [(s, 1.0) for s in range(10, 40, 2)]  # flat: no progress at all
+    d = ctl.decide(meas(0.05), (0.01, 2, "q4"), 40)
+    assert d.outcome == "backoff_slow" and (d.ratio, d.staleness) == (0.01, 1)
+    assert ctl.is_bad(0.5, 2)
+    ctl._now = 40 + SLOW_BAN_PERIODS * cfg.decide_every
+    assert not ctl.is_bad(0.5, 2)
+
+
+def test_backoff_at_tau0_raises_ratio() -> None:
+    ctl = Controller(DecoConfig(), 8, NUMELS)
+    assert ctl.backoff_point((0.01, 0, "q4")) == (0.02, 0, "fp32")
+    assert ctl.backoff_point((0.01, 3, "q4")) == (0.01, 2, "q4")
+    assert ctl.backoff_point((1.0, 0, "fp32")) == (1.0, 0, "fp32")
+
+
+def test_safety_state_round_trip() -> None:
+    cfg = DecoConfig(monitor_window=6, min_dwell_steps=0)
+    ctl = Controller(cfg, 8, NUMELS)
+    point, _ = _run(ctl, (0.1, 0, "fp32"), range(2, 12, 2), lambda s: 10.0 - 0.1 * s)
+    _run(ctl, point, range(12, 20, 2), lambda s: 9.0 + 0.5 * (s - 12))
+    other = Controller(cfg, 8, NUMELS)
+    other.load_state_dict(ctl.state_dict())
+    assert other.bad == ctl.bad and other.tau_ok == ctl.tau_ok
+    assert other.monitor.state_dict() == ctl.monitor.state_dict()
+
+
+def test_bandwidth_move_ends_a_trial_without_exploring_staleness() -> None:
+    ctl = Controller(DecoConfig(min_dwell_steps=0), 8, NUMELS)
+    # Reference: the first evaluation at 50 Mbit/s (remembered by the change trigger).
+    ctl.decide(meas(0.05, mbps=50.0, rtt_ms=50.0), (0.1, 0, "fp32"), 2)
+    point = (0.2, 0, "fp32")  # a large payload on trial
+    ctl._trial = (point, (0.1, 0, "fp32"))
+    ctl.monitor.ref_slope = -0.1
+    ctl.monitor.trial = {"start": 2, "settle": 2, "expected": 1.0, "ema0": 9.0, "peak": 9.0}
+    assert ctl.decide(meas(0.05, loss=9.0, mbps=50.0, rtt_ms=50.0), point, 4).outcome == "trial"
+    # The link drops 10x: the controller re-decides during the trial, for a smaller payload,
+    # and takes no staleness beyond the last verified level (τ_ok = 0 here).
+    d = ctl.decide(meas(0.05, loss=9.0, mbps=5.0, rtt_ms=50.0), point, 6)
+    assert d.trigger == "bandwidth_change" and d.outcome == "switch", d
+    assert d.staleness <= ctl.tau_ok == 0
+    assert ctl.size(d.ratio, d.values).nbytes < ctl.size(point[0], point[2]).nbytes
+
+
+def test_time_model_charges_the_algorithm_auto_will_run() -> None:
+    """8 ranks, 150 ms RTT, 100 Mbit/s: a small top-k all-gather runs recursive doubling
+    (3 rounds instead of the ring's 7), and the controller prices those 3 latencies; the
+    dense all-reduce stays a ring."""
+    from ccomm.schedule import choose
+
+    m = meas(0.5)
+    ctl = Controller(DecoConfig(), 8, NUMELS)
+    coll, nbytes = ctl.payload(0.01, "q4")
+    assert coll == "allgather" and choose("allgather", 8, nbytes, 0.075, 100 * MBIT) == "doubling"
+    assert ctl.algo(m, coll, nbytes) == "doubling"
+    assert ctl.size(0.01, "q4", m).latency_hops == 3 and ctl.size(0.01, "q4").latency_hops == 7
+    assert ctl.exchange_latency(m, 0.01, "q4") == pytest.approx(m.latency_allgather * 3 / 7)
+    assert ctl.exchange_latency(m, 1.0, "fp32") == m.latency_allreduce
+    ring = Controller(DecoConfig(collective_algo="ring"), 8, NUMELS)
+    assert ring.exchange_latency(m, 0.01, "q4") == m.latency_allgather
+
+
+def test_a_ratio_only_switch_that_fails_bans_only_smaller_ratios() -> None:
+    ctl = Controller(DecoConfig(), 8, NUMELS)
+    ctl._trial = ((0.01, 2, "q4"), (0.1, 2, "q4"))  # δ lowered, τ unchanged
+    ctl.monitor.trial = {"start": 0, "settle": 0, "expected": 1.0, "ema0": 1.0, "peak": 2.0}
+    d = ctl.decide(meas(0.05), (0.01, 2, "q4"), 20)
+    assert d.outcome == "backoff_rise" and (d.ratio, d.staleness) == (0.01, 1)
+    assert ctl.is_bad(0.005, 3) and ctl.is_bad(0.01, 2) and not ctl.is_bad(0.1, 2) and not ctl.is_bad(0.01, 1)
