@@ -19,8 +19,11 @@ timeout that hides the real cause. The rule:
    Futures handed out instead of a wait (`CommHandle.get_future`, which DDP hooks return)
    are `watch`ed by one daemon thread with the same timing, which fails them with the
    `PeerError`.
-3. `clear()` withdraws this rank's post (`ccomm.ranks` calls it before every job), and a
-   rank that completes a transfer after posting withdraws it too.
+3. `clear()` withdraws this rank's post: `ccomm.ranks` calls it before every job, and code
+   that catches a posted error and carries on must call it before its next transfer (a
+   rank also withdraws its post when it starts waiting on a transfer, but a peer that has
+   waited 0.1 s by then may have read it already). A `PeerError` is never posted: the
+   failure it reports is posted already.
 
 The store is the default group's, which every subgroup's store is a prefix of, so this
 works for any group on gloo and NCCL alike; without a default group (or a store), waits
@@ -83,7 +86,7 @@ def post_error(exc: BaseException | str) -> None:
     """Tell every rank of the job that this one failed (best effort: never raises)."""
     global _posted
     store = _store()
-    if store is None:
+    if store is None or isinstance(exc, PeerError):
         return
     reason = exc if isinstance(exc, str) else f"{type(exc).__name__}: {exc}"
     try:
@@ -281,6 +284,8 @@ def wait_works(works: Sequence[Any], group: Any = None, what: str = "wait") -> N
 
     Backend errors (a timeout, a lost peer) are raised by the works' own `wait()`, as before.
     """
+    if _posted:
+        clear()  # this rank carried on after its error: it takes part in this transfer
     pending = [w for w in works if not w.is_completed()]
     if not pending or _store() is None:
         for w in works:
@@ -303,5 +308,3 @@ def wait_works(works: Sequence[Any], group: Any = None, what: str = "wait") -> N
         else:
             for w in works:
                 w.wait()  # returns at once now; raises the backend's error, if any
-    if _posted:
-        clear()  # this rank carried on after its error, and its peers with it

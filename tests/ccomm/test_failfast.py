@@ -68,14 +68,17 @@ def _recover_then_exchange(rank: int, world: int) -> dict[str, Any]:
             pass
     dist.barrier()  # rank 1's post is in the store before anyone looks
     seen = failfast.peer_error() is not None
+    dist.barrier()
+    if rank == 1:
+        failfast.clear()  # rank 1 handled its error and carries on
+    dist.barrier()
     t = torch.ones(4)
-    works = [dist.all_reduce(t, async_op=True)]
-    failfast.wait_works(works)  # completes: rank 1 takes part, and withdraws its post
+    failfast.wait_works([dist.all_reduce(t, async_op=True)])
     dist.barrier()
     return {"seen_before": seen, "after": failfast.peer_error(), "sum": float(t[0])}
 
 
-def test_a_rank_that_carries_on_withdraws_its_error() -> None:
+def test_a_rank_that_carries_on_withdraws_its_error_with_clear() -> None:
     out = run_ranks(_recover_then_exchange, 2, group_timeout_s=GROUP_TIMEOUT_S, timeout=120)
     assert out[0]["seen_before"] is True and out[1]["seen_before"] is False  # own posts are not peer errors
     assert all(r["after"] is None and r["sum"] == 2.0 for r in out)
