@@ -22,7 +22,6 @@ __all__ = [
     "CommTimeoutError",
     "CommHandle",
     "PACKED_DTYPES",
-    "HEADER_DTYPE",
     "check_payload",
     "finish_sync",
     "group_rank_and_size",
@@ -36,8 +35,6 @@ T = TypeVar("T")
 
 #: Buffer dtypes whose elementwise sum is meaningless (bit-packed codes, bytes, flags).
 PACKED_DTYPES = (torch.uint8, torch.int8, torch.bool)
-#: dtype of size headers (`ccomm.schedule.HEADER_BYTES` bytes each): wide enough for any buffer.
-HEADER_DTYPE = torch.int64
 
 # Substrings of backend error messages that mean "the group's timeout expired"
 # (gloo: "Timed out waiting 3000ms ...", "Application timeout caused pair closure";
