@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _mp import LazyRanks  # noqa: E402
 from _timing import LAG_LIMIT_S, on_time  # noqa: E402
 
+from ccomm.header import HEADER_BYTES  # noqa: E402
 from netsim import cost  # noqa: E402
 from netsim._emulate_clock import EmuVirtualClock  # noqa: E402
 from netsim._emulate_patch import FUNCTIONAL_NAMES, PATCHED_NAMES  # noqa: E402
@@ -681,10 +682,13 @@ def _job_ccomm(rank: int, n: int, link: Link) -> dict[str, float]:
     align = _Aligner()
     with emulate(link) as emu:
         payload = codec.encode(x)
-        elapsed = _median_time(lambda: allreduce_payload(payload), align)
+        # The ring without and with the wire-header check: the check is one more gather
+        # of HEADER_BYTES per rank ahead of the data (ccomm.comm.wire.exchange_headers).
+        bare = _median_time(lambda: allreduce_payload(payload, algo="ring", check=False), align)
+        checked = _median_time(lambda: allreduce_payload(payload, algo="ring", check=True), align)
         late = emu.stats.late_ops
     align.close()
-    return {"s": elapsed, "nbytes": float(payload.nbytes), "late_ops": late}
+    return {"s": bare, "checked_s": checked, "nbytes": float(payload.nbytes), "late_ops": late}
 
 
 def _job_late(rank: int, n: int) -> dict[str, float]:
@@ -922,3 +926,5 @@ def test_n2_ccomm_transport_is_shaped(ranks2: LazyRanks) -> None:
         assert out["nbytes"] == NBYTES // 2
         model = cost.allreduce_time(out["nbytes"], LINK, 2)
         assert abs(out["s"] - model) <= _tol(model), (out, model)
+        checked = model + cost.allgather_time(HEADER_BYTES, LINK, 2)
+        assert abs(out["checked_s"] - checked) <= _tol(checked), (out, checked)
