@@ -19,7 +19,6 @@ tensor / the codec's exact `nbytes` (spec §2 formulas).
 """
 from __future__ import annotations
 
-import logging
 import math
 from typing import Sequence
 
@@ -31,7 +30,6 @@ from ccomm import make_codec
 __all__ = ["psnr", "ssim", "gaussian_window", "to_unit_crop", "compression_ratio", "analytic_compression_ratio",
            "SSIM_WINDOW", "SSIM_SIGMA", "SSIM_K1", "SSIM_K2", "DEFAULT_CROP"]
 
-logger = logging.getLogger(__name__)
 
 SSIM_WINDOW = 11
 SSIM_SIGMA = 1.5

@@ -11,7 +11,6 @@ on it in seconds; it says nothing about CompactFusion's quality.
 """
 from __future__ import annotations
 
-import logging
 from typing import Any, Protocol
 
 import torch
@@ -19,8 +18,6 @@ import torch
 from .methods import Method
 
 __all__ = ["Backend", "TinyDiTBackend", "RandomTinyDiTBackend", "WideDiTBackend", "ToyBackend", "make_backend", "BACKENDS"]
-
-logger = logging.getLogger(__name__)
 
 
 class Backend(Protocol):

@@ -13,7 +13,6 @@ Unknown keys are rejected so that a typo never silently falls back to a default:
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +25,6 @@ from .methods import METHODS, Method
 
 __all__ = ["LinkConfig", "BenchConfig", "load_config", "config_from_dict"]
 
-logger = logging.getLogger(__name__)
 
 _WIRE_DTYPES = ("fp32", "fp16", "bf16")
 

@@ -11,12 +11,10 @@ mit-han-lab/distrifuser), so the baseline is the published one.
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 __all__ = ["Method", "METHODS", "DISTRIFUSION_WARMUP"]
 
-logger = logging.getLogger(__name__)
 
 #: Synchronous warm-up steps of the original DistriFusion (its DistriConfig default).
 DISTRIFUSION_WARMUP = 4

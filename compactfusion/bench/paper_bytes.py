@@ -18,7 +18,6 @@ bytes at FLUX's shape through the real exchange instead of quoting the formula:
 """
 from __future__ import annotations
 
-import logging
 import statistics
 from typing import Any
 
@@ -28,8 +27,6 @@ from .methods import METHODS
 from .project import FluxSetting, codec_nbytes
 
 __all__ = ["CALLS", "job_paper_bytes", "summarize_paper_bytes"]
-
-logger = logging.getLogger(__name__)
 
 
 #: Calls per method: the first sends raw tensors (W = 1), the others compressed payloads.

@@ -21,7 +21,6 @@ Only the compression ratios come from our run; everything else is the paper's se
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import torch
@@ -33,7 +32,6 @@ from .methods import METHODS
 
 __all__ = ["FluxSetting", "ProjectionRow", "PAPER_ETHERNET", "PAPER_MAP", "project", "codec_nbytes"]
 
-logger = logging.getLogger(__name__)
 
 #: §8.4 of the design note (repo data): seconds per image, FLUX.1-dev 1024², 28 steps, 4 GPUs.
 PAPER_ETHERNET: dict[str, dict[int, float]] = {

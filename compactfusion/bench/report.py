@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 import platform
@@ -14,7 +13,6 @@ from .runner import RunData
 
 __all__ = ["write_outputs", "to_markdown", "host_info", "rerender"]
 
-logger = logging.getLogger(__name__)
 
 _ABLATION_STEPS = (0, 1, 2, 5, 10, 20, 26, 27)
 
