@@ -38,7 +38,6 @@ Limits [ours]:
 """
 from __future__ import annotations
 
-import logging
 import math
 import time
 from typing import TYPE_CHECKING, Any, Mapping, Protocol, Sequence
@@ -63,7 +62,6 @@ if TYPE_CHECKING:
 
 __all__ = ["AdaptiveDriver", "Clock", "WallClock"]
 
-logger = logging.getLogger(__name__)
 
 # Layout of the MAX vector.
 _T_COMP, _NEG_BW, _LAT_AR, _LAT_AG, _CODE, _NEG_CODE = range(6)

@@ -24,7 +24,6 @@ from typing import Sequence
 
 __all__ = ["main", "build_parser", "calibrate"]
 
-logger = logging.getLogger(__name__)
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1

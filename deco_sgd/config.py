@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import logging
 import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -43,7 +42,6 @@ __all__ = [
     "CONFIG_SCHEMA",
 ]
 
-logger = logging.getLogger(__name__)
 
 #: Codec families the controller can drive with a single ratio (design §7).
 ADAPTIVE_CODECS = ("topk", "randomk")

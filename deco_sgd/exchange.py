@@ -25,7 +25,6 @@ unit would only add a latency to every exchange.
 """
 from __future__ import annotations
 
-import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -42,8 +41,6 @@ from ccomm.finite import all_finite
 from .errors import DecoCommError
 
 __all__ = ["Unit", "StepEntry", "launch_unit", "completed_unit"]
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass(eq=False)

@@ -12,7 +12,6 @@ opens it (and applies a scheduled decision); the last closes it.
 """
 # No `from __future__ import annotations`: DDP checks the hook's annotations at runtime.
 
-import logging
 from typing import Any
 
 import torch
@@ -25,8 +24,6 @@ from .optim import DecoOptimizer
 from .state import DecoState
 
 __all__ = ["deco_hook", "attach_ddp"]
-
-logger = logging.getLogger(__name__)
 
 
 def deco_hook(state: DecoState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:

@@ -17,13 +17,10 @@ so no entry can be applied twice.
 """
 from __future__ import annotations
 
-import logging
 from collections import deque
 from typing import Generic, Iterator, Protocol, TypeVar
 
 __all__ = ["InFlightFifo", "Sequenced"]
-
-logger = logging.getLogger(__name__)
 
 
 class Sequenced(Protocol):

@@ -26,7 +26,6 @@ Loading runs in this order:
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,7 +48,6 @@ __all__ = [
     "METHOD_KINDS",
 ]
 
-logger = logging.getLogger(__name__)
 
 #: Hidden layers of the --quick MLP: the scenarios' 784-1024-1024-10 (1.9 M parameters) costs
 #: minutes per run on 2 cores once top-k encoding is in the loop; this one takes seconds.

@@ -22,7 +22,6 @@ decisions stay replicated.
 """
 from __future__ import annotations
 
-import logging
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -51,8 +50,6 @@ __all__ = [
     "grid_name",
     "first_decision",
 ]
-
-logger = logging.getLogger(__name__)
 
 
 def grid_name(ratio: float, tau: int) -> str:

@@ -27,7 +27,6 @@ the clock-validation methods of a `deco-sgd bench` scenario, and writes ``DIR/re
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 import os
 import sys
@@ -43,7 +42,6 @@ __all__ = ["REL_TOL", "LATE_TIME_MAX", "RealRunSpec", "RealResult", "StepPlan", 
            "train_rank", "step_plans", "virtual_step_ends", "predict_virtual", "checkpoints", "late_bound_s",
            "validate"]
 
-logger = logging.getLogger(__name__)
 
 #: Virtual and real elapsed time must agree within this fraction at every checkpoint (§9.4).
 REL_TOL = 0.15

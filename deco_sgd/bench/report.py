@@ -21,7 +21,6 @@ from __future__ import annotations
 import csv
 import datetime
 import json
-import logging
 import math
 import platform
 import statistics
@@ -34,7 +33,6 @@ from .methods import grid_name
 __all__ = ["build_results", "write_outputs", "render_report", "SCENARIO_TARGETS", "first_reach", "spearman",
            "rank_correlation"]
 
-logger = logging.getLogger(__name__)
 
 #: Issue #4's targets per scenario name: (what, method, baseline, required speed-up or None).
 SCENARIO_TARGETS: dict[str, list[tuple[str, str, float]]] = {

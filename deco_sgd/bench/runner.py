@@ -36,7 +36,6 @@ from .vclock import replay
 
 __all__ = ["run_bench", "fingerprint", "NETWORK_DEPENDENT", "BenchFailed", "retime"]
 
-logger = logging.getLogger(__name__)
 
 #: Methods whose trajectory depends on the network (their runs cannot be shared across scenarios).
 NETWORK_DEPENDENT = ("deco", "static_apriori", "dga")

@@ -40,7 +40,6 @@ not depend on the network (every static method) can so be timed on any scenario.
 from __future__ import annotations
 
 import functools
-import logging
 import math
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
@@ -53,7 +52,6 @@ from ..timemodel import collective_cost
 
 __all__ = ["PATTERNS", "PatternCost", "pattern_cost", "LinkTimeline", "StepClock", "Transfer", "replay"]
 
-logger = logging.getLogger(__name__)
 
 #: Exchange patterns the timeline understands (netsim.cost op names).
 PATTERNS = ("allreduce", "allgather")
