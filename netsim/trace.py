@@ -9,7 +9,6 @@ once at construction turns ``bits_between`` and ``time_to_send`` into bisections
 from __future__ import annotations
 
 import bisect
-import logging
 import math
 import random
 import re
@@ -21,7 +20,6 @@ from pathlib import Path
 
 __all__ = ["Trace", "MAHIMAHI_PACKET_BITS", "MAHIMAHI_MAX_MS"]
 
-logger = logging.getLogger(__name__)
 
 #: Mahimahi delivers one 1500-byte packet per line: 12,000 bits.
 MAHIMAHI_PACKET_BITS = 1500 * 8
