@@ -1,4 +1,4 @@
-"""Registered noise terms Φ(δ, τ) of the convergence surrogate (design §3.4).
+"""Registered noise terms Φ(δ, τ) of the convergence surrogate (docs/design/deco_sgd.md#template-surrogate).
 
 Φ measures how much compression (fraction kept δ) coupled with staleness τ slows
 convergence; the surrogate in :mod:`deco_sgd.surrogate` adds it under a square root next
@@ -23,7 +23,7 @@ __all__ = ["PhiFn", "PHI_FUNCTIONS", "REPORTED_MAX_RATIO", "register_phi", "phi_
 #: Φ(δ, τ, base) -> value (may be inf or NaN; the caller decides what that means).
 PhiFn = Callable[[float, int, float], float]
 
-#: `reported` is only accepted when max(ratio_grid) is at most this (design §3.4).
+#: `reported` is only accepted when max(ratio_grid) is at most this (docs/design/deco_sgd.md#template-surrogate).
 REPORTED_MAX_RATIO = 0.5
 
 

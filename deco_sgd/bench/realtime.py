@@ -1,4 +1,5 @@
-"""Real-time mode: n gloo processes over `netsim.emulate`, and the check of the virtual clock (§9.4).
+"""Real-time mode: n gloo processes over `netsim.emulate`, and the check of the virtual clock
+(docs/design/deco_sgd.md#real-time-validation).
 
 One real-time run (`run_real(spec)`):
 
@@ -43,7 +44,8 @@ __all__ = ["REL_TOL", "LATE_TIME_MAX", "RealRunSpec", "RealResult", "StepPlan", 
            "validate"]
 
 
-#: Virtual and real elapsed time must agree within this fraction at every checkpoint (§9.4).
+#: Virtual and real elapsed time must agree within this fraction at every checkpoint
+#: (docs/design/deco_sgd.md#real-time-validation).
 REL_TOL = 0.15
 #: An operation is late when its real loopback transport finished after its modeled time
 #: (e.g. on a CPU starved by other jobs). When a rank's late operations may have cost more
@@ -360,7 +362,8 @@ def step_plans(result: RealResult, host: bool = True) -> list[StepPlan]:
 
     Compute of a step = max(compute_time_s, measured forward/backward), plus (`host=True`)
     the measured host work of `DecoOptimizer.step()` outside its waits: the real step is
-    slower than `compute_time_s` by that much, so the replay uses the log (§9.4). With
+    slower than `compute_time_s` by that much, so the replay uses the log
+    (docs/design/deco_sgd.md#real-time-validation). With
     `host=True` the compute phase is also at least what it really lasted, from the end of the
     rank's previous step to this launch: on a loaded host the padding sleep wakes late and the
     bookkeeping between steps takes time, and that time is the host's, not the link's. What

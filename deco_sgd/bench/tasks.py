@@ -1,4 +1,4 @@
-"""The `Task` protocol the time-to-accuracy benchmark drives, and the task registry (design §9.1).
+"""The `Task` protocol the time-to-accuracy benchmark drives, and the task registry (docs/design/deco_sgd.md#tasks).
 
 A task owns its data, its model factory, its loss and its metric. Everything is a pure
 function of the seed: the same `(rank, world, seed)` gives the same batches and the same

@@ -1,4 +1,5 @@
-"""§7 faults: non-finite gradients never reach the residual; a dead peer raises, never hangs."""
+"""Faults: non-finite gradients never reach the residual; a dead peer raises, never hangs
+(docs/design/deco_sgd.md#validation-and-faults)."""
 from __future__ import annotations
 
 import time
