@@ -1,6 +1,6 @@
 """What the benchmark runs: a model, a way to parallelize it, and a sampler.
 
-:class:`TinyDiTBackend` is the real one (the committed MNIST DiT of spec §6, parallelized by
+:class:`TinyDiTBackend` is the real one (the committed MNIST DiT, docs/design/compactfusion.md#tiny-model, parallelized by
 :func:`compactfusion.parallelize`, sampled by ``compactfusion.models.sample.sample``);
 :class:`RandomTinyDiTBackend` is the same with seeded random weights (no checkpoint needed).
 :class:`ToyBackend` is a stand-in with the same interface whose "model" is a few lines of

@@ -1,4 +1,4 @@
-"""Wire bytes measured at the paper's activation shape (FLUX.1 1024², spec §8.1).
+"""Wire bytes measured at the paper's activation shape (FLUX.1 1024², docs/design/compactfusion.md#paper-setting).
 
 The codecs' scale overhead is ``(N + C)`` values per tensor, so the tiny model's 128
 channels cap ``binary`` at 14.2x where FLUX's 3072 channels give 15.7x. This measures the

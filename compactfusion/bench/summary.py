@@ -1,6 +1,6 @@
 """Turn the raw samples of a run into the ``results.json`` mapping.
 
-Per group size and method (spec §7):
+Per group size and method (docs/design/compactfusion.md#metrics):
 
 - ``latency_s``: median wall time of one request (all ``labels`` as one batch) on the main
   link, the slowest rank of each sample; ``latency_iqr_s``; ``latency_unshaped_s`` on the

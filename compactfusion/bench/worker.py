@@ -33,7 +33,7 @@ __all__ = ["RunKey", "SampleResult", "job_prepare", "job_link", "job_sample", "j
 
 
 _START_AHEAD_S = 0.02
-#: ccomm.stats tags of the CompactFusion exchanges (spec §3).
+#: ccomm.stats tags of the CompactFusion exchanges (docs/design/compactfusion.md#parallel-modes).
 TAGS = ("kv_ring", "kv_gather", "token_gather")
 
 
