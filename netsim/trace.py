@@ -49,7 +49,8 @@ def _validate(
     period_s: float | None,
     where: Callable[[int], str] = _default_where,
 ) -> None:
-    """Raise ``ValueError`` for any §2 rule; ``where(k)`` names point k (e.g. ``file:line``)."""
+    """Raise ``ValueError`` for any rule of docs/design/netsim.md#trace-validation; ``where(k)`` names
+    point k (e.g. ``file:line``)."""
     if len(times) == 0:
         raise ValueError(f"{where(-1)}: empty trace (need at least one (time_s, mbps) point)")
     if len(times) != len(rates):
