@@ -28,7 +28,8 @@ REPORTED_MAX_RATIO = 0.5
 
 
 def _reported(delta: float, tau: int, base: float) -> float:
-    # Evaluated literally as (1−δ)/(δ(1−δ)^τ) so that δ = 1 gives the 0/0 the spec names;
+    # Evaluated literally as (1−δ)/(δ(1−δ)^τ) so that δ = 1 gives the 0/0 that
+    # docs/design/deco_sgd.md#template-surrogate names;
     # base is unused (the reported term has no free base).
     num = 1.0 - delta
     den = delta * (1.0 - delta) ** tau

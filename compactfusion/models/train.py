@@ -21,7 +21,7 @@ Steps:
 
 The default step count was chosen from a per-step time measured with `--measure 30` on an idle
 machine (0.172 s/step, recorded in the JSON via `--clean-step-s`): 2400 steps ≈ 7 minutes on 2 idle
-cores (spec: target 5, cap 10). The intermediate gates of `--gate-every` draw from their own
+cores (planned: target 5, cap 10). The intermediate gates of `--gate-every` draw from their own
 generator, so they do not change the trained weights.
 
 Prediction target (measured; a deviation from the planned ε,
@@ -289,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--zero-init", action="store_true", help="DiT-paper zero init of adaLN and output layers")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--prediction-type", default="v_prediction", choices=PREDICTION_TYPES,
-                   help="network target (default v_prediction; epsilon, the spec's, misses the gate at this budget)")
+                   help="network target (default v_prediction; epsilon, the planned one, misses the gate at this budget)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

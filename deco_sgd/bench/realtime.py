@@ -19,7 +19,7 @@ One real-time run (`run_real(spec)`):
 `predict_virtual(result)` replays the recorded schedule (same sizes, same waited entries,
 per-rank compute = max(compute_time_s, measured) + host work) through the virtual clock, and `validate(result)`
 gives the relative error of virtual against real elapsed time at every checkpoint step;
-`REL_TOL` is the spec's 15 % bound.
+`REL_TOL` is the 15 % bound of docs/design/deco_sgd.md#real-time-validation.
 
 CLI (`realtime_cli`): ``python -m deco_sgd.bench.realtime --config CFG.yaml --out DIR`` runs
 every method of a config in real time, or ``--bench SCENARIO.yaml [--results results.json]``

@@ -116,7 +116,7 @@ def test_tau_min_is_the_least_staleness_reaching_the_floor(t_comp: float, t_tx: 
     assert t_iter(t_comp, t_tx, l_eff, tm) == pytest.approx(floor, rel=1e-8)
     if tm > 0:
         assert t_iter(t_comp, t_tx, l_eff, tm - 1) > floor * (1 + 1e-10)
-    if t_tx <= t_comp:  # the spec's shortcut ⌈T_comm/T_comp⌉
+    if t_tx <= t_comp:  # the shortcut ⌈T_comm/T_comp⌉ of docs/design/deco_sgd.md#least-staleness
         x = (l_eff + t_tx) / t_comp
         if abs(x - round(x)) > 1e-6:
             assert tm == math.ceil(x)
@@ -192,7 +192,8 @@ def test_fit_surrogate_rejects_unusable_samples() -> None:
 
 # -- search (docs/design/deco_sgd.md#search) ------------------------------------------------------------
 def _brute_force(ctl: Controller, m: Measurements, cfg: DecoConfig) -> tuple[float, int, float]:
-    """Independent argmin: every grid point and τ ≤ min(τ_min, τ_max), ties as the spec says."""
+    """Independent argmin: every grid point and τ ≤ min(τ_min, τ_max), ties as
+    docs/design/deco_sgd.md#search says."""
     p = SurrogateParams.from_config(cfg)
     r = 0.0 if m.r is None else m.r
     rows = []
@@ -387,7 +388,7 @@ def test_hysteresis_holds_a_near_optimal_point() -> None:
     ctl = Controller(cfg, 8, NUMELS)
     best = ctl.search(m)
     assert best is not None
-    # The runner-up within 5% of the optimum: the spec's default band.
+    # The runner-up within 5% of the optimum: the default hysteresis band.
     near = [(d, t) for d in cfg.ratio_grid for t in range(cfg.tau_max + 1)
             if (d, t) != (best.ratio, best.staleness) and best.w < ctl.score(m, d, t).w < best.w / 0.95]
     assert near, "precondition: some point lies within the hysteresis band"
