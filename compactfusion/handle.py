@@ -18,7 +18,7 @@ so the two cannot drift apart:
 `check_every = N > 0` checks after every N-th completed denoising step of a request, i.e.
 when `completed_steps` (the step count after the forward that just ended, all
 `calls_per_step` branches included) is a multiple of N: completed steps N, 2N, 3N, ...
-This is "every N-th step" of the design record; N = 1 checks after every step. The check
+This is "every k-th step" of docs/design/compactfusion.md#configuration-and-faults; N = 1 checks after every step. The check
 is that every rank holds bit-identical bases (`CompactState.check_consistency`) and, when
 no `policy` skips steps, that each own key was encoded once per completed step (the
 handle's step count and the codec's use counts, hence warm-up, agree).

@@ -1,7 +1,7 @@
 """CompactFusion's compressed ring inside an xDiT (`xfuser`) pipeline.
 
 `patch(pipe, config)` replaces xfuser's ring-attention call by CompactFusion's ring
-(`compactfusion.attention.ring_attention`): each ring rank encodes its own K/V once per
+(`compactfusion.attention.ring_attention`, docs/design/compactfusion.md#parallel-modes): each ring rank encodes its own K/V once per
 layer and step against the mirrored base, the payloads travel P-1 hops unchanged, every
 rank attends to its exact own K/V and to the reconstructions of the others. Everything else
 in the xfuser pipeline (sequence split, gather, CFG, scheduler, VAE) stays xfuser's.
@@ -9,8 +9,7 @@ in the xfuser pipeline (sequence split, gather, CFG, scheduler, VAE) stays xfuse
 importable, and its ring mode usable, on a host without an accelerator.
 
 What xfuser 0.7.0 does that this adapter depends on (its seams, its CPU failures, the tiny
-in-memory pipeline of the tests) is written down in `docs/compactfusion.md`, section
-"xfuser 0.7.0: findings"; the handle's interface and hooks are `compactfusion.handle`'s,
+in-memory pipeline of the tests) is written down in docs/compactfusion.md#xfuser-070-findings; the handle's interface and hooks are `compactfusion.handle`'s,
 shared with `parallelize`.
 
 Algorithm of `patch(pipe, config, seam="auto")`:

@@ -1,8 +1,8 @@
 """`cpu_env_patch()`: make xfuser 0.7.0 importable, and its ring mode constructible, without an accelerator.
 
 xfuser assumes CUDA (or another accelerator) while it imports and builds its groups; the
-reasons and what each step changes are findings 1, 3, 4 and 5 of "xfuser on CPU" in
-`docs/compactfusion.md`. `compactfusion.adapters.xfuser` re-exports `cpu_env_patch`;
+reasons and what each step changes are findings 1, 3, 4 and 5 of
+docs/compactfusion.md#xfuser-070-findings. `compactfusion.adapters.xfuser` re-exports `cpu_env_patch`;
 the compressed ring (`patch()`) is what then makes ring mode usable on CPU.
 """
 from __future__ import annotations
