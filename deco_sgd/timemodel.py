@@ -1,7 +1,7 @@
 """Time model of one DeCo-SGD step (design §3.1-§3.3) as pure functions [ours].
 
 Message sizes (§3.2) per exchange pattern, with k = Σ_p ⌈δ·d_p⌉ kept entries, b_v bytes
-per value and b_i per index. The collective patterns are read off `netsim.cost.schedule`
+per value and b_i per index. The collective patterns are read off `netsim.model.cost.schedule`
 (built on `ccomm.schedule`, which describes what `ccomm.comm` sends), so they agree with
 the transport and the simulator by construction (`collective_cost`):
 

@@ -55,7 +55,7 @@ __all__ = ["PATTERNS", "PatternCost", "pattern_cost", "LinkTimeline", "StepClock
 
 logger = logging.getLogger(__name__)
 
-#: Exchange patterns the timeline understands (netsim.cost op names).
+#: Exchange patterns the timeline understands (netsim.model.cost op names).
 PATTERNS = ("allreduce", "allgather")
 
 

@@ -12,9 +12,9 @@ import argparse
 import logging
 import re
 
-from .link import Link
-from .topo import Topo
-from .trace import Trace
+from ..model.link import Link
+from ..model.topo import Topo
+from ..model.trace import Trace
 
 __all__ = [
     "EXIT_BAD_INPUT",

@@ -1,7 +1,8 @@
-"""``netsim`` / ``python -m netsim``: the command line.
+"""``netsim`` / ``python -m netsim``: the command line (entry point ``netsim.__main__:main``).
 
-``trace`` lives in :mod:`netsim.trace_cli`. Backends add their own subcommands (``up``,
-``down``, ``probe``, ...) through a function ``add_cli(subparsers)`` in their module; the
+``trace`` lives in :mod:`netsim.cli.trace`. The root-only backends add their subcommands
+(``up``, ``down`` in :mod:`netsim.cli.net`; ``probe`` in :mod:`netsim.cli.probe`) through a
+function ``add_cli(subparsers)`` in their module; the
 modules listed in :data:`CLI_PLUGINS` are imported only if present, and a plugin that fails
 to import is skipped with a warning so the other subcommands keep working.
 
@@ -19,15 +20,15 @@ import os
 import sys
 from collections.abc import Sequence
 
-from .cli import EXIT_BAD_INPUT
-from .trace_cli import add_cli as add_trace_cli
+from . import EXIT_BAD_INPUT
+from .trace import add_cli as add_trace_cli
 
 __all__ = ["CLI_PLUGINS", "build_parser", "main"]
 
 logger = logging.getLogger(__name__)
 
 #: Modules that may expose ``add_cli(subparsers)``, in help order.
-CLI_PLUGINS = ("netsim.netns", "netsim.mininet", "netsim.probe")
+CLI_PLUGINS = ("netsim.cli.net", "netsim.cli.probe")
 
 
 def _load_plugins(subparsers: argparse._SubParsersAction) -> None:
@@ -73,6 +74,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(devnull, sys.stdout.fileno())
         return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,4 @@
-"""Pure builders of the ``ip``/``tc`` command lines that netsim.netns runs (spec §6.2, §6.6).
+"""Pure builders of the ``ip``/``tc`` command lines that netsim.namespaces.netns runs (spec §6.2, §6.6).
 
 Every builder returns :class:`Cmd` (an argv and the argv that undoes it) and never touches the
 system, so plans are golden-tested without root.  Every command is scoped to a netsim namespace:
