@@ -1,7 +1,6 @@
 """`allreduce_payload` and `allgather_payloads`: check, choose the algorithm, run it."""
 from __future__ import annotations
 
-import logging
 
 import torch.distributed as dist
 
@@ -16,8 +15,6 @@ from .header_exchange import exchange_headers
 from .wire import check_gathered
 
 __all__ = ["allreduce_payload", "allgather_payloads"]
-
-logger = logging.getLogger(__name__)
 
 
 def allreduce_payload(

@@ -1,4 +1,4 @@
-"""netsim.namespaces.mininet: the same topologies through Mininet's Python API (spec §7).
+"""netsim.namespaces.mininet: the same topologies through Mininet's Python API (docs/design/netsim.md#mininet).
 
 ``up(topo)`` returns a :class:`netsim.namespaces.netns.Net`.  Mininet builds hosts ``nsmh<i>`` (network
 namespaces held by ``mnexec`` shells) joined by a ``LinuxBridge`` ``nsms0`` (no controller).
