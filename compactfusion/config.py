@@ -16,6 +16,7 @@ import torch
 
 from ccomm.codecs import Stacked
 from ccomm.registry import available_codecs, make_codec, parse_spec
+from ccomm.validate import check_bool, check_choice, check_int, check_number, fail
 
 __all__ = ["CompactConfig", "MODES", "VARIANTS", "WIRE_DTYPES"]
 
@@ -27,15 +28,6 @@ WIRE_DTYPES = {"auto": None, "fp32": torch.float32, "fp16": torch.float16, "bf16
 _SHAPE_CHANGE = ("error", "reset")
 _NEW_REQUEST = ("timestep", "off")
 _NONFINITE = ("error", "ignore")
-
-
-def _is_int(v: object) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _choice(field: str, value: object, allowed: tuple[str, ...] | list[str]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{field}={value!r}: allowed values are {', '.join(map(str, allowed))}")
 
 
 @dataclass(frozen=True)
@@ -60,7 +52,7 @@ class CompactConfig:
     policy: Optional[Callable[[int, int], bool]] = None
 
     def __post_init__(self) -> None:
-        _choice("mode", self.mode, MODES)
+        check_choice("mode", self.mode, MODES)
         if not isinstance(self.codec, str) or not self.codec.strip():
             raise ValueError(f"codec={self.codec!r}: 'none' or a codec spec; available: {', '.join(available_codecs())}")
         if self.codec != "none":
@@ -68,40 +60,33 @@ class CompactConfig:
                 Stacked(self.make_codec())  # a layer's K and V travel as one stack
             except ValueError as exc:
                 raise ValueError(f"codec={self.codec!r}: {exc}; 'none' or one of {', '.join(available_codecs())}") from exc
-        if not _is_int(self.warmup_steps) or self.warmup_steps < 1:
-            raise ValueError(f"warmup_steps={self.warmup_steps!r}: must be an integer >= 1 (step 0 has no base)")
-        _choice("variant", self.variant, VARIANTS)
-        _choice("wire_dtype", self.wire_dtype, list(WIRE_DTYPES))
+        check_int("warmup_steps", self.warmup_steps, 1)  # step 0 has no base to send a residual against
+        check_choice("variant", self.variant, VARIANTS)
+        check_choice("wire_dtype", self.wire_dtype, list(WIRE_DTYPES))
         if self.layers is not None:
             if isinstance(self.layers, (str, bytes)) or not hasattr(self.layers, "__iter__"):
-                raise ValueError(f"layers={self.layers!r}: must be None or distinct integers >= 0")
+                fail("layers", "None or distinct integers >= 0", self.layers)
             layers = tuple(self.layers)
-            if not all(_is_int(x) and x >= 0 for x in layers) or len(set(layers)) != len(layers):
-                raise ValueError(f"layers={self.layers!r}: must be None or distinct integers >= 0")
+            if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in layers) \
+                    or len(set(layers)) != len(layers):
+                fail("layers", "None or distinct integers >= 0", self.layers)
             object.__setattr__(self, "layers", layers)
-        if not _is_int(self.calls_per_step) or self.calls_per_step < 1:
-            raise ValueError(f"calls_per_step={self.calls_per_step!r}: must be an integer >= 1")
-        if not isinstance(self.patch_exact_local, bool):
-            raise ValueError(f"patch_exact_local={self.patch_exact_local!r}: must be True or False")
+        check_int("calls_per_step", self.calls_per_step, 1)
+        check_bool("patch_exact_local", self.patch_exact_local)
         if self.patch_exact_local and self.mode != "patch":
             raise ValueError(f"patch_exact_local=True: only allowed with mode='patch', got mode={self.mode!r}")
-        _choice("on_shape_change", self.on_shape_change, _SHAPE_CHANGE)
-        _choice("new_request", self.new_request, _NEW_REQUEST)
-        _choice("nonfinite", self.nonfinite, _NONFINITE)
-        if not _is_int(self.check_every) or self.check_every < 0:
-            raise ValueError(f"check_every={self.check_every!r}: must be an integer >= 0")
+        check_choice("on_shape_change", self.on_shape_change, _SHAPE_CHANGE)
+        check_choice("new_request", self.new_request, _NEW_REQUEST)
+        check_choice("nonfinite", self.nonfinite, _NONFINITE)
+        check_int("check_every", self.check_every, 0)
         if self.check_every > 0 and self.variant == "no_ef":
             raise ValueError("check_every > 0 with variant='no_ef': no_ef bases differ between ranks by construction")
-        if not isinstance(self.record_errors, bool):
-            raise ValueError(f"record_errors={self.record_errors!r}: must be True or False")
-        if self.max_state_mb is not None and (
-            isinstance(self.max_state_mb, bool) or not isinstance(self.max_state_mb, (int, float)) or not self.max_state_mb > 0
-        ):
-            raise ValueError(f"max_state_mb={self.max_state_mb!r}: must be None or a number > 0")
-        if not _is_int(self.seed) or self.seed < 0:
-            raise ValueError(f"seed={self.seed!r}: must be an integer >= 0")
+        check_bool("record_errors", self.record_errors)
+        if self.max_state_mb is not None:
+            check_number("max_state_mb", self.max_state_mb, 0.0, lo_open=True)
+        check_int("seed", self.seed, 0)
         if self.policy is not None and not callable(self.policy):
-            raise ValueError(f"policy={self.policy!r}: must be None or a callable (layer, step) -> bool")
+            fail("policy", "None or a callable (layer, step) -> bool", self.policy)
         if self.mode == "distrifusion" and self.codec != "none":
             logger.warning("mode='distrifusion' with codec=%r is experimental", self.codec)
 

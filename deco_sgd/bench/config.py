@@ -27,11 +27,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from ccomm.validate import check_int, check_number
 from netsim import Link, Trace
 
 from ..config import DecoConfig
@@ -61,19 +61,6 @@ METHOD_KINDS = ("dsgd", "grid", "static_apriori", "cocktail", "dga", "powersgd",
 TRACE_KINDS = ("random_walk", "steps", "csv")
 
 
-def _num(name: str, v: Any, lo: float, hi: float = math.inf, *, lo_open: bool = False, integer: bool = False) -> Any:
-    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
-    if integer:
-        ok = ok and isinstance(v, int)
-    if ok:
-        ok = (v > lo if lo_open else v >= lo) and v <= hi
-    if not ok:
-        kind = "an integer" if integer else "a number"
-        rng = f"{'(' if lo_open else '['}{lo:g}, {'inf' if math.isinf(hi) else f'{hi:g}'}]"
-        raise ValueError(f"{name}: must be {kind} in {rng}, got {v!r}")
-    return v if integer else float(v)
-
-
 def _from_mapping(cls: type, section: str, data: Any) -> Any:
     if data is None:
         data = {}
@@ -97,11 +84,11 @@ class NetworkConfig:
     trace: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
-        _num("network.rtt_ms", self.rtt_ms, 0.0, 10_000.0)
+        check_number("network.rtt_ms", self.rtt_ms, 0.0, 10_000.0)
         if self.trace is None:
             if self.bandwidth_mbps is None:
                 raise ValueError("network.bandwidth_mbps: give a rate in Mbit/s or a network.trace")
-            _num("network.bandwidth_mbps", self.bandwidth_mbps, 0.0, 1e6, lo_open=True)
+            check_number("network.bandwidth_mbps", self.bandwidth_mbps, 0.0, 1e6, lo_open=True)
         else:
             if self.bandwidth_mbps is not None:
                 raise ValueError("network.bandwidth_mbps: must be null when network.trace is given")
@@ -156,19 +143,19 @@ class TrainConfig:
     timeout_s: float = 7200.0
 
     def __post_init__(self) -> None:
-        _num("train.steps", self.steps, 1, 1_000_000, integer=True)
-        _num("train.lr", self.lr, 0.0, 10.0, lo_open=True)
-        _num("train.momentum", self.momentum, 0.0, 0.999)
-        _num("train.eval_every", self.eval_every, 1, 1_000_000, integer=True)
-        _num("train.compute_time_s", self.compute_time_s, 0.0, 3600.0, lo_open=True)
-        _num("train.timeout_s", self.timeout_s, 1.0, 1e6)
+        check_int("train.steps", self.steps, 1, 1_000_000)
+        check_number("train.lr", self.lr, 0.0, 10.0, lo_open=True)
+        check_number("train.momentum", self.momentum, 0.0, 0.999)
+        check_int("train.eval_every", self.eval_every, 1, 1_000_000)
+        check_number("train.compute_time_s", self.compute_time_s, 0.0, 3600.0, lo_open=True)
+        check_number("train.timeout_s", self.timeout_s, 1.0, 1e6)
         for name in ("seeds", "grid_seeds"):
             v = getattr(self, name)
             if v is None:
                 continue
             if isinstance(v, (str, bytes)) or not hasattr(v, "__iter__") or not list(v):
                 raise ValueError(f"train.{name}: must be a non-empty list of integers >= 0, got {v!r}")
-            vals = tuple(_num(f"train.{name}", s, 0, 2**31, integer=True) for s in v)
+            vals = tuple(check_int(f"train.{name}", s, 0, 2**31) for s in v)
             if len(set(vals)) != len(vals):
                 raise ValueError(f"train.{name}: seeds must be distinct, got {list(vals)}")
             object.__setattr__(self, name, vals)
@@ -208,23 +195,23 @@ class MethodsConfig:
                 raise ValueError(f"methods.{name}: must be a list, got {v!r}")
             object.__setattr__(self, name, tuple(v))
         for r in self.grid_ratios:
-            _num("methods.grid_ratios", r, 0.0, 1.0, lo_open=True)
+            check_number("methods.grid_ratios", r, 0.0, 1.0, lo_open=True)
         for t in self.grid_taus:
-            _num("methods.grid_taus", t, 0, 64, integer=True)
+            check_int("methods.grid_taus", t, 0, 64)
         if self.grid_pairs is not None:
             pairs = []
             for p in self.grid_pairs:
                 if isinstance(p, (str, bytes)) or not hasattr(p, "__len__") or len(p) != 2:
                     raise ValueError(f"methods.grid_pairs: each entry must be [ratio, staleness], got {p!r}")
-                pairs.append((_num("methods.grid_pairs", p[0], 0.0, 1.0, lo_open=True),
-                              _num("methods.grid_pairs", p[1], 0, 64, integer=True)))
+                pairs.append((check_number("methods.grid_pairs", p[0], 0.0, 1.0, lo_open=True),
+                              check_int("methods.grid_pairs", p[1], 0, 64)))
             object.__setattr__(self, "grid_pairs", tuple(pairs))
         if len(set(self.grid)) != len(self.grid):
             raise ValueError(f"methods.grid_pairs: pairs must be distinct, got {list(self.grid)}")
         for r in self.powersgd_ranks:
-            _num("methods.powersgd_ranks", r, 1, 1024, integer=True)
-        _num("methods.cocktail_staleness", self.cocktail_staleness, 0, 64, integer=True)
-        _num("methods.dga_tau_max", self.dga_tau_max, 0, 64, integer=True)
+            check_int("methods.powersgd_ranks", r, 1, 1024)
+        check_int("methods.cocktail_staleness", self.cocktail_staleness, 0, 64)
+        check_int("methods.dga_tau_max", self.dga_tau_max, 0, 64)
         bad = [s for s in self.skip if s not in METHOD_KINDS or s == "dsgd"]
         if bad:
             raise ValueError(f"methods.skip: must name method kinds from {[k for k in METHOD_KINDS if k != 'dsgd']},"
@@ -251,9 +238,9 @@ class TargetConfig:
     value: float | None = None
 
     def __post_init__(self) -> None:
-        _num("target.factor", self.factor, 0.0, 1.0, lo_open=True)
+        check_number("target.factor", self.factor, 0.0, 1.0, lo_open=True)
         if self.value is not None:
-            _num("target.value", self.value, -1e9, 1e9)
+            check_number("target.value", self.value, -1e9, 1e9)
 
 
 @dataclass(frozen=True)
@@ -273,7 +260,7 @@ class BenchConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.scenario, str) or not self.scenario.strip():
             raise ValueError(f"scenario: must be a non-empty name, got {self.scenario!r}")
-        _num("workers", self.workers, 1, 64, integer=True)
+        check_int("workers", self.workers, 1, 64)
         if not isinstance(self.task, Mapping) or "name" not in self.task:
             raise ValueError(f"task.name: must be given (one of mnist, bytelm), got {self.task!r}")
         from .tasks import TASKS
