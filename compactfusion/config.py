@@ -15,8 +15,9 @@ from typing import Callable, Optional
 import torch
 
 from ccomm.codecs import Stacked
+from ccomm.configs import config_dict, fingerprint
 from ccomm.registry import available_codecs, make_codec, parse_spec
-from ccomm.validate import check_bool, check_choice, check_int, check_number, fail
+from ccomm.validate import check_bool, check_choice, check_int, check_number, deprecated_value, fail
 
 __all__ = ["CompactConfig", "MODES", "VARIANTS", "WIRE_DTYPES"]
 
@@ -25,9 +26,12 @@ logger = logging.getLogger(__name__)
 MODES = ("ring", "patch", "distrifusion")
 VARIANTS = ("ef", "no_ef", "naive")
 WIRE_DTYPES = {"auto": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-_SHAPE_CHANGE = ("error", "reset")
+_SHAPE_CHANGE = ("raise", "reset")
 _NEW_REQUEST = ("timestep", "off")
-_NONFINITE = ("error", "ignore")
+_NONFINITE = ("raise", "ignore")
+#: Spellings renamed to the glossary's (docs/glossary.md: "raise" is the option that raises,
+#: as in DeCo-SGD's `nonfinite`); accepted with a DeprecationWarning for now.
+_RENAMED_VALUES = {"on_shape_change": {"error": "raise"}, "nonfinite": {"error": "raise"}}
 
 
 @dataclass(frozen=True)
@@ -42,9 +46,9 @@ class CompactConfig:
     layers: Optional[tuple[int, ...]] = None
     calls_per_step: int = 1
     patch_exact_local: bool = False
-    on_shape_change: str = "error"
+    on_shape_change: str = "raise"
     new_request: str = "timestep"
-    nonfinite: str = "error"
+    nonfinite: str = "raise"
     check_every: int = 0
     record_errors: bool = False
     max_state_mb: Optional[float] = None
@@ -52,6 +56,8 @@ class CompactConfig:
     policy: Optional[Callable[[int, int], bool]] = None
 
     def __post_init__(self) -> None:
+        for name, renamed in _RENAMED_VALUES.items():
+            object.__setattr__(self, name, deprecated_value(name, getattr(self, name), renamed))
         check_choice("mode", self.mode, MODES)
         if not isinstance(self.codec, str) or not self.codec.strip():
             raise ValueError(f"codec={self.codec!r}: 'none' or a codec spec; available: {', '.join(available_codecs())}")
@@ -109,9 +115,10 @@ class CompactConfig:
         """The dtype K/V travel in ("auto": the model's)."""
         return WIRE_DTYPES[self.wire_dtype] or model_dtype
 
-    def fingerprint(self) -> tuple:
-        """A picklable summary compared across ranks (the policy by qualified name only)."""
-        pol = None if self.policy is None else getattr(self.policy, "__qualname__", repr(type(self.policy)))
-        return (self.mode, self.codec, self.warmup_steps, self.variant, self.wire_dtype, self.layers,
-                self.calls_per_step, self.patch_exact_local, self.on_shape_change, self.new_request,
-                self.nonfinite, self.check_every, self.record_errors, self.max_state_mb, self.seed, pol)
+    def to_dict(self) -> dict:
+        """The init fields as plain data (`ccomm.configs`); `policy` stays the callable."""
+        return config_dict(self)
+
+    def fingerprint(self) -> str:
+        """Digest of every field (`ccomm.configs`), compared across ranks; `policy` by qualified name."""
+        return fingerprint(self)

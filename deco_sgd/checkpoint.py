@@ -117,9 +117,9 @@ def check_state_dict(sd: Any, state: "DecoState") -> None:
         raise CheckpointError(f"state: missing {missing}; expected the output of DecoState.state_dict(){hint}")
     if sd["version"] != STATE_VERSION:
         raise CheckpointError(f"state.version: must be {STATE_VERSION}, got {sd['version']!r}")
-    if sd["config_hash"] != state.config.hash():
+    if sd["config_hash"] != state.config.fingerprint():
         raise CheckpointError("state.config_hash: saved under a different DecoConfig (config hash mismatch: "
-                              f"{str(sd['config_hash'])[:12]} saved, {state.config.hash()[:12]} running)")
+                              f"{str(sd['config_hash'])[:12]} saved, {state.config.fingerprint()[:12]} running)")
     if sd["world_size"] != state.world_size:
         raise CheckpointError(f"state.world_size: saved with world_size={sd['world_size']!r}, "
                               f"running with {state.world_size}")

@@ -3,7 +3,7 @@
 Validation runs in `__post_init__` in this order:
 
 1. types and ranges of every scalar field; sequences are normalised to tuples so that the
-   frozen config is hashable and its `hash()` does not depend on list-vs-tuple;
+   frozen config is hashable and its `fingerprint()` does not depend on list-vs-tuple;
 2. the codec spec is built once with `ccomm.make_codec` (errors surface as ``codec: ...``);
    single codecs get the `ratio` field, chains keep their own ratios in the spec;
 3. cross-field rules: staleness ≤ tau_max ≤ 64, decide_every a multiple of measure_every,
@@ -22,15 +22,15 @@ refinement. Fields the spec does not name explicitly are [ours].
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import logging
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from ccomm import available_codecs, make_codec
 from ccomm.registry import parse_spec
 from ccomm.codecs import Chain, Codec
+from ccomm.configs import config_dict, fingerprint
 from ccomm.validate import check_bool, check_choice, check_int, check_number, check_ratio
 
 from .phi import PHI_FUNCTIONS, REPORTED_MAX_RATIO
@@ -314,13 +314,8 @@ class DecoConfig:
 
     # -- serialisation ------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-able dict of the init fields (tuples become lists)."""
-        out: dict[str, Any] = {}
-        for f in dataclasses.fields(self):
-            if f.init:
-                v = getattr(self, f.name)
-                out[f.name] = list(v) if isinstance(v, tuple) else v
-        return out
+        """Plain JSON-able dict of the init fields (tuples become lists; `ccomm.configs`)."""
+        return config_dict(self)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "DecoConfig":
@@ -340,11 +335,17 @@ class DecoConfig:
         """A validated copy with `changes` applied."""
         return dataclasses.replace(self, **changes)
 
-    def hash(self) -> str:
-        """SHA-256 hex of the canonical JSON of `to_dict()` plus the schema number.
+    def fingerprint(self) -> str:
+        """SHA-256 hex of the canonical JSON of `to_dict()` plus the schema number (`ccomm.configs`).
 
         Stable across processes and Python versions (unlike the built-in `hash`), so a
-        checkpoint can check that it is resumed under the same config (§6).
+        checkpoint can check that it is resumed under the same config (§6). Checkpoints store
+        it: its value for a given config must not change (pinned in tests/deco_sgd/test_config.py).
         """
-        blob = json.dumps({"schema": CONFIG_SCHEMA, **self.to_dict()}, sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(blob.encode()).hexdigest()
+        return fingerprint(self, schema=CONFIG_SCHEMA)
+
+    def hash(self) -> str:
+        """Deprecated name of `fingerprint` (same value)."""
+        warnings.warn("DecoConfig.hash() is deprecated, use DecoConfig.fingerprint() (see docs/glossary.md)",
+                      DeprecationWarning, stacklevel=2)
+        return self.fingerprint()

@@ -111,7 +111,7 @@ def test_config_defaults_and_derived_values() -> None:
     assert (c.mode, c.codec, c.warmup_steps, c.variant, c.wire_dtype, c.layers, c.calls_per_step) == (
         "ring", "int2", 1, "ef", "auto", None, 1)
     assert (c.patch_exact_local, c.on_shape_change, c.new_request, c.nonfinite, c.check_every) == (
-        False, "error", "timestep", "error", 0)
+        False, "raise", "timestep", "raise", 0)
     assert (c.record_errors, c.max_state_mb, c.seed) == (False, None, 0)
     assert CompactConfig(layers=[2, 0]).layers == (2, 0)
     assert CompactConfig(mode="patch", patch_exact_local=True).patch_exact_local
