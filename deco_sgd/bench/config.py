@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -293,6 +294,15 @@ class BenchConfig:
         base: dict[str, Any] = {"timeout_s": 600.0, **self.deco, **method}
         return DecoConfig.from_dict(base)
 
+    def quick_version(self) -> "BenchConfig":
+        """This config reduced as in §9.7 (``--quick``): n = 4, seed 0, mnist with the small
+        MLP, 300 steps, 3-point grid, PowerSGD rank 1."""
+        base = self.task if self.task.get("name") == "mnist" else {"name": "mnist"}
+        task = {**base, "hidden": list(QUICK_MNIST_HIDDEN)}
+        train = dataclasses.replace(self.train, steps=300, seeds=(0,), grid_seeds=None)
+        methods = dataclasses.replace(self.methods, grid_pairs=QUICK_GRID, powersgd_ranks=(1,))
+        return dataclasses.replace(self, workers=4, task=task, train=train, methods=methods, quick=True)
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["network"]["trace"] = self.network.trace
@@ -321,7 +331,7 @@ def config_from_dict(data: Any, *, quick: bool = False) -> BenchConfig:
     kw: dict[str, Any] = {k: _from_mapping(cls, k, data.get(k)) for k, cls in sections.items()}
     cfg = BenchConfig(scenario=data["scenario"], workers=data.get("workers", 8),
                       task=data.get("task") or {"name": "mnist"}, deco=data.get("deco") or {}, **kw)
-    return apply_quick(cfg) if quick else cfg
+    return cfg.quick_version() if quick else cfg
 
 
 def with_seeds(cfg: BenchConfig, seeds: str) -> BenchConfig:
@@ -335,10 +345,7 @@ def with_seeds(cfg: BenchConfig, seeds: str) -> BenchConfig:
 
 
 def apply_quick(cfg: BenchConfig) -> BenchConfig:
-    """The §9.7 reduction: n = 4, seed 0, mnist with the small MLP, 300 steps, 3-point grid,
-    PowerSGD rank 1."""
-    base = cfg.task if cfg.task.get("name") == "mnist" else {"name": "mnist"}
-    task = {**base, "hidden": list(QUICK_MNIST_HIDDEN)}
-    train = dataclasses.replace(cfg.train, steps=300, seeds=(0,), grid_seeds=None)
-    methods = dataclasses.replace(cfg.methods, grid_pairs=QUICK_GRID, powersgd_ranks=(1,))
-    return dataclasses.replace(cfg, workers=4, task=task, train=train, methods=methods, quick=True)
+    """Deprecated: `cfg.quick_version()` (the name CompactFusion's benchmark config uses too)."""
+    warnings.warn("deco_sgd.bench.config.apply_quick(cfg) is deprecated, use cfg.quick_version()",
+                  DeprecationWarning, stacklevel=2)
+    return cfg.quick_version()

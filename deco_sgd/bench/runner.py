@@ -57,7 +57,12 @@ class BenchFailed(RuntimeError):
 
 
 def fingerprint(cfg: BenchConfig, spec: RunSpec) -> str:
-    """Hash of everything the run's trajectory depends on (see the module docstring)."""
+    """Hash of everything the run's trajectory depends on (see the module docstring).
+
+    Run caches are keyed by it: keep its output byte-identical (pinned in
+    tests/deco_sgd/test_bench_config.py::test_run_fingerprints_are_pinned); e.g. the network
+    enters as the config's own `rtt_ms` value, not a recomputed one.
+    """
     t = cfg.train
     deco = dict(cfg.deco)
     if spec.kind not in CONTROLLED:

@@ -93,6 +93,32 @@ def test_plan_and_fingerprints() -> None:
     assert fingerprint(cal, by["dga__s0"]) == fingerprint(cfg, by["dga__s0"])
 
 
+@pytest.mark.parametrize("name,quick,digest", [
+    ("high_latency", False, "425b40298949756c"),
+    ("high_latency", True, "767a881a759c9005"),
+    ("varying_bandwidth", False, "07d61652b379ceae"),
+    ("varying_bandwidth", True, "69087e59f7d5c834"),
+])
+def test_run_fingerprints_are_pinned(name: str, quick: bool, digest: str) -> None:
+    # Run records are cached under these fingerprints (a benchmark cache takes hours to
+    # fill): a refactor must leave them byte-identical. The values were produced before the
+    # vocabulary refactor (issue 12: `apply_quick` -> `quick_version`, `ccomm.validate`); a
+    # deliberate change to what a run depends on updates them, and says so.
+    import hashlib
+
+    cfg = load_config(EXAMPLES / f"{name}.yaml", quick=quick)
+    lines = "".join(f"{s.key}={fingerprint(cfg, s)}\n" for s in build_plan(cfg))
+    assert hashlib.sha256(lines.encode()).hexdigest()[:16] == digest
+
+
+def test_apply_quick_is_a_deprecated_alias() -> None:
+    from deco_sgd.bench.config import apply_quick
+
+    cfg = load_config(EXAMPLES / "high_latency.yaml")
+    with pytest.warns(DeprecationWarning, match=r"use cfg\.quick_version\(\)"):
+        assert apply_quick(cfg) == cfg.quick_version() == load_config(EXAMPLES / "high_latency.yaml", quick=True)
+
+
 def test_first_decision_skips_holds() -> None:
     log = [{"reason": "initial:unknown_latency", "ratio": 1.0, "staleness": 0},
            {"reason": "initial:switch", "ratio": 0.01, "staleness": 4},
