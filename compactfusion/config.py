@@ -9,8 +9,9 @@ Fields and defaults follow the design record (docs/design/compactfusion.md#confi
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, ClassVar, Mapping, Optional
 
 import torch
 
@@ -40,7 +41,9 @@ class CompactConfig:
 
     mode: str = "ring"
     codec: str = "int2"
-    warmup_steps: int = 1
+    #: Leading denoising steps whose K/V travel raw (and, in distrifusion, synchronously),
+    #: counting step 0, which has no base yet; see docs/glossary.md.
+    raw_steps: int = 1
     variant: str = "ef"
     wire_dtype: str = "auto"
     layers: Optional[tuple[int, ...]] = None
@@ -54,8 +57,19 @@ class CompactConfig:
     max_state_mb: Optional[float] = None
     seed: int = 0
     policy: Optional[Callable[[int, int], bool]] = None
+    #: Deprecated name of `raw_steps` (DeCo-SGD's `warmup_steps` counts something else).
+    warmup_steps: Optional[int] = None
+
+    FINGERPRINT_EXCLUDE: ClassVar[Mapping[str, str]] = {
+        "warmup_steps": "deprecated alias, folded into raw_steps on construction (always None after)",
+    }
 
     def __post_init__(self) -> None:
+        if self.warmup_steps is not None:
+            warnings.warn("CompactConfig: 'warmup_steps' is deprecated, use 'raw_steps' (see docs/glossary.md)",
+                          DeprecationWarning, stacklevel=3)
+            object.__setattr__(self, "raw_steps", self.warmup_steps)
+            object.__setattr__(self, "warmup_steps", None)
         for name, renamed in _RENAMED_VALUES.items():
             object.__setattr__(self, name, deprecated_value(name, getattr(self, name), renamed))
         check_choice("mode", self.mode, MODES)
@@ -66,7 +80,7 @@ class CompactConfig:
                 Stacked(self.make_codec())  # a layer's K and V travel as one stack
             except ValueError as exc:
                 raise ValueError(f"codec={self.codec!r}: {exc}; 'none' or one of {', '.join(available_codecs())}") from exc
-        check_int("warmup_steps", self.warmup_steps, 1)  # step 0 has no base to send a residual against
+        check_int("raw_steps", self.raw_steps, 1)  # step 0 has no base to send a residual against
         check_choice("variant", self.variant, VARIANTS)
         check_choice("wire_dtype", self.wire_dtype, list(WIRE_DTYPES))
         if self.layers is not None:

@@ -80,7 +80,7 @@ class CompactState:
         self.rc: ResidualCodec | None = (
             # The config's `nonfinite` policy decides what a non-finite K/V does, after the
             # layer's exchange completed (raise_nonfinite), so the codec must not raise first.
-            ResidualCodec(Stacked(config.make_codec()), config.warmup_steps, variant=config.variant,
+            ResidualCodec(Stacked(config.make_codec()), config.raw_steps, variant=config.variant,
                           allow_nonfinite=True)
             if config.compressed else None
         )
@@ -163,7 +163,7 @@ class CompactState:
     def _raw(self, key: KVKey) -> bool:
         rc = self.rc
         assert rc is not None
-        return rc.step(key) < rc.warmup_steps and rc.variant != "naive"
+        return rc.step(key) < rc.raw_sends and rc.variant != "naive"
 
     def _buf_dtype(self, key: KVKey, dtype: torch.dtype, compressed: bool) -> torch.dtype:
         if not compressed or self._raw(key):

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ccomm.configfile import load_mapping
-from ccomm.validate import check_bool, check_choice, check_int, check_number, fail
+from ccomm.validate import check_bool, check_choice, check_int, check_number, deprecated_key, fail
 
 from .backend import BACKENDS
 from .methods import METHODS, Method
@@ -91,7 +91,7 @@ class BenchConfig:
     timing_ranks: int = 2
     methods: tuple[str, ...] = tuple(METHODS)
     wire_dtype: str = "fp16"
-    warmup_steps: int = 1
+    raw_steps: int = 1
     repeats: int = 5
     warmup_loops: int = 1
     repeats_other: int = 1
@@ -133,7 +133,7 @@ class BenchConfig:
             if ref is not None and ref not in self.methods:
                 raise ValueError(f"methods: {name!r} is compared with {ref!r}, which must be run too")
         check_choice("wire_dtype", self.wire_dtype, _WIRE_DTYPES)
-        check_int("warmup_steps", self.warmup_steps, 1)
+        check_int("raw_steps", self.raw_steps, 1)
         check_int("repeats", self.repeats, 1)
         check_int("warmup_loops", self.warmup_loops, 0)
         check_int("repeats_other", self.repeats_other, 1)
@@ -192,7 +192,9 @@ def config_from_dict(d: dict[str, Any]) -> BenchConfig:
     """Validate a parsed mapping into a :class:`BenchConfig` (``ValueError`` naming the field)."""
     if not isinstance(d, dict):
         raise ValueError(f"config: must be a mapping, got {type(d).__name__}")
-    d = dict(d)
+    d = deprecated_key(d, "warmup_steps", "raw_steps", "config")
+    if isinstance(d.get("quick"), dict):
+        d["quick"] = deprecated_key(d["quick"], "warmup_steps", "raw_steps", "quick")
     if isinstance(d.get("link"), dict):
         d["link"] = _build(LinkConfig, d["link"], "link.")
     return _build(BenchConfig, d)

@@ -47,7 +47,7 @@ def job_paper_bytes(ctx: Any, methods: list[str], setting: FluxSetting, seed: in
     out: dict[str, list[int]] = {}
     for name in methods:
         m = METHODS[name]
-        cfg = CompactConfig(mode="ring", codec=m.codec, warmup_steps=1, wire_dtype="fp16", seed=seed)
+        cfg = CompactConfig(mode="ring", codec=m.codec, raw_steps=1, wire_dtype="fp16", seed=seed)
         state = CompactState(cfg, None)
         k, v, per_call = k0, v0, []
         with torch.inference_mode():

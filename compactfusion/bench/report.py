@@ -145,11 +145,11 @@ def _targets_table(targets: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def _warmup_exceptions(cfg: dict[str, Any]) -> str:
+def _raw_step_exceptions(cfg: dict[str, Any]) -> str:
     from .methods import METHODS
 
-    own = [f"{n}: {METHODS[n].warmup_steps}" for n in cfg["methods"]
-           if n in METHODS and METHODS[n].warmup_steps is not None]
+    own = [f"{n}: {METHODS[n].raw_steps}" for n in cfg["methods"]
+           if n in METHODS and METHODS[n].raw_steps is not None]
     return "; ".join(own) + " (DistriFusion's original default)" if own else "every method"
 
 
@@ -163,7 +163,7 @@ def to_markdown(res: dict[str, Any], notes: list[str]) -> str:
              ""] + _model_lines(res.get("model")) + [
              f"Setup: backend `{cfg['backend']}`, {res['steps']} DDIM steps, guidance {cfg['guidance']}, seed {cfg['seed']}, "
              f"one request = {res['images_per_request']} images (labels {cfg['labels']}) in one batch, wire dtype "
-             f"{cfg['wire_dtype']}, warm-up steps {cfg['warmup_steps']} ({_warmup_exceptions(cfg)}), {cfg['threads']} thread(s) per rank; the single "
+             f"{cfg['wire_dtype']}, raw steps {cfg.get('raw_steps', cfg.get('warmup_steps'))} ({_raw_step_exceptions(cfg)}), {cfg['threads']} thread(s) per rank; the single "
              f"process is one rank of the same pool with the same thread count. Latencies are medians over "
              f"{cfg['repeats']} interleaved rounds (methods round-robin) after {cfg['warmup_loops']} discarded round(s); "
              "each sample is the slowest rank's time from a common start instant.", ""]

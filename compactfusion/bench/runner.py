@@ -153,7 +153,7 @@ class _Runner:
         self.active = s
         keys = [RunKey(m) for m in c.methods] + (self.ablation_keys() if ablate else [])
         with bench_pool(p, threads=c.threads, timeout_s=c.timeout_s) as pool:
-            pool.run(job_prepare, c.backend, keys, c.wire_dtype, c.warmup_steps, c.seed, timeout=c.timeout_s)
+            pool.run(job_prepare, c.backend, keys, c.wire_dtype, c.raw_steps, c.seed, timeout=c.timeout_s)
             for k in range(max(1, c.warmup_loops)):
                 self.round(pool, s, "warmup", keep=k == 0)
             s.latency.pop("warmup", None)

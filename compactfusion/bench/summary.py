@@ -72,7 +72,7 @@ def _mean_tags(per_rank: list[dict[str, int]]) -> dict[str, float]:
     return {t: statistics.mean(d.get(t, 0) for d in per_rank) for t in tags}
 
 
-def _methods(s: Samples, steps: int, warmup: int) -> dict[str, dict[str, Any]]:
+def _methods(s: Samples, steps: int, raw_steps: int) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     main = s.latency.get(s.main_link, {})
     unshaped = s.latency.get(UNSHAPED, {})
@@ -96,7 +96,7 @@ def _methods(s: Samples, steps: int, warmup: int) -> dict[str, dict[str, Any]]:
         if ref is not None and ref in s.bytes_by_tag:
             ref_kv = sum(v for t, v in _mean_tags(s.bytes_by_tag[ref]).items() if t in KV_TAGS)
             row["compression_ratio"] = ref_kv / kv if kv else None
-            raw_share = ref_kv * min(m.warmup(warmup), steps) / steps if m.compressed else 0.0
+            raw_share = ref_kv * min(m.raw(raw_steps), steps) / steps if m.compressed else 0.0
             rest = kv - raw_share
             row["compression_ratio_steps"] = (ref_kv - raw_share) / rest if rest > 0 else None
         if ref is not None and ref in s.images and s.images.get(name) is not None:
@@ -201,7 +201,7 @@ def summarize(data: RunData, *, command: str, quick: bool) -> dict[str, Any]:
                            "ranks": top_p, "images_per_request": len(cfg.labels), "steps": cfg.steps,
                            "failures": list(data.failures)}
     for p, s in sorted(data.per_ranks.items()):
-        block = {"ranks": p, "methods": _methods(s, cfg.steps, cfg.warmup_steps), "curves": _curves(s),
+        block = {"ranks": p, "methods": _methods(s, cfg.steps, cfg.raw_steps), "curves": _curves(s),
                  "emulation": s.emulation,
                  "search": _search(s), "main_link": s.main_link, "main_link_mbps": s.links.get(s.main_link)}
         if p == top_p:

@@ -19,7 +19,7 @@ def _policy(layer: int, step: int) -> bool:
 CHANGES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "mode": ({}, {"mode": "patch"}),
     "codec": ({}, {"codec": "binary"}),
-    "warmup_steps": ({}, {"warmup_steps": 2}),
+    "raw_steps": ({}, {"raw_steps": 2}),
     "variant": ({}, {"variant": "naive"}),
     "wire_dtype": ({}, {"wire_dtype": "fp16"}),
     "layers": ({}, {"layers": (0,)}),
@@ -50,6 +50,13 @@ def test_fingerprint_is_stable_and_names_the_policy() -> None:
     assert CompactConfig(policy=_policy).fingerprint() == CompactConfig(policy=_policy).fingerprint()
     assert CompactConfig(layers=[1, 0]).fingerprint() == CompactConfig(layers=(1, 0)).fingerprint()
     assert CompactConfig().to_dict()["layers"] is None and CompactConfig(layers=(2,)).to_dict()["layers"] == [2]
+
+
+def test_warmup_steps_is_a_deprecated_name_of_raw_steps() -> None:
+    with pytest.warns(DeprecationWarning, match="'warmup_steps' is deprecated, use 'raw_steps'"):
+        c = CompactConfig(warmup_steps=3)
+    assert c.raw_steps == 3 and c.warmup_steps is None and c == CompactConfig(raw_steps=3)
+    assert c.fingerprint() == CompactConfig(raw_steps=3).fingerprint()
 
 
 @pytest.mark.parametrize("field", ["nonfinite", "on_shape_change"])
