@@ -7,7 +7,7 @@ Unknown keys are rejected so that a typo never silently falls back to a default:
     name: ethernet
     steps: 28
     labels: [0, 1, 2, 3]
-    link: {bandwidth_mbps: auto, target_ratio: 4.87}
+    link: {bandwidth_mbps: auto, target_slowdown: 4.87}
     quick: {steps: 8, labels: [3, 7], repeats: 1}
 """
 from __future__ import annotations
@@ -34,7 +34,7 @@ class LinkConfig:
     """The emulated per-rank link of the timed run.
 
     ``bandwidth_mbps``: ``"auto"`` searches the bandwidth at which uncompressed ring is
-    ``target_ratio`` times slower than the single process (docs/design/compactfusion.md#our-benchmark), a number fixes it
+    ``target_slowdown`` times slower than the single process (docs/design/compactfusion.md#our-benchmark), a number fixes it
     (Mbit/s per rank), ``None`` runs unshaped (plain gloo, no emulation).
     ``sweep`` multiplies the chosen bandwidth for the latency-vs-bandwidth curve (the
     paper's 500/1000/1500/2000 MB/s are 1, 2, 3, 4 times its Ethernet point).
@@ -42,7 +42,7 @@ class LinkConfig:
 
     bandwidth_mbps: float | str | None = "auto"
     latency_ms: float = 0.0
-    target_ratio: float = 4.87
+    target_slowdown: float = 4.87
     tolerance: float = 0.10
     secant_steps: int = 3
     sweep: tuple[float, ...] = ()
@@ -55,7 +55,7 @@ class LinkConfig:
             except ValueError:
                 fail("link.bandwidth_mbps", "'auto', null (unshaped) or a finite number > 0", b)
         check_number("link.latency_ms", self.latency_ms, 0.0)
-        check_number("link.target_ratio", self.target_ratio, 1.0, lo_open=True)
+        check_number("link.target_slowdown", self.target_slowdown, 1.0, lo_open=True)
         check_number("link.tolerance", self.tolerance, 0.0, 1.0, lo_open=True, hi_open=True)
         check_int("link.secant_steps", self.secant_steps, 0)
         object.__setattr__(self, "sweep", tuple(self.sweep))
@@ -195,8 +195,10 @@ def config_from_dict(d: dict[str, Any]) -> BenchConfig:
     d = deprecated_key(d, "warmup_steps", "raw_steps", "config")
     if isinstance(d.get("quick"), dict):
         d["quick"] = deprecated_key(d["quick"], "warmup_steps", "raw_steps", "quick")
+        if isinstance(d["quick"].get("link"), dict):
+            d["quick"]["link"] = deprecated_key(d["quick"]["link"], "target_ratio", "target_slowdown", "quick.link")
     if isinstance(d.get("link"), dict):
-        d["link"] = _build(LinkConfig, d["link"], "link.")
+        d["link"] = _build(LinkConfig, deprecated_key(d["link"], "target_ratio", "target_slowdown", "link"), "link.")
     return _build(BenchConfig, d)
 
 

@@ -23,7 +23,7 @@ def test_examples_load_and_quick(name: str) -> None:
 
 def test_ethernet_is_shaped_and_fast_link_is_not() -> None:
     eth, fast = load_config(EXAMPLES / "ethernet.yaml"), load_config(EXAMPLES / "fast_link.yaml")
-    assert eth.link.bandwidth_mbps == "auto" and eth.link.target_ratio == pytest.approx(136.52 / 28.06, abs=0.01)
+    assert eth.link.bandwidth_mbps == "auto" and eth.link.target_slowdown == pytest.approx(136.52 / 28.06, abs=0.01)
     assert eth.link.sweep == (2, 3, 4)
     assert fast.link.bandwidth_mbps is None and not fast.link.shaped
 
@@ -45,7 +45,7 @@ def test_ethernet_is_shaped_and_fast_link_is_not() -> None:
         ({"backend": "nope"}, "backend"),
         ({"ablation_variants": ["ef", "second_order"]}, "ablation_variants"),
         ({"link": {"bandwidth_mbps": -1}}, "link.bandwidth_mbps"),
-        ({"link": {"target_ratio": 1.0}}, "link.target_ratio"),
+        ({"link": {"target_slowdown": 1.0}}, "link.target_slowdown"),
         ({"link": {"tolerance": 0}}, "link.tolerance"),
         ({"link": {"sweep": [0]}}, "link.sweep"),
         ({"link": {"bandwidth_mbps": None, "sweep": [2]}}, "link.sweep"),
@@ -153,5 +153,7 @@ def test_renamed_keys_still_load_with_a_deprecation_warning() -> None:
     with pytest.warns(DeprecationWarning, match="'warmup_steps' is deprecated, use 'raw_steps'"):
         old = config_from_dict({"name": "x", "warmup_steps": 2, "quick": {"warmup_steps": 3}})
     assert old == new and old.quick_version().raw_steps == 3
+    with pytest.warns(DeprecationWarning, match="link: 'target_ratio' is deprecated, use 'target_slowdown'"):
+        assert config_from_dict({"name": "x", "link": {"target_ratio": 3.0}}).link.target_slowdown == 3.0
     with pytest.raises(ValueError, match="give 'raw_steps' only"):
         config_from_dict({"name": "x", "warmup_steps": 2, "raw_steps": 2})
