@@ -39,10 +39,9 @@ from typing import Hashable, Sequence
 
 import torch
 
-from .codecs._pack import from_bytes
 from .codecs.base import Codec
 from .finite import require_finite
-from .payload import Payload, PayloadMeta
+from .payload import Payload, PayloadMeta, from_bytes
 from .registry import make_codec
 from .validate import check_bool, check_choice, check_int
 

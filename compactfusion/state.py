@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 from ccomm.codecs import Stacked
-from ccomm.codecs._pack import from_bytes
+from ccomm.payload import from_bytes
 from ccomm.finite import all_finite
 from ccomm.payload import Payload
 from ccomm.residual import ConsistencyError, ResidualCodec
