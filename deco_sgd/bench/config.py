@@ -6,7 +6,7 @@ A config file has six sections; every field is optional except `scenario` and `n
     scenario: high_latency
     workers: 8
     task: {name: mnist}                  # name + the task's own config fields
-    network: {rtt_ms: 150, bandwidth_mbps: 100}   # or trace: {kind: random_walk, ...}
+    network: {latency_ms: 75, bandwidth_mbps: 100}   # one-way; or trace: {kind: random_walk, ...}
     train: {steps: 300, lr: 0.05, momentum: 0.9, compute_time_s: 0.075, seeds: [0, 1, 2]}
     methods: {grid_ratios: [...], grid_taus: [...], powersgd_ranks: [1, 4], ...}
     deco: {warmup_steps: 20, b: ..., kappa: ...}   # DecoConfig fields shared by every DeCo run
@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from ccomm.configs import config_dict
 from ccomm.validate import check_int, check_number
 from netsim import Link, Trace
 
@@ -75,16 +76,31 @@ def _from_mapping(cls: type, section: str, data: Any) -> Any:
 
 @dataclass(frozen=True)
 class NetworkConfig:
-    """One link model shared by every worker (netsim `Link`): RTT and a constant rate or a trace."""
+    """One link model shared by every worker (netsim `Link`): one-way latency and a constant
+    rate or a trace (docs/glossary.md: `latency_ms` is one way, as in netsim; the round trip
+    is twice it)."""
 
-    rtt_ms: float = 150.0
+    latency_ms: float = 75.0  # a float: the default round trip has always been 150.0
     bandwidth_mbps: float | None = 100.0
     #: None, or {kind: random_walk, start_mbps, low_mbps, high_mbps, step_s, duration_s, sigma, seed}
     #: / {kind: steps, points: [[t_s, mbps], ...]} / {kind: csv, path}.
     trace: Mapping[str, Any] | None = None
+    #: Deprecated: the round-trip time, the former key; folded into `latency_ms` (half of it).
+    rtt_ms: float | None = None
+    #: The round trip as the run fingerprints have always spelled it (`round_trip_ms`).
+    _round_trip: Any = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        check_number("network.rtt_ms", self.rtt_ms, 0.0, 10_000.0)
+        if self.rtt_ms is not None:
+            warnings.warn("network: 'rtt_ms' (round trip) is deprecated, use 'latency_ms' (one way, half of it; "
+                          "see docs/glossary.md)", DeprecationWarning, stacklevel=3)
+            check_number("network.rtt_ms", self.rtt_ms, 0.0, 10_000.0)
+            object.__setattr__(self, "latency_ms", self.rtt_ms / 2.0)
+            object.__setattr__(self, "_round_trip", self.rtt_ms)  # exactly as given, int or float
+            object.__setattr__(self, "rtt_ms", None)
+        else:
+            check_number("network.latency_ms", self.latency_ms, 0.0, 5_000.0)
+            object.__setattr__(self, "_round_trip", 2 * self.latency_ms)  # an int latency gives an int
         if self.trace is None:
             if self.bandwidth_mbps is None:
                 raise ValueError("network.bandwidth_mbps: give a rate in Mbit/s or a network.trace")
@@ -97,6 +113,11 @@ class NetworkConfig:
                                  f"{self.trace.get('kind') if isinstance(self.trace, Mapping) else self.trace!r}")
             object.__setattr__(self, "trace", dict(self.trace))
             self.build_trace()  # fail now with the trace's own message
+
+    @property
+    def round_trip_ms(self) -> float:
+        """The round-trip time in ms (2 × `latency_ms`): what run fingerprints key on."""
+        return self._round_trip  # type: ignore[no-any-return]
 
     def build_trace(self) -> Trace | None:
         t = self.trace
@@ -120,7 +141,7 @@ class NetworkConfig:
 
     def link(self) -> Link:
         trace = self.build_trace()
-        one_way = self.rtt_ms / 2.0
+        one_way = float(self.latency_ms)
         if trace is None:
             return Link(float(self.bandwidth_mbps), one_way)  # type: ignore[arg-type]
         return Link(None, one_way, trace=trace)
@@ -304,9 +325,8 @@ class BenchConfig:
         return dataclasses.replace(self, workers=4, task=task, train=train, methods=methods, quick=True)
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["network"]["trace"] = self.network.trace
-        return d
+        """The init fields as plain data (`ccomm.configs`): what `config_from_dict` reads back."""
+        return config_dict(self)
 
 
 def load_config(path: str | Path, *, quick: bool = False) -> BenchConfig:
@@ -328,7 +348,7 @@ def config_from_dict(data: Any, *, quick: bool = False) -> BenchConfig:
     if "scenario" not in data:
         raise ValueError("scenario: missing (a name such as high_latency)")
     if "network" not in data:
-        raise ValueError("network: missing (rtt_ms and bandwidth_mbps or trace)")
+        raise ValueError("network: missing (latency_ms and bandwidth_mbps or trace)")
     kw: dict[str, Any] = {k: _from_mapping(cls, k, data.get(k)) for k, cls in sections.items()}
     cfg = BenchConfig(scenario=data["scenario"], workers=data.get("workers", 8),
                       task=data.get("task") or {"name": "mnist"}, deco=data.get("deco") or {}, **kw)
