@@ -74,12 +74,13 @@ class CompactConfig:
             object.__setattr__(self, name, deprecated_value(name, getattr(self, name), renamed))
         check_choice("mode", self.mode, MODES)
         if not isinstance(self.codec, str) or not self.codec.strip():
-            raise ValueError(f"codec={self.codec!r}: 'none' or a codec spec; available: {', '.join(available_codecs())}")
+            fail("codec", f"'none' or a codec spec from {', '.join(available_codecs())}", self.codec)
         if self.codec != "none":
             try:
                 Stacked(self.make_codec())  # a layer's K and V travel as one stack
             except ValueError as exc:
-                raise ValueError(f"codec={self.codec!r}: {exc}; 'none' or one of {', '.join(available_codecs())}") from exc
+                raise ValueError(f"codec: {exc}; must be 'none' or a spec from {', '.join(available_codecs())}, "
+                                 f"got {self.codec!r}") from exc
         check_int("raw_steps", self.raw_steps, 1)  # step 0 has no base to send a residual against
         check_choice("variant", self.variant, VARIANTS)
         check_choice("wire_dtype", self.wire_dtype, list(WIRE_DTYPES))
@@ -94,13 +95,14 @@ class CompactConfig:
         check_int("calls_per_step", self.calls_per_step, 1)
         check_bool("patch_exact_local", self.patch_exact_local)
         if self.patch_exact_local and self.mode != "patch":
-            raise ValueError(f"patch_exact_local=True: only allowed with mode='patch', got mode={self.mode!r}")
+            raise ValueError(f"patch_exact_local: True is only allowed with mode='patch', got mode={self.mode!r}")
         check_choice("on_shape_change", self.on_shape_change, _SHAPE_CHANGE)
         check_choice("new_request", self.new_request, _NEW_REQUEST)
         check_choice("nonfinite", self.nonfinite, _NONFINITE)
         check_int("check_every", self.check_every, 0)
         if self.check_every > 0 and self.variant == "no_ef":
-            raise ValueError("check_every > 0 with variant='no_ef': no_ef bases differ between ranks by construction")
+            raise ValueError("check_every: must be 0 with variant='no_ef' (no_ef bases differ between ranks by "
+                             f"construction), got {self.check_every}")
         check_bool("record_errors", self.record_errors)
         if self.max_state_mb is not None:
             check_number("max_state_mb", self.max_state_mb, 0.0, lo_open=True)
