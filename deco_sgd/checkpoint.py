@@ -37,6 +37,7 @@ class Loadable(Protocol):
     world_size: int
     params: Mapping[str, torch.Tensor]
 
+
 REQUIRED_KEYS = ("version", "config_hash", "world_size", "rank", "step", "ratio", "staleness", "pending",
                  "decisions", "consecutive_skips", "ef", "fifo", "codec_counters", "rng", "extra")
 
