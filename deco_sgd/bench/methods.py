@@ -1,14 +1,15 @@
-"""The benchmark's method table and the per-rank training loop of each method (design §8, §9.3).
+"""The benchmark's method table and the per-rank training loop of each method
+(docs/design/deco_sgd.md#baselines, docs/design/deco_sgd.md#virtual-time).
 
 Every method trains the same task from the same initial weights on the same data shards
 with the same optimiser (SGD + momentum, fixed learning rate) on the real code paths:
 
 - `deco` (adaptive), `dsgd` (δ = 1, τ = 0), the static top-k grid, `static_apriori` and
   `cocktail` run through `DecoState` + `DecoOptimizer` (wrapper mode) on gloo;
-- `dga` is the delayed-averaging wrapper of §8.4 (dense all-reduce on gloo);
+- `dga` is the delayed-averaging wrapper (docs/design/deco_sgd.md#dga; dense all-reduce on gloo);
 - `powersgd_r*` wrap the model in DDP with PyTorch's own `powerSGD_hook`.
 
-Virtual time (§9.3): a `VirtualAccountant` stands in as the state's driver. At the end of
+Virtual time (docs/design/deco_sgd.md#virtual-time): a `VirtualAccountant` stands in as the state's driver. At the end of
 every step it (1) charges each exchange unit the step launched on the `LinkTimeline` at the
 end of the step's compute, with the unit's real payload bytes and its collective's pattern,
 (2) advances the `StepClock` to max(start + T_comp, done of the entries the step applied).
@@ -22,7 +23,6 @@ decisions stay replicated.
 """
 from __future__ import annotations
 
-import logging
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -51,8 +51,6 @@ __all__ = [
     "grid_name",
     "first_decision",
 ]
-
-logger = logging.getLogger(__name__)
 
 
 def grid_name(ratio: float, tau: int) -> str:
@@ -362,7 +360,7 @@ def _flat_grads(model: torch.nn.Module) -> torch.Tensor:
 
 
 def _run_dga(ctx: RankContext, spec: RunSpec) -> dict[str, Any]:
-    """Delayed gradient averaging (§8.4): local step now, correct with the mean D steps later.
+    """Delayed gradient averaging (docs/design/deco_sgd.md#dga): local step now, correct with the mean D steps later.
 
     1. backward; keep g_i(s); take the local optimizer step on g_i(s);
     2. launch an async dense all-reduce of g_i(s)/n (charged as one all-reduce on the link);
@@ -446,7 +444,7 @@ def _powersgd_sizes(grads: Sequence[torch.Tensor], rank: int, min_rate: float) -
 
 
 def _run_powersgd(ctx: RankContext, spec: RunSpec) -> dict[str, Any]:
-    """DDP + PyTorch's powerSGD_hook (§8.5); a thin wrapper records what each bucket sends.
+    """DDP + PyTorch's powerSGD_hook (docs/design/deco_sgd.md#powersgd); a thin wrapper records what each bucket sends.
 
     Before `start_powerSGD_iter` the hook runs one dense all-reduce per bucket; after it,
     three dependent all-reduces (uncompressed tensors, P, Q), charged one after the other.
