@@ -283,3 +283,18 @@ def test_a_ratio_only_switch_that_fails_bans_only_smaller_ratios() -> None:
     d = ctl.decide(meas(0.05), (0.01, 2, "q4"), 20)
     assert d.outcome == "backoff_rise" and (d.ratio, d.staleness) == (0.01, 1)
     assert ctl.is_bad(0.005, 3) and ctl.is_bad(0.01, 2) and not ctl.is_bad(0.1, 2) and not ctl.is_bad(0.01, 1)
+
+
+def test_curvature_at_the_point_in_force_blocks_only_raising_staleness() -> None:
+    """Running at τ = 1 with a drift of 0.9 there (step curvature 0.81, near τ = 1's limit of
+    1, as training at the edge of stability shows): τ = 1 and below stay candidates, τ = 2 and
+    above (limits 0.618, 0.445, ...) are never scored finite, although latency dominates."""
+    ctl = Controller(DecoConfig(), 8, NUMELS)
+    ctl.tau_ok = 3  # staleness exploration would allow up to τ = 4
+    conv = ConvergenceInputs(drift=0.9, gap=1.0, gap_ratio=0.1, quantiles=QUANT, drift_staleness=1)
+    m = Measurements(0.075, 100 * MBIT, 2 * 7 * 0.075, 7 * 0.075, 0.5, conv=conv)
+    d = ctl.decide(m, (0.1, 1, "fp32"), 40)
+    finite = [s for s in ctl.candidates(m) if math.isfinite(s.w)]
+    assert {s.staleness for s in finite} == {0, 1}
+    assert d.staleness <= 1
+    assert [s for s in ctl.candidates(m) if s.staleness >= 2]  # scored, and inadmissible
