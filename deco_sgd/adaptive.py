@@ -271,10 +271,13 @@ class AdaptiveDriver:
                                                 "gap_num": None, "gap_den": None}
         self.gap_point: tuple[float, str] | None = None
         #: The staleness the drift EMAs were measured under; when τ changes they restart
-        #: (a delay changes the drift a direction shows) and, until the new τ has a sample,
-        #: the step curvature read at the old τ stands in (`curvature_prev`).
+        #: (a delay changes the drift a direction shows). The step curvature read at the old
+        #: τ (`curvature_prev`) stands in until the new τ has a sample, and bounds it from below
+        #: for as many samples as the EMA's memory (1/ema_grad): sharpness does not fall the
+        #: moment τ does, and one fresh sample is noisier than the old average.
         self.drift_tau: int | None = None
         self.curvature_prev: float | None = None
+        self.drift_samples = 0
         self.quantiles: dict[float, float] | None = None
         #: (δ, q8/q4) -> measured relative energy error of that quantizer on top-δ values.
         self.quant_errors: dict[tuple[float, str], float] | None = None
@@ -412,9 +415,11 @@ class AdaptiveDriver:
         if signal2 > 0:
             if self.drift_tau is not None and point[2] != self.drift_tau:
                 self.curvature_prev = self._curvature()
+                self.drift_samples = 0
                 for key in ("drift2", "signal2", "gbar2"):
                     self.conv[key] = None
             self.drift_tau = point[2]
+            self.drift_samples += 1
             self._ema("drift2", drift2)
             self._ema("signal2", signal2)
             self._ema("gbar2", gbar_sq)
@@ -446,14 +451,20 @@ class AdaptiveDriver:
         drift = self._drift()
         if drift is None or self.drift_tau is None:
             return self.curvature_prev
-        return step_curvature(drift, self.drift_tau)
+        a = step_curvature(drift, self.drift_tau)
+        if self.curvature_prev is not None and self.drift_samples * self.state.config.ema_grad < 1.0:
+            return max(a, self.curvature_prev)
+        return a
 
     def measurements(self, mx: torch.Tensor, loss: float | None) -> Measurements:
         """The controller's inputs after a completed control exchange."""
         c = self.conv
         drift, drift_tau = self._drift(), self.drift_tau or 0
-        if drift is None and self.curvature_prev is not None:
-            drift, drift_tau = self.curvature_prev, 0  # a curvature reads as the drift at τ = 0
+        if self.curvature_prev is not None:
+            # A curvature reads as the drift at τ = 0 (the old τ's stands in or bounds, above).
+            curv = self._curvature()
+            if curv is not None and (drift is None or curv > step_curvature(drift, drift_tau)):
+                drift, drift_tau = curv, 0
         gap = None
         if c["gap_num"] is not None and c["gap_den"]:
             gap = c["gap_num"] / c["gap_den"]
@@ -548,6 +559,7 @@ r=self.grad.r, loss=loss,
         (docs/design/deco_sgd.md#estimators)."""
         return {"conv": dict(self.conv), "gap_point": None if self.gap_point is None else list(self.gap_point),
                 "drift_tau": self.drift_tau, "curvature_prev": self.curvature_prev,
+                "drift_samples": self.drift_samples,
                 "quantiles": None if self.quantiles is None else [[k, v] for k, v in self.quantiles.items()],
                 "loss": [self._loss_sum, self._loss_n]}
 
@@ -562,6 +574,7 @@ r=self.grad.r, loss=loss,
             self.conv = dict(c["conv"])
             self.gap_point = None if c["gap_point"] is None else (float(c["gap_point"][0]), str(c["gap_point"][1]))
             self.drift_tau, self.curvature_prev = c.get("drift_tau"), c.get("curvature_prev")
+            self.drift_samples = int(c.get("drift_samples", 0))
             self.quantiles = None if c["quantiles"] is None else {float(k): float(v) for k, v in c["quantiles"]}
             self._loss_sum, self._loss_n = float(c["loss"][0]), int(c["loss"][1])
         self._inflight = None
