@@ -17,7 +17,7 @@ def test_defaults_follow_the_spec() -> None:
     assert c.ratio_grid == DEFAULT_RATIO_GRID and c.tau_max == 16
     # Issue 14: compressed from the first step (no dense warm-up), first decision within a few steps.
     assert (c.warmup_steps, c.measure_every, c.decide_every, c.min_dwell_steps) == (0, 2, 20, 10)
-    assert c.ratio == 0.01 and DecoConfig(mode="static").ratio == 1.0
+    assert c.ratio == 0.1 and DecoConfig(mode="static").ratio == 1.0
     assert c.convergence == "measured" and c.monitor
     assert c.value_formats == ("fp32", "fp16", "q8", "q4")
     assert DecoConfig(codec="randomk").value_formats == ("fp32", "fp16")
