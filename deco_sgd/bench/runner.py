@@ -31,7 +31,7 @@ from typing import Any, Callable
 from ccomm.ranks import RankError, run_ranks
 
 from .config import BenchConfig
-from .methods import RunSpec, build_plan, first_decision
+from .plan import RunSpec, build_plan, first_decision
 from .vclock import replay
 
 __all__ = ["run_bench", "fingerprint", "NETWORK_DEPENDENT", "BenchFailed", "retime"]
@@ -41,7 +41,7 @@ logger = logging.getLogger(__name__)
 #: Methods whose trajectory depends on the network (their runs cannot be shared across scenarios).
 NETWORK_DEPENDENT = ("deco", "static_apriori", "dga")
 #: Methods whose trajectory depends on the adaptive controller's settings (DGA's delay comes
-#: from the a-priori network alone, `methods.dga_delay`).
+#: from the a-priori network alone, `baselines.dga_delay`).
 CONTROLLED = ("deco", "static_apriori")
 #: DecoConfig fields only the adaptive controller reads: static runs do not depend on them,
 #: so calibrating the surrogate does not invalidate cached static runs.
@@ -84,7 +84,8 @@ def _record_path(cache: Path, cfg: BenchConfig, spec: RunSpec) -> Path:
 def _worker(rank: int, world: int, cfg: BenchConfig, todo: list[RunSpec], paths: list[str],
             apriori: dict[int, tuple[float, int]], progress: bool) -> None:
     """One rank's share of the plan, run by `ccomm.ranks.run_ranks` (which owns the gloo group)."""
-    from .methods import RankContext, run_method
+    from .context import RankContext
+    from .methods import run_method
     from .tasks import make_task
 
     logging.basicConfig(level=logging.WARNING)
