@@ -133,3 +133,28 @@ def test_allgather_is_charged_as_auto_runs_it() -> None:
     # Bandwidth-bound (0.1 ms, 64 MiB): the ring is kept.
     assert LinkTimeline(Link(1000.0, 0.1), world=8).algo("allgather", 64 << 20) == "ring"
 
+
+def test_retime_charges_a_cached_static_run_the_algorithm_of_this_link() -> None:
+    from deco_sgd.bench.config import config_from_dict
+    from deco_sgd.bench.runner import retime
+    from deco_sgd.bench.vclock import replay
+
+    # 8 workers, 25 ms, 20 Mbit/s: algo="auto" runs the ring for a 1.5 MB block. A static run
+    # trained on a high-latency link recorded recursive doubling; here it is charged the ring.
+    cfg = config_from_dict({"scenario": "x", "workers": 8, "network": {"rtt_ms": 50, "bandwidth_mbps": 20},
+                            "train": {"compute_time_s": 0.075}})
+    link = cfg.network.link()
+    block = 1_500_000
+    assert LinkTimeline(link, 8).algo("allgather", block) == "ring"
+    log = [{"x": [[[block, "allgather", "doubling"]]], "a": [0]}]
+    rec = {"kind": "static", "steps_log": log, "curve": [{"step": 0, "t_s": 0.0}, {"step": 1, "t_s": 9.9}]}
+    ring = replay([{"x": [[[block, "allgather", "ring"]]], "a": [0]}], link, 8, 0.075)[0]
+    doubling = replay(log, link, 8, 0.075)[0]
+    assert ring != pytest.approx(doubling)
+    assert retime(rec, cfg)["curve"][1]["t_s"] == pytest.approx(ring)
+    # DeCo-SGD measured its own link and chose: its recorded algorithm is charged.
+    assert retime({**rec, "kind": "deco"}, cfg)["curve"][1]["t_s"] == pytest.approx(doubling)
+    # With collective_algo pinned (not "auto") nothing is re-chosen: the record is charged as is.
+    pinned = config_from_dict({"scenario": "x", "workers": 8, "network": {"rtt_ms": 50, "bandwidth_mbps": 20},
+                               "train": {"compute_time_s": 0.075}, "deco": {"collective_algo": "ring"}})
+    assert retime(rec, pinned)["curve"][1]["t_s"] == pytest.approx(doubling)
