@@ -44,7 +44,8 @@ bench: $(VENV)/.dev
 	$(PY) -m compactfusion bench examples/compactfusion/ethernet_batch16.yaml --out docs/benchmarks/compactfusion/ethernet_batch16
 	$(PY) -m compactfusion bench examples/compactfusion/ethernet_wide.yaml --out docs/benchmarks/compactfusion/ethernet_wide
 
-# DeCo-SGD in real time (4 gloo ranks over netsim.emulate) against its virtual clock (design §9.4).
+# DeCo-SGD in real time (4 gloo ranks over netsim.emulate) against its virtual clock
+# (docs/design/deco_sgd.md#real-time-validation).
 validate-clock: $(VENV)/.base
 	$(PY) -m deco_sgd realtime --config examples/deco_sgd/realtime_validation.yaml --out .demo/realtime
 

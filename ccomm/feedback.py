@@ -17,7 +17,6 @@ nothing for the new one.
 """
 from __future__ import annotations
 
-import logging
 import warnings
 from typing import Any, Hashable, Iterator, Mapping
 
@@ -26,8 +25,6 @@ import torch
 from .finite import require_finite
 
 __all__ = ["ErrorFeedback"]
-
-logger = logging.getLogger(__name__)
 
 
 class ErrorFeedback:

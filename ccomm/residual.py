@@ -33,7 +33,6 @@ stale base.
 from __future__ import annotations
 
 import hashlib
-import logging
 from dataclasses import dataclass
 from typing import Hashable, Sequence
 
@@ -47,7 +46,6 @@ from .registry import make_codec
 
 __all__ = ["ResidualCodec", "ConsistencyError"]
 
-logger = logging.getLogger(__name__)
 
 VARIANTS = ("ef", "no_ef", "naive")
 

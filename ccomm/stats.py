@@ -30,7 +30,6 @@ call that does not pass its own; `snapshot()` and `reset()` act on it.
 """
 from __future__ import annotations
 
-import logging
 import threading
 from dataclasses import dataclass
 
@@ -44,8 +43,6 @@ __all__ = [
     "reset",
     "total",
 ]
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

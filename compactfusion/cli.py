@@ -14,8 +14,6 @@ from typing import Sequence
 
 __all__ = ["main", "build_parser"]
 
-logger = logging.getLogger(__name__)
-
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="compactfusion", description="CompactFusion tools.")

@@ -1,6 +1,6 @@
 """`CompactConfig`: every option of a CompactFusion run, validated on construction.
 
-Fields and defaults follow the design spec (section 10). Additions:
+Fields and defaults follow the design record (docs/design/compactfusion.md#configuration-and-faults). Additions:
 - `policy`: optional `Callable[[layer, step], bool]`, evaluated identically on every rank;
   False means "exchange this layer's K/V raw at this step" (the codec is bypassed and the
   layer's bases are left untouched, so they stay mirrored; the next compressed step sends

@@ -1,4 +1,4 @@
-"""Quality and traffic metrics of CompactFusion runs (design spec §7).
+"""Quality and traffic metrics of CompactFusion runs (docs/design/compactfusion.md#metrics).
 
 Image metrics compare generated digits against a reference run (normally the uncompressed
 parallel output of the same mode, P and seed). Both take batches (B, C, H, W) in `value_range`
@@ -15,11 +15,10 @@ parallel output of the same mode, P and seed). Both take batches (B, C, H, W) in
 
 Traffic: `compression_ratio(reference_bytes, actual_bytes)` (reference = bytes of `none` in the
 same wire dtype) and `analytic_compression_ratio(codec, shape, dtype)` = raw bytes of a (N, C)
-tensor / the codec's exact `nbytes` (spec §2 formulas).
+tensor / the codec's exact `nbytes` (the formulas of docs/design/compactfusion.md#codec-contract).
 """
 from __future__ import annotations
 
-import logging
 import math
 from typing import Sequence
 
@@ -31,7 +30,6 @@ from ccomm import make_codec
 __all__ = ["psnr", "ssim", "gaussian_window", "to_unit_crop", "compression_ratio", "analytic_compression_ratio",
            "SSIM_WINDOW", "SSIM_SIGMA", "SSIM_K1", "SSIM_K2", "DEFAULT_CROP"]
 
-logger = logging.getLogger(__name__)
 
 SSIM_WINDOW = 11
 SSIM_SIGMA = 1.5

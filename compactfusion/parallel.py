@@ -1,6 +1,6 @@
 """`parallelize(transformer, config, group=None) -> Handle`: CompactFusion on a diffusers model.
 
-Algorithm (spec section 4):
+Algorithm (docs/design/compactfusion.md#hooking-diffusers):
 1. Look up `type(transformer).__name__` in `MODEL_SPECS` (DiT, PixArt, Flux); other classes
    and fused QKV projections raise ValueError; a model already parallelized raises too.
 2. All-gather a fingerprint (config, class, layer count, heads, head_dim, P, ccomm version)
@@ -257,7 +257,7 @@ class Handle:
         st.begin_forward()
 
     def projected_state_nbytes(self, batch: int, tokens: int) -> int:
-        """M = 2 * L_c * B_eff * S * C * b_wire (spec section 9) for one request of this shape."""
+        """M = 2 * L_c * B_eff * S * C * b_wire (docs/design/compactfusion.md#memory) for one request of this shape."""
         cfg = self.config
         if not cfg.compressed and cfg.mode != "distrifusion":
             return 0

@@ -16,7 +16,6 @@ single-stream block's input) are replicated and join block 0 as joint K/V.
 """
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import torch
@@ -25,8 +24,6 @@ from .attention import parallel_attention
 from .state import CompactState
 
 __all__ = ["CompactAttnProcessor", "CompactFluxAttnProcessor"]
-
-logger = logging.getLogger(__name__)
 
 
 class CompactAttnProcessor:

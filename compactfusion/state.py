@@ -250,7 +250,7 @@ class CompactState:
             bad, self._bad = self._bad, []
             raise FloatingPointError(f"non-finite K/V at step {self.step}, layer {layer}: {', '.join(bad[:4])}")
 
-    # -- error recording (spec section 7 ablation) ---------------------------------------
+    # -- error recording (the ablation of docs/design/compactfusion.md#metrics) --
     def _record(self, key: KVKey, x: torch.Tensor, payload: Payload, before: torch.Tensor | None, raw: bool) -> None:
         """One error row per slice ("k", "v") of the (2, N, C) stack `x` just encoded."""
         rc = self.rc

@@ -1,32 +1,25 @@
-"""DeCo-SGD: adaptive compression ratio and staleness for data-parallel SGD (design: deco_sgd.md).
+"""DeCo-SGD: adaptive compression ratio and staleness for data-parallel SGD.
 
-This package holds the validated config, the Φ registry, the time model, the convergence
-surrogate and its fit, the controller and the estimators (pure logic), and the runtime:
-`DecoState` with its in-flight FIFO, the DDP hook `deco_hook`, the optimizer wrapper
-`DecoOptimizer` and the adaptive driver that re-chooses (ratio, staleness) while training.
-`deco_sgd.bench` holds the benchmark's real-data tasks (mnist, bytelm); the
-time-to-accuracy runner itself is not built yet.
+The names exported here are the package's public API, the ones README and
+docs/deco_sgd.md use: the validated `DecoConfig`, the per-rank `DecoState`, the DDP
+communication hook (`deco_hook`, `attach_ddp`), the optimizer wrapper `DecoOptimizer`, the
+`AdaptiveDriver` that re-chooses (ratio, staleness) while training, the pure `Controller` and
+the `Decision` records it logs, and the errors a run can raise.
+
+Everything else stays importable from its own module: the estimators
+(`deco_sgd.estimators`), the time model (`deco_sgd.timemodel`), the measured convergence
+inputs (`deco_sgd.convergence`), the template surrogate and its Φ registry
+(`deco_sgd.surrogate`, `deco_sgd.phi`) and the time-to-accuracy benchmark (`deco_sgd.bench`,
+the `deco-sgd` command). The design record is docs/design/deco_sgd.md.
 """
-from .config import ADAPTIVE_CODECS, DEFAULT_RATIO_GRID, TAU_LIMIT, DecoConfig
 from .adaptive import AdaptiveDriver
-from .controller import Controller, Decision, Measurements, Score
-from .errors import DecoCommError, DecoDesyncError, NonFiniteGradientError
 from .checkpoint import CheckpointError
+from .config import DecoConfig
+from .controller import Controller, Decision
+from .errors import DecoCommError, DecoDesyncError, NonFiniteGradientError
 from .hook import attach_ddp, deco_hook
 from .optim import DecoOptimizer
 from .state import DecoState
-from .estimators import (
-    BandwidthEstimator,
-    ComputeTimeEstimator,
-    Ema,
-    GradStatsEstimator,
-    LatencyEstimator,
-    sampled_sq_norm,
-    shared_coords,
-)
-from .phi import PHI_FUNCTIONS, phi_value, register_phi
-from .surrogate import FitResult, SurrogateParams, fit_surrogate, iterations
-from .timemodel import MessageSize, kept_elements, message_size, pattern_for, powersgd_size, t_iter, tau_min
 
 __all__ = [
     "DecoConfig",
@@ -35,36 +28,10 @@ __all__ = [
     "deco_hook",
     "attach_ddp",
     "AdaptiveDriver",
+    "Controller",
+    "Decision",
     "DecoCommError",
     "DecoDesyncError",
     "NonFiniteGradientError",
     "CheckpointError",
-    "ADAPTIVE_CODECS",
-    "DEFAULT_RATIO_GRID",
-    "TAU_LIMIT",
-    "Controller",
-    "Decision",
-    "Measurements",
-    "Score",
-    "Ema",
-    "ComputeTimeEstimator",
-    "BandwidthEstimator",
-    "LatencyEstimator",
-    "GradStatsEstimator",
-    "shared_coords",
-    "sampled_sq_norm",
-    "PHI_FUNCTIONS",
-    "phi_value",
-    "register_phi",
-    "SurrogateParams",
-    "FitResult",
-    "fit_surrogate",
-    "iterations",
-    "MessageSize",
-    "kept_elements",
-    "message_size",
-    "powersgd_size",
-    "pattern_for",
-    "t_iter",
-    "tau_min",
 ]

@@ -1,4 +1,5 @@
-"""`AdaptiveDriver`: feeds the §4 estimators and runs the `Controller` on every rank (§3.6).
+"""`AdaptiveDriver`: feeds the estimators and runs the `Controller` on every rank
+(docs/design/deco_sgd.md#estimators, docs/design/deco_sgd.md#decisions-across-ranks).
 
 Called by `DecoOptimizer` at the end of every step (both modes). It reads time from a
 *clock* (`WallClock` by default; the benchmark passes its virtual clock), so one driver
@@ -38,7 +39,6 @@ Limits [ours]:
 """
 from __future__ import annotations
 
-import logging
 import math
 import time
 from typing import TYPE_CHECKING, Any, Mapping, Protocol, Sequence
@@ -63,7 +63,6 @@ if TYPE_CHECKING:
 
 __all__ = ["AdaptiveDriver", "Clock", "WallClock"]
 
-logger = logging.getLogger(__name__)
 
 # Layout of the MAX vector.
 _T_COMP, _NEG_BW, _LAT_AR, _LAT_AG, _CODE, _NEG_CODE = range(6)
@@ -521,7 +520,8 @@ r=self.grad.r, loss=loss,
                 "log": [x.as_dict() for x in self.log], "convergence": self.convergence_state_dict()}
 
     def convergence_state_dict(self) -> dict[str, Any]:
-        """The measured convergence inputs (issue 14), kept apart from the §4 estimators."""
+        """The measured convergence inputs (issue 14), kept apart from the estimators
+        (docs/design/deco_sgd.md#estimators)."""
         return {"conv": dict(self.conv), "gap_point": None if self.gap_point is None else list(self.gap_point),
                 "quantiles": None if self.quantiles is None else [[k, v] for k, v in self.quantiles.items()],
                 "loss": [self._loss_sum, self._loss_n]}

@@ -1,4 +1,4 @@
-"""Validation of a DeCo-SGD checkpoint before any of it is loaded (design §6).
+"""Validation of a DeCo-SGD checkpoint before any of it is loaded (docs/design/deco_sgd.md#checkpoints).
 
 `DecoState.load_state_dict` calls `check_state_dict(sd, state)` first, so a checkpoint of
 another rank, world size, config or model, a NaN residual, a wrong shape or dtype, or a

@@ -1,4 +1,6 @@
-"""`deco-sgd` command line: `bench` (design §9), `realtime` (§9.4) and `calibrate` (§3.4).
+"""`deco-sgd` command line: `bench`, `realtime` and `calibrate`
+(docs/design/deco_sgd.md#benchmark, docs/design/deco_sgd.md#real-time-validation,
+docs/design/deco_sgd.md#template-surrogate).
 
     deco-sgd bench CONFIG.yaml --out DIR [--quick] [--cache DIR] [--seeds 0,1,2]
     deco-sgd realtime (--bench CONFIG.yaml [--results R.json] | --config RT.yaml) --out DIR [...]
@@ -24,7 +26,6 @@ from typing import Sequence
 
 __all__ = ["main", "build_parser", "calibrate"]
 
-logger = logging.getLogger(__name__)
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
@@ -37,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="time-to-accuracy benchmark of every method on one scenario (virtual time)")
     b.add_argument("config", help="scenario YAML, e.g. examples/deco_sgd/high_latency.yaml")
     b.add_argument("--out", required=True, help="output directory (results.json, report.md, PNGs)")
-    b.add_argument("--quick", action="store_true", help="design §9.7: n=4, seed 0, mnist, 300 steps, 3-point grid")
+    b.add_argument("--quick", action="store_true", help="quick mode: n=4, seed 0, mnist, 300 steps, 3-point grid")
     b.add_argument("--cache", default=None,
                    help="directory of run records to reuse (default DIR/runs); share it between scenarios "
                         "so static methods train once")

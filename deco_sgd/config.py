@@ -1,4 +1,4 @@
-"""`DecoConfig`: every DeCo-SGD setting, validated on construction (design §7 "Config validation").
+"""`DecoConfig`: every DeCo-SGD setting, validated on construction (docs/design/deco_sgd.md#config-validation).
 
 Validation runs in `__post_init__` in this order:
 
@@ -17,14 +17,13 @@ fitting. Adaptive runs start compressed at `ratio` = 0.1 (the default when `rati
 given), measure every 2 steps and take their first informed decision within a few steps;
 there is no dense warm-up (`warmup_steps` = 0). The older template surrogate (a, b, c, κ,
 eps_rel, Φ) remains as `convergence="template"`, with `deco-sgd calibrate` as an optional
-refinement. Fields the spec does not name explicitly are [ours].
+refinement. Fields the first plan did not name are [ours] (docs/design/deco_sgd.md#provenance).
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
-import logging
 import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -43,9 +42,8 @@ __all__ = [
     "CONFIG_SCHEMA",
 ]
 
-logger = logging.getLogger(__name__)
 
-#: Codec families the controller can drive with a single ratio (design §7).
+#: Codec families the controller can drive with a single ratio (docs/design/deco_sgd.md#config-validation).
 ADAPTIVE_CODECS = ("topk", "randomk")
 DEFAULT_RATIO_GRID = (1.0, 0.5, 0.2, 0.1, 0.05, 0.02, 0.01, 0.005, 0.002, 0.001)
 #: Value formats of the controller's search (`value_formats`): wire dtypes and b-bit
@@ -55,7 +53,7 @@ VALUE_FORMATS = ("fp32", "fp16", "bf16", "q8", "q4")
 QUANT_BITS = {"q8": 8, "q4": 4}
 #: Where adaptive runs start when `ratio` is not given: compressed, but conservatively.
 ADAPTIVE_START_RATIO = 0.1
-#: Hard upper bound on tau_max (design §7).
+#: Hard upper bound on tau_max (docs/design/deco_sgd.md#config-validation).
 TAU_LIMIT = 64
 #: Bumped when the meaning of a field changes, so old checkpoint hashes stop matching.
 CONFIG_SCHEMA = 1
@@ -112,7 +110,7 @@ class DecoConfig:
     seed: int = 0
     bucket_mb: float = 25.0
     lr_tau_scaling: bool = False
-    # -- controller (§3.5, §3.6) --------------------------------------------------------
+    # -- controller (docs/design/deco_sgd.md#search, docs/design/deco_sgd.md#decisions-across-ranks) --
     ratio_grid: tuple[float, ...] = DEFAULT_RATIO_GRID
     #: Value formats the controller may choose (fp32/fp16/bf16 wire dtypes, q8/q4 quantized).
     #: None: fp32, fp16, q8, q4 for top-k; fp32, fp16 otherwise.
@@ -128,7 +126,8 @@ class DecoConfig:
     lut_rebuild_threshold: float = 0.1  # [ours] rebuild N when r moves more than this
     # -- convergence side of the objective ------------------------------------------------
     #: "measured": slowdown from measured drift and residual (deco_sgd.convergence);
-    #: "template": the §3.4 surrogate N(δ, τ) with a, b, c, κ (deco-sgd calibrate).
+    #: "template": the surrogate N(δ, τ) with a, b, c, κ (deco-sgd calibrate;
+    #: docs/design/deco_sgd.md#template-surrogate).
     convergence: str = "measured"
     #: [ours] Drift ρ assumed until it is measured (conservative: only small gaps allowed).
     drift_prior: float = 0.5
@@ -143,7 +142,7 @@ class DecoConfig:
     #: Steps a new point runs before it is judged (at least 3τ + 2 more).
     monitor_window: int = 16
     ema_loss: float = 0.3
-    # -- surrogate (§3.4) -----------------------------------------------------------------
+    # -- surrogate (docs/design/deco_sgd.md#template-surrogate) ------------------------------------
     phi: str = "exp2"
     phi_base: float = 2.0
     kappa: float = 1.0  # [ours] multiplier on Φ, fitted by fit_surrogate
@@ -151,7 +150,7 @@ class DecoConfig:
     b: float = 1.0
     c: float = 1.0
     eps_rel: float = 0.05
-    # -- estimators (§4) ------------------------------------------------------------------
+    # -- estimators (docs/design/deco_sgd.md#estimators) ---------------------------------------------
     ema_comp: float = 0.1
     ema_bandwidth: float = 0.3
     ema_grad: float = 0.1  # [ours] α for the G² and σ² EMAs
@@ -160,7 +159,7 @@ class DecoConfig:
     sigma_coords: int = 2048
     #: [ours] Local gradient coordinates behind the energy profile (quantiles of |g|).
     profile_coords: int = 65536
-    # -- faults, shutdown, checkpoints (§5-§7) -------------------------------------------
+    # -- faults, shutdown, checkpoints (docs/design/deco_sgd.md#validation-and-faults) --
     nonfinite: str = "skip"
     max_consecutive_skips: int = 10
     timeout_s: float = 120.0
@@ -306,7 +305,7 @@ class DecoConfig:
 
     @property
     def value_bytes(self) -> int:
-        """b_v of the time model (§3.2): 4 for fp32, 2 for fp16/bf16."""
+        """b_v of the time model (docs/design/deco_sgd.md#message-sizes): 4 for fp32, 2 for fp16/bf16."""
         return 4 if self.value_dtype == "fp32" else 2
 
     def make_codec(self, ratio: float | None = None, values: str | None = None) -> Codec:
@@ -371,7 +370,7 @@ class DecoConfig:
         """SHA-256 hex of the canonical JSON of `to_dict()` plus the schema number.
 
         Stable across processes and Python versions (unlike the built-in `hash`), so a
-        checkpoint can check that it is resumed under the same config (§6).
+        checkpoint can check that it is resumed under the same config (docs/design/deco_sgd.md#checkpoints).
         """
         blob = json.dumps({"schema": CONFIG_SCHEMA, **self.to_dict()}, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()

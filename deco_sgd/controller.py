@@ -1,4 +1,5 @@
-"""The DeCo-SGD `Controller`: choose (δ, τ, value format) from measurements (design §3.5, §3.6) [ours].
+"""The DeCo-SGD `Controller`: choose (δ, τ, value format) from measurements [ours]
+(docs/design/deco_sgd.md#search, docs/design/deco_sgd.md#decisions-across-ranks).
 
 Pure logic: no I/O, no collectives, no clocks. Every rank runs it on the same all-reduced
 measurements and gets the same answer.
@@ -14,7 +15,7 @@ the wire dtypes, the dense path has no quantizer). Scoring one candidate under m
 2. T_iter(δ,τ) from the time model and the convergence factor from
    `convergence="measured"` (default): S(δ, τ, v) from measured drift, error-feedback gap
    and energy profile (`deco_sgd.convergence`); or `"template"`: N(δ,τ) from the LUT of
-   the §3.4 surrogate (below); W = S·T_iter (or N·T_iter);
+   the template surrogate (docs/design/deco_sgd.md#template-surrogate, below); W = S·T_iter (or N·T_iter);
 3. a non-finite S or N (e.g. Φ ``reported`` at δ = 1, which is 0/0, or a gap that cannot
    be predicted yet) makes W = +inf, so the candidate can never win.
 
@@ -47,8 +48,8 @@ minimum of W, so ties go to the larger δ, then the smaller τ.
 3. hold when T̂_comp or B̂ has never been measured (no transfer has passed the estimator's
    filter yet), or when no candidate is finite because a latency is unknown; fall back to
    (min δ, τ_max) with a warning when B̂ is 0 (a measured outage) or no candidate is finite otherwise
-   (§3.5), at once (nothing can be scored, so neither hysteresis nor dwell applies). The
-   design note also falls back on an unknown B̂; we hold instead, because at the first
+   (docs/design/deco_sgd.md#search), at once (nothing can be scored, so neither hysteresis nor dwell applies). The
+   first plan also fell back on an unknown B̂; we hold instead, because at the first
    decision after a short warm-up "unknown" means "not measured yet", not an outage;
 4. otherwise keep the current point if it is the best ("optimal"), else rescore it and
    switch only if W_best < (1 − hysteresis)·W_current
@@ -93,7 +94,7 @@ logger = logging.getLogger(__name__)
 
 #: W values within this relative distance are ties (float noise must not break tie rules).
 TIE_RTOL = 1e-12
-#: timeout_s should be at least this many times the slowest modelled exchange (§7).
+#: timeout_s should be at least this many times the slowest modelled exchange (docs/design/deco_sgd.md#dead-peers).
 TIMEOUT_FACTOR = 10
 
 #: Decision periods a region judged "slow" stays excluded.
@@ -348,7 +349,8 @@ class Controller:
         return lat + (size.nbytes / m.bandwidth if size.nbytes > 0 else 0.0)
 
     def timeout_ok(self, m: Measurements) -> bool:
-        """False (and a warning) when timeout_s < 10× the slowest modelled exchange over the grid (§7).
+        """False (and a warning) when timeout_s < 10× the slowest modelled exchange over the grid
+        (docs/design/deco_sgd.md#dead-peers).
 
         Unknown inputs give no verdict (True): the model cannot say anything yet.
         """
@@ -386,7 +388,7 @@ class Controller:
         return out
 
     def search(self, m: Measurements) -> Score | None:
-        """argmin of W over the candidates of §3.3/§3.5, or None when none is finite."""
+        """argmin of W over the candidates (docs/design/deco_sgd.md#search), or None when none is finite."""
         best: Score | None = None
         for s in self.candidates(m):
             if math.isfinite(s.w) and (best is None or s.w < best.w * (1 - TIE_RTOL)):

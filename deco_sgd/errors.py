@@ -1,4 +1,4 @@
-"""Errors of the DeCo-SGD runtime (design §7).
+"""Errors of the DeCo-SGD runtime (docs/design/deco_sgd.md#validation-and-faults).
 
 Each carries the context a user needs to find the failing step without a debugger: the
 step, the exchange key, the staleness in force and the collective involved.

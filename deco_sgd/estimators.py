@@ -1,4 +1,4 @@
-"""Estimators of the controller's inputs (design §4) [ours]: pure classes fed with numbers.
+"""Estimators of the controller's inputs (docs/design/deco_sgd.md#estimators) [ours]: pure classes fed with numbers.
 
 They see only what a rank observes (step times, timestamps of completed exchanges, gradient
 norms), never the link configuration or a trace, so the controller is never an oracle. A

@@ -1,4 +1,5 @@
-"""One data exchange of a group of named gradients (design §2.2, §7).
+"""One data exchange of a group of named gradients
+(docs/design/deco_sgd.md#payload-exchange, docs/design/deco_sgd.md#non-finite-gradients).
 
 A *unit* is what one collective carries: the per-parameter payloads of one DDP bucket
 (hook mode) or of one `bucket_mb` chunk (wrapper mode). Selection, error feedback and the
@@ -16,7 +17,8 @@ Wire format (one buffer per unit, one collective per unit):
   all-gather of equal sizes; each rank decodes the n payloads in rank order.
 
 A rank whose gradients are not all finite sends zeros with validity 0 and leaves its
-residual untouched (§7): the flags arrive with the data, so all ranks see the same flags.
+residual untouched (docs/design/deco_sgd.md#non-finite-gradients): the flags arrive with the data, so all
+ranks see the same flags.
 
 The collectives run with ``check=False`` (no per-call wire header, `ccomm.header`): every
 unit's size follows from the parameters, the config and the fixed-size codec, which
@@ -25,7 +27,6 @@ unit would only add a latency to every exchange.
 """
 from __future__ import annotations
 
-import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -43,8 +44,6 @@ from .errors import DecoCommError
 
 __all__ = ["Unit", "StepEntry", "launch_unit", "completed_unit"]
 
-logger = logging.getLogger(__name__)
-
 
 @dataclass(eq=False)
 class Unit:
@@ -59,8 +58,8 @@ class Unit:
     handle: CommHandle[Any] | None
     finish: Callable[[Any], None] | None
     launch_t: float
-    #: When the backend finished the transfer (stamped by a future callback, for §4's
-    #: bandwidth estimator); `decoded_t` is when this rank decoded it.
+    #: When the backend finished the transfer (stamped by a future callback, for the
+    #: bandwidth estimator, docs/design/deco_sgd.md#estimators); `decoded_t` is when this rank decoded it.
     done_t: float | None = None
     decoded_t: float | None = None
     #: Mean aggregate per parameter, once decoded.
@@ -72,7 +71,8 @@ class Unit:
     collective: str = "allreduce"
     #: The algorithm the collective ran (`ccomm.schedule`): what the time models charge.
     algo: str = "ring"
-    #: This rank's Σ‖g‖² over the unit before compensation (for §4's G² and σ²; NaN if invalid).
+    #: This rank's Σ‖g‖² over the unit before compensation (for the G² and σ² estimators,
+    #: docs/design/deco_sgd.md#estimators; NaN if invalid).
     sq_norm: float = 0.0
     _future: "torch.futures.Future[None] | None" = field(default=None, repr=False)
 
@@ -180,7 +180,7 @@ def launch_unit(
     dtype = grads[0].dtype
     if any(g.dtype != dtype for g in grads):
         raise ValueError(f"grads: one exchange unit needs one dtype, got {sorted({str(g.dtype) for g in grads})}")
-    # Checked before compensation: a NaN must never enter the residual (§7).
+    # Checked before compensation: a NaN must never enter the residual (docs/design/deco_sgd.md#non-finite-gradients).
     valid = all_finite(grads)  # one host sync for the whole unit
     shapes = tuple(g.shape for g in grads)
     own: dict[str, torch.Tensor] | None = {} if valid else None

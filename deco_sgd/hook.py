@@ -1,4 +1,4 @@
-"""`deco_hook(state, bucket)`: DeCo-SGD as a DDP communication hook (design §2.3).
+"""`deco_hook(state, bucket)`: DeCo-SGD as a DDP communication hook (docs/design/deco_sgd.md#ddp-hook).
 
 Register with `ddp.register_comm_hook(state, deco_hook)` and step through
 `DecoOptimizer(opt, state)`, or do both with `attach_ddp(ddp, opt, config)`.
@@ -7,12 +7,12 @@ Per bucket the hook launches one exchange of the bucket's per-parameter payloads
 returns a future of the **mean** aggregate from τ steps ago for the same parameters
 (looked up by parameter name, so the bucket layout may change). Fill steps return zeros
 and leave `state.ready` False. When τ shrinks (drain) the due aggregates are summed: exact
-for plain SGD, a one-off approximation with momentum (§5). The first bucket of a step
+for plain SGD, a one-off approximation with momentum (docs/design/deco_sgd.md#changing-ratio-and-staleness).
+The first bucket of a step
 opens it (and applies a scheduled decision); the last closes it.
 """
 # No `from __future__ import annotations`: DDP checks the hook's annotations at runtime.
 
-import logging
 from typing import Any
 
 import torch
@@ -25,8 +25,6 @@ from .optim import DecoOptimizer
 from .state import DecoState
 
 __all__ = ["deco_hook", "attach_ddp"]
-
-logger = logging.getLogger(__name__)
 
 
 def deco_hook(state: DecoState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:

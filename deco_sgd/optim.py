@@ -1,4 +1,5 @@
-"""`DecoOptimizer(optimizer, state)`: DeCo-SGD around any torch optimizer (design §2.4, §2.3).
+"""`DecoOptimizer(optimizer, state)`: DeCo-SGD around any torch optimizer
+(docs/design/deco_sgd.md#optimizer-wrapper, docs/design/deco_sgd.md#ddp-hook).
 
 Wrapper mode (no DDP, no hook registered): `step()` reads every `p.grad`, launches the
 step's exchanges in chunks of `bucket_mb`, and applies every due aggregate as its own
@@ -9,7 +10,8 @@ Hook mode (`deco_hook` registered on DDP): the hook already wrote the aggregate 
 `p.grad`; `step()` settles the applied entries and skips the inner `step()` on fill or
 skipped steps, so the optimizer never sees a fake zero gradient.
 
-`close()` (or leaving a `with` block) flushes the FIFO (§5) and applies what was in flight.
+`close()` (or leaving a `with` block) flushes the FIFO and applies what was in flight
+(docs/design/deco_sgd.md#shutdown).
 """
 from __future__ import annotations
 
@@ -136,7 +138,8 @@ class DecoOptimizer:
                 p.grad.copy_(agg)
 
     def _inner_step(self, tau: int) -> None:
-        """The wrapped optimizer's step; with `lr_tau_scaling`, at γ/(τ+1) (§5)."""
+        """The wrapped optimizer's step; with `lr_tau_scaling`, at γ/(τ+1)
+        (docs/design/deco_sgd.md#changing-ratio-and-staleness)."""
         if not self.state.config.lr_tau_scaling or tau == 0:
             self.optimizer.step()
             return
@@ -159,7 +162,8 @@ class DecoOptimizer:
         return len(entries)
 
     def flush_residual(self) -> None:
-        """All-reduce the mean of every rank's residual and apply it once (collective, §5)."""
+        """All-reduce the mean of every rank's residual and apply it once (collective;
+        docs/design/deco_sgd.md#shutdown)."""
         st = self.state
         names = st.names
         res = [st.ef.residual(n) for n in names]
@@ -174,8 +178,8 @@ class DecoOptimizer:
         st.ef.reset()
 
     def close(self) -> None:
-        """Flush (§5): apply (or discard, per `config.flush`) what is in flight, then release
-        the state's process groups (collective). Idempotent."""
+        """Flush (docs/design/deco_sgd.md#shutdown): apply (or discard, per `config.flush`) what is in flight,
+        then release the state's process groups (collective). Idempotent."""
         if self.closed:
             return
         self.drain()

@@ -1,4 +1,4 @@
-"""Registered noise terms Φ(δ, τ) of the convergence surrogate (design §3.4).
+"""Registered noise terms Φ(δ, τ) of the convergence surrogate (docs/design/deco_sgd.md#template-surrogate).
 
 Φ measures how much compression (fraction kept δ) coupled with staleness τ slows
 convergence; the surrogate in :mod:`deco_sgd.surrogate` adds it under a square root next
@@ -23,12 +23,13 @@ __all__ = ["PhiFn", "PHI_FUNCTIONS", "REPORTED_MAX_RATIO", "register_phi", "phi_
 #: Φ(δ, τ, base) -> value (may be inf or NaN; the caller decides what that means).
 PhiFn = Callable[[float, int, float], float]
 
-#: `reported` is only accepted when max(ratio_grid) is at most this (design §3.4).
+#: `reported` is only accepted when max(ratio_grid) is at most this (docs/design/deco_sgd.md#template-surrogate).
 REPORTED_MAX_RATIO = 0.5
 
 
 def _reported(delta: float, tau: int, base: float) -> float:
-    # Evaluated literally as (1−δ)/(δ(1−δ)^τ) so that δ = 1 gives the 0/0 the spec names;
+    # Evaluated literally as (1−δ)/(δ(1−δ)^τ) so that δ = 1 gives the 0/0 that
+    # docs/design/deco_sgd.md#template-surrogate names;
     # base is unused (the reported term has no free base).
     num = 1.0 - delta
     den = delta * (1.0 - delta) ** tau

@@ -1,4 +1,5 @@
-"""The in-flight FIFO that realises staleness τ (design §2.1, §5).
+"""The in-flight FIFO that realises staleness τ
+(docs/design/deco_sgd.md#staleness-model, docs/design/deco_sgd.md#changing-ratio-and-staleness).
 
 Entry s is launched at step s and applied at the end of step s + τ. The FIFO only does the
 bookkeeping: which entries to pop when, and the counters behind the invariant
@@ -6,7 +7,7 @@ bookkeeping: which entries to pop when, and the counters behind the invariant
     launched == applied + skipped + len(fifo)      (at every step boundary)
 
 Popping happens through `pop_due(tau)`, which returns every entry that is due under the
-staleness in force *now*; that single rule gives both transitions of §5:
+staleness in force *now*; that single rule gives both transitions of τ:
 
 - τ grows (deepen): fewer entries are due, so τ' − τ steps pop nothing (fill steps whose
   gradients stay queued, never lost);
@@ -17,13 +18,10 @@ so no entry can be applied twice.
 """
 from __future__ import annotations
 
-import logging
 from collections import deque
 from typing import Generic, Iterator, Protocol, TypeVar
 
 __all__ = ["InFlightFifo", "Sequenced"]
-
-logger = logging.getLogger(__name__)
 
 
 class Sequenced(Protocol):

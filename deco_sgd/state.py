@@ -1,7 +1,9 @@
-"""`DecoState`: everything one rank of DeCo-SGD remembers between steps (design §1.3, §2, §5-§7).
+"""`DecoState`: everything one rank of DeCo-SGD remembers between steps
+(docs/design/deco_sgd.md#update-rule, docs/design/deco_sgd.md#staleness-model,
+docs/design/deco_sgd.md#changing-ratio-and-staleness).
 
 It owns the per-parameter error-feedback residuals, the (δ, τ) in force, one codec per δ,
-the in-flight FIFO and the step counter, and runs the parts of §1.3 that both front ends
+the in-flight FIFO and the step counter, and runs the parts of the update rule that both front ends
 share: `begin_step` / `launch` / `end_step` around the exchanges of one step, and
 `resolve` when the due entries are consumed. `deco_hook` (DDP) and `DecoOptimizer`
 (no DDP) only decide *when* to call them and where the aggregate goes.
@@ -76,7 +78,7 @@ class DecoState:
         timeout = datetime.timedelta(seconds=config.timeout_s)
         # Data goes over the caller's group (default: the default group, with its backend:
         # NCCL on GPUs, no host copies). Control gets its own gloo group: it exchanges Python
-        # objects and host scalars, and must never queue behind data (§2.1).
+        # objects and host scalars, and must never queue behind data (docs/design/deco_sgd.md#staleness-model).
         self._own_groups: list[dist.ProcessGroup] = []
         if group is None:
             group = dist.group.WORLD
@@ -240,7 +242,8 @@ class DecoState:
         return self._cur_eff[1]
 
     def resolve(self, entries: Sequence[StepEntry], *, all_or_nothing: bool = False) -> list[StepEntry]:
-        """Wait for popped entries, check validity (§7), settle them; return those to apply.
+        """Wait for popped entries, check validity (docs/design/deco_sgd.md#non-finite-gradients), settle them;
+        return those to apply.
 
         Skipped entries hand their own messages back to the residuals, so a skip delays
         gradient mass but never loses it. `all_or_nothing` (hook mode, whose entries were
@@ -338,7 +341,8 @@ class DecoState:
 
     # -- shutdown -------------------------------------------------------------------------
     def flush(self) -> list[StepEntry]:
-        """Wait for every in-flight exchange (§5). Returns the entries to apply, oldest first.
+        """Wait for every in-flight exchange (docs/design/deco_sgd.md#shutdown).
+        Returns the entries to apply, oldest first.
 
         `flush="apply"`: valid entries are returned for the caller to apply (DecoOptimizer
         does); `"discard"`: every rank restores its own messages into its residuals.
@@ -379,7 +383,8 @@ class DecoState:
 
     # -- checks -----------------------------------------------------------------------------
     def _check_layout(self) -> None:
-        """One synchronous all-gather: same parameters, shapes, dtypes and config everywhere (§7)."""
+        """One synchronous all-gather: same parameters, shapes, dtypes and config everywhere
+        (docs/design/deco_sgd.md#mismatched-ranks)."""
         mine = (self.config.hash(), [(n, tuple(p.shape), str(p.dtype)) for n, p in self.params.items()])
         everyone: list[Any] = [None] * self.world_size
         dist.all_gather_object(everyone, mine, group=self.control_group)
@@ -394,7 +399,7 @@ class DecoState:
             raise ValueError(f"parameters: rank {r} has {len(theirs[1])} parameters, rank {self.rank} has {len(mine[1])}")
 
     def _check_replicated(self) -> None:
-        """MIN/MAX all-reduce of the fields every rank must agree on (§6)."""
+        """MIN/MAX all-reduce of the fields every rank must agree on (docs/design/deco_sgd.md#checkpoints)."""
         pend = self.pending or (0.0, -1, -1, "")
         v = torch.tensor([self.step, self.ratio, self.staleness, len(self.fifo), self.fifo.launched,
                           pend[0], pend[1], pend[2]], dtype=torch.float64)
@@ -406,7 +411,7 @@ class DecoState:
             diff = [f for f, a, b in zip(fields, hi.tolist(), (-lo).tolist()) if a != b]
             raise DecoDesyncError(f"ranks disagree on replicated state after load: {diff}")
 
-    # -- checkpoint (§6) -----------------------------------------------------------------------
+    # -- checkpoint (docs/design/deco_sgd.md#checkpoints) -------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Per-rank checkpoint; waits for in-flight exchanges without applying them."""
         if self._cur is not None:

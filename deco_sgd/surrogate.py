@@ -1,4 +1,4 @@
-"""Convergence surrogate N(δ,τ) and its least-squares calibration (design §3.4) [ours].
+"""Convergence surrogate N(δ,τ) and its least-squares calibration (docs/design/deco_sgd.md#template-surrogate) [ours].
 
 Iterations to reach ε = eps_rel·G², dimensionless, with r = σ²/G² and n workers:
 

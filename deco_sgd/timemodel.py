@@ -1,7 +1,7 @@
-"""Time model of one DeCo-SGD step (design §3.1-§3.3) as pure functions [ours].
+"""Time model of one DeCo-SGD step as pure functions [ours] (docs/design/deco_sgd.md#time-model).
 
-Message sizes (§3.2) per exchange pattern, with k = Σ_p ⌈δ·d_p⌉ kept entries, b_v bytes
-per value and b_i per index. The collective patterns are read off `netsim.cost.schedule`
+Message sizes per exchange pattern (docs/design/deco_sgd.md#message-sizes), with k = Σ_p ⌈δ·d_p⌉ kept
+entries, b_v bytes per value and b_i per index. The collective patterns are read off `netsim.cost.schedule`
 (built on `ccomm.schedule`, which describes what `ccomm.comm` sends), so they agree with
 the transport and the simulator by construction (`collective_cost`):
 
@@ -11,11 +11,12 @@ the transport and the simulator by construction (`collective_cost`):
    busiest link's bytes, summed, and the number of steps (each costs one ℓ). V is the
    same for the ring and the log-depth all-gathers; the steps are n-1 against ⌈log2 n⌉.
 
-The parameter-server and PowerSGD rows use the spec's closed forms.
+The parameter-server and PowerSGD rows use closed forms.
 
-Step time (§3.1): T_iter(δ,τ) = max{T_comp, T_tx(δ), (T_comp + T_comm(δ))/(τ+1)} with
+Step time: T_iter(δ,τ) = max{T_comp, T_tx(δ), (T_comp + T_comm(δ))/(τ+1)} with
 T_comm = L_eff + T_tx and T_tx = V/B. The least staleness reaching the floor
-max{T_comp, T_tx} is τ_min(δ) = max(0, ⌈(T_comp + T_comm)/T_floor⌉ − 1) (§3.3).
+max{T_comp, T_tx} is τ_min(δ) = max(0, ⌈(T_comp + T_comm)/T_floor⌉ − 1)
+(docs/design/deco_sgd.md#least-staleness).
 """
 from __future__ import annotations
 
@@ -41,9 +42,9 @@ __all__ = [
     "tau_min",
 ]
 
-#: Exchange patterns of the §3.2 table.
+#: Exchange patterns of the message-size table (docs/design/deco_sgd.md#message-sizes).
 PATTERNS = ("allreduce_dense", "allreduce_sparse", "allgather", "ps")
-#: b_i: int32 indices (§3.2).
+#: b_i: int32 indices (docs/design/deco_sgd.md#message-sizes).
 INDEX_BYTES = 4
 # Relative slack in ⌈x⌉ so that a ratio that is an integer up to rounding (3.0000000000004)
 # is not pushed to the next staleness.
@@ -81,7 +82,7 @@ def message_size(
     pattern: str, n: int, numels: Sequence[int], delta: float, value_bytes: int = 4, index_bytes: int = INDEX_BYTES,
     *, algo: str = "ring",
 ) -> MessageSize:
-    """V and latency hops of one exchange of `pattern` among n workers (§3.2 table).
+    """V and latency hops of one exchange of `pattern` among n workers (docs/design/deco_sgd.md#message-sizes).
 
     `algo` is the all-gather's algorithm (the "allgather" pattern only; all-reduces are rings)."""
     if pattern not in PATTERNS:
@@ -121,7 +122,8 @@ def payload_message_size(pattern: str, n: int, nbytes: float, algo: str = "ring"
 
 
 def powersgd_size(n: int, shapes: Sequence[Sequence[int]], rank: int) -> MessageSize:
-    """PowerSGD rank r: 2(n−1)/n·4·[Σ_mat r(m+p) + Σ_vec numel], 4(n−1) hops (§3.2).
+    """PowerSGD rank r: 2(n−1)/n·4·[Σ_mat r(m+p) + Σ_vec numel], 4(n−1) hops
+    (docs/design/deco_sgd.md#message-sizes).
 
     A tensor of ≥ 2 dims is the matrix (shape[0], rest); the rank is capped at min(m, p).
     """
@@ -171,13 +173,14 @@ def t_floor(t_comp: float, t_tx: float) -> float:
 
 
 def t_iter(t_comp: float, t_tx: float, l_eff: float, tau: int) -> float:
-    """T_iter(δ,τ) of §3.1 given T_comp, T_tx(δ) = V/B and L_eff (seconds)."""
+    """T_iter(δ,τ) (docs/design/deco_sgd.md#time-model) given T_comp, T_tx(δ) = V/B and L_eff (seconds)."""
     _check_times(t_comp, t_tx, l_eff, tau)
     return max(t_comp, t_tx, (t_comp + l_eff + t_tx) / (tau + 1))
 
 
 def tau_min(t_comp: float, t_tx: float, l_eff: float) -> int:
-    """τ_min(δ) = max(0, ⌈(T_comp + T_comm)/T_floor⌉ − 1) of §3.3 (0 when T_tx is infinite)."""
+    """τ_min(δ) = max(0, ⌈(T_comp + T_comm)/T_floor⌉ − 1), 0 when T_tx is infinite
+    (docs/design/deco_sgd.md#least-staleness)."""
     _check_times(t_comp, t_tx, l_eff)
     if math.isinf(t_tx):
         return 0  # no staleness helps without bandwidth; the caller's fallback decides

@@ -6,14 +6,12 @@ compute), by :meth:`EmuVirtualClock.compute`, and to the due time of every await
 """
 from __future__ import annotations
 
-import logging
 import threading
 import time
 from typing import Protocol
 
 __all__ = ["EmuClock", "EmuWallClock", "EmuVirtualClock"]
 
-logger = logging.getLogger(__name__)
 
 # Below this remaining time sleeping again overshoots more than it helps; the 2 ms accuracy
 # budget absorbs the rest.

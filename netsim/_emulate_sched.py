@@ -6,14 +6,12 @@ model time the same steps.
 """
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 
 from .cost import Schedule, schedule
 
 __all__ = ["OPS", "collective_schedule"]
 
-logger = logging.getLogger(__name__)
 
 #: Collectives emulate models.
 OPS: tuple[str, ...] = ("allreduce", "allgather", "reduce_scatter", "broadcast", "barrier")

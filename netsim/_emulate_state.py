@@ -10,15 +10,12 @@ state, so the replicas agree after it.
 from __future__ import annotations
 
 import heapq
-import logging
 from dataclasses import dataclass
 
 from .reserve import Reserver
 from .topo import Resource
 
 __all__ = ["owned_size", "pack_owned", "unpack_owned", "CollectiveResult", "replay"]
-
-logger = logging.getLogger(__name__)
 
 
 def _owned_free(res: Reserver, r: int) -> list[Resource]:

@@ -9,7 +9,6 @@ with ``set_defaults`` (see :mod:`netsim.__main__`). They can reuse :func:`add_li
 from __future__ import annotations
 
 import argparse
-import logging
 import re
 
 from .link import Link
@@ -27,7 +26,6 @@ __all__ = [
     "topo_from_args",
 ]
 
-logger = logging.getLogger(__name__)
 
 EXIT_OK = 0
 EXIT_TOLERANCE = 1  # measured out of tolerance

@@ -1,4 +1,5 @@
-"""Pure builders of the ``ip``/``tc`` command lines that netsim.netns runs (spec §6.2, §6.6).
+"""Pure builders of the ``ip``/``tc`` command lines that netsim.netns runs
+(docs/design/netsim.md#shaping-recipe, docs/design/netsim.md#builders-and-executor).
 
 Every builder returns :class:`Cmd` (an argv and the argv that undoes it) and never touches the
 system, so plans are golden-tested without root.  Every command is scoped to a netsim namespace:
@@ -130,12 +131,14 @@ def addr(ns: str, dev: str, cidr: str) -> Cmd:
 
 
 def gso_off(ns: str, dev: str) -> Cmd:
-    """One segment per GSO packet: with GSO a full-duplex TCP exchange ran 33 % slow (§6.2)."""
+    """One segment per GSO packet: with GSO a full-duplex TCP exchange ran 33 % slow
+    (docs/design/netsim.md#shaping-recipe)."""
     return Cmd(("ip", "-n", _ns(ns), "link", "set", "dev", dev, "gso_max_segs", "1"))
 
 
 def htb_params(rate_bps: float, mtu: int, l2_header: int = _ETH_HEADER) -> tuple[int, int, int]:
-    """(rate, burst, quantum) of §6.2: burst = max(2 frames, 1 ms of line rate), quantum = 1 frame.
+    """(rate, burst, quantum) of docs/design/netsim.md#shaping-recipe: burst = max(2 frames, 1 ms of line
+    rate), quantum = 1 frame.
 
     ``rate_bps`` is the line rate R = B * wire_factor in bit/s.
     """
@@ -155,7 +158,8 @@ def _class_args(rate_bps: float, mtu: int, l2_header: int) -> tuple[str, ...]:
 
 
 def htb(ns: str, dev: str, rate_bps: float, mtu: int, l2_header: int = _ETH_HEADER) -> list[Cmd]:
-    """Root htb with one class 1:1 at the line rate; htb's default pfifo leaf is kept (§6.2)."""
+    """Root htb with one class 1:1 at the line rate; htb's default pfifo leaf is kept
+    (docs/design/netsim.md#shaping-recipe)."""
     return [
         Cmd(("tc", "-n", _ns(ns), "qdisc", "add", "dev", dev, "root", "handle", "1:",
              "htb", "default", "1"),

@@ -36,7 +36,6 @@ int64 per block leading each round's messages).
 
 from __future__ import annotations
 
-import logging
 import math
 from collections import defaultdict
 from collections.abc import Sequence
@@ -64,7 +63,6 @@ __all__ = [
     "tree_depth",
 ]
 
-logger = logging.getLogger(__name__)
 
 Step = list[tuple[int, int, float]]
 Schedule = list[Step]

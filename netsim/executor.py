@@ -1,4 +1,5 @@
-"""Runs planned commands without a shell and unwinds them on failure (spec §6.6)."""
+"""Runs planned commands without a shell and unwinds them on failure
+(docs/design/netsim.md#builders-and-executor)."""
 
 from __future__ import annotations
 

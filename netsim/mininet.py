@@ -1,4 +1,4 @@
-"""netsim.mininet: the same topologies through Mininet's Python API (spec §7).
+"""netsim.mininet: the same topologies through Mininet's Python API (docs/design/netsim.md#mininet).
 
 ``up(topo)`` returns a :class:`netsim.netns.Net`.  Mininet builds hosts ``nsmh<i>`` (network
 namespaces held by ``mnexec`` shells) joined by a ``LinuxBridge`` ``nsms0`` (no controller).

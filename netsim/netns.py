@@ -1,4 +1,4 @@
-"""netsim.netns: real hosts as network namespaces with shaped links (spec §6).
+"""netsim.netns: real hosts as network namespaces with shaped links (docs/design/netsim.md#namespaces).
 
 ``up(topo)`` returns a :class:`Net` (context manager) whose hosts run real processes
 (``net.popen(rank, argv)`` with ``net.env(rank)``); ``down(tag)`` removes everything.
@@ -283,7 +283,8 @@ class Net:
         return ["ip", "netns", "exec", self.hosts[rank].ns]
 
     def env(self, rank: int, port: int = 29500) -> dict[str, str]:
-        """Variables that keep gloo and NCCL on the emulated device (§6.4)."""
+        """Variables that keep gloo and NCCL on the emulated device
+        (docs/design/netsim.md#forcing-torch-onto-the-link)."""
         if not 0 <= rank < len(self.hosts):
             raise ValueError(f"rank must be in [0, {len(self.hosts) - 1}], got {rank}")
         return {

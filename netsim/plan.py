@@ -1,4 +1,5 @@
-"""``plan_up(topo, caps, opts) -> Plan``: what netsim.netns will create, computed purely (§6.1).
+"""``plan_up(topo, caps, opts) -> Plan``: what netsim.netns will create, computed purely
+(docs/design/netsim.md#namespace-layout).
 
 Three layouts:
 

@@ -1,4 +1,5 @@
-"""``probe(net)``: measure what an OS-level net really gives and compare with its link (§8).
+"""``probe(net)``: measure what an OS-level net really gives and compare with its link
+(docs/design/netsim.md#probe).
 
 * **RTT**: TCP ping-pong of 32-byte messages with TCP_NODELAY; the median must be within
   ``RTT_TOL_ABS_S + RTT_TOL_REL * configured``, configured = ``lat_ij + lat_ji`` (an idle
@@ -202,7 +203,7 @@ def _probe_pair(net: Net, i: int, j: int, samples: int, warmup: int, nbytes: int
     lossy = topo.pair_link(i, j).loss > 0 or topo.pair_link(j, i).loss > 0
     if constant:
         cfg: float | None = rate_ij / 1e6
-        # Under loss the goodput is informational (spec §8): TCP, not the link, sets it.
+        # Under loss the goodput is informational (docs/design/netsim.md#probe): TCP, not the link, sets it.
         bw_ok = lossy or abs(goodput / cfg - 1) <= BW_TOL
     else:
         cfg = None

@@ -24,8 +24,6 @@ from .topo import Resource, Topo
 
 __all__ = ["Reservation", "Reserver"]
 
-logger = logging.getLogger(__name__)
-
 
 @dataclass(frozen=True)
 class Reservation:

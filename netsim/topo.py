@@ -8,7 +8,6 @@ are always per pair. Both modes agree for n = 2.
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -23,7 +22,6 @@ from .trace import Trace
 
 __all__ = ["Topo", "Resource"]
 
-logger = logging.getLogger(__name__)
 
 #: ("up", i), ("down", j) in shared mode; ("pair", i, j) in mesh mode.
 Resource = Union[tuple[str, int], tuple[str, int, int]]

@@ -9,7 +9,6 @@ once at construction turns ``bits_between`` and ``time_to_send`` into bisections
 from __future__ import annotations
 
 import bisect
-import logging
 import math
 import random
 import re
@@ -21,7 +20,6 @@ from pathlib import Path
 
 __all__ = ["Trace", "MAHIMAHI_PACKET_BITS", "MAHIMAHI_MAX_MS"]
 
-logger = logging.getLogger(__name__)
 
 #: Mahimahi delivers one 1500-byte packet per line: 12,000 bits.
 MAHIMAHI_PACKET_BITS = 1500 * 8
@@ -51,7 +49,8 @@ def _validate(
     period_s: float | None,
     where: Callable[[int], str] = _default_where,
 ) -> None:
-    """Raise ``ValueError`` for any §2 rule; ``where(k)`` names point k (e.g. ``file:line``)."""
+    """Raise ``ValueError`` for any rule of docs/design/netsim.md#trace-validation; ``where(k)`` names
+    point k (e.g. ``file:line``)."""
     if len(times) == 0:
         raise ValueError(f"{where(-1)}: empty trace (need at least one (time_s, mbps) point)")
     if len(times) != len(rates):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import math
 from pathlib import Path
 
@@ -12,8 +11,6 @@ from .link import Link
 from .trace import Trace
 
 __all__ = ["add_cli", "plot_trace", "summarize"]
-
-logger = logging.getLogger(__name__)
 
 
 def _load(path: str, bin_ms: int) -> Trace:

@@ -1,4 +1,5 @@
-"""The userspace delay wire daemon: ``python -m netsim.wire --state FILE`` (spec §6.3).
+"""The userspace delay wire daemon: ``python -m netsim.wire --state FILE``
+(docs/design/netsim.md#delay-wire).
 
 Kernels without netem (this project's machines) get delay, jitter, loss, outages and wire-side
 shaping from this process.  It opens one TUN ``nsmt0`` per host namespace, reads every IPv4

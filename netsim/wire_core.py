@@ -1,4 +1,4 @@
-"""Packet scheduling of the userspace delay wire (spec §6.3), free of I/O and clocks.
+"""Packet scheduling of the userspace delay wire, free of I/O and clocks (docs/design/netsim.md#delay-wire).
 
 :class:`WireCore` decides, for each IPv4 packet read from host ``i``'s TUN at time ``now``,
 whether it is dropped and otherwise to which host and when it is delivered.  The daemon in
@@ -9,7 +9,7 @@ Per packet ``i -> j`` (seq counted per ordered pair):
 * loss when ``uniform(seed, i, j, seq, 1) < loss`` (the same draw on every backend);
 * drop-tail when the bytes in flight on channel (i, j) would exceed its limit;
 * reservation rule over the channel's wire-shaped resources (token buckets of depth
-  ``burst_s``, 0 in the spec): ``start = max(now - burst_s, free[r])``,
+  ``burst_s``, 0 in the first plan): ``start = max(now - burst_s, free[r])``,
   ``fin = max(now, when the slowest of them has carried the packet)``;
 * ``arr = max(fin + L + J(2u - 1), last_arr[i, j])``: FIFO per direction unless ``reorder``;
 * pure ACKs (``<= SMALL_PACKET_BYTES``) on a wire-shaped channel skip its backlog and the FIFO

@@ -6,7 +6,6 @@ a timeout; the transport never waits longer than the process group's own timeout
 """
 from __future__ import annotations
 
-import logging
 import threading
 from typing import Any, Callable, Generic, Sequence, TypeVar
 
@@ -29,7 +28,6 @@ __all__ = [
     "wrap_error",
 ]
 
-logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 

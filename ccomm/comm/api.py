@@ -1,7 +1,6 @@
 """`allreduce_payload` and `allgather_payloads`: check, choose the algorithm, run it."""
 from __future__ import annotations
 
-import logging
 
 import torch.distributed as dist
 
@@ -15,8 +14,6 @@ from .ring import ring_allgather, ring_allreduce
 from .wire import check_gathered, exchange_headers
 
 __all__ = ["allreduce_payload", "allgather_payloads"]
-
-logger = logging.getLogger(__name__)
 
 
 def allreduce_payload(

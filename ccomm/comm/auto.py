@@ -10,7 +10,6 @@ a size only one rank knows (see its docstring).
 """
 from __future__ import annotations
 
-import logging
 import math
 import threading
 from dataclasses import dataclass
@@ -22,7 +21,6 @@ from ..schedule import ALGOS, ROUND_OVERHEAD_S, choose
 
 __all__ = ["AutoConfig", "auto_config", "clear_measured", "configure", "link_for", "resolve_algo", "set_measured"]
 
-logger = logging.getLogger(__name__)
 
 #: What a call may pass as ``algo``.
 CHOICES: dict[str, tuple[str, ...]] = {op: ("auto", *algos) for op, algos in ALGOS.items()}

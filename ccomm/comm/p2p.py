@@ -16,7 +16,6 @@ sends as ``(step, src, dst, nbytes)`` in group ranks, which tests compare with
 """
 from __future__ import annotations
 
-import logging
 import queue
 import threading
 from typing import Any, Callable, Sequence
@@ -28,7 +27,6 @@ from ._handle import wrap_error
 
 __all__ = ["TAG", "SendHook", "ThreadWork", "post", "set_send_hook", "submit", "wait_all"]
 
-logger = logging.getLogger(__name__)
 
 #: Tag of every log-depth message (gloo matches point-to-point messages by peer and tag).
 TAG = 0x6363

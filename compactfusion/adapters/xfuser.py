@@ -1,7 +1,7 @@
 """CompactFusion's compressed ring inside an xDiT (`xfuser`) pipeline.
 
 `patch(pipe, config)` replaces xfuser's ring-attention call by CompactFusion's ring
-(`compactfusion.attention.ring_attention`, spec section 3.1): each ring rank encodes its own
+(`compactfusion.attention.ring_attention`, docs/design/compactfusion.md#parallel-modes): each ring rank encodes its own
 K/V once per layer and step against the mirrored base, the payloads travel P-1 hops
 unchanged, every rank attends to its exact own K/V and to the reconstructions of the
 others. Everything else in the xfuser pipeline (sequence split, gather, CFG, scheduler,

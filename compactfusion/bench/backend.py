@@ -1,6 +1,6 @@
 """What the benchmark runs: a model, a way to parallelize it, and a sampler.
 
-:class:`TinyDiTBackend` is the real one (the committed MNIST DiT of spec §6, parallelized by
+:class:`TinyDiTBackend` is the real one (the committed MNIST DiT, docs/design/compactfusion.md#tiny-model, parallelized by
 :func:`compactfusion.parallelize`, sampled by ``compactfusion.models.sample.sample``);
 :class:`RandomTinyDiTBackend` is the same with seeded random weights (no checkpoint needed).
 :class:`ToyBackend` is a stand-in with the same interface whose "model" is a few lines of
@@ -11,7 +11,6 @@ on it in seconds; it says nothing about CompactFusion's quality.
 """
 from __future__ import annotations
 
-import logging
 from typing import Any, Protocol
 
 import torch
@@ -19,8 +18,6 @@ import torch
 from .methods import Method
 
 __all__ = ["Backend", "TinyDiTBackend", "RandomTinyDiTBackend", "WideDiTBackend", "ToyBackend", "make_backend", "BACKENDS"]
-
-logger = logging.getLogger(__name__)
 
 
 class Backend(Protocol):

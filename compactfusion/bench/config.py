@@ -13,7 +13,6 @@ Unknown keys are rejected so that a typo never silently falls back to a default:
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +25,6 @@ from .methods import METHODS, Method
 
 __all__ = ["LinkConfig", "BenchConfig", "load_config", "config_from_dict"]
 
-logger = logging.getLogger(__name__)
 
 _WIRE_DTYPES = ("fp32", "fp16", "bf16")
 
@@ -45,7 +43,7 @@ class LinkConfig:
     """The emulated per-rank link of the timed run.
 
     ``bandwidth_mbps``: ``"auto"`` searches the bandwidth at which uncompressed ring is
-    ``target_ratio`` times slower than the single process (spec §8.6), a number fixes it
+    ``target_ratio`` times slower than the single process (docs/design/compactfusion.md#our-benchmark), a number fixes it
     (Mbit/s per rank), ``None`` runs unshaped (plain gloo, no emulation).
     ``sweep`` multiplies the chosen bandwidth for the latency-vs-bandwidth curve (the
     paper's 500/1000/1500/2000 MB/s are 1, 2, 3, 4 times its Ethernet point).

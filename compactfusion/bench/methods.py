@@ -1,6 +1,6 @@
 """The benchmarked methods: result key -> (parallel mode, codec, quality reference).
 
-Quality is measured against the uncompressed output of the same mode (spec §7, as in the
+Quality is measured against the uncompressed output of the same mode (docs/design/compactfusion.md#metrics, as in the
 repo): ring codecs against ``ring``, patch codecs and ``distrifusion`` against ``patch``.
 ``single`` is the unmodified model in one process.
 
@@ -11,12 +11,10 @@ mit-han-lab/distrifuser), so the baseline is the published one.
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 __all__ = ["Method", "METHODS", "DISTRIFUSION_WARMUP"]
 
-logger = logging.getLogger(__name__)
 
 #: Synchronous warm-up steps of the original DistriFusion (its DistriConfig default).
 DISTRIFUSION_WARMUP = 4

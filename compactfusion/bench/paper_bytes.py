@@ -1,4 +1,4 @@
-"""Wire bytes measured at the paper's activation shape (FLUX.1 1024², spec §8.1).
+"""Wire bytes measured at the paper's activation shape (FLUX.1 1024², docs/design/compactfusion.md#paper-setting).
 
 The codecs' scale overhead is ``(N + C)`` values per tensor, so the tiny model's 128
 channels cap ``binary`` at 14.2x where FLUX's 3072 channels give 15.7x. This measures the
@@ -18,7 +18,6 @@ bytes at FLUX's shape through the real exchange instead of quoting the formula:
 """
 from __future__ import annotations
 
-import logging
 import statistics
 from typing import Any
 
@@ -28,8 +27,6 @@ from .methods import METHODS
 from .project import FluxSetting, codec_nbytes
 
 __all__ = ["CALLS", "job_paper_bytes", "summarize_paper_bytes"]
-
-logger = logging.getLogger(__name__)
 
 
 #: Calls per method: the first sends raw tensors (W = 1), the others compressed payloads.

@@ -4,15 +4,12 @@ matplotlib is imported lazily with the Agg backend (no display needed).
 """
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 __all__ = ["image_grid", "latency_plot", "ablation_plot", "ablation_csv"]
-
-logger = logging.getLogger(__name__)
 
 
 def _plt() -> Any:

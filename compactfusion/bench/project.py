@@ -12,7 +12,8 @@ Only the compression ratios come from our run; everything else is the paper's se
    Ring: per layer ``P − 1`` hops of K+V, each costed by :func:`netsim.cost.p2p_time`;
    patch and DistriFusion: an all-gather of K+V per layer, :func:`netsim.cost.allgather_time`
    (ring algorithm, the same bytes).
-4. Compute: the paper's single-GPU time (28.06 s, §8.4) split evenly over P ranks.
+4. Compute: the paper's single-GPU time (28.06 s, docs/design/compactfusion.md#paper-ethernet-numbers) split
+   evenly over P ranks.
 5. Time per image: ring and patch do not overlap communication with compute
    (``T = compute + Σ comm``, an upper bound: our ring posts the next hop before computing a
    block); DistriFusion overlaps each step's all-gather with the next step's compute
@@ -21,7 +22,6 @@ Only the compression ratios come from our run; everything else is the paper's se
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import torch
@@ -33,9 +33,8 @@ from .methods import METHODS
 
 __all__ = ["FluxSetting", "ProjectionRow", "PAPER_ETHERNET", "PAPER_MAP", "project", "codec_nbytes"]
 
-logger = logging.getLogger(__name__)
 
-#: §8.4 of the design note (repo data): seconds per image, FLUX.1-dev 1024², 28 steps, 4 GPUs.
+#: Repo data (docs/design/compactfusion.md#paper-ethernet-numbers): seconds per image, FLUX.1-dev 1024², 28 steps, 4 GPUs.
 PAPER_ETHERNET: dict[str, dict[int, float]] = {
     "single": {500: 28.06, 1000: 28.06, 1500: 28.06, 2000: 28.06},
     "ring": {500: 136.52, 1000: 76.12, 1500: 58.31, 2000: 44.41},
@@ -51,7 +50,7 @@ PAPER_MAP = {"single": "Original (1 GPU)", "ring": "Ring Attention", "patch": "P
 
 @dataclass(frozen=True)
 class FluxSetting:
-    """The paper's FLUX.1-dev run (spec §8.1)."""
+    """The paper's FLUX.1-dev run (docs/design/compactfusion.md#paper-setting)."""
 
     ranks: int = 4
     steps: int = 28

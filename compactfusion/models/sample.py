@@ -20,7 +20,6 @@ predicts ε or v = √ᾱ ε − √(1−ᾱ) x_0, as `transformer.config.predic
 """
 from __future__ import annotations
 
-import logging
 
 import numpy as np
 import torch
@@ -29,7 +28,6 @@ from .tiny_dit import NULL_LABEL, NUM_CLASSES
 
 __all__ = ["sample", "ddpm_scheduler", "ddim_timesteps", "save_grid", "NUM_TRAIN_TIMESTEPS"]
 
-logger = logging.getLogger(__name__)
 
 NUM_TRAIN_TIMESTEPS = 1000
 

@@ -1,4 +1,4 @@
-"""The tiny MNIST DiT of CompactFusion (design spec §6): config, construction and loading.
+"""The tiny MNIST DiT of CompactFusion: config, construction and loading (docs/design/compactfusion.md#tiny-model).
 
 A diffusers `DiTTransformer2DModel` in pixel space: 1 channel, 32×32 input (28×28 digits padded
 with −1), patch 4 → 64 tokens, 4 blocks of 4 heads × 32 channels, 10 digit labels plus the null

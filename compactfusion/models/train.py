@@ -1,4 +1,4 @@
-"""Train the tiny MNIST DiT and its sanity-gate classifier (design spec §6).
+"""Train the tiny MNIST DiT and its sanity-gate classifier (docs/design/compactfusion.md#tiny-model).
 
 `python -m compactfusion.models.train --out DIR [--quick] [--steps N]`
 
@@ -21,11 +21,11 @@ Steps:
 
 The default step count was chosen from a per-step time measured with `--measure 30` on an idle
 machine (0.172 s/step, recorded in the JSON via `--clean-step-s`): 2400 steps ≈ 7 minutes on 2 idle
-cores (spec: target 5, cap 10). The intermediate gates of `--gate-every` draw from their own
+cores (planned: target 5, cap 10). The intermediate gates of `--gate-every` draw from their own
 generator, so they do not change the trained weights.
 
-Prediction target (measured; deviation from spec §6, which says ε): with ε-prediction the
-2400-step run reached loss 0.038 but missed the gate (0.09 < 0.60; 50-sample gates at 400..2000
+Prediction target (measured; a deviation from the planned ε,
+docs/design/compactfusion.md#tiny-model): with ε-prediction the 2400-step run reached loss 0.038 but missed the gate (0.09 < 0.60; 50-sample gates at 400..2000
 steps all 0.06-0.08, also with lr 1e-3 or `--zero-init`): its x̂_0 at high noise is dominated by
 ε errors amplified by 1/√ᾱ_t (158× at t = 999), so samples are stroke textures without digit shape
 (record: models/tiny_dit/train_epsilon_attempt.json). v-prediction (v = √ᾱ ε − √(1−ᾱ) x_0, same
@@ -84,7 +84,7 @@ class TrainConfig:
     #: DiT-paper initialisation: zero the adaLN-Zero modulation and the output layers, so every
     #: block starts as the identity (diffusers' from-config init leaves them random).
     zero_init: bool = False
-    #: What the network predicts: "epsilon" (spec §6) or "v_prediction" (v = √ᾱ ε − √(1−ᾱ) x_0).
+    #: What the network predicts: "epsilon" (the plan's) or "v_prediction" (v = √ᾱ ε − √(1−ᾱ) x_0).
     prediction_type: str = "v_prediction"
 
     def __post_init__(self) -> None:
@@ -289,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--zero-init", action="store_true", help="DiT-paper zero init of adaLN and output layers")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--prediction-type", default="v_prediction", choices=PREDICTION_TYPES,
-                   help="network target (default v_prediction; epsilon, the spec's, misses the gate at this budget)")
+                   help="network target (default v_prediction; epsilon, the planned one, misses the gate at this budget)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

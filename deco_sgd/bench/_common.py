@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import contextlib
-import logging
 from typing import Callable, Iterator, TypeVar
 
 import torch
 
 __all__ = ["check_float", "seeded", "build_seeded"]
 
-logger = logging.getLogger(__name__)
 
 M = TypeVar("M")
 

@@ -1,4 +1,5 @@
-"""The benchmark's two baselines that do not run through `DecoState` (design §8.4, §8.5).
+"""The benchmark's two baselines that do not run through `DecoState`
+(docs/design/deco_sgd.md#dga, docs/design/deco_sgd.md#powersgd).
 
 - `dga`: delayed gradient averaging, a local step now and a correction with the mean D steps
   later, over async dense all-reduces on gloo (`run_dga`);
@@ -9,7 +10,6 @@ format `vclock.replay` re-times, like the DeCo-SGD runs (`methods`).
 """
 from __future__ import annotations
 
-import logging
 import time
 from typing import Any, Sequence
 
@@ -23,8 +23,6 @@ from .plan import RunSpec
 from .vclock import LinkTimeline, StepClock
 
 __all__ = ["dga_delay", "run_dga", "run_powersgd"]
-
-logger = logging.getLogger(__name__)
 
 
 def dga_delay(cfg: BenchConfig, numels: Sequence[int]) -> int:
@@ -43,7 +41,7 @@ def _flat_grads(model: torch.nn.Module) -> torch.Tensor:
 
 
 def run_dga(ctx: RankContext, spec: RunSpec) -> dict[str, Any]:
-    """Delayed gradient averaging (§8.4): local step now, correct with the mean D steps later.
+    """Delayed gradient averaging (docs/design/deco_sgd.md#dga): local step now, correct with the mean D steps later.
 
     1. backward; keep g_i(s); take the local optimizer step on g_i(s);
     2. launch an async dense all-reduce of g_i(s)/n (charged as one all-reduce on the link);
@@ -127,7 +125,7 @@ def _powersgd_sizes(grads: Sequence[torch.Tensor], rank: int, min_rate: float) -
 
 
 def run_powersgd(ctx: RankContext, spec: RunSpec) -> dict[str, Any]:
-    """DDP + PyTorch's powerSGD_hook (§8.5); a thin wrapper records what each bucket sends.
+    """DDP + PyTorch's powerSGD_hook (docs/design/deco_sgd.md#powersgd); a thin wrapper records what each bucket sends.
 
     Before `start_powerSGD_iter` the hook runs one dense all-reduce per bucket; after it,
     three dependent all-reduces (uncompressed tensors, P, Q), charged one after the other.

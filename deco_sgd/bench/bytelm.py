@@ -1,4 +1,4 @@
-"""The `bytelm` benchmark task: a byte-level transformer on the stdlib's sources (design §9.1).
+"""The `bytelm` benchmark task: a byte-level transformer on the stdlib's sources (docs/design/deco_sgd.md#tasks).
 
 Corpus: every `.py` file under `sysconfig.get_paths()["stdlib"]`, paths sorted, skipping
 any path with a `test`, `idlelib` or `site-packages` directory component; files are read

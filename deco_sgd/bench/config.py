@@ -1,4 +1,5 @@
-"""The YAML scenario config of `deco-sgd bench` (design §9), as frozen self-validating dataclasses.
+"""The YAML scenario config of `deco-sgd bench`, as frozen self-validating dataclasses
+(docs/design/deco_sgd.md#benchmark).
 
 A config file has six sections; every field is optional except `scenario` and `network`::
 
@@ -17,7 +18,7 @@ Loading runs in this order:
    the allowed ones);
 2. build each section's dataclass; `__post_init__` checks ranges and names the field as
    ``section.field`` in the `ValueError`;
-3. `--quick` (§9.7) replaces the run size: n = 4, seed 0, mnist, 300 steps, grid
+3. `--quick` (docs/design/deco_sgd.md#quick-mode) replaces the run size: n = 4, seed 0, mnist, 300 steps, grid
    {(0.01, 0), (0.01, 2), (0.001, 4)}, PowerSGD rank 1, and the 784-256-256-10 MLP (0.27 M
    parameters) so that the whole run fits in a few minutes on 2 cores; the network stays the
    scenario's;
@@ -26,7 +27,6 @@ Loading runs in this order:
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,12 +49,11 @@ __all__ = [
     "METHOD_KINDS",
 ]
 
-logger = logging.getLogger(__name__)
 
 #: Hidden layers of the --quick MLP: the scenarios' 784-1024-1024-10 (1.9 M parameters) costs
 #: minutes per run on 2 cores once top-k encoding is in the loop; this one takes seconds.
 QUICK_MNIST_HIDDEN: tuple[int, ...] = (256, 256)
-#: Static grid of --quick (design §9.7).
+#: Static grid of --quick (docs/design/deco_sgd.md#quick-mode).
 QUICK_GRID: tuple[tuple[float, int], ...] = ((0.01, 0), (0.01, 2), (0.001, 4))
 #: Method families a config can switch off with `methods.skip`.
 METHOD_KINDS = ("dsgd", "grid", "static_apriori", "cocktail", "dga", "powersgd", "deco")
@@ -183,7 +182,7 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class MethodsConfig:
-    """Which baselines run and with what settings (design §8)."""
+    """Which baselines run and with what settings (docs/design/deco_sgd.md#baselines)."""
 
     grid_ratios: tuple[float, ...] = (0.1, 0.01, 0.001)
     grid_taus: tuple[int, ...] = (0, 1, 2, 4, 8)
@@ -195,7 +194,7 @@ class MethodsConfig:
     cocktail_codec: str = "randomk:ratio=0.1,unbiased=false|topk:ratio=0.1|quantize:bits=4"
     cocktail_staleness: int = 1
     powersgd_ranks: tuple[int, ...] = (1, 4)
-    #: τ_max in DGA's D = min(τ_min(1), τ_max) (§8.4): DecoConfig's default, kept apart from
+    #: τ_max in DGA's D = min(τ_min(1), τ_max) (docs/design/deco_sgd.md#dga): DecoConfig's default, kept apart from
     #: the `deco` section so that capping DeCo-SGD's search does not change this baseline.
     dga_tau_max: int = 16
     #: Method families to leave out (see METHOD_KINDS); dsgd cannot be skipped (it sets the target).
@@ -245,7 +244,8 @@ class MethodsConfig:
 
 @dataclass(frozen=True)
 class TargetConfig:
-    """Target rule (design §9.5): factor × D-SGD's mean best (accuracy) or its inverse rule for losses."""
+    """Target rule: factor × D-SGD's mean best (accuracy) or its inverse rule for losses
+    (docs/design/deco_sgd.md#target-and-metrics)."""
 
     factor: float = 0.98
     value: float | None = None
@@ -313,7 +313,8 @@ class BenchConfig:
 
 
 def load_config(path: str | Path, *, quick: bool = False) -> BenchConfig:
-    """Read and validate a scenario YAML (see the module docstring); `quick` applies §9.7."""
+    """Read and validate a scenario YAML (see the module docstring); `quick` applies the quick mode
+    (docs/design/deco_sgd.md#quick-mode)."""
     from ccomm.configfile import load_mapping
 
     return config_from_dict(load_mapping(path, "scenario"), quick=quick)
@@ -348,8 +349,8 @@ def with_seeds(cfg: BenchConfig, seeds: str) -> BenchConfig:
 
 
 def apply_quick(cfg: BenchConfig) -> BenchConfig:
-    """The §9.7 reduction: n = 4, seed 0, mnist with the small MLP, 300 steps, 3-point grid,
-    PowerSGD rank 1."""
+    """The `--quick` reduction (docs/design/deco_sgd.md#quick-mode): n = 4, seed 0, mnist with the small MLP,
+    300 steps, 3-point grid, PowerSGD rank 1."""
     base = cfg.task if cfg.task.get("name") == "mnist" else {"name": "mnist"}
     task = {**base, "hidden": list(QUICK_MNIST_HIDDEN)}
     train = dataclasses.replace(cfg.train, steps=300, seeds=(0,), grid_seeds=None)

@@ -7,7 +7,6 @@ run cache and the runner re-times from its step log (`vclock.replay`).
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -18,8 +17,6 @@ from .plan import RunSpec
 from .vclock import LinkTimeline, StepClock
 
 __all__ = ["RankContext", "make_sgd", "evaluate", "eval_due", "run_record"]
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass

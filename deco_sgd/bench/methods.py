@@ -1,4 +1,5 @@
-"""The benchmark's method table: one rank's training run of any method (design §8, §9.3).
+"""The benchmark's method table: one rank's training run of any method
+(docs/design/deco_sgd.md#baselines, docs/design/deco_sgd.md#virtual-time).
 
 `run_method(ctx, spec)` trains one `plan.RunSpec` on this rank. `deco` (adaptive), `dsgd`
 (δ = 1, τ = 0), the static top-k grid, `static_apriori` and `cocktail` run here, through
@@ -9,7 +10,6 @@ keeping virtual time: as the driver of static runs, and as the clock of the real
 """
 from __future__ import annotations
 
-import logging
 import time
 from typing import Any, Sequence
 
@@ -26,8 +26,6 @@ from .vclock import LinkTimeline, StepClock
 from .vdriver import VirtualAccountant
 
 __all__ = ["run_method", "grid_prediction"]
-
-logger = logging.getLogger(__name__)
 
 
 def run_method(ctx: RankContext, spec: RunSpec) -> dict[str, Any]:

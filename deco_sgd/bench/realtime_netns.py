@@ -1,5 +1,5 @@
 """Real-time runs over real network namespaces (`netsim.netns`, root): the virtual clock
-checked against the kernel's TCP stack and gloo's own collectives (design §9.4).
+checked against the kernel's TCP stack and gloo's own collectives (docs/design/deco_sgd.md#real-time-validation).
 
 `run_netns(runs)` takes (spec, replayed method) pairs that share n and the link:
 

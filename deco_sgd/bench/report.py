@@ -1,8 +1,10 @@
-"""results.json, report.md and the plots of `deco-sgd bench` (design §9.5, §9.6).
+"""results.json, report.md and the plots of `deco-sgd bench`
+(docs/design/deco_sgd.md#target-and-metrics, docs/design/deco_sgd.md#outputs).
 
 `build_results(cfg, records)`:
 
-1. target (§9.5): D-SGD's best metric per seed, averaged over seeds, times `target.factor`
+1. target (docs/design/deco_sgd.md#target-and-metrics): D-SGD's best metric per seed, averaged over seeds,
+   times `target.factor`
    (0.98) for accuracy, times (2 − factor) (1.02) for losses; `target.value` overrides;
 2. per run: the first evaluation at or past the target gives time and steps to target;
 3. per method: `time_to_target_s` is the median over seeds (unreached = +inf) and null when
@@ -21,7 +23,6 @@ from __future__ import annotations
 import csv
 import datetime
 import json
-import logging
 import math
 import platform
 import statistics
@@ -34,7 +35,6 @@ from .plan import grid_name
 __all__ = ["build_results", "write_outputs", "render_report", "SCENARIO_TARGETS", "first_reach", "spearman",
            "rank_correlation"]
 
-logger = logging.getLogger(__name__)
 
 #: Issue #4's targets per scenario name: (what, method, baseline, required speed-up or None).
 SCENARIO_TARGETS: dict[str, list[tuple[str, str, float]]] = {
@@ -393,7 +393,7 @@ def render_report(res: dict[str, Any], plots: bool, command: str | None = None) 
     lines += ["", "## Environment", "", f"torch {env['torch']}, Python {env['python']}, {env['platform']}. "
               "Virtual time: real gradients, real DeCo-SGD / PowerSGD code paths on gloo; compute time per step "
               "is the configured constant and every exchange is charged on the scenario's link with its real "
-              "payload bytes (design §9.3)."]
+              "payload bytes (docs/design/deco_sgd.md#virtual-time)."]
     if plots:
         lines += ["", "![metric vs time](metric_vs_time.png)", "", "![decisions](decisions.png)", "",
                   "![bandwidth](bandwidth.png)"]

@@ -1,4 +1,4 @@
-"""`run_bench`: every method of a scenario on n gloo workers, in virtual time (design §9.3).
+"""`run_bench`: every method of a scenario on n gloo workers, in virtual time (docs/design/deco_sgd.md#virtual-time).
 
 1. `build_plan` lists the (method, seed) runs. Each run has a fingerprint: a hash of what
    its training trajectory depends on (task, workers, training settings, the `deco`
@@ -37,7 +37,6 @@ from .vclock import replay
 
 __all__ = ["run_bench", "fingerprint", "NETWORK_DEPENDENT", "BenchFailed", "retime"]
 
-logger = logging.getLogger(__name__)
 
 #: Methods whose trajectory depends on the network (their runs cannot be shared across scenarios).
 NETWORK_DEPENDENT = ("deco", "static_apriori", "dga")

@@ -1,4 +1,4 @@
-"""The `Task` protocol the time-to-accuracy benchmark drives, and the task registry (design §9.1).
+"""The `Task` protocol the time-to-accuracy benchmark drives, and the task registry (docs/design/deco_sgd.md#tasks).
 
 A task owns its data, its model factory, its loss and its metric. Everything is a pure
 function of the seed: the same `(rank, world, seed)` gives the same batches and the same
@@ -6,7 +6,6 @@ function of the seed: the same `(rank, world, seed)` gives the same batches and 
 """
 from __future__ import annotations
 
-import logging
 from typing import Any, Callable, Iterator, Protocol, runtime_checkable
 
 import torch
@@ -17,7 +16,6 @@ from .mnist import MnistConfig, MnistTask
 
 __all__ = ["Task", "Batch", "TASKS", "make_task"]
 
-logger = logging.getLogger(__name__)
 
 #: One training batch: (inputs, targets), already on the task's device.
 Batch = tuple[torch.Tensor, torch.Tensor]

@@ -1,4 +1,5 @@
-"""Virtual time of a benchmark run: one shared link timeline and the step-start rule (design §9.3).
+"""Virtual time of a benchmark run: one shared link timeline and the step-start rule
+(docs/design/deco_sgd.md#virtual-time).
 
 Two small objects, both pure bookkeeping (no torch, no processes), so the real-time mode can
 use them to predict what a real run should take:
@@ -42,7 +43,6 @@ link it ran on (`realtime.predict_virtual`).
 from __future__ import annotations
 
 import functools
-import logging
 import math
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
@@ -55,7 +55,6 @@ from ..timemodel import collective_cost
 
 __all__ = ["PATTERNS", "PatternCost", "pattern_cost", "LinkTimeline", "StepClock", "Transfer", "replay"]
 
-logger = logging.getLogger(__name__)
 
 #: Exchange patterns the timeline understands (netsim.cost op names).
 PATTERNS = ("allreduce", "allgather")
@@ -172,7 +171,7 @@ class LinkTimeline:
 
 
 class StepClock:
-    """The step-start rule of §9.3 with a fixed compute time per step."""
+    """The step-start rule (docs/design/deco_sgd.md#virtual-time) with a fixed compute time per step."""
 
     def __init__(self, t_comp: float, start_s: float = 0.0) -> None:
         if not (isinstance(t_comp, (int, float)) and math.isfinite(t_comp) and t_comp > 0):

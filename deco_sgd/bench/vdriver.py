@@ -1,4 +1,5 @@
-"""The virtual clock of one benchmark run, as a driver and as the adaptive driver's clock (design §9.3).
+"""The virtual clock of one benchmark run, as a driver and as the adaptive driver's clock
+(docs/design/deco_sgd.md#virtual-time).
 
 A `VirtualAccountant` stands in as the state's driver of a static run, or as the `clock` of
 DeCo-SGD's real `AdaptiveDriver`. At the end of every step it (1) charges each exchange
@@ -15,7 +16,6 @@ re-times on any link.
 """
 from __future__ import annotations
 
-import logging
 import weakref
 from typing import Any, Sequence
 
@@ -23,8 +23,6 @@ from ..state import DecoState
 from .vclock import LinkTimeline, StepClock
 
 __all__ = ["VirtualAccountant"]
-
-logger = logging.getLogger(__name__)
 
 
 class VirtualAccountant:

@@ -7,7 +7,7 @@ Run on CPU with gloo (tiny model, synthetic data, finishes in seconds):
     torchrun --nproc_per_node=4 examples/deco_sgd/ddp_train.py --mode adaptive   # see below
 
 Without the two marked lines this is an ordinary DDP script. The third marked line,
-`opt.close()` before `destroy_process_group()`, is the clean shutdown (design §5): it
+`opt.close()` before `destroy_process_group()`, is the clean shutdown (docs/design/deco_sgd.md#shutdown): it
 applies the aggregates still in flight and completes the controller's last control
 exchange. Skip it only with staleness 0 in static mode: tearing the process group down
 under an in-flight exchange makes gloo abort the process.

@@ -1,6 +1,6 @@
 """Codec semantics against independent numpy implementations of their definitions.
 
-References follow issue 2 and `../shared/design/compactfusion.md` section 2, written here
+References follow issue 2 and docs/design/compactfusion.md#codec-contract, written here
 in numpy (float64) without calling the codecs' helpers. Also the non-finite policy that
 each codec module documents: NaN/inf in the input never decodes to an all-finite tensor.
 """
@@ -262,7 +262,7 @@ def test_all_zero_input_decodes_to_exact_zero(spec: str, dtype: torch.dtype) -> 
 # --- CompactFusion activation codecs --------------------------------------------------------
 
 def _uv(a: np.ndarray, wire: type) -> tuple[np.ndarray, np.ndarray]:
-    """compactfusion.md: v_c = mean_n |r|, u_n = mean_c |r| / mean_n(mean_c |r|), sent in `wire`."""
+    """docs/design/compactfusion.md#codec-contract: v_c = mean_n |r|, u_n = mean_c |r| / mean_n(mean_c |r|), sent in `wire`."""
     mag = np.abs(a)
     v = mag.mean(axis=0)
     row = mag.mean(axis=1)

@@ -233,7 +233,7 @@ def test_payload_within_issue_bound(spec: str, dtype: torch.dtype) -> None:
             assert p.nbytes <= 8 * k + HEADER_BYTES
 
 
-#: Codecs whose size the design note (compactfusion.md, section 2) states exactly.
+#: Codecs whose size the design record states exactly (docs/design/compactfusion.md#codec-contract).
 EXACT_SPECS = ["identity", "fp16", "bf16", "sign", "binary", "int2", "lowrank:rank=4", "lowrank_int4:rank=4"]
 
 

@@ -129,7 +129,7 @@ def test_bad_inputs_raise_value_error(bad) -> None:
 def test_compression_ratios() -> None:
     assert compression_ratio(800, 100) == 8.0
     n, c, b = 1024, 3072, 2
-    # spec §2 formulas at the FLUX shape (table column "vs fp16")
+    # the formulas of docs/design/compactfusion.md#codec-contract at the FLUX shape (table column "vs fp16")
     assert analytic_compression_ratio("int2", (n, c)) == pytest.approx(n * c * b / ((n + c) * b + math.ceil(n * c / 4)))
     assert analytic_compression_ratio("binary", (n, c)) == pytest.approx(n * c * b / ((n + c) * b + math.ceil(n * c / 8)))
     assert round(analytic_compression_ratio("int2", (n, c)), 1) == 7.9

@@ -176,7 +176,8 @@ def test_committed_metadata_hash_matches_the_bundled_digits() -> None:
 
 @pytest.fixture(scope="module")
 def committed_gate() -> tuple[dict, dict]:
-    """The real gate of spec §6 rerun on the committed files: 100 samples, DDIM 28, guidance 2, seed 0."""
+    """The real gate (docs/design/compactfusion.md#tiny-model) rerun on the committed files: 100 samples,
+    DDIM 28, guidance 2, seed 0."""
     from compactfusion.models.classifier import load_classifier
     from compactfusion.models.train import run_gate
 

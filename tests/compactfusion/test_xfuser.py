@@ -1,4 +1,4 @@
-"""The xfuser adapter: CompactFusion's compressed ring inside an xDiT pipeline (spec section 5).
+"""The xfuser adapter: CompactFusion's compressed ring inside an xDiT pipeline (docs/design/compactfusion.md#xdit).
 
 A tiny random-weight PixArt pipeline is built in memory (no downloads: no tokenizer, text
 encoder or VAE; prompt embeddings are passed in) and wrapped by xfuser 0.7.0 with

@@ -56,7 +56,8 @@ def reference_run(
     steps: int, tau_of_step: Callable[[int], int], ratio_of_step: Callable[[int], float], rank: int, world: int,
     momentum: float = MOMENTUM, lr: float = LR,
 ) -> dict[str, torch.Tensor]:
-    """DD-EF-SGD by the book (§1.3), simulating every rank's residual from all-gathered gradients."""
+    """DD-EF-SGD by the book (docs/design/deco_sgd.md#update-rule), simulating every rank's residual from all-gathered
+    gradients."""
     model = make_model()
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
     res: list[dict[str, torch.Tensor]] = [{} for _ in range(world)]

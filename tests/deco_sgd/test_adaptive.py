@@ -1,4 +1,5 @@
-"""The adaptive loop (§3.6) on 2 ranks: identical decisions, applied at the same step, desync caught."""
+"""The adaptive loop on 2 ranks: identical decisions, applied at the same step, desync caught
+(docs/design/deco_sgd.md#decisions-across-ranks)."""
 from __future__ import annotations
 
 import dataclasses

@@ -67,7 +67,8 @@ def test_tiny_bench_schema_progress_and_determinism(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_real_quick_run(tmp_path: Path) -> None:
-    """The `make demo` command: --quick on varying_bandwidth; the spec asks for < 5 minutes."""
+    """The `make demo` command: --quick on varying_bandwidth; meant to finish in minutes
+    (docs/design/deco_sgd.md#quick-mode)."""
     cfg = load_config(EXAMPLES / "varying_bandwidth.yaml", quick=True)
     t0 = time.monotonic()
     res = run_bench(cfg, tmp_path, progress=False)

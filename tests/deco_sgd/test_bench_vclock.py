@@ -1,4 +1,4 @@
-"""The virtual clock's rules (design §9.3) on hand-computed numbers."""
+"""The virtual clock's rules (docs/design/deco_sgd.md#virtual-time) on hand-computed numbers."""
 from __future__ import annotations
 
 import pytest

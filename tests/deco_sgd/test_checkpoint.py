@@ -1,5 +1,5 @@
-"""§6 exact resume: save at step s, resume in fresh objects, 20 more steps are bit-identical;
-a checkpoint that does not fit (another rank, model or config, NaN, bad step) fails at load."""
+"""Exact resume (docs/design/deco_sgd.md#checkpoints): save at step s, resume in fresh objects, 20 more
+steps are bit-identical; a checkpoint that does not fit (another rank, model or config, NaN, bad step) fails at load."""
 from __future__ import annotations
 
 import io

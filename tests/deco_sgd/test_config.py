@@ -1,4 +1,5 @@
-"""DecoConfig: defaults from the spec, one ValueError per bad field naming it, round trips and hash."""
+"""DecoConfig: defaults as docs/deco_sgd.md#configuration-and-tuning-deco_sgddecoconfig lists
+them, one ValueError per bad field naming it, round trips and hash."""
 from __future__ import annotations
 
 import json

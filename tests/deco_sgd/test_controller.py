@@ -31,8 +31,8 @@ MBIT = 1e6 / 8  # bytes/s per Mbit/s
 
 
 def TCfg(**kw: object) -> DecoConfig:
-    """The §3.4 template surrogate with fp32 values and the spec's old periods: the tests below
-    check that path; the measured, task-agnostic default has its own tests (test_deco_safety.py)."""
+    """The template surrogate (docs/design/deco_sgd.md#template-surrogate) with fp32 values and the old
+    periods: the tests below check that path; the measured, task-agnostic default has its own tests (test_deco_safety.py)."""
     base = {"convergence": "template", "value_formats": ("fp32",), "ratio": 1.0, "measure_every": 10,
             "decide_every": 100, "min_dwell_steps": 50, "monitor": False, "collective_algo": "ring"}
     return DecoConfig(**{**base, **kw})  # type: ignore[arg-type]
@@ -46,7 +46,7 @@ def meas(
     return Measurements(t_comp, None if mbps is None else mbps * MBIT, 2 * (n - 1) * ell, (n - 1) * ell, r)
 
 
-# -- §3.2 message sizes -------------------------------------------------------------------
+# -- message sizes (docs/design/deco_sgd.md#message-sizes) ------------------------------------------
 def test_message_sizes_match_the_table() -> None:
     n, numels = 4, (10, 1000)
     assert kept_elements(numels, 0.01) == 1 + 10  # ⌈0.1⌉ = 1 of 10, ⌈10⌉ = 10 of 1000
@@ -89,7 +89,7 @@ def test_step_time_floor_and_pipelining() -> None:
         t_iter(0.0, 0.1, 0.1, 0)
 
 
-# -- §3.3 τ_min -------------------------------------------------------------------------------
+# -- τ_min (docs/design/deco_sgd.md#least-staleness) -----------------------------------------------
 @pytest.mark.parametrize(
     "t_comp,t_tx,l_eff,expected",
     [
@@ -116,13 +116,13 @@ def test_tau_min_is_the_least_staleness_reaching_the_floor(t_comp: float, t_tx: 
     assert t_iter(t_comp, t_tx, l_eff, tm) == pytest.approx(floor, rel=1e-8)
     if tm > 0:
         assert t_iter(t_comp, t_tx, l_eff, tm - 1) > floor * (1 + 1e-10)
-    if t_tx <= t_comp:  # the spec's shortcut ⌈T_comm/T_comp⌉
+    if t_tx <= t_comp:  # the shortcut ⌈T_comm/T_comp⌉ of docs/design/deco_sgd.md#least-staleness
         x = (l_eff + t_tx) / t_comp
         if abs(x - round(x)) > 1e-6:
             assert tm == math.ceil(x)
 
 
-# -- §3.4 surrogate ---------------------------------------------------------------------------
+# -- surrogate (docs/design/deco_sgd.md#template-surrogate) ----------------------------------------
 def test_phi_functions_by_hand() -> None:
     assert phi_value("exp2", 0.5, 3) == pytest.approx(1.0 * 8)
     assert phi_value("exp2", 0.5, 3, base=3.0) == pytest.approx(27)
@@ -190,9 +190,10 @@ def test_fit_surrogate_rejects_unusable_samples() -> None:
         fit_surrogate([(1.0, 1, 10.0), (0.1, 0, 5.0), (0.1, 1, 6.0)], SurrogateParams(phi="reported"), r=1.0, n=2)
 
 
-# -- §3.5 search ---------------------------------------------------------------------------
+# -- search (docs/design/deco_sgd.md#search) ------------------------------------------------------------
 def _brute_force(ctl: Controller, m: Measurements, cfg: DecoConfig) -> tuple[float, int, float]:
-    """Independent argmin: every grid point and τ ≤ min(τ_min, τ_max), ties as the spec says."""
+    """Independent argmin: every grid point and τ ≤ min(τ_min, τ_max), ties as
+    docs/design/deco_sgd.md#search says."""
     p = SurrogateParams.from_config(cfg)
     r = 0.0 if m.r is None else m.r
     rows = []
@@ -355,7 +356,7 @@ def test_unknown_latency_holds_instead_of_falling_back() -> None:
     assert dec.trigger == "initial" and dec.outcome in ("switch", "hysteresis", "optimal")
 
 
-# -- §3.6 policy ---------------------------------------------------------------------------
+# -- policy (docs/design/deco_sgd.md#decisions-across-ranks) -----------------------------------------------
 def test_warmup_static_and_unknown_compute_hold() -> None:
     cfg = TCfg(**CHEAP).replace(warmup_steps=20)  # type: ignore[arg-type]
     ctl = Controller(cfg, 8, NUMELS)
@@ -387,7 +388,7 @@ def test_hysteresis_holds_a_near_optimal_point() -> None:
     ctl = Controller(cfg, 8, NUMELS)
     best = ctl.search(m)
     assert best is not None
-    # The runner-up within 5% of the optimum: the spec's default band.
+    # The runner-up within 5% of the optimum: the default hysteresis band.
     near = [(d, t) for d in cfg.ratio_grid for t in range(cfg.tau_max + 1)
             if (d, t) != (best.ratio, best.staleness) and best.w < ctl.score(m, d, t).w < best.w / 0.95]
     assert near, "precondition: some point lies within the hysteresis band"

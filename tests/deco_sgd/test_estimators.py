@@ -1,4 +1,5 @@
-"""Estimators of §4 on synthetic timelines: queueing, latency-dominated and bad samples, EMAs."""
+"""Estimators on synthetic timelines: queueing, latency-dominated and bad samples, EMAs
+(docs/design/deco_sgd.md#estimators)."""
 from __future__ import annotations
 
 import json
@@ -22,7 +23,8 @@ STAT_RTOL = 0.05
 
 
 def link_timeline(launches: list[float], nbytes: float, bw: float, lat: float) -> list[tuple[float, float]]:
-    """(launch, done) of messages on one FIFO link, charged as netsim's virtual mode does (§9.3)."""
+    """(launch, done) of messages on one FIFO link, charged as the virtual clock does
+    (docs/design/deco_sgd.md#virtual-time)."""
     free, out = 0.0, []
     for t in launches:
         tx_start = max(t, free)

@@ -1,4 +1,5 @@
-"""§7 faults: non-finite gradients never reach the residual; a dead peer raises, never hangs."""
+"""Faults: non-finite gradients never reach the residual; a dead peer raises, never hangs
+(docs/design/deco_sgd.md#validation-and-faults)."""
 from __future__ import annotations
 
 import time
@@ -20,7 +21,7 @@ pytestmark = pytest.mark.multiprocess
 STEPS = 8
 BAD_STEP = 3
 BAD_RANK = 1
-#: Group timeout of the dead-peer test, and the slack the spec allows on top of it.
+#: Group timeout of the dead-peer test, and the slack allowed on top of it (docs/design/deco_sgd.md#dead-peers).
 DEAD_TIMEOUT_S = 3.0
 DEAD_SLACK_S = 5.0
 #: A dead-peer run is judged only if the host's scheduling lag stayed within a fifth of the slack.

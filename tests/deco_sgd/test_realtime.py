@@ -1,4 +1,4 @@
-"""Real-time mode and the virtual-clock check (design §9.4).
+"""Real-time mode and the virtual-clock check (docs/design/deco_sgd.md#real-time-validation).
 
 Fast tests check the spec validation, the checkpoint rule and the virtual replay against
 hand-computed numbers. The multiprocess tests run 4 gloo ranks over `netsim.emulate`

@@ -1,4 +1,5 @@
-"""Runtime behaviour beyond §1.4: additive random-k, lr scaling, shutdown flush (§5)."""
+"""Runtime behaviour beyond the special cases (docs/design/deco_sgd.md#special-cases): additive random-k, lr
+scaling, shutdown flush (docs/design/deco_sgd.md#shutdown)."""
 from __future__ import annotations
 
 import math

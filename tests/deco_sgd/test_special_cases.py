@@ -1,4 +1,4 @@
-"""§1.4 special cases on 2 gloo ranks, in hook (DDP) and wrapper mode."""
+"""The special cases (docs/design/deco_sgd.md#special-cases) on 2 gloo ranks, in hook (DDP) and wrapper mode."""
 from __future__ import annotations
 
 from typing import Iterator

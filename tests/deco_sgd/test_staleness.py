@@ -1,4 +1,5 @@
-"""The in-flight FIFO (§2.1, §5): invariant, deepen and drain, without and with ranks."""
+"""The in-flight FIFO: invariant, deepen and drain, without and with ranks
+(docs/design/deco_sgd.md#staleness-model, docs/design/deco_sgd.md#changing-ratio-and-staleness)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -25,7 +26,8 @@ class _E:
 
 
 def _drive(taus: list[int], skip_every: int = 0) -> tuple[InFlightFifo[_E], list[int], list[int]]:
-    """Run the §1.3 loop with τ = taus[s]; returns the fifo, apply order and fill steps."""
+    """Run the forward-time loop (docs/design/deco_sgd.md#update-rule) with τ = taus[s]; returns the fifo,
+    apply order and fill steps."""
     fifo: InFlightFifo[_E] = InFlightFifo()
     order, fills = [], []
     for s, tau in enumerate(taus):

@@ -191,7 +191,8 @@ def test_wire_factor_and_line_rate() -> None:
     assert link.wire_factor(l2=True) == pytest.approx(1514 / 1448)
     assert link.wire_factor(l2=False) == pytest.approx(1500 / 1448)
     # Shaping the line at B*factor gives goodput B; shaping it at B would stretch a payload's
-    # serialization by the factor (the spec's 2 MiB @ 10 Mbit/s note: 1.678 s vs 1.754 s).
+    # serialization by the factor (docs/design/netsim.md#link-model; 2 MiB @ 10 Mbit/s is modelled at
+    # 1.678 s without the factor and 1.754 s with it).
     payload = link.serialization_time(2 * 2**20)
     assert payload == pytest.approx(8 * 2 * 2**20 / 10e6)
     assert payload * link.wire_factor(l2=True) == pytest.approx(1.754, abs=1e-3)

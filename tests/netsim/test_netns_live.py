@@ -49,7 +49,8 @@ def _root_links() -> set[str]:
 
 
 def _probe_median(net: object, runs: int = 3, **kw: object) -> object:
-    """One probe; on a miss two more, and the verdict of the median-goodput run (spec §10)."""
+    """One probe; on a miss two more, and the verdict of the median-goodput run
+    (docs/design/netsim.md#tests)."""
     from netsim.probe import probe
 
     first = probe(net, **kw)  # type: ignore[arg-type]
