@@ -1,9 +1,11 @@
 """Codec benchmark: `python -m ccomm.bench [--sizes 1M,16M,64M] [--out FILE]`.
 
-`python -m ccomm.bench --collectives [--quick] [--out FILE]` runs the collectives benchmark
-instead (ring vs ``algo="auto"`` under ``netsim.emulate``); it lives in
-`netsim.bench_collectives` because it needs netsim, which the ccomm library never imports,
-and is loaded only by this command line.
+`python -m ccomm.bench --NAME [ARGS]` runs the benchmark plugin NAME instead. Plugins are
+entry points of the group ``ccomm.bench`` (:data:`PLUGIN_GROUP`) whose target is a
+``main(argv) -> int``; ccomm names none of them. netsim registers ``collectives`` in
+``pyproject.toml`` (ring vs ``algo="auto"`` under ``netsim.emulate``,
+``python -m ccomm.bench --collectives [--quick] [--out FILE]``), since it needs netsim, a
+layer above ccomm that ccomm never imports.
 
 For every codec and size it measures encode + decode time on one fp32 tensor, as a ratio
 to `clone()` of the same tensor timed in the same run (interleaved, median of repeats),
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import importlib.metadata
 import os
 import platform
 import statistics
@@ -29,7 +32,10 @@ from tqdm import tqdm
 
 from .registry import make_codec
 
-__all__ = ["DEFAULT_SPECS", "TARGETS", "Row", "run", "to_markdown", "publish", "main"]
+__all__ = ["DEFAULT_SPECS", "PLUGIN_GROUP", "TARGETS", "Row", "plugins", "run", "to_markdown", "publish", "main"]
+
+#: Entry-point group of benchmark plugins: ``NAME = "package.module:main"``, run by ``--NAME``.
+PLUGIN_GROUP = "ccomm.bench"
 
 #: One representative spec per codec (activation codecs see the tensor as N x 1024).
 DEFAULT_SPECS: tuple[str, ...] = (
@@ -188,13 +194,37 @@ def publish(md: str, out: Path) -> None:
     print(f"written to {out}", file=sys.stderr)
 
 
+def plugins() -> dict[str, importlib.metadata.EntryPoint]:
+    """The installed benchmark plugins by name (entry points of :data:`PLUGIN_GROUP`)."""
+    return {ep.name: ep for ep in importlib.metadata.entry_points(group=PLUGIN_GROUP)}
+
+
+#: Plugins this repository registers in pyproject.toml, for the error when one is missing.
+_KNOWN_PLUGINS = ("collectives",)
+
+
+def _run_plugin(args_in: list[str]) -> int | None:
+    """Run the plugin named by the first ``--NAME`` argument, if any; None when there is none."""
+    found = plugins()
+    for arg in args_in:
+        name = arg[2:] if arg.startswith("--") else ""
+        if name in found:
+            args_in.remove(arg)
+            return int(found[name].load()(args_in))
+        if name in _KNOWN_PLUGINS:
+            print(f"python -m ccomm.bench: --{name}: no {PLUGIN_GROUP!r} entry point named {name!r} is "
+                  f"installed (installed: {', '.join(sorted(found)) or 'none'}); it is declared in "
+                  "pyproject.toml, so reinstall the package (`pip install -e .`) to register it",
+                  file=sys.stderr)
+            return 2
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args_in = list(sys.argv[1:] if argv is None else argv)
-    if "--collectives" in args_in:
-        import importlib  # noqa: PLC0415 - the CLI's only route to netsim (see the module docstring)
-
-        args_in.remove("--collectives")
-        return int(importlib.import_module("netsim.bench_collectives").main(args_in))
+    code = _run_plugin(args_in)
+    if code is not None:
+        return code
     ap = argparse.ArgumentParser(prog="python -m ccomm.bench", description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="1M,16M,64M", help="comma-separated element counts (default 1M,16M,64M)")
     ap.add_argument("--codecs", default=None, help="';'-separated specs (default: one per codec and the Cocktail chain)")

@@ -2,6 +2,10 @@
 
 A spec is `name` or `name:key=value,key=value`; stages of a chain are joined by `|`,
 e.g. `"randomk:ratio=0.1|topk:ratio=0.1|quantize:bits=4"`.
+
+Codec modules import this one to register themselves; it never imports them back (no import
+cycle). The built-in codecs are registered by `ccomm/__init__.py` importing `ccomm.codecs`,
+which Python runs before any module of the package, so they are always in the table.
 """
 from __future__ import annotations
 
@@ -32,7 +36,6 @@ def register(name: str) -> Callable[[C], C]:
 
 def available_codecs() -> list[str]:
     """Registered codec names, sorted."""
-    _load_builtin()
     return sorted(_CODECS)
 
 
@@ -97,7 +100,6 @@ def make_codec(spec: "str | Codec", **kwargs: Any) -> "Codec":
         if kwargs:
             raise ValueError("kwargs: not accepted together with a codec instance")
         return spec
-    _load_builtin()
     stages = parse_spec(spec)
     if len(stages) == 1:
         name, skw = stages[0]
@@ -109,8 +111,3 @@ def make_codec(spec: "str | Codec", **kwargs: Any) -> "Codec":
     from .codecs.chain import Chain
 
     return Chain([_construct(name, skw) for name, skw in stages])
-
-
-def _load_builtin() -> None:
-    # Importing the package runs every codec module's @register decorator.
-    from . import codecs  # noqa: F401

@@ -1,7 +1,7 @@
 """What each collective of `ccomm.comm` sends: rounds, bytes per round, who sends to whom.
 
 Pure functions, no torch: the one description of the algorithms that `ccomm.comm` executes
-and that `netsim.cost.schedule` (which builds on this module) evaluates on links. A
+and that `netsim.model.cost.schedule` (which builds on this module) evaluates on links. A
 schedule is a list of steps, each a list of ``(src, dst, nbytes)`` messages; a rank takes
 part in step k+1 once its step-k messages are sent and received.
 
@@ -246,7 +246,7 @@ def cost_terms(steps: Schedule) -> tuple[float, int]:
 def alpha_beta_time(steps: Schedule, latency_s: float, bandwidth_Bps: float) -> float:
     """Seconds of ``steps`` on a uniform link: per non-empty step, L + busiest up/downlink bytes / B.
 
-    Equal to ``netsim.cost.schedule_time`` on a constant-rate, shared-link topology.
+    Equal to ``netsim.model.cost.schedule_time`` on a constant-rate, shared-link topology.
     """
     if not (math.isfinite(latency_s) and latency_s >= 0):
         raise ValueError(f"latency_s={latency_s!r} must be finite and >= 0")

@@ -48,7 +48,7 @@ import torch
 import torch.distributed as dist
 
 from .controller import Controller, Decision, Measurements
-from .convergence import ConvergenceInputs
+from .convergence import ConvergenceInputs, step_curvature
 from .errors import DecoCommError, DecoDesyncError
 from ccomm import make_codec
 from ccomm.comm.auto import set_measured
@@ -270,6 +270,14 @@ class AdaptiveDriver:
         self.conv: dict[str, float | None] = {"drift2": None, "signal2": None, "gbar2": None,
                                                 "gap_num": None, "gap_den": None}
         self.gap_point: tuple[float, str] | None = None
+        #: The staleness the drift EMAs were measured under; when τ changes they restart
+        #: (a delay changes the drift a direction shows). The step curvature read at the old
+        #: τ (`curvature_prev`) stands in until the new τ has a sample, and bounds it from below
+        #: for as many samples as the EMA's memory (1/ema_grad): sharpness does not fall the
+        #: moment τ does, and one fresh sample is noisier than the old average.
+        self.drift_tau: int | None = None
+        self.curvature_prev: float | None = None
+        self.drift_samples = 0
         self.quantiles: dict[float, float] | None = None
         #: (δ, q8/q4) -> measured relative energy error of that quantizer on top-δ values.
         self.quant_errors: dict[tuple[float, str], float] | None = None
@@ -280,7 +288,7 @@ class AdaptiveDriver:
         self.last_measurements: Measurements | None = None
         self._t_last: float | None = None
         self._g2_local = math.nan
-        self._inflight: tuple[int, list[Any], torch.Tensor, torch.Tensor, list[Any], tuple[float, str]] | None = None
+        self._inflight: tuple[int, list[Any], torch.Tensor, torch.Tensor, list[Any], tuple[float, str, int]] | None = None
         # The last waited exchange's Works and tensors, dropped one exchange later or by finish().
         self._retired: tuple[Any, ...] | None = None
 
@@ -368,14 +376,15 @@ class AdaptiveDriver:
         outs = [torch.empty(1) for _ in range(self.state.world_size)]
         probes.append(self.clock.probe("allgather", dist.all_gather(outs, torch.zeros(1), group=grp, async_op=True)))
         # The point the sample was taken under (a decision of this step-end applies later).
-        self._inflight = (step, works, mx, sm, probes, (float(self.state.ratio), self.state.values))
+        self._inflight = (step, works, mx, sm, probes,
+                          (float(self.state.ratio), self.state.values, int(self.state.staleness)))
 
     def _ema(self, key: str, x: float) -> None:
         old = self.conv[key]
         a = self.state.config.ema_grad
         self.conv[key] = x if old is None else old + a * (x - old)
 
-    def _absorb(self, sm: torch.Tensor, point: tuple[float, str]) -> None:
+    def _absorb(self, sm: torch.Tensor, point: tuple[float, str, int]) -> None:
         """Update the convergence inputs from a reduced SUM vector (identical on every rank)."""
         sm = sm.double()
         n = self.state.world_size
@@ -404,13 +413,20 @@ class AdaptiveDriver:
         diff = gt - gp
         drift2 = max(0.0, float(diff @ diff) - 2 * sigma2 / n)
         if signal2 > 0:
+            if self.drift_tau is not None and point[2] != self.drift_tau:
+                self.curvature_prev = self._curvature()
+                self.drift_samples = 0
+                for key in ("drift2", "signal2", "gbar2"):
+                    self.conv[key] = None
+            self.drift_tau = point[2]
+            self.drift_samples += 1
             self._ema("drift2", drift2)
             self._ema("signal2", signal2)
             self._ema("gbar2", gbar_sq)
         if point[0] < 1.0 and gbar_sq > 0:
-            if self.gap_point != point:  # a new point: its gap starts afresh
+            if self.gap_point != point[:2]:  # a new point: its gap starts afresh
                 self.conv["gap_num"] = self.conv["gap_den"] = None
-                self.gap_point = point
+                self.gap_point = (point[0], point[1])
             self._ema("gap_num", math.sqrt(float(eb @ eb)))
             self._ema("gap_den", math.sqrt(float(gt @ gt)))
 
@@ -424,12 +440,31 @@ class AdaptiveDriver:
         else:
             self.grad.update(float(sm[_G2]) / n, None)
 
+    def _drift(self) -> float | None:
+        c = self.conv
+        if c["drift2"] is not None and c["signal2"]:
+            return math.sqrt(c["drift2"] / c["signal2"])
+        return None
+
+    def _curvature(self) -> float | None:
+        """The step curvature behind the drift EMAs (`convergence.step_curvature`)."""
+        drift = self._drift()
+        if drift is None or self.drift_tau is None:
+            return self.curvature_prev
+        a = step_curvature(drift, self.drift_tau)
+        if self.curvature_prev is not None and self.drift_samples * self.state.config.ema_grad < 1.0:
+            return max(a, self.curvature_prev)
+        return a
+
     def measurements(self, mx: torch.Tensor, loss: float | None) -> Measurements:
         """The controller's inputs after a completed control exchange."""
         c = self.conv
-        drift = None
-        if c["drift2"] is not None and c["signal2"]:
-            drift = math.sqrt(c["drift2"] / c["signal2"])
+        drift, drift_tau = self._drift(), self.drift_tau or 0
+        if self.curvature_prev is not None:
+            # A curvature reads as the drift at τ = 0 (the old τ's stands in or bounds, above).
+            curv = self._curvature()
+            if curv is not None and (drift is None or curv > step_curvature(drift, drift_tau)):
+                drift, drift_tau = curv, 0
         gap = None
         if c["gap_num"] is not None and c["gap_den"]:
             gap = c["gap_num"] / c["gap_den"]
@@ -444,7 +479,7 @@ class AdaptiveDriver:
             latency_allgather=None if mx[_LAT_AG] == _UNKNOWN else float(mx[_LAT_AG]),
 r=self.grad.r, loss=loss,
             conv=ConvergenceInputs(drift, gap, None if gp is None else gp[0], "fp32" if gp is None else gp[1],
-                                   self.quantiles, signal, self.quant_errors))
+                                   self.quantiles, signal, self.quant_errors, drift_tau))
 
     def _complete(self, step: int) -> None:
         if self._inflight is None:
@@ -523,6 +558,8 @@ r=self.grad.r, loss=loss,
         """The measured convergence inputs (issue 14), kept apart from the estimators
         (docs/design/deco_sgd.md#estimators)."""
         return {"conv": dict(self.conv), "gap_point": None if self.gap_point is None else list(self.gap_point),
+                "drift_tau": self.drift_tau, "curvature_prev": self.curvature_prev,
+                "drift_samples": self.drift_samples,
                 "quantiles": None if self.quantiles is None else [[k, v] for k, v in self.quantiles.items()],
                 "loss": [self._loss_sum, self._loss_n]}
 
@@ -536,6 +573,8 @@ r=self.grad.r, loss=loss,
             c = sd["convergence"]
             self.conv = dict(c["conv"])
             self.gap_point = None if c["gap_point"] is None else (float(c["gap_point"][0]), str(c["gap_point"][1]))
+            self.drift_tau, self.curvature_prev = c.get("drift_tau"), c.get("curvature_prev")
+            self.drift_samples = int(c.get("drift_samples", 0))
             self.quantiles = None if c["quantiles"] is None else {float(k): float(v) for k, v in c["quantiles"]}
             self._loss_sum, self._loss_n = float(c["loss"][0]), int(c["loss"][1])
         self._inflight = None

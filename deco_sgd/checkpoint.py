@@ -14,16 +14,27 @@ torch / numpy / python RNG states, the controller's `extra` and the adaptive dri
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Mapping, Protocol
 
 import torch
 
 from ccomm.finite import all_finite
 
-if TYPE_CHECKING:
-    from .state import DecoState
+from .config import DecoConfig
 
-__all__ = ["CheckpointError", "check_state_dict", "REQUIRED_KEYS"]
+__all__ = ["CheckpointError", "Loadable", "check_state_dict", "REQUIRED_KEYS", "STATE_VERSION"]
+
+#: Version of the checkpoint format (`DecoState.state_dict()` writes it, loading checks it).
+STATE_VERSION = 1
+
+
+class Loadable(Protocol):
+    """What the checks read of the state a checkpoint is loaded into (`deco_sgd.state.DecoState`)."""
+
+    config: DecoConfig
+    rank: int
+    world_size: int
+    params: Mapping[str, torch.Tensor]
 
 REQUIRED_KEYS = ("version", "config_hash", "world_size", "rank", "step", "ratio", "staleness", "pending",
                  "decisions", "consecutive_skips", "ef", "fifo", "codec_counters", "rng", "extra")
@@ -74,7 +85,7 @@ def _params_of(field: str, names: Any, params: Mapping[str, torch.Tensor]) -> li
     return list(names)
 
 
-def _check_fifo(fifo: Any, step: int, state: "DecoState") -> None:
+def _check_fifo(fifo: Any, step: int, state: Loadable) -> None:
     f = _mapping("fifo", fifo)
     for k in ("launched", "applied", "skipped"):
         _int(f"fifo.{k}", f.get(k))
@@ -117,10 +128,8 @@ def _check_fifo(fifo: Any, step: int, state: "DecoState") -> None:
                     _tensor(f"{where}.own[{n!r}]", t, state.params[n])
 
 
-def check_state_dict(sd: Any, state: "DecoState") -> None:
+def check_state_dict(sd: Any, state: Loadable) -> None:
     """Raise `CheckpointError` unless `sd` is a checkpoint this rank of `state` may load."""
-    from .state import STATE_VERSION
-
     if not isinstance(sd, Mapping):
         raise CheckpointError(f"state: expected the mapping DecoState.state_dict() returns, got {type(sd).__name__}")
     missing = [k for k in REQUIRED_KEYS if k not in sd]

@@ -245,6 +245,9 @@ class Controller:
         #: itself can also produce, for `SLOW_BAN_PERIODS` decision periods.
         self.bad: list[tuple[float, int, int | None]] = []
         self._now = 0
+        #: The staleness in force at the decision being made (raising τ above it is guarded
+        #: by the stability limit, `convergence.slowdown`).
+        self._tau_now = 0
         #: Largest τ that passed a monitor trial (staleness is explored one level at a time).
         self.tau_ok = 0
         #: The point of the open trial and the one it replaced (for the back-off).
@@ -323,7 +326,7 @@ class Controller:
         """The convergence factor: measured slowdown S, or the template surrogate's N."""
         if self.measured:
             return slowdown(m.conv, delta, tau, values, drift_prior=self.cfg.drift_prior,
-                            drift_floor=self.cfg.drift_floor)
+                            drift_floor=self.cfg.drift_floor, tau_now=self._tau_now)
         return iterations(self.params, delta, tau, 0.0 if m.r is None else m.r, self.n)
 
     def score(self, m: Measurements, delta: float, tau: int, n_iter: float | None = None,
@@ -430,6 +433,7 @@ class Controller:
         """One decision at `step` given the (δ, τ[, v]) in force; see the module docstring."""
         cur_d, cur_t, cur_v = as_point(current)
         self._now = step
+        self._tau_now = cur_t
 
         def out(trigger: str, outcome: str, d: float, t: int, w: float | None = None,
                 wc: float | None = None, v: str = cur_v) -> Decision:

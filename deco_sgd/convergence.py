@@ -48,10 +48,12 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import numpy as np
+
 from .config import QUANT_BITS
 
 __all__ = ["ConvergenceInputs", "format_error", "measured_format_error", "predicted_gap", "slowdown",
-           "STALENESS_SLOPE"]
+           "STALENESS_SLOPE", "stability_limit", "shown_drift", "step_curvature"]
 
 #: Steps of slowdown per step of staleness, per unit of drift ρ.
 STALENESS_SLOPE = 0.25
@@ -72,6 +74,57 @@ class ConvergenceInputs:
     quantiles: Mapping[float, float] | None = None
     signal: float | None = None
     quant_errors: Mapping[tuple[float, str], float] | None = None
+    #: The staleness in force while `drift` was measured (a delay changes the drift it shows).
+    drift_staleness: int = 0
+
+
+def stability_limit(tau: int) -> float:
+    """Largest step curvature a = ηλ for which gradient descent with its gradient τ steps
+    stale converges on a quadratic: x_{t+1} = x_t − a·x_{t−τ} is stable iff
+    a < 2·sin(π / (2(2τ + 1))) (2 at τ = 0, 1 at τ = 1, 0.618 at τ = 2, 0.445 at τ = 3)."""
+    if tau < 0:
+        raise ValueError(f"tau: must be >= 0, got {tau!r}")
+    return 2.0 * math.sin(math.pi / (2 * (2 * tau + 1)))
+
+
+def _dominant_root(a: float, tau: int) -> complex:
+    # Root of largest modulus of z^(τ+1) − z^τ + a = 0, the characteristic polynomial of
+    # x_{t+1} = x_t − a·x_{t−τ}.
+    coeffs = np.zeros(tau + 2)
+    coeffs[0], coeffs[1] = 1.0, -1.0
+    coeffs[-1] += a
+    roots = np.roots(coeffs)
+    return complex(roots[int(np.argmax(np.abs(roots)))])
+
+
+def shown_drift(a: float, tau: int) -> float:
+    """The relative change per step |z − 1| of the slowest mode of a quadratic direction with
+    step curvature `a` under staleness τ: what the drift measurement reads there (a at τ = 0)."""
+    if tau == 0:
+        return a
+    return abs(_dominant_root(a, tau) - 1.0)
+
+
+def step_curvature(drift: float, tau: int) -> float:
+    """The step curvature a = ηλ that shows `drift` under staleness τ (inverse of
+    `shown_drift`, monotone in a on [0, 2]; capped at 2, where even τ = 0 stops converging).
+
+    A delay makes a direction oscillate (complex roots), so the same curvature shows a larger
+    drift at τ > 0 than at τ = 0: the drift must be read back to a before it is compared
+    across staleness levels."""
+    if tau == 0 or drift <= 0:
+        return max(0.0, drift)
+    hi = 2.0
+    if shown_drift(hi, tau) <= drift:
+        return hi
+    lo = 0.0
+    for _ in range(40):
+        mid = 0.5 * (lo + hi)
+        if shown_drift(mid, tau) < drift:
+            lo = mid
+        else:
+            hi = mid
+    return 0.5 * (lo + hi)
 
 
 def format_error(values: str) -> float:
@@ -118,12 +171,20 @@ def predicted_gap(c: ConvergenceInputs, delta: float, values: str) -> float | No
 
 
 def slowdown(c: ConvergenceInputs, delta: float, tau: int, values: str, *, drift_prior: float,
-             drift_floor: float) -> float:
-    """S(δ, τ, v) of the module docstring; inf when the gap cannot be predicted yet."""
+             drift_floor: float, tau_now: int = 0) -> float:
+    """S(δ, τ, v) of the module docstring; inf when the gap cannot be predicted yet, or when
+    τ is above `tau_now` (the staleness in force) and the measured step curvature reaches its
+    stability limit. τ ≤ `tau_now` is not guarded: training adapts its sharpness to the
+    optimizer in use (it rises until the step curvature reaches that optimizer's limit, the
+    edge of stability), so at the point in force the curvature sits near its own limit by
+    design, and the progress monitor judges it; what the limit predicts is the loss spike
+    of raising τ into a region the current sharpness cannot survive."""
     drift = c.drift if c.drift is not None and math.isfinite(c.drift) and c.drift >= 0 else None
-    rho = drift_prior if drift is None else max(drift_floor, drift)
+    a = drift_prior if drift is None else max(drift_floor, step_curvature(drift, c.drift_staleness))
+    if tau > tau_now and a >= stability_limit(tau):
+        return math.inf
     gap = predicted_gap(c, delta, values)
     if gap is None:
         return math.inf
     phi = 1.0 if c.signal is None else c.signal
-    return (1.0 + tau * rho * STALENESS_SLOPE) * (1.0 + phi * gap * rho * STALENESS_SLOPE)
+    return (1.0 + tau * a * STALENESS_SLOPE) * (1.0 + phi * gap * a * STALENESS_SLOPE)

@@ -31,6 +31,7 @@ import torch.distributed as dist
 from ccomm import Codec, ErrorFeedback
 from ccomm.comm.auto import clear_measured
 
+from .checkpoint import STATE_VERSION, check_state_dict
 from .config import DecoConfig
 from .errors import DecoDesyncError, NonFiniteGradientError
 from .exchange import StepEntry, Unit, completed_unit, launch_unit
@@ -40,7 +41,6 @@ __all__ = ["DecoState", "STATE_VERSION"]
 
 logger = logging.getLogger(__name__)
 
-STATE_VERSION = 1
 #: Wire dtype per `value_dtype`; None keeps the gradients' own dtype.
 _WIRE_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -454,8 +454,6 @@ class DecoState:
         size, config hash, step, shapes, dtypes, finiteness), so a bad checkpoint raises
         `CheckpointError` here and leaves this state untouched.
         """
-        from .checkpoint import check_state_dict
-
         check_state_dict(sd, self)
         if (sd.get("driver") is None) != (self.driver is None):
             raise ValueError("state: saved with and loaded without the adaptive driver (or the reverse)")

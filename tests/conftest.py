@@ -73,7 +73,7 @@ def mininet_unavailable() -> str | None:
     if why:
         return why
     try:
-        from netsim.mininet import load_mininet
+        from netsim.namespaces.mininet import load_mininet
 
         load_mininet()
     except ImportError as e:
@@ -98,7 +98,7 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 
 def leftovers() -> list[str]:
     """Every trace of netsim on the machine (namespaces, root devices/qdiscs, processes, state)."""
-    from netsim import netns
+    from netsim.namespaces import netns
 
     left = netns.leftovers(None)
     links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout

@@ -11,7 +11,8 @@ from .auto import resolve_algo
 from .loggather import log_allgather
 from .logreduce import log_allreduce
 from .ring import ring_allgather, ring_allreduce
-from .wire import check_gathered, exchange_headers
+from .header_exchange import exchange_headers
+from .wire import check_gathered
 
 __all__ = ["allreduce_payload", "allgather_payloads"]
 

@@ -18,7 +18,8 @@ import torch.distributed as dist
 from ..payload import Payload
 from ..stats import CommStats
 from ._handle import CommHandle, issue
-from .wire import check_gathered, exchange_headers
+from .header_exchange import exchange_headers
+from .wire import check_gathered
 
 __all__ = ["ring_allreduce", "ring_allgather"]
 

@@ -9,8 +9,8 @@ Only the compression ratios come from our run; everything else is the paper's se
    ``nbytes`` at this shape (``formula``) or by the ratio measured on the tiny model
    (``measured``, larger scale overhead, so pessimistic). Warm-up steps send raw tensors.
 3. Link: a per-rank :class:`netsim.Link` at the paper's per-GPU MB/s (10^6 B/s), no latency.
-   Ring: per layer ``P − 1`` hops of K+V, each costed by :func:`netsim.cost.p2p_time`;
-   patch and DistriFusion: an all-gather of K+V per layer, :func:`netsim.cost.allgather_time`
+   Ring: per layer ``P − 1`` hops of K+V, each costed by :func:`netsim.model.cost.p2p_time`;
+   patch and DistriFusion: an all-gather of K+V per layer, :func:`netsim.model.cost.allgather_time`
    (ring algorithm, the same bytes).
 4. Compute: the paper's single-GPU time (28.06 s, docs/design/compactfusion.md#paper-ethernet-numbers) split
    evenly over P ranks.
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from netsim import cost
-from netsim.link import Link
+from netsim.model.link import Link
 
 from .methods import METHODS
 

@@ -101,10 +101,10 @@ def job_link(ctx: Any, link: tuple[float, float] | None) -> dict[str, float] | N
     if link is None:
         return left
     import netsim
-    from netsim.link import Link
+    from netsim.model.link import Link
 
     # Late operations are counted and reported by the benchmark; one warning per link is noise.
-    logging.getLogger("netsim.emulate").setLevel(logging.ERROR)
+    logging.getLogger("netsim.emulation").setLevel(logging.ERROR)
 
     emu = netsim.emulate(Link(float(link[0]), float(link[1])), seed=0, timeout_s=300.0)
     emu.__enter__()

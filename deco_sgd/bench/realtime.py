@@ -251,7 +251,7 @@ def train_rank(rank: int, world: int, spec: RealRunSpec, *, group: Any, control_
     import torch
 
     from deco_sgd.optim import DecoOptimizer
-    from netsim.clock import WallClock
+    from netsim.model.clock import WallClock
 
     from .tasks import make_task
 

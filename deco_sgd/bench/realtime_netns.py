@@ -1,9 +1,9 @@
-"""Real-time runs over real network namespaces (`netsim.netns`, root): the virtual clock
+"""Real-time runs over real network namespaces (`netsim.namespaces.netns`, root): the virtual clock
 checked against the kernel's TCP stack and gloo's own collectives (docs/design/deco_sgd.md#real-time-validation).
 
 `run_netns(runs)` takes (spec, replayed method) pairs that share n and the link:
 
-1. brings up `Topo(n, link)` with `netsim.netns.up` (a fresh tag; where the kernel has no
+1. brings up `Topo(n, link)` with `netsim.namespaces.netns.up` (a fresh tag; where the kernel has no
    netem the userspace delay wire adds the latency) -- one net for all runs, torn down on
    leaving, on an error and on SIGTERM/SIGINT (netns's guards);
 2. starts one worker per host inside its namespace (``python -m deco_sgd.bench.realtime_netns``
@@ -112,7 +112,7 @@ def _runs_json(runs: Sequence[tuple[RealRunSpec, str | None]]) -> list[dict[str,
 def _open_windows(world: int, nbytes: int = 1 << 20, rounds: int = 3) -> None:
     """Untimed bulk collectives on the default group, so its (long-lived) TCP connections have
     left slow start before the first timed step: the link model assumes an open window, and
-    `netsim.netns` disables slow start after idle, so the window stays open between steps."""
+    `netsim.namespaces.netns` disables slow start after idle, so the window stays open between steps."""
     import torch
     import torch.distributed as dist
 
@@ -166,7 +166,8 @@ def _tail(path: Path, lines: int = 25) -> str:
 def run_netns(runs: Sequence[tuple[RealRunSpec, str | None]], *, tag: str | None = None,
               deadline_s: float | None = None) -> list[RealResult]:
     """Run `runs` on real namespaces (blocking; root; see the module docstring)."""
-    from netsim import Topo, netns
+    from netsim import Topo
+    from netsim.namespaces import netns
 
     if not runs:
         raise ValueError("runs: give at least one (spec, replay) pair")

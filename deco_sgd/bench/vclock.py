@@ -56,7 +56,7 @@ from ..timemodel import collective_cost
 __all__ = ["PATTERNS", "PatternCost", "pattern_cost", "LinkTimeline", "StepClock", "Transfer", "replay"]
 
 
-#: Exchange patterns the timeline understands (netsim.cost op names).
+#: Exchange patterns the timeline understands (netsim.model.cost op names).
 PATTERNS = ("allreduce", "allgather")
 
 

@@ -56,7 +56,7 @@ def test_uncompressed_methods_have_no_measured_row() -> None:
 
 def test_distrifusion_projection_warms_up_four_raw_synchronous_steps() -> None:
     from netsim import cost
-    from netsim.link import Link
+    from netsim.model.link import Link
 
     s = FluxSetting()
     raw = 2 * s.rows * s.channels

@@ -8,7 +8,8 @@ import pytest
 
 from deco_sgd.config import DecoConfig
 from deco_sgd.controller import Controller, Measurements
-from deco_sgd.convergence import ConvergenceInputs, format_error, predicted_gap, slowdown
+from deco_sgd.convergence import (ConvergenceInputs, format_error, predicted_gap, shown_drift, slowdown,
+                                  stability_limit, step_curvature)
 from deco_sgd.monitor import ProgressMonitor, slope
 
 NUMELS = (784 * 1024, 1024, 1024 * 1024, 1024, 10240, 10)  # the MNIST MLP, about 1.86 M parameters
@@ -46,17 +47,66 @@ def test_gap_scales_with_the_energy_profile_and_formats() -> None:
     assert slowdown(noisy, 0.001, 0, "fp32", drift_prior=0.5, drift_floor=0.02) == 1.0
 
 
-@pytest.mark.parametrize("drift,expect_stale", [(8.0, False), (0.05, True)])
+@pytest.mark.parametrize("drift,expect_stale", [(1.5, False), (1.05, False), (0.05, True)])
 def test_measured_drift_decides_staleness(drift: float, expect_stale: bool) -> None:
     """Latency dominates (150 ms RTT, 8 ranks: a 7-hop all-gather is 0.5 s against 75 ms of
-    compute): with a small measured drift the controller takes τ > 0 to hide it; with a drift
-    that makes stale gradients expensive it keeps τ = 0."""
+    compute): with a small measured drift the controller takes τ > 0 to hide it; with the
+    drift the byte-level LM shows (1.5, the sharpest direction near the edge of stability)
+    every τ > 0 is unstable and it keeps τ = 0, although τ = 1 would hide most latency."""
     ctl = Controller(DecoConfig(), 8, NUMELS)
     d = ctl.decide(meas(drift), (0.1, 0, "fp32"), 4)
     assert d.outcome == "switch"
     assert (d.staleness > 0) == expect_stale, d
     if expect_stale:
         assert d.ratio < 0.1  # a small drift makes the error-feedback gap cheap too
+
+
+def test_stability_limit_of_delayed_gradient_descent() -> None:
+    """x_{t+1} = x_t − a·x_{t−τ} converges iff a < 2 sin(π/(2(2τ+1))): checked against the
+    roots of its characteristic polynomial on both sides of the limit."""
+    import numpy as np
+
+    assert [round(stability_limit(t), 3) for t in range(5)] == [2.0, 1.0, 0.618, 0.445, 0.347]
+    for tau in range(1, 6):
+        a = stability_limit(tau)
+        for f, stable in ((0.99, True), (1.01, False)):
+            c = np.zeros(tau + 2)
+            c[0], c[1], c[-1] = 1.0, -1.0, a * f
+            assert (max(abs(np.roots(c))) < 1.0) == stable, (tau, f)
+
+
+def test_drift_under_staleness_is_read_back_to_the_step_curvature() -> None:
+    # At τ = 0 the drift is the curvature itself; a delay makes a direction oscillate, so the
+    # same curvature shows a larger drift, which must not be charged as a larger curvature.
+    assert step_curvature(0.7, 0) == 0.7
+    for tau in (1, 2, 3):
+        for a in (0.1, 0.3, 0.6):
+            if a < stability_limit(tau):  # stable: the mode decays, and shows more drift than a
+                shown = shown_drift(a, tau)
+                assert shown > a
+                assert step_curvature(shown, tau) == pytest.approx(a, abs=1e-6)
+    assert shown_drift(0.5, 1) == pytest.approx(math.sqrt(0.5))  # |z − 1|² = a for complex roots
+    # Past what any curvature below 2 shows: capped at 2 (nothing but τ = 0 stays admissible).
+    assert step_curvature(5.0, 2) == 2.0
+
+
+def test_unstable_staleness_is_never_a_candidate() -> None:
+    """A τ whose stability limit the measured curvature reaches scores W = inf, whatever the
+    network says; τ = 0 stays admissible at any curvature."""
+    c = ConvergenceInputs(drift=0.5, gap=1.0, gap_ratio=0.1, quantiles=QUANT, signal=1.0)
+    assert math.isfinite(slowdown(c, 0.1, 0, "fp32", drift_prior=0.5, drift_floor=0.02))
+    assert math.isfinite(slowdown(c, 0.1, 1, "fp32", drift_prior=0.5, drift_floor=0.02))
+    assert math.isfinite(slowdown(c, 0.1, 2, "fp32", drift_prior=0.5, drift_floor=0.02))  # 0.5 < 0.618
+    assert slowdown(c, 0.1, 3, "fp32", drift_prior=0.5, drift_floor=0.02) == math.inf  # 0.5 >= 0.445
+    # The same drift 0.5 read under τ = 1 is a curvature of 0.25: τ = 3 is stable then.
+    c1 = ConvergenceInputs(drift=0.5, gap=1.0, gap_ratio=0.1, quantiles=QUANT, signal=1.0, drift_staleness=1)
+    assert math.isfinite(slowdown(c1, 0.1, 3, "fp32", drift_prior=0.5, drift_floor=0.02))
+    assert math.isfinite(slowdown(c1, 0.1, 5, "fp32", drift_prior=0.5, drift_floor=0.02))  # 0.25 < 0.285
+    assert slowdown(c1, 0.1, 6, "fp32", drift_prior=0.5, drift_floor=0.02) == math.inf  # 0.25 >= 0.241
+    # Only raising τ is guarded: at the point in force (here τ = 3) training has adapted its
+    # sharpness to that τ (edge of stability), and the monitor judges it.
+    assert math.isfinite(slowdown(c, 0.1, 3, "fp32", drift_prior=0.5, drift_floor=0.02, tau_now=3))
+    assert slowdown(c, 0.1, 4, "fp32", drift_prior=0.5, drift_floor=0.02, tau_now=3) == math.inf
 
 
 def test_unmeasured_gap_keeps_the_search_to_known_points() -> None:
@@ -233,3 +283,18 @@ def test_a_ratio_only_switch_that_fails_bans_only_smaller_ratios() -> None:
     d = ctl.decide(meas(0.05), (0.01, 2, "q4"), 20)
     assert d.outcome == "backoff_rise" and (d.ratio, d.staleness) == (0.01, 1)
     assert ctl.is_bad(0.005, 3) and ctl.is_bad(0.01, 2) and not ctl.is_bad(0.1, 2) and not ctl.is_bad(0.01, 1)
+
+
+def test_curvature_at_the_point_in_force_blocks_only_raising_staleness() -> None:
+    """Running at τ = 1 with a drift of 0.9 there (step curvature 0.81, near τ = 1's limit of
+    1, as training at the edge of stability shows): τ = 1 and below stay candidates, τ = 2 and
+    above (limits 0.618, 0.445, ...) are never scored finite, although latency dominates."""
+    ctl = Controller(DecoConfig(), 8, NUMELS)
+    ctl.tau_ok = 3  # staleness exploration would allow up to τ = 4
+    conv = ConvergenceInputs(drift=0.9, gap=1.0, gap_ratio=0.1, quantiles=QUANT, drift_staleness=1)
+    m = Measurements(0.075, 100 * MBIT, 2 * 7 * 0.075, 7 * 0.075, 0.5, conv=conv)
+    d = ctl.decide(m, (0.1, 1, "fp32"), 40)
+    finite = [s for s in ctl.candidates(m) if math.isfinite(s.w)]
+    assert {s.staleness for s in finite} == {0, 1}
+    assert d.staleness <= 1
+    assert [s for s in ctl.candidates(m) if s.staleness >= 2]  # scored, and inadmissible

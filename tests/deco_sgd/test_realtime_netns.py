@@ -1,6 +1,6 @@
 """The virtual clock against real network namespaces (`realtime_netns`; root, marker ``netns``).
 
-Two gloo ranks in `netsim.netns` namespaces (20 Mbit/s, 5 ms one way, through the delay wire)
+Two gloo ranks in `netsim.namespaces.netns` namespaces (20 Mbit/s, 5 ms one way, through the delay wire)
 run D-SGD, a static top-k point with τ = 2, adaptive DeCo-SGD and a replayed DeCo-like log,
 one after the other on the same ranks; the virtual replay of each recorded schedule must
 match the real elapsed time within `REL_TOL` at every checkpoint. The compressed methods
@@ -63,7 +63,7 @@ def test_runs_must_share_one_net() -> None:
 
 @pytest.mark.netns
 def test_failure_leaves_no_namespace() -> None:
-    from netsim import netns
+    from netsim.namespaces import netns
 
     with pytest.raises(RuntimeError, match="still running"):
         run_netns(RUNS[:1], tag=TAG, deadline_s=0.5)  # the ranks cannot even import torch in time
@@ -77,7 +77,7 @@ NETNS_LAG_S = 0.1
 
 
 def _run_all() -> list:
-    from netsim import netns
+    from netsim.namespaces import netns
 
     try:
         results = run_netns(RUNS, tag=TAG)

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-import netsim.__main__ as cli_main
+import netsim.cli.main as cli_main
 from netsim.cli import EXIT_BAD_INPUT
-from netsim.trace import MAHIMAHI_MAX_MS, Trace
+from netsim.model.trace import MAHIMAHI_MAX_MS, Trace
 
 
 def run(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-import netsim.__main__ as cli_main
+import netsim.cli.main as cli_main
 from netsim.cli import EXIT_BAD_INPUT, parse_size
-from netsim.link import Link
-from netsim.trace import Trace
+from netsim.model.link import Link
+from netsim.model.trace import Trace
 
 REPO = Path(__file__).resolve().parents[2]
 

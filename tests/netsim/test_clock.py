@@ -1,4 +1,4 @@
-"""Clocks and the discrete-event simulator: semantics, errors, stable timeline hashes."""
+"""Clocks (netsim.model.clock) and the test oracle's simulator (_simulator.py): semantics, errors, stable hashes."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from netsim.clock import (
+from _simulator import (
     Collective,
     Compute,
     Irecv,
@@ -20,12 +20,11 @@ from netsim.clock import (
     Program,
     Simulator,
     Timeline,
-    VirtualClock,
     Wait,
-    WallClock,
 )
 from netsim import cost
-from netsim.topo import Topo
+from netsim.model.clock import VirtualClock, WallClock
+from netsim.model.topo import Topo
 
 REPO = Path(__file__).resolve().parents[2]
 # A calibrated sleep_until may overshoot by scheduler noise on a busy 2-core box, never undershoot.
@@ -176,10 +175,10 @@ def test_errors() -> None:
 
 # ---------------------------------------------------------------------------- determinism
 SCENARIO = r'''
-from netsim.clock import Collective, Compute, Irecv, Isend, Simulator, Wait
-from netsim.link import Link
-from netsim.topo import Topo
-from netsim.trace import Trace
+from _simulator import Collective, Compute, Irecv, Isend, Simulator, Wait
+from netsim.model.link import Link
+from netsim.model.topo import Topo
+from netsim.model.trace import Trace
 
 def scenario(seed):
     wan = Trace.random_walk(40, 5, 80, 0.05, 3.0, sigma=0.3, seed=11)
@@ -218,6 +217,6 @@ def test_timeline_is_deterministic_and_seeded() -> None:
 def test_timeline_hash_is_stable_across_processes() -> None:
     here = run_scenario(5).digest()
     code = SCENARIO + "\nprint(scenario(5).digest())\n"
-    env = dict(os.environ, PYTHONHASHSEED="12345", PYTHONPATH=str(REPO))
+    env = dict(os.environ, PYTHONHASHSEED="12345", PYTHONPATH=os.pathsep.join([str(REPO), str(Path(__file__).parent)]))
     out = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == here

@@ -10,10 +10,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from netsim import cost
-from netsim.clock import Collective, Program, Simulator
-from netsim.link import Link
-from netsim.topo import Topo
-from netsim.trace import Trace
+from _simulator import Collective, Program, Simulator
+from netsim.model.link import Link
+from netsim.model.topo import Topo
+from netsim.model.trace import Trace
 
 REL = 1e-9  # closed forms and event replays must agree to rounding
 SETTINGS = settings(max_examples=40, deadline=None, derandomize=True)

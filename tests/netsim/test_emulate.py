@@ -27,15 +27,15 @@ from _timing import LAG_LIMIT_S, on_time  # noqa: E402
 
 from ccomm.header import HEADER_BYTES  # noqa: E402
 from netsim import cost  # noqa: E402
-from netsim._emulate_clock import EmuVirtualClock  # noqa: E402
-from netsim._emulate_patch import FUNCTIONAL_NAMES, PATCHED_NAMES  # noqa: E402
-from netsim._emulate_sched import collective_schedule  # noqa: E402
-from netsim._emulate_state import owned_size, pack_owned, replay, unpack_owned  # noqa: E402
-from netsim.emulate import LATE_SLACK_S, Emulator, emulate  # noqa: E402
-from netsim.link import Link  # noqa: E402
-from netsim.reserve import Reserver  # noqa: E402
-from netsim.topo import Topo  # noqa: E402
-from netsim.trace import Trace  # noqa: E402
+from netsim.emulation._clock import EmuVirtualClock  # noqa: E402
+from netsim.emulation._patch import FUNCTIONAL_NAMES, PATCHED_NAMES  # noqa: E402
+from netsim.emulation._sched import collective_schedule  # noqa: E402
+from netsim.emulation._state import owned_size, pack_owned, replay, unpack_owned  # noqa: E402
+from netsim.emulation import LATE_SLACK_S, Emulator, emulate  # noqa: E402
+from netsim.model.link import Link  # noqa: E402
+from netsim.model.reserve import Reserver  # noqa: E402
+from netsim.model.topo import Topo  # noqa: E402
+from netsim.model.trace import Trace  # noqa: E402
 
 #: The accuracy target of the design: |measured - model| <= max(REL_TOL * model, ABS_TOL_S).
 REL_TOL = 0.05
@@ -128,8 +128,8 @@ def test_replay_shared_uplink_serializes_a_rooted_send() -> None:
 @pytest.mark.parametrize("op", ["allreduce", "allgather", "reduce_scatter", "broadcast", "barrier"])
 def test_replay_agrees_with_simulator(op: str, shared: bool) -> None:
     # Two implementations of the same rule: emulate's replay on a fresh state and the
-    # netsim.clock Simulator, on a heterogeneous topology with staggered entries and jitter.
-    from netsim.clock import Simulator
+    # netsim.model.clock Simulator, on a heterogeneous topology with staggered entries and jitter.
+    from _simulator import Simulator
 
     n = 4
     topo = Topo(n, Link(40, 10, jitter_ms=3), hosts={2: Link(10, 10)}, pairs={(1, 2): Link(40, 25)}, shared=shared)
@@ -220,18 +220,18 @@ class _FakeEmu:
     """The parts of an Emulator that work handles use, on a wall clock starting now."""
 
     def __init__(self) -> None:
-        from netsim._emulate_clock import EmuWallClock
+        from netsim.emulation._clock import EmuWallClock
 
         self.clock = EmuWallClock(time.monotonic())
         self.timeout_s = 5.0
         self.late: list[float] = []
 
-    def _note_real_done(self, op: object, t: float) -> None:
+    def note_real_done(self, op: object, t: float) -> None:
         self.late.append(t)
 
 
 def test_work_completes_at_due_and_propagates_errors() -> None:
-    from netsim._emulate_work import EmulatedWork, EmuOp, Timer
+    from netsim.emulation._work import EmulatedWork, EmuOp, Timer
 
     emu = _FakeEmu()
     timer = Timer(emu)  # type: ignore[arg-type]
@@ -482,7 +482,7 @@ def _job_patch_restore(rank: int, n: int, link: Link) -> dict[str, bool]:
     import torch.distributed._functional_collectives as funcol
     import torch.distributed.distributed_c10d as c10d
 
-    import netsim._emulate_patch as patch_mod
+    import netsim.emulation._patch as patch_mod
 
     mods = (dist, c10d)
     fbefore = {k: getattr(funcol, k) for k in FUNCTIONAL_NAMES if hasattr(funcol, k)}
@@ -607,7 +607,7 @@ def _job_ddp(rank: int, n: int, link: Link, mode: str) -> dict[str, object]:
 def _job_clock_offset(rank: int, n: int, link: Link) -> dict[str, float]:
     """Pretend the ranks boot differently, forcing the ping-pong offset estimate (one host,
     so the true offset is 0), and check that timing still holds."""
-    import netsim._emulate_sync as sync_mod
+    import netsim.emulation._sync as sync_mod
 
     real = sync_mod.boot_id
     sync_mod.boot_id = lambda: f"fake-boot-{rank}"
@@ -683,7 +683,7 @@ def _job_ccomm(rank: int, n: int, link: Link) -> dict[str, float]:
     with emulate(link) as emu:
         payload = codec.encode(x)
         # The ring without and with the wire-header check: the check is one more gather
-        # of HEADER_BYTES per rank ahead of the data (ccomm.comm.wire.exchange_headers).
+        # of HEADER_BYTES per rank ahead of the data (ccomm.comm.header_exchange.exchange_headers).
         bare = _median_time(lambda: allreduce_payload(payload, algo="ring", check=False), align)
         checked = _median_time(lambda: allreduce_payload(payload, algo="ring", check=True), align)
         late = emu.stats.late_ops

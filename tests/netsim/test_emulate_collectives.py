@@ -1,7 +1,7 @@
 """netsim.emulate charges ccomm's log-depth collectives (point-to-point rounds) as the cost model does.
 
 Each case runs in its own emulation with the virtual clock, every rank starting the call at
-the same virtual instant, and is compared with ``netsim.cost.schedule_time`` of the schedule
+the same virtual instant, and is compared with ``netsim.model.cost.schedule_time`` of the schedule
 ``ccomm.schedule`` gives for it, within the emulate tests' max(5 %, 2 ms). The virtual clock
 never sleeps, so the check does not depend on the machine's load; one wall-clock run
 (marker ``timing``) checks that real sleeping agrees too.
@@ -23,9 +23,9 @@ from _timing import on_time  # noqa: E402
 from ccomm import Payload, PayloadMeta  # noqa: E402
 from ccomm.comm import allgather_payloads, allreduce_payload  # noqa: E402
 from netsim import cost  # noqa: E402
-from netsim.emulate import emulate  # noqa: E402
-from netsim.link import Link  # noqa: E402
-from netsim.topo import Topo  # noqa: E402
+from netsim.emulation import emulate  # noqa: E402
+from netsim.model.link import Link  # noqa: E402
+from netsim.model.topo import Topo  # noqa: E402
 
 REL_TOL = 0.05
 ABS_TOL_S = 2e-3

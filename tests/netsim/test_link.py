@@ -12,10 +12,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from netsim.link import Link, uniform
-from netsim.reserve import Reserver
-from netsim.topo import Topo
-from netsim.trace import Trace
+from netsim.model.link import Link, uniform
+from netsim.model.reserve import Reserver
+from netsim.model.topo import Topo
+from netsim.model.trace import Trace
 
 SETTINGS = settings(max_examples=80, deadline=None, derandomize=True)
 GRID_S = 0.01  # step traces change only on this grid ...
@@ -204,7 +204,7 @@ def test_queue_default_and_warning(caplog: pytest.LogCaptureFixture) -> None:
     assert Link(10, 25).queue_limit == 1000
     big = Link(10_000, 50)  # BDP = 10 Gbit/s * 0.1 s / 8 = 125 MB
     assert big.queue_limit == math.ceil(1.5 * 10_000e6 * 0.1 / 8 / 1500)
-    with caplog.at_level(logging.WARNING, logger="netsim.link"):
+    with caplog.at_level(logging.WARNING, logger="netsim.model.link"):
         Link(100, 50, queue_packets=10)
     assert "below the bandwidth-delay product" in caplog.text
 

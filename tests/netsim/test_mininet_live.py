@@ -1,4 +1,4 @@
-"""Live netsim.mininet (root, Debian's mininet): the wire inside Mininet hosts, then cleanup.
+"""Live netsim.namespaces.mininet (root, Debian's mininet): the wire inside Mininet hosts, then cleanup.
 
 Skipped with the reason when Mininet is absent (``NETSIM_REQUIRE_MININET=1`` makes that a
 failure, for CI where it is installed).
@@ -11,8 +11,8 @@ import subprocess
 import pytest
 
 from _timing import on_time, wire_late
-from netsim.link import Link
-from netsim.topo import Topo
+from netsim.model.link import Link
+from netsim.model.topo import Topo
 
 pytestmark = [pytest.mark.netns, pytest.mark.mininet]
 
@@ -24,7 +24,7 @@ def _root_links() -> set[str]:
 
 @pytest.mark.timing
 def test_mininet_two_hosts_probe_and_clean_stop() -> None:
-    from netsim import mininet
+    from netsim.namespaces import mininet
     from netsim.probe import probe
 
     before = _root_links()
@@ -43,7 +43,7 @@ def test_mininet_two_hosts_probe_and_clean_stop() -> None:
 @pytest.mark.slow
 @pytest.mark.timing
 def test_mininet_four_hosts_ring_probe() -> None:
-    from netsim import mininet
+    from netsim.namespaces import mininet
     from netsim.probe import probe
 
     net = mininet.up(Topo(4, Link(20, 5)), tag="mnt2")

@@ -1,4 +1,4 @@
-"""Live netsim.netns: real namespaces, the TUN delay wire, the probe (root; marker ``netns``).
+"""Live netsim.namespaces.netns: real namespaces, the TUN delay wire, the probe (root; marker ``netns``).
 
 The unmarked-``slow`` subset takes a few seconds per test so CI exercises it; the probe grid,
 traces, outages, loss and gloo are ``slow``.  Every test uses its own tag and a finalizer
@@ -7,20 +7,22 @@ that runs ``down(tag)`` and asserts nothing of that tag remains.
 
 from __future__ import annotations
 
+import os
 import signal
 import statistics
 import subprocess
 import sys
 import textwrap
 import time
+import zlib
 from collections.abc import Callable, Iterator
 
 import pytest
 
 from _timing import on_time, wire_late
-from netsim.link import Link
-from netsim.topo import Topo
-from netsim.trace import Trace
+from netsim.model.link import Link
+from netsim.model.topo import Topo
+from netsim.model.trace import Trace
 
 pytestmark = pytest.mark.netns
 
@@ -28,13 +30,30 @@ pytestmark = pytest.mark.netns
 FAST_SAMPLES = 30
 
 
+def _uniq(base: str) -> str:
+    """``base`` made unique to this process (tags are [a-z0-9]{1,8}): concurrent runs on one
+    machine (two worktrees, CI beside a developer) then never bring up the same namespaces."""
+    if len(base) > 5:  # keep distinct long bases distinct: 5 base-36 digits of their CRC
+        base = _base36(zlib.crc32(base.encode()) % 36**5, 5)
+    return base + _base36(os.getpid() % 36**3, 3)
+
+
+def _base36(n: int, width: int) -> str:
+    digits = ""
+    for _ in range(width):
+        n, d = divmod(n, 36)
+        digits = "0123456789abcdefghijklmnopqrstuvwxyz"[d] + digits
+    return digits
+
+
 @pytest.fixture
 def make_net() -> Iterator[Callable[..., object]]:
-    from netsim import netns
+    from netsim.namespaces import netns
 
     tags: list[str] = []
 
     def make(topo: Topo, tag: str, **kw: object) -> netns.Net:
+        tag = _uniq(tag)
         tags.append(tag)
         return netns.up(topo, tag=tag, **kw)  # type: ignore[arg-type]
 
@@ -62,16 +81,17 @@ def _probe_median(net: object, runs: int = 3, **kw: object) -> object:
 
 
 def test_up_creates_only_namespaced_objects_and_down_removes_them(make_net) -> None:
-    from netsim import netns
+    from netsim.namespaces import netns
 
     before = _root_links()
     net = make_net(Topo(2, Link(10, 5)), "lv1")
-    assert set(netns.list_namespaces()) >= {"nsm-lv1-h0", "nsm-lv1-h1"}
+    tag = net.tag
+    assert set(netns.list_namespaces()) >= {f"nsm-{tag}-h0", f"nsm-{tag}-h1"}
     assert _root_links() == before  # the root namespace holds only the netns handles
     out = subprocess.run(net.exec_prefix(0) + ["ip", "-o", "addr", "show", "dev", "nsmt0"],
                          capture_output=True, text=True, check=True).stdout
     assert net.hosts[0].addr + "/24" in out
-    qd = subprocess.run(["tc", "-n", "nsm-lv1-h0", "qdisc", "show", "dev", "nsmt0"],
+    qd = subprocess.run(["tc", "-n", f"nsm-{tag}-h0", "qdisc", "show", "dev", "nsmt0"],
                         capture_output=True, text=True, check=True).stdout
     assert "htb 1:" in qd
     sysctl = subprocess.run(net.exec_prefix(1) + ["sysctl", "-n",
@@ -81,8 +101,8 @@ def test_up_creates_only_namespaced_objects_and_down_removes_them(make_net) -> N
                           capture_output=True, text=True).stdout.strip()
     assert root == "1"  # the root namespace's setting is untouched
     assert net.down() == []
-    assert not [n for n in netns.list_namespaces() if n.startswith("nsm-lv1-")]
-    assert netns.down("lv1") == []  # idempotent
+    assert not [n for n in netns.list_namespaces() if n.startswith(f"nsm-{tag}-")]
+    assert netns.down(tag) == []  # idempotent
 
 
 def test_env_forces_gloo_and_nccl_onto_the_emulated_device(make_net) -> None:
@@ -110,9 +130,9 @@ def test_probe_wire_two_hosts_fast(make_net) -> None:
 def _controller(tag: str, then: str) -> subprocess.Popen[str]:
     code = textwrap.dedent(f"""
         import os, signal, sys, time
-        from netsim import netns
-        from netsim.link import Link
-        from netsim.topo import Topo
+        from netsim.namespaces import netns
+        from netsim.model.link import Link
+        from netsim.model.topo import Topo
         net = netns.up(Topo(2, Link(10, 5)), tag={tag!r})
         print("up", flush=True)
         {then}
@@ -126,32 +146,34 @@ WIRE_DEATH_S = 5.0
 
 @pytest.mark.timing
 def test_sigkilled_controller_is_cleanable_by_down() -> None:
-    from netsim import netns
+    from netsim.namespaces import netns
+
+    tag = _uniq("lv4")
 
     def once() -> tuple[int | None, list[str], list[str]]:
-        p = _controller("lv4", "os.kill(os.getpid(), signal.SIGKILL)")
+        p = _controller(tag, "os.kill(os.getpid(), signal.SIGKILL)")
         try:
             assert p.stdout is not None and p.stdout.readline().strip() == "up"
             p.wait(timeout=30)
             deadline = time.monotonic() + WIRE_DEATH_S
-            while time.monotonic() < deadline and any("process" in x for x in netns.leftovers("lv4")):
+            while time.monotonic() < deadline and any("process" in x for x in netns.leftovers(tag)):
                 time.sleep(0.05)
-            return p.returncode, netns.leftovers("lv4"), netns.down("lv4")
+            return p.returncode, netns.leftovers(tag), netns.down(tag)
         finally:
-            netns.down("lv4")
+            netns.down(tag)
 
     code, left, left_after_down = on_time(once, lag_limit_s=WIRE_DEATH_S / 5)
     assert code == -signal.SIGKILL
-    assert any(x.startswith("namespace nsm-lv4-") for x in left)  # nothing cleaned it yet
+    assert any(x.startswith(f"namespace nsm-{tag}-") for x in left)  # nothing cleaned it yet
     assert not any("process" in x for x in left), left
     assert left_after_down == []
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_to_controller_cleans_up(sig: int) -> None:
-    from netsim import netns
+    from netsim.namespaces import netns
 
-    tag = f"lv5{int(sig)}"
+    tag = _uniq(f"lv5{int(sig)}")
     p = _controller(tag, "time.sleep(60)")
     assert p.stdout is not None and p.stdout.readline().strip() == "up"
     p.send_signal(sig)

@@ -1,4 +1,4 @@
-"""Pure plans of netsim.netns: golden command lines, the prefix guarantee, root refusal."""
+"""Pure plans of netsim.namespaces.netns: golden command lines, the prefix guarantee, root refusal."""
 
 from __future__ import annotations
 
@@ -6,11 +6,11 @@ import os
 
 import pytest
 
-from netsim import commands as C
-from netsim.link import Link
-from netsim.plan import Caps, FeatureError, UpOptions, plan_up
-from netsim.topo import Topo
-from netsim.trace import Trace
+from netsim.namespaces import commands as C
+from netsim.model.link import Link
+from netsim.namespaces.plan import Caps, FeatureError, UpOptions, plan_up
+from netsim.model.topo import Topo
+from netsim.model.trace import Trace
 
 NO_NETEM = Caps(netem=False, tun=True, htb=True)
 WITH_NETEM = Caps(netem=True, tun=True, htb=True)
@@ -187,7 +187,7 @@ def test_bad_options(field: str, value: object) -> None:
 
 
 def test_refuses_without_root_before_any_command(monkeypatch: pytest.MonkeyPatch) -> None:
-    from netsim import netns
+    from netsim.namespaces import netns
 
     ran: list[object] = []
     monkeypatch.setattr(os, "geteuid", lambda: 1000)

@@ -11,10 +11,10 @@ import pytest
 
 from _timing import on_time
 from ccomm.ranks import RankPool
-from netsim.link import Link
+from netsim.model.link import Link
 from netsim.probe import ProbeReport
-from netsim.probe_emulate import probe_emulate
-from netsim.topo import Topo
+from netsim.probe.emulated import probe_emulate
+from netsim.model.topo import Topo
 
 pytestmark = pytest.mark.multiprocess
 

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from netsim.trace import MAHIMAHI_PACKET_BITS, Trace
+from netsim.model.trace import MAHIMAHI_PACKET_BITS, Trace
 
 SETTINGS = settings(max_examples=60, deadline=None, derandomize=True)
 REL = 1e-9  # relative slack for float integrals

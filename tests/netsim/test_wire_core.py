@@ -6,10 +6,10 @@ import struct
 
 import pytest
 
-from netsim.link import uniform
-from netsim.trace import Trace
-from netsim.wire import trace_finish, trace_steps
-from netsim.wire_core import Channel, WireCore, constant_finish
+from netsim.model.link import uniform
+from netsim.model.trace import Trace
+from netsim.namespaces.wire import trace_finish, trace_steps
+from netsim.namespaces.wire_core import Channel, WireCore, constant_finish
 
 ADDRS = [bytes([10, 213, 7, i + 1]) for i in range(3)]
 

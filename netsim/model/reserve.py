@@ -13,7 +13,6 @@ Service is first come first served in the order ``reserve`` is called.
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass

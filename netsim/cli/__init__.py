@@ -11,9 +11,9 @@ from __future__ import annotations
 import argparse
 import re
 
-from .link import Link
-from .topo import Topo
-from .trace import Trace
+from ..model.link import Link
+from ..model.topo import Topo
+from ..model.trace import Trace
 
 __all__ = [
     "EXIT_BAD_INPUT",

@@ -12,7 +12,7 @@ Every collective is a schedule: a list of steps, each a list of ``(src, dst, nby
 On uniform links this gives the closed forms of the design table (B byte/s, L s, h the tree
 depth, k chunks), e.g. ring all-reduce ``2(n-1)(L + S/(nB))``. On heterogeneous links a step
 costs its slowest edge (an upper bound for schedules whose ranks could run ahead); the
-:class:`netsim.clock.Simulator` replays the same schedules message by message for exact times.
+:class:`netsim.model.clock.Simulator` replays the same schedules message by message for exact times.
 The two agree on uniform links for ring, direct, ps, barrier and unpipelined (k = 1) chain and
 full-tree schedules. With k > 1 the replay overlaps each chunk's latency with the next chunk's
 serialization, so it is faster than the step-synchronous form, which charges L every step.

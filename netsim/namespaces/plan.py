@@ -1,4 +1,4 @@
-"""``plan_up(topo, caps, opts) -> Plan``: what netsim.netns will create, computed purely
+"""``plan_up(topo, caps, opts) -> Plan``: what netsim.namespaces.netns will create, computed purely
 (docs/design/netsim.md#namespace-layout).
 
 Three layouts:
@@ -7,10 +7,10 @@ Three layouts:
   ends, netem under htb when the kernel has it.  With no delay, jitter or loss to emulate this
   needs neither netem nor the wire.
 * ``wire``: one TUN ``nsmt0`` per host instead of veth and bridge; htb on each TUN shapes the
-  uplink and :mod:`netsim.wire` adds delay, jitter, loss, the n > 2 downlinks and mesh pairs.
+  uplink and :mod:`netsim.namespaces.wire` adds delay, jitter, loss, the n > 2 downlinks and mesh pairs.
   Outages (rate 0, which htb cannot take) move all shaping into the wire.
 
-The plan is data (command lines and the wire's configuration); :mod:`netsim.executor` runs it.
+The plan is data (command lines and the wire's configuration); :mod:`netsim.namespaces.executor` runs it.
 """
 
 from __future__ import annotations
@@ -20,12 +20,12 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from netsim.commands import (Cmd, addr, bridge, bridge_port, check_scoped, gso_off, host_ns,
+from netsim.namespaces.commands import (Cmd, addr, bridge, bridge_port, check_scoped, gso_off, host_ns,
                              htb, link_mtu, link_up, netem, netem_limit, ns_add, subnet_octet,
                              switch_ns, sysctl, veth)
-from netsim.link import Link
-from netsim.topo import Topo
-from netsim.trace import Trace
+from netsim.model.link import Link
+from netsim.model.topo import Topo
+from netsim.model.trace import Trace
 
 __all__ = ["Caps", "HostPlan", "Plan", "UpOptions", "FeatureError", "plan_up"]
 
@@ -51,7 +51,7 @@ class FeatureError(RuntimeError):
 
 @dataclass(frozen=True)
 class Caps:
-    """What the kernel offers, from :func:`netsim.netns.detect`."""
+    """What the kernel offers, from :func:`netsim.namespaces.netns.detect`."""
 
     netem: bool = False
     tun: bool = True
@@ -110,7 +110,7 @@ class Plan:
         """Human-readable plan, as ``netsim up --dry-run`` prints it."""
         out = [str(c) for c in self.pre]
         if self.wire is not None:
-            out.append(f"# start python -m netsim.wire (tun={self.wire['tun']}, "
+            out.append(f"# start python -m netsim.namespaces.wire (tun={self.wire['tun']}, "
                        f"{len(self.wire['channels'])} channels, "
                        f"{len(self.wire['changes'])} trace replays)")
         out += [str(c) for c in self.post]
@@ -171,7 +171,7 @@ def _choose(topo: Topo, caps: Caps, opts: UpOptions) -> str:
 def plan_up(topo: Topo, caps: Caps, opts: UpOptions) -> Plan:
     """The full plan for ``topo`` given the kernel's ``caps``; pure and deterministic."""
     if not caps.htb:
-        raise FeatureError("netsim.netns needs the htb qdisc")
+        raise FeatureError("netsim.namespaces.netns needs the htb qdisc")
     n, tag = topo.n, opts.tag
     if not 2 <= n <= 250:
         # One host has no link to emulate (and no pair to size the buffers from).

@@ -13,127 +13,38 @@
   ``transfer_time(S, start)`` instead.  Under loss the goodput is informational (reported,
   not judged): the wire's counters show the drops.
 * **gloo** (``gloo=True``): send, all-reduce and all-gather of 4 MiB among all hosts against
-  :mod:`netsim.cost`; p2p within ``P2P_TOL``, collectives within ``GLOO_TOL``.
+  :mod:`netsim.model.cost`; p2p within ``P2P_TOL``, collectives within ``GLOO_TOL``.
 
 Tolerances are named constants, four times tighter than Mininet's ±20 % self-test.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
 import statistics
 import subprocess
 import sys
-from dataclasses import dataclass, field
 from typing import Any
 
-from netsim.netns import Net
+from netsim.namespaces.netns import Net
+from netsim.probe.report import (BW_TOL, GLOO_TOL, OMIT_BDPS, P2P_TOL, RTT_TOL_ABS_S, RTT_TOL_REL, GlooResult,
+                                 PairResult, ProbeReport)
 
-__all__ = ["add_cli", "BW_TOL", "OMIT_BDPS", "GLOO_TOL", "P2P_TOL", "RTT_TOL_ABS_S", "RTT_TOL_REL", "GlooResult",
-           "PairResult", "ProbeReport", "probe", "probe_gloo"]
+__all__ = ["probe", "probe_gloo"]
 
 log = logging.getLogger(__name__)
 
-BW_TOL = 0.05
-RTT_TOL_ABS_S = 1e-3
-RTT_TOL_REL = 0.02
-P2P_TOL = 0.05
-GLOO_TOL = 0.10
 _PORT = 5201
 _MIN_BULK = 8 << 20
 _MIN_OMIT = 256 << 10
-#: Bandwidth-delay products sent before the goodput clock starts.
-OMIT_BDPS = 8
 _BULK_SECONDS = 3.0
 _AGENT_TIMEOUT_S = 300.0
 
 
-@dataclass(frozen=True)
-class PairResult:
-    src: int
-    dst: int
-    rtt_config_s: float
-    rtt_median_s: float
-    rtt_min_s: float
-    rtt_max_s: float
-    rtt_ok: bool
-    bw_config_mbps: float | None
-    bw_mbps: float
-    bw_ok: bool
-    completion_s: float
-    model_s: float
-    duplex_mbps: tuple[float, float] | None = None
-    duplex_ok: bool = True
-    bw_whole_mbps: float = math.nan  # from the first byte, slow start included
-
-    @property
-    def ok(self) -> bool:
-        return self.rtt_ok and self.bw_ok and self.duplex_ok
-
-
-@dataclass(frozen=True)
-class GlooResult:
-    op: str
-    n: int
-    nbytes: int
-    measured_s: float
-    model_s: float
-    tol: float
-
-    @property
-    def ratio(self) -> float:
-        return self.measured_s / self.model_s
-
-    @property
-    def ok(self) -> bool:
-        return abs(self.ratio - 1.0) <= self.tol
-
-
-@dataclass(frozen=True)
-class ProbeReport:
-    pairs: tuple[PairResult, ...]
-    gloo: tuple[GlooResult, ...] = ()
-    wire: dict[str, Any] | None = None
-    notes: tuple[str, ...] = field(default=())
-    #: Emulate backend only: operations whose real transport finished after their modeled
-    #: time, summed over the ranks (``emu.stats.late_ops``); those measured the host, not the link.
-    late_ops: int | None = None
-
-    @property
-    def ok(self) -> bool:
-        return all(p.ok for p in self.pairs) and all(g.ok for g in self.gloo)
-
-    def table(self) -> str:
-        """Configured beside measured, one row per pair (and per gloo op)."""
-        rows = ["pair    rtt cfg ms  rtt med ms  [min, max]          bw cfg Mbit/s  bw Mbit/s"
-                "  duplex Mbit/s  whole Mbit/s  ok"]
-        for p in self.pairs:
-            cfg = f"{p.bw_config_mbps:.2f}" if p.bw_config_mbps is not None else "trace"
-            dup = "-" if p.duplex_mbps is None else "%.2f/%.2f" % p.duplex_mbps
-            rows.append(f"{p.src}->{p.dst}  {p.rtt_config_s * 1e3:10.3f}  "
-                        f"{p.rtt_median_s * 1e3:10.3f}  [{p.rtt_min_s * 1e3:.2f}, "
-                        f"{p.rtt_max_s * 1e3:.2f}]  {cfg:>13}  {p.bw_mbps:9.2f}  {dup:>13}  "
-                        f"{p.bw_whole_mbps:12.2f}  {'yes' if p.ok else 'NO'}")
-        for g in self.gloo:
-            rows.append(f"gloo {g.op} n={g.n} {g.nbytes} B: {g.measured_s:.3f} s vs model "
-                        f"{g.model_s:.3f} s (x{g.ratio:.3f}, tol {g.tol:.0%}) "
-                        f"{'yes' if g.ok else 'NO'}")
-        if self.late_ops:
-            rows.append(f"emulate: {self.late_ops} operation(s) finished after their modeled time "
-                        "(the host did not keep up; those measurements are of the host)")
-        return "\n".join(rows)
-
-    def to_json(self) -> dict[str, Any]:
-        return {"ok": self.ok, "pairs": [vars(p) for p in self.pairs],
-                "gloo": [{**vars(g), "ratio": g.ratio, "ok": g.ok} for g in self.gloo],
-                "wire": self.wire, "notes": list(self.notes), "late_ops": self.late_ops}
-
-
 def _agent(net: Net, rank: int, *args: str, port: int = 29500) -> subprocess.Popen[str]:
-    return net.popen(rank, [sys.executable, "-m", "netsim.probe_agent", *args],
+    return net.popen(rank, [sys.executable, "-m", "netsim.probe.agent", *args],
                      stdout=subprocess.PIPE, text=True, port=port)
 
 
@@ -230,7 +141,7 @@ def _goodput(r: dict[str, float], whole: bool = False) -> float:
 def probe_gloo(net: Net, nbytes: int = 4 << 20, iters: int = 3,
                ops: tuple[str, ...] = ("send", "allreduce", "allgather")) -> list[GlooResult]:
     """Run each op on real gloo ranks in the namespaces; median of ``iters`` against cost.py."""
-    from netsim import cost
+    from netsim.model import cost
 
     n = len(net.hosts)
     out = []
@@ -249,66 +160,3 @@ def probe_gloo(net: Net, nbytes: int = 4 << 20, iters: int = 3,
         out.append(GlooResult(op, n, nbytes, measured, model, tol))
         log.info("gloo %s: %.3f s vs %.3f s", op, measured, model)
     return out
-
-
-def _cmd_probe(args: argparse.Namespace) -> int:
-    from netsim import netns
-    from netsim.cli import EXIT_NO_ROOT, EXIT_TOLERANCE, topo_from_args
-
-    if args.backend == "emulate":
-        from netsim.probe_emulate import probe_emulate
-
-        try:
-            topo = topo_from_args(args)
-        except ValueError as e:
-            print(f"netsim: {e}", file=sys.stderr)
-            return 2
-        rep = probe_emulate(topo, nbytes=args.bytes or (1 << 20), samples=min(args.samples, 50))
-        print(rep.table())
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(rep.to_json(), f, indent=1)
-        return 0 if rep.ok else EXIT_TOLERANCE
-    try:
-        if args.tag_attach:
-            net = netns.attach(args.tag_attach)
-        else:
-            args.tag = args.tag or "probe"
-            net = netns.bring_up(args, topo_from_args(args), persist=False)
-    except (PermissionError, netns.FeatureError) as e:
-        print(f"netsim: {e}", file=sys.stderr)
-        return EXIT_NO_ROOT
-    with net:
-        rep = probe(net, args.pairs, samples=args.samples, nbytes=args.bytes,
-                    duplex=not args.no_duplex, gloo=args.gloo)
-    print(rep.table())
-    if rep.wire:
-        w = rep.wire
-        print(f"wire: sent {w['sent']} drops {w['drops']}; lateness of the last "
-              f"{8192} packets p50 {w['late_p50_s'] * 1e3:.3f} ms p99 "
-              f"{w['late_p99_s'] * 1e3:.3f} ms; whole run max {w['late_max_s'] * 1e3:.1f} ms, "
-              f"{w.get('late_over_1ms_fraction', 0.0):.2%} of packets over 1 ms late"
-              + (" (the wire is the bottleneck)" if w["bottleneck"] else ""))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rep.to_json(), f, indent=1)
-    return 0 if rep.ok else EXIT_TOLERANCE
-
-
-def add_cli(subparsers: Any) -> None:
-    """``netsim probe``: an existing net (``--tag``) or a temporary one from LINK FLAGS."""
-    from netsim.cli import add_link_args, parse_size
-
-    p = subparsers.add_parser("probe", help="measure RTT and goodput against the configured link")
-    add_link_args(p)
-    p.add_argument("--tag", dest="tag_attach", help="probe the running net with this tag")
-    p.add_argument("--backend", choices=("netns", "mininet", "emulate"), default="netns")
-    p.add_argument("--delay", choices=("auto", "netem", "wire"), default="auto")
-    p.add_argument("--pairs", choices=("ring", "all"), default="ring")
-    p.add_argument("--samples", type=int, default=200, help="ping-pongs per pair (default 200)")
-    p.add_argument("--bytes", type=parse_size, default=None,
-                   help="bulk size (default max(8 MiB, 3 s of the rate))")
-    p.add_argument("--no-duplex", action="store_true", help="skip the full-duplex run")
-    p.add_argument("--gloo", action="store_true", help="also time gloo send/all-reduce/all-gather")
-    p.add_argument("--json", help="write the report here")
-    p.set_defaults(func=_cmd_probe, tag=None)

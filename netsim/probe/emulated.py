@@ -8,7 +8,7 @@ The same questions as :func:`netsim.probe.probe` asks of a namespace net, asked 
 2. **Goodput**: rank 0 sends ``nbytes`` and rank 1 answers with 4 bytes; goodput is
    nbytes over the round trip minus the two latencies.
 3. **Collectives**: all-reduce and all-gather of ``nbytes`` among all ranks, each started
-   at an instant agreed over a plain (unshaped) gloo group, against :mod:`netsim.cost`.
+   at an instant agreed over a plain (unshaped) gloo group, against :mod:`netsim.model.cost`.
 Every comparison uses emulate's accuracy target, max(5 %, 2 ms) of the model.
 """
 
@@ -18,8 +18,8 @@ import statistics
 import time
 from typing import TYPE_CHECKING, Any
 
-from netsim.probe import GlooResult, PairResult, ProbeReport
-from netsim.topo import Topo
+from netsim.probe.report import GlooResult, PairResult, ProbeReport
+from netsim.model.topo import Topo
 
 if TYPE_CHECKING:
     from ccomm.ranks import RankPool
@@ -59,12 +59,12 @@ def _rank_job(rank: int, n: int, parts: tuple[Any, ...], nbytes: int, samples: i
     import torch
     import torch.distributed as dist
 
-    import netsim
+    from netsim.emulation import emulate
 
     topo = Topo(parts[0], parts[1], hosts=parts[2], pairs=parts[3], shared=parts[4])
     plain = dist.new_group(backend="gloo")  # made before emulate: never shaped
     res: dict[str, Any] = {"rtt": [], "bulk": None, "allreduce": None, "allgather": None}
-    with netsim.emulate(topo) as emu:
+    with emulate(topo) as emu:
         small, ack = torch.zeros(_SMALL_BYTES // 4), torch.zeros(1)
         for _ in range(samples):
             t0 = _aligned(plain, rank)
@@ -104,7 +104,7 @@ def probe_emulate(topo: Topo, *, nbytes: int = 1 << 20, samples: int = 20, pool:
     ``TimeoutError`` names them.
     """
     from ccomm.ranks import run_ranks
-    from netsim import cost
+    from netsim.model import cost
 
     if topo.n < 2:
         raise ValueError(f"topo.n={topo.n}: the probe needs at least 2 ranks")

@@ -1,14 +1,14 @@
-"""netsim.mininet: the same topologies through Mininet's Python API (docs/design/netsim.md#mininet).
+"""netsim.namespaces.mininet: the same topologies through Mininet's Python API (docs/design/netsim.md#mininet).
 
-``up(topo)`` returns a :class:`netsim.netns.Net`.  Mininet builds hosts ``nsmh<i>`` (network
+``up(topo)`` returns a :class:`netsim.namespaces.netns.Net`.  Mininet builds hosts ``nsmh<i>`` (network
 namespaces held by ``mnexec`` shells) joined by a ``LinuxBridge`` ``nsms0`` (no controller).
 
 * **With netem**, TCLinks carry everything: ``bw`` = line rate with ``use_htb``, plus delay,
   jitter, loss and ``max_queue_size`` (Mininet builds all four with netem, so without netem
   it would silently add no delay).
 * **Without netem** (this project's machines) the Mininet links stay unshaped management
-  links and the plan of :func:`netsim.plan.plan_up` in wire mode is applied inside the
-  Mininet hosts: TUN ``nsmt0`` per host (opened by :mod:`netsim.wire` through
+  links and the plan of :func:`netsim.namespaces.plan.plan_up` in wire mode is applied inside the
+  Mininet hosts: TUN ``nsmt0`` per host (opened by :mod:`netsim.namespaces.wire` through
   ``/proc/<pid>/ns/net``), htb on the TUNs, the wire for delay and downlinks.  Commands run
   under ``nsenter --net=/proc/<pid>/ns/net`` instead of ``ip -n``.
 
@@ -35,12 +35,12 @@ from dataclasses import asdict
 from types import ModuleType
 from typing import Any
 
-from netsim.commands import Cmd, host_ns
-from netsim.executor import run_argv
-from netsim.netns import (STATE_DIR, FeatureError, Net, _kill_all, _write_state, detect,
-                          require_root, topo_to_json)
-from netsim.plan import HostPlan, Plan, UpOptions, plan_up
-from netsim.topo import Topo
+from netsim.namespaces.commands import Cmd, host_ns
+from netsim.namespaces.executor import run_argv
+from netsim.namespaces._procs import STATE_DIR, WIRE_MODULE, kill_all, write_state
+from netsim.namespaces.netns import FeatureError, Net, detect, require_root, topo_to_json
+from netsim.namespaces.plan import HostPlan, Plan, UpOptions, plan_up
+from netsim.model.topo import Topo
 
 __all__ = ["MininetNet", "down_root_links", "load_mininet", "up"]
 
@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 
 _DEBIAN_DIST = "/usr/lib/python3/dist-packages"
 _ROOT_LINK_RE = re.compile(r"^nsm[hs]\d+(-eth\d+)?$")
-_HINT = ("netsim.mininet needs Mininet >= 2.3 from the distribution (`apt-get install mininet "
+_HINT = ("netsim.namespaces.mininet needs Mininet >= 2.3 from the distribution (`apt-get install mininet "
          "bridge-utils`; PyPI's pre-release lacks mnexec), importable from this Python (a venv "
          "with system site packages, or Debian's dist-packages)")
 
@@ -99,11 +99,11 @@ class MininetNet(Net):
         if self._closed:
             return []
         self._closed = True
-        _kill_all({p.pid: None for p in self.procs})
+        kill_all({p.pid: None for p in self.procs})
         for p in self.procs:
             p.wait()
         if self._wire is not None:
-            _kill_all({self._wire.pid: None})
+            kill_all({self._wire.pid: None})
             self._wire.wait()
             for f in (self._wire.stdin, self._wire.stdout):
                 if f:
@@ -148,7 +148,7 @@ def up(topo: Topo, *, tag: str = "mn", delay: str = "auto", mtu: int | None = No
     plan = plan_up(topo, caps, UpOptions(tag=tag, delay=delay, mtu=mtu, seed=seed))
     netem = plan.mode == "veth" and caps.netem
     if plan.mode == "veth" and not netem and topo.link.latency_ms > 0:
-        raise FeatureError("netsim.mininet without netem needs the wire layout")
+        raise FeatureError("netsim.namespaces.mininet without netem needs the wire layout")
     k = int(plan.hosts[0].addr.split(".")[2])
     mn = Mininet(topo=None, switch=LinuxBridge, link=TCLink, controller=None, build=False,
                  ipBase=f"10.213.{k}.0/24" if plan.mode == "veth" else f"10.214.{k}.0/24",
@@ -187,13 +187,13 @@ def up(topo: Topo, *, tag: str = "mn", delay: str = "auto", mtu: int | None = No
                      "hosts": state_hosts, "mtu": plan.mtu, "topo": topo_to_json(topo),
                      "wire": {**plan.wire, "changes": changes,
                               "counters": str(STATE_DIR / f"{tag}.wire.json")}}
-            _write_state(tag, state)
-            argv = [sys.executable, "-m", "netsim.wire", "--state", str(STATE_DIR / f"{tag}.json"),
+            write_state(tag, state)
+            argv = [sys.executable, "-m", WIRE_MODULE, "--state", str(STATE_DIR / f"{tag}.json"),
                     "--pdeathsig"]
             wire = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                     text=True, start_new_session=True)
             state["wire_pid"] = {"pid": wire.pid, "cmdline": " ".join(argv)}
-            _write_state(tag, state)
+            write_state(tag, state)
             _readline(wire, 20.0)
             for c in plan.post:
                 run_argv(_localize(c, pid_of))

@@ -1,4 +1,4 @@
-"""Measurement agents the probe runs inside host namespaces (``python -m netsim.probe_agent``).
+"""Measurement agents the probe runs inside host namespaces (``python -m netsim.probe.agent``).
 
 Roles (each prints one JSON line on stdout):
 
@@ -231,7 +231,7 @@ def _gloo_concurrent(op: str, nbytes: int, iters: int, lead_s: float, k: int, ga
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m netsim.probe_agent")
+    ap = argparse.ArgumentParser(prog="python -m netsim.probe.agent")
     sub = ap.add_subparsers(dest="role", required=True)
     for role in ("serve", "rtt", "send"):
         p = sub.add_parser(role)

@@ -7,7 +7,7 @@ import logging
 import subprocess
 from collections.abc import Callable, Iterable
 
-from netsim.commands import Cmd, check_scoped
+from netsim.namespaces.commands import Cmd, check_scoped
 
 __all__ = ["CommandError", "Executor", "run_argv"]
 

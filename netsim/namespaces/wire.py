@@ -1,9 +1,9 @@
-"""The userspace delay wire daemon: ``python -m netsim.wire --state FILE``
+"""The userspace delay wire daemon: ``python -m netsim.namespaces.wire --state FILE``
 (docs/design/netsim.md#delay-wire).
 
 Kernels without netem (this project's machines) get delay, jitter, loss, outages and wire-side
 shaping from this process.  It opens one TUN ``nsmt0`` per host namespace, reads every IPv4
-packet the hosts send, lets :class:`netsim.wire_core.WireCore` decide the due time and writes
+packet the hosts send, lets :class:`netsim.namespaces.wire_core.WireCore` decide the due time and writes
 the packet into the destination's TUN then.  It also replays bandwidth traces as
 ``tc class change`` lines fed to one persistent ``tc -n NS -batch -`` per namespace.
 
@@ -38,8 +38,8 @@ from collections import deque
 from collections.abc import Iterator
 from typing import Any
 
-from netsim.commands import htb_change_line
-from netsim.wire_core import Channel, Delivery, Finish, WireCore, constant_finish
+from netsim.namespaces.commands import htb_change_line
+from netsim.namespaces.wire_core import Channel, Delivery, Finish, WireCore, constant_finish
 
 __all__ = ["Timer", "open_tun", "main", "run", "trace_finish", "trace_steps"]
 
@@ -138,7 +138,7 @@ def calibrate(timer: Timer, samples: int = 200, step_s: float = 1e-3) -> float:
 
 def trace_finish(spec: dict[str, Any], factor: float, t0: float) -> Finish:
     """Finish function of a trace-driven resource: line rate = trace rate * ``factor``."""
-    from netsim.trace import Trace
+    from netsim.model.trace import Trace
 
     trace = Trace(spec["times"], spec["mbps"], loop=spec.get("loop", False),
                   period_s=spec.get("period_s"))
@@ -403,7 +403,7 @@ def run(state: dict[str, Any], ready: Any = sys.stdout, go: Any = sys.stdin) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m netsim.wire", description=__doc__)
+    ap = argparse.ArgumentParser(prog="python -m netsim.namespaces.wire", description=__doc__)
     ap.add_argument("--state", required=True, help="netsim state file (/run/netsim/TAG.json)")
     ap.add_argument("--pdeathsig", action="store_true",
                     help="die with the parent (used when `up` runs in-process)")

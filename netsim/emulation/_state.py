@@ -1,6 +1,6 @@
 """Replicated link state for ``netsim.emulate``: who owns what, and the collective replay.
 
-Every rank keeps a full :class:`~netsim.reserve.Reserver`, but each entry has one owner whose
+Every rank keeps a full :class:`~netsim.model.reserve.Reserver`, but each entry has one owner whose
 copy is authoritative: rank r owns its uplink and downlink (shared mode) or its outgoing pairs
 (mesh), the FIFO arrival times of messages *to* r, and the sequence numbers of messages *from*
 r. Point-to-point messages only touch entries their sender or receiver owns. A collective
@@ -12,8 +12,8 @@ from __future__ import annotations
 import heapq
 from dataclasses import dataclass
 
-from .reserve import Reserver
-from .topo import Resource
+from ..model.reserve import Reserver
+from ..model.topo import Resource
 
 __all__ = ["owned_size", "pack_owned", "unpack_owned", "CollectiveResult", "replay"]
 

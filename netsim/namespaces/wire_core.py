@@ -2,7 +2,7 @@
 
 :class:`WireCore` decides, for each IPv4 packet read from host ``i``'s TUN at time ``now``,
 whether it is dropped and otherwise to which host and when it is delivered.  The daemon in
-:mod:`netsim.wire` feeds it real packets on CLOCK_MONOTONIC; the tests feed it a fake clock.
+:mod:`netsim.namespaces.wire` feeds it real packets on CLOCK_MONOTONIC; the tests feed it a fake clock.
 
 Per packet ``i -> j`` (seq counted per ordered pair):
 
@@ -22,7 +22,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from netsim.link import uniform
+from netsim.model.link import uniform
 
 __all__ = ["SMALL_PACKET_BYTES", "Channel", "Delivery", "WireCore", "Finish", "constant_finish"]
 

@@ -7,7 +7,7 @@
         ddp = DDP(model, process_group=emu.group)        # or register_comm_hook(None, emu.allreduce_hook)
 
 Every operation is issued on the real group at once and completes at max(real, modeled),
-where the model is the reservation rule of ``netsim.reserve`` over the link or topology: a
+where the model is the reservation rule of ``netsim.model.reserve`` over the link or topology: a
 message waits for bandwidth already promised to earlier messages, so concurrent messages share
 a link. Point-to-point senders reserve their uplink and tell the receiver (seq, start, fin) on
 a gloo side group; collectives all-gather entry times and link state on it and every rank
@@ -43,16 +43,16 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ._emulate_clock import EmuVirtualClock
-from ._emulate_patch import PATCH_MARK, Patch, group_mapper, originals
-from ._emulate_pg import EmulatedProcessGroup
-from ._emulate_sched import collective_schedule
-from ._emulate_state import owned_size, pack_owned, replay, unpack_owned
-from ._emulate_sync import agree_clock
-from ._emulate_work import EmulatedWork, EmuOp, Timer
-from .link import Link
-from .reserve import Reserver
-from .topo import Topo
+from ._clock import EmuVirtualClock
+from ._patch import PATCH_MARK, Patch, group_mapper, originals
+from ._pg import EmulatedProcessGroup
+from ._sched import collective_schedule
+from ._state import owned_size, pack_owned, replay, unpack_owned
+from ._sync import agree_clock
+from ._work import EmulatedWork, EmuOp, Timer
+from ..model.link import Link
+from ..model.reserve import Reserver
+from ..model.topo import Topo
 
 __all__ = ["emulate", "Emulator", "EmulateStats", "EmulatedProcessGroup", "EmulatedWork", "LATE_SLACK_S"]
 
@@ -251,7 +251,10 @@ class Emulator:
         if not self._active:
             raise RuntimeError("netsim.emulate is not active (use it as a context manager)")
 
-    def _enter(self) -> float:
+    # ---- the Engine protocol (`_pg.Engine`, `_work.WorkHost`): what the emulated group and its
+    # work handles call; they see only these methods and `clock`, `timeout_s`, `timer`.
+
+    def issue_time(self) -> float:
         """An operation's start: when the outermost patched call began, else now."""
         self._check_active()
         t = getattr(self._call, "t", None)
@@ -276,7 +279,7 @@ class Emulator:
             if op.due_s is not None:
                 self._intervals.append((op.issued_s, op.due_s))
 
-    def _note_real_done(self, op: EmuOp, t: float) -> None:
+    def note_real_done(self, op: EmuOp, t: float) -> None:
         if op.due_s is None or t <= op.due_s + LATE_SLACK_S:
             return
         with self._stats_lock:
@@ -305,7 +308,7 @@ class Emulator:
                 logger.debug("emulate: %s failed to resolve", op.kind, exc_info=True)
                 op.fail(exc)
 
-    def _collective(self, kind: str, nbytes: int, inner: dist.Work, t_enter: float, value: Any, root: int = 0) -> EmulatedWork:
+    def time_collective(self, kind: str, nbytes: int, inner: dist.Work, t_enter: float, value: Any, root: int = 0) -> EmulatedWork:
         op = EmuOp(kind, nbytes, t_enter)
         me, n = self.rank, self.n
 
@@ -330,7 +333,7 @@ class Emulator:
         self._tasks.put((op, resolve))
         return EmulatedWork(inner, op, self, value)
 
-    def _send(self, nbytes: int, dst: int, tag: int, inner: dist.Work, t_issue: float) -> EmulatedWork:
+    def time_send(self, nbytes: int, dst: int, tag: int, inner: dist.Work, t_issue: float) -> EmulatedWork:
         op = EmuOp("send", nbytes, t_issue)
         me = self.rank
 
@@ -349,7 +352,7 @@ class Emulator:
         self._tasks.put((op, resolve))
         return EmulatedWork(inner, op, self)
 
-    def _recv(self, nbytes: int, src: int | None, tag: int, inner: dist.Work, t_issue: float) -> EmulatedWork:
+    def time_recv(self, nbytes: int, src: int | None, tag: int, inner: dist.Work, t_issue: float) -> EmulatedWork:
         me = self.rank
         header = torch.zeros(_HEADER, dtype=torch.float64)
         hwork: dist.Work | None = None if src is None else self._side_p2p.recv([header], src, tag)
@@ -379,7 +382,7 @@ class Emulator:
             op.due_s = max(arr, t_issue)
             self._record(op, 0.0, size)
             if header_pending:
-                self._note_real_done(op, self.clock.now())
+                self.note_real_done(op, self.clock.now())
             return op.due_s
 
         def ready() -> bool:
@@ -423,7 +426,7 @@ class Emulator:
         c10d = dist.distributed_c10d
         c10d._check_p2p_op_list(p2p_op_list)
         sends = [p.op in (self._orig["isend"], self._patched_isend) for p in p2p_op_list]
-        t = self._enter()
+        t = self.issue_time()
         device = p2p_op_list[0].tensor.device
         inner = self.inner
 
@@ -443,7 +446,7 @@ class Emulator:
         for k, (p, s) in enumerate(zip(p2p_op_list, sends)):
             w = works[k] if len(works) == len(p2p_op_list) else works[0]
             size = p.tensor.numel() * p.tensor.element_size()
-            out.append(self._send(size, p.group_peer, p.tag, w, t) if s else self._recv(size, p.group_peer, p.tag, w, t))
+            out.append(self.time_send(size, p.group_peer, p.tag, w, t) if s else self.time_recv(size, p.group_peer, p.tag, w, t))
         return out
 
 

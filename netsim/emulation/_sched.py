@@ -1,6 +1,6 @@
 """Which message schedule ``netsim.emulate`` replays for each collective.
 
-Every collective uses ``netsim.cost.schedule`` with its default algorithm (ring all-reduce,
+Every collective uses ``netsim.model.cost.schedule`` with its default algorithm (ring all-reduce,
 all-gather and reduce-scatter, chain broadcast, dissemination barrier), so emulate and the cost
 model time the same steps.
 """
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .cost import Schedule, schedule
+from ..model.cost import Schedule, schedule
 
 __all__ = ["OPS", "collective_schedule"]
 

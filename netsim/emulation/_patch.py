@@ -3,7 +3,7 @@
 Each patched function only swaps its ``group`` argument for the emulated group when it names
 the group being emulated (``None``/WORLD for the default group), then calls the original, so
 the originals' checks and rank translation still apply and emulation happens exactly once,
-inside :class:`~netsim._emulate_pg.EmulatedProcessGroup`. Both ``torch.distributed`` and
+inside :class:`~netsim.emulation._pg.EmulatedProcessGroup`. Both ``torch.distributed`` and
 ``torch.distributed.distributed_c10d`` are patched: the latter's globals are what
 ``P2POp`` checks ``op`` against and what ``send`` calls ``isend`` through.
 """

@@ -1,10 +1,19 @@
-"""Clocks (virtual and wall) and a deterministic discrete-event simulator of n ranks.
+"""Test oracle: a deterministic discrete-event simulator of n ranks over netsim's link model.
+
+Not part of the library (nothing in it runs this): the tests use it as a second, independent
+implementation of the rules the library implements once. It replays every message of a
+collective one event at a time, while :mod:`netsim.model.cost` gives closed forms
+(``tests/netsim/test_cost.py``) and :mod:`netsim.emulation` replays whole schedules on
+replicated state (``test_emulate.py::test_replay_agrees_with_simulator``). Agreement of the
+two within float rounding is the check. It shares only the reservation rule
+(:mod:`netsim.model.reserve`) and the message schedules (:func:`netsim.model.cost.schedule`)
+with the code under test, not the event handling.
 
 :class:`Simulator` runs n rank programs in one thread. A program is a generator that yields
 operations (:class:`Compute`, :class:`Send`, :class:`Recv`, :class:`Isend`, :class:`Irecv`,
 :class:`Wait`, :class:`Collective`) and receives back a :class:`Handle` for ``Isend``/``Irecv``
 and the current virtual time otherwise. Links follow the reservation rule
-(:mod:`netsim.reserve`); collectives replay :func:`netsim.cost.schedule` message by message,
+(:mod:`netsim.model.reserve`); collectives replay :func:`netsim.model.cost.schedule` message by message,
 a rank's step k+1 waiting for its own step-k sends to serialize and receives to arrive.
 
 Determinism: events sit in a heap keyed (time, priority, insertion seq), where at equal
@@ -19,21 +28,18 @@ import hashlib
 import heapq
 import itertools
 import json
-import logging
 import math
-import statistics
-import time
 from collections import deque
 from collections.abc import Callable, Generator, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Union
+from typing import Any, Union
 
-from .cost import schedule
-from .reserve import Reserver
-from .topo import Topo
+from netsim.model.clock import VirtualClock
+from netsim.model.cost import schedule
+from netsim.model.reserve import Reserver
+from netsim.model.topo import Topo
 
 __all__ = [
-    "Clock",
     "Collective",
     "Compute",
     "Handle",
@@ -45,106 +51,11 @@ __all__ = [
     "Simulator",
     "Timeline",
     "TimelineEvent",
-    "VirtualClock",
     "Wait",
-    "WallClock",
 ]
 
-logger = logging.getLogger(__name__)
-
-#: One-ms sleeps WallClock times to learn its oversleep (the wire uses the same recipe).
-CALIBRATION_SLEEPS = 50
-CALIBRATION_SLEEP_S = 1e-3
 #: A run stops with an error past this many events (a program that never finishes).
 MAX_EVENTS = 10_000_000
-
-
-# ---------------------------------------------------------------------------- clocks
-class Clock(Protocol):
-    @property
-    def now(self) -> float: ...
-    def advance(self, dt: float) -> None: ...
-    def advance_to(self, t: float) -> None: ...
-    def sleep(self, dt: float) -> None: ...
-    def sleep_until(self, t: float) -> None: ...
-
-
-class VirtualClock:
-    """Time that moves only when told to."""
-
-    def __init__(self, start_s: float = 0.0) -> None:
-        if not (math.isfinite(start_s) and start_s >= 0):
-            raise ValueError(f"start_s={start_s!r} must be finite and >= 0")
-        self._now = float(start_s)
-
-    @property
-    def now(self) -> float:
-        return self._now
-
-    def advance(self, dt: float) -> None:
-        if not (math.isfinite(dt) and dt >= 0):
-            raise ValueError(f"dt={dt!r} must be finite and >= 0")
-        self._now += dt
-
-    def advance_to(self, t: float) -> None:
-        if not (math.isfinite(t) and t >= self._now):
-            raise ValueError(f"t={t!r} must be finite and >= now={self._now!r}")
-        self._now = float(t)
-
-    def sleep(self, dt: float) -> None:
-        self.advance(dt)
-
-    def sleep_until(self, t: float) -> None:
-        """Like ``advance_to`` but a time already past is a no-op (as for a real clock)."""
-        if t > self._now:
-            self.advance_to(t)
-
-
-class WallClock:
-    """``time.monotonic`` with a calibrated ``sleep_until``: sleep to ``t - bias``, then spin.
-
-    ``bias`` is the median oversleep of short sleeps, measured once on first use."""
-
-    def __init__(self, bias_s: float | None = None) -> None:
-        if bias_s is not None and not (math.isfinite(bias_s) and bias_s >= 0):
-            raise ValueError(f"bias_s={bias_s!r} must be finite and >= 0")
-        self._bias = bias_s
-
-    @property
-    def now(self) -> float:
-        return time.monotonic()
-
-    @property
-    def bias_s(self) -> float:
-        if self._bias is None:
-            over = []
-            for _ in range(CALIBRATION_SLEEPS):
-                t0 = time.monotonic()
-                time.sleep(CALIBRATION_SLEEP_S)
-                over.append(time.monotonic() - t0 - CALIBRATION_SLEEP_S)
-            self._bias = max(0.0, statistics.median(over))
-            logger.debug("WallClock sleep bias %.3f ms", self._bias * 1e3)
-        return self._bias
-
-    def sleep_until(self, t: float) -> float:
-        """Return at or just after monotonic time t; returns the lateness in seconds."""
-        remaining = t - time.monotonic()
-        if remaining > self.bias_s:
-            time.sleep(remaining - self.bias_s)
-        while time.monotonic() < t:
-            time.sleep(0)  # yield the core while spinning the last fraction of a millisecond
-        return time.monotonic() - t
-
-    def sleep(self, dt: float) -> None:
-        if not (math.isfinite(dt) and dt >= 0):
-            raise ValueError(f"dt={dt!r} must be finite and >= 0")
-        self.sleep_until(time.monotonic() + dt)
-
-    def advance(self, dt: float) -> None:
-        self.sleep(dt)
-
-    def advance_to(self, t: float) -> None:
-        self.sleep_until(t)
 
 
 # ---------------------------------------------------------------------------- operations

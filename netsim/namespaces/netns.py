@@ -1,4 +1,4 @@
-"""netsim.netns: real hosts as network namespaces with shaped links (docs/design/netsim.md#namespaces).
+"""netsim.namespaces.netns: real hosts as network namespaces with shaped links (docs/design/netsim.md#namespaces).
 
 ``up(topo)`` returns a :class:`Net` (context manager) whose hosts run real processes
 (``net.popen(rank, argv)`` with ``net.env(rank)``); ``down(tag)`` removes everything.
@@ -12,7 +12,6 @@ netsim namespaces.  Nothing outside those namespaces is touched.
 
 from __future__ import annotations
 
-import argparse
 import atexit
 import functools
 import json
@@ -26,28 +25,27 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from netsim.commands import NS_RE, TAG_RE, Cmd, host_ns, ns_add
-from netsim.executor import Executor, run_argv
-from netsim.link import Link
-from netsim.plan import Caps, FeatureError, HostPlan, Plan, UpOptions, plan_up
-from netsim.topo import Topo
-from netsim.trace import Trace
+from netsim.namespaces.commands import NS_RE, Cmd, host_ns, ns_add
+from netsim.namespaces._procs import STATE_DIR, WIRE_MODULE, cmdline, kill_all, read_state, state_path, write_state
+from netsim.namespaces.executor import Executor, run_argv
+from netsim.model.link import Link
+from netsim.namespaces.plan import Caps, FeatureError, HostPlan, Plan, UpOptions, plan_up
+from netsim.model.topo import Topo
+from netsim.model.trace import Trace
 
-__all__ = ["Net", "FeatureError", "STATE_DIR", "add_cli", "attach", "detect", "down",
+__all__ = ["Net", "FeatureError", "STATE_DIR", "attach", "detect", "down",
            "leftovers", "list_namespaces", "require_root", "topo_from_json", "topo_to_json", "up"]
 
 log = logging.getLogger(__name__)
 
-STATE_DIR = Path(os.environ.get("NETSIM_STATE_DIR", "/run/netsim"))
-ROOT_MESSAGE = ("netsim.netns needs root to create network namespaces; run as root, "
+ROOT_MESSAGE = ("netsim.namespaces.netns needs root to create network namespaces; run as root, "
                 "or use netsim.emulate, which needs no privileges")
-_TERM_GRACE_S = 5.0
 _WIRE_START_TIMEOUT_S = 20.0
 _ACTIVE: dict[str, Net] = {}
 _GUARDS_INSTALLED = False
@@ -60,26 +58,7 @@ def require_root() -> None:
         raise PermissionError(ROOT_MESSAGE)
     for tool in ("ip", "tc"):
         if shutil.which(tool) is None:
-            raise FeatureError(f"netsim.netns needs `{tool}` (Debian package iproute2)")
-
-
-def _state_path(tag: str) -> Path:
-    return STATE_DIR / f"{tag}.json"
-
-
-def _write_state(tag: str, state: dict[str, Any]) -> None:
-    STATE_DIR.mkdir(parents=True, exist_ok=True)
-    path = _state_path(tag)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(state, indent=1))
-    os.replace(tmp, path)
-
-
-def _read_state(tag: str) -> dict[str, Any] | None:
-    try:
-        return json.loads(_state_path(tag).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
+            raise FeatureError(f"netsim.namespaces.netns needs `{tool}` (Debian package iproute2)")
 
 
 def list_namespaces() -> list[str]:
@@ -103,7 +82,7 @@ def detect() -> Caps:
                           "delay", "1ms"], check=False).returncode == 0
         tun = os.path.exists("/dev/net/tun")
         if tun:
-            from netsim.wire import open_tun
+            from netsim.namespaces.wire import open_tun
 
             try:
                 os.close(open_tun(ns))
@@ -114,49 +93,6 @@ def detect() -> Caps:
     caps = Caps(netem=netem, tun=tun, htb=htb)
     log.info("kernel capabilities: %s", caps)
     return caps
-
-
-def _cmdline(pid: int) -> str | None:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
-        return None
-
-
-def _kill_all(pids: dict[int, str | None]) -> None:
-    """TERM the PIDs whose cmdline still matches, KILL survivors after a grace period."""
-    # A recorded command line must still match (its tail: `ip netns exec NS argv` execs
-    # argv), so a PID the kernel has since reused for another program is never signalled.
-    live = {p: c for p, c in pids.items() if _cmdline(p) is not None and
-            (c is None or (_cmdline(p) or "").endswith(c))}
-    for pid in live:
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-    deadline = time.monotonic() + _TERM_GRACE_S
-    while live and time.monotonic() < deadline:
-        for pid in list(live):
-            try:  # reap our own children so they do not linger as zombies
-                os.waitpid(pid, os.WNOHANG)
-            except ChildProcessError:
-                pass
-            if _cmdline(pid) is None or _is_zombie(pid):
-                live.pop(pid)
-        time.sleep(0.02)
-    for pid in live:
-        try:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-        except (ProcessLookupError, ChildProcessError):
-            pass
-
-
-def _is_zombie(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except (FileNotFoundError, IndexError):
-        return True
 
 
 def _ns_pids(ns: str) -> list[int]:
@@ -173,8 +109,8 @@ def leftovers(tag: str | None = None) -> list[str]:
         left += [f"state {p}" for p in STATE_DIR.glob(pattern) if p.suffix in (".json", ".tmp")]
     for d in Path("/proc").iterdir():
         if d.name.isdigit():
-            c = _cmdline(int(d.name)) or ""
-            if "netsim.wire" in c and (tag is None or f"/{tag}.json" in c):
+            c = cmdline(int(d.name)) or ""
+            if WIRE_MODULE in c and (tag is None or f"/{tag}.json" in c):
                 left.append(f"process {d.name} {c}")
     return left
 
@@ -189,17 +125,17 @@ def down(tag: str | None = None, *, all_: bool = False) -> list[str]:
                                     if STATE_DIR.is_dir() else set())
     for t in tags:
         _ACTIVE.pop(t, None)
-        state = _read_state(t) or {}
+        state = read_state(t) or {}
         rx = re.compile(rf"^nsm-{re.escape(t)}-(h\d+|sw)$")
         namespaces = sorted(set(state.get("namespaces", [])) |
                             {n for n in list_namespaces() if rx.match(n)})
         pids: dict[int, str | None] = {int(p): c for p, c in state.get("pids", {}).items()}
         for ns in namespaces:
             pids.update({p: None for p in _ns_pids(ns)})
-        _kill_all(pids)
+        kill_all(pids)
         wire = state.get("wire_pid")
         if wire:
-            _kill_all({int(wire["pid"]): wire["cmdline"]})
+            kill_all({int(wire["pid"]): wire["cmdline"]})
         for ns in namespaces:
             if NS_RE.match(ns):
                 run_argv(["ip", "netns", "del", ns], check=False)
@@ -207,7 +143,7 @@ def down(tag: str | None = None, *, all_: bool = False) -> list[str]:
             (STATE_DIR / f"{t}{suffix}").unlink(missing_ok=True)
     if all_:
         for ns in list_namespaces():
-            _kill_all({p: None for p in _ns_pids(ns)})
+            kill_all({p: None for p in _ns_pids(ns)})
             run_argv(["ip", "netns", "del", ns], check=False)
     left = leftovers(None if all_ else tag)
     if left:
@@ -251,7 +187,7 @@ def topo_from_json(d: dict[str, Any]) -> Topo:
 
 def attach(tag: str) -> Net:
     """The :class:`Net` of a net brought up by another process (``netsim up``)."""
-    state = _read_state(tag)
+    state = read_state(tag)
     if state is None or "t0" not in state:
         raise FileNotFoundError(f"no running netsim net with tag {tag!r} in {STATE_DIR}")
     topo = topo_from_json(state["topo"])
@@ -303,7 +239,7 @@ class Net:
         self.procs.append(proc)
         # `ip netns exec` execs argv, so the recorded PID becomes argv's own process.
         self._state.setdefault("pids", {})[str(proc.pid)] = " ".join(argv)
-        _write_state(self.tag, self._state)
+        write_state(self.tag, self._state)
         return proc
 
     def wire_counters(self) -> dict[str, Any] | None:
@@ -385,7 +321,7 @@ def up(topo: Topo, *, tag: str = "net", delay: str = "auto", seed: int = 0,
     require_root()
     caps = detect()
     plan = plan_up(topo, caps, opts)
-    if _read_state(tag) is not None or any(n in list_namespaces() for n in plan.namespaces):
+    if read_state(tag) is not None or any(n in list_namespaces() for n in plan.namespaces):
         raise FileExistsError(f"netsim tag {tag!r} is in use; run `netsim down --tag {tag}`")
     state: dict[str, Any] = {"tag": tag, "mode": plan.mode, "namespaces": [], "pids": {},
                              "wire_pid": None, "hosts": [asdict(h) for h in plan.hosts],
@@ -399,22 +335,22 @@ def up(topo: Topo, *, tag: str = "net", delay: str = "auto", seed: int = 0,
     def record(cmd: Cmd) -> None:  # write-ahead: the state names a namespace before it exists
         if cmd.argv[:3] == ("ip", "netns", "add"):
             state["namespaces"].append(cmd.argv[3])
-            _write_state(tag, state)
+            write_state(tag, state)
 
-    _write_state(tag, state)
+    write_state(tag, state)
     ex = Executor(before=record)
     wire: subprocess.Popen[str] | None = None
     try:
         ex.run(plan.pre)
         t0 = time.monotonic()
         if plan.wire is not None:
-            argv = [sys.executable, "-m", "netsim.wire", "--state", str(_state_path(tag))]
+            argv = [sys.executable, "-m", WIRE_MODULE, "--state", str(state_path(tag))]
             if not persist:
                 argv.append("--pdeathsig")
             wire = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                     text=True, start_new_session=True)
             state["wire_pid"] = {"pid": wire.pid, "cmdline": " ".join(argv)}
-            _write_state(tag, state)
+            write_state(tag, state)
             _readline(wire, _WIRE_START_TIMEOUT_S)  # "TUNS <bias>": the devices exist now
         ex.run(plan.post)
         if wire is not None:
@@ -426,118 +362,9 @@ def up(topo: Topo, *, tag: str = "net", delay: str = "auto", seed: int = 0,
         down(tag)
         raise
     state["t0"] = t0
-    _write_state(tag, state)
+    write_state(tag, state)
     net = Net(topo, plan, t0, wire, state)
     if not persist:
         _ACTIVE[tag] = net
     log.info("netsim %s up: %s, %d hosts, t0=%.6f", tag, plan.mode, len(plan.hosts), t0)
     return net
-
-
-
-def _cli_errors(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """Map the documented failures to the CLI's exit codes (no root/feature 3, tag in use 2)."""
-    from netsim.cli import EXIT_BAD_INPUT, EXIT_NO_ROOT
-
-    @functools.wraps(func)
-    def wrapped(args: argparse.Namespace) -> int:
-        try:
-            return func(args)
-        except (PermissionError, FeatureError) as e:
-            print(f"netsim: {e}", file=sys.stderr)
-            return EXIT_NO_ROOT
-        except FileExistsError as e:
-            print(f"netsim: {e}", file=sys.stderr)
-            return EXIT_BAD_INPUT
-    return wrapped
-
-
-def bring_up(args: argparse.Namespace, topo: Topo, *, persist: bool) -> Net:
-    """``up`` for the backend named by ``args.backend`` (shared by ``up`` and ``probe``)."""
-    mtu = args.mtu if getattr(args, "mtu", 1500) != 1500 else None
-    if getattr(args, "backend", "netns") == "mininet":
-        from netsim import mininet
-
-        return mininet.up(topo, tag=args.tag, delay=args.delay, mtu=mtu)
-    return up(topo, tag=args.tag, delay=args.delay, mtu=mtu, persist=persist)
-
-
-@_cli_errors
-def _cmd_up(args: argparse.Namespace) -> int:
-    from netsim.cli import EXIT_CLEANUP, topo_from_args
-
-    topo = topo_from_args(args)
-    if args.dry_run:
-        caps = detect() if os.geteuid() == 0 else Caps()
-        plan = plan_up(topo, caps, UpOptions(tag=args.tag, delay=args.delay,
-                                             mtu=args.mtu if args.mtu != 1500 else None))
-        print(f"# mode {plan.mode}, mtu {plan.mtu}, kernel {caps}")
-        print("\n".join(plan.lines()))
-        return 0
-    net = bring_up(args, topo, persist=not args.run)
-    for h in net.hosts:
-        env = " ".join(f"{k}={v}" for k, v in net.env(h.index).items())
-        print(f"h{h.index} {h.addr} dev {h.dev}: {' '.join(net.exec_prefix(h.index))}")
-        print(f"   env {env}")
-    if not args.run:
-        print(f"up; remove with: netsim down --tag {args.tag}")
-        return 0
-    try:
-        procs = [net.popen(h.index, ["sh", "-c", args.run]) for h in net.hosts]
-        codes = [p.wait() for p in procs]
-    finally:
-        left = net.down()
-    if left:
-        return EXIT_CLEANUP
-    return max(codes) if any(codes) else 0
-
-
-@_cli_errors
-def _cmd_down(args: argparse.Namespace) -> int:
-    from netsim.cli import EXIT_CLEANUP
-
-    if not args.tag and not args.all:
-        raise ValueError("down needs --tag T or --all")
-    if args.tag and not TAG_RE.match(args.tag):
-        raise ValueError(f"--tag {args.tag!r}: a tag matches [a-z0-9]{{1,8}}")
-    if args.tag and not args.all and not leftovers(args.tag):
-        # Nothing to do is not a failure (down stays idempotent), but a mistyped tag should show.
-        print(f"netsim: nothing to remove for tag {args.tag!r} (no namespace, state file or wire process)",
-              file=sys.stderr)
-        return 0
-    if args.dry_run:
-        rx = NS_RE if args.all else re.compile(rf"^nsm-{re.escape(args.tag)}-(h\d+|sw)$")
-        for ns in list_namespaces():
-            if rx.match(ns):
-                print(f"ip netns del {ns}")
-        return 0
-    left = down(args.tag, all_=args.all)
-    if getattr(args, "all", False) or getattr(args, "backend", None) == "mininet":
-        try:
-            from netsim import mininet
-
-            left += mininet.down_root_links()
-        except ImportError:
-            pass
-    for item in left:
-        print(f"left: {item}", file=sys.stderr)
-    return EXIT_CLEANUP if left else 0
-
-
-def add_cli(subparsers: Any) -> None:
-    """``netsim up`` and ``netsim down`` (see ``netsim up --help``)."""
-    from netsim.cli import add_link_args
-
-    p = subparsers.add_parser("up", help="bring an emulated network up (root)")
-    add_link_args(p)
-    p.add_argument("--backend", choices=("netns", "mininet"), default="netns")
-    p.add_argument("--delay", choices=("auto", "netem", "wire"), default="auto")
-    p.add_argument("--tag", default="net", help="name [a-z0-9]{1,8} (default net)")
-    p.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
-    p.add_argument("--run", help="run this shell command on every host, then tear down")
-    p.set_defaults(func=_cmd_up)
-    d = subparsers.add_parser("down", help="remove an emulated network (root)")
-    d.add_argument("--tag")
-    d.add_argument("--all", action="store_true", help="every netsim namespace on the machine")
-    d.add_argument("--dry-run", action="store_true")
-    d.set_defaults(func=_cmd_down)

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ._emulate_clock import EmuVirtualClock, EmuWallClock
+from ._clock import EmuVirtualClock, EmuWallClock
 
 __all__ = ["SYNC_ROUNDS", "boot_id", "agree_clock", "clock_offset"]
 

@@ -1,4 +1,4 @@
-"""Pure builders of the ``ip``/``tc`` command lines that netsim.netns runs
+"""Pure builders of the ``ip``/``tc`` command lines that netsim.namespaces.netns runs
 (docs/design/netsim.md#shaping-recipe, docs/design/netsim.md#builders-and-executor).
 
 Every builder returns :class:`Cmd` (an argv and the argv that undoes it) and never touches the

@@ -14,15 +14,14 @@ import logging
 import threading
 from collections.abc import Callable
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
 
-if TYPE_CHECKING:
-    from .emulate import Emulator
+from ._clock import EmuClock
 
-__all__ = ["EmuOp", "EmulatedWork", "Timer"]
+__all__ = ["EmuOp", "EmulatedWork", "Timer", "WorkHost"]
 
 logger = logging.getLogger(__name__)
 
@@ -96,10 +95,25 @@ def _timeout_s(timeout: Any) -> float | None:
     return float(timeout)
 
 
+class WorkHost(Protocol):
+    """What a work handle and the :class:`Timer` need of the engine that issued them.
+
+    :class:`netsim.emulation.Emulator` provides it; the handles never see the rest of it.
+    """
+
+    clock: EmuClock
+    timeout_s: float
+    timer: Timer
+
+    def note_real_done(self, op: EmuOp, t: float) -> None:
+        """The real transport of ``op`` finished at emulation time ``t`` (counts late ops)."""
+        ...
+
+
 class EmulatedWork(dist.Work):
     """A ``torch.distributed.Work`` completing at max(real completion, modeled due time)."""
 
-    def __init__(self, inner: dist.Work | None, op: EmuOp, emu: Emulator, value: Any = None) -> None:
+    def __init__(self, inner: dist.Work | None, op: EmuOp, emu: WorkHost, value: Any = None) -> None:
         super().__init__()
         self.inner = inner
         self.op = op
@@ -119,7 +133,7 @@ class EmulatedWork(dist.Work):
             self.inner.wait(timedelta(seconds=timeout_s))
             self._inner_waited = True
             if pending:
-                self._emu._note_real_done(self.op, self._emu.clock.now())
+                self._emu.note_real_done(self.op, self._emu.clock.now())
 
     def wait(self, timeout: Any = None) -> bool:
         secs = _timeout_s(timeout)
@@ -130,7 +144,7 @@ class EmulatedWork(dist.Work):
         unresolved = not self.op.resolved
         due = self.op.resolve(secs)
         if unresolved:
-            self._emu._note_real_done(self.op, self._emu.clock.now())
+            self._emu.note_real_done(self.op, self._emu.clock.now())
         self.wait_inner(secs)
         self._emu.clock.sleep_until(due)
         self._emu.clock.settle()
@@ -179,7 +193,7 @@ class EmulatedWork(dist.Work):
 class Timer:
     """Completes futures at their due time from one thread, in (due, issue) order."""
 
-    def __init__(self, emu: Emulator) -> None:
+    def __init__(self, emu: WorkHost) -> None:
         self._emu = emu
         self._heap: list[tuple[float, int, torch.futures.Future, Any, BaseException | None]] = []
         self._seq = itertools.count()
@@ -205,7 +219,7 @@ class Timer:
                 inner_fut = work.inner.get_future()
             if inner_fut is not None:
                 value = inner_fut.wait()
-                emu._note_real_done(work.op, emu.clock.now())
+                emu.note_real_done(work.op, emu.clock.now())
             else:
                 work.wait_inner(emu.timeout_s)
         except BaseException as exc:  # noqa: BLE001 - delivered through the future

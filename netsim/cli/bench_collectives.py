@@ -1,7 +1,7 @@
 """Collectives benchmark: ccomm's ``algo="auto"`` against the ring under ``netsim.emulate``.
 
 Run as ``python -m ccomm.bench --collectives [--quick] [--out FILE]`` (or
-``python -m netsim.bench_collectives``). For every cell (payload bytes per rank x ranks x
+``python -m netsim.cli.bench_collectives``). For every cell (payload bytes per rank x ranks x
 one-way latency x bandwidth):
 
 1. n local gloo ranks (`ccomm.ranks.RankPool`) enter ``netsim.emulate(Link(mbps, ms),
@@ -97,8 +97,8 @@ def _rank_job(rank: int, n: int, cells: Sequence[Cell]) -> list[dict[str, Any]]:
     from ccomm import Payload, PayloadMeta
     from ccomm.comm import allgather_payloads, clear_measured, set_measured
     from ccomm.stats import CommStats
-    from netsim.emulate import emulate
-    from netsim.link import Link
+    from netsim.emulation import emulate
+    from netsim.model.link import Link
 
     out = []
     for cell in cells:
@@ -132,8 +132,8 @@ def _rank_job(rank: int, n: int, cells: Sequence[Cell]) -> list[dict[str, Any]]:
 
 def _model(cell: Cell, algo: str) -> float:
     from netsim import cost
-    from netsim.link import Link
-    from netsim.topo import Topo
+    from netsim.model.link import Link
+    from netsim.model.topo import Topo
 
     sizes = [float(s) for s in _sizes(cell)]
     steps = cost.schedule("allgather", cell.n, max(sizes), algo, sizes=sizes, sizes_known=cell.same_size)
@@ -192,7 +192,7 @@ def to_markdown(results: Sequence[Result], command: str, load: tuple[float, floa
         "(`ccomm.comm.allgather_payloads`) over `netsim.emulate(Link(Mbit/s, ms), clock=\"virtual\")`: "
         "the virtual clock charges max(real, modeled) time without sleeping. Times are the slowest "
         "rank's, median over repeats (3; 7 in the 64 KiB target rows; 1 for 64 MiB); in brackets the alpha-beta model "
-        "(`ccomm.schedule`, equal to `netsim.cost.schedule_time`) of the algorithm that ran. "
+        "(`ccomm.schedule`, equal to `netsim.model.cost.schedule_time`) of the algorithm that ran. "
         "`auto` decides from the link recorded with `ccomm.comm.set_measured` (the emulated one)."
         + ("" if load is None else f" Host load (1-minute average) at start / end: {load[0]:.1f} / {load[1]:.1f}."),
         "",

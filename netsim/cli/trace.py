@@ -6,9 +6,9 @@ import argparse
 import math
 from pathlib import Path
 
-from .cli import EXIT_OK, parse_size
-from .link import Link
-from .trace import Trace
+from . import EXIT_OK, parse_size
+from ..model.link import Link
+from ..model.trace import Trace
 
 __all__ = ["add_cli", "plot_trace", "summarize"]
 
