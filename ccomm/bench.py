@@ -7,11 +7,11 @@ entry points of the group ``ccomm.bench`` (:data:`PLUGIN_GROUP`) whose target is
 ``python -m ccomm.bench --collectives [--quick] [--out FILE]``), since it needs netsim, a
 layer above ccomm that ccomm never imports.
 
-For every codec and size it measures encode + decode time on one fp32 tensor, as a ratio
-to `clone()` of the same tensor timed in the same run (interleaved, median of repeats),
-plus the payload bytes, the compression ratio against fp32 and the relative error
-||decode(encode(x)) - x|| / ||x||. It prints a markdown table and writes it to `--out`.
-Ratios, not absolute times, are what transfers between machines.
+For every codec and size it measures encode + decode time on one fp32 tensor as a multiple
+of `clone()` of the same tensor timed in the same run (``x_clone``; interleaved, median of
+repeats), plus the payload bytes, the compression ratio against fp32 and the relative error
+||decode(encode(x)) - x|| / ||x|| (terms: docs/glossary.md). It prints a markdown table and
+writes it to `--out`. Multiples of clone(), not absolute times, are what transfers between machines.
 """
 from __future__ import annotations
 
@@ -74,7 +74,8 @@ class Row:
     rel_error: float
 
     @property
-    def ratio(self) -> float:
+    def x_clone(self) -> float:
+        """(encode + decode time) / clone() time: the codec's cost in copies of the tensor."""
         return (self.encode_s + self.decode_s) / self.clone_s
 
     @property
@@ -152,10 +153,10 @@ def to_markdown(rows: Sequence[Row], command: str, repeats: int) -> str:
         "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|",
     ]
     for r in rows:
-        tgt = "" if r.target is None else (f"<= {r.target:g}: " + ("met" if r.ratio <= r.target else "MISSED"))
+        tgt = "" if r.target is None else (f"<= {r.target:g}: " + ("met" if r.x_clone <= r.target else "MISSED"))
         lines.append(
             f"| `{r.spec.replace('|', chr(92) + '|')}` | {_fmt_size(r.numel)} | {r.encode_s * 1e3:.1f} | {r.decode_s * 1e3:.1f} | "
-            f"{r.clone_s * 1e3:.1f} | {r.ratio:.2f} | {tgt} | {r.nbytes:,} | {r.compression:.1f}x | {r.rel_error:.4f} |"
+            f"{r.clone_s * 1e3:.1f} | {r.x_clone:.2f} | {tgt} | {r.nbytes:,} | {r.compression:.1f}x | {r.rel_error:.4f} |"
         )
     lines += ["", *_target_notes(rows)]
     return "\n".join(lines) + "\n"
@@ -166,13 +167,13 @@ def _target_notes(rows: Sequence[Row]) -> list[str]:
     sizes = sorted({r.numel for r in rows})
     clone_gbs = {n: statistics.median(r.numel * 4 / r.clone_s for r in rows if r.numel == n) / 1e9 for n in sizes}
     targeted = [r for r in rows if r.target is not None]
-    missed = [r for r in targeted if r.ratio > r.target]  # type: ignore[operator]
+    missed = [r for r in targeted if r.x_clone > r.target]  # type: ignore[operator]
     out = ["## Targets", ""]
     out.append(f"{len(targeted) - len(missed)} of {len(targeted)} targeted measurements met their target.")
     out.append("clone() copied " + ", ".join(f"{clone_gbs[n]:.1f} GB/s at {_fmt_size(n)}" for n in sizes) + ".")
     if missed:
         out += ["", "Missed:"]
-        out += [f"- `{r.spec}` at {_fmt_size(r.numel)}: {r.ratio:.2f}x clone (target {r.target:g}x)" for r in missed]
+        out += [f"- `{r.spec}` at {_fmt_size(r.numel)}: {r.x_clone:.2f}x clone (target {r.target:g}x)" for r in missed]
         small = [r for r in missed if r.numel == sizes[0]]
         if small and len(sizes) > 1 and clone_gbs[sizes[0]] > 1.5 * clone_gbs[sizes[-1]]:
             out += [
@@ -181,7 +182,7 @@ def _target_notes(rows: Sequence[Row]) -> list[str]:
                 f"cache-speed copy ({clone_gbs[sizes[0]]:.1f} GB/s against {clone_gbs[sizes[-1]]:.1f} GB/s at "
                 f"{_fmt_size(sizes[-1])}) taking a fraction of a millisecond, while every codec pays a fixed cost "
                 "per call for dispatching its 10-30 tensor operations. At the larger sizes both are bound by "
-                "memory traffic and the ratio measures the codec's real work.",
+                "memory traffic and the multiple of clone() measures the codec's real work.",
             ]
     return out
 

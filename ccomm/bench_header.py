@@ -5,7 +5,7 @@
 2. Transport on 2 local gloo ranks (`ccomm.ranks.RankPool`, unshaped loopback): for
    several payload sizes, the median wall time of each call with ``check=True`` and with
    ``check=False``, measured interleaved in the same run (``repeats`` rounds, each round
-   runs every variant once), and their ratio. Loopback latency is tens of microseconds, so
+   runs every variant once), and the slowdown check=True ÷ check=False. Loopback latency is tens of microseconds, so
    these times are the floor; on a link the extra header step of the checked same-size
    gather and all-reduce costs one more latency (the ring's n-1, log2 n with a log-depth
    algorithm), which `ccomm.schedule` models.
@@ -33,7 +33,7 @@ SECTION = "## Wire header cost"
 SIZES = (4 << 10, 256 << 10, 4 << 20)
 NOTE = (
     'The "allgather sizes unknown" rows time the same call in both columns (the header replaces the size '
-    "step either way): their ratio is this run's noise. With a load average far above the CPU count, "
+    "step either way): their slowdown is this run's noise. With a load average far above the CPU count, "
     "absolute times are inflated, most of all the thread hand-offs of point-to-point waits "
     "(`send_recv` waits for the header, then for the data, through `ccomm.failfast`'s waiter thread)."
 )
@@ -136,7 +136,7 @@ def to_markdown(cpu: dict[str, float], tr: dict[tuple[str, int, bool], float], c
         *[f"| {k} | {v:.1f} |" for k, v in cpu.items()], "",
         f"Transport, 2 gloo ranks on loopback, rank 0's median of {repeats} interleaved calls "
         "(`algo=\"ring\"`):", "",
-        "| call | payload | check=True ms | check=False ms | ratio |", "|---|---:|---:|---:|---:|",
+        "| call | payload | check=True ms | check=False ms | slowdown |", "|---|---:|---:|---:|---:|",
     ]
     for name in VARIANTS:
         for nbytes in sorted({k[1] for k in tr}):

@@ -3,6 +3,9 @@
 Only `buffer` crosses the network. Everything else a decoder needs (original shape and
 dtype, seeds) lives in `meta`, which stays on the rank: receivers rebuild it from the
 codec and the tensor they expect (`Codec.meta_for`), never from the sender.
+
+`to_bytes` and `from_bytes` convert between a buffer and the raw bytes a transport moves,
+for front-ends that send payloads as bytes (CompactFusion's ring sends uint8).
 """
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ from typing import Any, Mapping
 
 import torch
 
-__all__ = ["Payload", "PayloadMeta"]
+__all__ = ["Payload", "PayloadMeta", "to_bytes", "from_bytes"]
 
 
 @dataclass(frozen=True)
@@ -62,3 +65,17 @@ class Payload:
     def with_buffer(self, buffer: torch.Tensor) -> "Payload":
         """The same local context around another buffer (e.g. one received or reduced)."""
         return Payload(buffer, self.meta)
+
+
+def to_bytes(t: torch.Tensor) -> torch.Tensor:
+    """A tensor's raw bytes as a flat uint8 view (copying only if not contiguous)."""
+    return t.contiguous().reshape(-1).view(torch.uint8)
+
+
+def from_bytes(data: torch.Tensor, dtype: torch.dtype, count: int) -> torch.Tensor:
+    """`count` values of `dtype` from the start of uint8 `data`; copies only when misaligned."""
+    size = dtype.itemsize
+    chunk = data[: count * size]
+    if chunk.storage_offset() % size:
+        chunk = chunk.clone()
+    return chunk.view(dtype)

@@ -1,7 +1,7 @@
 """`ResidualCodec`: mirrored-base residual compression (CompactFusion).
 
 Sender and every receiver of a key keep the same *base*, the last reconstruction of the
-tensor. With t the key's use count since `reset()` and W = `warmup_steps`:
+tensor. With t the key's use count since `reset()` and W = `raw_sends` (docs/glossary.md):
 
 1. t < W: the payload is the raw tensor; base := x.
 2. t >= W: the payload is C(x - base); everyone sets base := base + D(payload).
@@ -33,16 +33,17 @@ stale base.
 from __future__ import annotations
 
 import hashlib
+import warnings
 from dataclasses import dataclass
 from typing import Hashable, Sequence
 
 import torch
 
-from .codecs._pack import from_bytes
 from .codecs.base import Codec
 from .finite import require_finite
-from .payload import Payload, PayloadMeta
+from .payload import Payload, PayloadMeta, from_bytes
 from .registry import make_codec
+from .validate import check_bool, check_choice, check_int
 
 __all__ = ["ResidualCodec", "ConsistencyError"]
 
@@ -62,23 +63,29 @@ class _KeyState:
 
 
 class ResidualCodec:
-    __slots__ = ("codec", "warmup_steps", "variant", "allow_nonfinite", "_state", "_deferred")
+    __slots__ = ("codec", "raw_sends", "variant", "allow_nonfinite", "_state", "_deferred")
 
     def __init__(
-        self, codec: Codec | str, warmup_steps: int = 1, *, variant: str = "ef", allow_nonfinite: bool = False
+        self, codec: Codec | str, raw_sends: int = 1, *, variant: str = "ef", allow_nonfinite: bool = False,
+        warmup_steps: int | None = None,
     ) -> None:
         self.codec = make_codec(codec)
-        if not isinstance(allow_nonfinite, bool):
-            raise ValueError(f"allow_nonfinite={allow_nonfinite!r}: must be true or false")
-        self.allow_nonfinite = allow_nonfinite
-        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 1:
-            raise ValueError(f"warmup_steps={warmup_steps!r}: must be an integer >= 1 (step 0 has no base)")
-        if variant not in VARIANTS:
-            raise ValueError(f"variant={variant!r}: allowed values are {', '.join(VARIANTS)}")
-        self.warmup_steps = warmup_steps
-        self.variant = variant
+        self.allow_nonfinite = check_bool("allow_nonfinite", allow_nonfinite)
+        if warmup_steps is not None:  # the former name, which DeCo-SGD uses for another thing
+            warnings.warn("ResidualCodec: 'warmup_steps' is deprecated, use 'raw_sends' (see docs/glossary.md)",
+                          DeprecationWarning, stacklevel=2)
+            raw_sends = warmup_steps
+        self.raw_sends = check_int("raw_sends", raw_sends, 1)  # the first send has no base to refer to
+        self.variant = check_choice("variant", variant, VARIANTS)
         self._state: dict[Hashable, _KeyState] = {}
         self._deferred: dict[Hashable, None] = {}  # keys deferred since the last settle(), in order
+
+    @property
+    def warmup_steps(self) -> int:
+        """Deprecated name of `raw_sends`."""
+        warnings.warn("ResidualCodec.warmup_steps is deprecated, use raw_sends (see docs/glossary.md)",
+                      DeprecationWarning, stacklevel=2)
+        return self.raw_sends
 
     # -- queries ----------------------------------------------------------------------
     def step(self, key: Hashable) -> int:
@@ -111,7 +118,7 @@ class ResidualCodec:
         return done
 
     def _raw(self, key: Hashable) -> bool:
-        return self.step(key) < self.warmup_steps and self.variant != "naive"
+        return self.step(key) < self.raw_sends and self.variant != "naive"
 
     def expected_nbytes(self, key: Hashable, shape: Sequence[int], dtype: torch.dtype) -> int:
         """Size of the next payload of `key`: receivers preallocate with it."""

@@ -33,6 +33,8 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 
+from .validate import check_int
+
 __all__ = [
     "OpStats",
     "CommStats",
@@ -80,12 +82,6 @@ class OpStats:
 Snapshot = dict[str, dict[str, OpStats]]
 
 
-def _check_count(field: str, value: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{field}={value!r} must be an integer >= 0")
-    return value
-
-
 class CommStats:
     """Thread-safe counters of calls and bytes per key and per op.
 
@@ -118,10 +114,10 @@ class CommStats:
         if algo is not None and (not isinstance(algo, str) or not algo):
             raise ValueError(f"algo={algo!r} must be a non-empty string or None")
         delta = OpStats(
-            _check_count("calls", calls),
-            _check_count("payload_bytes", payload_bytes),
-            _check_count("header_bytes", header_bytes),
-            _check_count("padding_bytes", padding_bytes),
+            check_int("calls", calls, 0),
+            check_int("payload_bytes", payload_bytes, 0),
+            check_int("header_bytes", header_bytes, 0),
+            check_int("padding_bytes", padding_bytes, 0),
         )
         k = op if key is None else key
         with self._lock:

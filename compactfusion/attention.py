@@ -22,7 +22,7 @@ for the local queries, in q's dtype and layout):
   [joint, source 0, ..., source P-1]; the own slot holds the reconstruction peers hold
   (exact with `patch_exact_local=True`).
 - `distrifusion_attention(...)`: displaced patch parallel (spec 3.3): synchronous for steps
-  < warmup_steps; afterwards the K/V gathered asynchronously during the previous step
+  < raw_steps; afterwards the K/V gathered asynchronously during the previous step
   (stale) for peers plus fresh own K/V, then launches this step's gather.
 - `parallel_attention(mode, ...)` dispatches on a mode name.
 The caller counts forward calls with `state.begin_forward()`; `state.step` is the step.
@@ -328,10 +328,10 @@ def distrifusion_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         return full_attention(q, _front(joint_k, k), _front(joint_v, v), scale)
     comp = state.is_compressed(layer)
     slot = (layer, branch)
-    warm = state.step < state.config.warmup_steps
+    warm = state.step < state.config.raw_steps
     if warm or slot not in state.stale and slot not in state.pending:
         ks, vs = _gather_sync(state, layer, branch, g, rank, world, k, v, comp, exact_own=False)
-        if state.step + 1 >= state.config.warmup_steps:  # the next step reads these as stale
+        if state.step + 1 >= state.config.raw_steps:  # the next step reads these as stale
             state.stale[slot] = (ks, vs)
         state.raise_nonfinite(layer)
         return full_attention(q, _front(joint_k, torch.cat(ks, dim=1)), _front(joint_v, torch.cat(vs, dim=1)), scale)

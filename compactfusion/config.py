@@ -9,13 +9,16 @@ Fields and defaults follow the design record (docs/design/compactfusion.md#confi
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, ClassVar, Mapping, Optional
 
 import torch
 
 from ccomm.codecs import Stacked
+from ccomm.configs import config_dict, fingerprint
 from ccomm.registry import available_codecs, make_codec, parse_spec
+from ccomm.validate import check_bool, check_choice, check_int, check_number, deprecated_value, fail
 
 __all__ = ["CompactConfig", "MODES", "VARIANTS", "WIRE_DTYPES"]
 
@@ -24,18 +27,12 @@ logger = logging.getLogger(__name__)
 MODES = ("ring", "patch", "distrifusion")
 VARIANTS = ("ef", "no_ef", "naive")
 WIRE_DTYPES = {"auto": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-_SHAPE_CHANGE = ("error", "reset")
+_SHAPE_CHANGE = ("raise", "reset")
 _NEW_REQUEST = ("timestep", "off")
-_NONFINITE = ("error", "ignore")
-
-
-def _is_int(v: object) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _choice(field: str, value: object, allowed: tuple[str, ...] | list[str]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{field}={value!r}: allowed values are {', '.join(map(str, allowed))}")
+_NONFINITE = ("raise", "ignore")
+#: Spellings renamed to the glossary's (docs/glossary.md: "raise" is the option that raises,
+#: as in DeCo-SGD's `nonfinite`); accepted with a DeprecationWarning for now.
+_RENAMED_VALUES = {"on_shape_change": {"error": "raise"}, "nonfinite": {"error": "raise"}}
 
 
 @dataclass(frozen=True)
@@ -44,64 +41,74 @@ class CompactConfig:
 
     mode: str = "ring"
     codec: str = "int2"
-    warmup_steps: int = 1
+    #: Leading denoising steps whose K/V travel raw (and, in distrifusion, synchronously),
+    #: counting step 0, which has no base yet; see docs/glossary.md.
+    raw_steps: int = 1
     variant: str = "ef"
     wire_dtype: str = "auto"
     layers: Optional[tuple[int, ...]] = None
     calls_per_step: int = 1
     patch_exact_local: bool = False
-    on_shape_change: str = "error"
+    on_shape_change: str = "raise"
     new_request: str = "timestep"
-    nonfinite: str = "error"
+    nonfinite: str = "raise"
     check_every: int = 0
     record_errors: bool = False
     max_state_mb: Optional[float] = None
     seed: int = 0
     policy: Optional[Callable[[int, int], bool]] = None
+    #: Deprecated name of `raw_steps` (DeCo-SGD's `warmup_steps` counts something else).
+    warmup_steps: Optional[int] = None
+
+    FINGERPRINT_EXCLUDE: ClassVar[Mapping[str, str]] = {
+        "warmup_steps": "deprecated alias, folded into raw_steps on construction (always None after)",
+    }
 
     def __post_init__(self) -> None:
-        _choice("mode", self.mode, MODES)
+        if self.warmup_steps is not None:
+            warnings.warn("CompactConfig: 'warmup_steps' is deprecated, use 'raw_steps' (see docs/glossary.md)",
+                          DeprecationWarning, stacklevel=3)
+            object.__setattr__(self, "raw_steps", self.warmup_steps)
+            object.__setattr__(self, "warmup_steps", None)
+        for name, renamed in _RENAMED_VALUES.items():
+            object.__setattr__(self, name, deprecated_value(name, getattr(self, name), renamed))
+        check_choice("mode", self.mode, MODES)
         if not isinstance(self.codec, str) or not self.codec.strip():
-            raise ValueError(f"codec={self.codec!r}: 'none' or a codec spec; available: {', '.join(available_codecs())}")
+            fail("codec", f"'none' or a codec spec from {', '.join(available_codecs())}", self.codec)
         if self.codec != "none":
             try:
                 Stacked(self.make_codec())  # a layer's K and V travel as one stack
             except ValueError as exc:
-                raise ValueError(f"codec={self.codec!r}: {exc}; 'none' or one of {', '.join(available_codecs())}") from exc
-        if not _is_int(self.warmup_steps) or self.warmup_steps < 1:
-            raise ValueError(f"warmup_steps={self.warmup_steps!r}: must be an integer >= 1 (step 0 has no base)")
-        _choice("variant", self.variant, VARIANTS)
-        _choice("wire_dtype", self.wire_dtype, list(WIRE_DTYPES))
+                raise ValueError(f"codec: {exc}; must be 'none' or a spec from {', '.join(available_codecs())}, "
+                                 f"got {self.codec!r}") from exc
+        check_int("raw_steps", self.raw_steps, 1)  # step 0 has no base to send a residual against
+        check_choice("variant", self.variant, VARIANTS)
+        check_choice("wire_dtype", self.wire_dtype, list(WIRE_DTYPES))
         if self.layers is not None:
             if isinstance(self.layers, (str, bytes)) or not hasattr(self.layers, "__iter__"):
-                raise ValueError(f"layers={self.layers!r}: must be None or distinct integers >= 0")
+                fail("layers", "None or distinct integers >= 0", self.layers)
             layers = tuple(self.layers)
-            if not all(_is_int(x) and x >= 0 for x in layers) or len(set(layers)) != len(layers):
-                raise ValueError(f"layers={self.layers!r}: must be None or distinct integers >= 0")
+            if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in layers) \
+                    or len(set(layers)) != len(layers):
+                fail("layers", "None or distinct integers >= 0", self.layers)
             object.__setattr__(self, "layers", layers)
-        if not _is_int(self.calls_per_step) or self.calls_per_step < 1:
-            raise ValueError(f"calls_per_step={self.calls_per_step!r}: must be an integer >= 1")
-        if not isinstance(self.patch_exact_local, bool):
-            raise ValueError(f"patch_exact_local={self.patch_exact_local!r}: must be True or False")
+        check_int("calls_per_step", self.calls_per_step, 1)
+        check_bool("patch_exact_local", self.patch_exact_local)
         if self.patch_exact_local and self.mode != "patch":
-            raise ValueError(f"patch_exact_local=True: only allowed with mode='patch', got mode={self.mode!r}")
-        _choice("on_shape_change", self.on_shape_change, _SHAPE_CHANGE)
-        _choice("new_request", self.new_request, _NEW_REQUEST)
-        _choice("nonfinite", self.nonfinite, _NONFINITE)
-        if not _is_int(self.check_every) or self.check_every < 0:
-            raise ValueError(f"check_every={self.check_every!r}: must be an integer >= 0")
+            raise ValueError(f"patch_exact_local: True is only allowed with mode='patch', got mode={self.mode!r}")
+        check_choice("on_shape_change", self.on_shape_change, _SHAPE_CHANGE)
+        check_choice("new_request", self.new_request, _NEW_REQUEST)
+        check_choice("nonfinite", self.nonfinite, _NONFINITE)
+        check_int("check_every", self.check_every, 0)
         if self.check_every > 0 and self.variant == "no_ef":
-            raise ValueError("check_every > 0 with variant='no_ef': no_ef bases differ between ranks by construction")
-        if not isinstance(self.record_errors, bool):
-            raise ValueError(f"record_errors={self.record_errors!r}: must be True or False")
-        if self.max_state_mb is not None and (
-            isinstance(self.max_state_mb, bool) or not isinstance(self.max_state_mb, (int, float)) or not self.max_state_mb > 0
-        ):
-            raise ValueError(f"max_state_mb={self.max_state_mb!r}: must be None or a number > 0")
-        if not _is_int(self.seed) or self.seed < 0:
-            raise ValueError(f"seed={self.seed!r}: must be an integer >= 0")
+            raise ValueError("check_every: must be 0 with variant='no_ef' (no_ef bases differ between ranks by "
+                             f"construction), got {self.check_every}")
+        check_bool("record_errors", self.record_errors)
+        if self.max_state_mb is not None:
+            check_number("max_state_mb", self.max_state_mb, 0.0, lo_open=True)
+        check_int("seed", self.seed, 0)
         if self.policy is not None and not callable(self.policy):
-            raise ValueError(f"policy={self.policy!r}: must be None or a callable (layer, step) -> bool")
+            fail("policy", "None or a callable (layer, step) -> bool", self.policy)
         if self.mode == "distrifusion" and self.codec != "none":
             logger.warning("mode='distrifusion' with codec=%r is experimental", self.codec)
 
@@ -124,9 +131,10 @@ class CompactConfig:
         """The dtype K/V travel in ("auto": the model's)."""
         return WIRE_DTYPES[self.wire_dtype] or model_dtype
 
-    def fingerprint(self) -> tuple:
-        """A picklable summary compared across ranks (the policy by qualified name only)."""
-        pol = None if self.policy is None else getattr(self.policy, "__qualname__", repr(type(self.policy)))
-        return (self.mode, self.codec, self.warmup_steps, self.variant, self.wire_dtype, self.layers,
-                self.calls_per_step, self.patch_exact_local, self.on_shape_change, self.new_request,
-                self.nonfinite, self.check_every, self.record_errors, self.max_state_mb, self.seed, pol)
+    def to_dict(self) -> dict:
+        """The init fields as plain data (`ccomm.configs`); `policy` stays the callable."""
+        return config_dict(self)
+
+    def fingerprint(self) -> str:
+        """Digest of every field (`ccomm.configs`), compared across ranks; `policy` by qualified name."""
+        return fingerprint(self)

@@ -245,7 +245,7 @@ class Handle:
             self._drop()
         sig = (tuple(hidden.shape), hidden.dtype, hidden.device.type, self._text_len)
         if self._input_sig is not None and sig != self._input_sig and st.calls > 0:
-            if cfg.on_shape_change == "error":
+            if cfg.on_shape_change == "raise":
                 raise CompactStateError(f"input changed from {self._input_sig[:3]} to {sig[:3]} at step {st.step}; "
                                         "call handle.reset() between requests")
             logger.info("compactfusion: input shape changed, resetting state (on_shape_change='reset')")

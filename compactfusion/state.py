@@ -18,7 +18,7 @@ The attention paths (`compactfusion.attention`) use it through four calls:
 3. `recv_nbytes(key, shape, dtype, compressed)` / `receive(key, data, ...)`: the size of, and
    the reconstruction from, a peer's payload (sizes come from mirrored state, never the wire);
 4. `raise_nonfinite(layer)`: after the layer's exchange completed (it settles first), fail
-   if any tensor this rank stored or sent was non-finite (nonfinite="error"); the tensors
+   if any tensor this rank stored or sent was non-finite (nonfinite="raise"); the tensors
    of a layer are checked together, with one host sync.
 There is no module-level state: two handles never share anything.
 """
@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 from ccomm.codecs import Stacked
-from ccomm.codecs._pack import from_bytes
+from ccomm.payload import from_bytes
 from ccomm.finite import all_finite
 from ccomm.payload import Payload
 from ccomm.residual import ConsistencyError, ResidualCodec
@@ -80,7 +80,7 @@ class CompactState:
         self.rc: ResidualCodec | None = (
             # The config's `nonfinite` policy decides what a non-finite K/V does, after the
             # layer's exchange completed (raise_nonfinite), so the codec must not raise first.
-            ResidualCodec(Stacked(config.make_codec()), config.warmup_steps, variant=config.variant,
+            ResidualCodec(Stacked(config.make_codec()), config.raw_steps, variant=config.variant,
                           allow_nonfinite=True)
             if config.compressed else None
         )
@@ -133,7 +133,7 @@ class CompactState:
         sig = (tuple(shape), dtype, torch.device(device).type)
         old = self._shapes.get((layer, branch))
         if old is not None and old != sig:
-            if self.config.on_shape_change == "error":
+            if self.config.on_shape_change == "raise":
                 raise CompactStateError(
                     f"layer {layer} branch {branch}: K/V changed from shape {old[0]} {old[1]} on {old[2]} to "
                     f"{sig[0]} {sig[1]} on {sig[2]} at step {self.step}; call handle.reset() between requests"
@@ -163,7 +163,7 @@ class CompactState:
     def _raw(self, key: KVKey) -> bool:
         rc = self.rc
         assert rc is not None
-        return rc.step(key) < rc.warmup_steps and rc.variant != "naive"
+        return rc.step(key) < rc.raw_sends and rc.variant != "naive"
 
     def _buf_dtype(self, key: KVKey, dtype: torch.dtype, compressed: bool) -> torch.dtype:
         if not compressed or self._raw(key):
@@ -227,7 +227,7 @@ class CompactState:
 
     def _check_finite(self, key: KVKey, t: torch.Tensor | None) -> None:
         # Queued, not checked: `_flush_checks` tests a layer's tensors with one host sync.
-        if self.config.nonfinite == "error" and t is not None:
+        if self.config.nonfinite == "raise" and t is not None:
             self._checks.append((key, t))
 
     def _flush_checks(self) -> None:

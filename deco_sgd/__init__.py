@@ -1,4 +1,4 @@
-"""DeCo-SGD: adaptive compression ratio and staleness for data-parallel SGD.
+"""DeCo-SGD: adaptive ratio (the fraction of gradient entries kept) and staleness for data-parallel SGD.
 
 The names exported here are the package's public API, the ones README and
 docs/deco_sgd.md use: the validated `DecoConfig`, the per-rank `DecoState`, the DDP

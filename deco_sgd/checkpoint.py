@@ -19,6 +19,7 @@ from typing import Any, Mapping, Protocol
 import torch
 
 from ccomm.finite import all_finite
+from ccomm.validate import check_int, check_ratio
 
 from .config import DecoConfig
 
@@ -42,19 +43,6 @@ REQUIRED_KEYS = ("version", "config_hash", "world_size", "rank", "step", "ratio"
 
 class CheckpointError(ValueError):
     """A DeCo-SGD checkpoint does not fit the state it is loaded into."""
-
-
-def _int(field: str, v: Any, lo: int = 0, hi: int | None = None) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < lo or (hi is not None and v > hi):
-        rng = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
-        raise CheckpointError(f"state.{field}: must be an integer in {rng}, got {v!r}")
-    return v
-
-
-def _ratio(field: str, v: Any) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 < float(v) <= 1.0:
-        raise CheckpointError(f"state.{field}: must be a number in (0, 1], got {v!r}")
-    return float(v)
 
 
 def _tensor(field: str, t: Any, like: torch.Tensor, *, finite: bool = True) -> None:
@@ -88,7 +76,7 @@ def _params_of(field: str, names: Any, params: Mapping[str, torch.Tensor]) -> li
 def _check_fifo(fifo: Any, step: int, state: Loadable) -> None:
     f = _mapping("fifo", fifo)
     for k in ("launched", "applied", "skipped"):
-        _int(f"fifo.{k}", f.get(k))
+        check_int(f"state.fifo.{k}", f.get(k), 0, error=CheckpointError)
     entries = f.get("entries")
     if not isinstance(entries, list):
         raise CheckpointError(f"state.fifo.entries: expected a list, got {type(entries).__name__}")
@@ -97,10 +85,10 @@ def _check_fifo(fifo: Any, step: int, state: Loadable) -> None:
                               f"{state.config.tau_max}")
     for i, e in enumerate(entries):
         e = _mapping(f"fifo.entries[{i}]", e)
-        seq = _int(f"fifo.entries[{i}].seq", e.get("seq"))
+        seq = check_int(f"state.fifo.entries[{i}].seq", e.get("seq"), 0, error=CheckpointError)
         if seq >= step:
             raise CheckpointError(f"state.fifo.entries[{i}].seq: queued step {seq} is not before state.step={step}")
-        _ratio(f"fifo.entries[{i}].ratio", e.get("ratio"))
+        check_ratio(f"state.fifo.entries[{i}].ratio", e.get("ratio"), error=CheckpointError)
         units = e.get("units")
         if not isinstance(units, list):
             raise CheckpointError(f"state.fifo.entries[{i}].units: expected a list")
@@ -138,26 +126,26 @@ def check_state_dict(sd: Any, state: Loadable) -> None:
         raise CheckpointError(f"state: missing {missing}; expected the output of DecoState.state_dict(){hint}")
     if sd["version"] != STATE_VERSION:
         raise CheckpointError(f"state.version: must be {STATE_VERSION}, got {sd['version']!r}")
-    if sd["config_hash"] != state.config.hash():
+    if sd["config_hash"] != state.config.fingerprint():
         raise CheckpointError("state.config_hash: saved under a different DecoConfig (config hash mismatch: "
-                              f"{str(sd['config_hash'])[:12]} saved, {state.config.hash()[:12]} running)")
+                              f"{str(sd['config_hash'])[:12]} saved, {state.config.fingerprint()[:12]} running)")
     if sd["world_size"] != state.world_size:
         raise CheckpointError(f"state.world_size: saved with world_size={sd['world_size']!r}, "
                               f"running with {state.world_size}")
     if sd["rank"] != state.rank:
         raise CheckpointError(f"state.rank: this is rank {sd['rank']!r}'s checkpoint, loaded on rank {state.rank} "
                               "(every rank loads its own file: residuals are per rank)")
-    step = _int("step", sd["step"])
-    _ratio("ratio", sd["ratio"])
-    _int("staleness", sd["staleness"], 0, state.config.tau_max)
-    _int("consecutive_skips", sd["consecutive_skips"])
+    step = check_int("state.step", sd["step"], 0, error=CheckpointError)
+    check_ratio("state.ratio", sd["ratio"], error=CheckpointError)
+    check_int("state.staleness", sd["staleness"], 0, state.config.tau_max, error=CheckpointError)
+    check_int("state.consecutive_skips", sd["consecutive_skips"], 0, error=CheckpointError)
     pending = sd["pending"]
     if pending is not None:
         if not isinstance(pending, (list, tuple)) or len(pending) != 4:
             raise CheckpointError(f"state.pending: expected None or (ratio, staleness, step, reason), got {pending!r}")
-        _ratio("pending[0]", pending[0])
-        _int("pending[1]", pending[1], 0, state.config.tau_max)
-        _int("pending[2]", pending[2], step)
+        check_ratio("state.pending[0]", pending[0], error=CheckpointError)
+        check_int("state.pending[1]", pending[1], 0, state.config.tau_max, error=CheckpointError)
+        check_int("state.pending[2]", pending[2], step, error=CheckpointError)
     if not isinstance(sd["decisions"], list):
         raise CheckpointError("state.decisions: expected a list")
     residuals = _mapping("ef.residuals", _mapping("ef", sd["ef"]).get("residuals"))
@@ -166,8 +154,8 @@ def check_state_dict(sd: Any, state: Loadable) -> None:
         _tensor(f"ef.residuals[{n!r}]", t, state.params[n])
     _check_fifo(sd["fifo"], step, state)
     for r, c in _mapping("codec_counters", sd["codec_counters"]).items():
-        _ratio(f"codec_counters key {r!r}", r)
-        _int(f"codec_counters[{r!r}]", c)
+        check_ratio(f"state.codec_counters key {r!r}", r, error=CheckpointError)
+        check_int(f"state.codec_counters[{r!r}]", c, 0, error=CheckpointError)
     rng = _mapping("rng", sd["rng"])
     if not {"torch", "numpy", "python"} <= set(rng):
         raise CheckpointError(f"state.rng: needs torch, numpy and python states, got {sorted(rng)}")

@@ -3,7 +3,7 @@
 Validation runs in `__post_init__` in this order:
 
 1. types and ranges of every scalar field; sequences are normalised to tuples so that the
-   frozen config is hashable and its `hash()` does not depend on list-vs-tuple;
+   frozen config is hashable and its `fingerprint()` does not depend on list-vs-tuple;
 2. the codec spec is built once with `ccomm.make_codec` (errors surface as ``codec: ...``);
    single codecs get the `ratio` field, chains keep their own ratios in the spec;
 3. cross-field rules: staleness ≤ tau_max ≤ 64, decide_every a multiple of measure_every,
@@ -22,15 +22,15 @@ refinement. Fields the first plan did not name are [ours] (docs/design/deco_sgd.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
-import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from ccomm import available_codecs, make_codec
 from ccomm.registry import parse_spec
 from ccomm.codecs import Chain, Codec
+from ccomm.configs import config_dict, fingerprint
+from ccomm.validate import check_bool, check_choice, check_int, check_number, check_ratio
 
 from .phi import PHI_FUNCTIONS, REPORTED_MAX_RATIO
 
@@ -73,27 +73,6 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "convergence": ("measured", "template"),
     "collective_algo": ("auto", "ring"),
 }
-
-
-def _int(name: str, v: Any, lo: int, hi: int | None = None) -> int:
-    # bool is an int subclass; a True in a step count is a typo, not a 1.
-    if isinstance(v, bool) or not isinstance(v, int) or v < lo or (hi is not None and v > hi):
-        rng = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
-        raise ValueError(f"{name}: must be an integer {rng}, got {v!r}")
-    return v
-
-
-def _float(name: str, v: Any, lo: float, hi: float, lo_open: bool, hi_open: bool) -> float:
-    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
-    if ok:
-        x = float(v)
-        ok = (x > lo if lo_open else x >= lo) and (x < hi if hi_open else x <= hi)
-    if not ok:
-        lb = "(" if lo_open else "["
-        rb = ")" if hi_open else "]"
-        hs = "inf" if math.isinf(hi) else f"{hi:g}"
-        raise ValueError(f"{name}: must be a finite number in {lb}{lo:g}, {hs}{rb}, got {v!r}")
-    return float(v)
 
 
 @dataclass(frozen=True)
@@ -176,53 +155,47 @@ class DecoConfig:
     def __post_init__(self) -> None:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
         for name, choices in _CHOICES.items():
-            v = getattr(self, name)
-            if v not in choices:
-                raise ValueError(f"{name}: must be one of {list(choices)}, got {v!r}")
-        for name in ("lr_tau_scaling", "flush_residual"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name}: must be a bool (true/false), got {getattr(self, name)!r}")
+            check_choice(name, getattr(self, name), choices)
+        for name in ("lr_tau_scaling", "flush_residual", "monitor"):
+            check_bool(name, getattr(self, name))
         if self.ratio is None:
             family = str(self.codec).split(":")[0].split("|")[0].strip()
             adaptive = self.mode == "adaptive" and "|" not in str(self.codec) and family in ADAPTIVE_CODECS
             set_("ratio", ADAPTIVE_START_RATIO if adaptive else 1.0)
-        set_("ratio", _float("ratio", self.ratio, 0.0, 1.0, True, False))
+        set_("ratio", check_ratio("ratio", self.ratio))
         self._check_formats(set_)
-        set_("tau_max", _int("tau_max", self.tau_max, 0, TAU_LIMIT))
-        set_("staleness", _int("staleness", self.staleness, 0, self.tau_max))
-        set_("seed", _int("seed", self.seed, 0))
-        set_("bucket_mb", _float("bucket_mb", self.bucket_mb, 0.0, math.inf, True, True))
+        set_("tau_max", check_int("tau_max", self.tau_max, 0, TAU_LIMIT))
+        set_("staleness", check_int("staleness", self.staleness, 0, self.tau_max))
+        set_("seed", check_int("seed", self.seed, 0))
+        set_("bucket_mb", check_number("bucket_mb", self.bucket_mb, 0.0, lo_open=True))
         self._check_grid(set_)
         for name in ("warmup_steps", "min_dwell_steps"):
-            set_(name, _int(name, getattr(self, name), 0))
+            set_(name, check_int(name, getattr(self, name), 0))
         for name in ("measure_every", "decide_every", "max_consecutive_skips", "latency_window", "sigma_coords",
                      "profile_coords", "monitor_window"):
-            set_(name, _int(name, getattr(self, name), 1))
+            set_(name, check_int(name, getattr(self, name), 1))
         if self.decide_every % self.measure_every:
             raise ValueError(
                 f"decide_every: must be a multiple of measure_every={self.measure_every}, got {self.decide_every}"
             )
-        set_("change_threshold", _float("change_threshold", self.change_threshold, 0.0, 1.0, True, True))
-        set_("lut_rebuild_threshold", _float("lut_rebuild_threshold", self.lut_rebuild_threshold, 0.0, 1.0, True, True))
-        set_("hysteresis", _float("hysteresis", self.hysteresis, 0.0, 0.5, False, True))
-        set_("bw_min_transfer_frac", _float("bw_min_transfer_frac", self.bw_min_transfer_frac, 0.0, 1.0, False, True))
-        set_("monitor_tolerance", _float("monitor_tolerance", self.monitor_tolerance, 0.0, 1.0, True, True))
-        set_("drift_prior", _float("drift_prior", self.drift_prior, 0.0, 10.0, True, False))
-        set_("drift_floor", _float("drift_floor", self.drift_floor, 0.0, 10.0, False, False))
-        set_("monitor_rise", _float("monitor_rise", self.monitor_rise, 0.0, math.inf, True, True))
-        if not isinstance(self.monitor, bool):
-            raise ValueError(f"monitor: must be a bool (true/false), got {self.monitor!r}")
+        set_("change_threshold", check_number("change_threshold", self.change_threshold, 0.0, 1.0, lo_open=True, hi_open=True))
+        set_("lut_rebuild_threshold", check_number("lut_rebuild_threshold", self.lut_rebuild_threshold, 0.0, 1.0, lo_open=True, hi_open=True))
+        set_("hysteresis", check_number("hysteresis", self.hysteresis, 0.0, 0.5, hi_open=True))
+        set_("bw_min_transfer_frac", check_number("bw_min_transfer_frac", self.bw_min_transfer_frac, 0.0, 1.0, hi_open=True))
+        set_("monitor_tolerance", check_number("monitor_tolerance", self.monitor_tolerance, 0.0, 1.0, lo_open=True, hi_open=True))
+        set_("drift_prior", check_number("drift_prior", self.drift_prior, 0.0, 10.0, lo_open=True))
+        set_("drift_floor", check_number("drift_floor", self.drift_floor, 0.0, 10.0))
+        set_("monitor_rise", check_number("monitor_rise", self.monitor_rise, 0.0, lo_open=True))
         for name in ("ema_comp", "ema_bandwidth", "ema_grad", "ema_loss"):
-            set_(name, _float(name, getattr(self, name), 0.0, 1.0, True, False))
+            set_(name, check_number(name, getattr(self, name), 0.0, 1.0, lo_open=True))
         for name in ("eps_rel", "timeout_s"):
-            set_(name, _float(name, getattr(self, name), 0.0, math.inf, True, True))
+            set_(name, check_number(name, getattr(self, name), 0.0, lo_open=True))
         for name in ("a", "b", "c", "kappa"):
-            set_(name, _float(name, getattr(self, name), 0.0, math.inf, False, True))
+            set_(name, check_number(name, getattr(self, name), 0.0))
         if self.a == self.b == self.c == 0.0:
             raise ValueError("a, b, c: must be >= 0 and not all zero, got a = b = c = 0")
-        set_("phi_base", _float("phi_base", self.phi_base, 1.0, math.inf, True, True))
-        if self.phi not in PHI_FUNCTIONS:
-            raise ValueError(f"phi: must be one of {sorted(PHI_FUNCTIONS)}, got {self.phi!r}")
+        set_("phi_base", check_number("phi_base", self.phi_base, 1.0, lo_open=True))
+        check_choice("phi", self.phi, sorted(PHI_FUNCTIONS))
         if self.phi == "reported" and max(self.ratio_grid) > REPORTED_MAX_RATIO:
             raise ValueError(
                 f"phi: 'reported' needs every ratio_grid value <= {REPORTED_MAX_RATIO} (it is NaN or "
@@ -234,7 +207,7 @@ class DecoConfig:
         grid = self.ratio_grid
         if isinstance(grid, (str, bytes)) or not hasattr(grid, "__iter__"):
             raise ValueError(f"ratio_grid: must be a sequence of numbers in (0, 1], got {grid!r}")
-        vals = tuple(_float("ratio_grid", v, 0.0, 1.0, True, False) for v in grid)
+        vals = tuple(check_ratio("ratio_grid", v) for v in grid)
         if not vals:
             raise ValueError("ratio_grid: must hold at least one value in (0, 1], got an empty sequence")
         if len(set(vals)) != len(vals):
@@ -344,13 +317,8 @@ class DecoConfig:
 
     # -- serialisation ------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-able dict of the init fields (tuples become lists)."""
-        out: dict[str, Any] = {}
-        for f in dataclasses.fields(self):
-            if f.init:
-                v = getattr(self, f.name)
-                out[f.name] = list(v) if isinstance(v, tuple) else v
-        return out
+        """Plain JSON-able dict of the init fields (tuples become lists; `ccomm.configs`)."""
+        return config_dict(self)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "DecoConfig":
@@ -370,11 +338,18 @@ class DecoConfig:
         """A validated copy with `changes` applied."""
         return dataclasses.replace(self, **changes)
 
-    def hash(self) -> str:
-        """SHA-256 hex of the canonical JSON of `to_dict()` plus the schema number.
+    def fingerprint(self) -> str:
+        """SHA-256 hex of the canonical JSON of `to_dict()` plus the schema number (`ccomm.configs`).
 
         Stable across processes and Python versions (unlike the built-in `hash`), so a
-        checkpoint can check that it is resumed under the same config (docs/design/deco_sgd.md#checkpoints).
+        checkpoint can check that it is resumed under the same config
+        (docs/design/deco_sgd.md#checkpoints). Checkpoints store it: its value for a given
+        config must not change (pinned in tests/deco_sgd/test_config.py).
         """
-        blob = json.dumps({"schema": CONFIG_SCHEMA, **self.to_dict()}, sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(blob.encode()).hexdigest()
+        return fingerprint(self, schema=CONFIG_SCHEMA)
+
+    def hash(self) -> str:
+        """Deprecated name of `fingerprint` (same value)."""
+        warnings.warn("DecoConfig.hash() is deprecated, use DecoConfig.fingerprint() (see docs/glossary.md)",
+                      DeprecationWarning, stacklevel=2)
+        return self.fingerprint()

@@ -385,7 +385,7 @@ class DecoState:
     def _check_layout(self) -> None:
         """One synchronous all-gather: same parameters, shapes, dtypes and config everywhere
         (docs/design/deco_sgd.md#mismatched-ranks)."""
-        mine = (self.config.hash(), [(n, tuple(p.shape), str(p.dtype)) for n, p in self.params.items()])
+        mine = (self.config.fingerprint(), [(n, tuple(p.shape), str(p.dtype)) for n, p in self.params.items()])
         everyone: list[Any] = [None] * self.world_size
         dist.all_gather_object(everyone, mine, group=self.control_group)
         for r, theirs in enumerate(everyone):
@@ -433,7 +433,7 @@ class DecoState:
             entries.append({"seq": e.seq, "ratio": e.ratio, "units": units})
         counters = {r: c.counter for r, c in self._codecs.items() if c is not None and hasattr(c, "counter")}
         return {
-            "version": STATE_VERSION, "config": self.config.to_dict(), "config_hash": self.config.hash(),
+            "version": STATE_VERSION, "config": self.config.to_dict(), "config_hash": self.config.fingerprint(),
             "world_size": self.world_size, "rank": self.rank, "step": self.step,
             "ratio": self.ratio, "staleness": self.staleness, "pending": self.pending,
             "decisions": list(self.decisions), "consecutive_skips": self.consecutive_skips,

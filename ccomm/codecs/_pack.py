@@ -12,6 +12,8 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
+from ..payload import from_bytes, to_bytes  # public there; re-exported for the codecs
+
 __all__ = [
     "BLOCK_ELEMS",
     "blocks",
@@ -192,20 +194,6 @@ def unpack_uint(data: torch.Tensor, width: int, count: int) -> torch.Tensor:
     if width != size:
         b = torch.cat([b, b.new_zeros(count, size - width)], dim=1)
     return b.contiguous().view(container).reshape(-1).to(torch.int64)
-
-
-def to_bytes(t: torch.Tensor) -> torch.Tensor:
-    """A tensor's raw bytes as a flat uint8 view (copying only if not contiguous)."""
-    return t.contiguous().reshape(-1).view(torch.uint8)
-
-
-def from_bytes(data: torch.Tensor, dtype: torch.dtype, count: int) -> torch.Tensor:
-    """`count` values of `dtype` from raw bytes; copies only when misaligned."""
-    size = dtype.itemsize
-    chunk = data[: count * size]
-    if chunk.storage_offset() % size:
-        chunk = chunk.clone()
-    return chunk.view(dtype)
 
 
 def split_bytes(buffer: torch.Tensor, sizes: Sequence[int]) -> list[torch.Tensor]:

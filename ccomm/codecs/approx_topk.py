@@ -22,7 +22,7 @@ import torch
 
 from ..registry import register
 from ._sparse import Sparsifier
-from .base import check_int, check_ratio
+from ..validate import check_int, check_ratio
 
 __all__ = ["ApproxTopK"]
 
@@ -46,8 +46,8 @@ def _at_or_above(flat: torch.Tensor, thr: torch.Tensor) -> torch.Tensor:
 @register("approx_topk")
 class ApproxTopK(Sparsifier):
     def __init__(self, ratio: float = 0.01, seed: int = 0) -> None:
-        super().__init__(check_ratio("approx_topk", ratio))
-        self.seed = check_int("approx_topk", "seed", seed, 0)
+        super().__init__(check_ratio("approx_topk.ratio", ratio))
+        self.seed = check_int("approx_topk.seed", seed, 0)
         self._gen = torch.Generator().manual_seed(self.seed)
         self.fallbacks = 0
 

@@ -1,4 +1,4 @@
-"""The `Codec` interface and the checks every codec shares."""
+"""The `Codec` interface (codec keyword checks are `ccomm.validate`'s)."""
 from __future__ import annotations
 
 import abc
@@ -12,10 +12,6 @@ from ..payload import Payload, PayloadMeta
 __all__ = [
     "Codec",
     "FLOAT_DTYPES",
-    "check_ratio",
-    "check_int",
-    "check_bool",
-    "check_choice",
     "as_matrix",
     "matrix_shape",
     "saturate_",
@@ -23,32 +19,6 @@ __all__ = [
 
 #: Input dtypes every codec accepts.
 FLOAT_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def check_ratio(codec: str, value: Any, field: str = "ratio") -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0.0 < float(value) <= 1.0):
-        raise ValueError(f"{codec}: {field}={value!r} is outside the allowed range (0, 1]")
-    return float(value)
-
-
-def check_int(codec: str, field: str, value: Any, lo: int, hi: int | None = None) -> int:
-    ok = isinstance(value, int) and not isinstance(value, bool) and value >= lo and (hi is None or value <= hi)
-    if not ok:
-        rng = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
-        raise ValueError(f"{codec}: {field}={value!r} must be an integer in {rng}")
-    return int(value)
-
-
-def check_bool(codec: str, field: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"{codec}: {field}={value!r} must be true or false")
-    return value
-
-
-def check_choice(codec: str, field: str, value: Any, choices: Sequence[Any]) -> Any:
-    if value not in choices:
-        raise ValueError(f"{codec}: {field}={value!r} is not one of {', '.join(map(repr, choices))}")
-    return value
 
 
 def as_matrix(x: torch.Tensor) -> torch.Tensor:

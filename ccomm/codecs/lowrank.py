@@ -19,7 +19,8 @@ from ..finite import all_finite
 from ..payload import PayloadMeta
 from ..registry import register
 from ._pack import from_bytes, to_bytes
-from .base import Codec, as_matrix, check_int, matrix_shape
+from ..validate import check_int
+from .base import Codec, as_matrix, matrix_shape
 
 __all__ = ["LowRank", "lowrank_factors"]
 
@@ -46,9 +47,9 @@ def lowrank_factors(a: torch.Tensor, rank: int, seed: int, iters: int) -> tuple[
 @register("lowrank")
 class LowRank(Codec):
     def __init__(self, rank: int = 8, seed: int = 0, iters: int = 2) -> None:
-        self.rank = check_int(self.name, "rank", rank, 1)
-        self.seed = check_int(self.name, "seed", seed, 0)
-        self.iters = check_int(self.name, "iters", iters, 0, 64)
+        self.rank = check_int(f"{self.name}.rank", rank, 1)
+        self.seed = check_int(f"{self.name}.seed", seed, 0)
+        self.iters = check_int(f"{self.name}.iters", iters, 0, 64)
 
     def params(self) -> Mapping[str, Any]:
         return {"rank": self.rank, "seed": self.seed, "iters": self.iters}

@@ -17,7 +17,8 @@ import torch
 from ..payload import PayloadMeta
 from ..registry import register
 from ._pack import blocks, bucket_rows, from_bytes, pack_bits, packed_nbytes, to_bytes, unpack_bits
-from .base import Codec, check_int, saturate_
+from ..validate import check_int
+from .base import Codec, saturate_
 
 __all__ = ["QSGD"]
 
@@ -25,9 +26,9 @@ __all__ = ["QSGD"]
 @register("qsgd")
 class QSGD(Codec):
     def __init__(self, levels: int = 16, bucket: int = 512, seed: int = 0) -> None:
-        self.levels = check_int("qsgd", "levels", levels, 1, 127)
-        self.bucket = check_int("qsgd", "bucket", bucket, 1)
-        self.seed = check_int("qsgd", "seed", seed, 0)
+        self.levels = check_int("qsgd.levels", levels, 1, 127)
+        self.bucket = check_int("qsgd.bucket", bucket, 1)
+        self.seed = check_int("qsgd.seed", seed, 0)
         self.bits = 1 + math.ceil(math.log2(self.levels + 1))
         self._gen = torch.Generator().manual_seed(self.seed)
 

@@ -20,7 +20,8 @@ import torch
 from ..payload import PayloadMeta
 from ..registry import register
 from ._pack import BLOCK_ELEMS, blocks, bucket_rows, from_bytes, pack_bits, packed_nbytes, to_bytes, unpack_bits
-from .base import Codec, check_bool, check_choice, check_int
+from ..validate import check_bool, check_choice, check_int
+from .base import Codec
 
 __all__ = ["Quantize"]
 
@@ -30,13 +31,13 @@ _TINY = torch.finfo(torch.float32).tiny
 @register("quantize")
 class Quantize(Codec):
     def __init__(self, bits: int = 8, stochastic: bool = False, bucket: int = 512, scheme: str = "minmax", seed: int = 0) -> None:
-        self.bits = check_int("quantize", "bits", bits, 1, 8)
-        self.stochastic = check_bool("quantize", "stochastic", stochastic)
-        self.bucket = check_int("quantize", "bucket", bucket, 1)
-        self.scheme = check_choice("quantize", "scheme", scheme, ("minmax", "absmax"))
+        self.bits = check_int("quantize.bits", bits, 1, 8)
+        self.stochastic = check_bool("quantize.stochastic", stochastic)
+        self.bucket = check_int("quantize.bucket", bucket, 1)
+        self.scheme = check_choice("quantize.scheme", scheme, ("minmax", "absmax"))
         if self.scheme == "absmax" and self.bits < 2:
             raise ValueError("quantize: bits=1 is not supported with scheme=absmax; allowed: 2..8")
-        self.seed = check_int("quantize", "seed", seed, 0)
+        self.seed = check_int("quantize.seed", seed, 0)
         self._gen = torch.Generator().manual_seed(self.seed)
         #: Largest code minus the zero offset: 2^bits - 1 (minmax) or 2^(bits-1) - 1 (absmax).
         self.levels = (1 << self.bits) - 1 if self.scheme == "minmax" else (1 << (self.bits - 1)) - 1

@@ -22,7 +22,7 @@ import torch
 
 from ..registry import register
 from ._sparse import Sparsifier
-from .base import check_bool, check_choice, check_int, check_ratio
+from ..validate import check_bool, check_choice, check_int, check_ratio
 
 __all__ = ["RandomK"]
 
@@ -38,10 +38,10 @@ class RandomK(Sparsifier):
     sends_indices = False
 
     def __init__(self, ratio: float = 0.01, seed: int = 0, unbiased: bool = True, sampling: str = "strata") -> None:
-        super().__init__(check_ratio("randomk", ratio))
-        self.seed = check_int("randomk", "seed", seed, 0)
-        self.unbiased = check_bool("randomk", "unbiased", unbiased)
-        self.sampling = check_choice("randomk", "sampling", sampling, ("strata", "uniform"))
+        super().__init__(check_ratio("randomk.ratio", ratio))
+        self.seed = check_int("randomk.seed", seed, 0)
+        self.unbiased = check_bool("randomk.unbiased", unbiased)
+        self.sampling = check_choice("randomk.sampling", sampling, ("strata", "uniform"))
         #: Number of selections so far; every rank must keep it equal (it seeds the next draw).
         self.counter = 0
         self._last_seed = _call_seed(self.seed, 0)

@@ -13,7 +13,7 @@ import torch
 
 from ..registry import register
 from ._sparse import Sparsifier
-from .base import check_ratio
+from ..validate import check_ratio
 
 __all__ = ["TopK"]
 
@@ -21,7 +21,7 @@ __all__ = ["TopK"]
 @register("topk")
 class TopK(Sparsifier):
     def __init__(self, ratio: float = 0.01) -> None:
-        super().__init__(check_ratio("topk", ratio))
+        super().__init__(check_ratio("topk.ratio", ratio))
 
     def select(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, Mapping[str, Any]]:
         k = self.k_for(flat.numel())

@@ -6,6 +6,7 @@ import torch.distributed as dist
 
 from ..payload import Payload
 from ..stats import CommStats, resolve
+from ..validate import check_bool
 from ._handle import PACKED_DTYPES, CommHandle, check_payload, finish_sync, group_rank_and_size
 from .auto import resolve_algo
 from .loggather import log_allgather
@@ -46,7 +47,7 @@ def allreduce_payload(
             f"allreduce_payload: payload buffer has dtype {buf.dtype} (packed codes), whose sum is "
             "meaningless; use allgather_payloads for non-additive codecs"
         )
-    _check_bool("allreduce_payload", "check", check)
+    check_bool("allreduce_payload.check", check)
     rank, world = group_rank_and_size(group)
     chosen = resolve_algo("allreduce", algo, group, world, payload.nbytes)
     what = f"allreduce_payload(key={key!r}, {payload.nbytes} bytes, algo={chosen!r})"
@@ -93,7 +94,7 @@ def allgather_payloads(
     payload = check_payload(payload, "allgather_payloads")
     if not isinstance(same_size, bool):
         raise ValueError(f"allgather_payloads: same_size={same_size!r} must be a bool")
-    _check_bool("allgather_payloads", "check", check)
+    check_bool("allgather_payloads.check", check)
     rank, world = group_rank_and_size(group)
     sizes_known = same_size and not check
     chosen = resolve_algo("allgather", algo, group, world, payload.nbytes, sizes_known=sizes_known)
@@ -106,6 +107,3 @@ def allgather_payloads(
     return finish_sync(handle, async_op)
 
 
-def _check_bool(fn: str, name: str, value: object) -> None:
-    if not isinstance(value, bool):
-        raise ValueError(f"{fn}: {name}={value!r} must be a bool")

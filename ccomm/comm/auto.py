@@ -10,7 +10,6 @@ a size only one rank knows (see its docstring).
 """
 from __future__ import annotations
 
-import math
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +17,7 @@ from typing import Any
 import torch.distributed as dist
 
 from ..schedule import ALGOS, ROUND_OVERHEAD_S, choose
+from ..validate import check_number
 
 __all__ = ["AutoConfig", "auto_config", "clear_measured", "configure", "link_for", "resolve_algo", "set_measured"]
 
@@ -27,14 +27,8 @@ CHOICES: dict[str, tuple[str, ...]] = {op: ("auto", *algos) for op, algos in ALG
 
 
 def _check_link(latency_s: float, bandwidth_Bps: float) -> None:
-    if isinstance(latency_s, bool) or not isinstance(latency_s, (int, float)) or not (
-        math.isfinite(latency_s) and latency_s >= 0
-    ):
-        raise ValueError(f"latency_s={latency_s!r} must be a finite number >= 0 (seconds, one way)")
-    if isinstance(bandwidth_Bps, bool) or not isinstance(bandwidth_Bps, (int, float)) or not (
-        math.isfinite(bandwidth_Bps) and bandwidth_Bps > 0
-    ):
-        raise ValueError(f"bandwidth_Bps={bandwidth_Bps!r} must be a finite number > 0 (bytes per second)")
+    check_number("latency_s", latency_s, 0.0)
+    check_number("bandwidth_Bps", bandwidth_Bps, 0.0, lo_open=True)
 
 
 @dataclass(frozen=True)
@@ -55,14 +49,8 @@ class AutoConfig:
 
     def __post_init__(self) -> None:
         _check_link(self.latency_s, self.bandwidth_Bps)
-        if isinstance(self.min_gain, bool) or not isinstance(self.min_gain, (int, float)) or not (
-            0.0 <= self.min_gain < 1.0
-        ):
-            raise ValueError(f"min_gain={self.min_gain!r} must be a number in [0, 1)")
-        if isinstance(self.round_overhead_s, bool) or not isinstance(self.round_overhead_s, (int, float)) or not (
-            math.isfinite(self.round_overhead_s) and self.round_overhead_s >= 0
-        ):
-            raise ValueError(f"round_overhead_s={self.round_overhead_s!r} must be a finite number >= 0 (seconds)")
+        check_number("min_gain", self.min_gain, 0.0, 1.0, hi_open=True)
+        check_number("round_overhead_s", self.round_overhead_s, 0.0)
 
 
 _lock = threading.Lock()

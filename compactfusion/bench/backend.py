@@ -25,7 +25,7 @@ class Backend(Protocol):
 
     def load(self) -> torch.nn.Module: ...
 
-    def parallelize(self, model: torch.nn.Module, method: Method, *, wire_dtype: str, warmup_steps: int,
+    def parallelize(self, model: torch.nn.Module, method: Method, *, wire_dtype: str, raw_steps: int,
                     variant: str = "ef", record_errors: bool = False, seed: int = 0) -> Any: ...
 
     def sample(self, model: torch.nn.Module, labels: torch.Tensor, *, steps: int, guidance: float, seed: int) -> torch.Tensor: ...
@@ -39,12 +39,12 @@ class TinyDiTBackend:
 
         return load_tiny_dit(dtype=torch.float32).eval()
 
-    def parallelize(self, model: torch.nn.Module, method: Method, *, wire_dtype: str, warmup_steps: int,
+    def parallelize(self, model: torch.nn.Module, method: Method, *, wire_dtype: str, raw_steps: int,
                     variant: str = "ef", record_errors: bool = False, seed: int = 0) -> Any:
         from compactfusion import CompactConfig, parallelize
 
         assert method.mode is not None
-        cfg = CompactConfig(mode=method.mode, codec=method.codec, warmup_steps=warmup_steps, variant=variant,
+        cfg = CompactConfig(mode=method.mode, codec=method.codec, raw_steps=raw_steps, variant=variant,
                             wire_dtype=wire_dtype, record_errors=record_errors, seed=seed)
         return parallelize(model, cfg)
 
@@ -90,7 +90,7 @@ class WideDiTBackend(TinyDiTBackend):
 class _ToyHandle:
     """Residual-compressed all-gather of a (rows, 128) tensor per step, mirroring the real handle's API."""
 
-    def __init__(self, method: Method, wire_dtype: str, warmup_steps: int, variant: str, record_errors: bool) -> None:
+    def __init__(self, method: Method, wire_dtype: str, raw_steps: int, variant: str, record_errors: bool) -> None:
         import torch.distributed as dist
 
         from ccomm import ResidualCodec
@@ -99,7 +99,7 @@ class _ToyHandle:
         self.group = None
         self.rank, self.size = dist.get_rank(), dist.get_world_size()
         self.dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[wire_dtype]
-        self._make = lambda: ResidualCodec(method.codec, warmup_steps, variant=variant) if method.compressed else None
+        self._make = lambda: ResidualCodec(method.codec, raw_steps, variant=variant) if method.compressed else None
         self.rc = self._make()
         self.record_errors = record_errors
         self.errors: list[dict[str, Any]] = []
@@ -153,10 +153,10 @@ class ToyBackend:
     def load(self) -> torch.nn.Module:
         return _ToyModel()
 
-    def parallelize(self, model: torch.nn.Module, method: Method, *, wire_dtype: str, warmup_steps: int,
+    def parallelize(self, model: torch.nn.Module, method: Method, *, wire_dtype: str, raw_steps: int,
                     variant: str = "ef", record_errors: bool = False, seed: int = 0) -> Any:
         assert isinstance(model, _ToyModel) and model.handle is None
-        model.handle = _ToyHandle(method, wire_dtype, warmup_steps, variant, record_errors)
+        model.handle = _ToyHandle(method, wire_dtype, raw_steps, variant, record_errors)
         return model.handle
 
     def sample(self, model: torch.nn.Module, labels: torch.Tensor, *, steps: int, guidance: float, seed: int) -> torch.Tensor:

@@ -7,18 +7,18 @@ Unknown keys are rejected so that a typo never silently falls back to a default:
     name: ethernet
     steps: 28
     labels: [0, 1, 2, 3]
-    link: {bandwidth_mbps: auto, target_ratio: 4.87}
+    link: {bandwidth_mbps: auto, target_slowdown: 4.87}
     quick: {steps: 8, labels: [3, 7], repeats: 1}
 """
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ccomm.configfile import load_mapping
+from ccomm.validate import check_bool, check_choice, check_int, check_number, deprecated_key, fail
 
 from .backend import BACKENDS
 from .methods import METHODS, Method
@@ -29,21 +29,12 @@ __all__ = ["LinkConfig", "BenchConfig", "load_config", "config_from_dict"]
 _WIRE_DTYPES = ("fp32", "fp16", "bf16")
 
 
-def _is_num(x: object) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(float(x))
-
-
-def _check_int(name: str, value: object, lo: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < lo:
-        raise ValueError(f"{name}: must be an integer >= {lo}, got {value!r}")
-
-
 @dataclass(frozen=True)
 class LinkConfig:
     """The emulated per-rank link of the timed run.
 
     ``bandwidth_mbps``: ``"auto"`` searches the bandwidth at which uncompressed ring is
-    ``target_ratio`` times slower than the single process (docs/design/compactfusion.md#our-benchmark), a number fixes it
+    ``target_slowdown`` times slower than the single process (docs/design/compactfusion.md#our-benchmark), a number fixes it
     (Mbit/s per rank), ``None`` runs unshaped (plain gloo, no emulation).
     ``sweep`` multiplies the chosen bandwidth for the latency-vs-bandwidth curve (the
     paper's 500/1000/1500/2000 MB/s are 1, 2, 3, 4 times its Ethernet point).
@@ -51,25 +42,25 @@ class LinkConfig:
 
     bandwidth_mbps: float | str | None = "auto"
     latency_ms: float = 0.0
-    target_ratio: float = 4.87
+    target_slowdown: float = 4.87
     tolerance: float = 0.10
     secant_steps: int = 3
     sweep: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         b = self.bandwidth_mbps
-        if not (b is None or b == "auto" or (_is_num(b) and float(b) > 0)):
-            raise ValueError(f"link.bandwidth_mbps: must be 'auto', null (unshaped) or a number > 0, got {b!r}")
-        if not (_is_num(self.latency_ms) and self.latency_ms >= 0):
-            raise ValueError(f"link.latency_ms: must be a number >= 0, got {self.latency_ms!r}")
-        if not (_is_num(self.target_ratio) and self.target_ratio > 1):
-            raise ValueError(f"link.target_ratio: must be a number > 1, got {self.target_ratio!r}")
-        if not (_is_num(self.tolerance) and 0 < self.tolerance < 1):
-            raise ValueError(f"link.tolerance: must be a number in (0, 1), got {self.tolerance!r}")
-        _check_int("link.secant_steps", self.secant_steps, 0)
+        if not (b is None or b == "auto"):
+            try:
+                check_number("link.bandwidth_mbps", b, 0.0, lo_open=True)
+            except ValueError:
+                fail("link.bandwidth_mbps", "'auto', null (unshaped) or a finite number > 0", b)
+        check_number("link.latency_ms", self.latency_ms, 0.0)
+        check_number("link.target_slowdown", self.target_slowdown, 1.0, lo_open=True)
+        check_number("link.tolerance", self.tolerance, 0.0, 1.0, lo_open=True, hi_open=True)
+        check_int("link.secant_steps", self.secant_steps, 0)
         object.__setattr__(self, "sweep", tuple(self.sweep))
-        if any(not (_is_num(m) and m > 0) for m in self.sweep):
-            raise ValueError(f"link.sweep: must be numbers > 0 (multiples of the chosen bandwidth), got {self.sweep!r}")
+        for m in self.sweep:  # multiples of the chosen bandwidth
+            check_number("link.sweep", m, 0.0, lo_open=True)
         if self.sweep and b is None:
             raise ValueError("link.sweep: needs a shaped link (bandwidth_mbps 'auto' or a number), not null")
 
@@ -100,7 +91,7 @@ class BenchConfig:
     timing_ranks: int = 2
     methods: tuple[str, ...] = tuple(METHODS)
     wire_dtype: str = "fp16"
-    warmup_steps: int = 1
+    raw_steps: int = 1
     repeats: int = 5
     warmup_loops: int = 1
     repeats_other: int = 1
@@ -116,12 +107,10 @@ class BenchConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"name: must be a non-empty string, got {self.name!r}")
-        if self.backend not in BACKENDS:
-            raise ValueError(f"backend: {self.backend!r} not allowed; allowed values are {sorted(BACKENDS)}")
-        _check_int("steps", self.steps, 1)
-        if not (_is_num(self.guidance) and self.guidance >= 0):
-            raise ValueError(f"guidance: must be a number >= 0, got {self.guidance!r}")
-        _check_int("seed", self.seed, 0)
+        check_choice("backend", self.backend, sorted(BACKENDS))
+        check_int("steps", self.steps, 1)
+        check_number("guidance", self.guidance, 0.0)
+        check_int("seed", self.seed, 0)
         object.__setattr__(self, "labels", tuple(self.labels))
         if not self.labels or any(not isinstance(c, int) or isinstance(c, bool) or not 0 <= c <= 9 for c in self.labels):
             raise ValueError(f"labels: must be a non-empty list of digits 0..9, got {self.labels!r}")
@@ -133,7 +122,7 @@ class BenchConfig:
         object.__setattr__(self, "methods", tuple(self.methods))
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown or not self.methods:
-            raise ValueError(f"methods: {unknown or 'empty'} not allowed; allowed values are {list(METHODS)}")
+            fail("methods", f"a non-empty list from {list(METHODS)}", list(self.methods))
         if len(set(self.methods)) != len(self.methods):
             raise ValueError(f"methods: duplicates in {list(self.methods)}")
         for needed in ("single", "ring"):
@@ -143,28 +132,25 @@ class BenchConfig:
             ref = METHODS[name].reference
             if ref is not None and ref not in self.methods:
                 raise ValueError(f"methods: {name!r} is compared with {ref!r}, which must be run too")
-        if self.wire_dtype not in _WIRE_DTYPES:
-            raise ValueError(f"wire_dtype: must be one of {_WIRE_DTYPES}, got {self.wire_dtype!r}")
-        _check_int("warmup_steps", self.warmup_steps, 1)
-        _check_int("repeats", self.repeats, 1)
-        _check_int("warmup_loops", self.warmup_loops, 0)
-        _check_int("repeats_other", self.repeats_other, 1)
-        _check_int("sweep_repeats", self.sweep_repeats, 1)
-        _check_int("threads", self.threads, 1)
+        check_choice("wire_dtype", self.wire_dtype, _WIRE_DTYPES)
+        check_int("raw_steps", self.raw_steps, 1)
+        check_int("repeats", self.repeats, 1)
+        check_int("warmup_loops", self.warmup_loops, 0)
+        check_int("repeats_other", self.repeats_other, 1)
+        check_int("sweep_repeats", self.sweep_repeats, 1)
+        check_int("threads", self.threads, 1)
         if not isinstance(self.ablation_codec, str) or not self.ablation_codec:
             raise ValueError(f"ablation_codec: must be a codec spec string, got {self.ablation_codec!r}")
         object.__setattr__(self, "ablation_variants", tuple(self.ablation_variants))
         bad = [v for v in self.ablation_variants if v not in ("naive", "no_ef", "ef")]
         if bad:
-            raise ValueError(f"ablation_variants: {bad} not allowed; allowed values are ['naive', 'no_ef', 'ef']")
-        if not isinstance(self.paper_bytes, bool):
-            raise ValueError(f"paper_bytes: must be true or false, got {self.paper_bytes!r}")
+            fail("ablation_variants", "a list from ['naive', 'no_ef', 'ef']", list(self.ablation_variants))
+        check_bool("paper_bytes", self.paper_bytes)
         if isinstance(self.link, dict):
             object.__setattr__(self, "link", _build(LinkConfig, self.link, "link."))
         if not isinstance(self.link, LinkConfig):
             raise ValueError(f"link: must be a mapping, got {self.link!r}")
-        if not (_is_num(self.timeout_s) and self.timeout_s > 0):
-            raise ValueError(f"timeout_s: must be a number > 0, got {self.timeout_s!r}")
+        check_number("timeout_s", self.timeout_s, 0.0, lo_open=True)
         if not isinstance(self.quick, dict):
             raise ValueError(f"quick: must be a mapping of overrides, got {self.quick!r}")
         names = {f.name for f in dataclasses.fields(self)} - {"quick"}
@@ -206,9 +192,13 @@ def config_from_dict(d: dict[str, Any]) -> BenchConfig:
     """Validate a parsed mapping into a :class:`BenchConfig` (``ValueError`` naming the field)."""
     if not isinstance(d, dict):
         raise ValueError(f"config: must be a mapping, got {type(d).__name__}")
-    d = dict(d)
+    d = deprecated_key(d, "warmup_steps", "raw_steps", "config")
+    if isinstance(d.get("quick"), dict):
+        d["quick"] = deprecated_key(d["quick"], "warmup_steps", "raw_steps", "quick")
+        if isinstance(d["quick"].get("link"), dict):
+            d["quick"]["link"] = deprecated_key(d["quick"]["link"], "target_ratio", "target_slowdown", "quick.link")
     if isinstance(d.get("link"), dict):
-        d["link"] = _build(LinkConfig, d["link"], "link.")
+        d["link"] = _build(LinkConfig, deprecated_key(d["link"], "target_ratio", "target_slowdown", "link"), "link.")
     return _build(BenchConfig, d)
 
 

@@ -4,7 +4,8 @@ Quality is measured against the uncompressed output of the same mode (docs/desig
 repo): ring codecs against ``ring``, patch codecs and ``distrifusion`` against ``patch``.
 ``single`` is the unmodified model in one process.
 
-Warm-up: every method uses the benchmark's ``warmup_steps`` (W = 1, the CompactFusion
+Raw steps (the leading steps sent uncompressed; docs/glossary.md): every method uses the
+benchmark's ``raw_steps`` (W = 1, the CompactFusion
 repository's setting for FLUX and PixArt) except ``distrifusion``, which runs the
 DistriFusion original's default of 4 synchronous steps (``DistriConfig(warmup_steps=4)`` in
 mit-han-lab/distrifuser), so the baseline is the published one.
@@ -28,12 +29,12 @@ class Method:
     mode: str | None
     codec: str
     reference: str | None
-    #: Warm-up steps of this method; None: the benchmark config's ``warmup_steps``.
-    warmup_steps: int | None = None
+    #: Raw steps of this method; None: the benchmark config's ``raw_steps``.
+    raw_steps: int | None = None
 
-    def warmup(self, default: int) -> int:
-        """The warm-up steps this method runs with when the benchmark's setting is ``default``."""
-        return default if self.warmup_steps is None else self.warmup_steps
+    def raw(self, default: int) -> int:
+        """The raw steps this method runs with when the benchmark's setting is ``default``."""
+        return default if self.raw_steps is None else self.raw_steps
 
     @property
     def parallel(self) -> bool:
@@ -44,8 +45,8 @@ class Method:
         return self.codec != "none"
 
 
-def _m(name: str, mode: str | None, codec: str, reference: str | None, warmup: int | None = None) -> tuple[str, Method]:
-    return name, Method(name, mode, codec, reference, warmup)
+def _m(name: str, mode: str | None, codec: str, reference: str | None, raw_steps: int | None = None) -> tuple[str, Method]:
+    return name, Method(name, mode, codec, reference, raw_steps)
 
 
 #: Every method the benchmark knows, in the order of the tables.

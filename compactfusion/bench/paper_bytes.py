@@ -13,7 +13,7 @@ bytes at FLUX's shape through the real exchange instead of quoting the formula:
    depend on the values), W = 1: the first call sends raw tensors, the others compressed;
 3. bytes per call are the ``kv_ring`` payload counters of the handle's ``ccomm.stats`` (what
    was handed to ``torch.distributed`` as payload; the 120-byte wire header of each hop,
-   `ccomm.header`, is counted apart as header bytes), and the ratio is uncompressed ring
+   `ccomm.header`, is counted apart as header bytes), and the compression ratio is uncompressed ring
    bytes over compressed bytes per call, beside the codec's ``nbytes`` formula.
 """
 from __future__ import annotations
@@ -47,7 +47,7 @@ def job_paper_bytes(ctx: Any, methods: list[str], setting: FluxSetting, seed: in
     out: dict[str, list[int]] = {}
     for name in methods:
         m = METHODS[name]
-        cfg = CompactConfig(mode="ring", codec=m.codec, warmup_steps=1, wire_dtype="fp16", seed=seed)
+        cfg = CompactConfig(mode="ring", codec=m.codec, raw_steps=1, wire_dtype="fp16", seed=seed)
         state = CompactState(cfg, None)
         k, v, per_call = k0, v0, []
         with torch.inference_mode():
@@ -75,9 +75,9 @@ def summarize_paper_bytes(per_rank: list[dict[str, list[int]]], setting: FluxSet
         m = METHODS[name]
         if m.compressed and ref is not None and calls[-1]:
             comp = statistics.mean(calls[1:])
-            entry["ratio_compressed_steps"] = statistics.mean(ref[1:]) / comp
+            entry["compression_ratio_steps"] = statistics.mean(ref[1:]) / comp
             # A request of `request_steps` steps: one raw step (W = 1), the rest compressed.
-            entry["ratio_request"] = request_steps * ref[0] / (calls[0] + (request_steps - 1) * comp)
-            entry["ratio_formula"] = 2.0 * rows * channels / codec_nbytes(m.codec, rows, channels)
+            entry["compression_ratio"] = request_steps * ref[0] / (calls[0] + (request_steps - 1) * comp)
+            entry["compression_ratio_formula"] = 2.0 * rows * channels / codec_nbytes(m.codec, rows, channels)
         res["methods"][name] = entry
     return res

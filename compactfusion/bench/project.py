@@ -54,7 +54,7 @@ class FluxSetting:
 
     ranks: int = 4
     steps: int = 28
-    warmup_steps: int = 1
+    raw_steps: int = 1
     image_tokens: int = 4096
     layers: int = 57
     channels: int = 3072
@@ -99,7 +99,7 @@ def _time(method: str, raw: float, comp: float, mbps: float, s: FluxSetting) -> 
     else:
         def comm(nb: float) -> float:
             return s.layers * cost.allgather_time(2 * nb, link, n=s.ranks, algo="ring")
-    w = METHODS[method].warmup(s.warmup_steps)
+    w = METHODS[method].raw(s.raw_steps)
     warm = w * (compute_step + comm(raw))
     rest = s.steps - w
     if mode == "distrifusion":

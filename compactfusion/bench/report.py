@@ -63,7 +63,7 @@ def _method_table(block: dict[str, Any], steps: int) -> list[str]:
     link = block.get("main_link_mbps")
     lines = [f"Main link: {'unshaped (plain gloo)' if link is None else f'{link:.4g} Mbit/s per rank, no added latency'}.",
              "",
-             "| method | latency s (median) | IQR | speed-up vs single | unshaped s | wire KiB/rank | KV KiB | ratio (request) | ratio (compressed steps) | PSNR dB | SSIM | PSNR vs single | base memory KiB |",
+             "| method | latency s (median) | IQR | speed-up vs single | unshaped s | wire KiB/rank | KV KiB | compression ratio (request) | compression ratio (compressed steps) | PSNR dB | SSIM | PSNR vs single | base memory KiB |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in block["methods"].items():
         lines.append(
@@ -124,16 +124,24 @@ def _ablation_table(abl: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _key(d: dict[str, Any], new: str, old: str) -> Any:
+    """`d[new]`, or `d[old]` for a results.json written before the rename."""
+    return d.get(new, d.get(old))
+
+
 def _paper_bytes_table(pb: dict[str, Any]) -> list[str]:
     lines = [f"Each rank's own K and V are {pb['rows']} × {pb['channels']} fp16 (FLUX.1 1024² split over "
              f"P = {pb['ranks']}); bytes per ring call are what one rank handed to torch.distributed (`kv_ring`, "
              f"`ccomm.stats`) over {pb['calls']} calls (the first raw, W = 1). Request: 1 raw + 27 compressed steps.",
-             "", "| method | bytes per call (raw, compressed…) | ratio, compressed steps | ratio, request | formula |",
+             "", "| method | bytes per call (raw, compressed…) | compression ratio, compressed steps | compression ratio, request | formula |",
              "|---|---|---|---|---|"]
     for name, e in pb["methods"].items():
         calls = ", ".join(f"{b:.0f}" for b in e["bytes_per_call"])
-        lines.append(f"| {name} | {calls} | {_f(e.get('ratio_compressed_steps'), '.2f')} "
-                     f"| {_f(e.get('ratio_request'), '.2f')} | {_f(e.get('ratio_formula'), '.2f')} |")
+        # results.json files written before the glossary (docs/glossary.md) used ratio_* keys.
+        steps, request, formula = (_key(e, new, old) for new, old in (
+            ("compression_ratio_steps", "ratio_compressed_steps"), ("compression_ratio", "ratio_request"),
+            ("compression_ratio_formula", "ratio_formula")))
+        lines.append(f"| {name} | {calls} | {_f(steps, '.2f')} | {_f(request, '.2f')} | {_f(formula, '.2f')} |")
     return lines
 
 
@@ -145,11 +153,11 @@ def _targets_table(targets: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def _warmup_exceptions(cfg: dict[str, Any]) -> str:
+def _raw_step_exceptions(cfg: dict[str, Any]) -> str:
     from .methods import METHODS
 
-    own = [f"{n}: {METHODS[n].warmup_steps}" for n in cfg["methods"]
-           if n in METHODS and METHODS[n].warmup_steps is not None]
+    own = [f"{n}: {METHODS[n].raw_steps}" for n in cfg["methods"]
+           if n in METHODS and METHODS[n].raw_steps is not None]
     return "; ".join(own) + " (DistriFusion's original default)" if own else "every method"
 
 
@@ -163,7 +171,7 @@ def to_markdown(res: dict[str, Any], notes: list[str]) -> str:
              ""] + _model_lines(res.get("model")) + [
              f"Setup: backend `{cfg['backend']}`, {res['steps']} DDIM steps, guidance {cfg['guidance']}, seed {cfg['seed']}, "
              f"one request = {res['images_per_request']} images (labels {cfg['labels']}) in one batch, wire dtype "
-             f"{cfg['wire_dtype']}, warm-up steps {cfg['warmup_steps']} ({_warmup_exceptions(cfg)}), {cfg['threads']} thread(s) per rank; the single "
+             f"{cfg['wire_dtype']}, raw steps {cfg.get('raw_steps', cfg.get('warmup_steps'))} ({_raw_step_exceptions(cfg)}), {cfg['threads']} thread(s) per rank; the single "
              f"process is one rank of the same pool with the same thread count. Latencies are medians over "
              f"{cfg['repeats']} interleaved rounds (methods round-robin) after {cfg['warmup_loops']} discarded round(s); "
              "each sample is the slowest rank's time from a common start instant.", ""]
@@ -181,9 +189,11 @@ def to_markdown(res: dict[str, Any], notes: list[str]) -> str:
         if block.get("search"):
             s = block["search"]
             hist = ", ".join(f"{b * 8 / 1e6:.4g} Mbit/s → {t:.2f}" for b, t in s["history"])
-            lines += [f"Bandwidth search on ring / single (target {s['target_ratio']:.2f}; each probe times both, "
-                      f"interleaved): {hist}; chosen {s['mbps_per_rank']:.4g} Mbit/s per rank (ratio {s['ratio']:.2f}, "
-                      f"{100 * s['ratio_error']:+.1f} % from target, converged: {s['converged']}).", ""]
+            target, got, err = (_key(s, new, old) for new, old in (
+                ("target_slowdown", "target_ratio"), ("slowdown", "ratio"), ("slowdown_error", "ratio_error")))
+            lines += [f"Bandwidth search on ring / single (target slowdown {target:.2f}; each probe times both, "
+                      f"interleaved): {hist}; chosen {s['mbps_per_rank']:.4g} Mbit/s per rank (slowdown {got:.2f}, "
+                      f"{100 * err:+.1f} % from target, converged: {s['converged']}).", ""]
         if len(block.get("curves", [])) > 1:
             lines += ["Latency (s, median) per link:", ""] + _curve_table(block["curves"]) + [""]
     if res.get("ablation"):

@@ -10,8 +10,8 @@ For each group size P in ``cfg.ranks`` (the timing size first), on a fresh
 3. timing size only: ``repeats`` rounds unshaped (all methods, interleaved round-robin) give
    ``T_single``, ``T_ring(∞)`` and every method's unshaped latency; with ``bandwidth_mbps:
    auto`` the secant search (:mod:`.search`) finds the per-rank bandwidth B* at which ring
-   is ``target_ratio`` times slower than single (each probe times single and ring
-   interleaved and returns the ratio of their medians); then ``repeats`` interleaved rounds at B*
+   is ``target_slowdown`` times slower than single (each probe times single and ring
+   interleaved and returns the ratio of their medians, the slowdown); then ``repeats`` interleaved rounds at B*
    and ``sweep_repeats`` rounds at every multiple of B* in ``link.sweep``;
 4. other sizes: ``repeats_other`` interleaved rounds on the same link;
 5. largest P: one run per ablation variant (unshaped), keeping the per-step error rows, and
@@ -133,7 +133,7 @@ class _Runner:
         s.links[label] = mbps
         return label
 
-    def measure_ratio(self, pool: RankPool, s: Samples, bps: float) -> float:
+    def measure_slowdown(self, pool: RankPool, s: Samples, bps: float) -> float:
         """A search probe: ``median(ring) / median(single)`` at ``bps`` bytes/s per rank, interleaved.
 
         The single process runs beside ring in the same probe (it does not communicate, so the
@@ -153,7 +153,7 @@ class _Runner:
         self.active = s
         keys = [RunKey(m) for m in c.methods] + (self.ablation_keys() if ablate else [])
         with bench_pool(p, threads=c.threads, timeout_s=c.timeout_s) as pool:
-            pool.run(job_prepare, c.backend, keys, c.wire_dtype, c.warmup_steps, c.seed, timeout=c.timeout_s)
+            pool.run(job_prepare, c.backend, keys, c.wire_dtype, c.raw_steps, c.seed, timeout=c.timeout_s)
             for k in range(max(1, c.warmup_loops)):
                 self.round(pool, s, "warmup", keep=k == 0)
             s.latency.pop("warmup", None)
@@ -171,9 +171,9 @@ class _Runner:
                     t1 = statistics.median(lat["single"])
                     w = statistics.mean(sum(t.values()) for t in s.bytes_by_tag["ring"])
                     s.search = secant_bandwidth(
-                        lambda b: self.measure_ratio(pool, s, b),
+                        lambda b: self.measure_slowdown(pool, s, b),
                         t_single=1.0, t_inf=statistics.median(lat["ring"]) / t1,
-                        bytes_per_rank=w / t1, ratio=c.link.target_ratio, tolerance=c.link.tolerance,
+                        bytes_per_rank=w / t1, slowdown=c.link.target_slowdown, tolerance=c.link.tolerance,
                         max_steps=c.link.secant_steps)
                     mbps = s.search.bandwidth_Bps * 8 / 1e6
                 label = self.set_link(pool, s, mbps)

@@ -5,13 +5,13 @@ The paper's Ethernet point has ``T_ring,none / T_single = 136.52 / 28.06 = 4.87`
 inverse bandwidth, ``T(B) ≈ T_inf + W / B`` (``W`` = bytes each rank sends per image), so the
 search works in ``x = 1 / B``:
 
-1. start at ``B0 = W / (ratio · T_single − T_inf)`` (the affine model's answer);
-2. measure ``T(B_k)``; stop when ``|T(B_k) / (ratio · T_single) − 1| ≤ tolerance``;
+1. start at ``B0 = W / (slowdown · T_single − T_inf)`` (the affine model's answer);
+2. measure ``T(B_k)``; stop when ``|T(B_k) / (slowdown · T_single) − 1| ≤ tolerance``;
 3. otherwise take the secant step in ``x`` through the last two points (the first step uses
    ``(0, T_inf)`` as the earlier point) and repeat, at most ``max_steps`` times;
 4. return the measured point closest to the target.
 
-If ``ratio · T_single ≤ T_inf`` (even an infinite link is too slow), no bandwidth reaches the
+If ``slowdown · T_single ≤ T_inf`` (even an infinite link is too slow), no bandwidth reaches the
 target: the result is flagged and the bandwidth at which communication doubles ``T_inf`` is
 returned, so the rest of the run still has a shaped point.
 """
@@ -21,6 +21,8 @@ import logging
 import math
 from dataclasses import dataclass
 from typing import Callable
+
+from ccomm.validate import check_number
 
 __all__ = ["SearchResult", "secant_bandwidth"]
 
@@ -39,7 +41,8 @@ class SearchResult:
     reachable: bool
 
     @property
-    def ratio_error(self) -> float:
+    def slowdown_error(self) -> float:
+        """Relative miss of the target slowdown (measured / target − 1)."""
         return self.time_s / self.target_s - 1.0
 
 
@@ -49,17 +52,16 @@ def secant_bandwidth(
     t_single: float,
     t_inf: float,
     bytes_per_rank: float,
-    ratio: float = 4.87,
+    slowdown: float = 4.87,
     tolerance: float = 0.10,
     max_steps: int = 3,
 ) -> SearchResult:
-    """Search ``B`` (bytes/s) with ``measure(B) ≈ ratio · t_single``; see the module docstring."""
+    """Search ``B`` (bytes/s) with ``measure(B) ≈ slowdown · t_single``; see the module docstring."""
     for name, v in (("t_single", t_single), ("t_inf", t_inf), ("bytes_per_rank", bytes_per_rank)):
         if not (math.isfinite(v) and v > 0):
             raise ValueError(f"{name}: must be finite and > 0, got {v!r}")
-    if not ratio > 1:
-        raise ValueError(f"ratio: must be > 1, got {ratio!r}")
-    target = ratio * t_single
+    check_number("slowdown", slowdown, 1.0, lo_open=True)
+    target = slowdown * t_single
     if target <= t_inf:
         b = bytes_per_rank / t_inf
         logger.warning("bandwidth search: T_inf=%.3f s already exceeds the target %.3f s; using B=%.3g B/s", t_inf, target, b)

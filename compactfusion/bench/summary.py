@@ -72,7 +72,7 @@ def _mean_tags(per_rank: list[dict[str, int]]) -> dict[str, float]:
     return {t: statistics.mean(d.get(t, 0) for d in per_rank) for t in tags}
 
 
-def _methods(s: Samples, steps: int, warmup: int) -> dict[str, dict[str, Any]]:
+def _methods(s: Samples, steps: int, raw_steps: int) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     main = s.latency.get(s.main_link, {})
     unshaped = s.latency.get(UNSHAPED, {})
@@ -96,7 +96,7 @@ def _methods(s: Samples, steps: int, warmup: int) -> dict[str, dict[str, Any]]:
         if ref is not None and ref in s.bytes_by_tag:
             ref_kv = sum(v for t, v in _mean_tags(s.bytes_by_tag[ref]).items() if t in KV_TAGS)
             row["compression_ratio"] = ref_kv / kv if kv else None
-            raw_share = ref_kv * min(m.warmup(warmup), steps) / steps if m.compressed else 0.0
+            raw_share = ref_kv * min(m.raw(raw_steps), steps) / steps if m.compressed else 0.0
             rest = kv - raw_share
             row["compression_ratio_steps"] = (ref_kv - raw_share) / rest if rest > 0 else None
         if ref is not None and ref in s.images and s.images.get(name) is not None:
@@ -145,10 +145,10 @@ def _search(s: Samples) -> dict[str, Any] | None:
     r = s.search
     if r is None:
         return None
-    # The runner searches on ring/single ratios, so "time" here is in units of T_single.
-    return {"bandwidth_Bps": r.bandwidth_Bps, "mbps_per_rank": r.bandwidth_Bps * 8 / 1e6, "ratio": r.time_s,
-            "target_ratio": r.target_s, "history": [list(h) for h in r.history], "converged": r.converged,
-            "reachable": r.reachable, "ratio_error": r.ratio_error}
+    # The runner searches on ring/single slowdowns, so "time" here is in units of T_single.
+    return {"bandwidth_Bps": r.bandwidth_Bps, "mbps_per_rank": r.bandwidth_Bps * 8 / 1e6, "slowdown": r.time_s,
+            "target_slowdown": r.target_s, "history": [list(h) for h in r.history], "converged": r.converged,
+            "reachable": r.reachable, "slowdown_error": r.slowdown_error}
 
 
 def _targets(res: dict[str, Any], cfg: Any) -> list[dict[str, Any]]:
@@ -165,9 +165,9 @@ def _targets(res: dict[str, Any], cfg: Any) -> list[dict[str, Any]]:
             add(f"{meth} compression ratio (compressed steps)", top[meth].get("compression_ratio_steps"), ">=", thr, "methods")
     paper = res.get("paper_shape_bytes", {}).get("methods", {})
     for meth, thr in (("ring+binary", 15.0), ("ring+int2", 7.5)):
-        if paper.get(meth, {}).get("ratio_compressed_steps") is not None:
+        if paper.get(meth, {}).get("compression_ratio_steps") is not None:
             add(f"{meth} compression ratio at FLUX's K/V shape (compressed steps)",
-                paper[meth]["ratio_compressed_steps"], ">=", thr, "paper_shape_bytes")
+                paper[meth]["compression_ratio_steps"], ">=", thr, "paper_shape_bytes")
     for where, group in (("methods", top), (f"ranks{cfg.timing_ranks}", res.get(f"ranks{cfg.timing_ranks}", {}).get("methods", {}))):
         if "ring+int2" in group:
             add("ring+int2 PSNR dB", group["ring+int2"].get("psnr_db"), ">=", 30.0, where)
@@ -201,7 +201,7 @@ def summarize(data: RunData, *, command: str, quick: bool) -> dict[str, Any]:
                            "ranks": top_p, "images_per_request": len(cfg.labels), "steps": cfg.steps,
                            "failures": list(data.failures)}
     for p, s in sorted(data.per_ranks.items()):
-        block = {"ranks": p, "methods": _methods(s, cfg.steps, cfg.warmup_steps), "curves": _curves(s),
+        block = {"ranks": p, "methods": _methods(s, cfg.steps, cfg.raw_steps), "curves": _curves(s),
                  "emulation": s.emulation,
                  "search": _search(s), "main_link": s.main_link, "main_link_mbps": s.links.get(s.main_link)}
         if p == top_p:

@@ -62,7 +62,7 @@ class SampleResult:
     images: Any  # numpy float32 array (B, 1, 32, 32) on rank 0, else None
 
 
-def job_prepare(ctx: Any, backend: str, keys: list[RunKey], wire_dtype: str, warmup_steps: int, seed: int) -> int:
+def job_prepare(ctx: Any, backend: str, keys: list[RunKey], wire_dtype: str, raw_steps: int, seed: int) -> int:
     """Load and parallelize one model per key (skipping keys already cached); returns how many."""
     be = ctx.cache.setdefault("backend", make_backend(backend))
     models = ctx.cache.setdefault("models", {})
@@ -73,7 +73,7 @@ def job_prepare(ctx: Any, backend: str, keys: list[RunKey], wire_dtype: str, war
         model = be.load()
         handle = None
         if method.parallel:
-            handle = be.parallelize(model, method, wire_dtype=wire_dtype, warmup_steps=method.warmup(warmup_steps),
+            handle = be.parallelize(model, method, wire_dtype=wire_dtype, raw_steps=method.raw(raw_steps),
                                     variant=key.variant, record_errors=key.record_errors, seed=seed)
         models[key] = (model, handle)
     return len(models)

@@ -1,5 +1,5 @@
-"""Helpers shared by the benchmark tasks: float range checks (integers use ccomm's
-`check_int`) and seeded model construction."""
+"""Helpers shared by the benchmark tasks: seeded model construction (range checks are
+`ccomm.validate`'s)."""
 from __future__ import annotations
 
 import contextlib
@@ -7,21 +7,10 @@ from typing import Callable, Iterator, TypeVar
 
 import torch
 
-__all__ = ["check_float", "seeded", "build_seeded"]
+__all__ = ["seeded", "build_seeded"]
 
 
 M = TypeVar("M")
-
-
-def check_float(name: str, value: object, lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False) -> None:
-    """Raise `ValueError` naming `name` unless `value` is a real number in the given interval."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if ok:
-        v = float(value)  # type: ignore[arg-type]
-        ok = (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
-    if not ok:
-        rng = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
-        raise ValueError(f"{name}: must be a number in {rng}, got {value!r}")
 
 
 @contextlib.contextmanager

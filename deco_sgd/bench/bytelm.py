@@ -24,9 +24,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ccomm.codecs.base import check_int
+from ccomm.validate import check_int, check_number
 
-from ._common import build_seeded, check_float
+from ._common import build_seeded
 
 __all__ = ["ByteLMConfig", "ByteLMTask", "Corpus", "build_corpus", "corpus_files", "EXCLUDED_DIRS", "VOCAB"]
 
@@ -55,16 +55,16 @@ class ByteLMConfig:
     root: str | None = None
 
     def __post_init__(self) -> None:
-        check_int("bytelm", "max_bytes", self.max_bytes, 1024)
-        check_float("val_fraction", self.val_fraction, 0.0, 0.5, lo_open=True)
-        check_int("bytelm", "n_layers", self.n_layers, 1, 64)
-        check_int("bytelm", "d_model", self.d_model, 8, 8192)
-        check_int("bytelm", "n_heads", self.n_heads, 1, 256)
+        check_int("bytelm.max_bytes", self.max_bytes, 1024)
+        check_number("bytelm.val_fraction", self.val_fraction, 0.0, 0.5, lo_open=True)
+        check_int("bytelm.n_layers", self.n_layers, 1, 64)
+        check_int("bytelm.d_model", self.d_model, 8, 8192)
+        check_int("bytelm.n_heads", self.n_heads, 1, 256)
         if self.d_model % self.n_heads:
             raise ValueError(f"n_heads: must divide d_model={self.d_model}, got {self.n_heads}")
-        check_int("bytelm", "context", self.context, 2, 65536)
-        check_int("bytelm", "batch_size", self.batch_size, 1, 65536)
-        check_int("bytelm", "eval_windows", self.eval_windows, 1)
+        check_int("bytelm.context", self.context, 2, 65536)
+        check_int("bytelm.batch_size", self.batch_size, 1, 65536)
+        check_int("bytelm.eval_windows", self.eval_windows, 1)
         if self.root is not None and not isinstance(self.root, str):
             raise ValueError(f"root: must be a directory path string or None, got {self.root!r}")
 
@@ -164,8 +164,8 @@ class ByteLMTask:
 
     def shard_range(self, rank: int, world: int) -> tuple[int, int]:
         """[start, stop) of the contiguous slice of the training bytes owned by `rank`."""
-        check_int("bytelm", "world", world, 1)
-        check_int("bytelm", "rank", rank, 0, world - 1)
+        check_int("bytelm.world", world, 1)
+        check_int("bytelm.rank", rank, 0, world - 1)
         n = len(self._train)
         start, stop = rank * n // world, (rank + 1) * n // world
         if stop - start < self.config.context + 1:

@@ -6,7 +6,7 @@ A config file has six sections; every field is optional except `scenario` and `n
     scenario: high_latency
     workers: 8
     task: {name: mnist}                  # name + the task's own config fields
-    network: {rtt_ms: 150, bandwidth_mbps: 100}   # or trace: {kind: random_walk, ...}
+    network: {latency_ms: 75, bandwidth_mbps: 100}   # one-way; or trace: {kind: random_walk, ...}
     train: {steps: 300, lr: 0.05, momentum: 0.9, compute_time_s: 0.075, seeds: [0, 1, 2]}
     methods: {grid_ratios: [...], grid_taus: [...], powersgd_ranks: [1, 4], ...}
     deco: {warmup_steps: 20, b: ..., kappa: ...}   # DecoConfig fields shared by every DeCo run
@@ -27,11 +27,13 @@ Loading runs in this order:
 from __future__ import annotations
 
 import dataclasses
-import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from ccomm.configs import config_dict
+from ccomm.validate import check_int, check_number
 from netsim import Link, Trace
 
 from ..config import DecoConfig
@@ -60,19 +62,6 @@ METHOD_KINDS = ("dsgd", "grid", "static_apriori", "cocktail", "dga", "powersgd",
 TRACE_KINDS = ("random_walk", "steps", "csv")
 
 
-def _num(name: str, v: Any, lo: float, hi: float = math.inf, *, lo_open: bool = False, integer: bool = False) -> Any:
-    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
-    if integer:
-        ok = ok and isinstance(v, int)
-    if ok:
-        ok = (v > lo if lo_open else v >= lo) and v <= hi
-    if not ok:
-        kind = "an integer" if integer else "a number"
-        rng = f"{'(' if lo_open else '['}{lo:g}, {'inf' if math.isinf(hi) else f'{hi:g}'}]"
-        raise ValueError(f"{name}: must be {kind} in {rng}, got {v!r}")
-    return v if integer else float(v)
-
-
 def _from_mapping(cls: type, section: str, data: Any) -> Any:
     if data is None:
         data = {}
@@ -87,20 +76,35 @@ def _from_mapping(cls: type, section: str, data: Any) -> Any:
 
 @dataclass(frozen=True)
 class NetworkConfig:
-    """One link model shared by every worker (netsim `Link`): RTT and a constant rate or a trace."""
+    """One link model shared by every worker (netsim `Link`): one-way latency and a constant
+    rate or a trace (docs/glossary.md: `latency_ms` is one way, as in netsim; the round trip
+    is twice it)."""
 
-    rtt_ms: float = 150.0
+    latency_ms: float = 75.0  # a float: the default round trip has always been 150.0
     bandwidth_mbps: float | None = 100.0
     #: None, or {kind: random_walk, start_mbps, low_mbps, high_mbps, step_s, duration_s, sigma, seed}
     #: / {kind: steps, points: [[t_s, mbps], ...]} / {kind: csv, path}.
     trace: Mapping[str, Any] | None = None
+    #: Deprecated: the round-trip time, the former key; folded into `latency_ms` (half of it).
+    rtt_ms: float | None = None
+    #: The round trip as the run fingerprints have always spelled it (`round_trip_ms`).
+    _round_trip: Any = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        _num("network.rtt_ms", self.rtt_ms, 0.0, 10_000.0)
+        if self.rtt_ms is not None:
+            warnings.warn("network: 'rtt_ms' (round trip) is deprecated, use 'latency_ms' (one way, half of it; "
+                          "see docs/glossary.md)", DeprecationWarning, stacklevel=3)
+            check_number("network.rtt_ms", self.rtt_ms, 0.0, 10_000.0)
+            object.__setattr__(self, "latency_ms", self.rtt_ms / 2.0)
+            object.__setattr__(self, "_round_trip", self.rtt_ms)  # exactly as given, int or float
+            object.__setattr__(self, "rtt_ms", None)
+        else:
+            check_number("network.latency_ms", self.latency_ms, 0.0, 5_000.0)
+            object.__setattr__(self, "_round_trip", 2 * self.latency_ms)  # an int latency gives an int
         if self.trace is None:
             if self.bandwidth_mbps is None:
                 raise ValueError("network.bandwidth_mbps: give a rate in Mbit/s or a network.trace")
-            _num("network.bandwidth_mbps", self.bandwidth_mbps, 0.0, 1e6, lo_open=True)
+            check_number("network.bandwidth_mbps", self.bandwidth_mbps, 0.0, 1e6, lo_open=True)
         else:
             if self.bandwidth_mbps is not None:
                 raise ValueError("network.bandwidth_mbps: must be null when network.trace is given")
@@ -109,6 +113,11 @@ class NetworkConfig:
                                  f"{self.trace.get('kind') if isinstance(self.trace, Mapping) else self.trace!r}")
             object.__setattr__(self, "trace", dict(self.trace))
             self.build_trace()  # fail now with the trace's own message
+
+    @property
+    def round_trip_ms(self) -> float:
+        """The round-trip time in ms (2 × `latency_ms`): what run fingerprints key on."""
+        return self._round_trip  # type: ignore[no-any-return]
 
     def build_trace(self) -> Trace | None:
         t = self.trace
@@ -132,7 +141,7 @@ class NetworkConfig:
 
     def link(self) -> Link:
         trace = self.build_trace()
-        one_way = self.rtt_ms / 2.0
+        one_way = float(self.latency_ms)
         if trace is None:
             return Link(float(self.bandwidth_mbps), one_way)  # type: ignore[arg-type]
         return Link(None, one_way, trace=trace)
@@ -155,19 +164,19 @@ class TrainConfig:
     timeout_s: float = 7200.0
 
     def __post_init__(self) -> None:
-        _num("train.steps", self.steps, 1, 1_000_000, integer=True)
-        _num("train.lr", self.lr, 0.0, 10.0, lo_open=True)
-        _num("train.momentum", self.momentum, 0.0, 0.999)
-        _num("train.eval_every", self.eval_every, 1, 1_000_000, integer=True)
-        _num("train.compute_time_s", self.compute_time_s, 0.0, 3600.0, lo_open=True)
-        _num("train.timeout_s", self.timeout_s, 1.0, 1e6)
+        check_int("train.steps", self.steps, 1, 1_000_000)
+        check_number("train.lr", self.lr, 0.0, 10.0, lo_open=True)
+        check_number("train.momentum", self.momentum, 0.0, 0.999)
+        check_int("train.eval_every", self.eval_every, 1, 1_000_000)
+        check_number("train.compute_time_s", self.compute_time_s, 0.0, 3600.0, lo_open=True)
+        check_number("train.timeout_s", self.timeout_s, 1.0, 1e6)
         for name in ("seeds", "grid_seeds"):
             v = getattr(self, name)
             if v is None:
                 continue
             if isinstance(v, (str, bytes)) or not hasattr(v, "__iter__") or not list(v):
                 raise ValueError(f"train.{name}: must be a non-empty list of integers >= 0, got {v!r}")
-            vals = tuple(_num(f"train.{name}", s, 0, 2**31, integer=True) for s in v)
+            vals = tuple(check_int(f"train.{name}", s, 0, 2**31) for s in v)
             if len(set(vals)) != len(vals):
                 raise ValueError(f"train.{name}: seeds must be distinct, got {list(vals)}")
             object.__setattr__(self, name, vals)
@@ -207,23 +216,23 @@ class MethodsConfig:
                 raise ValueError(f"methods.{name}: must be a list, got {v!r}")
             object.__setattr__(self, name, tuple(v))
         for r in self.grid_ratios:
-            _num("methods.grid_ratios", r, 0.0, 1.0, lo_open=True)
+            check_number("methods.grid_ratios", r, 0.0, 1.0, lo_open=True)
         for t in self.grid_taus:
-            _num("methods.grid_taus", t, 0, 64, integer=True)
+            check_int("methods.grid_taus", t, 0, 64)
         if self.grid_pairs is not None:
             pairs = []
             for p in self.grid_pairs:
                 if isinstance(p, (str, bytes)) or not hasattr(p, "__len__") or len(p) != 2:
                     raise ValueError(f"methods.grid_pairs: each entry must be [ratio, staleness], got {p!r}")
-                pairs.append((_num("methods.grid_pairs", p[0], 0.0, 1.0, lo_open=True),
-                              _num("methods.grid_pairs", p[1], 0, 64, integer=True)))
+                pairs.append((check_number("methods.grid_pairs", p[0], 0.0, 1.0, lo_open=True),
+                              check_int("methods.grid_pairs", p[1], 0, 64)))
             object.__setattr__(self, "grid_pairs", tuple(pairs))
         if len(set(self.grid)) != len(self.grid):
             raise ValueError(f"methods.grid_pairs: pairs must be distinct, got {list(self.grid)}")
         for r in self.powersgd_ranks:
-            _num("methods.powersgd_ranks", r, 1, 1024, integer=True)
-        _num("methods.cocktail_staleness", self.cocktail_staleness, 0, 64, integer=True)
-        _num("methods.dga_tau_max", self.dga_tau_max, 0, 64, integer=True)
+            check_int("methods.powersgd_ranks", r, 1, 1024)
+        check_int("methods.cocktail_staleness", self.cocktail_staleness, 0, 64)
+        check_int("methods.dga_tau_max", self.dga_tau_max, 0, 64)
         bad = [s for s in self.skip if s not in METHOD_KINDS or s == "dsgd"]
         if bad:
             raise ValueError(f"methods.skip: must name method kinds from {[k for k in METHOD_KINDS if k != 'dsgd']},"
@@ -251,9 +260,9 @@ class TargetConfig:
     value: float | None = None
 
     def __post_init__(self) -> None:
-        _num("target.factor", self.factor, 0.0, 1.0, lo_open=True)
+        check_number("target.factor", self.factor, 0.0, 1.0, lo_open=True)
         if self.value is not None:
-            _num("target.value", self.value, -1e9, 1e9)
+            check_number("target.value", self.value, -1e9, 1e9)
 
 
 @dataclass(frozen=True)
@@ -273,7 +282,7 @@ class BenchConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.scenario, str) or not self.scenario.strip():
             raise ValueError(f"scenario: must be a non-empty name, got {self.scenario!r}")
-        _num("workers", self.workers, 1, 64, integer=True)
+        check_int("workers", self.workers, 1, 64)
         if not isinstance(self.task, Mapping) or "name" not in self.task:
             raise ValueError(f"task.name: must be given (one of mnist, bytelm), got {self.task!r}")
         from .tasks import TASKS
@@ -306,10 +315,18 @@ class BenchConfig:
         base: dict[str, Any] = {"timeout_s": 600.0, **self.deco, **method}
         return DecoConfig.from_dict(base)
 
+    def quick_version(self) -> "BenchConfig":
+        """The `--quick` reduction (docs/design/deco_sgd.md#quick-mode): n = 4, seed 0, mnist
+        with the small MLP, 300 steps, 3-point grid, PowerSGD rank 1."""
+        base = self.task if self.task.get("name") == "mnist" else {"name": "mnist"}
+        task = {**base, "hidden": list(QUICK_MNIST_HIDDEN)}
+        train = dataclasses.replace(self.train, steps=300, seeds=(0,), grid_seeds=None)
+        methods = dataclasses.replace(self.methods, grid_pairs=QUICK_GRID, powersgd_ranks=(1,))
+        return dataclasses.replace(self, workers=4, task=task, train=train, methods=methods, quick=True)
+
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["network"]["trace"] = self.network.trace
-        return d
+        """The init fields as plain data (`ccomm.configs`): what `config_from_dict` reads back."""
+        return config_dict(self)
 
 
 def load_config(path: str | Path, *, quick: bool = False) -> BenchConfig:
@@ -331,11 +348,11 @@ def config_from_dict(data: Any, *, quick: bool = False) -> BenchConfig:
     if "scenario" not in data:
         raise ValueError("scenario: missing (a name such as high_latency)")
     if "network" not in data:
-        raise ValueError("network: missing (rtt_ms and bandwidth_mbps or trace)")
+        raise ValueError("network: missing (latency_ms and bandwidth_mbps or trace)")
     kw: dict[str, Any] = {k: _from_mapping(cls, k, data.get(k)) for k, cls in sections.items()}
     cfg = BenchConfig(scenario=data["scenario"], workers=data.get("workers", 8),
                       task=data.get("task") or {"name": "mnist"}, deco=data.get("deco") or {}, **kw)
-    return apply_quick(cfg) if quick else cfg
+    return cfg.quick_version() if quick else cfg
 
 
 def with_seeds(cfg: BenchConfig, seeds: str) -> BenchConfig:
@@ -349,10 +366,7 @@ def with_seeds(cfg: BenchConfig, seeds: str) -> BenchConfig:
 
 
 def apply_quick(cfg: BenchConfig) -> BenchConfig:
-    """The `--quick` reduction (docs/design/deco_sgd.md#quick-mode): n = 4, seed 0, mnist with the small MLP,
-    300 steps, 3-point grid, PowerSGD rank 1."""
-    base = cfg.task if cfg.task.get("name") == "mnist" else {"name": "mnist"}
-    task = {**base, "hidden": list(QUICK_MNIST_HIDDEN)}
-    train = dataclasses.replace(cfg.train, steps=300, seeds=(0,), grid_seeds=None)
-    methods = dataclasses.replace(cfg.methods, grid_pairs=QUICK_GRID, powersgd_ranks=(1,))
-    return dataclasses.replace(cfg, workers=4, task=task, train=train, methods=methods, quick=True)
+    """Deprecated: `cfg.quick_version()` (the name CompactFusion's benchmark config uses too)."""
+    warnings.warn("deco_sgd.bench.config.apply_quick(cfg) is deprecated, use cfg.quick_version()",
+                  DeprecationWarning, stacklevel=2)
+    return cfg.quick_version()

@@ -17,9 +17,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ccomm.codecs.base import check_int
+from ccomm.validate import check_int, check_number
 
-from ._common import build_seeded, check_float
+from ._common import build_seeded
 
 __all__ = ["MnistConfig", "MnistTask", "load_mnist", "stratified_split", "shard_owners", "MISSING_EXTRA_MSG"]
 
@@ -55,17 +55,17 @@ class MnistConfig:
         if len(self.hidden) < 1:
             raise ValueError("hidden: must list at least one width")
         for i, w in enumerate(self.hidden):
-            check_int("mnist", f"hidden[{i}]", w, 1, 65536)
+            check_int(f"mnist.hidden[{i}]", w, 1, 65536)
         if len(self.cnn_channels) != 2:
             raise ValueError(f"cnn_channels: must have 2 entries, got {self.cnn_channels!r}")
         for i, c in enumerate(self.cnn_channels):
-            check_int("mnist", f"cnn_channels[{i}]", c, 1, 1024)
-        check_int("mnist", "batch_size", self.batch_size, 1, 4000)
-        check_int("mnist", "n_test", self.n_test, N_CLASSES, 4990)
+            check_int(f"mnist.cnn_channels[{i}]", c, 1, 1024)
+        check_int("mnist.batch_size", self.batch_size, 1, 4000)
+        check_int("mnist.n_test", self.n_test, N_CLASSES, 4990)
         if self.n_test % N_CLASSES:
             raise ValueError(f"n_test: must be a multiple of {N_CLASSES} (stratified split), got {self.n_test}")
-        check_int("mnist", "split_seed", self.split_seed, 0)
-        check_float("label_skew", self.label_skew, 0.0, 1.0)
+        check_int("mnist.split_seed", self.split_seed, 0)
+        check_number("mnist.label_skew", self.label_skew, 0.0, 1.0)
 
 
 @functools.lru_cache(maxsize=1)
@@ -170,8 +170,8 @@ class MnistTask:
 
     def shard(self, rank: int, world: int, seed: int) -> np.ndarray:
         """Positions (into the training split) of the items rank `rank` trains on."""
-        check_int("mnist", "world", world, 1)
-        check_int("mnist", "rank", rank, 0, world - 1)
+        check_int("mnist.world", world, 1)
+        check_int("mnist.rank", rank, 0, world - 1)
         owner = shard_owners(self._labels_train, world, seed, self.config.label_skew)
         mine = np.flatnonzero(owner == rank)
         if len(mine) < self.config.batch_size:

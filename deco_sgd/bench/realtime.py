@@ -28,7 +28,6 @@ the clock-validation methods of a `deco-sgd bench` scenario, and writes ``DIR/re
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import sys
 import time
@@ -36,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 from ccomm.ranks import run_ranks
+from ccomm.validate import check_int, check_number
 
 from .vclock import replay
 
@@ -52,14 +52,6 @@ REL_TOL = 0.15
 #: emulate the link and its comparison says nothing about the clock: `validate` marks it invalid.
 LATE_TIME_MAX = 0.05
 _DECO_FORBIDDEN = ("mode",)
-
-
-def _pos(name: str, v: Any, *, integer: bool = False, zero_ok: bool = False) -> None:
-    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
-    ok = ok and (v >= 0 if zero_ok else v > 0) and (not integer or isinstance(v, int))
-    if not ok:
-        kind = "an integer" if integer else "a finite number"
-        raise ValueError(f"{name}: must be {kind} {'>= 0' if zero_ok else '> 0'}, got {v!r}")
 
 
 @dataclass(frozen=True)
@@ -106,16 +98,16 @@ class RealRunSpec:
             raise ValueError("decisions: a replayed decision list needs adaptive: false")
         object.__setattr__(self, "decisions", tuple(decs))
         for k in ("n", "steps", "checkpoint_every"):
-            _pos(k, getattr(self, k), integer=True)
-        _pos("seed", self.seed, integer=True, zero_ok=True)
+            check_int(k, getattr(self, k), 1)
+        check_int("seed", self.seed, 0)
         for k in ("compute_time_s", "lr", "timeout_s"):
-            _pos(k, getattr(self, k))
-        _pos("momentum", self.momentum, zero_ok=True)
-        _pos("latency_ms", self.latency_ms, zero_ok=True)
+            check_number(k, getattr(self, k), 0.0, lo_open=True)
+        check_number("momentum", self.momentum, 0.0)
+        check_number("latency_ms", self.latency_ms, 0.0)
         if (self.trace is None) == (self.bandwidth_mbps is None):
             raise ValueError("bandwidth_mbps, trace: give exactly one (a constant rate or a trace file)")
         if self.bandwidth_mbps is not None:
-            _pos("bandwidth_mbps", self.bandwidth_mbps)
+            check_number("bandwidth_mbps", self.bandwidth_mbps, 0.0, lo_open=True)
         self.deco_config()  # fails now, in the parent, rather than in n children
         self.link()
 

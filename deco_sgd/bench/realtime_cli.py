@@ -98,7 +98,7 @@ def specs_from_bench(cfg: Any, *, workers: int | None = None, steps: int | None 
                          "(use --config with `trace: FILE` for a trace)")
     shared = {"task": cfg.task["name"], "task_config": cfg.task_kwargs, "n": n, "steps": steps,
               "compute_time_s": t.compute_time_s, "bandwidth_mbps": net.bandwidth_mbps,
-              "latency_ms": net.rtt_ms / 2.0, "lr": t.lr, "momentum": t.momentum, "seed": seed,
+              "latency_ms": float(net.latency_ms), "lr": t.lr, "momentum": t.momentum, "seed": seed,
               "checkpoint_every": max(1, steps // 5), "timeout_s": timeout_s}
     base = {"timeout_s": 120.0, **cfg.deco, "seed": seed}
     runs = [("dsgd", {"codec": "topk", "ratio": 1.0, "staleness": 0}, ()),

@@ -26,6 +26,7 @@ import json
 import math
 import platform
 import statistics
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -283,7 +284,9 @@ def render_report(res: dict[str, Any], plots: bool, command: str | None = None) 
     net = cfg["network"]
     bw = f"{net['bandwidth_mbps']:g} Mbit/s" if net["trace"] is None else f"trace {net['trace']}"
     tr = cfg["train"]
-    lines += [f"Workers: {cfg['workers']}; network: RTT {net['rtt_ms']:g} ms, {bw}; compute "
+    # results.json written before the glossary (docs/glossary.md) hold the round trip `rtt_ms`.
+    one_way = net["latency_ms"] if net.get("latency_ms") is not None else net["rtt_ms"] / 2
+    lines += [f"Workers: {cfg['workers']}; network: one-way latency {one_way:g} ms, {bw}; compute "
               f"{tr['compute_time_s'] * 1e3:g} ms per step (virtual); {tr['steps']} steps; seeds {tr['seeds']} "
               f"(static grid: {tr['grid_seeds'] or tr['seeds']}); SGD lr {tr['lr']:g}, momentum {tr['momentum']:g}.",
               "",
@@ -488,7 +491,9 @@ def _plots(res: dict[str, Any], out: Path) -> bool:
     end = max((m["curve"][-1]["t_s"] for n, m in meth.items() if m["kind"] == "deco"), default=0.0)
     from .config import NetworkConfig
 
-    link = NetworkConfig(**res["config"]["network"]).link()
+    with warnings.catch_warnings():  # results.json written before the rename hold `rtt_ms`
+        warnings.simplefilter("ignore", DeprecationWarning)
+        link = NetworkConfig(**res["config"]["network"]).link()
     tr = link.rate_trace
     xs = [x for x in tr.times_s if x <= end] or [0.0]
     ax.step(xs + [max(end, xs[-1])], [tr.rate_mbps(x) for x in xs] + [tr.rate_mbps(max(end, xs[-1]))],

@@ -57,7 +57,12 @@ class BenchFailed(RuntimeError):
 
 
 def fingerprint(cfg: BenchConfig, spec: RunSpec) -> str:
-    """Hash of everything the run's trajectory depends on (see the module docstring)."""
+    """Hash of everything the run's trajectory depends on (see the module docstring).
+
+    Run caches are keyed by it: keep its output byte-identical (pinned in
+    tests/deco_sgd/test_bench_config.py::test_run_fingerprints_are_pinned); e.g. the network
+    enters as the round trip (`round_trip_ms`), as when the config's key was `rtt_ms`.
+    """
     t = cfg.train
     deco = dict(cfg.deco)
     if spec.kind not in CONTROLLED:
@@ -68,7 +73,7 @@ def fingerprint(cfg: BenchConfig, spec: RunSpec) -> str:
         "spec": [spec.name, spec.kind, spec.seed, spec.deco, spec.rank],
     }
     if spec.kind in NETWORK_DEPENDENT:
-        key["network"] = [cfg.network.rtt_ms, cfg.network.bandwidth_mbps, cfg.network.trace]
+        key["network"] = [cfg.network.round_trip_ms, cfg.network.bandwidth_mbps, cfg.network.trace]
         if spec.kind == "dga":
             key["dga_tau_max"] = cfg.methods.dga_tau_max
         if spec.kind == "static_apriori":

@@ -31,7 +31,7 @@ def _relay(sender: ResidualCodec, receiver: ResidualCodec, key: object, x: torch
 @pytest.mark.parametrize("spec", ACTIVATION_CODECS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_bases_bit_identical_over_30_steps(spec: str, dtype: torch.dtype) -> None:
-    snd, rcv = ResidualCodec(spec, warmup_steps=2), ResidualCodec(spec, warmup_steps=2)
+    snd, rcv = ResidualCodec(spec, raw_sends=2), ResidualCodec(spec, raw_sends=2)
     for t, x in enumerate(_walk(30, (48, 40), dtype)):
         out = _relay(snd, rcv, "kv", x)
         assert out.shape == x.shape and out.dtype == dtype
@@ -97,9 +97,17 @@ def test_raw_payload_received_as_bytes() -> None:
 
 
 @pytest.mark.parametrize("bad", [0, -1, 1.5, True])
-def test_bad_warmup_rejected(bad: object) -> None:
-    with pytest.raises(ValueError, match="warmup_steps"):
+def test_bad_raw_sends_rejected(bad: object) -> None:
+    with pytest.raises(ValueError, match="raw_sends: must be an integer >= 1"):
         ResidualCodec("int2", bad)  # type: ignore[arg-type]
+
+
+def test_warmup_steps_is_a_deprecated_name_of_raw_sends() -> None:
+    with pytest.warns(DeprecationWarning, match="'warmup_steps' is deprecated, use 'raw_sends'"):
+        rc = ResidualCodec("int2", warmup_steps=3)
+    assert rc.raw_sends == 3
+    with pytest.warns(DeprecationWarning, match="use raw_sends"):
+        assert rc.warmup_steps == 3
 
 
 def test_bad_variant_and_codec_rejected() -> None:

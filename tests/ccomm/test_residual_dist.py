@@ -27,7 +27,7 @@ def _exchange_steps(rank: int, world: int, spec: str, dtype_name: str, corrupt: 
     from ccomm import ConsistencyError, ResidualCodec
 
     dtype = getattr(torch, dtype_name)
-    rc = ResidualCodec(spec, warmup_steps=1)
+    rc = ResidualCodec(spec, raw_sends=1)
     gen = torch.Generator().manual_seed(100 + rank)
     x = torch.randn(SHAPE, generator=gen)
     checked = 0

@@ -23,7 +23,7 @@ def test_examples_load_and_quick(name: str) -> None:
 
 def test_ethernet_is_shaped_and_fast_link_is_not() -> None:
     eth, fast = load_config(EXAMPLES / "ethernet.yaml"), load_config(EXAMPLES / "fast_link.yaml")
-    assert eth.link.bandwidth_mbps == "auto" and eth.link.target_ratio == pytest.approx(136.52 / 28.06, abs=0.01)
+    assert eth.link.bandwidth_mbps == "auto" and eth.link.target_slowdown == pytest.approx(136.52 / 28.06, abs=0.01)
     assert eth.link.sweep == (2, 3, 4)
     assert fast.link.bandwidth_mbps is None and not fast.link.shaped
 
@@ -40,12 +40,12 @@ def test_ethernet_is_shaped_and_fast_link_is_not() -> None:
         ({"methods": ["ring"]}, "methods"),  # single missing
         ({"methods": ["single", "ring", "patch+int2"]}, "methods"),  # its reference, patch, missing
         ({"wire_dtype": "fp8"}, "wire_dtype"),
-        ({"warmup_steps": 0}, "warmup_steps"),
+        ({"raw_steps": 0}, "raw_steps"),
         ({"repeats": 0}, "repeats"),
         ({"backend": "nope"}, "backend"),
         ({"ablation_variants": ["ef", "second_order"]}, "ablation_variants"),
         ({"link": {"bandwidth_mbps": -1}}, "link.bandwidth_mbps"),
-        ({"link": {"target_ratio": 1.0}}, "link.target_ratio"),
+        ({"link": {"target_slowdown": 1.0}}, "link.target_slowdown"),
         ({"link": {"tolerance": 0}}, "link.tolerance"),
         ({"link": {"sweep": [0]}}, "link.sweep"),
         ({"link": {"bandwidth_mbps": None, "sweep": [2]}}, "link.sweep"),
@@ -131,18 +131,29 @@ def test_distrifusion_runs_the_originals_four_warmup_steps() -> None:
     from compactfusion.bench.methods import DISTRIFUSION_WARMUP
     from compactfusion.bench.worker import RunKey, job_prepare
 
-    assert DISTRIFUSION_WARMUP == 4 and METHODS["distrifusion"].warmup(1) == 4
-    assert all(m.warmup(1) == 1 for n, m in METHODS.items() if n != "distrifusion")
+    assert DISTRIFUSION_WARMUP == 4 and METHODS["distrifusion"].raw(1) == 4
+    assert all(m.raw(1) == 1 for n, m in METHODS.items() if n != "distrifusion")
     seen: dict[str, int] = {}
 
     class Spy:  # a backend that records what the worker asks for
         def load(self) -> object:
             return object()
 
-        def parallelize(self, model: object, method: object, *, warmup_steps: int, **_: object) -> object:
-            seen[method.name] = warmup_steps  # type: ignore[attr-defined]
+        def parallelize(self, model: object, method: object, *, raw_steps: int, **_: object) -> object:
+            seen[method.name] = raw_steps  # type: ignore[attr-defined]
             return None
 
     ctx = SimpleNamespace(cache={"backend": Spy()})
     job_prepare(ctx, "toy", [RunKey(m) for m in ("ring", "distrifusion", "ring+int2")], "fp16", 1, 0)
     assert seen == {"ring": 1, "distrifusion": 4, "ring+int2": 1}
+
+
+def test_renamed_keys_still_load_with_a_deprecation_warning() -> None:
+    new = config_from_dict({"name": "x", "raw_steps": 2, "quick": {"raw_steps": 3}})
+    with pytest.warns(DeprecationWarning, match="'warmup_steps' is deprecated, use 'raw_steps'"):
+        old = config_from_dict({"name": "x", "warmup_steps": 2, "quick": {"warmup_steps": 3}})
+    assert old == new and old.quick_version().raw_steps == 3
+    with pytest.warns(DeprecationWarning, match="link: 'target_ratio' is deprecated, use 'target_slowdown'"):
+        assert config_from_dict({"name": "x", "link": {"target_ratio": 3.0}}).link.target_slowdown == 3.0
+    with pytest.raises(ValueError, match="give 'raw_steps' only"):
+        config_from_dict({"name": "x", "warmup_steps": 2, "raw_steps": 2})

@@ -46,11 +46,12 @@ def _check_paper_bytes(pb: dict, ranks: int) -> None:
     assert pb["methods"]["ring"]["bytes_per_call"] == [raw] * 3
     binary = pb["methods"]["ring+binary"]
     assert binary["bytes_per_call"] == [raw] + [2 * ((n + c) * 2 + n * c // 8) * (ranks - 1)] * 2
-    assert binary["ratio_compressed_steps"] == pytest.approx(binary["ratio_formula"]) and binary["ratio_formula"] > 15
+    assert binary["compression_ratio_steps"] == pytest.approx(binary["compression_ratio_formula"]) \
+        and binary["compression_ratio_formula"] > 15
     int2 = pb["methods"]["ring+int2"]
     assert int2["bytes_per_call"][1:] == [2 * ((n + c) * 2 + n * c // 4) * (ranks - 1)] * 2
     # One raw step among 28 dominates a request's bytes: 28 / (1 + 27 / 15.8) = 10.4.
-    assert 10 < binary["ratio_request"] < 10.5
+    assert 10 < binary["compression_ratio"] < 10.5
 
 
 @pytest.mark.multiprocess

@@ -112,3 +112,16 @@ def test_busy_note_reads_the_load_before_the_run(result: tuple[dict, Path]) -> N
     old = {**quiet, "host": {**quiet["host"], "loadavg_at_start": None}}  # results written before the field existed
     assert any("was busy" in n for n in _notes(old))
     assert res["host"]["loadavg_at_start"] is None  # this fixture's RunData has no start load
+
+
+def test_report_rerenders_results_written_before_the_glossary(tmp_path: Path) -> None:
+    # A committed results.json from before the renames (ratio_* / target_ratio keys) still renders.
+    import shutil
+
+    from compactfusion.bench.report import rerender
+
+    src = Path(__file__).resolve().parents[2] / "docs" / "benchmarks" / "compactfusion" / "ethernet" / "results.json"
+    assert '"target_ratio"' in src.read_text() and '"ratio_request"' in src.read_text()
+    shutil.copy(src, tmp_path / "results.json")
+    text = rerender(tmp_path).read_text()
+    assert "target slowdown 4.87" in text and "compression ratio, request" in text and "raw steps 1" in text

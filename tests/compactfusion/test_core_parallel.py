@@ -44,7 +44,7 @@ def _r_parity(rank: int, world: int, kinds: list[str], modes: list[str], codecs:
                 h.remove()
                 res[(kind, mode, codec)] = (out, loop)
         # distrifusion with warm-up >= steps never goes stale: bitwise equal to patch/none
-        h = cf.parallelize(model, cf.CompactConfig(mode="distrifusion", codec="none", warmup_steps=STEPS))
+        h = cf.parallelize(model, cf.CompactConfig(mode="distrifusion", codec="none", raw_steps=STEPS))
         res[(kind, "distrifusion", "W>=steps")] = (None, denoise(model, kind, STEPS))
         h.remove()
     return res

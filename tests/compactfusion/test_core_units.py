@@ -78,8 +78,8 @@ BAD_CONFIGS = [
     ({"codec": "nope"}, "codec"),
     ({"codec": ""}, "codec"),
     ({"codec": "lowrank:rank=0"}, "codec"),
-    ({"warmup_steps": 0}, "warmup_steps"),
-    ({"warmup_steps": 1.5}, "warmup_steps"),
+    ({"raw_steps": 0}, "raw_steps"),
+    ({"raw_steps": 1.5}, "raw_steps"),
     ({"variant": "ema"}, "variant"),
     ({"wire_dtype": "fp8"}, "wire_dtype"),
     ({"layers": (1, 1)}, "layers"),
@@ -108,10 +108,10 @@ def test_config_rejects_bad_values_naming_the_field(kwargs: dict, field: str) ->
 
 def test_config_defaults_and_derived_values() -> None:
     c = CompactConfig()
-    assert (c.mode, c.codec, c.warmup_steps, c.variant, c.wire_dtype, c.layers, c.calls_per_step) == (
+    assert (c.mode, c.codec, c.raw_steps, c.variant, c.wire_dtype, c.layers, c.calls_per_step) == (
         "ring", "int2", 1, "ef", "auto", None, 1)
     assert (c.patch_exact_local, c.on_shape_change, c.new_request, c.nonfinite, c.check_every) == (
-        False, "error", "timestep", "error", 0)
+        False, "raise", "timestep", "raise", 0)
     assert (c.record_errors, c.max_state_mb, c.seed) == (False, None, 0)
     assert CompactConfig(layers=[2, 0]).layers == (2, 0)
     assert CompactConfig(mode="patch", patch_exact_local=True).patch_exact_local

@@ -23,7 +23,7 @@ def _r_nan_on_rank_1(rank: int, world: int, mode: str, steps_before: int) -> Non
     import compactfusion as cf
 
     model = tiny_model("dit")
-    cf.parallelize(model, cf.CompactConfig(mode=mode, codec="int2", warmup_steps=1))
+    cf.parallelize(model, cf.CompactConfig(mode=mode, codec="int2", raw_steps=1))
     import torch.distributed as dist
 
     from ccomm.failfast import PeerError

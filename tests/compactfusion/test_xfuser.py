@@ -268,7 +268,7 @@ def _ring_bytes(codec: str, ulysses: int = 1) -> int:
         return STEPS * LAYERS * 2 * raw + headers
     assert codec == "int2"
     compressed = (n + c) * 4 + math.ceil(n * c / 4)
-    return LAYERS * 2 * (raw + (STEPS - 1) * compressed) + headers  # warmup_steps=1: step 0 raw
+    return LAYERS * 2 * (raw + (STEPS - 1) * compressed) + headers  # raw_steps=1: step 0 raw
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from deco_sgd.bench.plan import build_plan, first_decision
 from deco_sgd.bench.runner import fingerprint
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "deco_sgd"
-BASE = {"scenario": "s", "network": {"rtt_ms": 100, "bandwidth_mbps": 50}}
+BASE = {"scenario": "s", "network": {"latency_ms": 50, "bandwidth_mbps": 50}}
 
 
 def _cfg(**over: object) -> dict:
@@ -30,7 +30,7 @@ def _cfg(**over: object) -> dict:
     ({"train": {"seeds": [0, 0]}}, "train.seeds"),
     ({"train": {"seeds": [0], "grid_seeds": [1]}}, "train.grid_seeds"),
     ({"train": {"stepz": 3}}, "train: unknown field"),
-    ({"network": {"rtt_ms": -5}}, "network.rtt_ms"),
+    ({"network": {"latency_ms": -5}}, "network.latency_ms"),
     ({"network": {"bandwidth_mbps": 0}}, "network.bandwidth_mbps"),
     ({"network": {"bandwidth_mbps": None, "trace": {"kind": "zigzag"}}}, "network.trace.kind"),
     ({"network": {"bandwidth_mbps": None, "trace": {"kind": "random_walk", "low_mbps": -1}}}, "network.trace"),
@@ -91,6 +91,51 @@ def test_plan_and_fingerprints() -> None:
     assert fingerprint(cal, by["deco__s0"]) != fingerprint(cfg, by["deco__s0"])
     assert fingerprint(cal, by["static_apriori__s0"]) != fingerprint(cfg, by["static_apriori__s0"])
     assert fingerprint(cal, by["dga__s0"]) == fingerprint(cfg, by["dga__s0"])
+
+
+@pytest.mark.parametrize("name,quick,digest", [
+    ("high_latency", False, "425b40298949756c"),
+    ("high_latency", True, "767a881a759c9005"),
+    ("varying_bandwidth", False, "07d61652b379ceae"),
+    ("varying_bandwidth", True, "69087e59f7d5c834"),
+])
+def test_run_fingerprints_are_pinned(name: str, quick: bool, digest: str) -> None:
+    # Run records are cached under these fingerprints (a benchmark cache takes hours to
+    # fill): a refactor must leave them byte-identical. The values were produced before the
+    # vocabulary refactor (issue 12: `apply_quick` -> `quick_version`, `ccomm.validate`); a
+    # deliberate change to what a run depends on updates them, and says so.
+    import hashlib
+
+    cfg = load_config(EXAMPLES / f"{name}.yaml", quick=quick)
+    lines = "".join(f"{s.key}={fingerprint(cfg, s)}\n" for s in build_plan(cfg))
+    assert hashlib.sha256(lines.encode()).hexdigest()[:16] == digest
+
+
+def test_rtt_ms_is_deprecated_for_one_way_latency_ms() -> None:
+    import warnings
+
+    with pytest.warns(DeprecationWarning, match="'rtt_ms' \\(round trip\\) is deprecated, use 'latency_ms'"):
+        old = config_from_dict({**BASE, "network": {"rtt_ms": 100, "bandwidth_mbps": 50}})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        new = config_from_dict(BASE)
+    assert old.network == new.network and old.network.link() == new.network.link()
+    assert old.network.latency_ms == 50 and old.network.rtt_ms is None
+    # Run fingerprints key on the round trip exactly as the former `rtt_ms` spelled it.
+    assert old.network.round_trip_ms == new.network.round_trip_ms == 100
+    plan = build_plan(old)
+    assert [fingerprint(old, s) for s in plan] == [fingerprint(new, s) for s in plan]
+    from deco_sgd.bench.config import NetworkConfig
+
+    assert NetworkConfig(**new.to_dict()["network"]) == new.network  # the report reads results.json back
+
+
+def test_apply_quick_is_a_deprecated_alias() -> None:
+    from deco_sgd.bench.config import apply_quick
+
+    cfg = load_config(EXAMPLES / "high_latency.yaml")
+    with pytest.warns(DeprecationWarning, match=r"use cfg\.quick_version\(\)"):
+        assert apply_quick(cfg) == cfg.quick_version() == load_config(EXAMPLES / "high_latency.yaml", quick=True)
 
 
 def test_first_decision_skips_holds() -> None:

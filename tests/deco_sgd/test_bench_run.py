@@ -19,7 +19,7 @@ TINY = {
     "scenario": "high_latency",
     "workers": 2,
     "task": {"name": "mnist", "hidden": [32]},
-    "network": {"rtt_ms": 150, "bandwidth_mbps": 20},
+    "network": {"latency_ms": 75, "bandwidth_mbps": 20},
     "train": {"steps": 16, "eval_every": 4, "lr": 0.1, "seeds": [0], "compute_time_s": 0.05, "timeout_s": 300},
     "methods": {"grid_pairs": [[0.1, 1]], "powersgd_ranks": [1], "skip": ["cocktail", "dga", "static_apriori"]},
     # As in the example scenarios: measurements every 2 steps, first informed decision at step 8.

@@ -35,7 +35,7 @@ from pathlib import Path  # noqa: E402
     "text, expect",
     [
         ("", "the scenario file is empty"),
-        ("scenario: x\nnetwork: {rtt_ms: 1\n", r"cfg\.yaml:\d+: invalid YAML"),
+        ("scenario: x\nnetwork: {latency_ms: 1\n", r"cfg\.yaml:\d+: invalid YAML"),
         ("- a\n", "must hold a mapping of keys, got a list"),
     ],
 )

@@ -127,7 +127,7 @@ def test_dict_round_trip_and_json() -> None:
     d = c.to_dict()
     assert isinstance(d["ratio_grid"], list)
     back = DecoConfig.from_dict(json.loads(json.dumps(d)))
-    assert back == c and back.hash() == c.hash()
+    assert back == c and back.fingerprint() == c.fingerprint()
 
 
 def test_from_dict_rejects_unknown_fields() -> None:
@@ -137,18 +137,62 @@ def test_from_dict_rejects_unknown_fields() -> None:
 
 def test_hash_is_stable_and_sensitive() -> None:
     c = DecoConfig()
-    assert c.hash() == DecoConfig().hash() and len(c.hash()) == 64
-    assert c.hash() != c.replace(seed=1).hash()
-    assert c.hash() != c.replace(ratio_grid=c.ratio_grid[:-1]).hash()
+    assert c.fingerprint() == DecoConfig().fingerprint() and len(c.fingerprint()) == 64
+    assert c.fingerprint() != c.replace(seed=1).fingerprint()
+    assert c.fingerprint() != c.replace(ratio_grid=c.ratio_grid[:-1]).fingerprint()
     # Same value in another process (Python's own hash() is salted per process).
-    code = "from deco_sgd.config import DecoConfig; print(DecoConfig().hash())"
+    code = "from deco_sgd.config import DecoConfig; print(DecoConfig().fingerprint())"
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert other.stdout.strip() == c.hash()
+    assert other.stdout.strip() == c.fingerprint()
+
+
+def test_fingerprint_values_are_pinned() -> None:
+    # Checkpoints store `config_hash` = the fingerprint: these values were produced by the
+    # former hand-written `DecoConfig.hash()`; if they change, old checkpoints stop resuming.
+    assert DecoConfig().fingerprint() == "322bef7117b69c651347cf80c47afa765d36756453e0fe1da7a6fe569ae725ca"
+    c = DecoConfig(mode="static", codec="topk", ratio=0.01, staleness=2, ratio_grid=[0.5, 0.1], nonfinite="raise")
+    assert c.fingerprint() == "9b07cb1125f9dfa175f4b1a7aaaa6fc3c24575a82015e072cdb934e7e2b1f61d"
+
+
+def test_hash_is_a_deprecated_alias_of_fingerprint() -> None:
+    with pytest.warns(DeprecationWarning, match=r"use DecoConfig\.fingerprint\(\)"):
+        assert DecoConfig().hash() == DecoConfig().fingerprint()
+
+
+#: A valid value other than the default for every init field (a new field without one fails
+#: the test below, so the fingerprint cannot silently leave it out).
+OTHER_VALUES: dict[str, object] = {
+    "mode": "static", "codec": "randomk", "ratio": 0.2, "staleness": 1, "value_dtype": "fp16",
+    "exchange": "allgather", "collective_algo": "ring", "seed": 1, "bucket_mb": 5.0, "lr_tau_scaling": True,
+    "ratio_grid": (1.0, 0.1), "value_formats": ("fp32",), "tau_max": 8, "warmup_steps": 3, "measure_every": 1,
+    "decide_every": 10, "change_threshold": 0.3, "hysteresis": 0.1, "min_dwell_steps": 5,
+    "decision_mode": "rank0", "lut_rebuild_threshold": 0.2, "convergence": "template", "drift_prior": 0.4,
+    "drift_floor": 0.03, "monitor": False, "monitor_tolerance": 0.5, "monitor_rise": 0.2, "monitor_window": 8,
+    "ema_loss": 0.5, "phi": "poly", "phi_base": 3.0, "kappa": 2.0, "a": 2.0, "b": 2.0, "c": 2.0,
+    "eps_rel": 0.1, "ema_comp": 0.2, "ema_bandwidth": 0.2, "ema_grad": 0.2, "bw_min_transfer_frac": 0.1,
+    "latency_window": 10, "sigma_coords": 1024, "profile_coords": 1024, "nonfinite": "raise",
+    "max_consecutive_skips": 3, "timeout_s": 60.0, "checkpoint_queue": "drain", "flush": "discard",
+    "flush_residual": True,
+}
+
+
+def test_every_field_changes_the_fingerprint() -> None:
+    import dataclasses
+
+    from ccomm.configs import fingerprint_excluded
+
+    base = DecoConfig()
+    excluded = fingerprint_excluded(base)
+    fields = [f.name for f in dataclasses.fields(DecoConfig) if f.init and f.name not in excluded]
+    assert sorted(OTHER_VALUES) == sorted(fields), "give OTHER_VALUES a value for each new field"
+    for name in fields:
+        other = DecoConfig(**{name: OTHER_VALUES[name]})
+        assert other.fingerprint() != base.fingerprint(), name
 
 
 def test_numbers_are_normalised_before_hashing() -> None:
     # YAML gives `ratio: 1` as an int; it must be the same config as 1.0.
-    assert DecoConfig(ratio=1).hash() == DecoConfig(ratio=1.0).hash()  # type: ignore[arg-type]
+    assert DecoConfig(ratio=1).fingerprint() == DecoConfig(ratio=1.0).fingerprint()  # type: ignore[arg-type]
     assert isinstance(DecoConfig(eps_rel=1).eps_rel, float)  # type: ignore[arg-type]
 
 

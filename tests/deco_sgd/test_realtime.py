@@ -72,7 +72,7 @@ def test_specs_from_bench_scenario() -> None:
     from deco_sgd.bench.config import config_from_dict
 
     cfg = config_from_dict({"scenario": "s", "workers": 8, "task": {"name": "mnist", "hidden": [32]},
-                            "network": {"rtt_ms": 100, "bandwidth_mbps": 50},
+                            "network": {"latency_ms": 50, "bandwidth_mbps": 50},
                             "train": {"steps": 300, "lr": 0.1, "compute_time_s": 0.1},
                             "methods": {"grid_ratios": [0.01], "grid_taus": [2]}, "deco": {"warmup_steps": 5}})
     results = {"methods": {"deco": {"decisions": [
