@@ -2,7 +2,8 @@
 
 `python -m ccomm.bench --NAME [ARGS]` runs the benchmark plugin NAME instead. Plugins are
 entry points of the group ``ccomm.bench`` (:data:`PLUGIN_GROUP`) whose target is a
-``main(argv) -> int``; ccomm names none of them. netsim registers ``collectives`` in
+``main(argv) -> int``; ccomm imports none of them (it knows the name ``collectives`` only to
+explain a missing registration). netsim registers ``collectives`` in
 ``pyproject.toml`` (ring vs ``algo="auto"`` under ``netsim.emulate``,
 ``python -m ccomm.bench --collectives [--quick] [--out FILE]``), since it needs netsim, a
 layer above ccomm that ccomm never imports.

@@ -3,8 +3,9 @@
 Algorithm (docs/design/compactfusion.md#hooking-diffusers):
 1. Look up `type(transformer).__name__` in `MODEL_SPECS` (DiT, PixArt, Flux); other classes
    and fused QKV projections raise ValueError; a model already parallelized raises too.
-2. All-gather a fingerprint (config, class, layer count, heads, head_dim, P, ccomm version)
-   so every rank fails with ValueError on a mismatch instead of hanging later.
+2. Agree on a fingerprint (config, class, layer count, heads, head_dim, P, ccomm version)
+   over the group (`compactfusion.handle.agree`), so every rank fails with ValueError on a
+   mismatch instead of hanging later.
 3. Save the attention processors; set a full mapping (diffusers' `set_attn_processor` walk): our
    processors on the self-attention names (layer index = registration order), the
    originals elsewhere.
@@ -14,7 +15,9 @@ Algorithm (docs/design/compactfusion.md#hooking-diffusers):
    *split* slices the token embedder's output to this rank's chunk; *rope* (Flux) keeps
    the text rows of the rotary tables and this rank's image rows; *gather* all-gathers the
    final projection's output along the token dimension in rank order, uncompressed
-   (`token_gather`); a transformer post-hook runs `check_every`.
+   (`token_gather`); a transformer post-hook runs `check_every`. The autograd refusal,
+   request boundaries, `check_every` and the public interface are
+   `compactfusion.handle.HandleBase`'s, shared with the xfuser adapter.
 5. `Handle.remove()` restores the processors, removes the hooks, drains and drops state.
 
 Limits: inference only (a forward that records autograd raises RuntimeError); every rank
@@ -40,8 +43,9 @@ from ccomm.stats import CommStats
 
 from .config import CompactConfig
 from .errors import CompactStateError
+from .handle import HandleBase, agree
 from .processors import CompactAttnProcessor, CompactFluxAttnProcessor
-from .requests import RequestStats, RequestTracker, timestep_value
+from .requests import timestep_value
 from .state import CompactState
 
 __all__ = ["ModelSpec", "MODEL_SPECS", "Handle", "parallelize"]
@@ -96,106 +100,42 @@ def _ccomm_version() -> str:
         return "unknown"
 
 
-class Handle:
-    """A parallelized model: `reset()` between requests, `remove()` to restore it exactly.
+class Handle(HandleBase):
+    """A model parallelized by `parallelize`: `reset()` between requests, `remove()` to restore it exactly.
 
-    Attributes: `config`, `group`, `state` (the CompactState), `step` (completed denoising
-    steps since the last reset = forward_calls // calls_per_step), `errors` (rows recorded
-    with record_errors=True since the last reset: step, layer, key, source, kind, branch,
-    variant, raw, comp_err, deviation, norm), `stats` (ccomm CommStats of this handle: per request unless a
-    `stats=` object was passed to `parallelize`), `requests` (lifetime counts of requests and
-    resets by cause, `compactfusion.requests.RequestStats`).
+    The interface is `compactfusion.handle.HandleBase`'s (`config`, `group`, `state`, `step`,
+    `errors`, `stats`, `requests`, `rank`, `world_size`, `watch`, `reset`, `state_nbytes`,
+    `remove`); `errors` rows hold step, layer, key, source, kind, branch, variant, raw,
+    comp_err, deviation, norm. Also `spec`, `heads`, `head_dim` and
+    `projected_state_nbytes(batch, tokens)`.
     """
 
     def __init__(self, transformer: torch.nn.Module, config: CompactConfig, group: Any, spec: ModelSpec,
                  names: list[str], heads: int, head_dim: int, stats: CommStats | None) -> None:
-        self.config = config
-        self.group = group
+        super().__init__(config, group, CompactState(config, group, stats=stats, num_layers=len(names)))
         self.spec = spec
         self.heads, self.head_dim = heads, head_dim
         self._model = transformer
         self._names = names
-        self.state = CompactState(config, group, stats=stats, num_layers=len(names))
         self._saved: dict[str, Any] = {}
-        self._hooks: list[Any] = []
-        self._removed = False
-        self._requests = RequestTracker(config.new_request)
         self._input_sig: tuple | None = None
         self._text_len = 0
         self._sig = inspect.signature(transformer.forward)
 
-    # -- public ---------------------------------------------------------------------------
-    @property
-    def step(self) -> int:
-        self._alive()
-        return self.state.completed_steps
-
-    @property
-    def errors(self) -> list[dict[str, Any]]:
-        return self.state.errors
-
-    @property
-    def stats(self) -> CommStats:
-        return self.state.stats
-
-    @property
-    def world_size(self) -> int:
-        return self.state.world
-
-    @property
-    def rank(self) -> int:
-        return self.state.rank
-
-    @property
-    def requests(self) -> RequestStats:
-        return self._requests.stats
-
-    def watch(self, obj: Any) -> None:
-        """Take request boundaries from a diffusers scheduler's `set_timesteps` (or a pipeline's
-        `.scheduler`), for bare sampling loops; see `compactfusion.requests`."""
-        self._alive()
-        self._requests.watch(obj)
-
-    def reset(self) -> None:
-        """Drain in-flight work; drop bases, counters and per-request stats (between requests)."""
-        self._alive()
-        self._drop()
-        self._requests.restart()
-
     def _drop(self) -> None:
-        self.state.reset()
+        super()._drop()
         self._input_sig = None
 
-    def state_nbytes(self) -> int:
-        """Bytes currently held by bases and stale K/V on this rank."""
-        self._alive()
-        return self.state.nbytes()
-
-    def remove(self) -> None:
-        """Restore the original processors, remove hooks, drop state. Idempotent."""
-        if self._removed:
-            return
-        self._removed = True
-        self._requests.unwatch()
-        for h in self._hooks:
-            h.remove()
-        self._hooks.clear()
-        try:
-            self.state.close()
-        finally:
-            set_attn_processors(self._model, self._saved)
-            if getattr(self._model, _MARK, None) is self:
-                delattr(self._model, _MARK)
+    def _uninstall(self) -> None:
+        set_attn_processors(self._model, self._saved)
+        if getattr(self._model, _MARK, None) is self:
+            delattr(self._model, _MARK)
 
     def __repr__(self) -> str:
         return (f"Handle({type(self._model).__name__}, mode={self.config.mode!r}, codec={self.config.codec!r}, "
                 f"P={self.state.world}, removed={self._removed})")
 
     # -- internals --------------------------------------------------------------------------
-    def _alive(self) -> None:
-        if self._removed:
-            raise RuntimeError("compactfusion: this handle was removed; parallelize the model again")
-
     def _install(self) -> None:
         m = self._model
         self._saved = attn_processors(m)
@@ -227,9 +167,7 @@ class Handle:
 
     def _pre_hook(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         self._alive()
-        if torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters()):
-            raise RuntimeError("compactfusion is inference only: call the model under torch.no_grad() or "
-                               "torch.inference_mode(), or set requires_grad_(False)")
+        self._guard_autograd(module, args, kwargs)
         bound = self._sig.bind_partial(*args, **kwargs).arguments
         hidden = bound.get("hidden_states")
         if not isinstance(hidden, torch.Tensor):
@@ -241,8 +179,7 @@ class Handle:
         if self.spec.text == "joint":
             enc = bound.get("encoder_hidden_states")
             self._text_len = 0 if enc is None else int(enc.shape[1])
-        if self._requests.before_forward(timestep_value(bound.get("timestep")), st.calls % cfg.calls_per_step == 0):
-            self._drop()
+        self._request_boundary(timestep_value(bound.get("timestep")))
         sig = (tuple(hidden.shape), hidden.dtype, hidden.device.type, self._text_len)
         if self._input_sig is not None and sig != self._input_sig and st.calls > 0:
             if cfg.on_shape_change == "raise":
@@ -277,14 +214,7 @@ class Handle:
             )
 
     def _post_hook(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
-        st, cfg = self.state, self.config
-        if cfg.check_every <= 0 or st.branch != cfg.calls_per_step - 1 or (st.step + 1) % cfg.check_every:
-            return
-        st.check_consistency()
-        if st.rc is not None and cfg.policy is None:
-            for key in st.rc.keys():
-                if key.source == st.rank and st.rc.step(key) != st.step + 1:
-                    raise CompactStateError(f"{key}: {st.rc.step(key)} uses but handle step {st.step + 1}")
+        self._after_forward()
 
     def _split_hook(self, module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         n = output.shape[1] // self.state.world
@@ -341,12 +271,8 @@ def parallelize(transformer: Any, config: CompactConfig, group: Any = None, *,
     if config.layers is not None and max(config.layers, default=-1) >= len(names):
         raise ValueError(f"layers={config.layers}: indices must be in [0, {len(names)})")
     world = dist.get_world_size(group)
-    fp = (config.fingerprint(), cls, len(names), heads, head_dim, world, _ccomm_version())
-    every: list[Any] = [None] * world
-    dist.all_gather_object(every, fp, group=group)
-    bad = [r for r, other in enumerate(every) if other != fp]
-    if bad:
-        raise ValueError(f"ranks {bad} differ from this rank in config/model/world size: {every[bad[0]]} vs {fp}")
+    agree((config.fingerprint(), cls, len(names), heads, head_dim, world, _ccomm_version()), group,
+          "(config, model class, layers, heads, head_dim, world size, ccomm version)")
     handle = Handle(transformer, config, group, spec, names, heads, head_dim, stats)
     handle._install()
     if pipe is not None and getattr(pipe, "scheduler", None) is not None:

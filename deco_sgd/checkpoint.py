@@ -6,7 +6,7 @@ negative or non-integer step fails at load time with a `CheckpointError` naming 
 instead of steps later (or never). Nothing of the running state is touched when it fails.
 
 What a checkpoint holds (`DecoState.state_dict()`, one per rank): format version, the
-config and its hash, rank and world size, step, (δ, τ) in force and any pending decision,
+config and its fingerprint, rank and world size, step, (δ, τ) in force and any pending decision,
 the decision log, the error-feedback residuals, the in-flight FIFO (every queued entry's
 decoded aggregate, own messages and validity flags), the seeded codecs' counters, the
 torch / numpy / python RNG states, the controller's `extra` and the adaptive driver's state.
@@ -36,6 +36,7 @@ class Loadable(Protocol):
     rank: int
     world_size: int
     params: Mapping[str, torch.Tensor]
+
 
 REQUIRED_KEYS = ("version", "config_hash", "world_size", "rank", "step", "ratio", "staleness", "pending",
                  "decisions", "consecutive_skips", "ef", "fifo", "codec_counters", "rng", "extra")
@@ -127,7 +128,7 @@ def check_state_dict(sd: Any, state: Loadable) -> None:
     if sd["version"] != STATE_VERSION:
         raise CheckpointError(f"state.version: must be {STATE_VERSION}, got {sd['version']!r}")
     if sd["config_hash"] != state.config.fingerprint():
-        raise CheckpointError("state.config_hash: saved under a different DecoConfig (config hash mismatch: "
+        raise CheckpointError("state.config_hash: saved under a different DecoConfig (config fingerprint mismatch: "
                               f"{str(sd['config_hash'])[:12]} saved, {state.config.fingerprint()[:12]} running)")
     if sd["world_size"] != state.world_size:
         raise CheckpointError(f"state.world_size: saved with world_size={sd['world_size']!r}, "

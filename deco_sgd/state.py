@@ -392,7 +392,7 @@ class DecoState:
             if theirs == mine:
                 continue
             if theirs[0] != mine[0]:
-                raise ValueError(f"config: rank {r} has a different DecoConfig (hash {theirs[0][:12]} vs {mine[0][:12]})")
+                raise ValueError(f"config: rank {r} has a different DecoConfig (fingerprint {theirs[0][:12]} vs {mine[0][:12]})")
             for a, b in zip(mine[1], theirs[1]):
                 if a != b:
                     raise ValueError(f"parameters: rank {r} differs from rank {self.rank} at {b} vs {a}")
@@ -451,7 +451,7 @@ class DecoState:
         """Restore a checkpoint of this rank (collective: checks agreement across ranks).
 
         Everything is validated first (`deco_sgd.checkpoint.check_state_dict`: rank, world
-        size, config hash, step, shapes, dtypes, finiteness), so a bad checkpoint raises
+        size, config fingerprint, step, shapes, dtypes, finiteness), so a bad checkpoint raises
         `CheckpointError` here and leaves this state untouched.
         """
         check_state_dict(sd, self)

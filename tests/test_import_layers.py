@@ -31,6 +31,17 @@ LAYERS: dict[str, frozenset[str]] = {
     "compactfusion": frozenset({"compactfusion", "ccomm", "netsim"}),
 }
 
+#: netsim's own layers (subpackage -> the subpackages it may import); the root package's
+#: modules (`__init__`, `__main__`, `_lazy`) may import any of them.
+ROOT_MODULES = frozenset({"netsim.__main__", "netsim._lazy"})
+NETSIM_LAYERS: dict[str, frozenset[str]] = {
+    "model": frozenset({"model"}),
+    "emulation": frozenset({"emulation", "model"}),
+    "namespaces": frozenset({"namespaces", "model"}),
+    "probe": frozenset({"probe", "emulation", "namespaces", "model", "_lazy"}),
+    "cli": frozenset({"cli", "probe", "emulation", "namespaces", "model"}),
+}
+
 
 @dataclass(frozen=True)
 class Edge:
@@ -226,6 +237,16 @@ def test_no_upward_imports(graph: dict[str, list[Edge]]) -> None:
     allowed = {p: sorted(v) for p, v in LAYERS.items()}
     assert not bad, "imports against the layers (package: may import):\n" + "\n".join(
         f"{_chain([e])}; {e.src.split('.')[0]} may import only {allowed[e.src.split('.')[0]]}" for e in bad)
+
+
+def test_netsim_subpackages_keep_their_layers(graph: dict[str, list[Edge]]) -> None:
+    inner = {m.removeprefix("netsim."): [Edge(e.src.removeprefix("netsim."), e.dst.removeprefix("netsim."), e.where)
+                                         for e in edges if e.dst.startswith("netsim.")]
+             for m, edges in graph.items() if m.startswith("netsim.") and m not in ROOT_MODULES}
+    # Every module lives in a layer: a new top-level module must pick one (or join ROOT_MODULES).
+    assert {m.split(".")[0] for m in inner} == set(NETSIM_LAYERS)
+    bad = find_upward(inner, NETSIM_LAYERS)
+    assert not bad, "netsim imports against its layers:\n" + "\n".join(_chain([e]) for e in bad)
 
 
 # ---------------------------------------------------------------- the checker fails when it must

@@ -1,69 +1,16 @@
 """CompactFusion's compressed ring inside an xDiT (`xfuser`) pipeline.
 
 `patch(pipe, config)` replaces xfuser's ring-attention call by CompactFusion's ring
-(`compactfusion.attention.ring_attention`, docs/design/compactfusion.md#parallel-modes): each ring rank encodes its own
-K/V once per layer and step against the mirrored base, the payloads travel P-1 hops
-unchanged, every rank attends to its exact own K/V and to the reconstructions of the
-others. Everything else in the xfuser pipeline (sequence split, gather, CFG, scheduler,
-VAE) stays xfuser's. `cpu_env_patch()` makes xfuser importable, and its ring mode usable,
-on a host without an accelerator, where xfuser has no ring of its own.
+(`compactfusion.attention.ring_attention`, docs/design/compactfusion.md#parallel-modes): each ring rank encodes its own K/V once per
+layer and step against the mirrored base, the payloads travel P-1 hops unchanged, every
+rank attends to its exact own K/V and to the reconstructions of the others. Everything else
+in the xfuser pipeline (sequence split, gather, CFG, scheduler, VAE) stays xfuser's.
+`cpu_env_patch()` (`compactfusion.adapters.xfuser_cpu`, re-exported here) makes xfuser
+importable, and its ring mode usable, on a host without an accelerator.
 
-What we found in xfuser 0.7.0 (site-packages, with diffusers 0.42.1, transformers 5.24.0,
-yunchang 0.6.4, triton 3.9.0, torch 2.13.0 CPU):
-
-1. Import on CPU. `import xfuser` fails in `xfuser.envs.get_device_version()`
-   (`NotImplementedError: No Accelerators ... available`), evaluated while the package
-   initializes (`config.py` reads `envs.CUDA_VERSION`). `get_torch_distributed_backend()`
-   raises the same way later, in `init_distributed_environment()`. Both are module-level
-   functions looked up at call time, so `cpu_env_patch()` creates the `xfuser` package
-   object without running its `__init__`, imports `xfuser.envs`, swaps the two functions
-   (-> None and -> "gloo") and only then runs the package `__init__` (about 4 s).
-   `triton` must be installed (`core/sparge_attention/block_mask.py`, reached from
-   `usp.py`, imports it at module level; xfuser does not declare it); no GPU is needed.
-2. diffusers 0.42.1 works; no older diffusers is needed. `import xfuser` (which imports
-   every pipeline and transformer wrapper it ships) succeeds with it, and the PixArt-alpha
-   pipeline runs end to end in ring and Ulysses x ring modes (the tests). Other xfuser
-   pipelines were imported but not run.
-3. Ring groups. `PACKAGES_CHECKER.packages_info["has_long_ctx_attn"]` is False without
-   CUDA; then `initialize_model_parallel` builds no ring/Ulysses groups and the sequence
-   group reports ring degree 1 whatever was configured (`group_coordinator.py`).
-   `cpu_env_patch()` sets the flag
-   (before package init, because `parallel_state`, `group_coordinator` and the attention
-   processors copy it at import) so yunchang's `set_seq_parallel_pg` builds the ring group
-   on gloo; `get_sp_group().ring_group` is then the group we run on.
-4. Backend check. `RuntimeState` (built when the xFuser pipeline wrapper is constructed,
-   i.e. before `patch()` can run) raises "Selected attention backend does not support ring
-   parallelism." for SDPA / SDPA_MATH when `ring_degree > 1`, because xfuser's own ring
-   needs the backend's log-sum-exp. On CPU SDPA is the only runnable backend (the flash
-   and efficient kernels have no CPU implementation). Our ring computes its own LSE and
-   never calls xfuser's attention function, so `cpu_env_patch()` lets exactly that
-   refusal pass for SDPA and SDPA_MATH (logged); any other refusal still raises. Without
-   `patch()` xfuser's own ring then fails on CPU (torch's templated ring attention needs
-   the LSE that SDPA does not return: "AttributeError: 'NoneType' object has no attribute
-   'dtype'", measured), so `patch()` is what makes ring mode usable there.
-5. Ulysses groups. `usp.py` binds `PROCESS_GROUP` to yunchang's group singleton only when
-   CUDA/NPU is present (None otherwise), so the Ulysses all-to-all fails on CPU.
-   `cpu_env_patch()` binds it to the same singleton (filled in later by
-   `set_seq_parallel_pg`); gloo then runs the all-to-all, and hybrid USP (Ulysses 2 x
-   ring 2 on 4 gloo ranks) matches single-process output (slow test).
-6. Seams. `model_executor/layers/usp.py::USP` calls the module-level
-   `ring_attn(attention_function, query, key, value, dropout_p, is_causal,
-   joint_attn_kwargs, attention_kwargs)` for ring-only and hybrid USP, with q/k/v in
-   (B, H, S, D) and joint K/V in `joint_attn_kwargs` ("front"/"rear"; the joint query is
-   already part of `query`). `xFuserLongContextAttention` (core/long_ctx_attention/hybrid)
-   keeps an instance attribute `ring_attn_fn(q, k, v, ..., group, ..., joint_tensor_key,
-   joint_tensor_value, joint_strategy, ...)` in (B, S, H, D), used by Sana linear
-   attention and Step-Video. PixArt wraps only `transformer_blocks.*.attn1` with
-   `xFuserAttnProcessor2_0` (which calls `USP`); cross-attention `attn2` stays local.
-7. Tiny pipeline in memory. `PixArtAlphaPipeline(tokenizer=None, text_encoder=None,
-   vae=None, transformer=PixArtTransformer2DModel(<tiny config>), scheduler=...)` runs with
-   `prompt_embeds`/`negative_prompt_embeds` (and `negative_prompt=None`),
-   `use_resolution_binning=False` and `output_type="latent"`; xfuser wraps it as
-   `xFuserPixArtAlphaPipeline(pipe, engine_config)` with `xFuserArgs(model=...,
-   ring_degree=P).create_config()`. With one process xfuser runs the unmodified diffusers
-   pipeline (`use_naive_forward`), so that output is "xfuser's single-process output".
-   In parallel runs only the last data-parallel group returns the image (rank P-1 here;
-   the others get None).
+What xfuser 0.7.0 does that this adapter depends on (its seams, its CPU failures, the tiny
+in-memory pipeline of the tests) is written down in docs/compactfusion.md#xfuser-070-findings; the handle's interface and hooks are `compactfusion.handle`'s,
+shared with `parallelize`.
 
 Algorithm of `patch(pipe, config, seam="auto")`:
 1. Refuse what the compressed ring cannot serve: `config.mode != "ring"`, PipeFusion degree
@@ -71,12 +18,11 @@ Algorithm of `patch(pipe, config, seam="auto")`:
 2. Pick the seam (`auto`: `usp` if `usp.ring_attn` exists, else `long_ctx`) and check the
    replaced function's parameters with `inspect.signature`; a mismatch raises
    `XfuserVersionError` naming the installed xfuser version.
-3. Compare a fingerprint (config, seam, xfuser version, ring size) over the ring group.
+3. Agree on a fingerprint (config, seam, xfuser version, ring size) over the ring group.
 4. Build a `CompactState` on the ring group; install a pre-hook and a post-hook on the
-   pipeline's transformer (step and branch via `CompactState.begin_forward`, per-forward
-   layer counter, request boundaries from the watched `pipe.scheduler.set_timesteps`
-   (`compactfusion.requests`; the timestep rule when there is none), constant layer count,
-   `check_every`), then swap the seam for our function.
+   pipeline's transformer (`HandleBase`'s autograd guard, request boundaries and
+   `check_every`; step and branch via `CompactState.begin_forward`; a per-forward layer
+   counter and a constant layer count), then swap the seam for our function.
 5. Each ring call gets layer = position in the forward, and runs `ring_attention` on the
    ring group; joint K/V (either strategy) join the local front block (attention is
    order-invariant over keys, so "rear" gives the same result up to rounding).
@@ -90,12 +36,8 @@ function (its module does not import without CUDA).
 """
 from __future__ import annotations
 
-import importlib
-import importlib.metadata
-import importlib.util
 import inspect
 import logging
-import sys
 from typing import Any, Callable, Optional
 
 import torch
@@ -104,7 +46,9 @@ import torch.distributed as dist
 from ccomm.stats import CommStats
 
 from ..config import CompactConfig
-from ..requests import RequestStats, RequestTracker, timestep_value
+from ..handle import HandleBase, agree
+from ..requests import timestep_value
+from .xfuser_cpu import _has_accelerator, cpu_env_patch, xfuser_version
 
 __all__ = [
     "cpu_env_patch",
@@ -131,8 +75,6 @@ LONG_CTX_RING_PARAMS = (
     "deterministic", "return_attn_probs", "group", "attn_type", "attn_processor", "attn_layer",
     "joint_tensor_key", "joint_tensor_value", "joint_strategy", "q_descale", "k_descale", "v_descale",
 )
-_CPU_MARK = "_compactfusion_cpu_env"
-_RING_REFUSAL = "does not support ring parallelism"
 _SEAM_MARK = "_compactfusion_handle"
 
 
@@ -140,100 +82,7 @@ class XfuserVersionError(RuntimeError):
     """The installed xfuser's ring seam does not have the signature this adapter was written for."""
 
 
-def xfuser_version() -> str:
-    """Installed xfuser version ("unknown" if its metadata is missing)."""
-    try:
-        return importlib.metadata.version("xfuser")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
-
-
-# -- 1. import and run xfuser without an accelerator ---------------------------------------
-def _has_accelerator() -> bool:
-    return bool(torch.cuda.is_available())
-
-
-def cpu_env_patch() -> bool:
-    """Make xfuser importable and its ring mode constructible on a host without an accelerator.
-
-    Steps (see the module docstring, findings 1, 3, 4 and 5):
-    1. With CUDA available, do nothing and return False (xfuser works as shipped).
-    2. If already applied, return True. If xfuser was imported without it (possible only
-       where its own checks passed), raise RuntimeError rather than half-patch it.
-    3. Create the `xfuser` package object without running `__init__`, import `xfuser.envs`,
-       make `get_device_version` return None and `get_torch_distributed_backend` "gloo",
-       and force `has_long_ctx_attn` so ring/Ulysses groups are built.
-    4. Run the package `__init__`; on failure remove every half-imported `xfuser*` module.
-    5. Let `RuntimeState`'s "backend does not support ring parallelism" refusal pass for
-       SDPA / SDPA_MATH (the compressed ring brings its own LSE); other refusals still raise.
-    6. Bind `usp.PROCESS_GROUP` (None without CUDA) to yunchang's group singleton, so the
-       Ulysses all-to-all finds its group.
-    Process-wide and irreversible for the imported modules, so call it once, before any
-    `import xfuser`, in every process that builds an xfuser pipeline.
-    """
-    if _has_accelerator():
-        logger.info("cpu_env_patch: an accelerator is available, xfuser is left unpatched")
-        return False
-    loaded = sys.modules.get("xfuser")
-    if loaded is not None:
-        if getattr(loaded, _CPU_MARK, False):
-            return True
-        raise RuntimeError("cpu_env_patch(): xfuser was already imported; call cpu_env_patch() before importing xfuser")
-    spec = importlib.util.find_spec("xfuser")
-    if spec is None or spec.loader is None:
-        raise ModuleNotFoundError("xfuser is not installed (pip install 'ccomm[xdit]' for xfuser 0.7.0 and triton)", name="xfuser")
-    pkg = importlib.util.module_from_spec(spec)
-    sys.modules["xfuser"] = pkg
-    try:
-        envs = importlib.import_module("xfuser.envs")
-        envs.get_device_version = lambda: None
-        envs.get_torch_distributed_backend = lambda: "gloo"
-        envs.PACKAGES_CHECKER.packages_info["has_long_ctx_attn"] = True
-        spec.loader.exec_module(pkg)
-        _relax_ring_backend_check()
-        _bind_ulysses_groups()
-    except BaseException:
-        for name in [n for n in sys.modules if n == "xfuser" or n.startswith("xfuser.")]:
-            del sys.modules[name]
-        raise
-    setattr(pkg, _CPU_MARK, True)
-    logger.info("cpu_env_patch: xfuser %s imported for CPU (gloo, long-context groups on)", xfuser_version())
-    return True
-
-
-def _bind_ulysses_groups() -> None:
-    from yunchang.globals import PROCESS_GROUP
-    from xfuser.model_executor.layers import usp
-
-    if usp.PROCESS_GROUP is None:
-        usp.PROCESS_GROUP = PROCESS_GROUP
-
-
-def _relax_ring_backend_check() -> None:
-    from xfuser.core.distributed import attention_backend as ab
-    from xfuser.core.distributed.runtime_state import RuntimeState
-
-    original = RuntimeState._check_if_backend_compatible_with_current_configuration
-    if getattr(original, _CPU_MARK, False):
-        return
-    allowed = (ab.AttentionBackendType.SDPA, ab.AttentionBackendType.SDPA_MATH)
-
-    def check(self: Any, attention_backend: Any) -> None:
-        try:
-            original(self, attention_backend)
-        except RuntimeError as exc:
-            # Only the ring-capability refusal of the CPU backends is waived: the compressed
-            # ring never calls xfuser's attention function (finding 4).
-            if attention_backend not in allowed or _RING_REFUSAL not in str(exc):
-                raise
-            logger.info("cpu_env_patch: %s with ring_degree > 1 accepted; run compactfusion.adapters.xfuser.patch() "
-                        "before the first call (xfuser has no CPU ring)", attention_backend.name)
-
-    setattr(check, _CPU_MARK, True)
-    RuntimeState._check_if_backend_compatible_with_current_configuration = check
-
-
-# -- 2. the handle ----------------------------------------------------------------------------
+# -- seam checks -----------------------------------------------------------------------------
 def _param_names(fn: Callable[..., Any]) -> tuple[str, ...]:
     return tuple(inspect.signature(fn).parameters)
 
@@ -253,8 +102,9 @@ def _refuse_attention_kwargs(attention_kwargs: Optional[dict]) -> None:
         raise NotImplementedError(f"compressed ring: attention_kwargs {used} (masks, varlen, fp8) are not supported")
 
 
-class XfuserHandle:
-    """A patched xfuser pipeline, with the interface of `compactfusion.Handle`.
+# -- the handle ----------------------------------------------------------------------------
+class XfuserHandle(HandleBase):
+    """A patched xfuser pipeline, with `compactfusion.handle.HandleBase`'s interface.
 
     `reset()` between requests (automatic: the pipeline's scheduler is watched, see
     `compactfusion.requests`), `remove()` (idempotent, exact restore), `step`, `state_nbytes()`,
@@ -266,88 +116,27 @@ class XfuserHandle:
 
     def __init__(self, transformer: torch.nn.Module, config: CompactConfig, group: Any, seam: str,
                  ring_attention: Callable[..., torch.Tensor], state: Any) -> None:
-        self.config = config
-        self.group = group
+        super().__init__(config, group, state)
         self.seam = seam
         self._transformer = transformer
         self._ring_attention = ring_attention
-        self._state = state
         self._restore: list[Callable[[], None]] = []
-        self._hooks: list[Any] = []
         self._layer = 0
         self._in_forward = False
-        self._requests = RequestTracker(config.new_request)
         self.layers_per_forward: Optional[int] = None
-        self._removed = False
-
-    # -- public ---------------------------------------------------------------------------
-    @property
-    def step(self) -> int:
-        """Completed denoising steps since the last reset (forward calls // calls_per_step)."""
-        self._check_open()
-        return self._state.completed_steps
-
-    @property
-    def rank(self) -> int:
-        return self._state.rank
-
-    @property
-    def world_size(self) -> int:
-        return self._state.world
-
-    @property
-    def errors(self) -> list[dict[str, Any]]:
-        return self._state.errors
-
-    @property
-    def stats(self) -> Any:
-        return self._state.stats
-
-    @property
-    def state(self) -> Any:
-        return self._state
-
-    @property
-    def requests(self) -> RequestStats:
-        return self._requests.stats
-
-    def watch(self, obj: Any) -> None:
-        """Take request boundaries from a scheduler's `set_timesteps` (or `obj.scheduler`)."""
-        self._check_open()
-        self._requests.watch(obj)
-
-    def state_nbytes(self) -> int:
-        """Bytes held by the mirrored bases on this rank."""
-        self._check_open()
-        return self._state.nbytes()
-
-    def reset(self) -> None:
-        """Start a new request: drop bases, counters and per-request stats."""
-        self._check_open()
-        self._drop()
-        self._requests.restart()
 
     def _drop(self) -> None:
-        self._state.reset()
+        super()._drop()
         self._layer = 0
         self._in_forward = False
 
-    def remove(self) -> None:
-        """Restore every replaced attribute, remove the hooks, close the state; idempotent."""
-        if self._removed:
-            return
-        self._removed = True
-        self._requests.unwatch()
+    def _uninstall(self) -> None:
         for undo in reversed(self._restore):
             undo()
         self._restore.clear()
-        for h in self._hooks:
-            h.remove()
-        self._hooks.clear()
-        self._state.close()
 
     def __repr__(self) -> str:
-        return (f"XfuserHandle(seam={self.seam!r}, codec={self.config.codec!r}, P={self._state.world}, "
+        return (f"XfuserHandle(seam={self.seam!r}, codec={self.config.codec!r}, P={self.state.world}, "
                 f"removed={self._removed})")
 
     # -- installation ----------------------------------------------------------------------
@@ -371,14 +160,10 @@ class XfuserHandle:
 
     # -- hooks -------------------------------------------------------------------------------
     def _pre_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        self._check_open()
-        if torch.is_grad_enabled():
-            raise RuntimeError("compactfusion xfuser adapter: inference only; call the pipeline under torch.no_grad()")
-        st, cfg = self._state, self.config
-        t = timestep_value(kwargs.get("timestep", args[2] if len(args) > 2 else None))
-        if self._requests.before_forward(t, st.calls % cfg.calls_per_step == 0):
-            self._drop()
-        st.begin_forward()
+        self._alive()
+        self._guard_autograd(module, args, kwargs)
+        self._request_boundary(timestep_value(kwargs.get("timestep", args[2] if len(args) > 2 else None)))
+        self.state.begin_forward()
         self._layer = 0
         self._in_forward = True
 
@@ -392,25 +177,19 @@ class XfuserHandle:
         elif n != self.layers_per_forward:
             raise RuntimeError(f"ring calls per forward changed from {self.layers_per_forward} to {n}; "
                                "layer indices would no longer match between steps")
-        st, every = self._state, self.config.check_every
-        if every > 0 and st.branch == self.config.calls_per_step - 1 and st.step % every == 0:
-            st.check_consistency()
+        self._after_forward()
 
     # -- the ring call -----------------------------------------------------------------------
-    def _check_open(self) -> None:
-        if self._removed:
-            raise RuntimeError("compactfusion xfuser handle was removed")
-
     def _ring(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, joint_k: Optional[torch.Tensor],
               joint_v: Optional[torch.Tensor], scale: Optional[float]) -> torch.Tensor:
         """Run the compressed ring on (B, S, H, D) tensors; returns (B, S_q, H, D)."""
-        self._check_open()
+        self._alive()
         if not self._in_forward:
             raise RuntimeError("compressed ring called outside the patched transformer's forward "
                                "(layer and step are counted per transformer call)")
         layer = self._layer
         self._layer += 1
-        return self._ring_attention(q, k, v, state=self._state, layer=layer, branch=self._state.branch,
+        return self._ring_attention(q, k, v, state=self.state, layer=layer, branch=self.state.branch,
                                     group=self.group, joint_k=joint_k, joint_v=joint_v, scale=scale)
 
     def _usp_ring_attn(self) -> Callable[..., torch.Tensor]:
@@ -547,11 +326,8 @@ def patch(pipe: Any, config: CompactConfig, *, seam: str = "auto", stats: Option
             _check_signature(t.ring_attn_fn, LONG_CTX_RING_PARAMS, f"{type(t).__name__}.ring_attn_fn")
 
     # Every ring rank must run the same configuration, or payload sizes would disagree.
-    mine = (config.fingerprint(), seam, xfuser_version(), dist.get_world_size(group))
-    theirs: list[Any] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(theirs, mine, group=group)
-    if any(t != mine for t in theirs):
-        raise ValueError(f"compactfusion xfuser adapter: ranks disagree on (config, seam, xfuser version, ring size): {theirs}")
+    agree((config.fingerprint(), seam, xfuser_version(), dist.get_world_size(group)), group,
+          "(config, seam, xfuser version, ring size)")
 
     ring_attention, state_cls = _default_core()
     handle = XfuserHandle(transformer, config, group, seam, ring_attention, state_cls(config, group, stats=stats))

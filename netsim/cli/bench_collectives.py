@@ -131,7 +131,7 @@ def _rank_job(rank: int, n: int, cells: Sequence[Cell]) -> list[dict[str, Any]]:
 
 
 def _model(cell: Cell, algo: str) -> float:
-    from netsim import cost
+    from netsim.model import cost
     from netsim.model.link import Link
     from netsim.model.topo import Topo
 

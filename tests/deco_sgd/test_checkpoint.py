@@ -134,7 +134,7 @@ def _mismatch(rank: int, world: int) -> str:
 
 def test_config_mismatch_is_refused(pool: RankPool) -> None:
     for msg in pool.run(_mismatch):
-        assert "config hash" in msg
+        assert "config fingerprint" in msg
 
 
 # --- checkpoints that cannot be loaded wrong (issue 13, item 4) ------------------------------

@@ -22,6 +22,7 @@ from _simulator import (
     Timeline,
     Wait,
 )
+from _timing import on_time
 from netsim import cost
 from netsim.model.clock import VirtualClock, WallClock
 from netsim.model.topo import Topo
@@ -45,14 +46,34 @@ def test_virtual_clock() -> None:
             bad()
 
 
-def test_wall_clock_sleep_until_is_never_early() -> None:
+def _sleep_untils() -> tuple[float, list[tuple[float, float, float]]]:
+    """(calibrated bias, [(target, woke at, reported lateness)]) for three short sleeps."""
     clock = WallClock()
-    assert 0 <= clock.bias_s < 0.05
+    bias = clock.bias_s  # calibrates now, not inside the first timed sleep
+    rows = []
     for delay in (0.0005, 0.003, 0.012):
         target = clock.now + delay
         late = clock.sleep_until(target)
-        assert time.monotonic() >= target
-        assert 0 <= late < WALL_LATE_TOL_S
+        rows.append((target, time.monotonic(), late))
+    return bias, rows
+
+
+def test_wall_clock_sleep_until_is_never_early() -> None:
+    # Never early holds however busy the host is, so every run is judged.
+    bias, rows = _sleep_untils()
+    assert bias >= 0
+    for target, woke, late in rows:
+        assert woke >= target and late >= 0, (target, woke, late)
+
+
+@pytest.mark.timing
+def test_wall_clock_sleep_until_is_not_late_on_a_host_that_keeps_up() -> None:
+    # How late it wakes measures the scheduler as much as the clock: judged only on runs in
+    # which the host kept up (tests/_timing.py).
+    bias, rows = on_time(_sleep_untils)
+    assert bias < 0.05
+    for _target, _woke, late in rows:
+        assert late < WALL_LATE_TOL_S, rows
 
 
 TOPO = Topo.uniform(3, 8.0, 5.0)  # 1 MB/s, 5 ms
