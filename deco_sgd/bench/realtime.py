@@ -37,11 +37,10 @@ from typing import Any, Mapping, Sequence
 from ccomm.ranks import run_ranks
 from ccomm.validate import check_int, check_number
 
-from .vclock import LinkTimeline, StepClock
+from .vclock import replay
 
-__all__ = ["REL_TOL", "LATE_TIME_MAX", "RealRunSpec", "RealResult", "StepPlan", "UnitPlan", "run_real", "run_rank",
-           "train_rank", "step_plans", "virtual_step_ends", "predict_virtual", "checkpoints", "late_bound_s",
-           "validate"]
+__all__ = ["REL_TOL", "LATE_TIME_MAX", "RealRunSpec", "RealResult", "run_real", "run_rank", "train_rank",
+           "step_records", "predict_virtual", "checkpoints", "late_bound_s", "validate"]
 
 
 #: Virtual and real elapsed time must agree within this fraction at every checkpoint
@@ -280,7 +279,7 @@ def train_rank(rank: int, world: int, spec: RealRunSpec, *, group: Any, control_
         launch = time.monotonic()
         opt.step()
         end = time.monotonic()
-        units = [{"nbytes": u.nbytes, "collective": u.collective} for u in state.rec_units]
+        units = [{"nbytes": u.nbytes, "collective": u.collective, "algo": u.algo} for u in state.rec_units]
         ratio, tau = state.rec_units[0].ratio, state.current_staleness  # the (δ, τ) this step ran with
         steps.append({"step": s, "start": start - t0, "launch": launch - t0, "end": end - t0,
                       "compute_s": compute, "host_s": max(0.0, end - launch - timer.blocked_s),
@@ -302,55 +301,9 @@ def run_real(spec: RealRunSpec) -> RealResult:
 
 
 # ---------------------------------------------------------------------------- the clock check
-@dataclass(frozen=True)
-class UnitPlan:
-    """One recorded exchange: `allreduce` (nbytes = buffer) or `allgather` (nbytes = own block)."""
-
-    collective: str
-    nbytes: int
-
-
-@dataclass(frozen=True)
-class StepPlan:
-    """One recorded step: each rank's compute time, the step's exchanges and the steps whose
-    exchanges it waited for (their aggregates applied, or skipped)."""
-
-    step: int
-    compute_s: tuple[float, ...]
-    units: tuple[UnitPlan, ...]
-    waited: tuple[int, ...]
-
-
-def virtual_step_ends(plans: Sequence[StepPlan], link: Any, n: int, start_s: float = 0.0) -> list[float]:
-    """Virtual elapsed time (from `start_s`, the trace time of the first step) at each step's end.
-
-    The benchmark's own clock: `vclock.LinkTimeline` charges the exchanges and one
-    `vclock.StepClock` per rank applies the step-start rule with that rank's compute time.
-    A collective starts when the last rank has launched it, so a slow rank delays the
-    others only where they wait for its exchange (with τ > 0 that is τ steps later).
-    The elapsed time of a step is the slowest rank's.
-    """
-    timeline = LinkTimeline(link, n)
-    ranks = len(plans[0].compute_s) if plans else 1
-    clocks = [StepClock(1.0, start_s=start_s) for _ in range(ranks)]
-    done: dict[int, float] = {}
-    ends = []
-    for p in plans:
-        if len(p.compute_s) != ranks:
-            raise ValueError(f"step {p.step}: compute times for {len(p.compute_s)} ranks, expected {ranks}")
-        for clock, comp in zip(clocks, p.compute_s):
-            clock.t_comp = comp  # a real step slower than compute_time_s is replayed as measured
-        launch = max(c.launch_s for c in clocks)
-        for u in p.units:  # one unit per bucket/chunk, all launched at the end of compute
-            d = timeline.exchange(launch, u.nbytes, u.collective)
-            done[p.step] = max(done.get(p.step, d), d)
-        ends.append(max(c.end_step([done[a] for a in p.waited]) for c in clocks) - start_s)
-    return ends
-
-
-def step_plans(result: RealResult, host: bool = True) -> list[StepPlan]:
-    """The recorded schedule, as the virtual clock consumes it (sizes and waits are identical
-    on every rank; compute times are per rank).
+def step_records(result: RealResult, host: bool = True) -> list[dict[str, Any]]:
+    """The recorded schedule in `vclock.replay`'s record format (sizes, algorithms and waits
+    are identical on every rank; compute times are per rank, in ``"t"``).
 
     Compute of a step = max(compute_time_s, measured forward/backward), plus (`host=True`)
     the measured host work of `DecoOptimizer.step()` outside its waits: the real step is
@@ -359,9 +312,11 @@ def step_plans(result: RealResult, host: bool = True) -> list[StepPlan]:
     `host=True` the compute phase is also at least what it really lasted, from the end of the
     rank's previous step to this launch: on a loaded host the padding sleep wakes late and the
     bookkeeping between steps takes time, and that time is the host's, not the link's. What
-    remains for the clock to predict is exactly the waits on exchanges."""
+    remains for the clock to predict is exactly the waits on exchanges. Every unit is its own
+    chain (one per bucket/chunk, all launched at the end of compute); a unit recorded without
+    its algorithm (before it was recorded) is charged what ``algo="auto"`` picks on the link."""
     spec = result.spec
-    plans = []
+    records = []
     prev_end = [0.0] * len(result.ranks)
     for s in range(spec.steps):
         rows = [r["steps"][s] for r in result.ranks]
@@ -369,19 +324,22 @@ def step_plans(result: RealResult, host: bool = True) -> list[StepPlan]:
         for other in rows[1:]:
             if other["units"] != row["units"] or other["waited"] != row["waited"]:
                 raise ValueError(f"step {s}: ranks recorded different schedules")
-        comp = tuple(max(spec.compute_time_s, x["compute_s"], x.get("launch", 0.0) - prev if host else 0.0)
-                     + (x["host_s"] if host else 0.0) for x, prev in zip(rows, prev_end))
+        comp = [max(spec.compute_time_s, x["compute_s"], x.get("launch", 0.0) - prev if host else 0.0)
+                + (x["host_s"] if host else 0.0) for x, prev in zip(rows, prev_end)]
         prev_end = [x.get("end", 0.0) for x in rows]
-        units = tuple(UnitPlan(u["collective"], u["nbytes"]) for u in row["units"])
-        plans.append(StepPlan(s, comp, units, tuple(row["waited"])))
-    return plans
+        chains = [[[u["nbytes"], u["collective"], *([u["algo"]] if "algo" in u else [])]] for u in row["units"]]
+        records.append({"x": chains, "a": list(row["waited"]), "t": comp})
+    return records
 
 
 def predict_virtual(result: RealResult, host: bool = True) -> list[float]:
-    """Virtual elapsed time at the end of each step of `result`'s schedule (see `step_plans`)."""
+    """Virtual elapsed time at the end of each step of `result`'s schedule (see `step_records`).
+
+    `vclock.replay` from the trace time of the real start; one `StepClock` per rank."""
     spec = result.spec
     t0 = sum(r["t0_emu"] for r in result.ranks) / len(result.ranks)  # trace time of the real start
-    return virtual_step_ends(step_plans(result, host), spec.link(), spec.n, start_s=t0)
+    ends = replay(step_records(result, host), spec.link(), spec.n, spec.compute_time_s, start_s=t0)
+    return [e - t0 for e in ends]
 
 
 def checkpoints(spec: RealRunSpec) -> list[int]:

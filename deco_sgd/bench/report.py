@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .config import BenchConfig
-from .methods import grid_name
+from .plan import grid_name
 
 __all__ = ["build_results", "write_outputs", "render_report", "SCENARIO_TARGETS", "first_reach", "spearman",
            "rank_correlation"]

@@ -13,7 +13,8 @@
    `BenchFailed`.
 3. Every record is re-timed on this scenario's link with `vclock.replay` from its step log.
    For runs trained here, the replayed times must equal the ones measured online (a
-   self-check of the accounting); cached runs get this scenario's times.
+   self-check of the accounting); cached runs get this scenario's times, static ones with
+   the all-gather algorithm ``algo="auto"`` picks on this link (`retime`).
 4. `report.build_results` applies the target rule and writes results.json, report.md, plots.
 """
 from __future__ import annotations
@@ -31,7 +32,7 @@ from typing import Any, Callable
 from ccomm.ranks import RankError, run_ranks
 
 from .config import BenchConfig
-from .methods import RunSpec, build_plan, first_decision
+from .plan import RunSpec, build_plan, first_decision
 from .vclock import replay
 
 __all__ = ["run_bench", "fingerprint", "NETWORK_DEPENDENT", "BenchFailed", "retime"]
@@ -40,7 +41,7 @@ __all__ = ["run_bench", "fingerprint", "NETWORK_DEPENDENT", "BenchFailed", "reti
 #: Methods whose trajectory depends on the network (their runs cannot be shared across scenarios).
 NETWORK_DEPENDENT = ("deco", "static_apriori", "dga")
 #: Methods whose trajectory depends on the adaptive controller's settings (DGA's delay comes
-#: from the a-priori network alone, `methods.dga_delay`).
+#: from the a-priori network alone, `baselines.dga_delay`).
 CONTROLLED = ("deco", "static_apriori")
 #: DecoConfig fields only the adaptive controller reads: static runs do not depend on them,
 #: so calibrating the surrogate does not invalidate cached static runs.
@@ -88,7 +89,8 @@ def _record_path(cache: Path, cfg: BenchConfig, spec: RunSpec) -> Path:
 def _worker(rank: int, world: int, cfg: BenchConfig, todo: list[RunSpec], paths: list[str],
             apriori: dict[int, tuple[float, int]], progress: bool) -> None:
     """One rank's share of the plan, run by `ccomm.ranks.run_ranks` (which owns the gloo group)."""
-    from .methods import RankContext, run_method
+    from .context import RankContext
+    from .methods import run_method
     from .tasks import make_task
 
     logging.basicConfig(level=logging.WARNING)
@@ -128,9 +130,26 @@ def _spawn(cfg: BenchConfig, todo: list[RunSpec], paths: list[Path], apriori: di
         raise BenchFailed(f"train.timeout_s={t:g} s; {exc}") from exc
 
 
+def _auto_on_this_link(steps: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`steps` with the all-gathers' recorded algorithm dropped, so `replay` charges what
+    ``algo="auto"`` picks on the link it replays on (`LinkTimeline.algo`)."""
+    return [{**rec, "x": [[item[:2] if item[1] == "allgather" else item for item in chain] for chain in rec["x"]]}
+            for rec in steps]
+
+
 def retime(rec: dict[str, Any], cfg: BenchConfig) -> dict[str, Any]:
-    """`rec` with its curve times recomputed on `cfg`'s link from its step log."""
-    starts = replay(rec["steps_log"], cfg.network.link(), cfg.workers, cfg.train.compute_time_s)
+    """`rec` with its curve times recomputed on `cfg`'s link from its step log.
+
+    A static run is told its scenario's a-priori link, so its all-gathers run what
+    ``algo="auto"`` picks there (`methods`); a cached one may have been trained in another
+    scenario. Its trajectory does not depend on the algorithm, so it is charged the algorithm
+    it would have run here; for runs trained here that is the recorded one (the runner's
+    self-check compares them). Network-dependent runs and ``collective_algo: ring`` keep theirs.
+    """
+    steps = rec["steps_log"]
+    if rec["kind"] not in NETWORK_DEPENDENT and cfg.deco_config().collective_algo == "auto":
+        steps = _auto_on_this_link(steps)
+    starts = replay(steps, cfg.network.link(), cfg.workers, cfg.train.compute_time_s)
     out = dict(rec)
     out["curve"] = [{**c, "t_s": 0.0 if c["step"] == 0 else starts[c["step"] - 1]} for c in rec["curve"]]
     out["virtual_time_s"] = starts[-1] if starts else 0.0

@@ -35,8 +35,10 @@ Example (hand-checkable numbers in tests/deco_sgd/test_bench_vclock.py)::
 
 `replay(steps, link, world, t_comp)` re-times a recorded run: each step lists its exchange
 chains (a chain's exchanges depend on each other; chains of one step are launched together
-at the end of its compute) and the steps whose exchanges it applied. Runs whose payloads do
-not depend on the network (every static method) can so be timed on any scenario.
+at the end of its compute), the steps whose exchanges it applied and, optionally, each
+rank's compute time. Runs whose payloads do not depend on the network (every static method)
+can so be timed on any scenario, and a real-time run's recorded schedule can be timed on the
+link it ran on (`realtime.predict_virtual`).
 """
 from __future__ import annotations
 
@@ -204,20 +206,40 @@ class StepClock:
         self.steps, self.blocked = int(sd["steps"]), float(sd["blocked"])
 
 
-def replay(steps: Sequence[Mapping[str, Any]], link: Link, world: int, t_comp: float) -> list[float]:
-    """Step start times of a recorded run on `link`: element s is when step s+1 may start.
+def replay(steps: Sequence[Mapping[str, Any]], link: Link, world: int, t_comp: float,
+           start_s: float = 0.0) -> list[float]:
+    """Step end times of a recorded run on `link`: element s is when step s+1 may start.
 
     Each record is ``{"x": [[[nbytes, pattern(, algo)], ...], ...], "a": [applied step indices]}``
-    (steps counted from 0), optionally ``"c": [nbytes, ...]``: control all-reduces launched
-    when the next step starts, which take the link but block no step. The rules are those of
-    `LinkTimeline` and `StepClock`.
+    (steps counted from 0), optionally with
+
+    - ``"c": [nbytes, ...]``: control all-reduces launched when the next step starts, which
+      take the link but block no step;
+    - ``"t": [compute s, ...]``: each rank's compute time of this step (default `t_comp` on
+      one rank). Every rank keeps its own `StepClock`; a step's exchanges are launched when
+      the last rank has finished computing, and a step ends when its slowest rank does. A
+      slow rank so delays the others only where they wait for its exchange.
+
+    An item without an algorithm is charged what ``algo="auto"`` picks on `link`
+    (`LinkTimeline.algo`). The clocks start at `start_s` (the trace time of the first step);
+    the times returned are on the same axis. The rules are those of `LinkTimeline` and
+    `StepClock`: the benchmark (`runner.retime`) and the real-time check
+    (`realtime.predict_virtual`) both time runs with this one function.
     """
     tl = LinkTimeline(link, world)
-    clock = StepClock(t_comp)
+    first = steps[0].get("t") if steps else None
+    ranks = 1 if first is None else len(first)
+    clocks = [StepClock(t_comp, start_s=start_s) for _ in range(ranks)]
     done: list[float] = []
     starts: list[float] = []
     for s, rec in enumerate(steps):
-        launch = clock.launch_s
+        comp = rec.get("t")
+        if comp is not None:
+            if len(comp) != ranks:
+                raise ValueError(f"steps[{s}].t: compute times for {len(comp)} ranks, expected {ranks}")
+            for clock, c in zip(clocks, comp):
+                clock.t_comp = float(c)
+        launch = max(c.launch_s for c in clocks)
         end = launch
         for chain in rec["x"]:
             d = launch
@@ -228,7 +250,7 @@ def replay(steps: Sequence[Mapping[str, Any]], link: Link, world: int, t_comp: f
         applied = [int(a) for a in rec["a"]]
         if any(a > s or a < 0 for a in applied):
             raise ValueError(f"steps[{s}].a: applied steps must be in [0, {s}], got {applied}")
-        starts.append(clock.end_step([done[a] for a in applied]))
+        starts.append(max(c.end_step([done[a] for a in applied]) for c in clocks))
         for nbytes in rec.get("c", ()):
             tl.exchange(starts[-1], float(nbytes), "allreduce")
     return starts

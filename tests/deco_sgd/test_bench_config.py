@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from deco_sgd.bench.config import QUICK_GRID, QUICK_MNIST_HIDDEN, config_from_dict, load_config
-from deco_sgd.bench.methods import build_plan, first_decision
+from deco_sgd.bench.plan import build_plan, first_decision
 from deco_sgd.bench.runner import fingerprint
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "deco_sgd"

@@ -99,7 +99,9 @@ class _NanAfter:
 
 
 def _diverge_then_train(rank: int, world: int, cfg_dict: dict) -> tuple[dict, dict]:
-    from deco_sgd.bench.methods import RankContext, build_plan, run_method
+    from deco_sgd.bench.context import RankContext
+    from deco_sgd.bench.methods import run_method
+    from deco_sgd.bench.plan import build_plan
     from deco_sgd.bench.tasks import make_task
 
     cfg = config_from_dict(cfg_dict)

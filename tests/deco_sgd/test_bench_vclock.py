@@ -82,6 +82,45 @@ def test_replay_matches_online_rules() -> None:
         replay([{"x": [], "a": [1]}], link, 2, 0.1)
 
 
+def test_replay_per_rank_compute_hand_computed() -> None:
+    from deco_sgd.bench.vclock import replay
+
+    # 8 Mbit/s = 1 MB/s, 50 ms one way, n = 2: a 1 MB all-reduce receives V = 1 MB over 2 hops.
+    link = Link(8.0, 50.0)
+    ar = [[[1_000_000, "allreduce"]]]
+    sync = [{"x": ar, "a": [s], "t": [0.1, 0.1]} for s in range(2)]
+    assert replay(sync, link, 2, 0.1) == pytest.approx([1.2, 2.4])
+    # τ = 1: step 0 applies nothing; step 1 applies step 0's exchange, done at 0.1 + 1.1 = 1.2;
+    # step 1's exchange queues behind it (link free at 1.1) and is done at 1.1 + 1.1 = 2.2.
+    stale = [{"x": ar, "a": [], "t": [0.1, 0.1]}, {"x": ar, "a": [0], "t": [0.1, 0.1]},
+             {"x": [], "a": [1], "t": [0.1, 0.1]}]
+    assert replay(stale, link, 2, 0.1) == pytest.approx([0.1, 1.2, 2.2])
+    # A step ends when its slowest rank does.
+    assert replay([{"x": [], "a": [], "t": [0.1, 0.3]}], link, 2, 0.1) == pytest.approx([0.3])
+    # τ = 2, no traffic: each rank is slow (0.5 s) on one step only, in turn. A step's exchange
+    # starts when the last rank launches it (step 0 at 0.5, step 1 at 0.6), and with staleness
+    # the ranks do not wait for each other: 0.5 + 3·0.1, not 2·0.5 + 2·0.1.
+    zero = [[[0, "allreduce"]]]
+    turns = [{"x": zero, "a": [], "t": [0.5, 0.1]}, {"x": zero, "a": [], "t": [0.1, 0.5]},
+             {"x": zero, "a": [0], "t": [0.1, 0.1]}, {"x": zero, "a": [1], "t": [0.1, 0.1]}]
+    assert replay(turns, link, 2, 0.1) == pytest.approx([0.5, 0.6, 0.7, 0.8])
+    # The clocks may start at any trace time; the times returned are on that axis.
+    assert replay(sync, link, 2, 0.1, start_s=10.0) == pytest.approx([11.2, 12.4])
+    with pytest.raises(ValueError, match=r"steps\[1\].t: compute times for 1 ranks, expected 2"):
+        replay([{"x": [], "a": [], "t": [0.1, 0.1]}, {"x": [], "a": [], "t": [0.1]}], link, 2, 0.1)
+
+
+def test_replay_without_compute_times_is_the_single_clock_rule() -> None:
+    from deco_sgd.bench.vclock import replay
+
+    # A bench step log (no "t") and the same log with every rank at t_comp give the same times.
+    link = Link(8.0, 50.0)
+    steps = [{"x": [[[200_000, "allreduce"]]], "a": []}, {"x": [[[200_000, "allreduce"]]], "a": [0], "c": [4096]},
+             {"x": [[[100_000, "allgather", "ring"]]], "a": [1, 2]}]
+    ranked = [{**s, "t": [0.1, 0.1, 0.1]} for s in steps]
+    assert replay(steps, link, 2, 0.1) == replay(ranked, link, 2, 0.1)
+
+
 def test_allgather_is_charged_as_auto_runs_it() -> None:
     # 8 workers, 75 ms, 100 Mbit/s: algo="auto" runs recursive doubling for a 64 KiB block,
     # 3 latencies instead of the ring's 7; V = 7 blocks either way.
@@ -93,3 +132,29 @@ def test_allgather_is_charged_as_auto_runs_it() -> None:
     assert tl.exchange(0.0, 65536, "allgather") == pytest.approx(3 * 0.075 + 7 * 65536 / 12.5e6)
     # Bandwidth-bound (0.1 ms, 64 MiB): the ring is kept.
     assert LinkTimeline(Link(1000.0, 0.1), world=8).algo("allgather", 64 << 20) == "ring"
+
+
+def test_retime_charges_a_cached_static_run_the_algorithm_of_this_link() -> None:
+    from deco_sgd.bench.config import config_from_dict
+    from deco_sgd.bench.runner import retime
+    from deco_sgd.bench.vclock import replay
+
+    # 8 workers, 25 ms, 20 Mbit/s: algo="auto" runs the ring for a 1.5 MB block. A static run
+    # trained on a high-latency link recorded recursive doubling; here it is charged the ring.
+    cfg = config_from_dict({"scenario": "x", "workers": 8, "network": {"rtt_ms": 50, "bandwidth_mbps": 20},
+                            "train": {"compute_time_s": 0.075}})
+    link = cfg.network.link()
+    block = 1_500_000
+    assert LinkTimeline(link, 8).algo("allgather", block) == "ring"
+    log = [{"x": [[[block, "allgather", "doubling"]]], "a": [0]}]
+    rec = {"kind": "static", "steps_log": log, "curve": [{"step": 0, "t_s": 0.0}, {"step": 1, "t_s": 9.9}]}
+    ring = replay([{"x": [[[block, "allgather", "ring"]]], "a": [0]}], link, 8, 0.075)[0]
+    doubling = replay(log, link, 8, 0.075)[0]
+    assert ring != pytest.approx(doubling)
+    assert retime(rec, cfg)["curve"][1]["t_s"] == pytest.approx(ring)
+    # DeCo-SGD measured its own link and chose: its recorded algorithm is charged.
+    assert retime({**rec, "kind": "deco"}, cfg)["curve"][1]["t_s"] == pytest.approx(doubling)
+    # With collective_algo pinned (not "auto") nothing is re-chosen: the record is charged as is.
+    pinned = config_from_dict({"scenario": "x", "workers": 8, "network": {"rtt_ms": 50, "bandwidth_mbps": 20},
+                               "train": {"compute_time_s": 0.075}, "deco": {"collective_algo": "ring"}})
+    assert retime(rec, pinned)["curve"][1]["t_s"] == pytest.approx(doubling)

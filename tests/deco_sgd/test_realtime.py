@@ -15,12 +15,11 @@ from deco_sgd.bench.realtime import (
     REL_TOL,
     RealResult,
     RealRunSpec,
-    StepPlan,
-    UnitPlan,
     checkpoints,
+    predict_virtual,
     run_rank,
+    step_records,
     validate,
-    virtual_step_ends,
 )
 from deco_sgd.bench.realtime_cli import replayed_decisions, specs_from_bench, specs_from_config
 from netsim import Link
@@ -98,34 +97,6 @@ def test_checkpoints_end_at_the_last_step() -> None:
     assert checkpoints(_spec("x", {}, 5)) == [5]
 
 
-def test_virtual_replay_hand_computed() -> None:
-    # 8 Mbit/s = 1 MB/s, 50 ms one way, n = 2: a 1 MB all-reduce receives V = 1 MB over 2 hops.
-    link = Link(8.0, 50.0)
-    sync = [StepPlan(s, (0.1, 0.1), (UnitPlan("allreduce", 1_000_000),), (s,)) for s in range(2)]
-    assert virtual_step_ends(sync, link, 2) == pytest.approx([1.2, 2.4])
-    # τ = 1: step 0 applies nothing; step 1 applies step 0's exchange, done at 0.1 + 1.1 = 1.2;
-    # step 1's exchange queues behind it (link free at 1.1) and is done at 1.1 + 1.1 = 2.2.
-    stale = [StepPlan(0, (0.1, 0.1), (UnitPlan("allreduce", 1_000_000),), ()),
-             StepPlan(1, (0.1, 0.1), (UnitPlan("allreduce", 1_000_000),), (0,)),
-             StepPlan(2, (0.1, 0.1), (), (1,))]
-    assert virtual_step_ends(stale, link, 2) == pytest.approx([0.1, 1.2, 2.2])
-    # A slower measured compute counts as measured; the elapsed time is the slowest rank's.
-    slow = [StepPlan(0, (0.1, 0.3), (), ())]
-    assert virtual_step_ends(slow, link, 2) == pytest.approx([0.3])
-
-
-def test_virtual_replay_slow_ranks_in_turn() -> None:
-    # τ = 2, no traffic: each rank is slow (0.5 s) on one step only, in turn. With staleness
-    # the ranks do not wait for each other, so the run takes 0.5 + 3·0.1, not 2·0.5 + 2·0.1.
-    link = Link(8.0, 50.0)
-    plans = [StepPlan(0, (0.5, 0.1), (UnitPlan("allreduce", 0),), ()),
-             StepPlan(1, (0.1, 0.5), (UnitPlan("allreduce", 0),), ()),
-             StepPlan(2, (0.1, 0.1), (UnitPlan("allreduce", 0),), (0,)),
-             StepPlan(3, (0.1, 0.1), (UnitPlan("allreduce", 0),), (1,))]
-    # Step 0's exchange starts at 0.5 (rank 0 launches last), done 0.6; step 1's at 0.6 (rank 1), done 0.7.
-    assert virtual_step_ends(plans, link, 2) == pytest.approx([0.5, 0.6, 0.7, 0.8])
-
-
 def _fake_result(real_ends: list[float]) -> RealResult:
     spec = RealRunSpec(name="fake", n=2, steps=len(real_ends), compute_time_s=0.1, bandwidth_mbps=8.0,
                        latency_ms=50.0, checkpoint_every=1)
@@ -137,6 +108,31 @@ def _fake_result(real_ends: list[float]) -> RealResult:
         ranks.append({"rank": r, "t0_emu": 0.0, "steps": steps, "emulate": {"late_ops": 0, "ops": len(steps), "max_late_s": 0.0},
                       "final_metric": 0.5 if r == 0 else None})
     return RealResult(spec, ranks)
+
+
+def test_step_records_are_the_replay_format() -> None:
+    # The real-time record is converted once, to `vclock.replay`'s format: one chain per unit,
+    # the waited steps as "a", each rank's compute (max of the modeled and measured, plus host work) as "t".
+    res = _fake_result([1.25, 2.45])
+    res.ranks[1]["steps"][1]["compute_s"] = 0.3
+    res.ranks[0]["steps"][0]["units"] = res.ranks[1]["steps"][0]["units"] = [
+        {"collective": "allgather", "nbytes": 1000, "algo": "doubling"}, {"collective": "allreduce", "nbytes": 8}]
+    recs = step_records(res, host=False)
+    assert recs == [{"x": [[[1000, "allgather", "doubling"]], [[8, "allreduce"]]], "a": [0], "t": [0.1, 0.1]},
+                    {"x": [[[1_000_000, "allreduce"]]], "a": [1], "t": [0.1, 0.3]}]
+    res.ranks[1]["steps"][0]["waited"] = []
+    with pytest.raises(ValueError, match="step 0: ranks recorded different schedules"):
+        step_records(res)
+
+
+def test_predict_virtual_is_elapsed_time_from_the_real_start() -> None:
+    # The replay runs on the trace's axis from the real start (t0_emu); the prediction is the
+    # time elapsed since then (constant link here, so the start does not change it).
+    res = _fake_result([1.25, 2.45])
+    assert predict_virtual(res, host=False) == pytest.approx([1.2, 2.4])
+    for r in res.ranks:
+        r["t0_emu"] = 0.5
+    assert predict_virtual(res, host=False) == pytest.approx([1.2, 2.4])
 
 
 def test_validate_flags_a_breach() -> None:
