@@ -17,7 +17,7 @@ import hashlib
 import json
 from typing import Any, Mapping
 
-__all__ = ["config_dict", "fingerprint", "fingerprint_excluded"]
+__all__ = ["config_dict", "digest_dict", "fingerprint", "fingerprint_excluded"]
 
 
 def _plain(v: Any) -> Any:
@@ -47,10 +47,16 @@ def _by_name(v: Any) -> Any:
     raise TypeError(f"fingerprint: {type(v).__name__} value {v!r} is not JSON-serialisable")
 
 
-def fingerprint(cfg: Any, **extra: Any) -> str:
-    """SHA-256 hex of the canonical JSON of `config_dict(cfg)` (minus the excluded fields)
-    plus `extra` (e.g. a schema number that changes when a field changes meaning)."""
+def digest_dict(cfg: Any) -> dict[str, Any]:
+    """What `fingerprint` digests, as JSON data: `config_dict(cfg)` minus the excluded fields,
+    callables by qualified name. Ranks can compare it field by field to name a difference."""
     skip = fingerprint_excluded(cfg)
     data = {k: v for k, v in config_dict(cfg).items() if k not in skip}
-    blob = json.dumps({**extra, **data}, sort_keys=True, separators=(",", ":"), default=_by_name)
+    return json.loads(json.dumps(data, default=_by_name))
+
+
+def fingerprint(cfg: Any, **extra: Any) -> str:
+    """SHA-256 hex of the canonical JSON of `digest_dict(cfg)` plus `extra` (e.g. a schema
+    number that changes when a field changes meaning)."""
+    blob = json.dumps({**extra, **digest_dict(cfg)}, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()

@@ -25,17 +25,19 @@ handle's step count and the codec's use counts, hence warm-up, agree).
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 import torch.distributed as dist
+
+from ccomm.configs import digest_dict
 
 from .config import CompactConfig
 from .errors import CompactStateError
 from .requests import RequestStats, RequestTracker
 from .state import CompactState
 
-__all__ = ["HandleBase", "agree", "check_due"]
+__all__ = ["HandleBase", "agree", "check_due", "config_fields"]
 
 
 def check_due(config: CompactConfig, state: CompactState) -> bool:
@@ -44,18 +46,26 @@ def check_due(config: CompactConfig, state: CompactState) -> bool:
     return every > 0 and state.branch == config.calls_per_step - 1 and state.completed_steps % every == 0
 
 
-def agree(fingerprint: Any, group: Any, what: str) -> None:
-    """All-gather `fingerprint` over `group`; every rank raises ValueError unless all are equal.
+def agree(fields: Mapping[str, Any], group: Any) -> None:
+    """All-gather `fields` over `group`; every rank raises ValueError unless all are equal.
 
     Runs before anything is installed, so ranks whose configuration, model or world differ
     fail at once with the same error instead of hanging at the first mismatched exchange.
-    `what` names the fingerprint's fields in the message.
+    The error names every field that differs, with both values.
     """
     every: list[Any] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(every, fingerprint, group=group)
-    bad = [r for r, other in enumerate(every) if other != fingerprint]
+    dist.all_gather_object(every, dict(fields), group=group)
+    bad = [r for r, other in enumerate(every) if other != fields]
     if bad:
-        raise ValueError(f"ranks {bad} differ from this rank in {what}: {every[bad[0]]} vs {fingerprint}")
+        other = every[bad[0]]
+        diff = "; ".join(f"{k}: {other.get(k)!r} there, {fields.get(k)!r} here"
+                         for k in sorted(set(fields) | set(other)) if other.get(k) != fields.get(k))
+        raise ValueError(f"ranks {bad} differ from this rank in {diff}")
+
+
+def config_fields(config: CompactConfig) -> dict[str, Any]:
+    """`config`'s digested fields as ``{"config.<field>": value}``, for `agree`."""
+    return {f"config.{k}": v for k, v in digest_dict(config).items()}
 
 
 class HandleBase:

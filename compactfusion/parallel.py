@@ -3,9 +3,9 @@
 Algorithm (docs/design/compactfusion.md#hooking-diffusers):
 1. Look up `type(transformer).__name__` in `MODEL_SPECS` (DiT, PixArt, Flux); other classes
    and fused QKV projections raise ValueError; a model already parallelized raises too.
-2. Agree on a fingerprint (config, class, layer count, heads, head_dim, P, ccomm version)
-   over the group (`compactfusion.handle.agree`), so every rank fails with ValueError on a
-   mismatch instead of hanging later.
+2. Agree on the config's fields, class, layer count, heads, head_dim, P and ccomm version
+   over the group (`compactfusion.handle.agree`), so every rank fails with a ValueError
+   naming the fields that differ instead of hanging later.
 3. Save the attention processors; set a full mapping (diffusers' `set_attn_processor` walk): our
    processors on the self-attention names (layer index = registration order), the
    originals elsewhere.
@@ -43,7 +43,7 @@ from ccomm.stats import CommStats
 
 from .config import CompactConfig
 from .errors import CompactStateError
-from .handle import HandleBase, agree
+from .handle import HandleBase, agree, config_fields
 from .processors import CompactAttnProcessor, CompactFluxAttnProcessor
 from .requests import timestep_value
 from .state import CompactState
@@ -271,8 +271,8 @@ def parallelize(transformer: Any, config: CompactConfig, group: Any = None, *,
     if config.layers is not None and max(config.layers, default=-1) >= len(names):
         raise ValueError(f"layers={config.layers}: indices must be in [0, {len(names)})")
     world = dist.get_world_size(group)
-    agree((config.fingerprint(), cls, len(names), heads, head_dim, world, _ccomm_version()), group,
-          "(config, model class, layers, heads, head_dim, world size, ccomm version)")
+    agree({**config_fields(config), "model class": cls, "layers": len(names), "heads": heads,
+           "head_dim": head_dim, "world size": world, "ccomm version": _ccomm_version()}, group)
     handle = Handle(transformer, config, group, spec, names, heads, head_dim, stats)
     handle._install()
     if pipe is not None and getattr(pipe, "scheduler", None) is not None:

@@ -18,7 +18,7 @@ Algorithm of `patch(pipe, config, seam="auto")`:
 2. Pick the seam (`auto`: `usp` if `usp.ring_attn` exists, else `long_ctx`) and check the
    replaced function's parameters with `inspect.signature`; a mismatch raises
    `XfuserVersionError` naming the installed xfuser version.
-3. Agree on a fingerprint (config, seam, xfuser version, ring size) over the ring group.
+3. Agree on the config's fields, seam, xfuser version and ring size over the ring group.
 4. Build a `CompactState` on the ring group; install a pre-hook and a post-hook on the
    pipeline's transformer (`HandleBase`'s autograd guard, request boundaries and
    `check_every`; step and branch via `CompactState.begin_forward`; a per-forward layer
@@ -46,7 +46,7 @@ import torch.distributed as dist
 from ccomm.stats import CommStats
 
 from ..config import CompactConfig
-from ..handle import HandleBase, agree
+from ..handle import HandleBase, agree, config_fields
 from ..requests import timestep_value
 from .xfuser_cpu import _has_accelerator, cpu_env_patch, xfuser_version
 
@@ -326,8 +326,8 @@ def patch(pipe: Any, config: CompactConfig, *, seam: str = "auto", stats: Option
             _check_signature(t.ring_attn_fn, LONG_CTX_RING_PARAMS, f"{type(t).__name__}.ring_attn_fn")
 
     # Every ring rank must run the same configuration, or payload sizes would disagree.
-    agree((config.fingerprint(), seam, xfuser_version(), dist.get_world_size(group)), group,
-          "(config, seam, xfuser version, ring size)")
+    agree({**config_fields(config), "seam": seam, "xfuser version": xfuser_version(),
+           "ring size": dist.get_world_size(group)}, group)
 
     ring_attention, state_cls = _default_core()
     handle = XfuserHandle(transformer, config, group, seam, ring_attention, state_cls(config, group, stats=stats))

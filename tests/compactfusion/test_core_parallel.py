@@ -450,6 +450,9 @@ def test_refusals(cf_pool: Callable[[int], RankPool]) -> None:
         assert r["after_remove"].startswith("RuntimeError")
         assert r["class"].startswith("ValueError") and "Linear" in r["class"]
         assert r["fingerprint"].startswith("ValueError") and "ranks [" in r["fingerprint"]
+        # The error names the differing field with both values, and nothing that agrees.
+        assert "config.codec: " in r["fingerprint"] and "'int2'" in r["fingerprint"] and "'binary'" in r["fingerprint"]
+        assert "config.mode" not in r["fingerprint"]
         assert r["layers"].startswith("ValueError") and "layers" in r["layers"]
         assert r["reset_equal"] is True
         assert r["nonfinite"].startswith("FloatingPointError") and "layer 0" in r["nonfinite"]
