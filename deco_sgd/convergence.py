@@ -44,6 +44,7 @@ any task; the monitor's measured progress is what protects a run when it is wron
 """
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -105,13 +106,15 @@ def shown_drift(a: float, tau: int) -> float:
     return abs(_dominant_root(a, tau) - 1.0)
 
 
+@functools.lru_cache(maxsize=64)
 def step_curvature(drift: float, tau: int) -> float:
     """The step curvature a = ηλ that shows `drift` under staleness τ (inverse of
     `shown_drift`, monotone in a on [0, 2]; capped at 2, where even τ = 0 stops converging).
 
     A delay makes a direction oscillate (complex roots), so the same curvature shows a larger
     drift at τ > 0 than at τ = 0: the drift must be read back to a before it is compared
-    across staleness levels."""
+    across staleness levels. Cached: a decision asks it once per candidate with the same
+    measured drift, and each answer costs 40 polynomial root solves."""
     if tau == 0 or drift <= 0:
         return max(0.0, drift)
     hi = 2.0
