@@ -11,9 +11,12 @@ mkdir -p "$out"
 for c in $configs; do
   n=${c%%:*}; lat=${c##*:}
   before=$(cut -d' ' -f1-3 /proc/loadavg)
-  line=$(PYTHONPATH=$PWD "$py" -m netsim up -n "$n" --bandwidth-mbps 20 --latency-ms "$lat" --tag gm \
+  raw=$(mktemp /tmp/gloo_sweep.XXXXXX)
+  PYTHONPATH=$PWD "$py" -m netsim up -n "$n" --bandwidth-mbps 20 --latency-ms "$lat" --tag gm \
       --run "$py -m netsim.probe.agent gloo-sweep --ops allreduce,allgather --bytes $sizes --iters $iters" \
-      2>/dev/null | grep '"sweep"' | head -1)
+      >"$raw" 2>&1 || { echo "netsim up failed (n=$n, $lat ms): see $raw" >&2; exit 1; }
+  line=$(grep '"sweep"' "$raw" | sed -n 1p)
+  rm -f "$raw"
   after=$(cut -d' ' -f1-3 /proc/loadavg)
   "$py" - "$out/gloo_n${n}_l${lat}.json" "$n" "$lat" "$before" "$after" "$(git rev-parse --short HEAD)" "$line" <<'PY'
 import json, sys
