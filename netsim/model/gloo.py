@@ -4,7 +4,8 @@ The ideal transport of :mod:`netsim.model.cost` (and of every virtual clock buil
 a message as soon as its sender has it. gloo's TCP transport, the CPU backend of
 torch.distributed, does not: a receiver announces every receive it posts to the sender, and
 the sender writes a message only once the matching announcement has arrived. This module
-replays gloo's own programs message by message under that rule (docs/netsim.md#gloo):
+replays gloo's own programs message by message under that rule
+(docs/netsim.md#gloos-transport-transportgloo):
 
 1. **Rendezvous.** A receive posted by rank R for a message from S sends S a "recv ready"
    notice of `NOTICE_BYTES`. A send posted by S to R leaves when it is posted *and* a notice

@@ -1,4 +1,5 @@
-"""gloo's transport model (`netsim.model.gloo`, docs/netsim.md#gloo) on hand-computed numbers.
+"""gloo's transport model (`netsim.model.gloo`) on hand-computed numbers
+(docs/netsim.md#gloos-transport-transportgloo).
 
 Deterministic: pure functions of their arguments. The measured table it was checked against
 on real namespaces is in `test_gloo_model_measured.py` (recorded files, no network).
