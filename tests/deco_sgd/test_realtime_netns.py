@@ -19,7 +19,7 @@ import os
 import pytest
 
 from deco_sgd.bench.realtime import LATE_TIME_MAX, REL_TOL, RealRunSpec, validate
-from deco_sgd.bench.realtime_netns import run_netns, stall_time
+from deco_sgd.bench.realtime_netns import gloo_steps, run_netns, stall_time
 
 from _timing import on_time
 
@@ -54,6 +54,13 @@ def test_stall_time_is_the_clipped_union() -> None:
     assert stall_time(iv, 0.0, 10.0) == pytest.approx(2.0 + 1.0 + 1.5)
     assert stall_time(iv, 1.5, 5.0) == pytest.approx(0.5 + 1.0 + 0.5)
     assert stall_time(iv, 6.0, 9.0) == 0.0 and stall_time([], 0.0, 1.0) == 0.0
+
+
+def test_gloo_steps_count_two_hand_offs_per_message_step() -> None:
+    # 4 ranks: the all-reduce's 2 x 6 message steps, the all-gather's 3, each waiting for the
+    # sender's I/O thread (the receiver's notice) and the receiver's (the data).
+    assert gloo_steps("allreduce", 4) == 24 and gloo_steps("allgather", 4) == 6
+    assert gloo_steps("allreduce", 2) == 8
 
 
 def test_runs_must_share_one_net() -> None:
