@@ -5,7 +5,8 @@
 For every method of a `deco_sgd.bench.realtime` report: the real elapsed time at each
 checkpoint, the error of the replay charging gloo's transport (what the check uses on netns)
 and of the same replay charging the ideal ring (what it used before), the host-lateness
-estimate and the wait per step (median and fastest). The replay is `vclock.replay` of the
+estimate (netns: recomputed with this checkout's `transport_late_s`, the wire's stalls as
+recorded) and the wait per step (median and fastest). The replay is `vclock.replay` of the
 recorded schedule (`realtime.step_records`; constant links, so the start time does not matter).
 """
 from __future__ import annotations
@@ -15,6 +16,7 @@ import statistics
 import sys
 
 from deco_sgd.bench.realtime import RealResult, RealRunSpec, checkpoints, step_records
+from deco_sgd.bench.realtime_netns import transport_late_s
 from deco_sgd.bench.vclock import replay
 
 
@@ -38,6 +40,10 @@ def main(path: str) -> None:
                  for s in range(spec.steps)]
         val = m["validation"]
         load = m["loadavg"]
+        if rep["backend"] == "netns":
+            late = max(h["wire_stall_s"] + transport_late_s({"steps": st, "netns": h}, spec.n)
+                       for h, st in zip(m["host"], m["records"]))
+            val = {**val, "late_time_frac": late / real[-1]}
         print(f"| {name} | {' / '.join(f'{real[k - 1]:.2f}' for k in pts)} | {errs['gloo']} | {errs['ideal']} | "
               f"{100 * val['late_time_frac']:.1f} % | {statistics.median(waits):.3f} / {min(waits):.3f} | "
               f"{load[0]:.0f} → {load[1]:.0f} |")
