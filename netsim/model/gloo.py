@@ -207,7 +207,11 @@ class _Uplink:
 
 def simulate(programs: Sequence[Sequence[Action]], link: Link, start_s: float = 0.0, *,
              notices_queue: bool = True) -> list[float]:
-    """When each rank finishes its program, all starting at `start_s` (rules 1-3 of the module docstring)."""
+    """When each rank finishes its program, all starting at `start_s` (rules 1-3 of the module docstring).
+
+    ``notices_queue=False`` lets every notice leave at once instead of behind the data its
+    sender has queued (rule 3): TCP keeps at most a window of a message in the network, so
+    large messages measured between the two (docs/netsim.md#gloos-transport-transportgloo)."""
     if not isinstance(link, Link):
         raise ValueError(f"link: must be a netsim.Link, got {type(link).__name__}")
     if not (math.isfinite(start_s) and start_s >= 0):

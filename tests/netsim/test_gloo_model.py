@@ -140,3 +140,27 @@ def test_cost_transport_option() -> None:
         cost.allgather_time(1.0, LINK, 2, sizes=[1.0, 2.0], transport="gloo")
     with pytest.raises(ValueError, match="uniform shared link"):
         cost.allreduce_time(1.0, Topo(2, LINK, pairs={(0, 1): Link(8.0, 5.0)}, shared=False), transport="gloo")
+
+
+def test_exposed_latency_is_what_serialisation_does_not_explain() -> None:
+    # 4 ranks, one element: V = 1.5 x 4 bytes, so almost all of the 7 latencies are exposed;
+    # 16 MB at 5 ms: the ideal ring's 6 latencies plus what the rendezvous adds, well under 1 %.
+    assert gloo.exposed_latency_s("allreduce", 4, 4, LINK) == pytest.approx(
+        gloo.collective_time("allreduce", 4, 4, LINK) - 6e-6)
+    link = Link(8.0, 5.0)
+    exposed = gloo.exposed_latency_s("allreduce", 4, 16e6, link)
+    assert 6 * 0.005 <= exposed <= 0.01 * gloo.collective_time("allreduce", 4, 16e6, link)
+    assert gloo.exposed_latency_s("allgather", 1, 1e6, LINK) == 0.0
+
+
+def test_notices_that_skip_the_backlog_bracket_large_messages_from_below() -> None:
+    # With short messages nothing is queued ahead of a notice: both variants agree. With
+    # segments longer than a latency, a notice that waits behind data can only be later.
+    def both(op: str, n: int, nbytes: float, link: Link) -> tuple[float, float]:
+        progs = gloo.program(op, n, nbytes)
+        return max(gloo.simulate(progs, link)), max(gloo.simulate(progs, link, notices_queue=False))
+
+    fifo, skip = both("allreduce", 4, 12_000, LINK)
+    assert skip == pytest.approx(fifo, rel=1e-3)
+    fifo, skip = both("allgather", 4, 816_000, Link(20.0, 50.0))
+    assert skip < fifo
