@@ -40,7 +40,8 @@ from ccomm.validate import check_int, check_number
 
 from .vclock import replay
 
-__all__ = ["REL_TOL", "LATE_TIME_MAX", "BACKEND_TRANSPORT", "RealRunSpec", "RealResult", "run_real", "run_rank", "train_rank",
+__all__ = ["REL_TOL", "LATE_TIME_MAX", "BACKEND_TRANSPORT", "RealRunSpec", "RealResult", "run_real", "run_rank",
+           "train_rank",
            "step_records", "predict_virtual", "checkpoints", "late_bound_s", "validate"]
 
 

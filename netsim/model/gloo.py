@@ -72,7 +72,8 @@ NOTICE_BYTES = 48 + HEADER_BYTES
 MAX_SEGMENT_BYTES = 1 << 20
 #: Ops and the algorithms modeled for them ("ring" is gloo's own collective; the others are
 #: `ccomm.comm`'s log-depth rounds over gloo's point-to-point messages).
-OPS: dict[str, tuple[str, ...]] = {"allreduce": ("ring", "doubling", "tree"), "allgather": ("ring", "doubling", "bruck")}
+OPS: dict[str, tuple[str, ...]] = {"allreduce": ("ring", "doubling", "tree"),
+                                   "allgather": ("ring", "doubling", "bruck")}
 _ELEMENT_BYTES = 4  # float32: gloo's segments are whole elements
 
 

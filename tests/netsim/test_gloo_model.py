@@ -89,7 +89,8 @@ def test_programs_send_what_the_schedules_carry(op: str, algo: str, n: int) -> N
             elif a.kind == "recv":
                 posted[(a.peer, r)].append(a.nbytes)
     assert sent == posted
-    steps = ccs.allreduce_schedule(algo, n, nbytes) if op == "allreduce" else ccs.allgather_schedule(algo, n, [nbytes] * n)
+    steps = (ccs.allreduce_schedule(algo, n, nbytes) if op == "allreduce"
+             else ccs.allgather_schedule(algo, n, [nbytes] * n))
     assert sum(map(sum, sent.values())) == pytest.approx(sum(b for step in steps for _, _, b in step))
 
 
