@@ -17,7 +17,8 @@ One real-time run (`run_real(spec)`):
 4. flushes (untimed), evaluates the task metric and returns every rank's record.
 
 `predict_virtual(result)` replays the recorded schedule (same sizes, same waited entries,
-per-rank compute = max(compute_time_s, measured) + host work) through the virtual clock, and `validate(result)`
+per-rank compute = max(compute_time_s, measured) + host work) through the virtual clock,
+charging the transport of the backend that ran (`BACKEND_TRANSPORT`), and `validate(result)`
 gives the relative error of virtual against real elapsed time at every checkpoint step;
 `REL_TOL` is the 15 % bound of docs/design/deco_sgd.md#real-time-validation.
 
@@ -39,7 +40,8 @@ from ccomm.validate import check_int, check_number
 
 from .vclock import replay
 
-__all__ = ["REL_TOL", "LATE_TIME_MAX", "RealRunSpec", "RealResult", "run_real", "run_rank", "train_rank",
+__all__ = ["REL_TOL", "LATE_TIME_MAX", "BACKEND_TRANSPORT", "RealRunSpec", "RealResult", "run_real", "run_rank",
+           "train_rank",
            "step_records", "predict_virtual", "checkpoints", "late_bound_s", "validate"]
 
 
@@ -51,6 +53,10 @@ REL_TOL = 0.15
 #: than this fraction of the run (bound: late ops × the largest lateness), the run did not
 #: emulate the link and its comparison says nothing about the clock: `validate` marks it invalid.
 LATE_TIME_MAX = 0.05
+#: The transport profile (`vclock.TRANSPORTS`) the replay charges per backend: emulate delays
+#: each collective to netsim's ideal model; on real namespaces gloo's TCP transport carried
+#: the exchanges, rendezvous included (`netsim.model.gloo`).
+BACKEND_TRANSPORT: Mapping[str, str] = {"emulate": "ideal", "netns": "gloo"}
 _DECO_FORBIDDEN = ("mode",)
 
 
@@ -335,10 +341,13 @@ def step_records(result: RealResult, host: bool = True) -> list[dict[str, Any]]:
 def predict_virtual(result: RealResult, host: bool = True) -> list[float]:
     """Virtual elapsed time at the end of each step of `result`'s schedule (see `step_records`).
 
-    `vclock.replay` from the trace time of the real start; one `StepClock` per rank."""
+    `vclock.replay` from the trace time of the real start; one `StepClock` per rank; the
+    exchanges charged by the transport profile of the backend that carried them
+    (`BACKEND_TRANSPORT`)."""
     spec = result.spec
     t0 = sum(r["t0_emu"] for r in result.ranks) / len(result.ranks)  # trace time of the real start
-    ends = replay(step_records(result, host), spec.link(), spec.n, spec.compute_time_s, start_s=t0)
+    ends = replay(step_records(result, host), spec.link(), spec.n, spec.compute_time_s, start_s=t0,
+                  transport=BACKEND_TRANSPORT[result.backend])
     return [e - t0 for e in ends]
 
 
@@ -376,7 +385,8 @@ def validate(result: RealResult, rel_tol: float = REL_TOL) -> dict[str, Any]:
     late_s = [late_bound_s(r) for r in result.ranks]
     late_time = max(late_s) / real[-1]
     late = [r["emulate"]["late_ops"] if "emulate" in r else None for r in result.ranks]
-    return {"method": result.spec.name, "backend": result.backend, "checkpoints": rows, "max_rel_err": worst,
+    return {"method": result.spec.name, "backend": result.backend,
+            "transport": BACKEND_TRANSPORT[result.backend], "checkpoints": rows, "max_rel_err": worst,
             "rel_tol": rel_tol, "breach": worst > rel_tol, "emulate_late_ops": late, "late_s": late_s,
             "late_time_frac": late_time,
             "emulation_ok": late_time <= LATE_TIME_MAX, "final_metric": result.final_metric,

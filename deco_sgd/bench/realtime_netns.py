@@ -89,13 +89,14 @@ def transport_lag(before: dict[int, tuple[int, int]], after: dict[int, tuple[int
 
 
 def gloo_steps(collective: str, world: int) -> int:
-    """Message steps of gloo's own ring: an all-reduce splits its buffer into at least 2n
-    segments and runs 2n - 2 steps in each of its two phases (gloo/allreduce.cc); an
-    all-gather passes whole blocks, n - 1 steps. Each step ends with a wake-up of the
-    receiving rank's I/O thread before the next message can leave."""
-    if collective == "allreduce":
-        return 2 * (2 * world - 2)
-    return pattern_cost(collective, world, 0.0).hops
+    """Transport hand-offs of one gloo collective that hold its next message back: an
+    all-reduce splits its buffer into at least 2n segments and runs 2n - 2 message steps in
+    each of its two phases (gloo/allreduce.cc); an all-gather passes whole blocks, n - 1
+    steps. Each step waits for two wake-ups of an I/O thread: the sender's, which reads the
+    receiver's "recv ready" notice and only then writes the message (gloo's rendezvous,
+    `netsim.model.gloo`), and the receiver's, which reads the message."""
+    steps = 2 * (2 * world - 2) if collective == "allreduce" else pattern_cost(collective, world, 0.0).hops
+    return 2 * steps
 
 
 def transport_late_s(rec: dict[str, Any], world: int) -> float:

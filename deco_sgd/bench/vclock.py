@@ -18,6 +18,13 @@ trace included) in launch order:
    (`Trace.time_to_send`, exact over piecewise-constant rates and outages);
 4. link_free = done − L_eff: the next message may serialise while this one's latency runs.
 
+`LinkTimeline(link, world, transport="gloo")` charges step 3 by gloo's protocol instead
+(`netsim.cost.collective_time(..., transport="gloo")`, `netsim.model.gloo`: a message leaves
+only once its receiver's "recv ready" notice has arrived): done = tx_start + the replayed
+duration of the collective from tx_start, and still link_free = tx_start + serialisation of
+V. The real-time check on real namespaces charges it, since gloo carried those exchanges;
+the benchmark keeps the ideal transport (the default, the clock of every published number).
+
 `probe(launch, pattern)` prices a tiny control collective the same way but without taking
 the link (control traffic runs on its own group and is never queued behind data).
 
@@ -49,15 +56,17 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from ccomm.comm.auto import auto_config
 from ccomm.schedule import choose
-from netsim import Link
+from netsim import Link, cost
 
 from ..timemodel import collective_cost
 
-__all__ = ["PATTERNS", "PatternCost", "pattern_cost", "LinkTimeline", "StepClock", "Transfer", "replay"]
+__all__ = ["PATTERNS", "TRANSPORTS", "PatternCost", "pattern_cost", "LinkTimeline", "StepClock", "Transfer", "replay"]
 
 
 #: Exchange patterns the timeline understands (netsim.model.cost op names).
 PATTERNS = ("allreduce", "allgather")
+#: Transport profiles a timeline can charge (`netsim.cost.TRANSPORTS`): "ideal" or "gloo".
+TRANSPORTS = cost.TRANSPORTS
 
 
 @dataclass(frozen=True)
@@ -99,13 +108,16 @@ class Transfer:
 class LinkTimeline:
     """Charges exchanges on one link in launch order; see the module docstring."""
 
-    def __init__(self, link: Link, world: int, *, keep_log: bool = False) -> None:
+    def __init__(self, link: Link, world: int, *, keep_log: bool = False, transport: str = "ideal") -> None:
+        if transport not in TRANSPORTS:
+            raise ValueError(f"transport: must be one of {list(TRANSPORTS)}, got {transport!r}")
         if not isinstance(link, Link):
             raise ValueError(f"link: must be a netsim.Link, got {type(link).__name__}")
         if not isinstance(world, int) or isinstance(world, bool) or world < 1:
             raise ValueError(f"world: must be an integer >= 1, got {world!r}")
         self.link = link
         self.world = world
+        self.transport = transport
         self.link_free = 0.0
         self.bytes_received = 0.0
         self.keep_log = keep_log
@@ -143,11 +155,16 @@ class LinkTimeline:
         what ``algo="auto"`` would pick on this link (`algo()`)."""
         if not (math.isfinite(launch_s) and launch_s >= 0):
             raise ValueError(f"launch_s: must be finite and >= 0, got {launch_s!r}")
-        pc = pattern_cost(pattern, self.world, float(nbytes), self.algo(pattern, nbytes) if algo is None else algo)
-        l_eff = pc.hops * self.link.latency_s
+        algo = self.algo(pattern, nbytes) if algo is None else algo
+        pc = pattern_cost(pattern, self.world, float(nbytes), algo)
         tx_start = max(launch_s, self.link_free)
-        done = tx_start + l_eff + self._serialise(pc.nbytes, tx_start)
-        self.link_free = done - l_eff
+        ser = self._serialise(pc.nbytes, tx_start)
+        if self.transport == "gloo":
+            done = tx_start + cost.collective_time(pattern, float(nbytes), self.link, self.world, algo, tx_start,
+                                                   transport="gloo")
+        else:
+            done = tx_start + pc.hops * self.link.latency_s + ser
+        self.link_free = tx_start + ser  # = done - L_eff: the next exchange may serialise meanwhile
         self.bytes_received += pc.nbytes
         if self.keep_log:
             self.log.append(Transfer(launch_s, tx_start, done, float(nbytes), pc.nbytes, pattern))
@@ -155,6 +172,9 @@ class LinkTimeline:
 
     def probe(self, launch_s: float, pattern: str, nbytes: float = 4.0) -> float:
         """Completion time of a tiny control collective launched at `launch_s` (link not taken)."""
+        if self.transport == "gloo":
+            return launch_s + cost.collective_time(pattern, float(nbytes), self.link, self.world, "ring", launch_s,
+                                                   transport="gloo")
         pc = pattern_cost(pattern, self.world, float(nbytes))
         return launch_s + pc.hops * self.link.latency_s + self._serialise(pc.nbytes, launch_s)
 
@@ -207,7 +227,7 @@ class StepClock:
 
 
 def replay(steps: Sequence[Mapping[str, Any]], link: Link, world: int, t_comp: float,
-           start_s: float = 0.0) -> list[float]:
+           start_s: float = 0.0, *, transport: str = "ideal") -> list[float]:
     """Step end times of a recorded run on `link`: element s is when step s+1 may start.
 
     Each record is ``{"x": [[[nbytes, pattern(, algo)], ...], ...], "a": [applied step indices]}``
@@ -222,11 +242,12 @@ def replay(steps: Sequence[Mapping[str, Any]], link: Link, world: int, t_comp: f
 
     An item without an algorithm is charged what ``algo="auto"`` picks on `link`
     (`LinkTimeline.algo`). The clocks start at `start_s` (the trace time of the first step);
-    the times returned are on the same axis. The rules are those of `LinkTimeline` and
+    the times returned are on the same axis. `transport` is the timeline's (`LinkTimeline`):
+    "gloo" where gloo really carried the exchanges. The rules are those of `LinkTimeline` and
     `StepClock`: the benchmark (`runner.retime`) and the real-time check
     (`realtime.predict_virtual`) both time runs with this one function.
     """
-    tl = LinkTimeline(link, world)
+    tl = LinkTimeline(link, world, transport=transport)
     first = steps[0].get("t") if steps else None
     ranks = 1 if first is None else len(first)
     clocks = [StepClock(t_comp, start_s=start_s) for _ in range(ranks)]

@@ -32,6 +32,12 @@ transport sends: recursive doubling and Bruck cost ``ceil(log2 n)`` latencies wh
 costs ``n - 1``. ``sizes_known=False`` adds what ``ccomm.comm`` does to learn payload sizes
 (the ring: a ring of 8-byte headers first and blocks padded to the largest; log-depth: an
 int64 per block leading each round's messages).
+
+All of the above is the **ideal transport**: a message leaves as soon as its sender has it
+(NCCL-like, with receive buffers posted ahead). ``transport="gloo"`` times all-reduce and
+all-gather by gloo's own protocol instead (:mod:`netsim.model.gloo`: a message leaves only
+once the receiver's "recv ready" notice has arrived, replayed message by message over gloo's
+ring programs and ccomm's point-to-point rounds); it needs a uniform link.
 """
 
 from __future__ import annotations
@@ -43,11 +49,13 @@ from collections.abc import Sequence
 from ccomm import schedule as ccs
 from ccomm.schedule import tree_depth
 
+from . import gloo
 from .link import Link
 from .topo import Resource, Topo
 
 __all__ = [
     "ALGOS",
+    "TRANSPORTS",
     "Schedule",
     "allgather_time",
     "allreduce_time",
@@ -77,6 +85,9 @@ ALGOS: dict[str, tuple[str, ...]] = {
     "ps": ("pushpull", "push", "pull"),
     "barrier": ("dissemination",),
 }
+#: Transport profiles: "ideal" (a message leaves when its sender has it; the default) and
+#: "gloo" (gloo's TCP rendezvous, `netsim.model.gloo`; all-reduce and all-gather only).
+TRANSPORTS = ("ideal", "gloo")
 
 
 # ---------------------------------------------------------------------------- schedules
@@ -220,9 +231,22 @@ def collective_time(
     chunks: int = 1,
     root: int = 0,
     sizes_known: bool = True,
+    transport: str = "ideal",
 ) -> float:
-    """Step-synchronous duration of :func:`schedule` ``(op, n, nbytes, algo, ...)`` on ``net``."""
+    """Step-synchronous duration of :func:`schedule` ``(op, n, nbytes, algo, ...)`` on ``net``.
+
+    ``transport="gloo"`` replays gloo's protocol instead (module docstring; all-reduce and
+    all-gather on a uniform link, equal blocks, known sizes)."""
+    if transport not in TRANSPORTS:
+        raise ValueError(f"transport={transport!r} must be one of {TRANSPORTS}")
     topo = _as_topo(net, n, shared)
+    if transport == "gloo":
+        if op not in gloo.OPS or sizes is not None or not sizes_known or chunks != 1:
+            raise ValueError(f"transport='gloo' models {sorted(gloo.OPS)} with equal blocks, known sizes and "
+                             f"chunks=1 only (op={op!r}, sizes={sizes!r}, sizes_known={sizes_known}, chunks={chunks})")
+        if not (topo.shared and topo.is_uniform):
+            raise ValueError("transport='gloo' needs a uniform shared link (one Link for every host)")
+        return gloo.collective_time(op, topo.n, nbytes, topo.link, ALGOS[op][0] if algo is None else algo, start_s)
     steps = schedule(op, topo.n, nbytes, algo, sizes=sizes, chunks=chunks, root=root, sizes_known=sizes_known)
     return schedule_time(topo, steps, start_s)
 
@@ -236,11 +260,13 @@ def p2p_time(nbytes: float, net: Topo | Link, src: int = 0, dst: int = 1, start_
 
 def allreduce_time(
     nbytes: float, net: Topo | Link, n: int | None = None, algo: str = "ring", start_s: float = 0.0,
-    *, shared: bool = True, chunks: int = 1,
+    *, shared: bool = True, chunks: int = 1, transport: str = "ideal",
 ) -> float:
     """ring ``2(n-1)(L + S/(nB))``; tree ``2(h+k-1)(L + c*S/(kB))``, c = 2 shared (n > 2), 1 mesh;
-    doubling ``log2(n)(L + S/B)`` for n a power of two, two steps more otherwise."""
-    return collective_time("allreduce", nbytes, net, n, algo, start_s, shared=shared, chunks=chunks)
+    doubling ``log2(n)(L + S/B)`` for n a power of two, two steps more otherwise
+    (``transport="gloo"``: gloo's protocol, module docstring)."""
+    return collective_time("allreduce", nbytes, net, n, algo, start_s, shared=shared, chunks=chunks,
+                           transport=transport)
 
 
 def reduce_scatter_time(
@@ -254,14 +280,16 @@ def reduce_scatter_time(
 def allgather_time(
     nbytes: float, net: Topo | Link, n: int | None = None, algo: str = "ring", start_s: float = 0.0,
     *, shared: bool = True, sizes: Sequence[float] | None = None, sizes_known: bool = True,
+    transport: str = "ideal",
 ) -> float:
     """ring ``(n-1)(L + S/B)``; direct ``L + (n-1)S/B`` shared, ``L + S/B`` mesh; doubling and bruck
     ``ceil(log2 n) L + (n-1)S/B``.
 
     ``sizes`` (per-rank block bytes) replaces ``nbytes`` for codecs whose payloads differ;
-    ``sizes_known=False`` includes ccomm's size headers (:func:`schedule`)."""
+    ``sizes_known=False`` includes ccomm's size headers (:func:`schedule`); ``transport="gloo"``:
+    gloo's protocol (module docstring)."""
     return collective_time("allgather", nbytes, net, n, algo, start_s, shared=shared, sizes=sizes,
-                           sizes_known=sizes_known)
+                           sizes_known=sizes_known, transport=transport)
 
 
 def broadcast_time(

@@ -9,6 +9,8 @@ Roles (each prints one JSON line on stdout):
   receiver's timing (first byte, K-th byte, last byte) comes back on the same connection.
 * ``gloo OP --bytes N --iters K [--concurrent C --gap S]``: time a torch.distributed op, or C
   of them in flight together (see :func:`gloo_op`).
+* ``gloo-sweep --ops OP,OP --bytes N,N,... --iters K``: every op at every size in one process
+  group (see :func:`gloo_sweep`; one torch start-up per host instead of one per point).
 
 All times are CLOCK_MONOTONIC, which every namespace of one machine shares, so a sender's
 start and a receiver's finish can be compared directly.
@@ -25,7 +27,7 @@ import threading
 import time
 from typing import Any
 
-__all__ = ["gloo_op", "main", "ping_pong", "send_bulk", "serve"]
+__all__ = ["gloo_op", "gloo_sweep", "main", "ping_pong", "send_bulk", "serve"]
 
 _MSG = 32
 _CHUNK = 1 << 16
@@ -145,12 +147,36 @@ def gloo_op(op: str, nbytes: int, iters: int, lead_s: float = 0.3, concurrent: i
     """
     if concurrent > 1:
         return _gloo_concurrent(op, nbytes, iters, lead_s, concurrent, gap_s)
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", timeout=_timeout())
+    times = _time_op(op, nbytes, iters, lead_s)
+    dist.barrier()
+    dist.destroy_process_group()
+    return times
+
+
+def gloo_sweep(ops: list[str], sizes: list[int], iters: int, lead_s: float = 0.3) -> dict[str, dict[str, list[float]]]:
+    """:func:`gloo_op` for every op and size in one process group: ``{op: {str(bytes): times}}``."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", timeout=_timeout())
+    out = {op: {str(n): _time_op(op, n, iters, lead_s) for n in sizes} for op in ops}
+    dist.barrier()
+    dist.destroy_process_group()
+    return out
+
+
+def _timeout() -> Any:
     from datetime import timedelta
 
+    return timedelta(seconds=_IO_TIMEOUT_S)
+
+
+def _time_op(op: str, nbytes: int, iters: int, lead_s: float) -> list[float]:
     import torch
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", timeout=timedelta(seconds=_IO_TIMEOUT_S))
     rank, n = dist.get_rank(), dist.get_world_size()
     x = torch.ones(max(1, nbytes // 4), dtype=torch.float32)
     outs = [torch.empty_like(x) for _ in range(n)]
@@ -180,8 +206,6 @@ def gloo_op(op: str, nbytes: int, iters: int, lead_s: float = 0.3, concurrent: i
         end = torch.tensor([time.monotonic()], dtype=torch.float64)
         dist.all_reduce(end, op=dist.ReduceOp.MAX)
         times.append(end.item() - at.item())
-    dist.barrier()
-    dist.destroy_process_group()
     return times
 
 
@@ -247,8 +271,19 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--iters", type=int, default=3)
     g.add_argument("--concurrent", type=int, default=1, help="ops launched per iteration (each timed)")
     g.add_argument("--gap", type=float, default=0.0, help="seconds between their launches")
+    w = sub.add_parser("gloo-sweep")
+    w.add_argument("--ops", default="allreduce,allgather", help="comma-separated: send, allreduce, allgather")
+    w.add_argument("--bytes", default="4,204000", help="comma-separated sizes per rank")
+    w.add_argument("--iters", type=int, default=3)
     a = ap.parse_args(argv)
-    if a.role == "gloo":
+    if a.role == "gloo-sweep":
+        ops = a.ops.split(",")
+        bad = [op for op in ops if op not in ("send", "allreduce", "allgather")]
+        if bad:
+            ap.error(f"--ops: {bad} not among send, allreduce, allgather")
+        sweep = gloo_sweep(ops, [int(b) for b in a.bytes.split(",")], a.iters)
+        print(json.dumps({"sweep": sweep}), flush=True)
+    elif a.role == "gloo":
         times = gloo_op(a.op, a.bytes, a.iters, concurrent=a.concurrent, gap_s=a.gap)
         print(json.dumps({"times": times}), flush=True)
     elif a.role == "serve":

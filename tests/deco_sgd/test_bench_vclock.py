@@ -158,3 +158,26 @@ def test_retime_charges_a_cached_static_run_the_algorithm_of_this_link() -> None
     pinned = config_from_dict({"scenario": "x", "workers": 8, "network": {"rtt_ms": 50, "bandwidth_mbps": 20},
                                "train": {"compute_time_s": 0.075}, "deco": {"collective_algo": "ring"}})
     assert retime(rec, pinned)["curve"][1]["t_s"] == pytest.approx(doubling)
+
+
+def test_gloo_transport_charges_the_rendezvous_and_frees_the_link_alike() -> None:
+    # gloo's transport (netsim.model.gloo) on 4 ranks, 1 MB/s, 50 ms: a 12 kB all-reduce's small
+    # segments wait for a notice on every ring step. Completion is the replayed duration from
+    # the start; the link is free after the V bytes serialise, as with the ideal transport.
+    from deco_sgd.bench.vclock import replay
+    from netsim import cost
+
+    link = Link(8.0, 50.0)
+    ideal, tl = LinkTimeline(link, 4), LinkTimeline(link, 4, transport="gloo")
+    g = cost.allreduce_time(12_000, link, 4, transport="gloo")
+    assert tl.exchange(0.0, 12_000, "allreduce") == pytest.approx(g)
+    assert ideal.exchange(0.0, 12_000, "allreduce") == pytest.approx(6 * 0.05 + 0.018)
+    assert tl.link_free == ideal.link_free == pytest.approx(0.018)  # V = 1.5 · 12 kB at 1 MB/s
+    # The next exchange queues behind the first's bytes, not behind its rendezvous.
+    assert tl.exchange(0.01, 4, "allreduce") == pytest.approx(0.018 + cost.allreduce_time(4, link, 4, transport="gloo"))
+    assert tl.probe(0.0, "allreduce") == pytest.approx(cost.allreduce_time(4, link, 4, transport="gloo"))
+    steps = [{"x": [[[12_000, "allreduce"]]], "a": [0]}]
+    assert replay(steps, link, 4, 0.1, transport="gloo") == pytest.approx([0.1 + g])
+    assert replay(steps, link, 4, 0.1) == pytest.approx([0.1 + 0.318])
+    with pytest.raises(ValueError, match="transport"):
+        LinkTimeline(link, 4, transport="nccl")

@@ -135,6 +135,19 @@ def test_predict_virtual_is_elapsed_time_from_the_real_start() -> None:
     assert predict_virtual(res, host=False) == pytest.approx([1.2, 2.4])
 
 
+def test_predict_virtual_charges_the_transport_that_ran() -> None:
+    # On real namespaces gloo carried the exchanges: the replay charges its rendezvous
+    # (netsim.model.gloo); under emulate the ideal transport, which emulate reproduces.
+    from netsim import cost
+
+    res = _fake_result([1.25, 2.45])
+    res.backend = "netns"
+    g = cost.allreduce_time(1_000_000, Link(8.0, 50.0), 2, transport="gloo")
+    assert g > 1.1
+    assert predict_virtual(res, host=False) == pytest.approx([0.1 + g, 2 * (0.1 + g)])
+    assert validate(res)["transport"] == "gloo" and validate(_fake_result([1.25, 2.45]))["transport"] == "ideal"
+
+
 def test_validate_flags_a_breach() -> None:
     ok = validate(_fake_result([1.25, 2.45]))  # virtual 1.2, 2.4
     assert [round(x["rel_err"], 4) for x in ok["checkpoints"]] == [round(0.05 / 1.25, 4), round(0.05 / 2.45, 4)]
