@@ -216,6 +216,9 @@ def test_bandwidth_lower_bound_when_every_exchange_is_latency_bound() -> None:
         assert b.value is None
         b.update(1000.0, t, t + 0.5, latency=0.49)  # 10 ms of transfer in 0.5 s: filtered
         t += 0.5
-    assert b.value == pytest.approx(1000.0 / 0.5)  # bytes over the whole duration
+    # The transfer took under a quarter of the 0.5 s (that is why it was filtered): B is at
+    # least bytes / (0.25 · 0.5 s), still below the true 1000 B / 10 ms.
+    assert b.value == pytest.approx(1000.0 / (0.25 * 0.5))
+    assert 1000.0 / 0.5 < b.value < 1000.0 / 0.01
     b.update(1e6, t, t + 1.0, latency=0.1)  # a real sample takes over
     assert b.value == pytest.approx(1e6 / 0.9)
