@@ -13,7 +13,7 @@ Validation runs in `__post_init__` in this order:
 Controller defaults are task-agnostic (issue 14): `convergence="measured"` takes the
 convergence side of the objective from quantities measured in the run (gradient drift, the
 error-feedback residual, the energy profile; `deco_sgd.convergence`), so no field needs
-fitting. Adaptive runs start compressed at `ratio` = 0.1, τ = 0 (the default when `ratio` is not
+fitting. Adaptive runs start compressed at `ratio` = 0.01, τ = 0 (the default when `ratio` is not
 given), measure every 2 steps and take their first informed decision within a few steps;
 there is no dense warm-up (`warmup_steps` = 0). The older template surrogate (a, b, c, κ,
 eps_rel, Φ) remains as `convergence="template"`, with `deco-sgd calibrate` as an optional
@@ -51,12 +51,13 @@ DEFAULT_RATIO_GRID = (1.0, 0.5, 0.2, 0.1, 0.05, 0.02, 0.01, 0.005, 0.002, 0.001)
 VALUE_FORMATS = ("fp32", "fp16", "bf16", "q8", "q4")
 #: Bits per value of the quantized formats.
 QUANT_BITS = {"q8": 8, "q4": 4}
-#: Where adaptive runs start when `ratio` is not given: compressed, but with payloads large
-#: enough that their transfer time shows next to the latency, because B̂ is measured from
-#: these exchanges. 0.01 was tried: on a 150 ms RTT link every exchange was
-#: latency-dominated, B̂ fell back to its lower bound (2.7 Mbit/s for a 100 Mbit/s link) and
-#: the first decisions went to δ = 0.002. τ = 0 takes no stability risk.
-ADAPTIVE_START_RATIO = 0.1
+#: Where adaptive runs start when `ratio` is not given: compressed hard enough to be cheap on
+#: a slow link before anything is measured, at τ = 0, which takes no stability risk. B̂ is
+#: measured from these exchanges; where they are latency-dominated (a 150 ms link) it starts
+#: from its lower bound V/(min_transfer_frac·duration). 0.1 was the start before issue 14's
+#: last round: with the old bound V/duration (2.7 Mbit/s for a 100 Mbit/s link) a start at
+#: 0.01 drove the first decisions to δ = 0.002, and 0.1 cost its 8 steps on slow links.
+ADAPTIVE_START_RATIO = 0.01
 #: Hard upper bound on tau_max (docs/design/deco_sgd.md#config-validation).
 TAU_LIMIT = 64
 #: Bumped when the meaning of a field changes, so old checkpoint hashes stop matching.
@@ -82,7 +83,7 @@ class DecoConfig:
     # -- method ---------------------------------------------------------------------------
     mode: str = "adaptive"
     codec: str = "topk"
-    #: Initial (adaptive) or fixed (static) fraction kept δ; None: 0.1 adaptive, 1.0 static.
+    #: Initial (adaptive) or fixed (static) fraction kept δ; None: 0.01 adaptive, 1.0 static.
     ratio: float | None = None
     staleness: int = 0  # initial (adaptive) or fixed (static) τ
     value_dtype: str = "fp32"

@@ -123,6 +123,14 @@ class RealRunSpec:
         kw = {"warmup_steps": 0, "timeout_s": 60.0, **self.deco, "mode": "adaptive" if self.adaptive else "static"}
         return DecoConfig.from_dict(kw)
 
+    def replaying(self, source: "RealRunSpec", log: Sequence[Mapping[str, Any]]) -> "RealRunSpec":
+        """This static run replaying the switches in `log` of the adaptive run `source`, from
+        the point `source` started at (its first point is not a switch, so it is not in the log)."""
+        start = source.deco_config()
+        deco = {**self.deco, "ratio": start.ratio, "staleness": start.staleness}
+        return dataclasses.replace(self, deco=deco, decisions=tuple(
+            (int(d["step"]), float(d["ratio"]), int(d["staleness"])) for d in log))
+
     def link(self) -> Any:
         from netsim import Link, Trace
 

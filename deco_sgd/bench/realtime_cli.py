@@ -33,6 +33,7 @@ import sys
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
+from deco_sgd.config import DecoConfig
 from .realtime import REL_TOL, RealResult, RealRunSpec, run_real, validate
 
 __all__ = ["specs_from_config", "specs_from_bench", "replayed_decisions", "main"]
@@ -106,7 +107,10 @@ def specs_from_bench(cfg: Any, *, workers: int | None = None, steps: int | None 
             ("cocktail", {"codec": cfg.methods.cocktail_codec, "ratio": 1.0,
                           "staleness": cfg.methods.cocktail_staleness}, ())]
     if decisions is not None:
-        runs.append(("deco_replayed", {"codec": "topk", "ratio": 1.0, "staleness": 0}, tuple(decisions)))
+        # From the point the virtual run's DeCo-SGD started at (its log holds switches only).
+        start = DecoConfig.from_dict({**cfg.deco, "mode": "adaptive"})
+        runs.append(("deco_replayed", {"codec": "topk", "ratio": start.ratio, "staleness": start.staleness},
+                     tuple(decisions)))
     return [RealRunSpec(name=name, deco={**base, **m}, decisions=d, **shared) for name, m, d in runs]
 
 
@@ -118,10 +122,10 @@ def _results(specs: Sequence[tuple[RealRunSpec, str | None]], backend: str) -> I
         yield from run_netns(specs)
         return
     logs: dict[str, list[dict[str, Any]]] = {}
+    by_name = {s.name: s for s, _ in specs}
     for spec, replay in specs:
         if replay is not None:
-            spec = dataclasses.replace(spec, decisions=tuple(
-                (d["step"], d["ratio"], d["staleness"]) for d in logs[replay]))
+            spec = spec.replaying(by_name[replay], logs[replay])
         print(f"[realtime] {spec.name}: {spec.n} ranks, {spec.steps} steps, decisions {list(spec.decisions)}",
               flush=True)
         res = run_real(spec)

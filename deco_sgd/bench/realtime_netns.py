@@ -139,10 +139,10 @@ def worker_main(runs_file: str, out_dir: str) -> None:
     t0_trace = float(os.environ["NETSIM_T0"])
     logs: dict[str, list[dict[str, Any]]] = {}
     out: list[dict[str, Any]] = []
+    by_name = {s.name: s for s, _ in specs}
     for spec, replay in specs:
         if replay is not None:
-            spec = RealRunSpec(**{**spec.to_dict(), "decisions": tuple(
-                (d["step"], d["ratio"], d["staleness"]) for d in logs[replay])})
+            spec = spec.replaying(by_name[replay], logs[replay])
         before = transport_wait()
         rec = train_rank(rank, world, spec, group=None, control_group=None,
                          trace_now=lambda: time.monotonic() - t0_trace)

@@ -17,7 +17,7 @@ def test_defaults_follow_the_spec() -> None:
     assert c.ratio_grid == DEFAULT_RATIO_GRID and c.tau_max == 16
     # Issue 14: compressed from the first step (no dense warm-up), first decision within a few steps.
     assert (c.warmup_steps, c.measure_every, c.decide_every, c.min_dwell_steps) == (0, 2, 20, 10)
-    assert c.ratio == 0.1 and DecoConfig(mode="static").ratio == 1.0
+    assert c.ratio == 0.01 and DecoConfig(mode="static").ratio == 1.0
     assert c.convergence == "measured" and c.monitor
     assert c.value_formats == ("fp32", "fp16", "q8", "q4")
     assert DecoConfig(codec="randomk").value_formats == ("fp32", "fp16")
@@ -149,7 +149,10 @@ def test_hash_is_stable_and_sensitive() -> None:
 def test_fingerprint_values_are_pinned() -> None:
     # Checkpoints store `config_hash` = the fingerprint: these values were produced by the
     # former hand-written `DecoConfig.hash()`; if they change, old checkpoints stop resuming.
-    assert DecoConfig().fingerprint() == "322bef7117b69c651347cf80c47afa765d36756453e0fe1da7a6fe569ae725ca"
+    # The adaptive default start moved from 0.1 to 0.01 (issue 14), which changes the default
+    # config; a checkpoint of the old default resumes under an explicit ratio=0.1.
+    assert DecoConfig().fingerprint() == "021267d5fc46f1bd299e35e7909d02325e342a370e9012f3168f34c26ad11f4f"
+    assert DecoConfig(ratio=0.1).fingerprint() == "322bef7117b69c651347cf80c47afa765d36756453e0fe1da7a6fe569ae725ca"
     c = DecoConfig(mode="static", codec="topk", ratio=0.01, staleness=2, ratio_grid=[0.5, 0.1], nonfinite="raise")
     assert c.fingerprint() == "9b07cb1125f9dfa175f4b1a7aaaa6fc3c24575a82015e072cdb934e7e2b1f61d"
 

@@ -64,6 +64,12 @@ def test_specs_from_config() -> None:
         specs_from_config({"stepz": 3, "methods": {"a": {}}})
     (_, none), (rep, src) = specs_from_config({"methods": {"ad": {"adaptive": True}, "re": {"replay": "ad"}}})
     assert none is None and src == "ad" and not rep.adaptive
+    # The replay starts where the adaptive run started (its log holds switches only).
+    (ad, _), (re_, _) = specs_from_config({"methods": {"ad": {"adaptive": True, "ratio": 0.05, "staleness": 1},
+                                                       "re": {"ratio": 1.0, "replay": "ad"}}})
+    played = re_.replaying(ad, [{"step": 8, "ratio": 0.01, "staleness": 2}])
+    assert (played.deco["ratio"], played.deco["staleness"], played.decisions) == (0.05, 1, ((8, 0.01, 2),))
+    assert played.deco_config().mode == "static"
     with pytest.raises(ValueError, match="replay"):
         specs_from_config({"methods": {"re": {"replay": "ad"}, "ad": {"adaptive": True}}})
 
@@ -87,6 +93,8 @@ def test_specs_from_bench_scenario() -> None:
     assert (s.n, s.steps, s.latency_ms, s.bandwidth_mbps, s.lr, s.compute_time_s) == (4, 100, 50.0, 50.0, 0.1, 0.1)
     assert s.deco["warmup_steps"] == 5 and s.deco["ratio"] == 0.01 and s.task_config == {"hidden": [32]}
     assert specs[3].decisions == decs
+    # deco_replayed starts at DeCo-SGD's start point (the default adaptive ratio), not dense.
+    assert (specs[3].deco["ratio"], specs[3].deco["staleness"]) == (0.01, 0)
     with pytest.raises(ValueError, match="decisions"):
         replayed_decisions({"methods": {}}, 10)
 
