@@ -24,7 +24,9 @@ What the SUM vector carries (issue 14; `deco_sgd.convergence` uses it):
    squared norms, and this rank's error-feedback residual on the same coordinates. Summed
    over ranks they give ḡ_S at two consecutive steps (drift ρ, noise-corrected with the
    between-rank variance σ², hence a current r = σ²/G², and the signal fraction φ of ‖ḡ‖²)
-   and the mean residual ē_S (gap D);
+   and the mean residual ē_S (gap D); and per coordinate the rank's g_t² + g_prev², whose
+   sum gives the per-coordinate variance behind the drift's confidence bounds
+   (`convergence.drift_blocks`, `convergence.ratio_bounds`);
 3. q(δ) for every δ < 1 of the grid: the (1 − δ)-quantile of |g| on `profile_coords` local
    coordinates (the energy profile), averaged over ranks; and per δ and quantized format
    (q8, q4) the relative energy error of that format's `quantize` codec on the sample's
@@ -41,6 +43,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import deque
 from typing import TYPE_CHECKING, Any, Mapping, Protocol, Sequence
 
 import numpy as np
@@ -48,7 +51,7 @@ import torch
 import torch.distributed as dist
 
 from .controller import Controller, Decision, Measurements
-from .convergence import ConvergenceInputs, step_curvature
+from .convergence import ConvergenceInputs, drift_blocks, ratio_bounds, step_curvature
 from .errors import DecoCommError, DecoDesyncError
 from ccomm import make_codec
 from ccomm.comm.auto import set_measured
@@ -97,6 +100,8 @@ class Clock(Protocol):
         ...
 
 
+#: Completed exchanges kept at most while their pattern's latency is unknown.
+_BW_PENDING_MAX = 64
 #: How long a probe's completion callback may lag its future (it runs on gloo's thread).
 _STAMP_WAIT_S = 5.0
 
@@ -267,8 +272,10 @@ class AdaptiveDriver:
         self.log_t: list[float] = []
         self.sampler = _Sampler(state)
         # EMAs of the convergence inputs (numerator and denominator apart: ratios of EMAs are steadier).
-        self.conv: dict[str, float | None] = {"drift2": None, "signal2": None, "gbar2": None,
-                                                "gap_num": None, "gap_den": None}
+        # The drift's numerator and denominator also per block of the sample ("*_b", lists),
+        # for its confidence bounds.
+        self.conv: dict[str, Any] = {"drift2": None, "signal2": None, "gbar2": None, "gap_num": None,
+                                     "gap_den": None, "drift2_b": None, "signal2_b": None}
         self.gap_point: tuple[float, str] | None = None
         #: The staleness the drift EMAs were measured under; when τ changes they restart
         #: (a delay changes the drift a direction shows). The step curvature read at the old
@@ -289,6 +296,8 @@ class AdaptiveDriver:
         self._t_last: float | None = None
         self._g2_local = math.nan
         self._inflight: tuple[int, list[Any], torch.Tensor, torch.Tensor, list[Any], tuple[float, str, int]] | None = None
+        #: Completed exchanges waiting for their pattern's latency (`_feed_bandwidth`).
+        self._bw_pending: deque[tuple[str, float, str, float, float]] = deque()
         # The last waited exchange's Works and tensors, dropped one exchange later or by finish().
         self._retired: tuple[Any, ...] | None = None
 
@@ -318,24 +327,42 @@ class AdaptiveDriver:
                 if times is None:
                     continue
                 pat = "allreduce" if u.collective == "allreduce" else "allgather"
-                lat = self.lat.value(pat)
-                if lat is None:
-                    # Without L̂ the whole duration would count as transfer: a biased-low
-                    # sample that later (latency-corrected) samples often cannot replace.
-                    continue
-                # Bytes each worker receives and latency hops, from the schedule the exchange
-                # ran (ccomm.schedule); the probe is the backend's ring, so scale L̂ by hops.
-                size = collective_cost(pat, n, u.nbytes, u.algo)
-                if u.algo != "ring":
-                    lat *= size.latency_hops / max(1, collective_cost(pat, n, u.nbytes).latency_hops)
-                self.bw.update(size.nbytes, times[0], times[1], lat)
+                self._bw_pending.append((pat, float(u.nbytes), u.algo, times[0], times[1]))
             self._g2_local = sum(u.sq_norm for u in e.units)
+        self._feed_bandwidth()
         step = self.state.step  # index of the next step: the one a decision would apply to
         if step % self.state.config.measure_every == 0:
             k = len(self.log)
             self._complete(step)
             self._launch(step)
             self.log_t.extend([now] * (len(self.log) - k))
+
+    def _feed_bandwidth(self) -> None:
+        """Feed the completed exchanges to B̂ in completion order, each once its pattern's
+        latency L̂ is known.
+
+        Without L̂ the whole duration would count as transfer: a biased-low sample that later
+        (latency-corrected) samples often cannot replace. The exchanges of the first steps,
+        before the first probe has completed, wait here instead of being dropped, so the first
+        informed decision does not wait for exchanges made after the first probe.
+        """
+        n = self.state.world_size
+        while self._bw_pending:
+            pat, nbytes, algo, t0, t1 = self._bw_pending[0]
+            lat = self.lat.value(pat)
+            if lat is None:
+                # Keep the order (the estimator takes completions in order); bounded, so a
+                # pattern that is never probed cannot grow the queue without end.
+                while len(self._bw_pending) > _BW_PENDING_MAX:
+                    self._bw_pending.popleft()
+                return
+            self._bw_pending.popleft()
+            # Bytes each worker receives and latency hops, from the schedule the exchange
+            # ran (ccomm.schedule); the probe is the backend's ring, so scale L̂ by hops.
+            size = collective_cost(pat, n, nbytes, algo)
+            if algo != "ring":
+                lat *= size.latency_hops / max(1, collective_cost(pat, n, nbytes).latency_hops)
+            self.bw.update(size.nbytes, t0, t1, lat)
 
     def _code(self) -> float:
         # Decision code: which (δ, τ, v) this rank runs; identical everywhere unless desynced.
@@ -363,8 +390,12 @@ class AdaptiveDriver:
         quant = torch.tensor((sp.quantiles() + sp.quant_errors()) if sp.have_t else [0.0] * (len(sp.grid) + nqe),
                              dtype=torch.float64)
         z = torch.zeros(sp.s, dtype=torch.float64)
-        # float32 on the wire: 3·S + 7 + |grid| values, 24.6 KB per period at S = 2048.
-        sm = torch.cat([head, quant, sp.g_t if pair else z, sp.g_prev if pair else z, sp.e_t if pair else z]).float()
+        # Per coordinate g_t² + g_prev²: summed over ranks, the per-coordinate between-rank
+        # variance, from which the drift's confidence bounds come (convergence.drift_blocks).
+        sq = sp.g_t * sp.g_t + sp.g_prev * sp.g_prev if pair else z
+        # float32 on the wire: 4·S + 7 + 3·|grid \ {1}| values, 32.9 KB per period at S = 2048.
+        sm = torch.cat([head, quant, sp.g_t if pair else z, sp.g_prev if pair else z, sp.e_t if pair else z,
+                        sq]).float()
         self._loss_sum, self._loss_n = 0.0, 0
         # Only futures are kept: a Work object still alive when the user destroys the
         # process group aborts the process at exit.
@@ -406,6 +437,7 @@ class AdaptiveDriver:
         gt = sm[base:base + sp.s] / n
         gp = sm[base + sp.s:base + 2 * sp.s] / n
         eb = sm[base + 2 * sp.s:base + 3 * sp.s] / n
+        sq = sm[base + 3 * sp.s:base + 4 * sp.s]
         mean_sq = float(sm[_NG_T] + sm[_NG_P]) / (2 * n)  # mean_i ‖g_i,S‖² over both steps
         gbar_sq = 0.5 * (float(gt @ gt) + float(gp @ gp))
         sigma2 = max(0.0, n / (n - 1) * (mean_sq - gbar_sq))  # per-worker sampling variance
@@ -416,19 +448,35 @@ class AdaptiveDriver:
             if self.drift_tau is not None and point[2] != self.drift_tau:
                 self.curvature_prev = self._curvature()
                 self.drift_samples = 0
-                for key in ("drift2", "signal2", "gbar2"):
+                for key in ("drift2", "signal2", "gbar2", "drift2_b", "signal2_b"):
                     self.conv[key] = None
             self.drift_tau = point[2]
             self.drift_samples += 1
             self._ema("drift2", drift2)
             self._ema("signal2", signal2)
             self._ema("gbar2", gbar_sq)
+            num, den = drift_blocks(gt.numpy(), gp.numpy(), sq.numpy(), n)
+            self._ema_blocks("drift2_b", num)
+            self._ema_blocks("signal2_b", den)
         if point[0] < 1.0 and gbar_sq > 0:
             if self.gap_point != point[:2]:  # a new point: its gap starts afresh
                 self.conv["gap_num"] = self.conv["gap_den"] = None
                 self.gap_point = (point[0], point[1])
             self._ema("gap_num", math.sqrt(float(eb @ eb)))
             self._ema("gap_den", math.sqrt(float(gt @ gt)))
+
+    def _ema_blocks(self, key: str, x: np.ndarray) -> None:
+        old = self.conv.get(key)
+        a = self.state.config.ema_grad
+        self.conv[key] = [float(v) for v in (x if old is None else np.asarray(old) + a * (x - np.asarray(old)))]
+
+    def _drift_bounds(self) -> tuple[float, float] | None:
+        """(low, high) of ρ at `drift_tau` from the block EMAs (`convergence.ratio_bounds`)."""
+        num, den = self.conv.get("drift2_b"), self.conv.get("signal2_b")
+        if num is None or den is None:
+            return None
+        b = ratio_bounds(np.asarray(num), np.asarray(den))
+        return None if b is None else (b[1], b[2])
 
     def _update_r(self, sm: torch.Tensor, n: int) -> None:
         # r = σ²/G² from the shared sample when both steps were sampled, else G² only.
@@ -460,10 +508,15 @@ class AdaptiveDriver:
         """The controller's inputs after a completed control exchange."""
         c = self.conv
         drift, drift_tau = self._drift(), self.drift_tau or 0
+        bounds = self._drift_bounds() if drift is not None else None
+        lo, hi = (None, None) if bounds is None else (min(bounds[0], drift), max(bounds[1], drift))
         if self.curvature_prev is not None:
             # A curvature reads as the drift at τ = 0 (the old τ's stands in or bounds, above).
             curv = self._curvature()
             if curv is not None and (drift is None or curv > step_curvature(drift, drift_tau)):
+                if hi is not None:
+                    hi = max(curv, step_curvature(hi, drift_tau))
+                    lo = min(curv, step_curvature(lo, drift_tau))
                 drift, drift_tau = curv, 0
         gap = None
         if c["gap_num"] is not None and c["gap_den"]:
@@ -479,7 +532,7 @@ class AdaptiveDriver:
             latency_allgather=None if mx[_LAT_AG] == _UNKNOWN else float(mx[_LAT_AG]),
 r=self.grad.r, loss=loss,
             conv=ConvergenceInputs(drift, gap, None if gp is None else gp[0], "fp32" if gp is None else gp[1],
-                                   self.quantiles, signal, self.quant_errors, drift_tau))
+                                   self.quantiles, signal, self.quant_errors, drift_tau, lo, hi))
 
     def _complete(self, step: int) -> None:
         if self._inflight is None:
@@ -491,6 +544,7 @@ r=self.grad.r, loss=loss,
         for pat, p in zip(("allreduce", "allgather"), probes):
             if p.done_t is not None:
                 self.lat.update(pat, p.done_t - p.launch_t)
+        self._feed_bandwidth()
         if mx[_CODE] != -mx[_NEG_CODE]:
             raise DecoDesyncError(
                 f"step {launched_at}: ranks run different (ratio, staleness) points (codes {-float(mx[_NEG_CODE])} "
@@ -578,3 +632,4 @@ r=self.grad.r, loss=loss,
             self.quantiles = None if c["quantiles"] is None else {float(k): float(v) for k, v in c["quantiles"]}
             self._loss_sum, self._loss_n = float(c["loss"][0]), int(c["loss"][1])
         self._inflight = None
+        self._bw_pending.clear()

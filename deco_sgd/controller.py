@@ -23,10 +23,12 @@ Safe adaptation [ours] (measured mode): a `ProgressMonitor` is fed the period-me
 switch opens a trial; while it runs the controller holds, except when the bandwidth or
 latency moved (then it may re-decide, with τ at most the last good one, and a new trial
 starts from the new point). When the monitor reports "slow"
-or "rise" the controller backs off at once (no hysteresis, no dwell): smaller τ first
-(τ − 1), then larger δ (the next grid value up, fp32 values), and remembers the bad region,
-not chosen again: after a switch that raised τ failed, every (δ', τ') with τ' ≥ τ (the
-staleness is blamed); after any other, every δ' ≤ δ with τ' ≥ τ. A "rise" is remembered for the whole run; a
+or "rise" the controller backs off at once (no hysteresis, no dwell) to the point the
+switch replaced (where that is excluded: smaller τ first (τ − 1), then larger δ, the next
+grid value up with fp32 values), and remembers the bad region, not chosen again: after a
+switch that raised τ failed, every (δ', τ') with τ' ≥ τ (the staleness is blamed); after one
+that raised δ, every δ' ≥ δ with τ' ≥ τ; after any other, every δ' ≤ δ with τ' ≥ τ. A
+"rise" is remembered for the whole run; a
 "slow" verdict, which a learning curve flattening by itself can also produce, for
 `SLOW_BAN_PERIODS` (10) decision periods.
 Staleness is explored one level at a time: a candidate's τ may exceed the largest τ that
@@ -194,6 +196,10 @@ class Decision:
     values: str = "fp32"
     drift: float | None = None
     gap: float | None = None
+    #: Confidence bounds of the drift (`convergence.ratio_bounds`) and the signal fraction φ.
+    drift_lo: float | None = None
+    drift_hi: float | None = None
+    signal: float | None = None
 
     @property
     def reason(self) -> str:
@@ -239,11 +245,12 @@ class Controller:
         self._last_lat: dict[str, float | None] = {"allreduce": None, "allgather": None}
         # -- safe adaptation (measured mode) --
         self.monitor = ProgressMonitor(cfg.ema_loss, cfg.monitor_tolerance, cfg.monitor_rise, max(2, cfg.monitor_window))
-        #: Bad regions: (δ, τ) such that every (δ' ≤ δ, τ' ≥ τ) is excluded (δ = 1: any δ).
-        #: Third item: the step the region expires (None: never). A "rise" (instability)
-        #: is remembered for the run; a "slow" verdict, which a learning curve flattening by
-        #: itself can also produce, for `SLOW_BAN_PERIODS` decision periods.
-        self.bad: list[tuple[float, int, int | None]] = []
+        #: Bad regions (δ, τ, until, kind): kind "below" excludes every (δ' ≤ δ, τ' ≥ τ)
+        #: (δ = 1: any δ), "above" every (δ' ≥ δ, τ' ≥ τ). `until` is the step the region
+        #: expires (None: never). A "rise" (instability) is remembered for the run; a "slow"
+        #: verdict, which a learning curve flattening by itself can also produce, for
+        #: `SLOW_BAN_PERIODS` decision periods.
+        self.bad: list[tuple[float, int, int | None, str]] = []
         self._now = 0
         #: The staleness in force at the decision being made (raising τ above it is guarded
         #: by the stability limit, `convergence.slowdown`).
@@ -366,7 +373,8 @@ class Controller:
 
     def is_bad(self, delta: float, tau: int) -> bool:
         """True inside a remembered bad region that has not expired."""
-        return any(delta <= bd and tau >= bt and (until is None or self._now < until) for bd, bt, until in self.bad)
+        return any((delta <= bd if kind == "below" else delta >= bd) and tau >= bt
+                   and (until is None or self._now < until) for bd, bt, until, kind in self.bad)
 
     def tau_cap(self) -> int:
         """Largest τ a candidate may take: τ_max, and in measured mode one above the last good τ
@@ -440,7 +448,7 @@ class Controller:
             lat = m.latency(pattern_for(self.exchange, d))
             changed = (d, t, v) != (cur_d, cur_t, cur_v)
             return Decision(step, d, t, changed, trigger, outcome, m.bandwidth, lat, m.t_comp, m.r, w, wc, v,
-                            m.drift, m.gap)
+                            m.drift, m.gap, m.conv.drift_lo, m.conv.drift_hi, m.conv.signal)
 
         if step < self.cfg.warmup_steps:
             return out("warmup", "hold", cur_d, cur_t)
@@ -457,9 +465,9 @@ class Controller:
                 self._trial = None
             if self._trial is not None and self._trigger(m, step) not in NETWORK_TRIGGERS:
                 return out("monitor", "trial", cur_d, cur_t)
-            if m.loss is not None and self.monitor.ref_slope is None:
-                # Losses are reported but there is no reference progress yet: a switch now
-                # could not be judged, so wait (a few measurement periods at most).
+            if m.loss is not None and self.monitor.ema is None:
+                # Losses are reported but none has reached the monitor yet: a switch now
+                # could not even be checked for a rise, so wait one period.
                 return out("monitor", "no_reference", cur_d, cur_t)
         trigger = self._trigger(m, step)
         if trigger == "none":
@@ -516,13 +524,25 @@ class Controller:
         assert self._trial is not None
         bad, old = self._trial
         # The region follows what the switch changed: a switch that raised τ is charged to
-        # the staleness (every δ at τ' ≥ τ); otherwise to the compression at that staleness
-        # (δ' ≤ δ, τ' ≥ τ).
+        # the staleness (every δ at τ' ≥ τ); one that raised δ to the larger payloads at
+        # that staleness (δ' ≥ δ, τ' ≥ τ: the point it left was fine); any other to the
+        # compression at that staleness (δ' ≤ δ, τ' ≥ τ).
         until = None if verdict == "rise" else step + SLOW_BAN_PERIODS * self.cfg.decide_every
-        self.bad.append((1.0, bad[1], until) if bad[1] > old[1] else (bad[0], bad[1], until))
+        if bad[1] > old[1]:
+            self.bad.append((1.0, bad[1], until, "below"))
+        elif bad[0] > old[0]:
+            self.bad.append((bad[0], bad[1], until, "above"))
+        else:
+            self.bad.append((bad[0], bad[1], until, "below"))
         self._trial = None
         self.monitor.reset_trial()
-        d, t, v = self.backoff_point(bad)
+        # Back to the point the switch replaced: it made the progress the monitor took as
+        # its reference, while a point between the two has never been tried (stepping
+        # through them one back-off at a time cost a loss spike each). Where that point is
+        # now excluded, smaller τ first, then larger δ.
+        d, t, v = old
+        if self.is_bad(d, t):
+            d, t, v = self.backoff_point(bad)
         while self.is_bad(d, t) and (d, t, v) != self.backoff_point((d, t, v)):
             d, t, v = self.backoff_point((d, t, v))
         self._last_switch = step
@@ -557,7 +577,9 @@ class Controller:
 
     def load_safety_state_dict(self, sd: Mapping[str, Any]) -> None:
         self.monitor.load_state_dict(sd["monitor"])
-        self.bad = [(float(a), int(b), None if c is None else int(c)) for a, b, c in sd["bad"]]
+        # Checkpoints before the "above" kind hold (δ, τ, until): every region was "below".
+        self.bad = [(float(b[0]), int(b[1]), None if b[2] is None else int(b[2]), str(b[3]) if len(b) > 3 else "below")
+                    for b in sd["bad"]]
         self.tau_ok = int(sd["tau_ok"])
         self._trial = None if sd["trial"] is None else (as_point(sd["trial"][0]), as_point(sd["trial"][1]))
 

@@ -17,6 +17,9 @@ monitor checks that prediction against training progress measured in the run:
    - "slow": the trial's slope fell below (1 − tolerance) × reference / expected;
    - "ok": the trial passed; its slope becomes the reference;
    - "pending": still settling or measuring (or no reference yet).
+   A trial opened before any reference exists (the first decision comes within a few
+   steps, before a window of losses) is judged on "rise" only, and its slope becomes the
+   first reference.
 
 A falling learning curve flattens by itself, which biases "slow" against the newer point;
 the default tolerance (0.75: back off below a quarter of the predicted progress) keeps that
@@ -85,14 +88,19 @@ class ProgressMonitor:
             self.history = self.history[-4 * self.window:]
 
     def on_switch(self, step: int, expected: float, settle: int) -> None:
-        """Open a trial for a point that applies from `step`; `expected` = S_new/S_old (> 0)."""
-        if self.ref_slope is None or self.ema is None or not (expected > 0 and math.isfinite(expected)):
-            self.trial = None  # nothing to compare against: the new point becomes the reference
-            self.history = []
-            return
-        self.trial = {"start": int(step), "settle": int(settle), "expected": float(expected),
-                      "ema0": self.ema, "peak": self.ema}
+        """Open a trial for a point that applies from `step`; `expected` = S_new/S_old (> 0).
+
+        Without a reference slope (a switch in the first measurement periods) or a usable
+        `expected`, the trial judges only "rise": its slope, once measured, becomes the
+        reference. Without any loss seen there is nothing to judge, and no trial opens.
+        """
         self.history = []
+        if self.ema is None:
+            self.trial = None
+            return
+        judged = self.ref_slope is not None and expected > 0 and math.isfinite(expected)
+        self.trial = {"start": int(step), "settle": int(settle), "expected": float(expected) if judged else None,
+                      "ema0": self.ema, "peak": self.ema}
 
     def verdict(self, step: int) -> str:
         """'ok', 'slow', 'rise' or 'pending' for the point in force (see the module docstring)."""
@@ -108,10 +116,11 @@ class ProgressMonitor:
         s = slope(pts)
         if s is None or len(pts) < 3:
             return "pending"
-        assert self.ref_slope is not None
-        need = -(1.0 - self.tolerance) * max(0.0, -self.ref_slope) / t["expected"]
-        if s > need:  # slopes are negative when the loss falls: a larger slope is less progress
-            return "slow"
+        if t["expected"] is not None:
+            assert self.ref_slope is not None
+            need = -(1.0 - self.tolerance) * max(0.0, -self.ref_slope) / t["expected"]
+            if s > need:  # slopes are negative when the loss falls: a larger slope is less progress
+                return "slow"
         self.trial = None
         self.ref_slope = s
         return "ok"

@@ -100,7 +100,8 @@ def _run_deco(ctx: RankContext, spec: RunSpec) -> dict[str, Any]:
                               "bandwidth_mbps_est": None if d.bandwidth is None else d.bandwidth * 8 / 1e6,
                               "latency_ms_est": None if d.latency is None else d.latency * 1e3,
                               "bandwidth_mbps_true": tl.true_bandwidth(at) * 8 / 1e6, "t_comp_est_s": d.t_comp,
-                              "r": d.r, "drift": d.drift, "gap": d.gap, "reason": d.reason, "changed": d.changed})
+                              "r": d.r, "drift": d.drift, "drift_lo": d.drift_lo, "drift_hi": d.drift_hi,
+                              "signal": d.signal, "gap": d.gap, "reason": d.reason, "changed": d.changed})
         r_est = driver.grad.r
         prediction = grid_prediction(driver, [(1.0, 0)] + list(cfg.methods.grid))
     params = {"ratio": dcfg.ratio, "staleness": dcfg.staleness, "codec": dcfg.codec, "mode": dcfg.mode}

@@ -361,11 +361,13 @@ def render_report(res: dict[str, Any], plots: bool, command: str | None = None) 
             lines.append("No switch: DeCo-SGD stayed at its initial point.")
         else:
             lines += ["| t (s) | step | ratio | staleness | values | B est (Mbit/s) | B true (Mbit/s) | L est (ms) | "
-                      "drift | gap | reason |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+                      "drift [bounds] | gap | reason |", "|---|---|---|---|---|---|---|---|---|---|---|"]
             for d in dec[:40]:
                 be = "-" if d["bandwidth_mbps_est"] is None else f"{d['bandwidth_mbps_est']:.1f}"
                 le = "-" if d["latency_ms_est"] is None else f"{d['latency_ms_est']:.0f}"
                 dr = "-" if d.get("drift") is None else f"{d['drift']:.2f}"
+                if d.get("drift_hi") is not None:
+                    dr += f" [{d['drift_lo']:.2f}, {d['drift_hi']:.2f}]"
                 gp = "-" if d.get("gap") is None else f"{d['gap']:.2f}"
                 lines.append(f"| {d['t_s']:.1f} | {d['step']} | {d['ratio']:g} | {d['staleness']} | "
                              f"{d.get('values', 'fp32')} | {be} | {d['bandwidth_mbps_true']:.1f} | {le} | {dr} | {gp} | "

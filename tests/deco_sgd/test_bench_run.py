@@ -65,6 +65,23 @@ def test_tiny_bench_schema_progress_and_determinism(tmp_path: Path) -> None:
     assert json.dumps(_strip(a), sort_keys=True) == json.dumps(_strip(c), sort_keys=True)
 
 
+def test_default_deco_decides_within_six_steps(tmp_path: Path) -> None:
+    # Issue 14, item 3: compressed from step 0 (no warm-up), B̂ from the compressed exchanges
+    # of the first steps (they wait for the first latency probe instead of being dropped),
+    # and the first decision before the monitor has a reference (judged on rises only).
+    cfg = config_from_dict({**TINY, "deco": {}, "train": {**TINY["train"], "steps": 12},
+                            "methods": {"grid_pairs": [[0.1, 1]], "skip": ["grid", "cocktail", "dga", "static_apriori",
+                                                                           "powersgd"]}})
+    res = run_bench(cfg, tmp_path / "d", progress=False)
+    decisions = res["methods"]["deco"]["decisions"]
+    first = next(d for d in decisions if d["bandwidth_mbps_est"] is not None)
+    assert first["step"] <= 6 and not first["reason"].endswith(("no_reference", "unknown_bandwidth")), decisions
+    # This tiny model's δ = 0.01 payloads are latency-dominated on a 150 ms RTT link: B̂ is
+    # the lower bound V/(min_transfer_frac·duration), below the true 20 Mbit/s but known.
+    assert 0.0 < first["bandwidth_mbps_est"] <= 20.0 * 1.001
+    assert res["methods"]["deco"]["params"]["ratio"] == 0.01  # the adaptive default start
+
+
 @pytest.mark.slow
 def test_real_quick_run(tmp_path: Path) -> None:
     """The `make demo` command: --quick on varying_bandwidth; meant to finish in minutes

@@ -8,8 +8,10 @@ import pytest
 
 from deco_sgd.config import DecoConfig
 from deco_sgd.controller import Controller, Measurements
-from deco_sgd.convergence import (ConvergenceInputs, format_error, predicted_gap, shown_drift, slowdown,
-                                  stability_limit, step_curvature)
+import numpy as np
+
+from deco_sgd.convergence import (ConvergenceInputs, drift_blocks, format_error, predicted_gap, ratio_bounds,
+                                  shown_drift, slowdown, stability_limit, step_curvature)
 from deco_sgd.monitor import ProgressMonitor, slope
 
 NUMELS = (784 * 1024, 1024, 1024 * 1024, 1024, 10240, 10)  # the MNIST MLP, about 1.86 M parameters
@@ -59,6 +61,62 @@ def test_measured_drift_decides_staleness(drift: float, expect_stale: bool) -> N
     assert (d.staleness > 0) == expect_stale, d
     if expect_stale:
         assert d.ratio < 0.1  # a small drift makes the error-feedback gap cheap too
+
+
+#: Ranks, sample coordinates and per-rank noise of the synthetic drift measurement.
+SYN_N, SYN_S, SYN_NOISE = 4, 2048, 3.0
+
+
+def _synthetic_period(seed: int, rel_drift: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """Mean-gradient pair with a known relative drift, seen through n noisy ranks (noise
+    energy 9x the signal per rank, as on a small-batch task): (g_t, g_prev, sq, true ρ)."""
+    rng = np.random.default_rng(seed)
+    mu_p = rng.standard_normal(SYN_S)
+    mu_t = mu_p + rel_drift * rng.standard_normal(SYN_S)
+    g_t_i = mu_t + SYN_NOISE * rng.standard_normal((SYN_N, SYN_S))
+    g_p_i = mu_p + SYN_NOISE * rng.standard_normal((SYN_N, SYN_S))
+    sq = (g_t_i ** 2 + g_p_i ** 2).sum(axis=0)
+    true = float(np.linalg.norm(mu_t - mu_p) / np.sqrt(0.5 * (mu_t @ mu_t + mu_p @ mu_p)))
+    return g_t_i.mean(axis=0), g_p_i.mean(axis=0), sq, true
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_drift_blocks_remove_the_noise_and_the_bounds_hold_the_truth(seed: int) -> None:
+    g_t, g_p, sq, true = _synthetic_period(seed, 0.5)
+    num, den = drift_blocks(g_t, g_p, sq, SYN_N)
+    assert len(num) == len(den) == 8
+    point, lo, hi = ratio_bounds(num, den, z=2.0)
+    raw = float(np.linalg.norm(g_t - g_p) / np.sqrt(0.5 * (g_t @ g_t + g_p @ g_p)))
+    # Uncorrected, the noise of two mini-batches reads as drift (raw ≈ 1.2 here, true ≈ 0.5).
+    assert abs(point - true) < 0.5 * abs(raw - true)
+    assert lo <= point <= hi and lo <= true <= hi and hi - lo < 1.0
+
+
+def test_ratio_bounds_jackknife() -> None:
+    # Equal blocks: no spread, the bounds collapse on the point.
+    assert ratio_bounds(np.full(8, 1.0), np.full(8, 4.0)) == pytest.approx((0.5, 0.5, 0.5))
+    # Spread between blocks widens them, and a larger z widens them further.
+    num = np.array([0.5, 1.5, 1.0, 0.2, 1.8, 1.0, 0.9, 1.1])
+    p1, lo1, hi1 = ratio_bounds(num, np.full(8, 4.0), z=1.0)
+    p2, lo2, hi2 = ratio_bounds(num, np.full(8, 4.0), z=2.0)
+    assert p1 == p2 == pytest.approx(0.5) and lo2 < lo1 < p1 < hi1 < hi2
+    assert ratio_bounds(np.ones(8), np.zeros(8)) is None  # no signal
+    # One block holds all the signal: no bound at all.
+    assert ratio_bounds(np.ones(4), np.array([1.0, 0.0, 0.0, 0.0]))[2] == math.inf
+
+
+def test_cost_uses_the_upper_drift_bound_and_the_guard_the_point() -> None:
+    base = dict(drift=0.5, gap=1.0, gap_ratio=0.1, quantiles=QUANT, signal=1.0)
+    sure = ConvergenceInputs(**base, drift_lo=0.45, drift_hi=0.55)
+    unsure = ConvergenceInputs(**base, drift_lo=0.0, drift_hi=1.5)
+    kw = dict(drift_prior=0.5, drift_floor=0.02, tau_now=0)
+    assert slowdown(unsure, 0.01, 0, "fp32", **kw) > slowdown(sure, 0.01, 0, "fp32", **kw)
+    assert slowdown(unsure, 0.01, 1, "fp32", **kw) > slowdown(sure, 0.01, 1, "fp32", **kw)
+    # The guard judges the point value 0.5 < 1 (τ = 1's limit): τ = 1 stays a candidate,
+    # although the upper bound 1.5 is beyond that limit.
+    assert math.isfinite(slowdown(unsure, 0.01, 1, "fp32", **kw))
+    assert slowdown(ConvergenceInputs(**base), 0.01, 1, "fp32", **kw) == pytest.approx(
+        slowdown(ConvergenceInputs(**base, drift_lo=0.5, drift_hi=0.5), 0.01, 1, "fp32", **kw))
 
 
 def test_stability_limit_of_delayed_gradient_descent() -> None:
@@ -176,25 +234,41 @@ def _run(ctl: Controller, point: tuple[float, int, str], steps: range, loss, **k
     return point, out
 
 
-def test_backoff_smaller_tau_first_then_larger_ratio_and_bad_region_is_remembered() -> None:
+def test_backoff_returns_to_the_replaced_point_and_bad_region_is_remembered() -> None:
     cfg = DecoConfig(monitor_window=6, min_dwell_steps=0)
     ctl = Controller(cfg, 8, NUMELS)
-    # Healthy progress at the start point, then the controller switches to τ = 1.
-    point, log = _run(ctl, (0.1, 0, "fp32"), range(2, 12, 2), lambda s: 10.0 - 0.1 * s)
+    # The first decision comes before the monitor has a reference: the switch (to τ = 1 at
+    # most: staleness is explored one level at a time) opens a trial judged on "rise" only.
+    point, log = _run(ctl, (0.1, 0, "fp32"), range(2, 6, 2), lambda s: 10.0 - 0.1 * s)
     sw = [d for d in log if d.outcome == "switch"]
-    assert sw and point[1] == 1, log
+    assert sw and sw[0].step == 2 and point[1] == 1, log
+    assert ctl.monitor.trial is not None and ctl.monitor.trial["expected"] is None
     bad = point
-    # After the switch the loss stalls, then rises: the controller backs off to τ − 1 at the same δ.
-    point, log2 = _run(ctl, point, range(12, 20, 2), lambda s: 9.0 + 0.5 * (s - 12))
+    # The loss rises during the trial: the controller backs off to the point it replaced.
+    point, log2 = _run(ctl, point, range(6, 14, 2), lambda s: 9.6 + 0.5 * (s - 6))
     back = [d for d in log2 if d.outcome.startswith("backoff")]
-    assert back and back[0].outcome in ("backoff_rise", "backoff_slow"), log2
-    assert (back[0].ratio, back[0].staleness) == (bad[0], 0)
-    # A failure at τ > 0 is blamed on the staleness: τ ≥ 1 is out at every δ.
+    assert back and back[0].outcome == "backoff_rise", log2
+    assert (back[0].ratio, back[0].staleness, back[0].values) == (0.1, 0, "fp32")
+    # A failure that raised τ is blamed on the staleness: τ ≥ 1 is out at every δ.
     assert ctl.is_bad(bad[0], 1) and ctl.is_bad(bad[0] / 2, 3) and ctl.is_bad(1.0, 2) and not ctl.is_bad(bad[0], 0)
     # The bad region is never chosen again, whatever the model predicts.
-    point, log3 = _run(ctl, point, range(20, 120, 2), lambda s: 8.0 - 0.01 * (s - 20))
+    point, log3 = _run(ctl, point, range(14, 120, 2), lambda s: 8.0 - 0.01 * (s - 14))
     assert all(not ctl.is_bad(d.ratio, d.staleness) for d in log3 if d.changed)
     assert point[1] == 0
+
+
+def test_a_first_trial_without_reference_sets_the_reference() -> None:
+    mon = ProgressMonitor(alpha=1.0, tolerance=0.5, rise=0.1, window=6)
+    _feed(mon, range(0, 4, 2), lambda s: 10.0 - 0.1 * s)  # too few points for a slope
+    assert mon.ref_slope is None
+    mon.on_switch(4, expected=2.0, settle=2)
+    assert mon.trial is not None and mon.trial["expected"] is None
+    # Progress far below any reference would be "slow", but there is none: only a rise counts.
+    _feed(mon, range(4, 14, 2), lambda s: 9.6 - 0.001 * (s - 4))
+    assert mon.verdict(12) == "ok" and mon.ref_slope == pytest.approx(-0.001)
+    mon2 = ProgressMonitor(alpha=1.0, tolerance=0.5, rise=0.1, window=6)
+    mon2.on_switch(0, expected=1.0, settle=2)  # no loss seen at all: nothing to judge
+    assert mon2.trial is None
 
 
 def test_bad_region_at_tau0_is_the_compression() -> None:
@@ -202,9 +276,35 @@ def test_bad_region_at_tau0_is_the_compression() -> None:
     ctl._trial = ((0.01, 0, "q4"), (0.1, 0, "fp32"))
     ctl.monitor.trial = {"start": 0, "settle": 0, "expected": 1.0, "ema0": 1.0, "peak": 2.0}
     d = ctl.decide(meas(0.05), (0.01, 0, "q4"), 10)
-    assert d.outcome == "backoff_rise" and (d.ratio, d.staleness, d.values) == (0.02, 0, "fp32")
+    assert d.outcome == "backoff_rise" and (d.ratio, d.staleness, d.values) == (0.1, 0, "fp32")
     assert ctl.is_bad(0.005, 0) and ctl.is_bad(0.01, 4) and not ctl.is_bad(0.02, 0)
     assert ctl.bad[-1][2] is None  # a rise is remembered for the whole run
+
+
+def test_a_failed_ratio_increase_bans_larger_ratios() -> None:
+    ctl = Controller(DecoConfig(), 8, NUMELS)
+    ctl._trial = ((0.1, 0, "fp32"), (0.01, 0, "q4"))  # δ raised, τ unchanged
+    ctl.monitor.trial = {"start": 0, "settle": 0, "expected": 1.0, "ema0": 1.0, "peak": 2.0}
+    d = ctl.decide(meas(0.05), (0.1, 0, "fp32"), 10)
+    assert d.outcome == "backoff_rise" and (d.ratio, d.staleness, d.values) == (0.01, 0, "q4")
+    assert ctl.is_bad(0.1, 0) and ctl.is_bad(1.0, 2) and not ctl.is_bad(0.05, 0) and not ctl.is_bad(0.01, 0)
+
+
+def test_backoff_steps_down_when_the_replaced_point_is_excluded() -> None:
+    ctl = Controller(DecoConfig(), 8, NUMELS)
+    ctl.bad = [(1.0, 1, None, "below")]  # τ ≥ 1 failed before
+    ctl._trial = ((0.005, 1, "fp32"), (0.01, 1, "fp32"))
+    ctl.monitor.trial = {"start": 0, "settle": 0, "expected": 1.0, "ema0": 1.0, "peak": 2.0}
+    d = ctl.decide(meas(0.05), (0.005, 1, "fp32"), 10)
+    assert d.outcome == "backoff_rise" and (d.ratio, d.staleness, d.values) == (0.005, 0, "fp32")
+
+
+def test_old_bad_regions_load_as_below() -> None:
+    ctl = Controller(DecoConfig(), 8, NUMELS)
+    sd = ctl.safety_state_dict()
+    sd["bad"] = [[0.01, 2, None]]  # a checkpoint from before the "above" kind
+    ctl.load_safety_state_dict(sd)
+    assert ctl.bad == [(0.01, 2, None, "below")] and ctl.is_bad(0.005, 2) and not ctl.is_bad(0.05, 2)
 
 
 def test_a_slow_region_expires() -> None:
@@ -281,7 +381,7 @@ def test_a_ratio_only_switch_that_fails_bans_only_smaller_ratios() -> None:
     ctl._trial = ((0.01, 2, "q4"), (0.1, 2, "q4"))  # δ lowered, τ unchanged
     ctl.monitor.trial = {"start": 0, "settle": 0, "expected": 1.0, "ema0": 1.0, "peak": 2.0}
     d = ctl.decide(meas(0.05), (0.01, 2, "q4"), 20)
-    assert d.outcome == "backoff_rise" and (d.ratio, d.staleness) == (0.01, 1)
+    assert d.outcome == "backoff_rise" and (d.ratio, d.staleness) == (0.1, 2)  # the replaced point
     assert ctl.is_bad(0.005, 3) and ctl.is_bad(0.01, 2) and not ctl.is_bad(0.1, 2) and not ctl.is_bad(0.01, 1)
 
 
