@@ -27,7 +27,9 @@ or "rise" the controller backs off at once (no hysteresis, no dwell) to the poin
 switch replaced (where that is excluded: smaller τ first (τ − 1), then larger δ, the next
 grid value up with fp32 values), and remembers the bad region, not chosen again: after a
 switch that raised τ failed, every (δ', τ') with τ' ≥ τ (the staleness is blamed); after one
-that raised δ, every δ' ≥ δ with τ' ≥ τ; after any other, every δ' ≤ δ with τ' ≥ τ. A
+that raised δ, every δ' ≥ δ with τ' ≥ τ; after any other, every δ' ≤ δ with τ' ≥ τ. After a
+"rise" the δ bound is the grid value next to the replaced δ in the direction of the change
+(the whole direction is condemned), after "slow" the failed δ. A
 "rise" is remembered for the whole run; a
 "slow" verdict, which a learning curve flattening by itself can also produce, for
 `SLOW_BAN_PERIODS` (10) decision periods.
@@ -527,13 +529,20 @@ class Controller:
         # the staleness (every δ at τ' ≥ τ); one that raised δ to the larger payloads at
         # that staleness (δ' ≥ δ, τ' ≥ τ: the point it left was fine); any other to the
         # compression at that staleness (δ' ≤ δ, τ' ≥ τ).
+        # A "rise" (instability) condemns the whole direction of the change from the point
+        # it left: the region starts at the grid value next to the replaced δ, not at the
+        # failed one. Seen on the quick high-latency run: at τ = 2, δ 0.02 -> 0.2 rose, and
+        # 0.1 and 0.05 then failed in turn, one trial (and loss spike) each. A "slow"
+        # verdict, noisier and temporary, excludes only from the failed point on.
         until = None if verdict == "rise" else step + SLOW_BAN_PERIODS * self.cfg.decide_every
         if bad[1] > old[1]:
             self.bad.append((1.0, bad[1], until, "below"))
         elif bad[0] > old[0]:
-            self.bad.append((bad[0], bad[1], until, "above"))
+            edge = min((g for g in self.grid if g > old[0]), default=bad[0]) if verdict == "rise" else bad[0]
+            self.bad.append((edge, bad[1], until, "above"))
         else:
-            self.bad.append((bad[0], bad[1], until, "below"))
+            edge = max((g for g in self.grid if g < old[0]), default=bad[0]) if verdict == "rise" else bad[0]
+            self.bad.append((edge, bad[1], until, "below"))
         self._trial = None
         self.monitor.reset_trial()
         # Back to the point the switch replaced: it made the progress the monitor took as

@@ -277,7 +277,9 @@ def test_bad_region_at_tau0_is_the_compression() -> None:
     ctl.monitor.trial = {"start": 0, "settle": 0, "expected": 1.0, "ema0": 1.0, "peak": 2.0}
     d = ctl.decide(meas(0.05), (0.01, 0, "q4"), 10)
     assert d.outcome == "backoff_rise" and (d.ratio, d.staleness, d.values) == (0.1, 0, "fp32")
-    assert ctl.is_bad(0.005, 0) and ctl.is_bad(0.01, 4) and not ctl.is_bad(0.02, 0)
+    # A rise condemns the direction from the replaced δ = 0.1 down: 0.05 and 0.02 were never
+    # tried, but more compression than 0.1 at τ ≥ 0 is out.
+    assert ctl.is_bad(0.005, 0) and ctl.is_bad(0.01, 4) and ctl.is_bad(0.05, 0) and not ctl.is_bad(0.1, 0)
     assert ctl.bad[-1][2] is None  # a rise is remembered for the whole run
 
 
@@ -287,7 +289,20 @@ def test_a_failed_ratio_increase_bans_larger_ratios() -> None:
     ctl.monitor.trial = {"start": 0, "settle": 0, "expected": 1.0, "ema0": 1.0, "peak": 2.0}
     d = ctl.decide(meas(0.05), (0.1, 0, "fp32"), 10)
     assert d.outcome == "backoff_rise" and (d.ratio, d.staleness, d.values) == (0.01, 0, "q4")
-    assert ctl.is_bad(0.1, 0) and ctl.is_bad(1.0, 2) and not ctl.is_bad(0.05, 0) and not ctl.is_bad(0.01, 0)
+    # The whole direction from the replaced δ = 0.01 up is out (0.02 and 0.05 untried).
+    assert ctl.is_bad(0.1, 0) and ctl.is_bad(1.0, 2) and ctl.is_bad(0.02, 0) and not ctl.is_bad(0.01, 0)
+    assert not ctl.is_bad(0.005, 0)
+
+
+def test_a_slow_ratio_increase_bans_from_the_failed_ratio() -> None:
+    ctl = Controller(DecoConfig(), 8, NUMELS)
+    ctl._trial = ((0.1, 2, "q8"), (0.02, 2, "q8"))
+    ctl.monitor.ref_slope = -0.1
+    ctl.monitor.trial = {"start": 0, "settle": 0, "expected": 1.0, "ema0": 1.0, "peak": 1.0}
+    ctl.monitor.history = [(s, 1.0) for s in range(10, 40, 2)]  # flat: no progress at all
+    d = ctl.decide(meas(0.05), (0.1, 2, "q8"), 40)
+    assert d.outcome == "backoff_slow" and (d.ratio, d.staleness, d.values) == (0.02, 2, "q8")
+    assert ctl.is_bad(0.1, 2) and ctl.is_bad(0.2, 3) and not ctl.is_bad(0.05, 2) and not ctl.is_bad(0.1, 1)
 
 
 def test_backoff_steps_down_when_the_replaced_point_is_excluded() -> None:
@@ -383,6 +398,7 @@ def test_a_ratio_only_switch_that_fails_bans_only_smaller_ratios() -> None:
     d = ctl.decide(meas(0.05), (0.01, 2, "q4"), 20)
     assert d.outcome == "backoff_rise" and (d.ratio, d.staleness) == (0.1, 2)  # the replaced point
     assert ctl.is_bad(0.005, 3) and ctl.is_bad(0.01, 2) and not ctl.is_bad(0.1, 2) and not ctl.is_bad(0.01, 1)
+    assert ctl.is_bad(0.05, 2) and not ctl.is_bad(0.2, 2)  # a rise: every δ below the replaced 0.1
 
 
 def test_curvature_at_the_point_in_force_blocks_only_raising_staleness() -> None:
