@@ -1,0 +1,101 @@
+"""Keep gloo's worker threads from freeing Python-visible tensors while the interpreter finalizes.
+
+The failure this prevents ("terminate called without an active exception", exit -6, after
+correct results): a gloo worker thread (`ProcessGroupGloo::runLoop`, named
+``pt_gloo_runloop``) completes a Work, which wakes the thread waiting on it, and only then
+drops its own reference to the Work. If that was the last reference, the Work's destructor
+frees its tensors; a tensor Python has seen releases its PyObject when its C++ refcount
+falls from 2 to 1 (`c10::intrusive_ptr`'s PyObject preservation), and that takes the GIL,
+whoever else still references the tensor. A worker that asks for the GIL once
+`Py_FinalizeEx` has begun is ended by Python with `pthread_exit`, whose unwinding through
+torch's noexcept destructor calls `std::terminate`.
+
+Nothing in Python can see the Work's refcount, and the worker threads of the default group
+are never joined in a DDP program (DDP keeps the group's backend alive to the end, so
+`destroy_process_group()` leaves its threads running), so the last drop cannot be moved to
+the main thread in general. What can be done is to let the workers finish it before
+finalization: `wait_gloo_workers_parked` waits, with the GIL released, until no gloo worker
+thread of this process is runnable. A worker that still holds a completed Work is runnable
+(it was preempted by the thread its completion woke, which is the race: on a loaded host
+that thread reaches the end of the program first) or waits for the GIL, which it gets
+while this waits; a parked worker blocks on its queue and touches nothing. `atexit`
+callbacks run before Python starts finalizing (threads may still take the GIL then), so
+`install_exit_guard` (idempotent; `deco_sgd.DecoState` calls it) covers every Work of every
+group, the library's and the application's own last collectives alike.
+
+Limits [ours]: Linux only (thread states from ``/proc/self/task``; elsewhere a no-op); a
+worker blocked in the network on a collective still in flight counts as parked (nothing
+can be done for it, and waiting would only delay the exit); the wait is bounded by
+`EXIT_WAIT_S`. It narrows the race to a worker preempted between two of its own
+instructions after this stopped looking, instead of the whole end of the program.
+"""
+from __future__ import annotations
+
+import atexit
+import os
+import time
+
+__all__ = ["wait_gloo_workers_parked", "install_exit_guard", "EXIT_WAIT_S", "PARKED_SAMPLES"]
+
+#: The longest the exit guard waits for gloo's workers (a hung worker must not hang the exit).
+EXIT_WAIT_S = 5.0
+#: Consecutive samples, `_SAMPLE_S` apart, in which no worker may be runnable. More than one,
+#: because a worker waiting for the GIL this thread held while sampling sleeps too: it gets
+#: the GIL during the next pause and then shows as running.
+PARKED_SAMPLES = 3
+_SAMPLE_S = 1e-3
+_WORKER_NAME = "pt_gloo_runloop"
+_TASKS = "/proc/self/task"
+
+_installed = False
+
+
+def _runnable_workers() -> int | None:
+    """How many gloo worker threads are runnable or in uninterruptible sleep (None: no /proc)."""
+    try:
+        tids = os.listdir(_TASKS)
+    except OSError:
+        return None
+    busy = 0
+    for tid in tids:
+        try:
+            with open(f"{_TASKS}/{tid}/stat") as f:
+                stat = f.read()
+        except OSError:  # the thread ended meanwhile
+            continue
+        head, _, tail = stat.rpartition(")")
+        if not head.endswith(_WORKER_NAME) or not tail.split():
+            continue
+        if tail.split()[0] in ("R", "D"):
+            busy += 1
+    return busy
+
+
+def wait_gloo_workers_parked(timeout_s: float = EXIT_WAIT_S) -> bool:
+    """Block (sleeping, so the GIL is free) until no gloo worker thread of this process has
+    been runnable for `PARKED_SAMPLES` samples in a row; False if `timeout_s` ran out first.
+    Returns True at once without /proc or without gloo workers."""
+    deadline = time.monotonic() + timeout_s
+    quiet = 0
+    while True:
+        busy = _runnable_workers()
+        if busy is None:
+            return True
+        quiet = quiet + 1 if busy == 0 else 0
+        if quiet >= PARKED_SAMPLES:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(_SAMPLE_S)
+
+
+def _at_exit() -> None:
+    wait_gloo_workers_parked(EXIT_WAIT_S)
+
+
+def install_exit_guard() -> None:
+    """Run `wait_gloo_workers_parked` at interpreter exit, before finalization (idempotent)."""
+    global _installed
+    if not _installed:
+        atexit.register(_at_exit)
+        _installed = True
