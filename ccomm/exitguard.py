@@ -23,6 +23,15 @@ callbacks run before Python starts finalizing (threads may still take the GIL th
 `install_exit_guard` (idempotent; `deco_sgd.DecoState` calls it) covers every Work of every
 group, the library's and the application's own last collectives alike.
 
+A second path ends the same way on ccomm's own helper threads (`ccomm.comm.p2p`'s collective
+thread, `CommHandle`'s waiter thread, `ccomm.failfast`'s watcher): they complete the
+futures the main thread waits on with `torch.futures.Future.set_result` (or
+`set_exception`), which releases the GIL, wakes the waiter, and takes the GIL back in a C++
+destructor (noexcept). A main thread that reaches finalization first aborts the process
+the same way. Such completions run inside `completing()`, which counts them; the guard also
+waits until that count is zero. The count rises before the future completes and falls only
+after `set_result` returned (the GIL retaken), so this part is exact.
+
 Limits [ours]: Linux only (thread states from ``/proc/self/task``; elsewhere a no-op); a
 worker blocked in the network on a collective still in flight counts as parked (nothing
 can be done for it, and waiting would only delay the exit); the wait is bounded by
@@ -32,10 +41,13 @@ instructions after this stopped looking, instead of the whole end of the program
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
+import threading
 import time
+from typing import Iterator
 
-__all__ = ["wait_gloo_workers_parked", "install_exit_guard", "EXIT_WAIT_S", "PARKED_SAMPLES"]
+__all__ = ["wait_gloo_workers_parked", "install_exit_guard", "completing", "EXIT_WAIT_S", "PARKED_SAMPLES"]
 
 #: The longest the exit guard waits for gloo's workers (a hung worker must not hang the exit).
 EXIT_WAIT_S = 5.0
@@ -48,6 +60,23 @@ _WORKER_NAME = "pt_gloo_runloop"
 _TASKS = "/proc/self/task"
 
 _installed = False
+#: Helper-thread future completions in progress (`completing`).
+_completing = 0
+_completing_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def completing() -> Iterator[None]:
+    """Wrap a helper thread's `Future.set_result` / `set_exception`: the exit guard waits
+    until every such block has returned (see the module docstring)."""
+    global _completing
+    with _completing_lock:
+        _completing += 1
+    try:
+        yield
+    finally:
+        with _completing_lock:
+            _completing -= 1
 
 
 def _runnable_workers() -> int | None:
@@ -73,15 +102,15 @@ def _runnable_workers() -> int | None:
 
 def wait_gloo_workers_parked(timeout_s: float = EXIT_WAIT_S) -> bool:
     """Block (sleeping, so the GIL is free) until no gloo worker thread of this process has
-    been runnable for `PARKED_SAMPLES` samples in a row; False if `timeout_s` ran out first.
-    Returns True at once without /proc or without gloo workers."""
+    been runnable, and no `completing()` block has been open, for `PARKED_SAMPLES` samples
+    in a row; False if `timeout_s` ran out first. Without /proc only the blocks count."""
     deadline = time.monotonic() + timeout_s
     quiet = 0
     while True:
         busy = _runnable_workers()
-        if busy is None:
+        if busy is None and _completing == 0:
             return True
-        quiet = quiet + 1 if busy == 0 else 0
+        quiet = quiet + 1 if not busy and _completing == 0 else 0
         if quiet >= PARKED_SAMPLES:
             return True
         if time.monotonic() >= deadline:

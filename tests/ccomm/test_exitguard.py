@@ -68,3 +68,27 @@ def test_sees_idle_gloo_workers_as_parked() -> None:
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert float(out.stdout.split("waited")[1]) < 5.0
+
+
+def test_waits_for_open_completing_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A helper thread's set_result may still be retaking the GIL: the guard waits for the block to close.
+    import threading
+    import time
+
+    monkeypatch.setattr(exitguard, "_runnable_workers", lambda: 0)
+    inside, release = threading.Event(), threading.Event()
+
+    def helper() -> None:
+        with exitguard.completing():
+            inside.set()
+            release.wait(10.0)
+
+    t = threading.Thread(target=helper)
+    t.start()
+    inside.wait(10.0)
+    assert not exitguard.wait_gloo_workers_parked(timeout_s=0.05)
+    threading.Timer(0.05, release.set).start()
+    t0 = time.monotonic()
+    assert exitguard.wait_gloo_workers_parked(timeout_s=10.0)
+    assert time.monotonic() - t0 >= 0.04
+    t.join()
