@@ -14,11 +14,13 @@ Nothing in Python can see the Work's refcount, and the worker threads of the def
 are never joined in a DDP program (DDP keeps the group's backend alive to the end, so
 `destroy_process_group()` leaves its threads running), so the last drop cannot be moved to
 the main thread in general. What can be done is to let the workers finish it before
-finalization: `wait_gloo_workers_parked` waits, with the GIL released, until no gloo worker
-thread of this process is runnable. A worker that still holds a completed Work is runnable
-(it was preempted by the thread its completion woke, which is the race: on a loaded host
-that thread reaches the end of the program first) or waits for the GIL, which it gets
-while this waits; a parked worker blocks on its queue and touches nothing. `atexit`
+finalization: `wait_gloo_workers_parked` waits, with the GIL released, until every gloo
+worker thread of this process is parked on its queue (`_parked`: asleep in a futex wait
+without a timeout, read from ``/proc/self/task/<tid>/syscall``). A worker that still holds
+a completed Work is runnable (it was preempted by the thread its completion woke, which is
+the race: on a loaded host that thread reaches the end of the program first) or waits for
+the GIL (a futex wait with a timeout), which it gets while this sleeps; a parked worker
+touches nothing. `atexit`
 callbacks run before Python starts finalizing (threads may still take the GIL then), so
 `install_exit_guard` (idempotent; `deco_sgd.DecoState` calls it) covers every Work of every
 group, the library's and the application's own last collectives alike.
@@ -32,17 +34,18 @@ the same way. Such completions run inside `completing()`, which counts them; the
 waits until that count is zero. The count rises before the future completes and falls only
 after `set_result` returned (the GIL retaken), so this part is exact.
 
-Limits [ours]: Linux only (thread states from ``/proc/self/task``; elsewhere a no-op); a
-worker blocked in the network on a collective still in flight counts as parked (nothing
-can be done for it, and waiting would only delay the exit); the wait is bounded by
-`EXIT_WAIT_S`. It narrows the race to a worker preempted between two of its own
-instructions after this stopped looking, instead of the whole end of the program.
+Limits [ours]: Linux only (``/proc/self/task``; elsewhere only `completing` blocks are
+waited for). A worker blocked on a collective still in flight waits with a timeout and
+counts as busy, so an exit with one in flight waits the full `EXIT_WAIT_S` (the bound) and
+then proceeds. A parked worker is woken by nothing but new work or its group's destruction,
+neither of which touches Python tensors.
 """
 from __future__ import annotations
 
 import atexit
 import contextlib
 import os
+import platform
 import threading
 import time
 from typing import Iterator
@@ -51,13 +54,14 @@ __all__ = ["wait_gloo_workers_parked", "install_exit_guard", "completing", "EXIT
 
 #: The longest the exit guard waits for gloo's workers (a hung worker must not hang the exit).
 EXIT_WAIT_S = 5.0
-#: Consecutive samples, `_SAMPLE_S` apart, in which no worker may be runnable. More than one,
-#: because a worker waiting for the GIL this thread held while sampling sleeps too: it gets
-#: the GIL during the next pause and then shows as running.
+#: Consecutive samples, `_SAMPLE_S` apart, in which every worker must be parked (more than
+#: one: a sample is not atomic across threads).
 PARKED_SAMPLES = 3
 _SAMPLE_S = 1e-3
 _WORKER_NAME = "pt_gloo_runloop"
 _TASKS = "/proc/self/task"
+#: The futex syscall's number per machine (None: unknown here, the thread state alone is checked).
+_FUTEX_NR: int | None = {"x86_64": 202, "aarch64": 98, "arm64": 98}.get(platform.machine())
 
 _installed = False
 #: Helper-thread future completions in progress (`completing`).
@@ -79,31 +83,50 @@ def completing() -> Iterator[None]:
             _completing -= 1
 
 
+def _parked(tid: str) -> bool | None:
+    """Whether gloo worker `tid` is parked (None: not a gloo worker, or gone).
+
+    Parked means asleep in a futex wait without a timeout: a condition-variable wait on the
+    worker's queue. A worker waiting for the GIL also sleeps in a futex wait, but CPython's
+    GIL wait has a timeout (it asks the holder to switch every `sys.getswitchinterval()`),
+    so the syscall's arguments tell the two apart; a worker that is runnable or between
+    syscalls is busy. Where the syscall cannot be read, "asleep" is all that is checked.
+    """
+    try:
+        with open(f"{_TASKS}/{tid}/stat") as f:
+            stat = f.read()
+    except OSError:  # the thread ended meanwhile
+        return None
+    head, _, tail = stat.rpartition(")")
+    fields = tail.split()
+    if not head.endswith(_WORKER_NAME) or not fields:
+        return None
+    if fields[0] != "S":
+        return False
+    if _FUTEX_NR is None:
+        return True
+    try:
+        with open(f"{_TASKS}/{tid}/syscall") as f:
+            call = f.read().split()
+    except OSError:  # unreadable here (ptrace restrictions): the state has to do
+        return True
+    # "<nr> <uaddr> <op> <val> <timeout> ...": an untimed wait has timeout 0x0.
+    return len(call) > 4 and call[0] == str(_FUTEX_NR) and int(call[4], 16) == 0
+
+
 def _runnable_workers() -> int | None:
-    """How many gloo worker threads are runnable or in uninterruptible sleep (None: no /proc)."""
+    """How many gloo worker threads are not parked (`_parked`); None without /proc."""
     try:
         tids = os.listdir(_TASKS)
     except OSError:
         return None
-    busy = 0
-    for tid in tids:
-        try:
-            with open(f"{_TASKS}/{tid}/stat") as f:
-                stat = f.read()
-        except OSError:  # the thread ended meanwhile
-            continue
-        head, _, tail = stat.rpartition(")")
-        if not head.endswith(_WORKER_NAME) or not tail.split():
-            continue
-        if tail.split()[0] in ("R", "D"):
-            busy += 1
-    return busy
+    return sum(1 for tid in tids if _parked(tid) is False)
 
 
 def wait_gloo_workers_parked(timeout_s: float = EXIT_WAIT_S) -> bool:
-    """Block (sleeping, so the GIL is free) until no gloo worker thread of this process has
-    been runnable, and no `completing()` block has been open, for `PARKED_SAMPLES` samples
-    in a row; False if `timeout_s` ran out first. Without /proc only the blocks count."""
+    """Block (sleeping, so the GIL is free) until every gloo worker thread of this process
+    has been parked, and no `completing()` block open, for `PARKED_SAMPLES` samples in a
+    row; False if `timeout_s` ran out first. Without /proc only the blocks count."""
     deadline = time.monotonic() + timeout_s
     quiet = 0
     while True:
