@@ -35,10 +35,10 @@ waits until that count is zero. The count rises before the future completes and 
 after `set_result` returned (the GIL retaken), so this part is exact.
 
 Limits [ours]: Linux only (``/proc/self/task``; elsewhere only `completing` blocks are
-waited for). A worker blocked on a collective still in flight waits with a timeout and
-counts as busy, so an exit with one in flight waits the full `EXIT_WAIT_S` (the bound) and
-then proceeds. A parked worker is woken by nothing but new work or its group's destruction,
-neither of which touches Python tensors.
+waited for). A worker blocked on a collective still in flight (a timed wait that lasts
+longer than `LONG_WAIT_S`) is let be: waiting cannot help it, and an exit with a transfer
+in flight is unsafe anyway. A parked worker is woken by nothing but new work or its
+group's destruction, neither of which touches Python tensors.
 """
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ import threading
 import time
 from typing import Iterator
 
-__all__ = ["wait_gloo_workers_parked", "install_exit_guard", "completing", "EXIT_WAIT_S", "PARKED_SAMPLES"]
+__all__ = ["wait_gloo_workers_parked", "install_exit_guard", "completing", "EXIT_WAIT_S", "PARKED_SAMPLES", "LONG_WAIT_S"]
 
 #: The longest the exit guard waits for gloo's workers (a hung worker must not hang the exit).
 EXIT_WAIT_S = 5.0
@@ -58,6 +58,8 @@ EXIT_WAIT_S = 5.0
 #: one: a sample is not atomic across threads).
 PARKED_SAMPLES = 3
 _SAMPLE_S = 1e-3
+#: A timed wait longer than this (ten default switch intervals) is not a wait for the GIL.
+LONG_WAIT_S = 0.05
 _WORKER_NAME = "pt_gloo_runloop"
 _TASKS = "/proc/self/task"
 #: The futex syscall's number per machine (None: unknown here, the thread state alone is checked).
@@ -83,14 +85,16 @@ def completing() -> Iterator[None]:
             _completing -= 1
 
 
-def _parked(tid: str) -> bool | None:
-    """Whether gloo worker `tid` is parked (None: not a gloo worker, or gone).
+def _worker_state(tid: str) -> str | None:
+    """"parked", "timed" or "busy" for gloo worker `tid` (None: not a gloo worker, or gone).
 
     Parked means asleep in a futex wait without a timeout: a condition-variable wait on the
     worker's queue. A worker waiting for the GIL also sleeps in a futex wait, but CPython's
     GIL wait has a timeout (it asks the holder to switch every `sys.getswitchinterval()`),
-    so the syscall's arguments tell the two apart; a worker that is runnable or between
-    syscalls is busy. Where the syscall cannot be read, "asleep" is all that is checked.
+    so the syscall's arguments tell the two apart ("timed"); so does a worker blocked on a
+    transfer in flight (gloo waits with the group's timeout). A worker that is runnable or
+    between syscalls is busy. Where the syscall cannot be read, "asleep" is all that is
+    checked.
     """
     try:
         with open(f"{_TASKS}/{tid}/stat") as f:
@@ -102,35 +106,56 @@ def _parked(tid: str) -> bool | None:
     if not head.endswith(_WORKER_NAME) or not fields:
         return None
     if fields[0] != "S":
-        return False
+        return "busy"
     if _FUTEX_NR is None:
-        return True
+        return "parked"
     try:
         with open(f"{_TASKS}/{tid}/syscall") as f:
             call = f.read().split()
     except OSError:  # unreadable here (ptrace restrictions): the state has to do
-        return True
+        return "parked"
     # "<nr> <uaddr> <op> <val> <timeout> ...": an untimed wait has timeout 0x0.
-    return len(call) > 4 and call[0] == str(_FUTEX_NR) and int(call[4], 16) == 0
+    if len(call) > 4 and call[0] == str(_FUTEX_NR):
+        return "parked" if int(call[4], 16) == 0 else "timed"
+    return "busy"
 
 
-def _runnable_workers() -> int | None:
-    """How many gloo worker threads are not parked (`_parked`); None without /proc."""
+def _runnable_workers(timed_since: dict[str, float] | None = None) -> int | None:
+    """How many gloo worker threads may still need the GIL; None without /proc.
+
+    A worker in a timed wait counts until it has stayed there `LONG_WAIT_S` (tracked in
+    `timed_since`, tid -> first seen): a GIL waiter gets the GIL within one switch interval
+    of asking while this thread sleeps, so a longer wait is a transfer in flight, which
+    waiting for cannot help.
+    """
     try:
         tids = os.listdir(_TASKS)
     except OSError:
         return None
-    return sum(1 for tid in tids if _parked(tid) is False)
+    now = time.monotonic()
+    since = {} if timed_since is None else timed_since
+    busy = 0
+    for tid in tids:
+        state = _worker_state(tid)
+        if state == "timed":
+            first = since.setdefault(tid, now)
+            busy += now - first < LONG_WAIT_S
+        else:
+            since.pop(tid, None)
+            busy += state == "busy"
+    return busy
 
 
 def wait_gloo_workers_parked(timeout_s: float = EXIT_WAIT_S) -> bool:
-    """Block (sleeping, so the GIL is free) until every gloo worker thread of this process
-    has been parked, and no `completing()` block open, for `PARKED_SAMPLES` samples in a
-    row; False if `timeout_s` ran out first. Without /proc only the blocks count."""
+    """Block (sleeping, so the GIL is free) until no gloo worker thread of this process may
+    still need the GIL (`_runnable_workers`), and no `completing()` block is open, for
+    `PARKED_SAMPLES` samples in a row; False if `timeout_s` ran out first. Without /proc
+    only the blocks count."""
     deadline = time.monotonic() + timeout_s
     quiet = 0
+    timed_since: dict[str, float] = {}
     while True:
-        busy = _runnable_workers()
+        busy = _runnable_workers(timed_since)
         if busy is None and _completing == 0:
             return True
         quiet = quiet + 1 if not busy and _completing == 0 else 0

@@ -20,7 +20,7 @@ def test_waits_for_consecutive_parked_samples(monkeypatch: pytest.MonkeyPatch) -
     seq = iter([0, 1, 0, 0, 2] + [0] * exitguard.PARKED_SAMPLES)
     seen: list[int] = []
 
-    def fake() -> int:
+    def fake(_since: object = None) -> int:
         seen.append(1)
         return next(seq)
 
@@ -30,7 +30,7 @@ def test_waits_for_consecutive_parked_samples(monkeypatch: pytest.MonkeyPatch) -
 
 
 def test_gives_up_after_the_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(exitguard, "_runnable_workers", lambda: 1)
+    monkeypatch.setattr(exitguard, "_runnable_workers", lambda _s=None: 1)
     assert not exitguard.wait_gloo_workers_parked(timeout_s=0.02)
 
 
@@ -75,7 +75,7 @@ def test_waits_for_open_completing_blocks(monkeypatch: pytest.MonkeyPatch) -> No
     import threading
     import time
 
-    monkeypatch.setattr(exitguard, "_runnable_workers", lambda: 0)
+    monkeypatch.setattr(exitguard, "_runnable_workers", lambda _s=None: 0)
     inside, release = threading.Event(), threading.Event()
 
     def helper() -> None:
@@ -92,3 +92,17 @@ def test_waits_for_open_completing_blocks(monkeypatch: pytest.MonkeyPatch) -> No
     assert exitguard.wait_gloo_workers_parked(timeout_s=10.0)
     assert time.monotonic() - t0 >= 0.04
     t.join()
+
+
+def test_a_long_timed_wait_is_let_be(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A worker in a timed wait counts (it may be waiting for the GIL) until it has stayed
+    # there LONG_WAIT_S: then it is blocked on a transfer, and the guard stops waiting for it.
+    import time
+
+    monkeypatch.setattr(exitguard.os, "listdir", lambda _p: ["7"])
+    monkeypatch.setattr(exitguard, "_worker_state", lambda _t: "timed")
+    t0 = time.monotonic()
+    assert exitguard.wait_gloo_workers_parked(timeout_s=10.0)
+    assert exitguard.LONG_WAIT_S <= time.monotonic() - t0 < 5.0
+    monkeypatch.setattr(exitguard, "_worker_state", lambda _t: "busy")
+    assert not exitguard.wait_gloo_workers_parked(timeout_s=0.1)
