@@ -28,11 +28,12 @@ group, the library's and the application's own last collectives alike.
 A second path ends the same way on ccomm's own helper threads (`ccomm.comm.p2p`'s collective
 thread, `CommHandle`'s waiter thread, `ccomm.failfast`'s watcher): they complete the
 futures the main thread waits on with `torch.futures.Future.set_result` (or
-`set_exception`), which releases the GIL, wakes the waiter, and takes the GIL back in a C++
-destructor (noexcept). A main thread that reaches finalization first aborts the process
-the same way. Such completions run inside `completing()`, which counts them; the guard also
-waits until that count is zero. The count rises before the future completes and falls only
-after `set_result` returned (the GIL retaken), so this part is exact.
+`set_exception`), and the watcher reads the store; each releases the GIL in C++ and takes
+it back in a destructor (noexcept; `set_result` wakes the waiter first). A main thread that
+reaches finalization meanwhile aborts the process the same way. These calls run inside
+`completing()`, which counts them; the guard also waits until that count is zero. The count
+rises before the call and falls only after it returned (the GIL retaken), so this part is
+exact for calls begun before the guard ran.
 
 Limits [ours]: Linux only (``/proc/self/task``; elsewhere only `completing` blocks are
 waited for). A worker blocked on a collective still in flight (a timed wait that lasts
