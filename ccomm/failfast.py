@@ -43,6 +43,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch.distributed as dist
 
 from .errors import CommError
+from .exitguard import completing
 
 __all__ = [
     "PeerError", "post_error", "peer_error", "posting", "wait_works", "watch", "clear", "install_excepthook",
@@ -184,7 +185,11 @@ class _Watcher:
                 due = [e for e in self.entries if now - e[0] >= CHECK_AFTER_S]
             if not due:
                 continue
-            err = peer_error(None, due[0][3])
+            # The store calls release the GIL and retake it in a noexcept destructor: a main
+            # thread that reaches finalization meanwhile aborts the process, so the exit
+            # guard waits for this block (ccomm.exitguard.completing).
+            with completing():
+                err = peer_error(None, due[0][3])
             if err is None:
                 continue
             with self.lock:

@@ -30,6 +30,7 @@ import torch.distributed as dist
 
 from ccomm import Codec, ErrorFeedback
 from ccomm.comm.auto import clear_measured
+from ccomm.exitguard import install_exit_guard
 
 from .checkpoint import STATE_VERSION, check_state_dict
 from .config import DecoConfig
@@ -75,6 +76,10 @@ class DecoState:
         if not pairs:
             raise ValueError("named_parameters: no parameter requires grad")
         self.config = config
+        # At exit, wait for gloo's worker threads to drop the Works they still hold (the
+        # last exchanges', and the application's own last collectives) before Python
+        # finalizes: a worker that frees a tensor then aborts the process (ccomm.exitguard).
+        install_exit_guard()
         timeout = datetime.timedelta(seconds=config.timeout_s)
         # Data goes over the caller's group (default: the default group, with its backend:
         # NCCL on GPUs, no host copies). Control gets its own gloo group: it exchanges Python

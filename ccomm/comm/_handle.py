@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import CommError, CommTimeoutError
+from ..exitguard import completing
 from ..failfast import PeerError, install_excepthook, wait_works, watch
 from ..payload import Payload
 
@@ -144,8 +145,10 @@ class CommHandle(Generic[T]):
         return self._result  # type: ignore[return-value]
 
     def _fail_future(self, err: PeerError, fut: "torch.futures.Future[T]") -> None:
+        # Runs on ccomm.failfast's watcher thread; set_exception wakes the waiter before
+        # that thread retakes the GIL, so the exit guard must wait for it (ccomm.exitguard).
         self._fail(err)
-        with self._lock:
+        with self._lock, completing():
             if not fut.done():
                 fut.set_exception(err)
 
@@ -168,10 +171,15 @@ class CommHandle(Generic[T]):
                 fut.set_result(self._result)  # type: ignore[arg-type]
 
     def _complete(self, fut: "torch.futures.Future[T]") -> None:
+        # Runs on a "ccomm-wait" thread: completing() as in _fail_future.
         try:
-            fut.set_result(self.wait())
+            value = self.wait()
         except Exception as exc:  # whatever wait() raises must reach the future's waiter
-            fut.set_exception(exc)
+            with completing():
+                fut.set_exception(exc)
+        else:
+            with completing():
+                fut.set_result(value)
 
     def __repr__(self) -> str:
         return f"CommHandle({self._what!r}, completed={self.is_completed()})"

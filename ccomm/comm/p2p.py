@@ -23,6 +23,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.distributed as dist
 
+from ..exitguard import completing
 from ._handle import wrap_error
 
 __all__ = ["TAG", "SendHook", "ThreadWork", "post", "set_send_hook", "submit", "wait_all"]
@@ -79,9 +80,11 @@ class _Runner:
             try:
                 value = fn()
             except BaseException as exc:  # noqa: BLE001 - delivered to the caller through the future
-                work.get_future().set_exception(exc)
+                with completing():  # set_exception wakes the caller before retaking the GIL (ccomm.exitguard)
+                    work.get_future().set_exception(exc)
             else:
-                work.get_future().set_result(value)
+                with completing():
+                    work.get_future().set_result(value)
 
     def submit(self, fn: Callable[[], Any]) -> ThreadWork:
         work = ThreadWork()

@@ -42,6 +42,8 @@ def test_adaptive_example_exits_cleanly_every_time() -> None:
     # The driver's control exchange used to leave its probes' Works to gloo's worker
     # threads; one freeing them while the interpreter finalized aborted the process
     # ("terminate called without an active exception", exit -6) after correct results.
+    # The default group's last Works (the final exchanges, the script's own all-gather)
+    # raced the same way until the exit guard (ccomm.exitguard) waited for the workers.
     failed = []
     for k in range(ADAPTIVE_RUNS):
         out = _run_example("--mode", "adaptive", limit_s=ADAPTIVE_RUN_LIMIT_S)

@@ -1,0 +1,108 @@
+"""ccomm.exitguard: at exit, wait until no gloo worker thread is runnable (so none frees a
+tensor, which takes the GIL, while Python finalizes)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from ccomm import exitguard
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_waits_for_consecutive_parked_samples(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A worker runnable in between restarts the count: only PARKED_SAMPLES quiet ones in a row end the wait.
+    seq = iter([0, 1, 0, 0, 2] + [0] * exitguard.PARKED_SAMPLES)
+    seen: list[int] = []
+
+    def fake(_since: object = None) -> int:
+        seen.append(1)
+        return next(seq)
+
+    monkeypatch.setattr(exitguard, "_runnable_workers", fake)
+    assert exitguard.wait_gloo_workers_parked(timeout_s=10.0)
+    assert len(seen) == 5 + exitguard.PARKED_SAMPLES
+
+
+def test_gives_up_after_the_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(exitguard, "_runnable_workers", lambda _s=None: 1)
+    assert not exitguard.wait_gloo_workers_parked(timeout_s=0.02)
+
+
+def test_without_proc_it_returns_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(exitguard, "_TASKS", "/nonexistent/task")
+    assert exitguard.wait_gloo_workers_parked(timeout_s=0.0)
+
+
+def test_install_registers_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[object] = []
+    monkeypatch.setattr(exitguard, "_installed", False)
+    monkeypatch.setattr(exitguard.atexit, "register", lambda fn: calls.append(fn))
+    exitguard.install_exit_guard()
+    exitguard.install_exit_guard()
+    assert calls == [exitguard._at_exit]
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="needs Linux /proc")
+def test_sees_idle_gloo_workers_as_parked() -> None:
+    # A one-rank gloo group after a collective: its two pt_gloo_runloop threads are found
+    # (by name) and are parked, so the wait ends within a few samples.
+    code = textwrap.dedent("""
+        import os, time, torch, torch.distributed as dist
+        from ccomm import exitguard
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        dist.all_reduce(torch.ones(4))
+        names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+        assert names.count("pt_gloo_runloop") >= 1, names
+        t0 = time.monotonic()
+        assert exitguard.wait_gloo_workers_parked(timeout_s=10.0)
+        print("waited", time.monotonic() - t0)
+        dist.destroy_process_group()
+    """)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert float(out.stdout.split("waited")[1]) < 5.0
+
+
+def test_waits_for_open_completing_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A helper thread's set_result may still be retaking the GIL: the guard waits for the block to close.
+    import threading
+    import time
+
+    monkeypatch.setattr(exitguard, "_runnable_workers", lambda _s=None: 0)
+    inside, release = threading.Event(), threading.Event()
+
+    def helper() -> None:
+        with exitguard.completing():
+            inside.set()
+            release.wait(10.0)
+
+    t = threading.Thread(target=helper)
+    t.start()
+    inside.wait(10.0)
+    assert not exitguard.wait_gloo_workers_parked(timeout_s=0.05)
+    threading.Timer(0.05, release.set).start()
+    t0 = time.monotonic()
+    assert exitguard.wait_gloo_workers_parked(timeout_s=10.0)
+    assert time.monotonic() - t0 >= 0.04
+    t.join()
+
+
+def test_a_long_timed_wait_is_let_be(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A worker in a timed wait counts (it may be waiting for the GIL) until it has stayed
+    # there LONG_WAIT_S: then it is blocked on a transfer, and the guard stops waiting for it.
+    import time
+
+    monkeypatch.setattr(exitguard.os, "listdir", lambda _p: ["7"])
+    monkeypatch.setattr(exitguard, "_worker_state", lambda _t: "timed")
+    t0 = time.monotonic()
+    assert exitguard.wait_gloo_workers_parked(timeout_s=10.0)
+    assert exitguard.LONG_WAIT_S <= time.monotonic() - t0 < 5.0
+    monkeypatch.setattr(exitguard, "_worker_state", lambda _t: "busy")
+    assert not exitguard.wait_gloo_workers_parked(timeout_s=0.1)
