@@ -38,6 +38,7 @@ from typing import Any, Mapping, Sequence
 from ccomm.ranks import run_ranks
 from ccomm.validate import check_int, check_number
 
+from ..config import VALUE_FORMATS as _VALUE_FORMATS
 from .vclock import replay
 
 __all__ = ["REL_TOL", "LATE_TIME_MAX", "BACKEND_TRANSPORT", "RealRunSpec", "RealResult", "run_real", "run_rank",
@@ -68,8 +69,9 @@ class RealRunSpec:
     #: DecoConfig fields (codec, ratio, staleness, ...); `mode` is set from `adaptive`.
     deco: Mapping[str, Any] = field(default_factory=dict)
     adaptive: bool = False
-    #: (step, ratio, staleness) decisions replayed in static mode, each from its step on.
-    decisions: tuple[tuple[int, float, int], ...] = ()
+    #: (step, ratio, staleness[, values]) decisions replayed in static mode, each from its step
+    #: on; values (fp32, fp16, bf16, q8, q4) None or absent: the format in force stays.
+    decisions: tuple[tuple[int, float, int, str | None], ...] = ()
     task: str = "mnist"
     task_config: Mapping[str, Any] = field(default_factory=dict)
     n: int = 4
@@ -95,9 +97,13 @@ class RealRunSpec:
         object.__setattr__(self, "task_config", dict(self.task_config))
         decs = []
         for d in self.decisions:
-            if len(d) != 3:
-                raise ValueError(f"decisions: each entry must be [step, ratio, staleness], got {d!r}")
-            decs.append((int(d[0]), float(d[1]), int(d[2])))
+            if len(d) not in (3, 4):
+                raise ValueError(f"decisions: each entry must be [step, ratio, staleness] or [step, ratio, "
+                                 f"staleness, values], got {d!r}")
+            values = None if len(d) == 3 or d[3] is None else str(d[3])
+            if values is not None and values not in _VALUE_FORMATS:
+                raise ValueError(f"decisions: values must be one of {list(_VALUE_FORMATS)}, got {values!r}")
+            decs.append((int(d[0]), float(d[1]), int(d[2]), values))
         if [d[0] for d in decs] != sorted({d[0] for d in decs}):
             raise ValueError(f"decisions: steps must be distinct and increasing, got {[d[0] for d in decs]}")
         if decs and self.adaptive:
@@ -129,7 +135,7 @@ class RealRunSpec:
         start = source.deco_config()
         deco = {**self.deco, "ratio": start.ratio, "staleness": start.staleness}
         return dataclasses.replace(self, deco=deco, decisions=tuple(
-            (int(d["step"]), float(d["ratio"]), int(d["staleness"])) for d in log))
+            (int(d["step"]), float(d["ratio"]), int(d["staleness"]), d.get("values")) for d in log))
 
     def link(self) -> Any:
         from netsim import Link, Trace
@@ -269,7 +275,7 @@ def train_rank(rank: int, world: int, spec: RealRunSpec, *, group: Any, control_
     cfg = spec.deco_config()
     clock = WallClock()
     clock.bias_s  # calibrate before the timed region
-    replay = {s: (r, t) for s, r, t in spec.decisions}
+    replay = {s: (r, t, v) for s, r, t, v in spec.decisions}
     steps: list[dict[str, Any]] = []
     losses: list[float] = []
     state = _recording_state(cfg, model, group=group, control_group=control_group)
@@ -282,7 +288,7 @@ def train_rank(rank: int, world: int, spec: RealRunSpec, *, group: Any, control_
     load = [os.getloadavg()[0]]
     for s in range(spec.steps):
         if s in replay:
-            state.schedule(replay[s][0], replay[s][1], s, reason="replay")
+            state.schedule(replay[s][0], replay[s][1], s, reason="replay", values=replay[s][2])
         state.rec_units, state.rec_waited = [], []
         start = time.monotonic()
         loss = task.loss(model, next(batches))
@@ -304,7 +310,8 @@ def train_rank(rank: int, world: int, spec: RealRunSpec, *, group: Any, control_
     load.append(os.getloadavg()[0])
     opt.close()  # flush and release the control group: collective, untimed
     return {"rank": rank, "t0_emu": emu_t0, "t0": t0, "t_end": t_end, "loadavg": load, "steps": steps, "losses": losses,
-            "decisions": [{k: d[k] for k in ("step", "ratio", "staleness", "reason")} for d in state.decisions],
+            "decisions": [{k: d[k] for k in ("step", "ratio", "staleness", "values", "reason")}
+                          for d in state.decisions],
             "final_metric": task.evaluate(model) if rank == 0 else None}
 
 

@@ -72,21 +72,22 @@ def specs_from_config(cfg: Mapping[str, Any]) -> list[tuple[RealRunSpec, str | N
     return out
 
 
-def replayed_decisions(results: Mapping[str, Any], steps: int) -> tuple[tuple[int, float, int], ...]:
-    """DeCo-SGD's switches (step, ratio, staleness) before `steps` from a virtual results.json."""
+def replayed_decisions(results: Mapping[str, Any], steps: int) -> tuple[tuple[int, float, int, str | None], ...]:
+    """DeCo-SGD's switches (step, ratio, staleness, values) before `steps` from a virtual
+    results.json (values None where the log has none)."""
     decs = results.get("methods", {}).get("deco", {}).get("decisions")
     if decs is None:
         raise ValueError("results: no methods.deco.decisions (run `deco-sgd bench` with the deco method)")
-    out: dict[int, tuple[int, float, int]] = {}
+    out: dict[int, tuple[int, float, int, str | None]] = {}
     for d in decs:
         if d.get("changed") and int(d["step"]) < steps:
-            out[int(d["step"])] = (int(d["step"]), float(d["ratio"]), int(d["staleness"]))
+            out[int(d["step"])] = (int(d["step"]), float(d["ratio"]), int(d["staleness"]), d.get("values"))
     return tuple(out[k] for k in sorted(out))
 
 
 def specs_from_bench(cfg: Any, *, workers: int | None = None, steps: int | None = None,
                      grid_point: tuple[float, int] | None = None,
-                     decisions: Sequence[tuple[int, float, int]] | None = None,
+                     decisions: Sequence[tuple[int, float, int, str | None]] | None = None,
                      seed: int = 0, timeout_s: float = 900.0) -> list[RealRunSpec]:
     """The clock-validation runs of a `deco_sgd.bench.config.BenchConfig` (see the module docstring)."""
     net = cfg.network

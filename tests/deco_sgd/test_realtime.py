@@ -59,7 +59,11 @@ def test_specs_from_config() -> None:
                                             "deco": {"codec": "topk", "decisions": [[3, 0.01, 1]]}}}
     (a, _), (b, _) = specs_from_config(cfg)
     assert (a.name, a.steps, a.n, a.deco) == ("dsgd", 12, 2, {"ratio": 1.0})
-    assert b.decisions == ((3, 0.01, 1),) and not b.adaptive
+    assert b.decisions == ((3, 0.01, 1, None),) and not b.adaptive
+    # A fourth item names the value format the replayed switch runs with.
+    assert RealRunSpec(name="q", decisions=((3, 0.01, 1, "q8"),)).decisions == ((3, 0.01, 1, "q8"),)
+    with pytest.raises(ValueError, match="values must be one of"):
+        RealRunSpec(name="q", decisions=((3, 0.01, 1, "q3"),))
     with pytest.raises(ValueError, match="unknown key"):
         specs_from_config({"stepz": 3, "methods": {"a": {}}})
     (_, none), (rep, src) = specs_from_config({"methods": {"ad": {"adaptive": True}, "re": {"replay": "ad"}}})
@@ -67,8 +71,8 @@ def test_specs_from_config() -> None:
     # The replay starts where the adaptive run started (its log holds switches only).
     (ad, _), (re_, _) = specs_from_config({"methods": {"ad": {"adaptive": True, "ratio": 0.05, "staleness": 1},
                                                        "re": {"ratio": 1.0, "replay": "ad"}}})
-    played = re_.replaying(ad, [{"step": 8, "ratio": 0.01, "staleness": 2}])
-    assert (played.deco["ratio"], played.deco["staleness"], played.decisions) == (0.05, 1, ((8, 0.01, 2),))
+    played = re_.replaying(ad, [{"step": 8, "ratio": 0.01, "staleness": 2, "values": "q4"}])
+    assert (played.deco["ratio"], played.deco["staleness"], played.decisions) == (0.05, 1, ((8, 0.01, 2, "q4"),))
     assert played.deco_config().mode == "static"
     with pytest.raises(ValueError, match="replay"):
         specs_from_config({"methods": {"re": {"replay": "ad"}, "ad": {"adaptive": True}}})
@@ -83,10 +87,10 @@ def test_specs_from_bench_scenario() -> None:
                             "methods": {"grid_ratios": [0.01], "grid_taus": [2]}, "deco": {"warmup_steps": 5}})
     results = {"methods": {"deco": {"decisions": [
         {"step": 5, "ratio": 1.0, "staleness": 0, "changed": False},
-        {"step": 10, "ratio": 0.01, "staleness": 1, "changed": True},
+        {"step": 10, "ratio": 0.01, "staleness": 1, "values": "q8", "changed": True},
         {"step": 200, "ratio": 0.001, "staleness": 2, "changed": True}]}}}
     decs = replayed_decisions(results, 100)
-    assert decs == ((10, 0.01, 1),)
+    assert decs == ((10, 0.01, 1, "q8"),)  # the value format is replayed too
     specs = specs_from_bench(cfg, workers=4, decisions=decs)
     assert [s.name for s in specs] == ["dsgd", "static_d0.01_t2", "cocktail", "deco_replayed"]
     s = specs[1]
