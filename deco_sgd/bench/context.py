@@ -28,8 +28,8 @@ class RankContext:
     cfg: BenchConfig
     task: Any
     progress: Callable[[int], None] = lambda k: None
-    #: seed -> (ratio, staleness) of DeCo's first decision, for static_apriori.
-    apriori: dict[int, tuple[float, int]] = field(default_factory=dict)
+    #: seed -> (ratio, staleness, value format) of DeCo's first decision, for static_apriori.
+    apriori: dict[int, tuple[float, int, str]] = field(default_factory=dict)
 
 
 def make_sgd(ctx: RankContext, model: torch.nn.Module) -> torch.optim.Optimizer:

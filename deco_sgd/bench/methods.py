@@ -16,6 +16,7 @@ from typing import Any, Sequence
 from ccomm.comm.auto import set_measured
 
 from ..adaptive import AdaptiveDriver
+from ..config import QUANT_BITS, DecoConfig
 from ..errors import NonFiniteGradientError
 from ..optim import DecoOptimizer
 from ..state import DecoState
@@ -25,7 +26,7 @@ from .plan import RunSpec
 from .vclock import LinkTimeline, StepClock
 from .vdriver import VirtualAccountant
 
-__all__ = ["run_method", "grid_prediction"]
+__all__ = ["run_method", "apriori_fields", "grid_prediction"]
 
 
 def run_method(ctx: RankContext, spec: RunSpec) -> dict[str, Any]:
@@ -41,8 +42,7 @@ def _run_deco(ctx: RankContext, spec: RunSpec) -> dict[str, Any]:
     cfg, t = ctx.cfg, ctx.cfg.train
     fields = dict(spec.deco)
     if spec.kind == "static_apriori":
-        ratio, tau = ctx.apriori.get(spec.seed, (1.0, 0))
-        fields.update(ratio=ratio, staleness=tau)
+        fields.update(apriori_fields(cfg.deco_config(seed=spec.seed), *ctx.apriori.get(spec.seed, (1.0, 0, "fp32"))))
     if fields.get("mode") == "static":
         # tau_max bounds the controller's search only; a static point may lie beyond it.
         fields["tau_max"] = max(int(cfg.deco.get("tau_max", 16)), int(fields.get("staleness", 0)))
@@ -105,12 +105,31 @@ def _run_deco(ctx: RankContext, spec: RunSpec) -> dict[str, Any]:
         r_est = driver.grad.r
         prediction = grid_prediction(driver, [(1.0, 0)] + list(cfg.methods.grid))
     params = {"ratio": dcfg.ratio, "staleness": dcfg.staleness, "codec": dcfg.codec, "mode": dcfg.mode}
+    if spec.kind == "static_apriori":
+        # The point it froze, as DeCo-SGD chose it (a quantized format runs as a chain of ratio 1).
+        ratio, tau, values = ctx.apriori.get(spec.seed, (1.0, 0, "fp32"))
+        params.update(ratio=ratio, values=values)
     if diverged is None:
         dopt.close()
     else:
         _abandon(dopt)
     return run_record(spec, curve, clock, tl, wall, params, acct.steps_log, decisions=decisions, r_est=r_est,
                       diverged_at_step=diverged, prediction=prediction)
+
+
+def apriori_fields(adaptive: DecoConfig, ratio: float, staleness: int, values: str) -> dict[str, Any]:
+    """Static DecoConfig fields that freeze DeCo-SGD's point (δ, τ, value format).
+
+    A quantized format becomes the static chain DeCo-SGD's own codec builds at that point
+    (`DecoConfig.make_codec(ratio, values)`: top-k, then b-bit values; a chain carries its
+    ratio, so `ratio` is 1); fp16/bf16 become the wire dtype.
+    """
+    fields: dict[str, Any] = {"ratio": ratio, "staleness": staleness}
+    if values in QUANT_BITS and ratio < 1.0:
+        fields.update(codec=adaptive.make_codec(ratio, values).spec, ratio=1.0)
+    elif values != "fp32":
+        fields["value_dtype"] = values
+    return fields
 
 
 def grid_prediction(driver: AdaptiveDriver, points: Sequence[tuple[float, int]]) -> dict[str, Any]:

@@ -68,9 +68,9 @@ def build_plan(cfg: BenchConfig) -> list[RunSpec]:
     return plan
 
 
-def first_decision(decisions: Sequence[dict[str, Any]]) -> tuple[float, int]:
-    """DeCo's choice at the end of warm-up: the point in force after its first evaluated decision."""
+def first_decision(decisions: Sequence[dict[str, Any]]) -> tuple[float, int, str]:
+    """DeCo's first choice: the (δ, τ, value format) in force after its first evaluated decision."""
     for d in decisions:
         if d["reason"].split(":")[1] in ("switch", "optimal", "hysteresis", "fallback"):
-            return float(d["ratio"]), int(d["staleness"])
-    return 1.0, 0
+            return float(d["ratio"]), int(d["staleness"]), str(d.get("values") or "fp32")
+    return 1.0, 0, "fp32"

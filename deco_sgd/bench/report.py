@@ -375,7 +375,7 @@ def render_report(res: dict[str, Any], plots: bool, command: str | None = None) 
         if "static_apriori" in meth:
             p = meth["static_apriori"]["params"]
             lines += ["", f"static_apriori froze DeCo-SGD's first decision: ratio {p['ratio']:g}, "
-                          f"staleness {p['staleness']}."]
+                          f"staleness {p['staleness']}, values {p.get('values', 'fp32')}."]
     rc = res.get("rank_correlation")
     if rc:
         lines += ["", "## Predicted vs measured ranking (issue 14)", "",

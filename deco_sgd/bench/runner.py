@@ -87,7 +87,7 @@ def _record_path(cache: Path, cfg: BenchConfig, spec: RunSpec) -> Path:
 
 
 def _worker(rank: int, world: int, cfg: BenchConfig, todo: list[RunSpec], paths: list[str],
-            apriori: dict[int, tuple[float, int]], progress: bool) -> None:
+            apriori: dict[int, tuple[float, int, str]], progress: bool) -> None:
     """One rank's share of the plan, run by `ccomm.ranks.run_ranks` (which owns the gloo group)."""
     from .context import RankContext
     from .methods import run_method
@@ -120,7 +120,7 @@ def _worker(rank: int, world: int, cfg: BenchConfig, todo: list[RunSpec], paths:
         bar.close()
 
 
-def _spawn(cfg: BenchConfig, todo: list[RunSpec], paths: list[Path], apriori: dict[int, tuple[float, int]],
+def _spawn(cfg: BenchConfig, todo: list[RunSpec], paths: list[Path], apriori: dict[int, tuple[float, int, str]],
            progress: bool) -> None:
     t = cfg.train.timeout_s
     try:
@@ -168,7 +168,7 @@ def run_bench(cfg: BenchConfig, out_dir: str | Path, *, cache_dir: str | Path | 
     plan = build_plan(cfg)
     paths = [_record_path(cache, cfg, s) for s in plan]
     todo = [(s, p) for s, p in zip(plan, paths) if not p.exists()]
-    apriori: dict[int, tuple[float, int]] = {}
+    apriori: dict[int, tuple[float, int, str]] = {}
     for s, p in zip(plan, paths):
         if s.kind == "deco" and p.exists():
             apriori[s.seed] = first_decision(json.loads(p.read_text())["decisions"])

@@ -140,7 +140,27 @@ def test_apply_quick_is_a_deprecated_alias() -> None:
 
 def test_first_decision_skips_holds() -> None:
     log = [{"reason": "initial:unknown_latency", "ratio": 1.0, "staleness": 0},
-           {"reason": "initial:switch", "ratio": 0.01, "staleness": 4},
+           {"reason": "initial:switch", "ratio": 0.01, "staleness": 4, "values": "q8"},
            {"reason": "period:switch", "ratio": 0.1, "staleness": 1}]
-    assert first_decision(log) == (0.01, 4)
-    assert first_decision(log[:1]) == (1.0, 0)
+    assert first_decision(log) == (0.01, 4, "q8")  # the value format is part of the choice
+    assert first_decision(log[:1]) == (1.0, 0, "fp32")
+
+
+@pytest.mark.parametrize("values", ["fp32", "fp16", "q8", "q4"])
+def test_static_apriori_freezes_the_value_format_too(values: str) -> None:
+    # static_apriori must run the point DeCo-SGD chose, bytes included: a quantized format
+    # becomes the static chain DeCo-SGD's own codec builds, with the same payload size.
+    import torch
+
+    from deco_sgd.bench.methods import apriori_fields
+    from deco_sgd.config import DecoConfig
+    from deco_sgd.controller import Controller
+
+    adaptive = DecoConfig()
+    static = DecoConfig(mode="static", **apriori_fields(adaptive, 0.02, 1, values))
+    assert static.staleness == 1
+    numels = (784 * 256, 256, 2570)
+    ctl = Controller(adaptive, 4, numels)
+    wire = {"fp16": torch.float16}.get(values, torch.float32)
+    sent = sum(static.make_codec().nbytes(torch.Size([d]), wire) for d in numels) + 1  # + validity byte
+    assert sent == ctl.payload(0.02, values)[1]
