@@ -320,7 +320,6 @@ class AdaptiveDriver:
         if self._t_last is not None:
             self.comp.update(now - self._t_last, blocked)
         self._t_last = now
-        n = self.state.world_size
         for e in applied:
             for u in e.units:
                 times = self.clock.unit_times(u)

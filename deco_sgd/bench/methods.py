@@ -107,7 +107,7 @@ def _run_deco(ctx: RankContext, spec: RunSpec) -> dict[str, Any]:
     params = {"ratio": dcfg.ratio, "staleness": dcfg.staleness, "codec": dcfg.codec, "mode": dcfg.mode}
     if spec.kind == "static_apriori":
         # The point it froze, as DeCo-SGD chose it (a quantized format runs as a chain of ratio 1).
-        ratio, tau, values = ctx.apriori.get(spec.seed, (1.0, 0, "fp32"))
+        ratio, _tau, values = ctx.apriori.get(spec.seed, (1.0, 0, "fp32"))
         params.update(ratio=ratio, values=values)
     if diverged is None:
         dopt.close()
