@@ -232,4 +232,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # The worker's results are written and its group destroyed: nothing is left that needs
+    # the interpreter's finalization, and skipping it closes the exit race in which one of
+    # gloo's worker threads, freeing a Work while Python finalizes, aborts the process
+    # ("terminate called without an active exception", seen on a loaded host in CI's timing
+    # run even with `ccomm.exitguard`). Streams are flushed first: os._exit does not.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
