@@ -62,8 +62,9 @@ import numpy as np
 
 from .config import QUANT_BITS
 
-__all__ = ["ConvergenceInputs", "DRIFT_BLOCKS", "DRIFT_Z", "drift_blocks", "format_error", "ratio_bounds", "measured_format_error", "predicted_gap", "slowdown",
-           "STALENESS_SLOPE", "stability_limit", "shown_drift", "step_curvature"]
+__all__ = ["ConvergenceInputs", "DRIFT_BLOCKS", "DRIFT_Z", "drift_blocks", "format_error", "measured_format_error",
+           "predicted_gap", "ratio_bounds", "slowdown", "STALENESS_SLOPE", "stability_limit", "shown_drift",
+           "step_curvature"]
 
 #: Steps of slowdown per step of staleness, per unit of drift ρ.
 STALENESS_SLOPE = 0.25
@@ -250,6 +251,7 @@ def slowdown(c: ConvergenceInputs, delta: float, tau: int, values: str, *, drift
     # The cost side takes the upper confidence bound of the drift (module docstring).
     hi = c.drift_hi
     if drift is not None and hi is not None and math.isfinite(hi) and hi > drift:
+        # Capped at 2: step_curvature returns a drift read at τ = 0 as it is.
         a = max(a, min(2.0, step_curvature(hi, c.drift_staleness)))
     phi = 1.0 if c.signal is None else c.signal
     return (1.0 + tau * a * STALENESS_SLOPE) * (1.0 + phi * gap * a * STALENESS_SLOPE)

@@ -41,8 +41,10 @@ def run_method(ctx: RankContext, spec: RunSpec) -> dict[str, Any]:
 def _run_deco(ctx: RankContext, spec: RunSpec) -> dict[str, Any]:
     cfg, t = ctx.cfg, ctx.cfg.train
     fields = dict(spec.deco)
-    if spec.kind == "static_apriori":
-        fields.update(apriori_fields(cfg.deco_config(seed=spec.seed), *ctx.apriori.get(spec.seed, (1.0, 0, "fp32"))))
+    # static_apriori: DeCo-SGD's first (δ, τ, value format) of this seed, frozen.
+    apriori = ctx.apriori.get(spec.seed, (1.0, 0, "fp32")) if spec.kind == "static_apriori" else None
+    if apriori is not None:
+        fields.update(apriori_fields(cfg.deco_config(seed=spec.seed), *apriori))
     if fields.get("mode") == "static":
         # tau_max bounds the controller's search only; a static point may lie beyond it.
         fields["tau_max"] = max(int(cfg.deco.get("tau_max", 16)), int(fields.get("staleness", 0)))
@@ -105,10 +107,9 @@ def _run_deco(ctx: RankContext, spec: RunSpec) -> dict[str, Any]:
         r_est = driver.grad.r
         prediction = grid_prediction(driver, [(1.0, 0)] + list(cfg.methods.grid))
     params = {"ratio": dcfg.ratio, "staleness": dcfg.staleness, "codec": dcfg.codec, "mode": dcfg.mode}
-    if spec.kind == "static_apriori":
+    if apriori is not None:
         # The point it froze, as DeCo-SGD chose it (a quantized format runs as a chain of ratio 1).
-        ratio, _tau, values = ctx.apriori.get(spec.seed, (1.0, 0, "fp32"))
-        params.update(ratio=ratio, values=values)
+        params.update(ratio=apriori[0], values=apriori[2])
     if diverged is None:
         dopt.close()
     else:

@@ -33,7 +33,7 @@ import sys
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
-from deco_sgd.config import DecoConfig
+from ..config import DecoConfig
 from .realtime import REL_TOL, RealResult, RealRunSpec, run_real, validate
 
 __all__ = ["specs_from_config", "specs_from_bench", "replayed_decisions", "main"]
