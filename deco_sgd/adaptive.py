@@ -21,10 +21,11 @@ What the SUM vector carries (issue 14; `deco_sgd.convergence` uses it):
 1. the loss the caller reported (`record_loss`) summed over the period's steps, and its count;
 2. the raw gradient on S = `sigma_coords` coordinates every rank draws from a shared seed,
    at the period's last two steps (the coordinates are fixed within a period), their local
-   squared norms, and this rank's error-feedback residual on the same coordinates. Summed
-   over ranks they give ḡ_S at two consecutive steps (drift ρ, noise-corrected with the
-   between-rank variance σ², hence a current r = σ²/G², and the signal fraction φ of ‖ḡ‖²)
-   and the mean residual ē_S (gap D); and per coordinate the rank's g_t² + g_prev², whose
+   squared norms, and this rank's error-feedback residual on the same coordinates after the
+   first of the two steps. Summed over ranks they give ḡ_S at two consecutive steps (drift ρ,
+   noise-corrected with the between-rank variance σ², hence a current r = σ²/G², and the
+   signal fraction φ of ‖ḡ‖²) and the mean residual ē_S, whose projection on the later ḡ_S
+   is the held-back signal D (`convergence.held_back_signal`); and per coordinate the rank's g_t² + g_prev², whose
    sum gives the per-coordinate variance behind the drift's confidence bounds
    (`convergence.drift_blocks`, `convergence.ratio_bounds`);
 3. q(δ) for every δ < 1 of the grid: the (1 − δ)-quantile of |g| on `profile_coords` local
@@ -51,7 +52,7 @@ import torch
 import torch.distributed as dist
 
 from .controller import Controller, Decision, Measurements
-from .convergence import ConvergenceInputs, drift_blocks, ratio_bounds, step_curvature
+from .convergence import ConvergenceInputs, drift_blocks, held_back_signal, ratio_bounds, step_curvature
 from .errors import DecoCommError, DecoDesyncError
 from ccomm import make_codec
 from ccomm.comm.auto import set_measured
@@ -155,7 +156,7 @@ class _Sampler:
     """The shared-coordinate sample of one period and this rank's energy profile."""
 
     __slots__ = ("names", "offsets", "numels", "d", "s", "seed", "period", "where", "g_t", "g_prev", "e_t",
-                 "have_t", "have_prev", "step_of_t", "prof_idx", "prof", "grid", "quant")
+                 "e_prev", "have_t", "have_prev", "step_of_t", "prof_idx", "prof", "grid", "quant")
 
     def __init__(self, state: "DecoState") -> None:
         cfg = state.config
@@ -170,6 +171,7 @@ class _Sampler:
         self.g_t = torch.zeros(self.s, dtype=torch.float64)
         self.g_prev = torch.zeros(self.s, dtype=torch.float64)
         self.e_t = torch.zeros(self.s, dtype=torch.float64)
+        self.e_prev = torch.zeros(self.s, dtype=torch.float64)
         self.have_t = self.have_prev = False
         self.step_of_t = -1
         self.grid = sorted(d for d in cfg.ratio_grid if d < 1.0)
@@ -198,6 +200,7 @@ class _Sampler:
         if step != self.step_of_t:
             if self.have_t and step == self.step_of_t + 1:
                 self.g_prev, self.have_prev = self.g_t.clone(), True
+                self.e_prev = self.e_t.clone()
             else:
                 self.have_prev = False
             self.g_t.zero_()
@@ -277,6 +280,11 @@ class AdaptiveDriver:
         self.conv: dict[str, Any] = {"drift2": None, "signal2": None, "gbar2": None, "gap_num": None,
                                      "gap_den": None, "drift2_b": None, "signal2_b": None}
         self.gap_point: tuple[float, str] | None = None
+        #: Step the gap's point came into force (its residual builds up from there).
+        self.gap_start = 0
+        #: The gap read at each point run so far, (δ, v) -> D (`_gap`;
+        #: `convergence.predicted_gap` combines them with the current one).
+        self.gaps: dict[tuple[float, str], float] = {}
         #: The staleness the drift EMAs were measured under; when τ changes they restart
         #: (a delay changes the drift a direction shows). The step curvature read at the old
         #: τ (`curvature_prev`) stands in until the new τ has a sample, and bounds it from below
@@ -393,7 +401,7 @@ class AdaptiveDriver:
         # variance, from which the drift's confidence bounds come (convergence.drift_blocks).
         sq = sp.g_t * sp.g_t + sp.g_prev * sp.g_prev if pair else z
         # float32 on the wire: 4·S + 7 + 3·|grid \ {1}| values, 32.9 KB per period at S = 2048.
-        sm = torch.cat([head, quant, sp.g_t if pair else z, sp.g_prev if pair else z, sp.e_t if pair else z,
+        sm = torch.cat([head, quant, sp.g_t if pair else z, sp.g_prev if pair else z, sp.e_prev if pair else z,
                         sq]).float()
         self._loss_sum, self._loss_n = 0.0, 0
         # Only futures are kept: a Work object still alive when the user destroys the
@@ -414,7 +422,7 @@ class AdaptiveDriver:
         a = self.state.config.ema_grad
         self.conv[key] = x if old is None else old + a * (x - old)
 
-    def _absorb(self, sm: torch.Tensor, point: tuple[float, str, int]) -> None:
+    def _absorb(self, sm: torch.Tensor, point: tuple[float, str, int], step: int) -> None:
         """Update the convergence inputs from a reduced SUM vector (identical on every rank)."""
         sm = sm.double()
         n = self.state.world_size
@@ -457,17 +465,34 @@ class AdaptiveDriver:
             num, den = drift_blocks(gt.numpy(), gp.numpy(), sq.numpy(), n)
             self._ema_blocks("drift2_b", num)
             self._ema_blocks("signal2_b", den)
-        if point[0] < 1.0 and gbar_sq > 0:
+        if point[0] < 1.0 and signal2 > 0:
             if self.gap_point != point[:2]:  # a new point: its gap starts afresh
                 self.conv["gap_num"] = self.conv["gap_den"] = None
                 self.gap_point = (point[0], point[1])
-            self._ema("gap_num", math.sqrt(float(eb @ eb)))
-            self._ema("gap_den", math.sqrt(float(gt @ gt)))
+                self.gap_start = step
+            # The held-back signal: ē_{t−1} projected on ḡ_t (`convergence.held_back_signal`).
+            num, den = held_back_signal(eb.numpy(), gt.numpy(), signal2)
+            self._ema("gap_num", num)
+            self._ema("gap_den", den)
 
     def _ema_blocks(self, key: str, x: np.ndarray) -> None:
         old = self.conv.get(key)
         a = self.state.config.ema_grad
         self.conv[key] = [float(v) for v in (x if old is None else np.asarray(old) + a * (x - np.asarray(old)))]
+
+    def _gap(self) -> float | None:
+        """The held-back signal D read at `gap_point`, kept in `gaps`.
+
+        A residual needs about 1/δ steps to build up at a new point (and a larger δ first
+        flushes it), so until then a reading is low: a lower bound that only raises what is
+        kept for that point. Once settled, the reading replaces it."""
+        c, gp = self.conv, self.gap_point
+        if c["gap_num"] is None or not c["gap_den"] or c["gap_den"] <= 0 or gp is None:
+            return None
+        gap = max(0.0, c["gap_num"] / c["gap_den"])
+        if self.state.step - self.gap_start >= math.ceil(1.0 / gp[0]) or gap > self.gaps.get(gp, -1.0):
+            self.gaps[gp] = gap
+        return gap
 
     def _drift_bounds(self) -> tuple[float, float] | None:
         """(low, high) of ρ at `drift_tau` from the block EMAs (`convergence.ratio_bounds`)."""
@@ -517,9 +542,7 @@ class AdaptiveDriver:
                     hi = max(curv, step_curvature(hi, drift_tau))
                     lo = min(curv, step_curvature(lo, drift_tau))
                 drift, drift_tau = curv, 0
-        gap = None
-        if c["gap_num"] is not None and c["gap_den"]:
-            gap = c["gap_num"] / c["gap_den"]
+        gap = self._gap()
         signal = None
         if c["signal2"] is not None and c.get("gbar2"):
             signal = min(1.0, max(0.0, c["signal2"] / c["gbar2"]))
@@ -531,7 +554,7 @@ class AdaptiveDriver:
             latency_allgather=None if mx[_LAT_AG] == _UNKNOWN else float(mx[_LAT_AG]),
 r=self.grad.r, loss=loss,
             conv=ConvergenceInputs(drift, gap, None if gp is None else gp[0], "fp32" if gp is None else gp[1],
-                                   self.quantiles, signal, self.quant_errors, drift_tau, lo, hi))
+                                   self.quantiles, signal, self.quant_errors, drift_tau, lo, hi, dict(self.gaps)))
 
     def _complete(self, step: int) -> None:
         if self._inflight is None:
@@ -549,7 +572,7 @@ r=self.grad.r, loss=loss,
                 f"step {launched_at}: ranks run different (ratio, staleness) points (codes {-float(mx[_NEG_CODE])} "
                 f"to {float(mx[_CODE])})")
         st = self.state
-        self._absorb(sm, point)
+        self._absorb(sm, point, launched_at)
         loss = float(sm[_LOSS].double() / sm[_LOSS_N].double()) if sm[_LOSS_N] > 0 else None
         m = self.measurements(mx, loss)
         link = m.link(st.world_size)
@@ -611,6 +634,7 @@ r=self.grad.r, loss=loss,
         """The measured convergence inputs (issue 14), kept apart from the estimators
         (docs/design/deco_sgd.md#estimators)."""
         return {"conv": dict(self.conv), "gap_point": None if self.gap_point is None else list(self.gap_point),
+                "gap_start": self.gap_start, "gaps": [[d, v, g] for (d, v), g in self.gaps.items()],
                 "drift_tau": self.drift_tau, "curvature_prev": self.curvature_prev,
                 "drift_samples": self.drift_samples,
                 "quantiles": None if self.quantiles is None else [[k, v] for k, v in self.quantiles.items()],
@@ -627,6 +651,8 @@ r=self.grad.r, loss=loss,
             self.conv = dict(c["conv"])
             self.gap_point = None if c["gap_point"] is None else (float(c["gap_point"][0]), str(c["gap_point"][1]))
             self.drift_tau, self.curvature_prev = c.get("drift_tau"), c.get("curvature_prev")
+            self.gap_start = int(c.get("gap_start", 0))
+            self.gaps = {(float(d), str(v)): float(g) for d, v, g in c.get("gaps", ())}
             self.drift_samples = int(c.get("drift_samples", 0))
             self.quantiles = None if c["quantiles"] is None else {float(k): float(v) for k, v in c["quantiles"]}
             self._loss_sum, self._loss_n = float(c["loss"][0]), int(c["loss"][1])

@@ -92,6 +92,7 @@ __all__ = [
     "FitResult",
     "TIE_RTOL",
     "TIMEOUT_FACTOR",
+    "CONVERGENCE_TRIGGERS",
 ]
 
 logger = logging.getLogger(__name__)
@@ -106,6 +107,12 @@ SLOW_BAN_PERIODS = 10
 #: Triggers that may end an open trial early: the network moved, so the point on trial may
 #: have become slow to run; waiting for the verdict would keep it for a whole window.
 NETWORK_TRIGGERS = ("bandwidth_change", "latency_change")
+#: Triggers with no network change behind them: what could make a switch pay is the
+#: convergence side alone, whose gap at another δ is the reading at the δ in force moved by
+#: the energy profile. That extrapolation is trusted one grid step away, not across decades
+#: (seen on the quick high-latency run: 0.02 → 0.2 rose, 0.2 → 0.001 stalled), so these
+#: decisions move δ by at most one grid value, as staleness is explored one level at a time.
+CONVERGENCE_TRIGGERS = ("period", "explore")
 # Measured latency key per exchange pattern.
 _LAT_KEY = {"allreduce_dense": "allreduce", "allreduce_sparse": "allreduce", "allgather": "allgather"}
 
@@ -187,7 +194,7 @@ class Decision:
     ratio: float
     staleness: int
     changed: bool
-    trigger: str  # warmup | static | none | initial | period | bandwidth_change | latency_change | monitor
+    trigger: str  # warmup | static | none | initial | explore | period | bandwidth_change | latency_change | monitor
     outcome: str  # hold | optimal | switch | hysteresis | dwell | trial | no_reference | backoff_slow | backoff_rise | unknown_* | fallback
     bandwidth: float | None
     latency: float | None
@@ -261,6 +268,11 @@ class Controller:
         self.tau_ok = 0
         #: The point of the open trial and the one it replaced (for the back-off).
         self._trial: tuple[Point, Point] | None = None
+        #: A passed trial raised τ_ok: the next decision comes at once ("explore" trigger).
+        self._explore = False
+        #: (low, high) δ of the candidates while a decision is made without a network change:
+        #: the grid neighbours of the δ in force (`CONVERGENCE_TRIGGERS`); None: every δ.
+        self._near: tuple[float, float] | None = None
 
     # -- model --------------------------------------------------------------------------
     def formats_at(self, delta: float) -> tuple[str, ...]:
@@ -391,6 +403,8 @@ class Controller:
         table = None if self.measured else self.lut(m.r)
         out = []
         for d in self.grid:
+            if self._near is not None and not self._near[0] <= d <= self._near[1]:
+                continue
             for v in self.formats_at(d):
                 first = self.score(m, d, 0, None if table is None else table[(d, 0)], v)
                 for t in range(min(first.tau_min, self.tau_cap()) + 1):
@@ -420,6 +434,8 @@ class Controller:
     def _trigger(self, m: Measurements, step: int) -> str:
         if self._last_step is None:
             return "initial"
+        if self._explore:
+            return "explore"
         if step - self._last_step >= self.cfg.decide_every:
             return "period"
         thr = self.cfg.change_threshold
@@ -463,7 +479,14 @@ class Controller:
             if verdict in ("slow", "rise") and self._trial is not None:
                 return self._backoff(out, verdict, step)
             if verdict == "ok" and self._trial is not None:
-                self.tau_ok = max(self.tau_ok, self._trial[0][1])
+                if self._trial[0][1] > self.tau_ok:
+                    # A passed trial at a new τ admits the next level: decide now, while the
+                    # sharpness still reflects the smaller τ (it rises to the edge of stability
+                    # of the τ in force within tens of steps, after which the guard rules the
+                    # next level out; seen on the CNN hold-out, where the next period came
+                    # 6 steps too late).
+                    self.tau_ok = self._trial[0][1]
+                    self._explore = True
                 self._trial = None
             if self._trial is not None and self._trigger(m, step) not in NETWORK_TRIGGERS:
                 return out("monitor", "trial", cur_d, cur_t)
@@ -478,7 +501,14 @@ class Controller:
             return out(trigger, "unknown_compute", cur_d, cur_t)
         if m.bandwidth is None:  # not remembered: the trigger stays armed until B̂ exists
             return out(trigger, "unknown_bandwidth", cur_d, cur_t)
-        best = None if not m.bandwidth else self.search(m)
+        if self.measured and trigger in CONVERGENCE_TRIGGERS:
+            i = self.grid.index(cur_d) if cur_d in self.grid else None
+            if i is not None:
+                self._near = (self.grid[min(i + 1, len(self.grid) - 1)], self.grid[max(i - 1, 0)])
+        try:
+            best = None if not m.bandwidth else self.search(m)
+        finally:
+            self._near = None
         if best is None and m.bandwidth:
             needed = {pattern_for(self.exchange, d) for d in self.grid}
             if any(m.latency(p) is None for p in needed):
@@ -561,6 +591,7 @@ class Controller:
         return out("monitor", "backoff_" + verdict, d, t, v=v)
 
     def _remember(self, m: Measurements, step: int) -> None:
+        self._explore = False
         self._last_step = step
         self._last_bw = m.bandwidth
         self._last_lat = {"allreduce": m.latency_allreduce, "allgather": m.latency_allgather}
@@ -582,7 +613,7 @@ class Controller:
         """Safe-adaptation state (monitor, bad regions, explored τ, open trial), kept apart."""
         trial = None if self._trial is None else [list(self._trial[0]), list(self._trial[1])]
         return {"monitor": self.monitor.state_dict(), "bad": [list(b) for b in self.bad], "tau_ok": self.tau_ok,
-                "trial": trial}
+                "trial": trial, "explore": self._explore}
 
     def load_safety_state_dict(self, sd: Mapping[str, Any]) -> None:
         self.monitor.load_state_dict(sd["monitor"])
@@ -590,6 +621,7 @@ class Controller:
         self.bad = [(float(b[0]), int(b[1]), None if b[2] is None else int(b[2]), str(b[3]) if len(b) > 3 else "below")
                     for b in sd["bad"]]
         self.tau_ok = int(sd["tau_ok"])
+        self._explore = bool(sd.get("explore", False))
         self._trial = None if sd["trial"] is None else (as_point(sd["trial"][0]), as_point(sd["trial"][1]))
 
     def load_state_dict(self, sd: Mapping[str, Any]) -> None:

@@ -5,15 +5,24 @@ S the predicted number of steps to target relative to the point in force's refer
 (S = 1 for plain D-SGD). Nothing here is fitted to a task; every input is measured while
 training, on every rank alike (`deco_sgd.adaptive`):
 
-- **φ, the signal fraction** of ‖ḡ‖², from the same sample (between-rank variance σ²).
+- **φ, the signal fraction** of ‖ḡ‖², from the same sample (between-rank variance σ²);
+  reported in the decision log, no longer a factor of S (D below counts signal only).
 - **ρ, the relative drift of the mean gradient per step** (delay-compensated ASGD treats this
   change over the delay as the cost of staleness): on S coordinates every rank samples from
   a shared seed, ρ² = (‖ḡ_t − ḡ_{t−1}‖² − 2σ²/n) / (‖ḡ‖² − σ²/n), the sampling noise of two
   independent mini-batches removed. At the edge of stability the sharpest direction flips
   sign every step and ρ approaches 2.
-- **D, the error-feedback gap**: the mean residual ē over ranks, in units of one step of the
-  mean update, D = ‖ē‖ / ‖ḡ‖ on the shared sample. With error feedback, compression delays
-  gradient mass: D is how many steps' worth of update is held back at the δ in force.
+- **D, the held-back signal** (the error-feedback gap): the mean residual over ranks after
+  the previous step, projected on the current mean gradient, in units of one step of its
+  signal, D = ⟨ē_{t−1}, ḡ_t⟩ / (‖ḡ_t‖² − σ²/n) on the shared sample (`held_back_signal`).
+  With error feedback, compression delays gradient mass: D is how many steps' worth of the
+  current descent direction is held back at the δ in force. The first version divided the
+  residual's norm by the gradient's, ‖ē‖/‖ḡ‖: at small δ most of that norm is noise the
+  residual accumulates and never delivers as progress, so it read 4 to 6 where the static
+  runs showed compression at δ = 0.01 nearly free in steps, and the controller moved to
+  larger δ whose switches then failed. A new point's residual needs about 1/δ steps to build
+  up; until then the driver takes at least the last settled reading moved to the new point
+  by the energy profile (`deco_sgd.adaptive`).
 - **the energy profile**: q(δ), the (1 − δ)-quantile of |g| on a local sample, averaged over
   ranks. A coordinate's residual grows until it crosses the top-k threshold, so the gap at
   another δ' is predicted as D(δ') = D(δ)·q(δ')/q(δ).
@@ -26,18 +35,17 @@ training, on every rank alike (`deco_sgd.adaptive`):
 
 Steps to target relative to D-SGD, the product of a staleness and a compression factor:
 
-    S(δ, τ, v) = (1 + τ·ρ/4) · (1 + φ·D(δ, v)·ρ/4)
+    S(δ, τ, v) = (1 + τ·ρ/4) · (1 + D(δ, v)·ρ/4)
 
 - 1 + τ·ρ/4: a stale gradient is off by the drift over τ steps. Pure oscillation (ρ = 2)
   costs half a step per step of staleness, a smooth path (ρ → 0) almost nothing. Stale
   gradients of an oscillating direction can destabilise it, which this first-order prior
   cannot see: the progress monitor (`deco_sgd.monitor`) checks every switch and the
   controller backs off.
-- 1 + φ·D·ρ/4: error feedback delays the mass it holds back by about D steps, which costs
-  like staleness, but only the signal part of that mass matters: φ = (‖ḡ‖² − σ²/n)/‖ḡ‖², the
-  measured fraction of the mean gradient's energy that is not sampling noise. When noise
-  dominates (φ → 0) compression is nearly free, as in the error-feedback SGD rates, where
-  the compression term is of higher order than the noise term.
+- 1 + D·ρ/4: error feedback delays the signal it holds back by about D steps, which costs
+  like staleness. Held-back noise costs nothing here: when noise dominates, compression is
+  nearly free, as in the error-feedback SGD rates, where the compression term is of higher
+  order than the noise term.
 
 The one slope (1/4 per step of delay per unit of drift) is an a-priori choice, not fitted to
 any task; the monitor's measured progress is what protects a run when it is wrong.
@@ -62,7 +70,8 @@ import numpy as np
 
 from .config import QUANT_BITS
 
-__all__ = ["ConvergenceInputs", "DRIFT_BLOCKS", "DRIFT_Z", "drift_blocks", "format_error", "measured_format_error",
+__all__ = ["ConvergenceInputs", "DRIFT_BLOCKS", "DRIFT_Z", "drift_blocks", "format_error", "held_back_signal",
+           "measured_format_error",
            "predicted_gap", "ratio_bounds", "slowdown", "STALENESS_SLOPE", "stability_limit", "shown_drift",
            "step_curvature"]
 
@@ -95,6 +104,8 @@ class ConvergenceInputs:
     #: upper one; the lower one is for the decision log.
     drift_lo: float | None = None
     drift_hi: float | None = None
+    #: Settled readings of D at earlier points, (δ, v) -> D (`predicted_gap` combines them).
+    gaps: Mapping[tuple[float, str], float] | None = None
 
 
 def drift_blocks(g_t: np.ndarray, g_prev: np.ndarray, sq: np.ndarray, n: int,
@@ -117,6 +128,18 @@ def drift_blocks(g_t: np.ndarray, g_prev: np.ndarray, sq: np.ndarray, n: int,
     signal2 = gbar2 - sigma2 / n
     parts = np.array_split(np.arange(len(g_t)), max(1, min(blocks, len(g_t))))
     return (np.array([float(drift2[p].sum()) for p in parts]), np.array([float(signal2[p].sum()) for p in parts]))
+
+
+def held_back_signal(e_prev: np.ndarray, g_t: np.ndarray, signal2: float) -> tuple[float, float]:
+    """(numerator, denominator) of the held-back signal D = ⟨ē_{t−1}, ḡ_t⟩ / (‖ḡ_t‖² − σ²/n).
+
+    e_prev: the mean error-feedback residual over ranks after step t − 1; g_t: the mean
+    gradient at step t; signal2: the noise-corrected ‖ḡ‖² of the same sample. The residual
+    predates step t's mini-batches, so their noise averages out of the product (the residual
+    after step t would hold g_t's own unsent noise and read it as signal), and the noise the
+    residual itself holds, most of its norm at small δ, is orthogonal to the signal on
+    average. The driver keeps EMAs of both parts: a ratio of EMAs is steadier."""
+    return float(np.dot(e_prev, g_t)), float(signal2)
 
 
 def ratio_bounds(num: np.ndarray, den: np.ndarray, z: float = DRIFT_Z) -> tuple[float, float, float] | None:
@@ -211,25 +234,45 @@ def _with_format(base: float, err: float) -> float:
     return math.inf if err >= 1.0 else (base + math.sqrt(err)) / (1.0 - err)
 
 
-def predicted_gap(c: ConvergenceInputs, delta: float, values: str) -> float | None:
-    """D(δ, v); 0 at δ = 1 with fp32; None when no gap or profile has been measured."""
-    err = measured_format_error(c, delta, values)
-    if delta >= 1.0:
-        return _with_format(0.0, err)
-    if c.gap is None or c.gap_ratio is None:
-        return None
-    # The measured gap includes the format it was measured under: remove it first.
-    e0 = measured_format_error(c, c.gap_ratio, c.gap_values)
-    base = max(0.0, c.gap * (1.0 - e0) - math.sqrt(e0)) if e0 < 1.0 else 0.0
-    if c.gap_ratio >= 1.0:
-        return None  # measured dense: no residual to scale
-    if delta != c.gap_ratio:
+def _moved_gap(c: ConvergenceInputs, gap: float, ratio: float, values: str, delta: float, err: float) -> float | None:
+    """One reading D at (ratio, values) moved to (δ, v): the format removed, scaled by the
+    energy profile, the new format's error added; None without a profile entry."""
+    e0 = measured_format_error(c, ratio, values)
+    base = max(0.0, gap * (1.0 - e0) - math.sqrt(e0)) if e0 < 1.0 else 0.0
+    if delta != ratio:
         q = c.quantiles or {}
-        qd, qr = q.get(delta), q.get(c.gap_ratio)
+        qd, qr = q.get(delta), q.get(ratio)
         if qd is None or qr is None or not (qr > 0):
             return None
         base *= qd / qr
     return _with_format(base, err)
+
+
+def predicted_gap(c: ConvergenceInputs, delta: float, values: str) -> float | None:
+    """D(δ, v); 0 at δ = 1 with fp32; None when no gap or profile has been measured.
+
+    Every reading (the current one and the settled ones in `gaps`) is moved to δ by the
+    energy profile. A smaller δ holds back at least as much, so the readings taken at δ or
+    above are lower bounds and the largest of them is the prediction. Only when every reading
+    comes from below δ is the nearest one used. The profile's scaling alone is not enough:
+    right after a large δ the residual is nearly empty (D ≈ 0), and 0 scales to 0 at any δ,
+    which made a tiny δ look free (seen on the quick high-latency run: 0.2 → 0.001)."""
+    err = measured_format_error(c, delta, values)
+    if delta >= 1.0:
+        return _with_format(0.0, err)
+    readings = dict(c.gaps or {})
+    if c.gap is not None and c.gap_ratio is not None and c.gap_ratio < 1.0:
+        key = (c.gap_ratio, c.gap_values)
+        readings[key] = max(c.gap, readings.get(key, 0.0))
+    above = [(r, v, g) for (r, v), g in readings.items() if r >= delta]
+    if above:
+        moved = [_moved_gap(c, g, r, v, delta, err) for r, v, g in above]
+        known = [x for x in moved if x is not None]
+        return max(known) if known else None
+    if not readings:
+        return None
+    r, v = max(readings)  # every reading is below δ: the nearest one
+    return _moved_gap(c, readings[(r, v)], r, v, delta, err)
 
 
 def slowdown(c: ConvergenceInputs, delta: float, tau: int, values: str, *, drift_prior: float,
@@ -253,5 +296,4 @@ def slowdown(c: ConvergenceInputs, delta: float, tau: int, values: str, *, drift
     if drift is not None and hi is not None and math.isfinite(hi) and hi > drift:
         # Capped at 2: step_curvature returns a drift read at τ = 0 as it is.
         a = max(a, min(2.0, step_curvature(hi, c.drift_staleness)))
-    phi = 1.0 if c.signal is None else c.signal
-    return (1.0 + tau * a * STALENESS_SLOPE) * (1.0 + phi * gap * a * STALENESS_SLOPE)
+    return (1.0 + tau * a * STALENESS_SLOPE) * (1.0 + gap * a * STALENESS_SLOPE)

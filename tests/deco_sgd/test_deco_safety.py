@@ -10,7 +10,8 @@ from deco_sgd.config import DecoConfig
 from deco_sgd.controller import Controller, Measurements
 import numpy as np
 
-from deco_sgd.convergence import (ConvergenceInputs, drift_blocks, format_error, predicted_gap, ratio_bounds,
+from deco_sgd.convergence import (ConvergenceInputs, drift_blocks, format_error, held_back_signal, predicted_gap,
+                                  ratio_bounds,
                                   shown_drift, slowdown, stability_limit, step_curvature)
 from deco_sgd.monitor import ProgressMonitor, slope
 
@@ -42,11 +43,37 @@ def test_gap_scales_with_the_energy_profile_and_formats() -> None:
     assert predicted_gap(ConvergenceInputs(), 0.01, "fp32") is None
     s0 = slowdown(c, 0.1, 0, "fp32", drift_prior=0.5, drift_floor=0.02)
     s2 = slowdown(c, 0.1, 2, "fp32", drift_prior=0.5, drift_floor=0.02)
-    comp = 1 + 0.5 * 2.0 * 0.4 / 4  # φ·D·ρ/4
+    comp = 1 + 2.0 * 0.4 / 4  # D·ρ/4: D is already the signal held back
     assert s0 == pytest.approx(comp) and s2 == pytest.approx(comp * (1 + 2 * 0.4 / 4))
-    # Noise-dominated gradients (φ → 0) make the error-feedback gap free.
-    noisy = ConvergenceInputs(drift=0.4, gap=2.0, gap_ratio=0.1, quantiles=QUANT, signal=0.0)
-    assert slowdown(noisy, 0.001, 0, "fp32", drift_prior=0.5, drift_floor=0.02) == 1.0
+    # No signal held back: the error-feedback gap is free.
+    none_held = ConvergenceInputs(drift=0.4, gap=0.0, gap_ratio=0.1, quantiles=QUANT)
+    assert slowdown(none_held, 0.001, 0, "fp32", drift_prior=0.5, drift_floor=0.02) == 1.0
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_held_back_signal_counts_signal_not_noise(seed: int) -> None:
+    """A residual holding 3 steps of the mean gradient under noise 10x its norm reads about 3,
+    where the norm ratio the first version used reads about 10; a residual of noise alone
+    reads about 0; and the residual after step t, which holds g_t's own unsent noise, would
+    read that noise as signal (hence ē_{t−1})."""
+    rng = np.random.default_rng(seed)
+    s, n, noise = 8192, 4, 3.0
+    mu = rng.standard_normal(s)
+    g_i = mu + noise * rng.standard_normal((n, s))
+    g_t = g_i.mean(axis=0)
+    sigma2 = float(((g_i - g_t) ** 2).sum() / (n - 1))  # per-worker variance, summed over coordinates
+    signal2 = float(g_t @ g_t) - sigma2 / n
+    assert signal2 == pytest.approx(float(mu @ mu), rel=0.1)
+    held = 3.0 * mu + 10.0 * math.sqrt(3.0) * rng.standard_normal(s)  # ē_{t−1}: 3 steps of signal + noise
+    num, den = held_back_signal(held, g_t, signal2)
+    assert num / den == pytest.approx(3.0, abs=1.0)
+    assert np.linalg.norm(held) / np.linalg.norm(g_t) > 8
+    num0, den0 = held_back_signal(10.0 * math.sqrt(3.0) * rng.standard_normal(s), g_t, signal2)
+    assert abs(num0 / den0) < 1.0
+    # After step t the residual also holds the unsent part of g_t, noise included: biased up.
+    after = held + (g_t - mu)
+    num1, _ = held_back_signal(after, g_t, signal2)
+    assert num1 / den > 3.0 + 1.0
 
 
 @pytest.mark.parametrize("drift,expect_stale", [(1.5, False), (1.05, False), (0.05, True)])
@@ -414,3 +441,57 @@ def test_curvature_at_the_point_in_force_blocks_only_raising_staleness() -> None
     assert {s.staleness for s in finite} == {0, 1}
     assert d.staleness <= 1
     assert [s for s in ctl.candidates(m) if s.staleness >= 2]  # scored, and inadmissible
+
+
+def test_a_passed_staleness_trial_triggers_the_next_decision_at_once() -> None:
+    """τ = 1 passes its trial: the controller re-decides in the same period ("explore"), and
+    τ = 2 is now a candidate; it does not wait for the next period, by which time the
+    sharpness has risen to τ = 1's limit and the guard would rule τ = 2 out."""
+    cfg = DecoConfig(monitor_window=6, min_dwell_steps=0)
+    ctl = Controller(cfg, 8, NUMELS)
+    point, log = _run(ctl, (0.1, 0, "fp32"), range(2, 6, 2), lambda s: 10.0 - 0.1 * s)
+    assert point[1] == 1 and ctl.tau_ok == 0
+    point, log2 = _run(ctl, point, range(6, 20, 2), lambda s: 10.0 - 0.1 * s)
+    ex = [d for d in log2 if d.trigger == "explore"]
+    assert ctl.tau_ok >= 1 and len(ex) == 1, log2
+    assert ex[0].step < 2 + cfg.decide_every  # before the next period
+    assert ex[0].outcome == "switch" and ex[0].staleness == 2, ex[0]
+    # Evaluated once: the next evaluation has no trigger of its own.
+    later = [d for d in log2 if d.step > ex[0].step]
+    assert all(d.trigger != "explore" for d in later)
+
+
+def test_a_small_ratio_is_predicted_from_readings_at_larger_ratios() -> None:
+    """Right after a large δ the residual is nearly empty (D ≈ 0 there), and 0 scaled by the
+    energy profile stays 0: the settled reading at a δ between them bounds the gap below."""
+    c = ConvergenceInputs(drift=0.4, gap=0.0, gap_ratio=0.2, quantiles=QUANT, gaps={(0.02, "fp32"): 3.0})
+    assert predicted_gap(c, 0.001, "fp32") == pytest.approx(3.0 * 9.0 / 5.0)  # the 0.02 reading, moved
+    assert predicted_gap(c, 0.02, "fp32") == pytest.approx(3.0)
+    # A reading below δ is an upper bound, not used while one at or above δ exists.
+    assert predicted_gap(c, 0.1, "fp32") == 0.0
+    # Above every reading: the nearest one, moved (the current 0.2 here).
+    assert predicted_gap(c, 0.5, "fp32") == 0.0
+    alone = ConvergenceInputs(drift=0.4, gap=None, gaps={(0.02, "fp32"): 3.0}, quantiles=QUANT)
+    assert predicted_gap(alone, 0.2, "fp32") == pytest.approx(3.0 * 2.0 / 5.0)
+    # Formats: a q8 reading is moved to fp32 with its error removed first.
+    cq = ConvergenceInputs(gap=1.0, gap_ratio=0.02, gap_values="q8", quantiles=QUANT, quant_errors={(0.02, "q8"): 0.01})
+    assert predicted_gap(cq, 0.02, "fp32") == pytest.approx(1.0 * 0.99 - 0.1)
+
+
+@pytest.mark.parametrize("kw", [dict(mbps=2.0, gap=0.1), dict(mbps=1000.0, rtt_ms=2.0, gap=8.0)])
+def test_a_decision_without_a_network_change_moves_ratio_one_grid_step(kw: dict) -> None:
+    """The same measurements twice: the first decision may jump across the grid (here to
+    δ = 0.001 on a slow link, δ = 1 with a large gap on a fast one); a periodic one, with no
+    network change behind it, moves δ to a grid neighbour only, in the same direction."""
+    cfg = DecoConfig(monitor=False, min_dwell_steps=0)
+    ctl = Controller(cfg, 8, NUMELS)
+    m = meas(0.3, **kw)
+    cur = (0.1, 0, "fp32")
+    first = ctl.decide(m, cur, 2)
+    assert first.trigger == "initial" and first.ratio not in (0.2, 0.1, 0.05), first
+    d = ctl.decide(m, cur, 2 + cfg.decide_every)
+    assert d.trigger == "period" and d.outcome == "switch", d
+    assert d.ratio in (0.2, 0.05) and (d.ratio > 0.1) == (first.ratio > 0.1), d
+    # A network change lifts the limit.
+    d2 = ctl.decide(meas(0.3, **{**kw, "mbps": kw["mbps"] * 3}), cur, 4 + cfg.decide_every)
+    assert d2.trigger == "bandwidth_change" and d2.ratio not in (0.2, 0.1, 0.05), d2
