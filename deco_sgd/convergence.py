@@ -17,12 +17,10 @@ training, on every rank alike (`deco_sgd.adaptive`):
   signal, D = ⟨ē_{t−1}, ḡ_t⟩ / (‖ḡ_t‖² − σ²/n) on the shared sample (`held_back_signal`).
   With error feedback, compression delays gradient mass: D is how many steps' worth of the
   current descent direction is held back at the δ in force. The first version divided the
-  residual's norm by the gradient's, ‖ē‖/‖ḡ‖: at small δ most of that norm is noise the
-  residual accumulates and never delivers as progress, so it read 4 to 6 where the static
-  runs showed compression at δ = 0.01 nearly free in steps, and the controller moved to
-  larger δ whose switches then failed. A new point's residual needs about 1/δ steps to build
-  up; until then the driver takes at least the last settled reading moved to the new point
-  by the energy profile (`deco_sgd.adaptive`).
+  residual's norm by the gradient's, ‖ē‖/‖ḡ‖ (times φ in S), which counts the noise the
+  residual accumulates: on the byte-level LM it read up to 4.7 where the projection reads
+  0.55–0.86. The driver keeps the latest reading of every point it has run
+  (`predicted_gap` combines them).
 - **the energy profile**: q(δ), the (1 − δ)-quantile of |g| on a local sample, averaged over
   ranks. A coordinate's residual grows until it crosses the top-k threshold, so the gap at
   another δ' is predicted as D(δ') = D(δ)·q(δ')/q(δ).
