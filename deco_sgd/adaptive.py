@@ -652,4 +652,6 @@ r=self.grad.r, loss=loss,
             self.quantiles = None if c["quantiles"] is None else {float(k): float(v) for k, v in c["quantiles"]}
             self._loss_sum, self._loss_n = float(c["loss"][0]), int(c["loss"][1])
         self._inflight = None
+        # Exchanges still waiting for their latency are dropped, not kept: their times are
+        # the saving process's clock readings, which mean nothing to the resumed one's.
         self._bw_pending.clear()
