@@ -25,9 +25,9 @@ What the SUM vector carries (issue 14; `deco_sgd.convergence` uses it):
    first of the two steps. Summed over ranks they give ḡ_S at two consecutive steps (drift ρ,
    noise-corrected with the between-rank variance σ², hence a current r = σ²/G², and the
    signal fraction φ of ‖ḡ‖²) and the mean residual ē_S, whose projection on the later ḡ_S
-   is the held-back signal D (`convergence.held_back_signal`); and per coordinate the rank's g_t² + g_prev², whose
-   sum gives the per-coordinate variance behind the drift's confidence bounds
-   (`convergence.drift_blocks`, `convergence.ratio_bounds`);
+   is the held-back signal D (`convergence.held_back_signal`); and per coordinate the
+   rank's g_t² + g_prev², whose sum gives the per-coordinate variance behind the drift's
+   confidence bounds (`convergence.drift_blocks`, `convergence.ratio_bounds`);
 3. q(δ) for every δ < 1 of the grid: the (1 − δ)-quantile of |g| on `profile_coords` local
    coordinates (the energy profile), averaged over ranks; and per δ and quantized format
    (q8, q4) the relative energy error of that format's `quantize` codec on the sample's

@@ -46,9 +46,11 @@ minimum of W, so ties go to the larger δ, then the smaller τ.
 `decide(m, current, step)`:
 
 1. hold during warm-up and in static mode;
-2. trigger: the first call after warm-up, every `decide_every` steps since the last
-   decision, or when B̂ or any L̂ moved more than `change_threshold` from the values of the
-   last decision (unknown values never trigger);
+2. trigger: the first call after warm-up, at once after a trial passed at a new τ
+   ("explore"), every `decide_every` steps since the last decision, or when B̂ or any L̂
+   moved more than `change_threshold` from the values of the last decision (unknown values
+   never trigger); a decision with no network change behind it (`CONVERGENCE_TRIGGERS`)
+   considers only δ within one grid value of the δ in force;
 3. hold when T̂_comp or B̂ has never been measured (no transfer has passed the estimator's
    filter yet), or when no candidate is finite because a latency is unknown; fall back to
    (min δ, τ_max) with a warning when B̂ is 0 (a measured outage) or no candidate is finite otherwise
@@ -270,9 +272,6 @@ class Controller:
         self._trial: tuple[Point, Point] | None = None
         #: A passed trial raised τ_ok: the next decision comes at once ("explore" trigger).
         self._explore = False
-        #: (low, high) δ of the candidates while a decision is made without a network change:
-        #: the grid neighbours of the δ in force (`CONVERGENCE_TRIGGERS`); None: every δ.
-        self._near: tuple[float, float] | None = None
 
     # -- model --------------------------------------------------------------------------
     def formats_at(self, delta: float) -> tuple[str, ...]:
@@ -398,12 +397,13 @@ class Controller:
             return self.cfg.tau_max
         return min(self.cfg.tau_max, self.tau_ok + (0 if self._trial is not None else 1))
 
-    def candidates(self, m: Measurements) -> list[Score]:
-        """Every admissible candidate with its score, in tie-break order (δ down, τ up, formats as listed)."""
+    def candidates(self, m: Measurements, span: tuple[float, float] | None = None) -> list[Score]:
+        """Every admissible candidate with its score, in tie-break order (δ down, τ up, formats
+        as listed); `span` = (low, high) keeps only δ in that range."""
         table = None if self.measured else self.lut(m.r)
         out = []
         for d in self.grid:
-            if self._near is not None and not self._near[0] <= d <= self._near[1]:
+            if span is not None and not span[0] <= d <= span[1]:
                 continue
             for v in self.formats_at(d):
                 first = self.score(m, d, 0, None if table is None else table[(d, 0)], v)
@@ -414,10 +414,10 @@ class Controller:
                     out.append(s)
         return out
 
-    def search(self, m: Measurements) -> Score | None:
+    def search(self, m: Measurements, span: tuple[float, float] | None = None) -> Score | None:
         """argmin of W over the candidates (docs/design/deco_sgd.md#search), or None when none is finite."""
         best: Score | None = None
-        for s in self.candidates(m):
+        for s in self.candidates(m, span):
             if math.isfinite(s.w) and (best is None or s.w < best.w * (1 - TIE_RTOL)):
                 best = s
         return best
@@ -501,14 +501,11 @@ class Controller:
             return out(trigger, "unknown_compute", cur_d, cur_t)
         if m.bandwidth is None:  # not remembered: the trigger stays armed until B̂ exists
             return out(trigger, "unknown_bandwidth", cur_d, cur_t)
-        if self.measured and trigger in CONVERGENCE_TRIGGERS:
-            i = self.grid.index(cur_d) if cur_d in self.grid else None
-            if i is not None:
-                self._near = (self.grid[min(i + 1, len(self.grid) - 1)], self.grid[max(i - 1, 0)])
-        try:
-            best = None if not m.bandwidth else self.search(m)
-        finally:
-            self._near = None
+        span = None
+        if self.measured and trigger in CONVERGENCE_TRIGGERS and cur_d in self.grid:
+            i = self.grid.index(cur_d)  # the grid runs from the largest δ down
+            span = (self.grid[min(i + 1, len(self.grid) - 1)], self.grid[max(i - 1, 0)])
+        best = None if not m.bandwidth else self.search(m, span)
         if best is None and m.bandwidth:
             needed = {pattern_for(self.exchange, d) for d in self.grid}
             if any(m.latency(p) is None for p in needed):
