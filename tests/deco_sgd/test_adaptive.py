@@ -133,27 +133,32 @@ def test_desync_is_detected(pool: RankPool) -> None:
         assert "different (ratio, staleness)" in msg
 
 
-def _adaptive_checkpoint(rank: int, world: int) -> tuple[dict, dict, int, int]:
+def _adaptive_checkpoint(rank: int, world: int) -> tuple[dict, dict, int, int, dict, dict]:
     # Every exchange may give a bandwidth sample (no latency-share filter), so the controller
-    # has measured B and remembered a decision by the checkpoint at step 12.
-    model, opt = _build(False, _cfg(bw_min_transfer_frac=0.0))
+    # has measured B and remembered a decision by the checkpoint at step 12. Compressed from
+    # the start (δ = 0.1), so a gap reading exists to be saved.
+    model, opt = _build(False, _cfg(bw_min_transfer_frac=0.0, ratio=0.1))
     for s in range(12):
         opt.zero_grad()
         T.loss_fn(model, rank, s).backward()
         opt.step()
     sd = opt.state.state_dict()
-    model2, opt2 = _build(False, _cfg(bw_min_transfer_frac=0.0))
+    model2, opt2 = _build(False, _cfg(bw_min_transfer_frac=0.0, ratio=0.1))
     opt2.state.load_state_dict(sd)
     a, b = opt.state.driver, opt2.state.driver
+    conv_loaded = b.convergence_state_dict()
     for s in range(12, 16):  # the resumed run keeps going (and keeps its control exchange in step)
         opt2.zero_grad()
         T.loss_fn(model2, rank, s).backward()
         opt2.step()
     opt2.close()
-    return a.controller.state_dict(), sd["driver"]["controller"], len(sd["driver"]["log"]), len(b.log)
+    return (a.controller.state_dict(), sd["driver"]["controller"], len(sd["driver"]["log"]), len(b.log),
+            sd["driver"]["convergence"], conv_loaded)
 
 
 def test_adaptive_state_round_trips(pool: RankPool) -> None:
-    for saved_ctrl, in_ckpt, n_saved, n_after in pool.run(_adaptive_checkpoint):
+    for saved_ctrl, in_ckpt, n_saved, n_after, conv_saved, conv_loaded in pool.run(_adaptive_checkpoint):
         assert saved_ctrl == in_ckpt and saved_ctrl["last_step"] is not None
         assert n_saved >= 1 and n_after >= 1
+        # The measured convergence inputs, the gap readings of every point run included.
+        assert conv_saved["gaps"] and conv_loaded == conv_saved, conv_saved
