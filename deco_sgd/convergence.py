@@ -102,7 +102,8 @@ class ConvergenceInputs:
     #: upper one; the lower one is for the decision log.
     drift_lo: float | None = None
     drift_hi: float | None = None
-    #: Settled readings of D at earlier points, (δ, v) -> D (`predicted_gap` combines them).
+    #: The latest reading of D at every point run so far, (δ, v) -> D (`predicted_gap`
+    #: combines them with `gap`, the current one).
     gaps: Mapping[tuple[float, str], float] | None = None
 
 
@@ -249,10 +250,10 @@ def _moved_gap(c: ConvergenceInputs, gap: float, ratio: float, values: str, delt
 def predicted_gap(c: ConvergenceInputs, delta: float, values: str) -> float | None:
     """D(δ, v); 0 at δ = 1 with fp32; None when no gap or profile has been measured.
 
-    Every reading (the current one and the settled ones in `gaps`) is moved to δ by the
-    energy profile. A smaller δ holds back at least as much, so the readings taken at δ or
-    above are lower bounds and the largest of them is the prediction. Only when every reading
-    comes from below δ is the nearest one used. The profile's scaling alone is not enough:
+    Every reading (the current one and the latest of each earlier point in `gaps`) is moved
+    to δ by the energy profile. A smaller δ holds back at least as much, so the readings taken
+    at δ or above are lower bounds and the largest of them is the prediction. Only when every
+    reading comes from below δ is the nearest one used. The profile's scaling alone is not enough:
     right after a large δ the residual is nearly empty (D ≈ 0), and 0 scales to 0 at any δ,
     which made a tiny δ look free (seen on the quick high-latency run: 0.2 → 0.001)."""
     err = measured_format_error(c, delta, values)
@@ -260,8 +261,7 @@ def predicted_gap(c: ConvergenceInputs, delta: float, values: str) -> float | No
         return _with_format(0.0, err)
     readings = dict(c.gaps or {})
     if c.gap is not None and c.gap_ratio is not None and c.gap_ratio < 1.0:
-        key = (c.gap_ratio, c.gap_values)
-        readings[key] = max(c.gap, readings.get(key, 0.0))
+        readings[(c.gap_ratio, c.gap_values)] = c.gap  # the latest reading of its point
     above = [(r, v, g) for (r, v), g in readings.items() if r >= delta]
     if above:
         moved = [_moved_gap(c, g, r, v, delta, err) for r, v, g in above]

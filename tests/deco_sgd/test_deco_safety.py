@@ -11,8 +11,7 @@ from deco_sgd.controller import Controller, Measurements
 import numpy as np
 
 from deco_sgd.convergence import (ConvergenceInputs, drift_blocks, format_error, held_back_signal, predicted_gap,
-                                  ratio_bounds,
-                                  shown_drift, slowdown, stability_limit, step_curvature)
+                                  ratio_bounds, shown_drift, slowdown, stability_limit, step_curvature)
 from deco_sgd.monitor import ProgressMonitor, slope
 
 NUMELS = (784 * 1024, 1024, 1024 * 1024, 1024, 10240, 10)  # the MNIST MLP, about 1.86 M parameters
@@ -471,6 +470,10 @@ def test_a_small_ratio_is_predicted_from_readings_at_larger_ratios() -> None:
     assert predicted_gap(c, 0.1, "fp32") == 0.0
     # Above every reading: the nearest one, moved (the current 0.2 here).
     assert predicted_gap(c, 0.5, "fp32") == 0.0
+    # The current reading is its point's latest and replaces an older one, even a larger one
+    # (keeping the largest made one peak stand for a whole run).
+    again = ConvergenceInputs(drift=0.4, gap=1.0, gap_ratio=0.02, quantiles=QUANT, gaps={(0.02, "fp32"): 3.0})
+    assert predicted_gap(again, 0.02, "fp32") == pytest.approx(1.0)
     alone = ConvergenceInputs(drift=0.4, gap=None, gaps={(0.02, "fp32"): 3.0}, quantiles=QUANT)
     assert predicted_gap(alone, 0.2, "fp32") == pytest.approx(3.0 * 2.0 / 5.0)
     # Formats: a q8 reading is moved to fp32 with its error removed first.
