@@ -69,7 +69,9 @@ __all__ = ["AdaptiveDriver", "Clock", "WallClock"]
 
 
 # Layout of the MAX vector.
-_T_COMP, _NEG_BW, _LAT_AR, _LAT_AG, _CODE, _NEG_CODE = range(6)
+# _BW_UNSETTLED: 1 on a rank whose B̂ is not settled (a bound, or a young EMA), else 0; the
+# MAX says whether any rank's is still converging (the minimum B̂ may come from any rank).
+_T_COMP, _NEG_BW, _LAT_AR, _LAT_AG, _CODE, _NEG_CODE, _BW_UNSETTLED = range(7)
 # Head of the SUM vector; the three S-coordinate samples and the quantiles follow.
 _LOSS, _LOSS_N, _G2, _HAS_G2, _NG_T, _NG_P, _HAS_PAIR = range(7)
 _HEAD = 7
@@ -376,12 +378,13 @@ class AdaptiveDriver:
 
     def _launch(self, step: int) -> None:
         grp = self.state.control_group
-        mx = torch.full((6,), _UNKNOWN, dtype=torch.float64)
+        mx = torch.full((7,), _UNKNOWN, dtype=torch.float64)
         for i, v in ((_T_COMP, self.comp.value), (_NEG_BW, None if self.bw.value is None else -self.bw.value),
                      (_LAT_AR, self.lat.value("allreduce")), (_LAT_AG, self.lat.value("allgather"))):
             if v is not None:
                 mx[i] = v
         mx[_CODE], mx[_NEG_CODE] = self._code(), -self._code()
+        mx[_BW_UNSETTLED] = 0.0 if self.bw.settled else 1.0
         sp = self.sampler
         # The sample belongs to the steps just closed (step − 2 and step − 1) only if both ran.
         pair = sp.have_t and sp.have_prev and sp.step_of_t == step - 1
@@ -546,6 +549,7 @@ class AdaptiveDriver:
         return Measurements(
             t_comp=None if mx[_T_COMP] == _UNKNOWN else float(mx[_T_COMP]),
             bandwidth=None if mx[_NEG_BW] == _UNKNOWN else -float(mx[_NEG_BW]),
+            bandwidth_settled=bool(mx[_BW_UNSETTLED] == 0.0),
             latency_allreduce=None if mx[_LAT_AR] == _UNKNOWN else float(mx[_LAT_AR]),
             latency_allgather=None if mx[_LAT_AG] == _UNKNOWN else float(mx[_LAT_AG]),
 r=self.grad.r, loss=loss,

@@ -114,7 +114,9 @@ NETWORK_TRIGGERS = ("bandwidth_change", "latency_change")
 #: the energy profile. That extrapolation is trusted one grid step away, not across decades
 #: (seen on the quick high-latency run: 0.02 → 0.2 rose, 0.2 → 0.001 stalled), so these
 #: decisions move δ by at most one grid value, as staleness is explored one level at a time.
-CONVERGENCE_TRIGGERS = ("period", "explore")
+#: "bandwidth_refined" is B̂ moving away from a value that was still converging (a lower bound
+#: or a young EMA, `Measurements.bandwidth_settled`): the estimate refining on an unchanged link.
+CONVERGENCE_TRIGGERS = ("period", "explore", "bandwidth_refined")
 # Measured latency key per exchange pattern.
 _LAT_KEY = {"allreduce_dense": "allreduce", "allreduce_sparse": "allreduce", "allgather": "allgather"}
 
@@ -146,6 +148,9 @@ class Measurements:
     conv: ConvergenceInputs = ConvergenceInputs()
     #: Loss averaged over ranks and the steps of the last measurement period (monitor input).
     loss: float | None = None
+    #: False while B̂ is still converging on some rank (a lower bound or a young EMA,
+    #: `BandwidthEstimator.settled`): a move from such a value is no network change.
+    bandwidth_settled: bool = True
 
     def __post_init__(self) -> None:
         # Non-finite or negative numbers become None; 0 is a real bandwidth (outage) and a
@@ -253,6 +258,7 @@ class Controller:
         self._last_step: int | None = None
         self._last_switch: int | None = None
         self._last_bw: float | None = None
+        self._last_bw_settled = True
         self._last_lat: dict[str, float | None] = {"allreduce": None, "allgather": None}
         # -- safe adaptation (measured mode) --
         self.monitor = ProgressMonitor(cfg.ema_loss, cfg.monitor_tolerance, cfg.monitor_rise, max(2, cfg.monitor_window))
@@ -440,12 +446,33 @@ class Controller:
             return "period"
         thr = self.cfg.change_threshold
         if m.bandwidth is not None and _moved(self._last_bw, m.bandwidth, thr):
-            return "bandwidth_change"
+            # From a settled reference a move is the link's; from one still converging (a
+            # lower bound, a young EMA) it is the estimate's: the link may be unchanged.
+            return "bandwidth_change" if self._last_bw_settled else "bandwidth_refined"
         for key, old in self._last_lat.items():
             new = getattr(m, "latency_" + key)
             if new is not None and _moved(old, new, thr):
                 return "latency_change"
         return "none"
+
+    def compression_floor(self, m: Measurements, cur_d: float) -> float:
+        """The smallest δ a decision may choose: the grid value next below the smallest δ
+        with a gap reading (the current δ when none has one yet).
+
+        Compression is explored one level at a time, as staleness is: the gap at a smaller δ
+        is a reading moved by the energy profile, a lower bound that is only as good as the
+        reading. A young residual reads low (the residual grows for many steps at a small
+        δ), and a fast-turning gradient makes it read lower still: on the byte-level LM a
+        reading of D = 0.01 at δ = 0.01 after six steps sent a seed from 0.01 to 0.001-0.002,
+        where it never reached the target that D-SGD reached. One level below the explored
+        range is a point whose own reading comes within a decision period; a larger δ is
+        always open (it holds back less)."""
+        explored = [r for r, _ in (m.conv.gaps or {})]
+        if m.conv.gap_ratio is not None:
+            explored.append(m.conv.gap_ratio)
+        low = min(explored) if explored else cur_d
+        below = [g for g in self.grid if g < low]
+        return max(below) if below else min(self.grid)
 
     def backoff_point(self, p: Point) -> Point:
         """Smaller τ first, then the next larger δ of the grid with fp32 values."""
@@ -502,9 +529,11 @@ class Controller:
         if m.bandwidth is None:  # not remembered: the trigger stays armed until B̂ exists
             return out(trigger, "unknown_bandwidth", cur_d, cur_t)
         span = None
-        if self.measured and trigger in CONVERGENCE_TRIGGERS and cur_d in self.grid:
-            i = self.grid.index(cur_d)  # the grid runs from the largest δ down
-            span = (self.grid[min(i + 1, len(self.grid) - 1)], self.grid[max(i - 1, 0)])
+        if self.measured:
+            span = (self.compression_floor(m, cur_d), 1.0)
+            if trigger in CONVERGENCE_TRIGGERS and cur_d in self.grid:
+                i = self.grid.index(cur_d)  # the grid runs from the largest δ down
+                span = (max(span[0], self.grid[min(i + 1, len(self.grid) - 1)]), self.grid[max(i - 1, 0)])
         best = None if not m.bandwidth else self.search(m, span)
         if best is None and m.bandwidth:
             needed = {pattern_for(self.exchange, d) for d in self.grid}
@@ -591,6 +620,7 @@ class Controller:
         self._explore = False
         self._last_step = step
         self._last_bw = m.bandwidth
+        self._last_bw_settled = m.bandwidth_settled
         self._last_lat = {"allreduce": m.latency_allreduce, "allgather": m.latency_allgather}
 
     # -- checkpoint ---------------------------------------------------------------------
@@ -599,6 +629,7 @@ class Controller:
             "last_step": self._last_step,
             "last_switch": self._last_switch,
             "last_bandwidth": self._last_bw,
+            "last_bandwidth_settled": self._last_bw_settled,
             "last_latency": dict(self._last_lat),
             "lut_r": self._lut_r,
             "n_workers": self.n,
@@ -627,6 +658,7 @@ class Controller:
         self._last_step = sd["last_step"]
         self._last_switch = sd["last_switch"]
         self._last_bw = sd["last_bandwidth"]
+        self._last_bw_settled = bool(sd.get("last_bandwidth_settled", True))
         self._last_lat = {"allreduce": sd["last_latency"]["allreduce"], "allgather": sd["last_latency"]["allgather"]}
         self._lut_r = None
         if sd["lut_r"] is not None:

@@ -22,6 +22,11 @@ nothing. The cross-rank reduction (MAX, MIN, SUM) is the caller's; see each clas
      more than a factor `jump_factor` (2) in the same direction, the EMA restarts from the
      last sample. An EMA alone needs about five samples to follow a 10x drop, and at the
      old point each sample then takes a slow step.
+  6. [ours] `settled`: the value is an EMA seeded at least `SETTLED_SAMPLES` samples ago. A
+     lower bound, or the first samples of a (re)started EMA, are still converging: a move of
+     B̂ from such a value is the estimate refining, not the link changing (the controller
+     treats the two apart: a 38 → 100 Mbit/s climb on an unchanged 100 Mbit/s link, the bound
+     giving way to samples, made it jump across its grid on the quick high-latency run).
      [ours] Excluding the queueing wait from the duration keeps the samples of a backlog,
      which are the most precise ones (transfer is then the gap between two completions).
 * `LatencyEstimator` (MAX across ranks): per pattern, the minimum over the last `window`
@@ -55,6 +60,9 @@ logger = logging.getLogger(__name__)
 
 #: Latency-dominated exchanges after which, with no accepted sample, B̂ is the lower bound.
 LOWER_BOUND_AFTER = 4
+#: Accepted samples since the EMA was (re)seeded after which B̂ counts as settled (at α 0.3
+#: the seed then weighs 0.7² ≈ 0.5 of the value; a-priori, not fitted).
+SETTLED_SAMPLES = 3
 
 
 def _good(x: float) -> bool:
@@ -132,6 +140,7 @@ class BandwidthEstimator:
         self.ema = Ema(alpha)
         self.jump_factor, self.jump_samples = float(jump_factor), jump_samples
         self._jump = 0  # consecutive samples past the factor: > 0 above, < 0 below
+        self._since_seed = 0  # accepted samples since the EMA was (re)seeded
         self.min_transfer_frac = float(min_transfer_frac)
         self.last_done: float | None = None
         self.filtered = 0  # samples dropped because latency dominated them
@@ -178,7 +187,16 @@ class BandwidthEstimator:
             if abs(self._jump) >= self.jump_samples:
                 self._jump = 0
                 self.ema.value = None  # restart: the next update seeds the EMA with x
-        return self.ema.update(x)
+        if self.ema.value is None:
+            self._since_seed = 0
+        ok = self.ema.update(x)
+        self._since_seed += int(ok)
+        return ok
+
+    @property
+    def settled(self) -> bool:
+        """True when `value` is an EMA seeded at least `SETTLED_SAMPLES` samples ago (step 6)."""
+        return self.ema.value is not None and self._since_seed >= SETTLED_SAMPLES
 
     @property
     def value(self) -> float | None:
@@ -191,13 +209,15 @@ class BandwidthEstimator:
 
     def state_dict(self) -> dict[str, Any]:
         return {"ema": self.ema.state_dict(), "last_done": self.last_done, "filtered": self.filtered,
-                "jump": self._jump, "lower_bound": self.lower_bound}
+                "jump": self._jump, "lower_bound": self.lower_bound, "since_seed": self._since_seed}
 
     def load_state_dict(self, sd: Mapping[str, Any]) -> None:
         self.ema.load_state_dict(sd["ema"])
         self.last_done, self.filtered = sd["last_done"], int(sd["filtered"])
         self._jump = int(sd.get("jump", 0))
         self.lower_bound = sd.get("lower_bound")
+        # Older checkpoints did not count: an EMA they hold is taken as settled.
+        self._since_seed = int(sd.get("since_seed", SETTLED_SAMPLES if self.ema.value is not None else 0))
 
 
 class LatencyEstimator:

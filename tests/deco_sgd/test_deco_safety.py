@@ -2,6 +2,7 @@
 its back-off, and the value-format dimension, all with scripted numbers (no processes)."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -481,14 +482,21 @@ def test_a_small_ratio_is_predicted_from_readings_at_larger_ratios() -> None:
     assert predicted_gap(cq, 0.02, "fp32") == pytest.approx(1.0 * 0.99 - 0.1)
 
 
+def _explored(m: Measurements, *ratios: float) -> Measurements:
+    """m with a gap reading (the current one's value) at each of `ratios`."""
+    gaps = {(r, "fp32"): m.conv.gap for r in ratios}
+    return dataclasses.replace(m, conv=dataclasses.replace(m.conv, gaps=gaps))
+
+
 @pytest.mark.parametrize("kw", [dict(mbps=2.0, gap=0.1), dict(mbps=1000.0, rtt_ms=2.0, gap=8.0)])
 def test_a_decision_without_a_network_change_moves_ratio_one_grid_step(kw: dict) -> None:
     """The same measurements twice: the first decision may jump across the grid (here to
-    δ = 0.001 on a slow link, δ = 1 with a large gap on a fast one); a periodic one, with no
-    network change behind it, moves δ to a grid neighbour only, in the same direction."""
+    δ = 0.001 on a slow link once δ down to 0.002 has gap readings, δ = 1 with a large gap on
+    a fast one); a periodic one, with no network change behind it, moves δ to a grid
+    neighbour only, in the same direction."""
     cfg = DecoConfig(monitor=False, min_dwell_steps=0)
     ctl = Controller(cfg, 8, NUMELS)
-    m = meas(0.3, **kw)
+    m = _explored(meas(0.3, **kw), 0.1, 0.05, 0.02, 0.01, 0.005, 0.002)
     cur = (0.1, 0, "fp32")
     first = ctl.decide(m, cur, 2)
     assert first.trigger == "initial" and first.ratio not in (0.2, 0.1, 0.05), first
@@ -496,5 +504,60 @@ def test_a_decision_without_a_network_change_moves_ratio_one_grid_step(kw: dict)
     assert d.trigger == "period" and d.outcome == "switch", d
     assert d.ratio in (0.2, 0.05) and (d.ratio > 0.1) == (first.ratio > 0.1), d
     # A network change lifts the limit.
-    d2 = ctl.decide(meas(0.3, **{**kw, "mbps": kw["mbps"] * 3}), cur, 4 + cfg.decide_every)
+    m3 = _explored(meas(0.3, **{**kw, "mbps": kw["mbps"] * 3}), 0.1, 0.05, 0.02, 0.01, 0.005, 0.002)
+    d2 = ctl.decide(m3, cur, 4 + cfg.decide_every)
     assert d2.trigger == "bandwidth_change" and d2.ratio not in (0.2, 0.1, 0.05), d2
+
+
+def test_compression_is_explored_one_level_below_the_explored_range() -> None:
+    """On a slow link the time model wants the smallest δ; the gap there is a reading at a
+    larger δ moved by the energy profile, so a decision goes at most one grid value below
+    the smallest δ with a reading, whatever its trigger. Larger δ stay open."""
+    cfg = DecoConfig(monitor=False, min_dwell_steps=0)
+    m = meas(0.3, mbps=2.0, gap=0.1)  # one reading, at δ = 0.1
+    ctl = Controller(cfg, 8, NUMELS)
+    assert ctl.compression_floor(m, 0.1) == 0.05
+    first = ctl.decide(m, (0.1, 0, "fp32"), 2)
+    assert first.trigger == "initial" and first.ratio == 0.05, first
+    # Without the floor the same decision jumps to the end of the grid.
+    free = Controller(cfg, 8, NUMELS)
+    assert free.search(m).ratio == 0.001
+    # Readings down to 0.01: a network-triggered decision may now reach 0.005, not below.
+    ctl2 = Controller(cfg, 8, NUMELS)
+    m2 = _explored(m, 0.1, 0.05, 0.02, 0.01)
+    assert ctl2.compression_floor(m2, 0.1) == 0.005
+    assert ctl2.decide(m2, (0.1, 0, "fp32"), 2).ratio == 0.005
+    # No reading yet: one level below the δ in force. Upward moves are never limited.
+    assert ctl2.compression_floor(Measurements(conv=ConvergenceInputs()), 0.02) == 0.01
+    fast = meas(0.3, mbps=1000.0, rtt_ms=2.0, gap=8.0)
+    assert Controller(cfg, 8, NUMELS).decide(fast, (0.1, 0, "fp32"), 2).ratio == 1.0
+
+
+def test_a_bandwidth_estimate_still_converging_is_no_network_change() -> None:
+    """B̂ moving away from a lower bound (or a young EMA) is the estimate refining: the
+    decision it triggers ("bandwidth_refined") moves δ one grid step, as a periodic one does.
+    The same move from a settled B̂ is a network change and may cross the grid."""
+    cfg = DecoConfig(monitor=False, min_dwell_steps=0)
+    cur = (0.01, 0, "fp32")
+    explored = (0.2, 0.1, 0.05, 0.02, 0.01)
+
+    def at(mbps: float, settled: bool) -> Measurements:
+        m = _explored(meas(0.3, mbps=mbps, rtt_ms=2.0, gap=8.0), *explored)
+        return dataclasses.replace(m, bandwidth_settled=settled)
+
+    for settled, trigger in ((False, "bandwidth_refined"), (True, "bandwidth_change")):
+        ctl = Controller(cfg, 8, NUMELS)
+        ctl._last_step = 0  # a decision at step 0 ...
+        ctl._remember(at(0.5, settled), 0)  # ... took a B̂ of 0.5 Mbit/s, settled or not
+        d = ctl.decide(at(1000.0, True), cur, 2)
+        assert d.trigger == trigger and d.outcome == "switch", d
+        if settled:
+            assert d.ratio > 0.02, d  # the link changed: anywhere on the grid
+        else:
+            assert d.ratio == 0.02, d  # one grid step up
+    # Checkpointed with the rest of the change trigger's reference.
+    ctl = Controller(cfg, 8, NUMELS)
+    ctl._remember(at(0.5, False), 0)
+    again = Controller(cfg, 8, NUMELS)
+    again.load_state_dict(ctl.state_dict())
+    assert again._trigger(at(1000.0, True), 2) == "bandwidth_refined"

@@ -222,3 +222,37 @@ def test_bandwidth_lower_bound_when_every_exchange_is_latency_bound() -> None:
     assert 1000.0 / 0.5 < b.value < 1000.0 / 0.01
     b.update(1e6, t, t + 1.0, latency=0.1)  # a real sample takes over
     assert b.value == pytest.approx(1e6 / 0.9)
+
+
+def test_bandwidth_is_settled_only_after_several_samples_of_one_ema() -> None:
+    """A lower bound and the first samples of an EMA (new or restarted on a step change) are
+    not settled: the controller reads a move from them as the estimate refining."""
+    from deco_sgd.estimators import LOWER_BOUND_AFTER, SETTLED_SAMPLES, BandwidthEstimator
+
+    b = BandwidthEstimator(alpha=0.3, min_transfer_frac=0.25)
+    t = 0.0
+    for _ in range(LOWER_BOUND_AFTER):
+        b.update(1000.0, t, t + 0.5, latency=0.49)  # latency-bound: filtered
+        t += 0.5
+    assert b.value is not None and not b.settled  # the lower bound
+    for i in range(SETTLED_SAMPLES):
+        assert not b.settled, i
+        b.update(1e6, t, t + 0.1)  # 10 MB/s
+        t += 0.1
+    assert b.settled and b.value == pytest.approx(1e7)
+    for _ in range(2):  # two samples 10x slower in a row: the EMA restarts, young again
+        b.update(1e6, t, t + 1.0)
+        t += 1.0
+    assert b.value == pytest.approx(1e6) and not b.settled
+    b2 = BandwidthEstimator(alpha=0.3, min_transfer_frac=0.25)
+    b2.load_state_dict(b.state_dict())
+    assert not b2.settled
+    for _ in range(SETTLED_SAMPLES - 1):
+        b2.update(1e6, t, t + 1.0)
+        t += 1.0
+    assert b2.settled
+    # A checkpoint from before the count: the EMA it holds counts as settled.
+    old = {k: v for k, v in b2.state_dict().items() if k != "since_seed"}
+    b3 = BandwidthEstimator()
+    b3.load_state_dict(old)
+    assert b3.settled
