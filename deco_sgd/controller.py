@@ -49,8 +49,10 @@ minimum of W, so ties go to the larger δ, then the smaller τ.
 2. trigger: the first call after warm-up, at once after a trial passed at a new τ
    ("explore"), every `decide_every` steps since the last decision, or when B̂ or any L̂
    moved more than `change_threshold` from the values of the last decision (unknown values
-   never trigger); a decision with no network change behind it (`CONVERGENCE_TRIGGERS`)
-   considers only δ within one grid value of the δ in force;
+   never trigger; a move of B̂ from a value still converging is "bandwidth_refined"); a
+   decision with no network change behind it (`CONVERGENCE_TRIGGERS`) considers only δ
+   within one grid value of the δ in force; every decision (measured mode) considers only
+   δ down to one grid value below the smallest δ with a gap reading (`compression_floor`);
 3. hold when T̂_comp or B̂ has never been measured (no transfer has passed the estimator's
    filter yet), or when no candidate is finite because a latency is unknown; fall back to
    (min δ, τ_max) with a warning when B̂ is 0 (a measured outage) or no candidate is finite otherwise
@@ -201,7 +203,7 @@ class Decision:
     ratio: float
     staleness: int
     changed: bool
-    trigger: str  # warmup | static | none | initial | explore | period | bandwidth_change | latency_change | monitor
+    trigger: str  # warmup | static | none | initial | explore | period | bandwidth_change | bandwidth_refined | latency_change | monitor
     outcome: str  # hold | optimal | switch | hysteresis | dwell | trial | no_reference | backoff_slow | backoff_rise | unknown_* | fallback
     bandwidth: float | None
     latency: float | None
