@@ -22,8 +22,8 @@ the race: on a loaded host that thread reaches the end of the program first) or 
 the GIL (a futex wait with a timeout), which it gets while this sleeps; a parked worker
 touches nothing. `atexit`
 callbacks run before Python starts finalizing (threads may still take the GIL then), so
-`install_exit_guard` (idempotent; `deco_sgd.DecoState` calls it) covers every Work of every
-group, the library's and the application's own last collectives alike.
+`install_exit_guard` (idempotent; `deco_sgd.DecoState` and `stop_at_exit` call it) covers
+every Work of every group, the library's and the application's own last collectives alike.
 
 A second path ends the same way on ccomm's own helper threads (`ccomm.comm.p2p`'s collective
 thread, `CommHandle`'s waiter thread, `ccomm.failfast`'s watcher): they complete the
@@ -34,6 +34,18 @@ reaches finalization meanwhile aborts the process the same way. These calls run 
 `completing()`, which counts them; the guard also waits until that count is zero. The count
 rises before the call and falls only after it returned (the GIL retaken), so this part is
 exact for calls begun before the guard ran.
+
+A third path is a helper thread that wakes by itself and runs Python after the guard has
+returned: `ccomm.failfast`'s watcher prunes its list of watched futures every `POLL_S`, and
+the entries it drops hold the last references to finished `CommHandle`s, their futures and
+result tensors (the main thread has dropped its own). Freeing a tensor releases the GIL
+(`THPVariable_clear`) and retakes it in a noexcept frame: a main thread that reaches
+`Py_FinalizeEx` meanwhile aborts the process, rank 0's watcher in a core caught after
+correct results (frames: `THPVariable_clear` <- `THPVariable_dealloc` <- ... <-
+`list_dealloc` <- ``self.entries = [...]`` in `_Watcher._run`). Counting such work
+cannot help, since it may begin after the count was read, so such a thread registers
+a stopper with `stop_at_exit`: the guard calls it first, and it stops the thread and joins
+it. A joined thread is gone, its last frame freed with the GIL held, so this part is exact.
 
 Limits [ours]: Linux only (``/proc/self/task``; elsewhere only `completing` blocks are
 waited for). A worker blocked on a collective still in flight (a timed wait that lasts
@@ -49,9 +61,9 @@ import os
 import platform
 import threading
 import time
-from typing import Iterator
+from typing import Callable, Iterator
 
-__all__ = ["wait_gloo_workers_parked", "install_exit_guard", "completing", "EXIT_WAIT_S", "PARKED_SAMPLES", "LONG_WAIT_S"]
+__all__ = ["wait_gloo_workers_parked", "install_exit_guard", "stop_at_exit", "completing", "EXIT_WAIT_S", "PARKED_SAMPLES", "LONG_WAIT_S"]
 
 #: The longest the exit guard waits for gloo's workers (a hung worker must not hang the exit).
 EXIT_WAIT_S = 5.0
@@ -70,6 +82,8 @@ _installed = False
 #: Helper-thread future completions in progress (`completing`).
 _completing = 0
 _completing_lock = threading.Lock()
+#: Helper-thread stoppers (`stop_at_exit`), called with the seconds left before the deadline.
+_stoppers: list[Callable[[float], bool]] = []
 
 
 @contextlib.contextmanager
@@ -167,12 +181,30 @@ def wait_gloo_workers_parked(timeout_s: float = EXIT_WAIT_S) -> bool:
         time.sleep(_SAMPLE_S)
 
 
+def stop_at_exit(stop: Callable[[float], bool]) -> None:
+    """Have the exit guard call ``stop(timeout_s)`` before it waits for the workers (and
+    install the guard). ``stop`` must end a helper thread that may run Python on its own
+    and join it within ``timeout_s``, returning whether it ended (see the module docstring)."""
+    _stoppers.append(stop)
+    install_exit_guard()
+
+
+def _stop_helpers(deadline: float) -> None:
+    # Stopped first: a stopping helper may still drop references, which the workers' wait
+    # does not see. All share the one EXIT_WAIT_S bound, so a hung helper cannot hang the exit.
+    for stop in list(_stoppers):
+        stop(max(0.0, deadline - time.monotonic()))
+
+
 def _at_exit() -> None:
-    wait_gloo_workers_parked(EXIT_WAIT_S)
+    deadline = time.monotonic() + EXIT_WAIT_S
+    _stop_helpers(deadline)
+    wait_gloo_workers_parked(max(0.0, deadline - time.monotonic()))
 
 
 def install_exit_guard() -> None:
-    """Run `wait_gloo_workers_parked` at interpreter exit, before finalization (idempotent)."""
+    """At interpreter exit, before finalization, stop the `stop_at_exit` helpers and run
+    `wait_gloo_workers_parked` (idempotent)."""
     global _installed
     if not _installed:
         atexit.register(_at_exit)

@@ -43,7 +43,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch.distributed as dist
 
 from .errors import CommError
-from .exitguard import completing
+from .exitguard import completing, stop_at_exit
 
 __all__ = [
     "PeerError", "post_error", "peer_error", "posting", "wait_works", "watch", "clear", "install_excepthook",
@@ -169,33 +169,50 @@ def install_excepthook() -> None:
 
 
 class _Watcher:
-    """One daemon thread failing watched futures when a peer posts its error."""
+    """One daemon thread failing watched futures when a peer posts its error.
+
+    The entries it drops hold the last references to finished handles and their result
+    tensors, and freeing a tensor releases and retakes the GIL: at exit the thread is
+    stopped and joined (`ccomm.exitguard.stop_at_exit`), so it never does that while the
+    interpreter finalizes. Its entries then stay with this object, freed by the main thread.
+    """
 
     def __init__(self) -> None:
         self.entries: list[tuple[float, Callable[[], bool], Callable[[PeerError], None], str]] = []
         self.lock = threading.Lock()
-        threading.Thread(target=self._run, name="ccomm-failfast-watch", daemon=True).start()
+        self.stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="ccomm-failfast-watch", daemon=True)
+        self._thread.start()
+        stop_at_exit(self.stop)
+
+    def stop(self, timeout_s: float) -> bool:
+        """End the thread after its current poll; True once it has ended (joined)."""
+        self.stopping.set()
+        self._thread.join(timeout_s)
+        return not self._thread.is_alive()
 
     def _run(self) -> None:
-        while True:
-            time.sleep(POLL_S)
-            now = time.monotonic()
-            with self.lock:
-                self.entries = [e for e in self.entries if not e[1]()]
-                due = [e for e in self.entries if now - e[0] >= CHECK_AFTER_S]
-            if not due:
-                continue
-            # The store calls release the GIL and retake it in a noexcept destructor: a main
-            # thread that reaches finalization meanwhile aborts the process, so the exit
-            # guard waits for this block (ccomm.exitguard.completing).
-            with completing():
-                err = peer_error(None, due[0][3])
-            if err is None:
-                continue
-            with self.lock:
-                failed, self.entries = self.entries, []
-            for _, _, fail, what in failed:
-                fail(PeerError(err.rank, err.reason, what))
+        while not self.stopping.wait(POLL_S):  # a poll, or the exit guard's stop
+            self._poll()
+
+    def _poll(self) -> None:
+        now = time.monotonic()
+        with self.lock:
+            self.entries = [e for e in self.entries if not e[1]()]
+            due = [e for e in self.entries if now - e[0] >= CHECK_AFTER_S]
+        if not due:
+            return
+        # The store calls release the GIL and retake it in a noexcept destructor: a main
+        # thread that reaches finalization meanwhile aborts the process, so the exit
+        # guard waits for this block (ccomm.exitguard.completing).
+        with completing():
+            err = peer_error(None, due[0][3])
+        if err is None:
+            return
+        with self.lock:
+            failed, self.entries = self.entries, []
+        for _, _, fail, what in failed:
+            fail(PeerError(err.rank, err.reason, what))
 
 
 _watcher: _Watcher | None = None
@@ -209,6 +226,8 @@ def watch(is_done: Callable[[], bool], fail: Callable[[PeerError], None], what: 
     with _waiter_lock:
         if _watcher is None:
             _watcher = _Watcher()
+    if _watcher.stopping.is_set():
+        return  # the process is exiting (exit guard): a new thread could outlive the guard's wait
     with _watcher.lock:
         _watcher.entries.append((time.monotonic(), is_done, fail, what))
 

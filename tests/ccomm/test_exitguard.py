@@ -106,3 +106,30 @@ def test_a_long_timed_wait_is_let_be(monkeypatch: pytest.MonkeyPatch) -> None:
     assert exitguard.LONG_WAIT_S <= time.monotonic() - t0 < 5.0
     monkeypatch.setattr(exitguard, "_worker_state", lambda _t: "busy")
     assert not exitguard.wait_gloo_workers_parked(timeout_s=0.1)
+
+
+def test_the_guard_joins_the_failfast_watcher(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The watcher dropped the last references to finished handles (their result tensors)
+    # after the guard had returned; freeing a tensor retakes the GIL, which aborted the
+    # process once finalization had begun. The guard must leave no such thread running, and
+    # the watcher's entries must stay for the main thread to free.
+    import threading
+
+    from ccomm import failfast
+
+    monkeypatch.setattr(exitguard, "_installed", True)  # no atexit registration in the test process
+    monkeypatch.setattr(exitguard, "_stoppers", [])
+    monkeypatch.setattr(exitguard, "wait_gloo_workers_parked", lambda _t=exitguard.EXIT_WAIT_S: True)
+    before = set(threading.enumerate())
+    watcher = failfast._Watcher()
+    started = [t for t in threading.enumerate() if t not in before and t.name == "ccomm-failfast-watch"]
+    assert len(started) == 1
+    held = object()
+    watcher.entries.append((0.0, lambda: False, lambda _e, h=held: None, "pending"))
+    exitguard._at_exit()
+    assert not started[0].is_alive()
+    assert [e[3] for e in watcher.entries] == ["pending"]
+    monkeypatch.setattr(failfast, "_watcher", watcher)
+    monkeypatch.setattr(failfast, "_store", lambda: object())
+    failfast.watch(lambda: False, lambda _e: None, "late")  # after the stop: not watched
+    assert [e[3] for e in watcher.entries] == ["pending"]
