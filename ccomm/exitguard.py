@@ -42,10 +42,11 @@ result tensors (the main thread has dropped its own). Freeing a tensor releases 
 (`THPVariable_clear`) and retakes it in a noexcept frame: a main thread that reaches
 `Py_FinalizeEx` meanwhile aborts the process, rank 0's watcher in a core caught after
 correct results (frames: `THPVariable_clear` <- `THPVariable_dealloc` <- ... <-
-`list_dealloc` <- ``self.entries = [...]`` in `_Watcher._run`). Counting such work
-cannot help, since it may begin after the count was read, so such a thread registers
-a stopper with `stop_at_exit`: the guard calls it first, and it stops the thread and joins
-it. A joined thread is gone, its last frame freed with the GIL held, so this part is exact.
+`list_dealloc` <- the prune ``self.entries = [...]``, now in `_Watcher._poll`). Counting
+such work cannot help, since it may begin after the count was read, so such a thread
+registers a stopper with `stop_at_exit`: the guard calls it first, and it stops the thread
+and joins it. A joined thread is gone, its last frame freed with the GIL held, so this part
+is exact.
 
 Limits [ours]: Linux only (``/proc/self/task``; elsewhere only `completing` blocks are
 waited for). A worker blocked on a collective still in flight (a timed wait that lasts
