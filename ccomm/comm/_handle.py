@@ -112,7 +112,8 @@ class CommHandle(Generic[T]):
                 if not fut.done():  # a peer's failure must reach whoever waits on the future
                     watch(fut.done, lambda err: self._fail_future(err, fut), self._what)
             else:
-                threading.Thread(target=self._complete, args=(fut,), name="ccomm-wait", daemon=True).start()
+                refs: list[Any] = [self, fut]
+                threading.Thread(target=_wait_then_complete, args=(refs,), name="ccomm-wait", daemon=True).start()
             return fut
 
     # -- internals ---------------------------------------------------------------------
@@ -170,19 +171,33 @@ class CommHandle(Generic[T]):
             else:
                 fut.set_result(self._result)  # type: ignore[arg-type]
 
-    def _complete(self, fut: "torch.futures.Future[T]") -> None:
-        # Runs on a "ccomm-wait" thread: completing() as in _fail_future.
-        try:
-            value = self.wait()
-        except Exception as exc:  # whatever wait() raises must reach the future's waiter
-            with completing():
-                fut.set_exception(exc)
-        else:
-            with completing():
-                fut.set_result(value)
-
     def __repr__(self) -> str:
         return f"CommHandle({self._what!r}, completed={self.is_completed()})"
+
+
+def _wait_then_complete(refs: list[Any]) -> None:
+    """Body of a "ccomm-wait" thread: wait for refs = [handle, future], then complete the
+    future with the result or the error.
+
+    Every reference this thread holds to the handle, the future and the result is dropped
+    inside the `completing()` block, which the exit guard counts: freeing a tensor releases
+    and retakes the GIL, which aborts the process once the interpreter finalizes
+    (ccomm.exitguard). `refs` is emptied first because the Thread object keeps its arguments
+    until this function has returned, outside the block."""
+    handle, fut = refs
+    refs.clear()
+    value: Any = None
+    error: Exception | None = None
+    try:
+        value = handle.wait()
+    except Exception as exc:  # whatever wait() raises must reach the future's waiter
+        error = exc  # completed after the except clause, which holds the error until it ends
+    with completing():
+        if error is None:
+            fut.set_result(value)
+        else:
+            fut.set_exception(error)
+        del value, error, handle, fut
 
 
 def finish_sync(handle: CommHandle[T], async_op: bool) -> "T | CommHandle[T]":

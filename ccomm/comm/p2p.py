@@ -77,14 +77,22 @@ class _Runner:
     def _run(self) -> None:
         while True:
             fn, work = self._jobs.get()
+            # The job's references (its closure, the work, the result or error) are dropped
+            # inside the completing() block: freeing a tensor releases and retakes the GIL,
+            # which aborts the process once the interpreter finalizes (ccomm.exitguard).
+            value: Any = None
+            error: BaseException | None = None
             try:
                 value = fn()
             except BaseException as exc:  # noqa: BLE001 - delivered to the caller through the future
-                with completing():  # set_exception wakes the caller before retaking the GIL (ccomm.exitguard)
-                    work.get_future().set_exception(exc)
-            else:
-                with completing():
+                error = exc  # completed after the except clause, which holds the error until it ends
+            # set_result / set_exception wake the caller before retaking the GIL (ccomm.exitguard).
+            with completing():
+                if error is None:
                     work.get_future().set_result(value)
+                else:
+                    work.get_future().set_exception(error)
+                del value, error, fn, work
 
     def submit(self, fn: Callable[[], Any]) -> ThreadWork:
         work = ThreadWork()

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -133,3 +134,78 @@ def test_the_guard_joins_the_failfast_watcher(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setattr(failfast, "_store", lambda: object())
     failfast.watch(lambda: False, lambda _e: None, "late")  # after the stop: not watched
     assert [e[3] for e in watcher.entries] == ["pending"]
+
+
+class _Result:
+    """Stands for a result tensor: weakly referenceable, so the test sees when it is freed."""
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_helper_threads_drop_their_last_references_inside_the_counted_block(
+    monkeypatch: pytest.MonkeyPatch, fails: bool
+) -> None:
+    # Freeing a result tensor retakes the GIL, which aborts the process once finalization has
+    # begun: a "ccomm-wait" thread and a group's collective thread must drop the handle, the
+    # future and the result while completing() is open, which the exit guard waits for; the
+    # Thread object itself keeps only an emptied list.
+    import contextlib
+    import threading
+    import weakref
+
+    import torch
+
+    from ccomm.comm import _handle, p2p
+
+    freed_inside: list[bool] = []
+    refs: dict[str, weakref.ref] = {}
+
+    @contextlib.contextmanager
+    def counted():  # type: ignore[no-untyped-def]
+        yield
+        freed_inside.append(refs["result"]() is None)
+
+    monkeypatch.setattr(_handle, "completing", counted)
+    monkeypatch.setattr(p2p, "completing", counted)
+
+    class Handle:
+        def wait(self) -> _Result:
+            r = _Result()
+            refs["result"] = weakref.ref(r)
+            if fails:
+                raise RuntimeError("peer gone", r)  # the error holds the result too
+            return r
+
+    fut: torch.futures.Future = torch.futures.Future()
+    fut.add_done_callback(lambda f: None)
+    args = [Handle(), fut]
+    t = threading.Thread(target=_handle._wait_then_complete, args=(args,), name="ccomm-wait", daemon=True)
+    del fut
+    t.start()
+    t.join(10.0)
+    assert args == [] and not t.is_alive()
+    # The future is gone too (nobody else held it), so the result was freed inside the block.
+    assert freed_inside == [True]
+
+    # A group's collective thread: once the job is done and the thread waits for the next
+    # one, its frame holds none of the job's references (the closure, the work, the result
+    # or the error); they were dropped inside the block.
+    import sys
+
+    freed_inside.clear()
+    runner = p2p._Runner()
+    w = runner.submit(lambda: Handle().wait())
+    try:
+        w.get_future().wait()
+        raised = False
+    except RuntimeError:
+        raised = True
+    assert raised == fails
+    deadline = time.monotonic() + 10.0  # the caller wakes before the block is left
+    while not freed_inside and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert len(freed_inside) == 1
+    frame = sys._current_frames()[runner._thread.ident]
+    while frame is not None and frame.f_code.co_name != "_run":
+        frame = frame.f_back
+    assert frame is not None
+    assert not {"value", "error", "fn", "work"} & set(frame.f_locals), sorted(frame.f_locals)
