@@ -1,13 +1,7 @@
 #!/usr/bin/env bash
 # Issue 14 campaign (this session): DeCo-SGD and static-a-priori train; every controller-independent
 # run comes from the caches filled by fill.sh. Run from the repository root.
-set -u
-cd "$(dirname "$0")/../../.."
-PY=${PY:-.venv/bin/python}
-C=docs/benchmarks/deco_sgd/configs
-O=docs/benchmarks/deco_sgd
-K=/work/deco_cache/v4
-log() { echo "$(date -u +%H:%M:%S) load $(cut -d' ' -f1-3 /proc/loadavg) $*"; }
+. "$(dirname "$0")/campaign_env.sh"
 # A cached run is reused by its config fingerprint, which does not see the controller's code:
 # drop every controller-dependent record so DeCo-SGD and static-a-priori train with this code.
 rm -f $K/*/deco__* $K/*/static_apriori__*

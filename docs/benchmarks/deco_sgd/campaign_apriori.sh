@@ -2,13 +2,7 @@
 # static_apriori again, now freezing DeCo-SGD's first value format too (ea10028); every other
 # run (DeCo-SGD included, trained at a17eba7: the controller's code did not change since) is
 # reused from the caches. The reports and results.json are rewritten.
-set -u
-cd "$(dirname "$0")/../../.."
-PY=${PY:-.venv/bin/python}
-C=docs/benchmarks/deco_sgd/configs
-O=docs/benchmarks/deco_sgd
-K=/work/deco_cache/v4
-log() { echo "$(date -u +%H:%M:%S) load $(cut -d' ' -f1-3 /proc/loadavg) $*"; }
+. "$(dirname "$0")/campaign_env.sh"
 rm -f $K/*/static_apriori__*
 for s in varying_bandwidth high_latency bandwidth_swings; do
   log "quick $s"

@@ -3,13 +3,7 @@
 # three full-size scenarios with seeds 0-2 instead of seed 0 alone. Seed 0's runs are reused
 # from the campaign's cache; seeds 1 and 2 train every method. Run from the repository root.
 # (The session ran this loop with --out under /work/full3 and copied the directories here.)
-set -u
-cd "$(dirname "$0")/../../.."
-PY=${PY:-.venv/bin/python}
-C=docs/benchmarks/deco_sgd/configs
-O=docs/benchmarks/deco_sgd
-K=/work/deco_cache/v4
-log() { echo "$(date -u +%H:%M:%S) load $(cut -d' ' -f1-3 /proc/loadavg) $*"; }
+. "$(dirname "$0")/campaign_env.sh"
 for s in bandwidth_swings varying_bandwidth high_latency; do
   log "full $s seeds 0,1,2"
   $PY -m deco_sgd bench $C/full_${s}_grid3.yaml --out $O/full3_$s --cache $K/full_mnist --seeds 0,1,2 --no-progress || log "FAILED full $s"

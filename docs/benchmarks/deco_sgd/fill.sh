@@ -1,10 +1,6 @@
 #!/usr/bin/env bash
 # Controller-independent runs (static grid, D-SGD, cocktail, DGA, PowerSGD) into fresh caches.
-set -u
-cd "$(dirname "$0")/../../.."
-PY=${PY:-.venv/bin/python}
-C=docs/benchmarks/deco_sgd/configs
-log() { echo "$(date -u +%H:%M:%S) load $(cut -d' ' -f1-3 /proc/loadavg) $*"; }
+. "$(dirname "$0")/campaign_env.sh"
 for s in varying_bandwidth high_latency bandwidth_swings; do
   log "fill quick $s"
   $PY -m deco_sgd bench $C/fill_$s.yaml --out /tmp/fill_$s --cache /work/deco_cache/v4/quick_mnist --quick --seeds 0,1,2 || log "FAILED $s"
