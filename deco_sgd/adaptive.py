@@ -552,7 +552,7 @@ class AdaptiveDriver:
             bandwidth_settled=bool(mx[_BW_UNSETTLED] == 0.0),
             latency_allreduce=None if mx[_LAT_AR] == _UNKNOWN else float(mx[_LAT_AR]),
             latency_allgather=None if mx[_LAT_AG] == _UNKNOWN else float(mx[_LAT_AG]),
-r=self.grad.r, loss=loss,
+            r=self.grad.r, loss=loss,
             conv=ConvergenceInputs(drift, gap, None if gp is None else gp[0], "fp32" if gp is None else gp[1],
                                    self.quantiles, signal, self.quant_errors, drift_tau, lo, hi, dict(self.gaps)))
 

@@ -22,13 +22,13 @@ nothing. The cross-rank reduction (MAX, MIN, SUM) is the caller's; see each clas
      more than a factor `jump_factor` (2) in the same direction, the EMA restarts from the
      last sample. An EMA alone needs about five samples to follow a 10x drop, and at the
      old point each sample then takes a slow step.
+     [ours] Excluding the queueing wait from the duration keeps the samples of a backlog,
+     which are the most precise ones (transfer is then the gap between two completions).
   6. [ours] `settled`: the value is an EMA seeded at least `SETTLED_SAMPLES` samples ago. A
      lower bound, or the first samples of a (re)started EMA, are still converging: a move of
      B̂ from such a value is the estimate refining, not the link changing (the controller
      treats the two apart: a 38 → 100 Mbit/s climb on an unchanged 100 Mbit/s link, the bound
      giving way to samples, made it jump across its grid on the quick high-latency run).
-     [ours] Excluding the queueing wait from the duration keeps the samples of a backlog,
-     which are the most precise ones (transfer is then the gap between two completions).
 * `LatencyEstimator` (MAX across ranks): per pattern, the minimum over the last `window`
   durations of a 1-element collective; the min-filter rejects queueing.
 * `GradStatsEstimator`: G² = EMA of ‖g^i‖² (SUM/n across ranks) and
