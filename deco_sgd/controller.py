@@ -46,10 +46,11 @@ minimum of W, so ties go to the larger δ, then the smaller τ.
 `decide(m, current, step)`:
 
 1. hold during warm-up and in static mode;
-2. trigger: the first call after warm-up, at once after a trial passed at a new τ
-   ("explore"), every `decide_every` steps since the last decision, or when B̂ or any L̂
-   moved more than `change_threshold` from the values of the last decision (unknown values
-   never trigger; a move of B̂ from a value still converging is "bandwidth_refined"); a
+2. trigger: the first call after warm-up; when B̂ or any L̂ moved more than
+   `change_threshold` from the values of the last decision (unknown values never trigger;
+   a network change outranks the two below); at once after a trial passed at a new τ
+   ("explore"); every `decide_every` steps since the last decision; a move of B̂ from a
+   value still converging is "bandwidth_refined", which ranks last; a
    decision with no network change behind it (`CONVERGENCE_TRIGGERS`) considers only δ
    within one grid value of the δ in force; every decision (measured mode) considers only
    δ down to one grid value below the smallest δ with a gap reading (`compression_floor`);
@@ -442,20 +443,28 @@ class Controller:
     def _trigger(self, m: Measurements, step: int) -> str:
         if self._last_step is None:
             return "initial"
-        if self._explore:
-            return "explore"
-        if step - self._last_step >= self.cfg.decide_every:
-            return "period"
+        # A network change comes before "explore" and "period": those decisions may move δ
+        # one grid value only and a trial holds through them, so naming a 10x bandwidth drop
+        # "period" kept the old payload for another decision (full-size bandwidth_swings:
+        # 4 steps at δ = 0.01 on a 5 Mbit/s link), and during a trial that outlived the
+        # period it kept being "period", which a trial holds through, until the verdict.
         thr = self.cfg.change_threshold
+        refined = False
         if m.bandwidth is not None and _moved(self._last_bw, m.bandwidth, thr):
             # From a settled reference a move is the link's; from one still converging (a
             # lower bound, a young EMA) it is the estimate's: the link may be unchanged.
-            return "bandwidth_change" if self._last_bw_settled else "bandwidth_refined"
+            if self._last_bw_settled:
+                return "bandwidth_change"
+            refined = True
         for key, old in self._last_lat.items():
             new = getattr(m, "latency_" + key)
             if new is not None and _moved(old, new, thr):
                 return "latency_change"
-        return "none"
+        if self._explore:
+            return "explore"
+        if step - self._last_step >= self.cfg.decide_every:
+            return "period"
+        return "bandwidth_refined" if refined else "none"
 
     def compression_floor(self, m: Measurements, cur_d: float) -> float:
         """The smallest δ a decision may choose: the grid value next below the smallest δ

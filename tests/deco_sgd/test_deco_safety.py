@@ -400,6 +400,29 @@ def test_bandwidth_move_ends_a_trial_without_exploring_staleness() -> None:
     assert ctl.size(d.ratio, d.values).nbytes < ctl.size(point[0], point[2]).nbytes
 
 
+def test_a_network_change_outranks_a_due_period_even_during_a_trial() -> None:
+    """The period is due and the link dropped 10x: the decision is a "bandwidth_change" (the
+    whole grid open), not a "period" (one grid step), and a trial that outlived the period
+    does not hold through it."""
+    cfg = DecoConfig(min_dwell_steps=0)
+    late = cfg.decide_every + 4
+    free = Controller(cfg.replace(monitor=False), 8, NUMELS)
+    free.decide(meas(0.05, mbps=50.0, rtt_ms=50.0), (0.1, 0, "fp32"), 2)
+    assert free._trigger(meas(0.05, mbps=50.0, rtt_ms=50.0), late) == "period"
+    d = free.decide(meas(0.05, mbps=5.0, rtt_ms=50.0), (0.2, 0, "fp32"), late)
+    assert d.trigger == "bandwidth_change" and d.outcome == "switch", d
+    ctl = Controller(cfg, 8, NUMELS)
+    ctl.decide(meas(0.05, mbps=50.0, rtt_ms=50.0), (0.1, 0, "fp32"), 2)
+    point = (0.2, 0, "fp32")
+    ctl._trial = (point, (0.1, 0, "fp32"))
+    ctl.monitor.ref_slope = -0.1
+    ctl.monitor.trial = {"start": 2, "settle": late, "expected": 1.0, "ema0": 9.0, "peak": 9.0}
+    assert ctl.decide(meas(0.05, loss=9.0, mbps=50.0, rtt_ms=50.0), point, late).outcome == "trial"
+    d = ctl.decide(meas(0.05, loss=9.0, mbps=5.0, rtt_ms=50.0), point, late + 2)
+    assert d.trigger == "bandwidth_change" and d.outcome == "switch", d
+    assert ctl.size(d.ratio, d.values).nbytes < ctl.size(point[0], point[2]).nbytes
+
+
 def test_time_model_charges_the_algorithm_auto_will_run() -> None:
     """8 ranks, 150 ms RTT, 100 Mbit/s: a small top-k all-gather runs recursive doubling
     (3 rounds instead of the ring's 7), and the controller prices those 3 latencies; the
