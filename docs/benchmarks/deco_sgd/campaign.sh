@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 14 campaign (this session): DeCo-SGD and static-a-priori train; every controller-independent
+# Issue 14 campaign: DeCo-SGD and static-a-priori train; every controller-independent
 # run comes from the caches filled by fill.sh. Run from the repository root.
 . "$(dirname "$0")/campaign_env.sh"
 # A cached run is reused by its config fingerprint, which does not see the controller's code:
@@ -15,6 +15,9 @@ for s in high_latency varying_bandwidth; do
   log "holdout bytelm $s"
   $PY -m deco_sgd bench $C/holdout_bytelm_${s}_nococktail.yaml --out $O/holdout_bytelm_$s --cache $K/bytelm --seeds 0,1,2 --no-progress || log "FAILED bytelm $s"
 done
-log "full high_latency (dsgd, deco)"
-$PY -m deco_sgd bench $C/full_high_latency_dsgd_deco.yaml --out $O/full_high_latency --cache $K/full_mnist --seeds 0 --no-progress || log "FAILED full"
+# Full size (8 workers, 1.86 M MLP), the quick 3-point grid, seeds 0-2.
+for s in bandwidth_swings varying_bandwidth high_latency; do
+  log "full $s seeds 0,1,2"
+  $PY -m deco_sgd bench $C/full_${s}_grid3.yaml --out $O/full_$s --cache $K/full_mnist --seeds 0,1,2 --no-progress || log "FAILED full $s"
+done
 log done
