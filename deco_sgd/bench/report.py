@@ -30,6 +30,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
+from . import provenance
 from .config import BenchConfig
 from .plan import grid_name
 
@@ -73,8 +74,10 @@ def _speedup(base: float | None, x: float | None) -> float | None:
     return base / x
 
 
-def build_results(cfg: BenchConfig, records: Sequence[dict[str, Any]], *, wall_s: float = 0.0) -> dict[str, Any]:
-    """The results.json dict (see the module docstring)."""
+def build_results(cfg: BenchConfig, records: Sequence[dict[str, Any]], *, wall_s: float = 0.0,
+                  code: str | None = None) -> dict[str, Any]:
+    """The results.json dict (see the module docstring); `code` is the digest of the code in
+    use (`provenance.code_digest`, computed here when None)."""
     import torch
 
     from .tasks import TASKS
@@ -166,6 +169,7 @@ def build_results(cfg: BenchConfig, records: Sequence[dict[str, Any]], *, wall_s
         "validation": {"time_accounting": "every run re-timed by vclock.replay from its step log; runs trained "
                                           "in this invocation matched their online virtual times"},
         "timing": timing,
+        "provenance": provenance.summarize(records, code if code is not None else provenance.code_digest()),
         "generated_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     return results
@@ -404,6 +408,8 @@ def render_report(res: dict[str, Any], plots: bool, command: str | None = None) 
               "Virtual time: real gradients, real DeCo-SGD / PowerSGD code paths on gloo; compute time per step "
               "is the configured constant and every exchange is charged on the scenario's link with its real "
               "payload bytes (docs/design/deco_sgd.md#virtual-time)."]
+    if "provenance" in res:
+        lines += [""] + list(provenance.describe(res["provenance"]))
     if plots:
         lines += ["", "![metric vs time](metric_vs_time.png)", "", "![decisions](decisions.png)", "",
                   "![bandwidth](bandwidth.png)"]

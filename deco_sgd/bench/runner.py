@@ -5,7 +5,9 @@
    section (its controller fields only for deco and static_apriori), the method and seed,
    and the network for the methods whose behaviour depends on it: deco, static_apriori,
    dga). A run whose record is already in the cache directory is not trained again; static
-   methods so train once and serve every scenario.
+   methods so train once and serve every scenario. Records carry the digest of the code that
+   trained them (`provenance`): a DeCo-SGD or static-a-priori record made by other code is
+   trained again, and the report counts the other reused runs that came from other code.
 2. The remaining runs go to n spawned processes (1 torch thread each), which join one gloo
    group and execute them in plan order (`methods.run_method`); rank 0 writes one JSON
    record per run and drives the progress bar. The ranks run under `ccomm.ranks.run_ranks`:
@@ -33,6 +35,7 @@ from ccomm.ranks import RankError, run_ranks
 
 from .config import BenchConfig
 from .plan import RunSpec, build_plan, first_decision
+from .provenance import code_digest
 from .vclock import replay
 
 __all__ = ["run_bench", "fingerprint", "NETWORK_DEPENDENT", "BenchFailed", "retime"]
@@ -86,8 +89,16 @@ def _record_path(cache: Path, cfg: BenchConfig, spec: RunSpec) -> Path:
     return cache / f"{spec.key}__{fingerprint(cfg, spec)}.json"
 
 
+def _same_code(path: Path, code: str) -> bool:
+    """True when the record at `path` was trained by the code with digest `code`."""
+    try:
+        return json.loads(path.read_text()).get("code") == code
+    except (OSError, ValueError):
+        return False  # unreadable: train it again
+
+
 def _worker(rank: int, world: int, cfg: BenchConfig, todo: list[RunSpec], paths: list[str],
-            apriori: dict[int, tuple[float, int, str]], progress: bool) -> None:
+            apriori: dict[int, tuple[float, int, str]], progress: bool, code: str) -> None:
     """One rank's share of the plan, run by `ccomm.ranks.run_ranks` (which owns the gloo group)."""
     from .context import RankContext
     from .methods import run_method
@@ -113,6 +124,7 @@ def _worker(rank: int, world: int, cfg: BenchConfig, todo: list[RunSpec], paths:
             ctx.apriori[spec.seed] = first_decision(rec["decisions"])
         if rank == 0:
             rec["fingerprint"] = fingerprint(cfg, spec)
+            rec["code"] = code
             tmp = Path(path).with_suffix(".tmp")
             tmp.write_text(json.dumps(rec))
             os.replace(tmp, path)
@@ -121,10 +133,10 @@ def _worker(rank: int, world: int, cfg: BenchConfig, todo: list[RunSpec], paths:
 
 
 def _spawn(cfg: BenchConfig, todo: list[RunSpec], paths: list[Path], apriori: dict[int, tuple[float, int, str]],
-           progress: bool) -> None:
+           progress: bool, code: str) -> None:
     t = cfg.train.timeout_s
     try:
-        run_ranks(_worker, cfg.workers, cfg, todo, [str(p) for p in paths], apriori, progress,
+        run_ranks(_worker, cfg.workers, cfg, todo, [str(p) for p in paths], apriori, progress, code,
                   timeout=t, group_timeout_s=t)
     except (RankError, TimeoutError) as exc:
         raise BenchFailed(f"train.timeout_s={t:g} s; {exc}") from exc
@@ -167,16 +179,18 @@ def run_bench(cfg: BenchConfig, out_dir: str | Path, *, cache_dir: str | Path | 
     cache.mkdir(parents=True, exist_ok=True)
     plan = build_plan(cfg)
     paths = [_record_path(cache, cfg, s) for s in plan]
-    todo = [(s, p) for s, p in zip(plan, paths) if not p.exists()]
+    code = code_digest()
+    stale = [s.key for s, p in zip(plan, paths) if s.kind in CONTROLLED and p.exists() and not _same_code(p, code)]
+    todo = [(s, p) for s, p in zip(plan, paths) if not p.exists() or s.key in stale]
     apriori: dict[int, tuple[float, int, str]] = {}
     for s, p in zip(plan, paths):
-        if s.kind == "deco" and p.exists():
+        if s.kind == "deco" and p.exists() and s.key not in stale:
             apriori[s.seed] = first_decision(json.loads(p.read_text())["decisions"])
     echo(f"{cfg.scenario}: {len(plan)} runs, {len(plan) - len(todo)} reused from {cache}, {len(todo)} to train "
-         f"on {cfg.workers} workers")
+         f"on {cfg.workers} workers" + (f" ({len(stale)} made by other code: {', '.join(stale)})" if stale else ""))
     t0 = time.perf_counter()
     if todo:
-        _spawn(cfg, [s for s, _ in todo], [p for _, p in todo], apriori, progress)
+        _spawn(cfg, [s for s, _ in todo], [p for _, p in todo], apriori, progress, code)
     wall = time.perf_counter() - t0
     trained = {str(p) for _, p in todo}
     records = []
@@ -189,6 +203,6 @@ def run_bench(cfg: BenchConfig, out_dir: str | Path, *, cache_dir: str | Path | 
                     raise BenchFailed(f"{s.key}: replayed time {b['t_s']} != online {a['t_s']} at step {a['step']}")
         timed["reused"] = str(p) not in trained
         records.append(timed)
-    results = report.build_results(cfg, records, wall_s=wall)
+    results = report.build_results(cfg, records, wall_s=wall, code=code)
     report.write_outputs(results, out, command)
     return results

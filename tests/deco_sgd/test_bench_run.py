@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from deco_sgd.bench.config import config_from_dict, load_config
+from deco_sgd.bench.provenance import code_digest
 from deco_sgd.bench.runner import run_bench
 
 pytestmark = pytest.mark.multiprocess
@@ -63,6 +64,22 @@ def test_tiny_bench_schema_progress_and_determinism(tmp_path: Path) -> None:
     c = run_bench(cfg, tmp_path / "c", cache_dir=tmp_path / "a" / "runs", progress=False)
     assert all(r["reused"] for r in c["timing"]["runs"].values())
     assert json.dumps(_strip(a), sort_keys=True) == json.dumps(_strip(c), sort_keys=True)
+    assert a["provenance"] == {"code": code_digest(), "runs": 4, "other_code": {}}
+    # Records made by other code: DeCo-SGD's is trained again (a controller change must never
+    # be judged on old runs), a static one is reused and the report says it came from other code.
+    runs = tmp_path / "a" / "runs"
+    for key in ("deco__s0", "dsgd__s0"):
+        (path,) = runs.glob(key + "__*.json")
+        rec = json.loads(path.read_text())
+        path.write_text(json.dumps({**rec, "code": "0123456789abcdef"}))
+    d = run_bench(cfg, tmp_path / "d", cache_dir=runs, progress=False)
+    assert {k: r["reused"] for k, r in d["timing"]["runs"].items()} == {
+        "deco__s0": False, "dsgd__s0": True, "static_d0.1_t1__s0": True, "powersgd_r1__s0": True}
+    assert d["provenance"]["other_code"] == {"0123456789abcdef": ["dsgd:s0"]}
+    assert "reused runs from other code, by digest: 0123456789abcdef (1 runs: dsgd:s0)" in (
+        tmp_path / "d" / "report.md").read_text()
+    assert json.loads(next(runs.glob("deco__s0__*.json")).read_text())["code"] == code_digest()
+    assert a["methods"]["deco"] == d["methods"]["deco"]  # retrained by the same code: the same run
 
 
 def test_default_deco_decides_within_six_steps(tmp_path: Path) -> None:

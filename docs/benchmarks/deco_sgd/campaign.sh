@@ -2,8 +2,9 @@
 # Issue 14 campaign: DeCo-SGD and static-a-priori train; every controller-independent
 # run comes from the caches filled by fill.sh. Run from the repository root.
 . "$(dirname "$0")/campaign_env.sh"
-# A cached run is reused by its config fingerprint, which does not see the controller's code:
-# drop every controller-dependent record so DeCo-SGD and static-a-priori train with this code.
+# A cached run is reused by its config fingerprint; drop every controller-dependent record so
+# DeCo-SGD and static-a-priori train with this code. (Since the campaign at 504a966 the runner
+# also retrains such records when they were made by other code: deco_sgd.bench.provenance.)
 rm -f $K/*/deco__* $K/*/static_apriori__*
 for s in varying_bandwidth high_latency bandwidth_swings; do
   log "quick $s"
