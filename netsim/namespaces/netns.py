@@ -199,6 +199,15 @@ def attach(tag: str) -> Net:
     return net
 
 
+def _die_with_us() -> list[str]:
+    """The argv prefix that gives a child our death as its parent-death signal, or [] (not the
+    main thread, or no setpriv). `ip netns exec` and setpriv both exec, so the recorded PID
+    stays the child's own and the signal setting survives into argv."""
+    if threading.current_thread() is not threading.main_thread() or shutil.which("setpriv") is None:
+        return []
+    return ["setpriv", "--pdeathsig", "KILL", "--"]
+
+
 class Net:
     """A running emulated network: ``hosts``, ``env(rank)``, ``popen(rank, argv)``, ``down()``."""
 
@@ -233,9 +242,15 @@ class Net:
 
     def popen(self, rank: int, argv: Sequence[str], *, env: dict[str, str] | None = None,
               port: int = 29500, **kwargs: Any) -> subprocess.Popen[Any]:
-        """Start ``argv`` in host ``rank``'s namespace with :meth:`env`; the PID is recorded."""
+        """Start ``argv`` in host ``rank``'s namespace with :meth:`env`; the PID is recorded.
+
+        Called from the main thread, the child also dies with this process (SIGKILL, via
+        ``setpriv --pdeathsig``, when util-linux has it), even when this process is killed
+        and cannot run its cleanup: a process left in a namespace keeps using the host.
+        Not from another thread: the kernel sends the signal when the *thread* that started
+        the child exits."""
         full_env = {**os.environ, **self.env(rank, port), **(env or {})}
-        proc = subprocess.Popen(self.exec_prefix(rank) + list(argv), env=full_env, **kwargs)
+        proc = subprocess.Popen(self.exec_prefix(rank) + _die_with_us() + list(argv), env=full_env, **kwargs)
         self.procs.append(proc)
         # `ip netns exec` execs argv, so the recorded PID becomes argv's own process.
         self._state.setdefault("pids", {})[str(proc.pid)] = " ".join(argv)

@@ -375,6 +375,10 @@ def run(state: dict[str, Any], ready: Any = sys.stdout, go: Any = sys.stdin) -> 
 
     def _stop(signum: int, frame: Any) -> None:
         # Raising (not just flagging) breaks out of epoll.poll, which PEP 475 would resume.
+        # Once only: a second signal (the parent-death SIGTERM, then `down`'s) must not
+        # interrupt the cleanup in the finally block below.
+        if loop.stop:
+            return
         loop.stop = True
         raise _Stopped
 

@@ -150,23 +150,38 @@ def test_sigkilled_controller_is_cleanable_by_down() -> None:
 
     tag = _uniq("lv4")
 
-    def once() -> tuple[int | None, list[str], list[str]]:
-        p = _controller(tag, "os.kill(os.getpid(), signal.SIGKILL)")
+    def once() -> tuple[int | None, list[str], list[str], bool]:
+        # A process the controller started in a namespace (Net.popen) dies with it too.
+        p = _controller(tag, "c = net.popen(1, ['sleep', '60']); print(c.pid, flush=True); "
+                             "os.kill(os.getpid(), signal.SIGKILL)")
         try:
             assert p.stdout is not None and p.stdout.readline().strip() == "up"
+            child = int(p.stdout.readline())
             p.wait(timeout=30)
             deadline = time.monotonic() + WIRE_DEATH_S
-            while time.monotonic() < deadline and any("process" in x for x in netns.leftovers(tag)):
+            while time.monotonic() < deadline and (any("process" in x for x in netns.leftovers(tag))
+                                                   or _alive(child)):
                 time.sleep(0.05)
-            return p.returncode, netns.leftovers(tag), netns.down(tag)
+            alive, left = _alive(child), netns.leftovers(tag)  # before down(), which kills it
+            return p.returncode, left, netns.down(tag), alive
         finally:
             netns.down(tag)
 
-    code, left, left_after_down = on_time(once, lag_limit_s=WIRE_DEATH_S / 5)
+    code, left, left_after_down, child_alive = on_time(once, lag_limit_s=WIRE_DEATH_S / 5)
     assert code == -signal.SIGKILL
     assert any(x.startswith(f"namespace nsm-{tag}-") for x in left)  # nothing cleaned it yet
     assert not any("process" in x for x in left), left
+    assert not child_alive
     assert left_after_down == []
+
+
+def _alive(pid: int) -> bool:
+    """True while `pid` runs (a zombie, reaped by init shortly, counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
