@@ -23,6 +23,7 @@ dist-packages directory to the *end* of ``sys.path`` so the venv's own packages 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -114,16 +115,39 @@ class MininetNet(Net):
         return down_root_links()
 
 
+def _our_root_links() -> list[str]:
+    """Root-namespace links named like netsim's Mininet objects (``nsmh*``, ``nsms*``)."""
+    out = run_argv(["ip", "-o", "link"], check=False).stdout
+    names = (ln.split(":")[1].strip().split("@")[0] for ln in out.splitlines())
+    return [n for n in names if _ROOT_LINK_RE.match(n)]
+
+
 def down_root_links() -> list[str]:
     """Delete root-namespace links named like netsim's Mininet objects; returns what remains."""
-    out = run_argv(["ip", "-o", "link"], check=False).stdout
-    names = [ln.split(":")[1].strip().split("@")[0] for ln in out.splitlines()]
-    for name in names:
-        if _ROOT_LINK_RE.match(name):
-            run_argv(["ip", "link", "del", name], check=False)
-    out = run_argv(["ip", "-o", "link"], check=False).stdout
-    return [f"root link {n}" for n in (ln.split(":")[1].strip().split("@")[0]
-                                       for ln in out.splitlines()) if _ROOT_LINK_RE.match(n)]
+    for name in _our_root_links():
+        run_argv(["ip", "link", "del", name], check=False)
+    return [f"root link {n}" for n in _our_root_links()]
+
+
+def _require_no_other_net() -> None:
+    """Refuse to build while another netsim Mininet net (or its leftovers) is in the root
+    namespace: the host and switch names are fixed (``nsmh<i>``, ``nsms0``: a tag would not fit
+    Linux's 15-character interface names), so a second net would collide with the first, and
+    the cleanup of a failed ``up`` (:func:`down_root_links`) would delete the first net's links."""
+    links = _our_root_links()
+    if not links:
+        return
+    owners = []
+    for f in sorted(STATE_DIR.glob("*.json")) if STATE_DIR.is_dir() else []:
+        try:
+            if str(json.loads(f.read_text()).get("mode", "")).startswith("mininet"):
+                owners.append(f.stem)
+        except (OSError, ValueError):
+            continue
+    who = f"tag {', '.join(owners)}: `netsim down --tag {owners[0]}`" if owners else "leftovers: `netsim down --all`"
+    raise RuntimeError(f"netsim.namespaces.mininet: another netsim Mininet network is up (root links "
+                       f"{', '.join(links[:4])}{' ...' if len(links) > 4 else ''}); one runs at a time, "
+                       f"bring it down first ({who})")
 
 
 def _readline(proc: subprocess.Popen[str], timeout: float) -> str:
@@ -140,6 +164,7 @@ def up(topo: Topo, *, tag: str = "mn", delay: str = "auto", mtu: int | None = No
     """Build ``topo`` in Mininet (see the module docstring); tear down with ``net.down()``."""
     require_root()
     load_mininet()
+    _require_no_other_net()
     from mininet.link import TCLink
     from mininet.net import Mininet
     from mininet.nodelib import LinuxBridge

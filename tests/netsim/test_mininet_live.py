@@ -52,3 +52,20 @@ def test_mininet_four_hosts_ring_probe() -> None:
         assert rep.ok, rep.table()
     finally:
         assert net.down() == []
+
+
+def test_a_second_mininet_net_is_refused_and_the_first_survives() -> None:
+    """Host names are fixed, so a second net would collide; its failed ``up`` used to clean
+    up by deleting every netsim Mininet link in the root namespace, the first net's too."""
+    from netsim.namespaces import mininet
+
+    before = _root_links()
+    net = mininet.up(Topo(2, Link(10, 10)), tag="mnt2")
+    try:
+        up_links = _root_links() - before
+        with pytest.raises(RuntimeError, match=r"another netsim Mininet network is up .*netsim down --tag mnt2"):
+            mininet.up(Topo(2, Link(10, 10)), tag="mnt3")
+        assert _root_links() - before == up_links  # the first net is untouched
+    finally:
+        assert net.down() == []
+    assert _root_links() == before
