@@ -135,13 +135,6 @@ class HostLag:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="timing-host-lag", daemon=True)
 
-    @property
-    def stall_fraction(self) -> float | None:
-        """``stall_s`` as a fraction of the watched window (None without PSI)."""
-        if self.stall_s is None:
-            return None
-        return self.stall_s / self.window_s if self.window_s > 0 else 0.0
-
     def _sample(self) -> None:
         """Fold one stall reading into ``peak_stall_s``: stall since the oldest recent reading."""
         total = self._read_stall()

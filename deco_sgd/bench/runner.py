@@ -89,12 +89,12 @@ def _record_path(cache: Path, cfg: BenchConfig, spec: RunSpec) -> Path:
     return cache / f"{spec.key}__{fingerprint(cfg, spec)}.json"
 
 
-def _same_code(path: Path, code: str) -> bool:
-    """True when the record at `path` was trained by the code with digest `code`."""
+def _load(path: Path) -> dict[str, Any] | None:
+    """The record at `path`, or None when it cannot be read (it is then trained again)."""
     try:
-        return json.loads(path.read_text()).get("code") == code
+        return json.loads(path.read_text())
     except (OSError, ValueError):
-        return False  # unreadable: train it again
+        return None
 
 
 def _worker(rank: int, world: int, cfg: BenchConfig, todo: list[RunSpec], paths: list[str],
@@ -180,12 +180,15 @@ def run_bench(cfg: BenchConfig, out_dir: str | Path, *, cache_dir: str | Path | 
     plan = build_plan(cfg)
     paths = [_record_path(cache, cfg, s) for s in plan]
     code = code_digest()
-    stale = [s.key for s, p in zip(plan, paths) if s.kind in CONTROLLED and p.exists() and not _same_code(p, code)]
+    # Controller-dependent records made by other code are trained again (`provenance`).
+    controlled = {s.key: _load(p) for s, p in zip(plan, paths) if s.kind in CONTROLLED and p.exists()}
+    stale = [k for k, rec in controlled.items() if rec is None or rec.get("code") != code]
     todo = [(s, p) for s, p in zip(plan, paths) if not p.exists() or s.key in stale]
     apriori: dict[int, tuple[float, int, str]] = {}
-    for s, p in zip(plan, paths):
-        if s.kind == "deco" and p.exists() and s.key not in stale:
-            apriori[s.seed] = first_decision(json.loads(p.read_text())["decisions"])
+    for s in plan:
+        rec = controlled.get(s.key)
+        if s.kind == "deco" and rec is not None and s.key not in stale:
+            apriori[s.seed] = first_decision(rec["decisions"])
     echo(f"{cfg.scenario}: {len(plan)} runs, {len(plan) - len(todo)} reused from {cache}, {len(todo)} to train "
          f"on {cfg.workers} workers" + (f" ({len(stale)} made by other code: {', '.join(stale)})" if stale else ""))
     t0 = time.perf_counter()

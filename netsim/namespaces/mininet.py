@@ -23,7 +23,6 @@ dist-packages directory to the *end* of ``sys.path`` so the venv's own packages 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -38,7 +37,7 @@ from typing import Any
 
 from netsim.namespaces.commands import Cmd, host_ns
 from netsim.namespaces.executor import run_argv
-from netsim.namespaces._procs import STATE_DIR, WIRE_MODULE, kill_all, write_state
+from netsim.namespaces._procs import STATE_DIR, WIRE_MODULE, kill_all, read_state, write_state
 from netsim.namespaces.netns import FeatureError, Net, detect, require_root, topo_to_json
 from netsim.namespaces.plan import HostPlan, Plan, UpOptions, plan_up
 from netsim.model.topo import Topo
@@ -137,14 +136,12 @@ def _require_no_other_net() -> None:
     links = _our_root_links()
     if not links:
         return
-    owners = []
-    for f in sorted(STATE_DIR.glob("*.json")) if STATE_DIR.is_dir() else []:
-        try:
-            if str(json.loads(f.read_text()).get("mode", "")).startswith("mininet"):
-                owners.append(f.stem)
-        except (OSError, ValueError):
-            continue
-    who = f"tag {', '.join(owners)}: `netsim down --tag {owners[0]}`" if owners else "leftovers: `netsim down --all`"
+    tags = sorted(p.stem for p in STATE_DIR.glob("*.json")) if STATE_DIR.is_dir() else []
+    owners = [t for t in tags if str((read_state(t) or {}).get("mode", "")).startswith("mininet")]
+    # Only wire mode writes a state file: without one the links are a veth-mode net's or a
+    # killed net's leftovers, which this process cannot tell apart.
+    who = (f"tag {', '.join(owners)}: `netsim down --tag {owners[0]}`" if owners else
+           "no state file names its tag: a veth-mode net's `net.down()`, or `netsim down --all` for leftovers")
     raise RuntimeError(f"netsim.namespaces.mininet: another netsim Mininet network is up (root links "
                        f"{', '.join(links[:4])}{' ...' if len(links) > 4 else ''}); one runs at a time, "
                        f"bring it down first ({who})")
