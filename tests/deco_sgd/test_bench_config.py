@@ -69,6 +69,20 @@ def test_examples_load_and_quick_reduces() -> None:
     assert load_config(EXAMPLES / "high_latency.yaml").network.link().rtt_s == pytest.approx(0.150)
 
 
+def test_holdout_fast_swings_trace_swings_while_the_compressed_methods_train() -> None:
+    # The hold-out trace is for adaptation: it must start on the slow phase (so the first
+    # decision is made there) and swing at least 15x, twice, before the 12-20 s at which
+    # the compressed methods reach the target on the tuned scenarios.
+    for name, arch in (("holdout_fast_swings", None), ("holdout_cnn_fast_swings", "cnn")):
+        cfg = load_config(EXAMPLES / f"{name}.yaml")
+        assert cfg.workers == 4 and cfg.task.get("arch") == arch
+        assert "static_apriori" not in cfg.methods.skip and "cocktail" not in cfg.methods.skip
+        trace = cfg.network.link().rate_trace
+        early = [(t, r) for t, r in zip(trace.times_s, trace.mbps) if t <= 20]
+        assert early[0] == (0.0, 4) and len(early) >= 3
+        assert all(max(a[1], b[1]) / min(a[1], b[1]) >= 15 for a, b in zip(early, early[1:]))
+
+
 def test_plan_and_fingerprints() -> None:
     cfg = load_config(EXAMPLES / "high_latency.yaml")
     plan = build_plan(cfg)
