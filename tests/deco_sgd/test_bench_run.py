@@ -176,3 +176,16 @@ def test_holdout_reach_is_judged_seed_by_seed() -> None:
     assert reach["met"] is False and reach["seeds_missed"] == [2]
     methods["deco"] = meth([31.9, None, 30.0])  # misses only where D-SGD missed too
     assert _check_targets("holdout_bytelm_varying_bandwidth", methods, False)[0]["met"] is True
+
+
+def test_report_states_what_adapting_bought_against_the_frozen_first_decision() -> None:
+    from deco_sgd.bench.report import adaptation_line
+
+    def meth(times: list[float | None], median: float | None) -> dict:
+        return {"time_to_target_s": median, "per_seed": [{"seed": s, "time_to_target_s": t} for s, t in enumerate(times)]}
+
+    line = adaptation_line(meth([20.4, 19.8, 19.7], 19.8), meth([16.6, 13.8, 15.3], 15.3))
+    assert "deco vs static_apriori 0.77x" in line
+    assert "deco 20.4 / 19.8 / 19.7; static_apriori 16.6 / 13.8 / 15.3" in line
+    assert "n/a" in adaptation_line(meth([None, None, 20.0], None), meth([16.6, 13.8, 15.3], 15.3))
+    assert "never / never / 20.0" in adaptation_line(meth([None, None, 20.0], None), meth([1.0], 1.0))
