@@ -26,7 +26,7 @@ def main(dirs: list[str]) -> None:
     final = {k: statistics.mean(p["final_metric"] for p in v) for k, v in per.items() if v}
     d = times["deco"]
     print(f"seeds {len(per['deco'])}: deco {d:.1f} s; vs dsgd {times['dsgd'] / d:.2f}x", end="")
-    for other in ("cocktail", best):
+    for other in ("cocktail", best, "static_apriori"):
         if other in times:
             print(f"; vs {other} {times[other] / d:.2f}x", end="")
     print(f"; deco final - dsgd {100 * (final['deco'] - final['dsgd']):+.2f} points")
