@@ -178,7 +178,7 @@ def test_holdout_reach_is_judged_seed_by_seed() -> None:
     assert _check_targets("holdout_bytelm_varying_bandwidth", methods, False)[0]["met"] is True
 
 
-def test_report_states_what_adapting_bought_against_the_frozen_first_decision() -> None:
+def test_report_compares_deco_with_its_first_decision_frozen_from_step_0() -> None:
     from deco_sgd.bench.report import adaptation_line
 
     def meth(times: list[float | None], median: float | None) -> dict:
